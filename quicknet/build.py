@@ -1,0 +1,226 @@
+"""The offline build: train → fold+export → compile → evaluate → publish.
+
+Every stage reads and writes one run folder (`runs/<model>/` by default), so each can run alone
+(`quicknet train|export|compile|eval|publish`) and `quicknet build` runs them in order.
+Each stage records what it measured in `<run>/build.json`, which `publish` turns into metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from quicknet import data as data_mod
+from quicknet import store
+from quicknet.compile import ORT_INT8, ORT_OPTIMIZED, TensorRTOptions
+from quicknet.config import TrainConfig
+from quicknet.errors import BuildError
+from quicknet.fsutil import write_text_atomic
+from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME
+
+CHECKPOINT = "checkpoint.pt"
+ONNX = "model.onnx"
+BUILD_RECORD = "build.json"
+ACCURACY_GATE = 0.001  # exported models may trail the checkpoint by at most 0.1 point
+CALIBRATION_IMAGES = 1024
+EXPORT_CHECK_IMAGES = 2000
+
+
+def _record(run_dir: Path) -> dict:
+    path = run_dir / BUILD_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+
+def _save_stage(run_dir: Path, stage: str, seconds: float, **results: object) -> None:
+    rec = _record(run_dir)
+    rec["stages"][stage] = {"seconds": round(seconds, 2), **results}
+    write_text_atomic(run_dir / BUILD_RECORD, json.dumps(rec, indent=2) + "\n")
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise BuildError(f"{path} not found: run `quicknet {stage}` for this run folder first")
+    return path
+
+
+def stage_train(cfg: TrainConfig, dataset: data_mod.Dataset, run_dir: Path, *, resume: bool = False) -> dict:
+    from quicknet.train import train
+
+    t0 = time.perf_counter()
+    result = train(cfg, dataset, run_dir, resume=resume)
+    last = result.history[-1]
+    summary = {
+        "config": cfg.__dict__,
+        "device": result.device,
+        "machine": _machine(result.device),
+        "epochs_run": last["epoch"],
+        "train_seconds": round(result.seconds, 1),
+        "stopped_early": result.stopped_early,
+        "final": last,
+        "dataset": dataset.source,
+    }
+    _save_stage(run_dir, "train", time.perf_counter() - t0, **summary)
+    return summary
+
+
+def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
+    from quicknet.export import export_onnx, verify
+    from quicknet.fold import fold, graph_nodes
+    from quicknet.train import load_checkpoint
+
+    t0 = time.perf_counter()
+    model, _ = load_checkpoint(_require(run_dir / CHECKPOINT, "train"))
+    folded = fold(model)
+    onnx_path = export_onnx(folded, run_dir / ONNX)
+    eq = verify(model, onnx_path, dataset.test.sample(EXPORT_CHECK_IMAGES))
+    results = {
+        "graph_nodes_before_fold": graph_nodes(model),
+        "graph_nodes_after_fold": graph_nodes(folded),
+        "onnx_nodes": _onnx_node_count(onnx_path),
+        "equivalence": {
+            "images": eq.images,
+            "max_abs_logit_delta": eq.max_abs_logit_delta,
+            "top1_agreement": eq.top1_agreement,
+        },
+    }
+    _save_stage(run_dir, "export", time.perf_counter() - t0, **results)
+    return results
+
+
+def _onnx_node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(path).graph.node)
+
+
+def stage_compile(
+    run_dir: Path,
+    dataset: data_mod.Dataset,
+    *,
+    tensorrt: bool | None = None,
+    trt_options: TensorRTOptions | None = None,
+) -> dict:
+    """ORT optimized + INT8 always; TensorRT when asked (True), or when it imports (None)."""
+    from quicknet.compile import build_tensorrt_plan, optimize_onnxruntime, quantize_int8
+
+    t0 = time.perf_counter()
+    onnx_path = _require(run_dir / ONNX, "export")
+    calibration = dataset.train.sample(CALIBRATION_IMAGES, seed=1).images
+    optimize_onnxruntime(onnx_path, run_dir / ORT_OPTIMIZED)
+    quantize_int8(onnx_path, run_dir / ORT_INT8, calibration)
+    results: dict = {"onnxruntime": [ORT_OPTIMIZED, ORT_INT8]}
+    if tensorrt is not False:
+        try:
+            plan = build_tensorrt_plan(onnx_path, run_dir, trt_options or TensorRTOptions(), calibration)
+            results["tensorrt"] = plan.name
+        except BuildError as e:
+            if tensorrt:
+                raise
+            results["tensorrt_skipped"] = str(e)
+    _save_stage(run_dir, "compile", time.perf_counter() - t0, **results)
+    return results
+
+
+def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
+    from quicknet.evaluate import evaluate_artifact, plot_confusion
+
+    t0 = time.perf_counter()
+    split = dataset.test.sample(limit) if limit else dataset.test
+    artifacts = [("checkpoint", run_dir / CHECKPOINT), ("onnx", run_dir / ONNX)]
+    artifacts += [("onnx-optimized", run_dir / ORT_OPTIMIZED), ("onnx-int8", run_dir / ORT_INT8)]
+    artifacts += [("tensorrt", p) for p in sorted(run_dir.glob("*.plan"))]
+    reports = {}
+    for kind, path in artifacts:
+        if path.is_file():
+            reports[kind if kind != "tensorrt" else path.name] = evaluate_artifact(kind, path, split, threads=threads)
+    if "checkpoint" not in reports:
+        raise BuildError(f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first")
+    reports["checkpoint+flip-tta"] = evaluate_artifact("checkpoint", run_dir / CHECKPOINT, split, flip_tta=True)
+    if "onnx" in reports:
+        plot_confusion(reports["onnx"], run_dir / "confusion_matrix.png", f"{run_dir.name}: model.onnx")
+    results = {
+        "dataset": dataset.source,
+        "dataset_checksum": dataset.checksum,
+        "accuracy": {k: r.summary() for k, r in reports.items()},
+    }
+    _save_stage(run_dir, "eval", time.perf_counter() - t0, **results)
+    return results
+
+
+def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> store.ModelVersion:
+    from quicknet.model import QuickNet, count_macs, count_params, get_config
+
+    t0 = time.perf_counter()
+    rec = _record(run_dir)
+    for needed in ("train", "export", "eval"):
+        if needed not in rec["stages"]:
+            raise BuildError(f"{run_dir} has no {needed} record: run `quicknet {needed}` first")
+    acc = rec["stages"]["eval"]["accuracy"]
+    if acc["checkpoint"]["images"] < 10000:
+        raise BuildError("publishing needs accuracy on the full 10k test split: run `quicknet eval` without --limit")
+    ckpt_top1 = acc["checkpoint"]["top1"]
+    onnx_top1 = acc.get("onnx", {}).get("top1", -1.0)
+    if onnx_top1 < ckpt_top1 - ACCURACY_GATE:
+        raise BuildError(
+            f"refusing to publish: model.onnx scores {onnx_top1:.4f}, more than {ACCURACY_GATE:.3f} "
+            f"below the checkpoint's {ckpt_top1:.4f}"
+        )
+    model_name = rec["stages"]["train"]["config"]["model"]
+    arch = get_config(model_name)
+    files = [run_dir / f for f in (ONNX, ORT_OPTIMIZED, ORT_INT8) if (run_dir / f).is_file()]
+    files += [
+        run_dir / f for f in ("epochs.jsonl", "training_curves.png", "confusion_matrix.png") if (run_dir / f).is_file()
+    ]
+    metadata = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source_commit": _git_commit(),
+        "architecture": {**arch.to_dict(), "note": "reconstruction of QuickNet (Ghosh 2017); no official layer table"},
+        "params": count_params(QuickNet(arch)),
+        "macs_per_image": count_macs(arch),
+        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3], "layout": "NHWC"}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 10]}],
+        "labels": list(data_mod.LABELS),
+        "artifacts": {
+            "onnx": ONNX,
+            "onnx-optimized": ORT_OPTIMIZED if (run_dir / ORT_OPTIMIZED).is_file() else None,
+            "onnx-int8": ORT_INT8 if (run_dir / ORT_INT8).is_file() else None,
+        },
+        "dataset": rec["stages"]["eval"]["dataset"],
+        "accuracy": acc,
+        "training": {k: v for k, v in rec["stages"]["train"].items() if k != "seconds"},
+        "build": {k: {"seconds": v["seconds"]} for k, v in rec["stages"].items()},
+        "fold": {
+            k: rec["stages"]["export"][k] for k in ("graph_nodes_before_fold", "graph_nodes_after_fold", "onnx_nodes")
+        },
+        "export_equivalence": rec["stages"]["export"]["equivalence"],
+    }
+    mv = store.publish(root, model_name, files, metadata)
+    if make_default:
+        store.set_default(root, model_name)
+    _save_stage(run_dir, "publish", time.perf_counter() - t0, version=mv.version, path=str(mv.path))
+    return mv
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {_cpu_count()} cores"
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,199 @@
+"""`quicknet data|train|export|compile|eval|publish|build|info`: the offline build's commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from quicknet.config import TrainConfig
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per dataclass field, typed from its annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper())
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / args.model
+
+
+def _dataset(args: argparse.Namespace):
+    from quicknet import data
+
+    return data.load(Path(args.data) if args.data else None)
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from quicknet import data
+
+    path = data.fetch(Path(args.dest))
+    print(f"{path} ok (MD5 {data.TARBALL_MD5}); use it with --data {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from quicknet.build import stage_train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    _print(stage_train(cfg, _dataset(args), _run_dir(args), resume=args.resume))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from quicknet.build import stage_export
+
+    _print(stage_export(_run_dir(args), _dataset(args)))
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from quicknet.build import stage_compile
+    from quicknet.compile import TensorRTOptions
+
+    trt = TensorRTOptions(
+        fp16=True,
+        int8=args.trt_int8,
+        min_batch=args.trt_min_batch,
+        opt_batch=args.trt_opt_batch,
+        max_batch=args.trt_max_batch,
+    )
+    _print(stage_compile(_run_dir(args), _dataset(args), tensorrt=args.tensorrt, trt_options=trt))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from quicknet import store
+    from quicknet.build import stage_eval
+
+    if args.store_model:
+        _print(_eval_published(args, store))
+        return
+    results = stage_eval(_run_dir(args), _dataset(args), limit=args.limit, threads=args.threads)
+    _print({k: v["top1"] for k, v in results["accuracy"].items()})
+
+
+def _eval_published(args: argparse.Namespace, store) -> dict:
+    """Score a published version's ONNX files (no torch needed) against its metadata."""
+    from quicknet.evaluate import evaluate_artifact
+
+    root = Path(args.store) if args.store else store.default_root()
+    mv = store.get_version(root, args.store_model, args.version)
+    store.verify_files(mv)
+    ds = _dataset(args)
+    split = ds.test.sample(args.limit) if args.limit else ds.test
+    out = {"model": mv.name, "version": mv.version, "images": len(split.labels), "dataset": ds.source, "artifacts": {}}
+    for kind, fname in mv.metadata["artifacts"].items():
+        if fname:
+            report = evaluate_artifact(kind, mv.file(fname), split, threads=args.threads)
+            published = mv.metadata["accuracy"].get(kind, {}).get("top1")
+            out["artifacts"][kind] = {"top1": round(report.top1, 5), "published_top1": published}
+    return out
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from quicknet import store
+    from quicknet.build import stage_publish
+
+    root = Path(args.store) if args.store else store.default_root()
+    mv = stage_publish(_run_dir(args), root, make_default=args.make_default)
+    print(f"published {mv.name} version {mv.version} at {mv.path}")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from quicknet import store
+    from quicknet.build import stage_compile, stage_eval, stage_export, stage_publish, stage_train
+
+    ds = _dataset(args)
+    run_dir = _run_dir(args)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    stage_train(cfg, ds, run_dir, resume=args.resume)
+    stage_export(run_dir, ds)
+    stage_compile(run_dir, ds, tensorrt=args.tensorrt)
+    results = stage_eval(run_dir, ds, threads=args.threads)
+    _print({k: v["top1"] for k, v in results["accuracy"].items()})
+    if args.publish:
+        root = Path(args.store) if args.store else store.default_root()
+        mv = stage_publish(run_dir, root, make_default=args.make_default)
+        print(f"published {mv.name} version {mv.version} at {mv.path}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from quicknet.model import VARIANTS, build_model, count_macs, count_params
+
+    rows = [{"model": n, "params": count_params(build_model(n)), "macs": count_macs(c)} for n, c in VARIANTS.items()]
+    for r in rows:
+        print(f"{r['model']:<12} {r['params'] / 1e6:6.3f} M params  {r['macs'] / 1e9:6.3f} G MACs/image")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA)")
+    common.add_argument("--run-dir", help="folder for this build's artifacts (default runs/<model>)")
+    common.add_argument("--threads", type=int, default=2, help="CPU threads for ONNX Runtime evaluation")
+    store_flags = argparse.ArgumentParser(add_help=False)
+    store_flags.add_argument("--store", help="model store root (env QUICKNET_MODEL_STORE, default ./model_store)")
+    store_flags.add_argument("--make-default", action="store_true", help="serve this model when none is named")
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_cmd", required=True)
+    fetch = data_sub.add_parser("fetch", help="download the official cifar-10-python.tar.gz and verify its MD5")
+    fetch.add_argument("--dest", default="data/cifar-10-python.tar.gz")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    train = sub.add_parser("train", parents=[common], help="train a QuickNet variant")
+    _add_dataclass_flags(train, TrainConfig)
+    train.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    train.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("export", cmd_export, "fold BN/PReLU/normalization, export ONNX, verify against PyTorch"),
+        ("compile", cmd_compile, "ONNX Runtime optimized + INT8 models; TensorRT plan where it is installed"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--model", default="quicknet")
+        p.set_defaults(func=func)
+    compile_p = sub.choices["compile"]
+    compile_p.add_argument(
+        "--tensorrt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require (--tensorrt) or skip (--no-tensorrt) the TensorRT plan; default: build if installed",
+    )
+    compile_p.add_argument("--trt-int8", action="store_true", help="INT8 plan with an entropy calibrator")
+    compile_p.add_argument("--trt-min-batch", type=int, default=1)
+    compile_p.add_argument("--trt-opt-batch", type=int, default=64)
+    compile_p.add_argument("--trt-max-batch", type=int, default=256)
+
+    ev = sub.add_parser("eval", parents=[common, store_flags], help="top-1 of every artifact on the 10k test split")
+    ev.add_argument("--model", default="quicknet")
+    ev.add_argument("--limit", type=int, help="score a fixed random subset of N test images")
+    ev.add_argument("--store-model", metavar="NAME", help="evaluate a published model instead of a run folder")
+    ev.add_argument("--version", type=int, help="with --store-model: this version (default newest)")
+    ev.set_defaults(func=cmd_eval)
+
+    pub = sub.add_parser("publish", parents=[common, store_flags], help="publish a run folder to the model store")
+    pub.add_argument("--model", default="quicknet")
+    pub.set_defaults(func=cmd_publish)
+
+    build = sub.add_parser("build", parents=[common, store_flags], help="train, export, compile, eval and publish")
+    _add_dataclass_flags(build, TrainConfig)
+    build.add_argument("--resume", action="store_true")
+    build.add_argument("--tensorrt", action=argparse.BooleanOptionalAction, default=None)
+    build.add_argument("--publish", action=argparse.BooleanOptionalAction, default=True)
+    build.set_defaults(func=cmd_build)
+
+    info = sub.add_parser("info", help="parameters and multiply-adds of every variant")
+    info.set_defaults(func=cmd_info)

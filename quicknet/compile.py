@@ -1,0 +1,199 @@
+"""Compile the exported ONNX model into engines.
+
+ONNX Runtime (CPU, always): a graph-optimized model (`ORT_ENABLE_EXTENDED`: fusions that stay
+portable across CPUs, unlike `ENABLE_ALL`'s layout-specific ops) and a static INT8 model (QDQ,
+per-channel weights) calibrated on training images.
+
+TensorRT (NVIDIA GPUs): an FP16 plan (INT8 with an entropy calibrator optional) with one
+optimization profile, a timing cache, and a file name that says which GPU, compute capability and
+TensorRT version built it — plans run only there. `tensorrt` is imported lazily; where it is not
+installed this stage raises a one-line BuildError and the build skips it. CI never exercises it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quicknet.errors import BuildError
+from quicknet.fsutil import atomic_write
+from quicknet.ortrun import INPUT_NAME
+from quicknet.store import plan_filename
+
+ORT_OPTIMIZED = "model.opt.onnx"
+ORT_INT8 = "model.int8.onnx"
+
+
+def optimize_onnxruntime(onnx_path: Path, out_path: Path) -> Path:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        staged = Path(tmp) / out_path.name
+        opts.optimized_model_filepath = str(staged)
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        with atomic_write(out_path) as f:
+            f.write(staged.read_bytes())
+    return out_path
+
+
+def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarray, batch_size: int = 64) -> Path:
+    """Static INT8 (QDQ): activations calibrated on `calibration_images` (uint8 NHWC, training split)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                calibration_images[i : i + batch_size] for i in range(0, len(calibration_images), batch_size)
+            )
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        staged = Path(tmp) / out_path.name
+        quant_pre_process(str(onnx_path), str(prepped))
+        quantize_static(
+            str(prepped),
+            str(staged),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        with atomic_write(out_path) as f:
+            f.write(staged.read_bytes())
+    return out_path
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    fp16: bool = True
+    int8: bool = False
+    min_batch: int = 1
+    opt_batch: int = 64
+    max_batch: int = 256
+    workspace_bytes: int = 1 << 30
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise BuildError(
+            "TensorRT is not installed: install the `gpu` extra on a machine with an NVIDIA GPU "
+            "(pip install -e '.[gpu]'), or skip the TensorRT stage"
+        ) from None
+    return tensorrt
+
+
+def gpu_identity() -> tuple[str, tuple[int, int]]:
+    """Name and compute capability of GPU 0, through NVML (no CUDA context needed)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        cc = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception as e:  # NVML raises its own error family; any of them means no usable GPU
+        raise BuildError(
+            f"no NVIDIA GPU visible through NVML ({e}); TensorRT plans are built on the GPU they serve"
+        ) from None
+    return (name.decode() if isinstance(name, bytes) else name), (int(cc[0]), int(cc[1]))
+
+
+def build_tensorrt_plan(
+    onnx_path: Path, out_dir: Path, options: TensorRTOptions, calibration_images: np.ndarray | None = None
+) -> Path:
+    trt = import_tensorrt()
+    gpu_name, cc = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    profile = builder.create_optimization_profile()
+    shape = (32, 32, 3)
+    profile.set_shape(INPUT_NAME, (options.min_batch, *shape), (options.opt_batch, *shape), (options.max_batch, *shape))
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildError("TensorRT rejected the optimization profile")
+    if options.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if options.int8:
+        if calibration_images is None:
+            raise BuildError("INT8 TensorRT plans need calibration images")
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_calibration_profile(profile)
+        config.int8_calibrator = _entropy_calibrator(trt, calibration_images, options.opt_batch, out_dir)
+
+    cache_path = out_dir / f"timing-{_slug(gpu_name)}-sm{cc[0]}{cc[1]}.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError("TensorRT failed to build the engine (see the TensorRT log above)")
+    plan_path = out_dir / plan_filename(gpu_name, cc, trt.__version__, "int8" if options.int8 else "fp16")
+    with atomic_write(plan_path) as f:
+        f.write(bytes(serialized))
+    with atomic_write(cache_path) as f:
+        f.write(bytes(config.get_timing_cache().serialize()))
+    return plan_path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _entropy_calibrator(trt, images: np.ndarray, batch_size: int, cache_dir: Path):
+    from cuda.bindings import runtime as cudart
+
+    def check(result):
+        err, *rest = result
+        if err != cudart.cudaError_t.cudaSuccess:
+            raise BuildError(f"CUDA call failed during INT8 calibration: {err}")
+        return rest[0] if rest else None
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.batches = [
+                np.ascontiguousarray(images[i : i + batch_size])
+                for i in range(0, len(images) - batch_size + 1, batch_size)
+            ]
+            self.device_buffer = check(cudart.cudaMalloc(batch_size * 32 * 32 * 3))
+            self.cache_path = cache_dir / "int8-calibration.cache"
+
+        def get_batch_size(self) -> int:
+            return batch_size
+
+        def get_batch(self, names):
+            if not self.batches:
+                return None
+            batch = self.batches.pop(0)
+            kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            check(cudart.cudaMemcpy(self.device_buffer, batch.ctypes.data, batch.nbytes, kind))
+            return [int(self.device_buffer)]
+
+        def read_calibration_cache(self):
+            return self.cache_path.read_bytes() if self.cache_path.is_file() else None
+
+        def write_calibration_cache(self, cache) -> None:
+            with atomic_write(self.cache_path) as f:
+                f.write(bytes(cache))
+
+    return EntropyCalibrator()

@@ -1,0 +1,273 @@
+"""CIFAR-10 readers (our JPEG-q75 npz copy and the official python tarball) and a tensor loader.
+
+Both readers return uint8 NHWC arrays plus uint8 labels, so everything downstream sees one shape.
+Decoding the npz takes seconds, so decoded arrays are cached on disk keyed by the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quicknet.errors import DataError
+from quicknet.fsutil import atomic_write
+
+LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (125.27, 122.93, 113.86)  # train per-channel means of the JPEG copy (its README)
+STD = (62.53, 61.91, 66.46)  # train per-channel standard deviations of the JPEG copy, 0..255 scale
+
+NPZ_SHA256 = "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8"
+NPZ_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
+NPZ_DESCRIPTION = "CIFAR-10 (JPEG-q75 copy), standard 10k test split"
+
+TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TARBALL_MD5 = "c58f30108f718f92721af3b95e74349a"
+TARBALL_DESCRIPTION = "CIFAR-10 (official python batches), standard 10k test split"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    labels: np.ndarray  # uint8 [N]
+
+    def sample(self, n: int, seed: int = 0) -> Split:
+        """A fixed random subset (splits are sorted by class, so a prefix would be one class)."""
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self.labels))[:n])
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    source: str  # which copy of CIFAR-10, for reports
+    checksum: str
+
+
+def default_data_path() -> Path:
+    return Path(os.environ.get("QUICKNET_DATA", NPZ_DEFAULT))
+
+
+def _file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(
+            f"dataset not found at {path}: pass --data PATH (or set QUICKNET_DATA), "
+            "or run `quicknet data fetch` to download the official CIFAR-10 archive"
+        )
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QUICKNET_CACHE", Path.home() / ".cache" / "quicknet"))
+
+
+def load(path: Path | None = None, *, expected_digest: str | None = None) -> Dataset:
+    """Load CIFAR-10 from the npz copy or the official tarball, chosen by file name."""
+    path = Path(path) if path else default_data_path()
+    _check_exists(path)
+    if path.name.endswith((".tar.gz", ".tgz")):
+        return load_tarball(path, expected_md5=TARBALL_MD5 if expected_digest is None else expected_digest)
+    return load_npz(path, expected_sha256=NPZ_SHA256 if expected_digest is None else expected_digest)
+
+
+def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset:
+    path = Path(path)
+    _check_exists(path)
+    digest = _file_digest(path, "sha256")
+    if expected_sha256 and digest != expected_sha256:
+        raise DataError(
+            f"{path} has SHA-256 {digest[:12]}…, expected {expected_sha256[:12]}…: "
+            "the file is truncated or not the CIFAR-10 JPEG copy; restore it from shared/data/cifar10"
+        )
+    cache = _cache_dir() / f"cifar10-jpeg-{digest[:16]}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                return Dataset(
+                    Split(z["train_x"], z["train_y"]), Split(z["test_x"], z["test_y"]), NPZ_DESCRIPTION, digest
+                )
+        except (OSError, ValueError, KeyError):
+            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    try:
+        with np.load(path) as z:
+            train = Split(_decode_jpegs(z["train_jpeg"], z["train_offsets"]), z["train_labels"].astype(np.uint8))
+            test = Split(_decode_jpegs(z["test_jpeg"], z["test_offsets"]), z["test_labels"].astype(np.uint8))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 npz ({e}); restore it from shared/data/cifar10") from None
+    with atomic_write(cache) as f:
+        np.savez(f, train_x=train.images, train_y=train.labels, test_x=test.images, test_y=test.labels)
+    return Dataset(train, test, NPZ_DESCRIPTION, digest)
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
+    raw = blob.tobytes()
+    for i in range(len(out)):
+        with Image.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def load_tarball(path: Path, *, expected_md5: str | None = TARBALL_MD5) -> Dataset:
+    """Read the official `cifar-10-python.tar.gz` (pickled batches of CHW rows)."""
+    path = Path(path)
+    _check_exists(path)
+    digest = _file_digest(path, "md5")
+    if expected_md5 and digest != expected_md5:
+        raise DataError(
+            f"{path} has MD5 {digest}, expected {expected_md5}: the download is truncated or corrupt; "
+            "delete it and run `quicknet data fetch` again"
+        )
+    batches: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = Path(member.name).name
+                if member.isfile() and (name.startswith("data_batch_") or name == "test_batch"):
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    batches[name] = pickle.load(f, encoding="bytes")
+    except (OSError, tarfile.TarError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 archive ({e}); run `quicknet data fetch` again") from None
+    train_names = sorted(n for n in batches if n.startswith("data_batch_"))
+    if not train_names or "test_batch" not in batches:
+        raise DataError(f"{path} lacks data_batch_* or test_batch: not the CIFAR-10 python archive")
+
+    def to_split(names: list[str]) -> Split:
+        x = np.concatenate([np.asarray(batches[n][b"data"], dtype=np.uint8) for n in names])
+        y = np.concatenate([np.asarray(batches[n][b"labels"], dtype=np.uint8) for n in names])
+        return Split(np.ascontiguousarray(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), y)
+
+    return Dataset(to_split(train_names), to_split(["test_batch"]), TARBALL_DESCRIPTION, digest)
+
+
+def fetch(dest: Path, url: str = TARBALL_URL) -> Path:
+    """Download the official archive with retries and a progress bar; verify its MD5 before keeping it."""
+    import httpx
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.is_file() and _file_digest(dest, "md5") == TARBALL_MD5:
+        return dest
+    transport = httpx.HTTPTransport(retries=3)
+    try:
+        with (
+            httpx.Client(transport=transport, follow_redirects=True, timeout=60) as client,
+            client.stream("GET", url) as r,
+        ):
+            r.raise_for_status()
+            total = int(r.headers.get("content-length", 0)) or None
+            digest = hashlib.md5()
+            with atomic_write(dest) as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                for chunk in r.iter_bytes(1 << 16):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+                md5 = digest.hexdigest()
+                if md5 != TARBALL_MD5:
+                    raise DataError(f"downloaded archive has MD5 {md5}, expected {TARBALL_MD5}; try again")
+    except httpx.HTTPError as e:
+        raise DataError(f"could not download {url} ({e}); check the network or copy the file to {dest}") from None
+    return dest
+
+
+class TensorLoader:
+    """Batches from tensors already on the target device; augmentation is batched tensor ops.
+
+    Train mode: random translate by up to `translate` pixels (reflect padding), horizontal flip,
+    and cutout of a `cutout`x`cutout` square. Works on CPU and CUDA alike.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        train: bool,
+        device: str = "cpu",
+        seed: int = 0,
+        translate: int = 4,
+        cutout: int = 8,
+        drop_last: bool | None = None,
+    ):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        x = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
+        self.images = (x.permute(0, 3, 1, 2).float() - mean) / std
+        self.labels = torch.from_numpy(split.labels.astype(np.int64)).to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.translate = translate
+        self.cutout = cutout
+        self.drop_last = train if drop_last is None else drop_last
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __iter__(self) -> Iterator[tuple]:
+        torch = self.torch
+        n = len(self.labels)
+        order = torch.randperm(n, device=self.device, generator=self.generator) if self.train else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+            idx = order[sl] if order is not None else None
+            x = self.images[idx] if idx is not None else self.images[sl]
+            y = self.labels[idx] if idx is not None else self.labels[sl]
+            if self.train:
+                x = self._augment(x)
+            yield x, y
+
+    def _augment(self, x):
+        torch = self.torch
+        b, _, h, w = x.shape
+        g, dev = self.generator, self.device
+        if self.translate:
+            p = self.translate
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+            dy = torch.randint(0, 2 * p + 1, (b,), device=dev, generator=g)
+            dx = torch.randint(0, 2 * p + 1, (b,), device=dev, generator=g)
+            rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]
+            cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :]
+            bi = torch.arange(b, device=dev)[:, None, None, None]
+            ci = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+            x = padded[bi, ci, rows, cols]
+        flip = torch.rand(b, device=dev, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.cutout:
+            cy = torch.randint(0, h, (b,), device=dev, generator=g)[:, None, None]
+            cx = torch.randint(0, w, (b,), device=dev, generator=g)[:, None, None]
+            ys = torch.arange(h, device=dev)[None, :, None]
+            xs = torch.arange(w, device=dev)[None, None, :]
+            half = self.cutout // 2
+            hole = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
+            x = x.masked_fill(hole[:, None], 0.0)
+        return x.contiguous()

@@ -1,0 +1,85 @@
+"""Export the folded model to ONNX (dynamic batch) and prove it matches the PyTorch model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from quicknet.data import MEAN, STD, Split
+from quicknet.errors import BuildError
+from quicknet.fsutil import atomic_write
+from quicknet.model import INPUT_SIZE, QuickNet
+from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME, onnx_logits
+
+OPSET = 18
+MAX_LOGIT_DELTA = 1e-3
+MIN_TOP1_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    images: int
+    max_abs_logit_delta: float
+    top1_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_logit_delta <= MAX_LOGIT_DELTA and self.top1_agreement >= MIN_TOP1_AGREEMENT
+
+
+def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
+    example = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    buf = io.BytesIO()
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
+        program = torch.onnx.export(
+            folded.eval(),
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(buf)
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = "QuickNet (reconstruction), folded: uint8 NHWC [N,32,32,3] -> float32 logits [N,10]"
+    onnx.checker.check_model(model, full_check=True)
+    with atomic_write(path) as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def reference_logits(model: QuickNet, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """The eval-mode, unfolded PyTorch model on the same pixels, normalized outside the graph."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float()
+            out.append(model.eval()((x - mean) / std).numpy())
+    return np.concatenate(out)
+
+
+def verify(model: QuickNet, onnx_path: Path, split: Split) -> Equivalence:
+    ref = reference_logits(model, split.images)
+    got = onnx_logits(onnx_path, split.images)
+    eq = Equivalence(
+        images=len(ref),
+        max_abs_logit_delta=float(np.abs(ref - got).max()),
+        top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()),
+    )
+    if not eq.ok:
+        raise BuildError(
+            f"ONNX model disagrees with PyTorch: max |Δlogit| {eq.max_abs_logit_delta:.2e} "
+            f"(limit {MAX_LOGIT_DELTA}), top-1 agreement {eq.top1_agreement:.4f} (floor {MIN_TOP1_AGREEMENT})"
+        )
+    return eq

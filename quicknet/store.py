@@ -1,0 +1,144 @@
+"""The model store: `<root>/<model>/<version>/{model.onnx, metadata.json, ...}`.
+
+Versions are positive integers. A version is published by filling a hidden staging folder and
+renaming it into place, so readers never see half a version, and an existing version is never
+overwritten. `<root>/DEFAULT` names the model served when none is asked for.
+This module is the only part of the build the service imports: standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from quicknet.errors import StoreError
+from quicknet.fsutil import write_text_atomic
+
+METADATA = "metadata.json"
+DEFAULT_FILE = "DEFAULT"
+REPO_STORE = Path(__file__).resolve().parents[1] / "model_store"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("QUICKNET_MODEL_STORE", REPO_STORE))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    metadata: dict
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata["labels"])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_models(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and list_versions(root, p.name)
+    )
+
+
+def list_versions(root: Path, name: str) -> list[int]:
+    model_dir = root / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / METADATA).is_file())
+
+
+def default_model(root: Path) -> str:
+    marker = root / DEFAULT_FILE
+    if marker.is_file():
+        return marker.read_text().strip()
+    models = list_models(root)
+    if len(models) == 1:
+        return models[0]
+    raise StoreError(f"no default model in {root}: name one with --model (have: {', '.join(models) or 'none'})")
+
+
+def set_default(root: Path, name: str) -> None:
+    if not list_versions(root, name):
+        raise StoreError(f"cannot make {name!r} the default: it has no published version in {root}")
+    write_text_atomic(root / DEFAULT_FILE, name + "\n")
+
+
+def get_version(root: Path, name: str, version: int | None = None) -> ModelVersion:
+    versions = list_versions(root, name)
+    if not versions:
+        have = ", ".join(list_models(root)) or "none"
+        raise StoreError(f"model {name!r} not found in {root} (have: {have}); run `quicknet build` to publish one")
+    if version is None:
+        version = versions[-1]
+    elif version not in versions:
+        raise StoreError(f"model {name!r} has no version {version} (have: {', '.join(map(str, versions))})")
+    path = root / name / str(version)
+    try:
+        metadata = json.loads((path / METADATA).read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path / METADATA} is unreadable ({e}); republish this version") from None
+    return ModelVersion(name, version, path, metadata)
+
+
+def verify_files(mv: ModelVersion) -> None:
+    """Check every file against the SHA-256 recorded at publish time."""
+    for fname, info in mv.metadata.get("files", {}).items():
+        path = mv.file(fname)
+        if not path.is_file() or sha256_file(path) != info["sha256"]:
+            raise StoreError(f"{path} is missing or altered since publish (SHA-256 mismatch); republish the model")
+
+
+def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVersion:
+    """Copy `files` into the next version of `name`, with `metadata.json`; all or nothing."""
+    model_dir = root / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        digests = {}
+        for src in files:
+            dst = staging / src.name
+            shutil.copyfile(src, dst)
+            digests[src.name] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
+        versions = list_versions(root, name)
+        version = (versions[-1] if versions else 0) + 1
+        meta = {**metadata, "name": name, "version": version, "files": digests}
+        with (staging / METADATA).open("w") as f:
+            json.dump(meta, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        final = model_dir / str(version)
+        if final.exists():
+            raise StoreError(f"{final} already exists: published versions are never overwritten")
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelVersion(name, version, final, meta)
+
+
+def plan_filename(gpu_name: str, compute_capability: tuple[int, int], trt_version: str, precision: str) -> str:
+    """TensorRT plans run only on the GPU model, compute capability and TensorRT version that built them."""
+    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name.lower()).strip("-")
+    major, minor = compute_capability
+    return f"model.{gpu}.sm{major}{minor}.trt{trt_version}.{precision}.plan"

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quicknet import data
+from quicknet.errors import DataError
+
+# From shared/data/cifar10/README.md: SHA-256 of the decoded test images and labels.
+TEST_IMAGES_SHA256 = "5a6aa8185204d80b65d3dfb540696dadd5f10d185ded226a96665d3e0fc6259f"
+
+
+def test_npz_decodes_to_the_documented_arrays(cifar):
+    assert cifar.train.images.shape == (50000, 32, 32, 3)
+    assert cifar.test.images.shape == (10000, 32, 32, 3)
+    assert hashlib.sha256(cifar.test.images.tobytes()).hexdigest() == TEST_IMAGES_SHA256
+    assert "JPEG-q75" in cifar.source
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="not found.*--data.*quicknet data fetch"):
+        data.load(tmp_path / "nope.npz")
+
+
+def test_truncated_npz_fails_its_checksum(tmp_path):
+    src = data.default_data_path()
+    cut = tmp_path / "cifar10_jpeg.npz"
+    cut.write_bytes(src.read_bytes()[: 1 << 20])
+    with pytest.raises(DataError, match="SHA-256.*truncated"):
+        data.load(cut)
+
+
+def test_corrupt_npz_with_matching_checksum_is_rejected(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file at all")
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="not a readable CIFAR-10 npz"):
+        data.load_npz(bad, expected_sha256=digest)
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUICKNET_CACHE", str(tmp_path))
+    first = data.load()
+    (cache,) = tmp_path.glob("cifar10-jpeg-*.npz")
+    cache.write_bytes(b"garbage")
+    again = data.load()
+    assert np.array_equal(first.test.images, again.test.images)
+
+
+def _write_tarball(path: Path, rng: np.random.Generator, batches: dict[str, int]) -> dict[str, tuple]:
+    made = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, n in batches.items():
+            chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+            labels = rng.integers(0, 10, n).tolist()
+            blob = pickle.dumps({b"data": chw.reshape(n, -1), b"labels": labels, b"batch_label": name.encode()})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+            made[name] = (chw, labels)
+    return made
+
+
+def test_official_tarball_format_is_read(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    made = _write_tarball(path, np.random.default_rng(0), {"data_batch_1": 6, "data_batch_2": 4, "test_batch": 5})
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    ds = data.load(path, expected_digest=md5)
+    assert ds.train.images.shape == (10, 32, 32, 3) and ds.test.images.shape == (5, 32, 32, 3)
+    chw, labels = made["test_batch"]
+    assert np.array_equal(ds.test.images, chw.transpose(0, 2, 3, 1))  # CHW rows become NHWC pixels
+    assert ds.test.labels.tolist() == labels
+    assert np.array_equal(ds.train.images[6:], made["data_batch_2"][0].transpose(0, 2, 3, 1))
+
+
+def test_tarball_with_wrong_md5_says_redownload(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    _write_tarball(path, np.random.default_rng(0), {"data_batch_1": 2, "test_batch": 2})
+    with pytest.raises(DataError, match="MD5 .* expected c58f30108f718f92721af3b95e74349a.*quicknet data fetch"):
+        data.load(path)
+
+
+def test_truncated_tarball_is_a_clear_error(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    _write_tarball(path, np.random.default_rng(0), {"data_batch_1": 50, "test_batch": 50})
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DataError, match="not a readable CIFAR-10 archive"):
+        data.load_tarball(path, expected_md5=None)
+
+
+def test_tarball_without_batches_is_rejected(tmp_path):
+    path = tmp_path / "other.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("readme.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match="lacks data_batch"):
+        data.load_tarball(path, expected_md5=None)
+
+
+def test_loader_augments_deterministically_and_keeps_eval_untouched(test_images):
+    a = data.TensorLoader(test_images, 64, train=True, seed=3)
+    b = data.TensorLoader(test_images, 64, train=True, seed=3)
+    (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
+    assert xa.shape == (64, 3, 32, 32) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    plain = data.TensorLoader(test_images, 64, train=False)
+    x0, y0 = next(iter(plain))
+    assert torch.equal(y0, torch.from_numpy(test_images.labels[:64].astype(np.int64)))
+    assert not torch.equal(xa, x0)
+    assert len(plain) == 8 and len(data.TensorLoader(test_images.sample(100), 64, train=False)) == 2
+
+
+def test_cutout_zeroes_a_square(test_images):
+    loader = data.TensorLoader(test_images, 32, train=True, seed=0, translate=0, cutout=8)
+    x, _ = next(iter(loader))
+    zero_pixels = (x == 0).all(dim=1).flatten(1).sum(1)
+    assert (zero_pixels > 0).all() and (zero_pixels <= 64).all()
+
+
+def test_fetch_keeps_nothing_when_the_download_is_wrong(tmp_path, monkeypatch):
+    import httpx
+
+    payload = b"x" * 1000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=payload)
+
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler)))
+    dest = tmp_path / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError, match="MD5"):
+        data.fetch(dest)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from quicknet.errors import BuildError
+from quicknet.export import export_onnx, reference_logits, verify
+from quicknet.fold import fold, graph_nodes
+from quicknet.model import build_model
+from quicknet.ortrun import onnx_logits
+
+
+@pytest.fixture(scope="module")
+def trained_like_model() -> nn.Module:
+    """A model with non-trivial BN statistics and per-channel PReLU slopes, as training leaves them."""
+    torch.manual_seed(0)
+    model = build_model("quicknet-xs").eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+        elif isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx_path(trained_like_model, tmp_path_factory):
+    return export_onnx(fold(trained_like_model), tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_fold_removes_batchnorm_and_dropout(trained_like_model):
+    folded = fold(trained_like_model)
+    kinds = {type(m) for m in folded.modules()}
+    assert nn.BatchNorm2d not in kinds and nn.Dropout not in kinds
+    assert graph_nodes(folded) < graph_nodes(trained_like_model) + 4  # +4: normalization now lives in the graph
+
+
+@pytest.mark.parametrize("source", ["random", "real"])
+def test_folded_model_matches_eval_model(trained_like_model, test_images, source):
+    if source == "random":
+        images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    else:
+        images = test_images.images[:256]
+    ref = reference_logits(trained_like_model, images)
+    with torch.no_grad():
+        got = fold(trained_like_model)(torch.from_numpy(images)).numpy()
+    assert np.abs(ref - got).max() < 1e-4
+
+
+def test_onnx_takes_uint8_nhwc_with_dynamic_batch(onnx_path):
+    model = onnx.load(onnx_path)
+    (inp,) = model.graph.input
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert model.graph.node[0].op_type == "Cast"  # TensorRT accepts uint8 only straight into a Cast
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_onnx_matches_pytorch_on_real_images(trained_like_model, onnx_path, test_images, batch):
+    images = test_images.images[:batch]
+    ref = reference_logits(trained_like_model, images)
+    got = onnx_logits(onnx_path, images)
+    assert got.shape == (batch, 10)
+    assert np.abs(ref - got).max() <= 1e-3
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.999
+
+
+def test_verify_passes_and_catches_a_wrong_model(trained_like_model, onnx_path, test_images):
+    eq = verify(trained_like_model, onnx_path, test_images)
+    assert eq.ok and eq.images == len(test_images.labels)
+    other = build_model("quicknet-xs").eval()
+    with pytest.raises(BuildError, match="disagrees with PyTorch"):
+        verify(other, onnx_path, test_images)

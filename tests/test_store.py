@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from quicknet import store
+from quicknet.errors import StoreError
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    f = tmp_path / "model.onnx"
+    f.write_bytes(b"onnx bytes")
+    return f
+
+
+def test_publish_round_trip_and_versions_increase(tmp_path, artifact):
+    root = tmp_path / "store"
+    v1 = store.publish(root, "quicknet-xs", [artifact], {"labels": ["a"], "accuracy": {}})
+    v2 = store.publish(root, "quicknet-xs", [artifact], {"labels": ["a"], "accuracy": {}})
+    assert (v1.version, v2.version) == (1, 2)
+    got = store.get_version(root, "quicknet-xs")
+    assert got.version == 2 and got.labels == ["a"]
+    assert store.get_version(root, "quicknet-xs", 1).path == v1.path
+    meta = json.loads((v1.path / "metadata.json").read_text())
+    assert meta["files"]["model.onnx"]["sha256"] == store.sha256_file(artifact)
+    store.verify_files(got)
+    assert store.list_models(root) == ["quicknet-xs"]
+    assert store.default_model(root) == "quicknet-xs"
+
+
+def test_interrupted_publish_leaves_nothing(tmp_path, artifact, monkeypatch):
+    root = tmp_path / "store"
+    second = tmp_path / "model.int8.onnx"
+    second.write_bytes(b"int8")
+    calls = []
+
+    def failing_copy(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return shutil.copy(src, dst)
+
+    monkeypatch.setattr(store.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        store.publish(root, "quicknet-xs", [artifact, second], {"labels": []})
+    assert list((root / "quicknet-xs").iterdir()) == []
+    assert store.list_versions(root, "quicknet-xs") == []
+
+
+def test_existing_version_is_never_overwritten(tmp_path, artifact, monkeypatch):
+    root = tmp_path / "store"
+    store.publish(root, "m", [artifact], {"labels": []})
+    monkeypatch.setattr(store, "list_versions", lambda *_: [])  # a racing publisher picked the same number
+    with pytest.raises(StoreError, match="never overwritten"):
+        store.publish(root, "m", [artifact], {"labels": []})
+    assert [p.name for p in (root / "m").iterdir()] == ["1"]
+
+
+def test_store_errors_are_one_line_and_actionable(tmp_path, artifact):
+    root = tmp_path / "store"
+    with pytest.raises(StoreError, match="not found.*quicknet build"):
+        store.get_version(root, "quicknet")
+    store.publish(root, "m", [artifact], {"labels": []})
+    with pytest.raises(StoreError, match="no version 9 \\(have: 1\\)"):
+        store.get_version(root, "m", 9)
+    (root / "m" / "1" / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="altered since publish"):
+        store.verify_files(store.get_version(root, "m"))
+    with pytest.raises(StoreError, match="no published version"):
+        store.set_default(root, "absent")
+
+
+def test_default_marker_wins(tmp_path, artifact):
+    root = tmp_path / "store"
+    for name in ("a", "b"):
+        store.publish(root, name, [artifact], {"labels": []})
+    with pytest.raises(StoreError, match="no default model"):
+        store.default_model(root)
+    store.set_default(root, "b")
+    assert store.default_model(root) == "b"
+
+
+def test_plan_names_carry_gpu_and_versions():
+    name = store.plan_filename("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11", "fp16")
+    assert name == "model.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.fp16.plan"
