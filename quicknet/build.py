@@ -19,7 +19,7 @@ from quicknet import data as data_mod
 from quicknet import store
 from quicknet.compile import ORT_INT8, ORT_OPTIMIZED, TensorRTOptions
 from quicknet.config import TrainConfig
-from quicknet.errors import BuildError
+from quicknet.errors import BuildError, QuickNetError
 from quicknet.fsutil import write_text_atomic
 from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME
 
@@ -118,7 +118,7 @@ def stage_compile(
         try:
             plan = build_tensorrt_plan(onnx_path, run_dir, trt_options or TensorRTOptions(), calibration)
             results["tensorrt"] = plan.name
-        except BuildError as e:
+        except QuickNetError as e:
             if tensorrt:
                 raise
             results["tensorrt_skipped"] = str(e)

@@ -142,7 +142,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA)")
     common.add_argument("--run-dir", help="folder for this build's artifacts (default runs/<model>)")
-    common.add_argument("--threads", type=int, default=2, help="CPU threads for ONNX Runtime evaluation")
     store_flags = argparse.ArgumentParser(add_help=False)
     store_flags.add_argument("--store", help="model store root (env QUICKNET_MODEL_STORE, default ./model_store)")
     store_flags.add_argument("--make-default", action="store_true", help="serve this model when none is named")
@@ -179,6 +178,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", parents=[common, store_flags], help="top-1 of every artifact on the 10k test split")
     ev.add_argument("--model", default="quicknet")
+    ev.add_argument("--threads", type=int, default=2, help="CPU threads for ONNX Runtime and PyTorch")
     ev.add_argument("--limit", type=int, help="score a fixed random subset of N test images")
     ev.add_argument("--store-model", metavar="NAME", help="evaluate a published model instead of a run folder")
     ev.add_argument("--version", type=int, help="with --store-model: this version (default newest)")

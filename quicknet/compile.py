@@ -21,7 +21,7 @@ import numpy as np
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.ortrun import INPUT_NAME
-from quicknet.store import plan_filename
+from quicknet.store import gpu_identity, plan_filename
 
 ORT_OPTIMIZED = "model.opt.onnx"
 ORT_INT8 = "model.int8.onnx"
@@ -93,22 +93,6 @@ def import_tensorrt():
             "(pip install -e '.[gpu]'), or skip the TensorRT stage"
         ) from None
     return tensorrt
-
-
-def gpu_identity() -> tuple[str, tuple[int, int]]:
-    """Name and compute capability of GPU 0, through NVML (no CUDA context needed)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        cc = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    except Exception as e:  # NVML raises its own error family; any of them means no usable GPU
-        raise BuildError(
-            f"no NVIDIA GPU visible through NVML ({e}); TensorRT plans are built on the GPU they serve"
-        ) from None
-    return (name.decode() if isinstance(name, bytes) else name), (int(cc[0]), int(cc[1]))
 
 
 def build_tensorrt_plan(

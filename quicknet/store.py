@@ -142,3 +142,19 @@ def plan_filename(gpu_name: str, compute_capability: tuple[int, int], trt_versio
     gpu = "".join(c if c.isalnum() else "-" for c in gpu_name.lower()).strip("-")
     major, minor = compute_capability
     return f"model.{gpu}.sm{major}{minor}.trt{trt_version}.{precision}.plan"
+
+
+def gpu_identity() -> tuple[str, tuple[int, int]]:
+    """Name and compute capability of GPU 0, through NVML (no CUDA context needed)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        cc = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception as e:  # NVML raises its own error family; any of them means no usable GPU
+        raise StoreError(
+            f"no NVIDIA GPU visible through NVML ({e}); TensorRT plans are built on the GPU they serve"
+        ) from None
+    return (name.decode() if isinstance(name, bytes) else name), (int(cc[0]), int(cc[1]))

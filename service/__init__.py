@@ -1,0 +1,1 @@
+"""The online service: REST + gRPC fronts, one dynamic batcher, pluggable engines. No torch on CPU."""

@@ -1,0 +1,255 @@
+"""The dynamic batcher: one bounded queue in front of the engine, shared by every front.
+
+Vocabulary from Triton's dynamic batcher. A batch forms as soon as an engine slot (`instances`)
+is free, from everything queued up to `max_batch_size` (whole requests; a request larger than
+the maximum is split). `max_queue_delay` optionally waits for a fuller batch; `preferred_batch_sizes`
+trims a batch to the largest preferred size that fits (for engines with fixed shapes).
+
+Every item carries a deadline. Expired items are dropped before compute (DeadlineExceeded);
+cancelled items (client gone) are skipped. A full queue refuses at once (QueueFull), so overload
+turns into fast 429s instead of growing latency. The engine runs in a thread pool, off the loop.
+This module knows nothing of HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue_images` already; retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__("server is at capacity; retry shortly")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its images reached the engine."""
+
+
+class NotAccepting(Exception):
+    """The batcher is draining for shutdown (or not started)."""
+
+
+@dataclass
+class _Item:
+    images: np.ndarray
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    protocol: str  # an opaque tag for metrics
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float
+    infer_s: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], np.ndarray],
+        *,
+        model: str,
+        backend: str,
+        max_batch_size: int,
+        max_queue_images: int,
+        max_queue_delay_s: float = 0.0,
+        preferred_batch_sizes: tuple[int, ...] = (),
+        instances: int = 1,
+    ):
+        self._infer = infer
+        self._model = model
+        self._backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_queue_images = max_queue_images
+        self.max_queue_delay_s = max_queue_delay_s
+        self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
+        self.instances = instances
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"engine-{model}")
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        self._mean_batch_s = 0.05  # running estimate for Retry-After
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{i}") for i in range(self.instances)]
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, finish what is queued and in flight; True if it all finished in time."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._queue or self._in_flight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._idle.clear()
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.05))
+            except TimeoutError:
+                pass
+        return not (self._queue or self._in_flight)
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotAccepting("server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    # --- the seam the fronts use ------------------------------------------------------------
+
+    async def submit(self, images: np.ndarray, deadline: float, protocol: str) -> tuple[np.ndarray, Timing]:
+        """Classify uint8 NHWC `images` before `deadline` (monotonic); returns logits and timing."""
+        if not self._accepting:
+            raise NotAccepting("server is not accepting work (starting up or shutting down)")
+        n = len(images)
+        if self._queued_images + n > self.max_queue_images:
+            raise QueueFull(self._retry_after())
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(images[i : i + self.max_batch_size], deadline, loop.create_future(), protocol)
+            for i in range(0, n, self.max_batch_size)
+        ]
+        for item in items:
+            self._queue.append(item)
+            self._queued_images += item.n
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(item.future for item in items))
+        except BaseException:
+            for item in items:  # a cancelled or failed request takes all its parts out of the queue
+                item.future.cancel()
+            raise
+        logits = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
+        queue_s = max(r[1] for r in results)
+        infer_s = sum(r[2] for r in results)
+        return logits, Timing(queue_s, infer_s)
+
+    # --- batching ---------------------------------------------------------------------------
+
+    def _retry_after(self) -> float:
+        batches_ahead = self._queued_images / max(self.max_batch_size * self.instances, 1)
+        return max(1.0, round(batches_ahead * self._mean_batch_s, 1))
+
+    def _take_batch(self) -> list[_Item]:
+        now = time.monotonic()
+        batch: list[_Item] = []
+        size = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by its client
+                self._pop()
+                metrics.REJECTIONS.labels(item.protocol, "cancelled").inc()
+                continue
+            if item.deadline <= now:
+                self._pop()
+                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+                metrics.REJECTIONS.labels(item.protocol, "deadline").inc()
+                continue
+            if size + item.n > self.max_batch_size:
+                break
+            batch.append(self._pop())
+            size += item.n
+        if self.preferred and size not in self.preferred and len(batch) > 1:
+            target = max((p for p in self.preferred if p <= size), default=None)
+            while target is not None and size > target and len(batch) > 1:
+                item = batch.pop()
+                size -= item.n
+                self._queue.appendleft(item)
+                self._queued_images += item.n
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        return batch
+
+    def _pop(self) -> _Item:
+        item = self._queue.popleft()
+        self._queued_images -= item.n
+        return item
+
+    async def _wait_for_fuller_batch(self) -> None:
+        if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
+            return
+        oldest = self._queue[0].enqueued
+        while self._queued_images < self.max_batch_size:
+            remaining = oldest + self.max_queue_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if not self._in_flight:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_fuller_batch()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
+            started = time.monotonic()
+            for item in batch:
+                metrics.QUEUE_SECONDS.labels(self._model).observe(started - item.enqueued)
+            self._in_flight += 1
+            metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            try:
+                logits = await loop.run_in_executor(self._executor, self._infer, images)
+            except Exception as e:  # the engine failed: every item in the batch learns why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            finally:
+                self._in_flight -= 1
+                metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            infer_s = time.monotonic() - started
+            self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
+            metrics.INFER_SECONDS.labels(self._model, self._backend).observe(infer_s)
+            metrics.BATCH_SIZE.labels(self._model).observe(len(images))
+            offset = 0
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result((logits[offset : offset + item.n], started - item.enqueued, infer_s))
+                offset += item.n

@@ -1,0 +1,55 @@
+"""One settings object. Every field is a `--flag` on `quicknet serve` and a `QUICKNET_*` variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUICKNET_", protected_namespaces=())
+
+    model_store: Path | None = Field(None, description="model store root (default ./model_store)")
+    model: str | None = Field(None, description="model to serve (default: the store's DEFAULT)")
+    version: int | None = Field(None, description="version to serve (default: newest)")
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = Field(
+        "auto", description="engine: auto picks tensorrt (plan for this GPU) > torch (CUDA) > onnxruntime"
+    )
+    precision: Literal["fp32", "int8"] = Field("fp32", description="onnxruntime on CPU: fp32 or the INT8 model")
+    threads: int = Field(2, ge=1, description="CPU threads per engine instance (ONNX Runtime / torch intra-op)")
+    plan_dir: Path | None = Field(None, description="where TensorRT plans live (default: the model version folder)")
+
+    http_host: str = Field("0.0.0.0", description="REST bind address")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST port")
+    grpc_host: str = Field("0.0.0.0", description="gRPC bind address")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port")
+    grpc_max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC max message size, both ways")
+
+    max_batch_size: int = Field(64, ge=1, description="largest batch the engine runs")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="wait this long for a fuller batch (0: take what is queued)"
+    )
+    preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to form when possible")
+    instances: int = Field(1, ge=1, description="batches in flight at once")
+    max_queue_images: int = Field(1024, ge=1, description="queued images before new requests get 429")
+    default_timeout_ms: float = Field(30000, gt=0, description="deadline for requests that set none")
+
+    max_request_bytes: int = Field(64 << 20, ge=1024, description="largest REST request body")
+    max_image_bytes: int = Field(8 << 20, ge=1, description="largest encoded image accepted")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="largest decoded image (decompression bombs)")
+    max_images_per_request: int = Field(256, ge=1, description="images in one request")
+    default_top_k: int = Field(5, ge=1, le=10, description="classes returned per image")
+
+    drain_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time allowed for queued and in-flight work")
+    warmup: bool = Field(True, description="run every batch bucket once before reporting ready")
+    log_json: bool = Field(False, description="structured JSON access logs")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def store_root(self) -> Path:
+        from quicknet.store import default_root
+
+        return self.model_store or default_root()

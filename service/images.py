@@ -1,0 +1,112 @@
+"""Decode, validate and resize images into the model's uint8 NHWC 32x32x3 input.
+
+Accepted: PNG, JPEG, WebP, BMP, GIF (first frame), in any mode — grayscale, palette, RGBA (alpha
+composited on white), CMYK, 16-bit (scaled to 8 bits) — and any size: images that are not 32x32
+are resized to exactly 32x32 with Pillow's bicubic filter (antialiased; aspect ratio not kept).
+Raw tensors are accepted too: 3,072 bytes per image, uint8 in HWC order.
+
+Limits are checked before the expensive step they guard: bytes before opening, the header's
+pixel count before decoding (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+SIZE = 32
+PIXELS_PER_IMAGE = SIZE * SIZE * 3
+FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF"})
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class InputError(Exception):
+    """A request the client must fix; `status` is the HTTP code (gRPC maps it)."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_input"):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int
+    max_image_pixels: int
+    max_images: int
+
+
+def decode_image(data: bytes, limits: Limits, index: int = 0) -> np.ndarray:
+    where = f"image {index}"
+    if not data:
+        raise InputError(f"{where} is empty")
+    if len(data) > limits.max_image_bytes:
+        raise InputError(
+            f"{where} is {len(data)} bytes; the limit is {limits.max_image_bytes}", status=413, reason="too_large"
+        )
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(f"{where} is not a recognised image (send PNG, JPEG, WebP, BMP or GIF)", 415, "bad_format")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where} could not be read: {e}") from None
+    with im:
+        if im.format not in FORMATS:
+            raise InputError(f"{where} is {im.format}; send PNG, JPEG, WebP, BMP or GIF", 415, "bad_format")
+        w, h = im.size
+        if w * h > limits.max_image_pixels:
+            raise InputError(
+                f"{where} is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}",
+                status=413,
+                reason="too_many_pixels",
+            )
+        try:
+            im.seek(0)
+            im.load()
+            rgb = _to_rgb(im)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            raise InputError(f"{where} is damaged or truncated: {e}") from None
+    if rgb.size != (SIZE, SIZE):
+        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.uint32)
+        peak = 65535 if im.mode != "I" or arr.max() > 255 else 255
+        return Image.fromarray((arr * 255 // peak).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_images(blobs: list[bytes], limits: Limits) -> np.ndarray:
+    check_count(len(blobs), limits)
+    return np.stack([decode_image(b, limits, i) for i, b in enumerate(blobs)])
+
+
+def decode_pixels(data: bytes, limits: Limits) -> np.ndarray:
+    """Raw uint8 tensors: N x 32 x 32 x 3 bytes, HWC order."""
+    if not data or len(data) % PIXELS_PER_IMAGE:
+        raise InputError(
+            f"raw pixel body is {len(data)} bytes; expected a positive multiple of {PIXELS_PER_IMAGE} (N x 32 x 32 x 3 uint8)"
+        )
+    n = len(data) // PIXELS_PER_IMAGE
+    check_count(n, limits)
+    return np.frombuffer(data, dtype=np.uint8).reshape(n, SIZE, SIZE, 3)
+
+
+def check_count(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise InputError("no images in the request")
+    if n > limits.max_images:
+        raise InputError(
+            f"{n} images in one request; the limit is {limits.max_images}", status=413, reason="too_many_images"
+        )

@@ -1,0 +1,40 @@
+"""Every Prometheus metric the service exports, defined once. Other modules record, never define.
+
+Conventions: base units (seconds), counters end in `_total`, latency as histograms so they
+aggregate across replicas.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+REQUEST_SECONDS = Histogram(
+    "quicknet_request_duration_seconds",
+    "Time from request received to response ready.",
+    ["protocol", "endpoint", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+DECODE_SECONDS = Histogram(
+    "quicknet_decode_duration_seconds",
+    "Time to decode and resize one request's images.",
+    ["protocol"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_SECONDS = Histogram(
+    "quicknet_queue_wait_seconds", "Time an item waited in the batcher queue.", ["model"], buckets=LATENCY_BUCKETS
+)
+INFER_SECONDS = Histogram(
+    "quicknet_inference_duration_seconds", "Engine time for one batch.", ["model", "backend"], buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram("quicknet_batch_size", "Images per engine batch.", ["model"], buckets=BATCH_BUCKETS)
+IMAGES = Counter("quicknet_images_total", "Images classified.", ["model", "protocol"])
+REJECTIONS = Counter("quicknet_rejections_total", "Requests refused or dropped, by reason.", ["protocol", "reason"])
+QUEUE_DEPTH = Gauge("quicknet_queue_images", "Images waiting in the batcher queue.", ["model"])
+IN_FLIGHT = Gauge("quicknet_batches_in_flight", "Batches running on the engine.", ["model"])
+READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.")
+MODEL_INFO = Info("quicknet_model", "The model being served.")
+GPU_UTILIZATION = Gauge("quicknet_gpu_utilization_ratio", "GPU busy fraction (NVML).", ["gpu"])
+GPU_MEMORY_USED = Gauge("quicknet_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"])
