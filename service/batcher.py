@@ -14,6 +14,7 @@ This module knows nothing of HTTP or gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -111,10 +112,8 @@ class Batcher:
                 break
             self._idle.clear()
             self._wakeup.set()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.05))
-            except TimeoutError:
-                pass
         return not (self._queue or self._in_flight)
 
     async def close(self) -> None:

@@ -51,7 +51,9 @@ def decode_image(data: bytes, limits: Limits, index: int = 0) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise InputError(f"{where} is not a recognised image (send PNG, JPEG, WebP, BMP or GIF)", 415, "bad_format")
+        raise InputError(
+            f"{where} is not a recognised image (send PNG, JPEG, WebP, BMP or GIF)", 415, "bad_format"
+        ) from None
     except (OSError, ValueError) as e:
         raise InputError(f"{where} could not be read: {e}") from None
     with im:
@@ -96,7 +98,8 @@ def decode_pixels(data: bytes, limits: Limits) -> np.ndarray:
     """Raw uint8 tensors: N x 32 x 32 x 3 bytes, HWC order."""
     if not data or len(data) % PIXELS_PER_IMAGE:
         raise InputError(
-            f"raw pixel body is {len(data)} bytes; expected a positive multiple of {PIXELS_PER_IMAGE} (N x 32 x 32 x 3 uint8)"
+            f"raw pixel body is {len(data)} bytes; "
+            f"expected a positive multiple of {PIXELS_PER_IMAGE} (N x 32 x 32 x 3 uint8)"
         )
     n = len(data) // PIXELS_PER_IMAGE
     check_count(n, limits)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
-from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
+from service.batcher import DeadlineExceeded, NotAccepting, QueueFull, Timing
 from service.images import InputError, decode_image, decode_images, decode_pixels
 from service.runtime import ModelRuntime, Runtime
 
@@ -243,6 +243,13 @@ def map_inference_error(e: Exception) -> HTTPError:
     return HTTPError(500, f"inference failed: {e}", "engine_error")
 
 
+def server_timing(decode_s: float, timing: Timing) -> str:
+    return ", ".join(
+        f"{name};dur={seconds * 1000:.2f}"
+        for name, seconds in (("decode", decode_s), ("queue", timing.queue_s), ("infer", timing.infer_s))
+    )
+
+
 def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:
     app = FastAPI(
         title="QuickNet Serving",
@@ -298,8 +305,7 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
             raise map_inference_error(e) from None
         rows = [[p.to_dict() for p in row] for row in predictions]
         body = {"model": model.name, "version": str(model.version.version), "predictions": rows if several else rows[0]}
-        timing_header = f"decode;dur={decode_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, infer;dur={timing.infer_s * 1000:.2f}"
-        return JSONResponse(body, headers={"Server-Timing": timing_header})
+        return JSONResponse(body, headers={"Server-Timing": server_timing(decode_s, timing)})
 
     @app.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> dict:

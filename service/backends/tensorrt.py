@@ -81,7 +81,8 @@ class TensorRTBackend:
         plan = find_plan(version, settings)
         if plan is None:
             raise BackendError(
-                f"no TensorRT plan for this GPU in {settings.plan_dir or version.path}: run `quicknet compile --tensorrt`"
+                f"no TensorRT plan for this GPU in {settings.plan_dir or version.path}: "
+                "run `quicknet compile --tensorrt` on this machine"
             )
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
