@@ -57,6 +57,16 @@ def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def export_torch(folded: torch.nn.Module, path: Path) -> Path:
+    """The folded model as a `torch.export` program: what the service's torch backend loads."""
+    example = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(folded.eval(), (example,), dynamic_shapes={"images": {0: batch}})
+    with atomic_write(path) as f:
+        torch.export.save(program, f)
+    return path
+
+
 def reference_logits(model: QuickNet, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """The eval-mode, unfolded PyTorch model on the same pixels, normalized outside the graph."""
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)

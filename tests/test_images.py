@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.images import InputError, Limits, decode_image, decode_images, decode_pixels
+
+LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000, max_images=4)
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP"])
+def test_lossless_formats_round_trip_exactly(fmt):
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(encode(Image.fromarray(PIXELS), fmt, **kw), LIMITS)
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    assert np.array_equal(out, PIXELS)
+
+
+def test_jpeg_decodes_close():
+    out = decode_image(encode(Image.fromarray(PIXELS), "JPEG", quality=95), LIMITS)
+    assert out.shape == (32, 32, 3)
+
+
+def test_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue(), LIMITS)
+    assert out[0, 0, 0] > 200 and out[0, 0, 2] < 50
+
+
+def test_grayscale_rgba_palette_and_16_bit_become_rgb():
+    gray = decode_image(encode(Image.fromarray(PIXELS[:, :, 0]), "PNG"), LIMITS)
+    assert np.array_equal(gray[:, :, 0], PIXELS[:, :, 0]) and np.array_equal(gray[:, :, 0], gray[:, :, 2])
+    rgba = np.dstack([PIXELS, np.zeros((32, 32), np.uint8)])
+    assert (decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), LIMITS) == 255).all()  # transparent → white
+    pal = decode_image(encode(Image.fromarray(PIXELS).convert("P"), "PNG"), LIMITS)
+    assert pal.shape == (32, 32, 3)
+    sixteen = PIXELS[:, :, 0].astype(np.uint16) * 257
+    out = decode_image(encode(Image.fromarray(sixteen), "PNG"), LIMITS)
+    assert np.array_equal(out[:, :, 0], PIXELS[:, :, 0])
+
+
+def test_any_size_is_resized_to_32():
+    big = Image.fromarray(RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    assert decode_image(encode(big, "PNG"), LIMITS).shape == (32, 32, 3)
+    tiny = Image.fromarray(PIXELS[:5, :7])
+    assert decode_image(encode(tiny, "PNG"), LIMITS).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "fragment"),
+    [
+        (b"", 400, "empty"),
+        (b"hello world", 415, "not a recognised image"),
+        (b"\x00" * (2 << 20), 413, "bytes; the limit"),
+    ],
+)
+def test_bad_inputs(data, status, fragment):
+    with pytest.raises(InputError, match=fragment) as err:
+        decode_image(data, LIMITS)
+    assert err.value.status == status
+
+
+def test_unsupported_format_is_415():
+    tiff = encode(Image.fromarray(PIXELS), "TIFF")
+    with pytest.raises(InputError, match="TIFF") as err:
+        decode_image(tiff, LIMITS)
+    assert err.value.status == 415
+
+
+def test_decompression_bomb_stops_at_the_header():
+    bomb = encode(Image.new("L", (3000, 3000)), "PNG")
+    with pytest.raises(InputError, match="pixels") as err:
+        decode_image(bomb, LIMITS)
+    assert err.value.status == 413
+
+
+def test_truncated_png():
+    data = encode(Image.fromarray(PIXELS), "PNG")
+    with pytest.raises(InputError, match="damaged or truncated"):
+        decode_image(data[: len(data) // 2], LIMITS)
+
+
+def test_counts_and_raw_pixels():
+    ok = encode(Image.fromarray(PIXELS), "PNG")
+    assert decode_images([ok, ok], LIMITS).shape == (2, 32, 32, 3)
+    with pytest.raises(InputError, match="limit is 4"):
+        decode_images([ok] * 5, LIMITS)
+    with pytest.raises(InputError, match="no images"):
+        decode_images([], LIMITS)
+    assert np.array_equal(decode_pixels(PIXELS.tobytes() * 2, LIMITS)[1], PIXELS)
+    with pytest.raises(InputError, match="multiple of 3072"):
+        decode_pixels(b"\x00" * 3073, LIMITS)

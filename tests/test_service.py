@@ -1,0 +1,429 @@
+"""The real server on 127.0.0.1, driven by real clients (httpx, gRPC stubs)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from quicknet import store
+from quicknet.ortrun import onnx_logits
+from service._generated import classifier_pb2 as pb
+from service._generated import classifier_pb2_grpc as pb_grpc
+from tests.serving import STORE, metric, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("logs"), max_queue_delay_ms=5)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def served_version() -> store.ModelVersion:
+    root = STORE
+    return store.get_version(root, store.default_model(root))
+
+
+@pytest.fixture(scope="module")
+def samples(cifar):
+    return cifar.test.sample(16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(samples, served_version):
+    """Direct ONNX Runtime inference on the same pixels: what every front must answer."""
+    logits = onnx_logits(served_version.file(_served_file(served_version)), samples.images)
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def _served_file(mv: store.ModelVersion) -> str:
+    return mv.metadata["artifacts"].get("onnx-optimized") or mv.metadata["artifacts"]["onnx"]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def assert_matches(preds: list[dict], probs: np.ndarray, k: int = 5) -> None:
+    assert len(preds) == k
+    order = np.argsort(-probs)[:k]
+    assert [p["index"] for p in preds] == order.tolist()
+    assert np.allclose([p["score"] for p in preds], probs[order], atol=1e-5)
+
+
+# --- REST, every input form ----------------------------------------------------------------
+
+
+def test_multipart_single_image(server, samples, expected):
+    r = httpx.post(f"{server.url}/classify", files={"image": ("a.png", png(samples.images[0]), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] and body["version"]
+    assert_matches(body["predictions"], expected[0])
+    assert r.headers["X-Request-ID"]
+    timing = r.headers["Server-Timing"]
+    assert "decode;dur=" in timing and "queue;dur=" in timing and "infer;dur=" in timing
+
+
+def test_multipart_several_images(server, samples, expected):
+    files = [("images", (f"{i}.png", png(samples.images[i]), "image/png")) for i in range(4)]
+    r = httpx.post(f"{server.url}/classify", files=files, params={"top_k": 3})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 4
+    for i in range(4):
+        assert_matches(preds[i], expected[i], k=3)
+
+
+def test_raw_image_body(server, samples, expected):
+    r = httpx.post(f"{server.url}/classify", content=png(samples.images[1]), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert_matches(r.json()["predictions"], expected[1])
+
+
+def test_json_single_and_several(server, samples, expected):
+    one = {"image": base64.b64encode(png(samples.images[2])).decode(), "top_k": 2}
+    r = httpx.post(f"{server.url}/classify", json=one)
+    assert r.status_code == 200, r.text
+    assert_matches(r.json()["predictions"], expected[2], k=2)
+    several = {"images": [base64.b64encode(png(samples.images[i])).decode() for i in range(3, 6)]}
+    r = httpx.post(f"{server.url}/classify", json=several)
+    assert r.status_code == 200, r.text
+    for j, preds in enumerate(r.json()["predictions"]):
+        assert_matches(preds, expected[3 + j])
+
+
+def test_raw_pixel_tensor(server, samples, expected):
+    body = samples.images[:8].tobytes()
+    r = httpx.post(f"{server.url}/classify", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    for i, preds in enumerate(r.json()["predictions"]):
+        assert_matches(preds, expected[i])
+
+
+def test_request_id_is_echoed(server, samples):
+    r = httpx.post(
+        f"{server.url}/classify",
+        content=samples.images[:1].tobytes(),
+        headers={"Content-Type": "application/octet-stream", "X-Request-ID": "abc-123"},
+    )
+    assert r.headers["X-Request-ID"] == "abc-123"
+
+
+# --- REST errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status", "fragment"),
+    [
+        ({"Content-Type": "image/png"}, b"\x00garbage\xff" * 10, 415, "not a recognised image"),
+        ({"Content-Type": "image/png"}, b"", 400, "empty request body"),
+        ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported Content-Type"),
+        ({}, b"hello", 415, "unsupported Content-Type"),
+        ({"Content-Type": "application/json"}, b"{not json", 400, "not valid JSON"),
+        ({"Content-Type": "application/json"}, b'{"image": "***"}', 400, "not valid base64"),
+        ({"Content-Type": "application/json"}, b'{"x": 1}', 400, "exactly one of"),
+        ({"Content-Type": "application/octet-stream"}, b"\x00" * 100, 400, "multiple of 3072"),
+        (
+            {"Content-Type": "application/octet-stream", "X-Request-Timeout-Ms": "soon"},
+            b"\x00" * 3072,
+            400,
+            "milliseconds",
+        ),
+    ],
+)
+def test_bad_requests_get_clear_4xx(server, headers, content, status, fragment):
+    r = httpx.post(f"{server.url}/classify", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]
+    assert "\n" not in r.json()["error"]
+
+
+def test_bad_top_k_and_truncated_image(server, samples):
+    r = httpx.post(
+        f"{server.url}/classify",
+        params={"top_k": 99},
+        content=samples.images[:1].tobytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 400 and "top_k" in r.json()["error"]
+    cut = png(samples.images[0])[:60]
+    r = httpx.post(f"{server.url}/classify", content=cut, headers={"Content-Type": "image/png"})
+    assert r.status_code == 400 and "image 0" in r.json()["error"]
+
+
+def test_too_many_images(server):
+    body = np.zeros((257, 32, 32, 3), np.uint8).tobytes()
+    r = httpx.post(f"{server.url}/classify", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 413 and "limit is 256" in r.json()["error"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(server):
+    bomb = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(bomb, format="PNG", optimize=True)  # 100 Mpx in ~100 KB
+    assert len(bomb.getvalue()) < 200_000
+    r = httpx.post(f"{server.url}/classify", content=bomb.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]
+
+
+def test_multipart_without_image_field(server):
+    r = httpx.post(f"{server.url}/classify", files={"picture": ("a.png", b"x", "image/png")})
+    assert r.status_code == 400 and "`image` or `images`" in r.json()["error"]
+
+
+# --- deadlines -----------------------------------------------------------------------------
+
+
+def test_expired_deadline_is_504_and_never_computed(server, samples):
+    before = metric(httpx.get(f"{server.url}/metrics").text, "quicknet_images_total")
+    r = httpx.post(
+        f"{server.url}/classify",
+        content=samples.images[:4].tobytes(),
+        headers={"Content-Type": "application/octet-stream", "X-Request-Timeout-Ms": "0.001"},
+    )
+    assert r.status_code == 504, r.text
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "quicknet_images_total") == before
+    assert metric(text, "quicknet_rejections_total", reason="deadline") >= 1
+
+
+def test_grpc_deadline_exceeded(server, samples):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(image=pb.Image(pixels=samples.images[0].tobytes())), timeout=0.0001)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- gRPC ----------------------------------------------------------------------------------
+
+
+def _grpc_preds(preds) -> list[dict]:
+    return [{"label": p.label, "index": p.index, "score": p.score} for p in preds]
+
+
+def test_grpc_unary_batch_and_stream(server, samples, expected):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        one = stub.Classify(pb.ClassifyRequest(image=pb.Image(encoded=png(samples.images[0])), request_id="r0"))
+        assert one.request_id == "r0"
+        assert_matches(_grpc_preds(one.predictions), expected[0])
+        batch = stub.ClassifyBatch(
+            pb.ClassifyBatchRequest(images=[pb.Image(pixels=samples.images[i].tobytes()) for i in range(6)], top_k=3)
+        )
+        assert len(batch.results) == 6
+        for i, res in enumerate(batch.results):
+            assert_matches(_grpc_preds(res.predictions), expected[i], k=3)
+        stream = stub.ClassifyStream(
+            iter(
+                [
+                    pb.ClassifyRequest(image=pb.Image(encoded=png(samples.images[i])), request_id=str(i))
+                    for i in range(5)
+                ]
+            )
+        )
+        answers = list(stream)
+        assert [a.request_id for a in answers] == [str(i) for i in range(5)]
+        for i, a in enumerate(answers):
+            assert_matches(_grpc_preds(a.predictions), expected[i])
+
+
+def test_grpc_errors_are_status_codes(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        for request, fragment in (
+            (pb.ClassifyRequest(image=pb.Image(encoded=b"garbage")), "not a recognised image"),
+            (pb.ClassifyRequest(), "is empty"),
+            (pb.ClassifyRequest(image=pb.Image(pixels=b"\x00" * 10)), "3072"),
+            (pb.ClassifyRequest(image=pb.Image(pixels=b"\x00" * 3072), top_k=50), "top_k"),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=b"\x00" * 3072)] * 300))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 256" in err.value.details()
+
+
+def test_grpc_accepts_messages_over_the_4mib_default(server):
+    images = [pb.Image(pixels=bytes(3072))] * 256  # small, but pad with a large encoded image
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big, "PNG")
+    assert len(big.getvalue()) > 4 << 20
+    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_send_message_length", 16 << 20)]) as ch:
+        reply = pb_grpc.ClassifierStub(ch).ClassifyBatch(
+            pb.ClassifyBatchRequest(images=[*images[:10], pb.Image(encoded=big.getvalue())])
+        )
+    assert len(reply.results) == 11
+
+
+# --- health, reflection, metrics -----------------------------------------------------------
+
+
+def test_health_readiness_and_model_list(server, served_version):
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert models[0]["name"] == served_version.name and models[0]["version"] == str(served_version.version)
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+    assert {"quicknet.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+
+def test_openapi_documents_every_body_form(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    content = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/*", "application/json", "application/octet-stream"} <= set(content)
+    assert content["application/json"]["examples"]
+
+
+async def _burst(url: str, bodies: list[bytes], headers: dict) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(client.post(f"{url}/classify", content=b, headers=headers) for b in bodies))
+
+
+def test_metrics_move_and_concurrent_requests_share_batches(server, samples):
+    before = httpx.get(f"{server.url}/metrics").text
+    bodies = [samples.images[i % 16 : i % 16 + 1].tobytes() for i in range(48)]
+    responses = asyncio.run(_burst(server.url, bodies, {"Content-Type": "application/octet-stream"}))
+    assert all(r.status_code == 200 for r in responses)
+    after = httpx.get(f"{server.url}/metrics").text
+    grew = metric(after, "quicknet_images_total") - metric(before, "quicknet_images_total")
+    assert grew == 48
+    batches = metric(after, "quicknet_batch_size_count") - metric(before, "quicknet_batch_size_count")
+    assert batches < 48, "48 concurrent one-image requests never shared a batch"
+    for name in (
+        "quicknet_request_duration_seconds_bucket",
+        "quicknet_decode_duration_seconds_count",
+        "quicknet_queue_wait_seconds_count",
+        "quicknet_inference_duration_seconds_count",
+        "quicknet_queue_images",
+        "quicknet_batches_in_flight",
+        "quicknet_model_info",
+        "quicknet_ready",
+    ):
+        assert name in after, name
+    assert metric(after, "quicknet_ready") == 1
+
+
+# --- overload and shutdown (own servers) ---------------------------------------------------
+
+
+def test_burst_beyond_the_queue_gets_429_then_recovers(tmp_path, samples):
+    srv = start_server(tmp_path, max_queue_images=64, max_batch_size=64)
+    try:
+        body = np.repeat(samples.images[:1], 64, axis=0).tobytes()
+        responses = asyncio.run(_burst(srv.url, [body] * 40, {"Content-Type": "application/octet-stream"}))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert int(rejected.headers["Retry-After"]) >= 1 and "capacity" in rejected.json()["error"]
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200
+        ok = httpx.post(f"{srv.url}/classify", content=body, headers={"Content-Type": "application/octet-stream"})
+        assert ok.status_code == 200
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert metric(text, "quicknet_rejections_total", reason="queue_full") == codes.count(429)
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            futures = [
+                stub.ClassifyBatch.future(pb.ClassifyBatchRequest(images=[pb.Image(pixels=bytes(3072))] * 64))
+                for _ in range(40)
+            ]
+            codes = [f.code() for f in futures]
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path, samples):
+    srv = start_server(tmp_path, max_batch_size=32, max_queue_images=100000, drain_seconds=60)
+    body = np.repeat(samples.images[:1], 256, axis=0).tobytes()
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+            tasks = [
+                asyncio.create_task(
+                    client.post(
+                        f"{srv.url}/classify", content=body, headers={"Content-Type": "application/octet-stream"}
+                    )
+                )
+                for _ in range(24)
+            ]
+            for _ in range(200):  # SIGTERM once the queue holds work
+                await asyncio.sleep(0.02)
+                text = (await client.get(f"{srv.url}/metrics")).text
+                if metric(text, "quicknet_queue_images") > 0:
+                    break
+            srv.proc.terminate()
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(scenario())
+    assert srv.proc.wait(120) == 0, srv.log()
+    assert [r.status_code for r in responses] == [200] * 24, srv.log()
+    assert all(len(r.json()["predictions"]) == 256 for r in responses)
+    assert "draining" in srv.log()
+
+
+def test_cpu_service_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, asyncio\n"
+        "from service.config import Settings\n"
+        "from service.runtime import Runtime\n"
+        "from service.main import serve\n"
+        "from service.backends import load_backend\n"
+        "from quicknet import store\n"
+        f"root = __import__('pathlib').Path({str(STORE)!r})\n"
+        "mv = store.get_version(root, store.default_model(root))\n"
+        "load_backend(mv, Settings(backend='onnxruntime')).warmup()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_stubs_are_reproducible(tmp_path):
+    from service import protos
+
+    protos.generate(tmp_path)
+    for made in tmp_path.glob("*.py*"):
+        committed = protos.OUT / made.name
+        assert committed.read_text() == made.read_text(), f"{made.name} is stale: run `make protos`"
+
+
+def test_settings_have_flags_and_env_twins():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "quicknet_cli", "serve", "--help"], capture_output=True, text=True)
+    assert "--http-port" in out.stdout and "QUICKNET_HTTP_PORT" in out.stdout
+    assert "--max-queue-delay-ms" in out.stdout and "--backend" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "serve", "--http-port", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting http_port")
