@@ -51,11 +51,11 @@ class Server:
             return self.proc.wait()
 
 
-def start_server(log_dir: Path, *, ready_timeout: float = 120, **settings: object) -> Server:
+def start_server(log_dir: Path, *, store: Path | None = None, ready_timeout: float = 120, **settings: object) -> Server:
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     env.update(
-        QUICKNET_MODEL_STORE=str(STORE),
+        QUICKNET_MODEL_STORE=str(store or STORE),
         QUICKNET_HTTP_HOST="127.0.0.1",
         QUICKNET_GRPC_HOST="127.0.0.1",
         QUICKNET_HTTP_PORT=str(http_port),

@@ -1,0 +1,88 @@
+"""Helpers shared by the benchmarks: a store of untrained variants (speed does not depend on the
+weights), timing loops, tables, and JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+
+
+def make_untrained_store(root: Path, variants: list[str], calibration: np.ndarray | None = None) -> Path:
+    """Fold + export (and INT8-quantize) untrained variants into a store: speed is weight-independent."""
+    import torch
+
+    from quicknet import data, store
+    from quicknet.compile import quantize_int8
+    from quicknet.export import export_onnx
+    from quicknet.fold import fold
+    from quicknet.model import build_model
+
+    torch.manual_seed(0)
+    for name in variants:
+        if store.list_versions(root, name):
+            continue
+        work = root / f".work-{name}"
+        work.mkdir(parents=True, exist_ok=True)
+        files = [export_onnx(fold(build_model(name).eval()), work / "model.onnx")]
+        artifacts = {"onnx": "model.onnx"}
+        if calibration is not None:
+            files.append(quantize_int8(files[0], work / "model.int8.onnx", calibration))
+            artifacts["onnx-int8"] = "model.int8.onnx"
+        meta = {"labels": list(data.LABELS), "artifacts": artifacts, "accuracy": {}, "note": "untrained, for speed"}
+        store.publish(root, name, files, meta)
+    return root
+
+
+def images_per_second(fn: Callable[[np.ndarray], object], batch: int, seconds: float = 2.0) -> float:
+    x = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    fn(x)
+    fn(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(x)
+        n += batch
+    return n / (time.perf_counter() - start)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def save(name: str, payload: dict) -> Path:
+    from quicknet.fsutil import write_text_atomic
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    doc = {"benchmark": name, "machine": machine(), "when": datetime.now(UTC).isoformat(timespec="seconds"), **payload}
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+    return path

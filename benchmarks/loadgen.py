@@ -1,0 +1,206 @@
+"""Load generator: closed loop (fixed concurrency) or open loop (fixed arrival rate), REST or gRPC.
+
+    python -m benchmarks.loadgen [--model quicknet] [--protocol rest grpc] [--images 1 8 64]
+                                 [--concurrency 8] [--rate 0] [--seconds 10] [--url URL --grpc HOST:PORT]
+
+Without --url it starts `quicknet serve` on this machine over a store of the untrained model
+(speed does not depend on the weights), runs each case, stops the server, then measures the
+engine alone (ONNX Runtime, same threads) at the batch sizes the server formed. Efficiency =
+served images/s ÷ engine-only images/s at the server's mean batch size, same machine, one run.
+Prints a table and writes benchmarks/results/loadgen.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import images_per_second, make_untrained_store, save, table
+
+
+async def _rest_call(client, url: str, body: bytes) -> int:
+    r = await client.post(f"{url}/classify", content=body, headers={"Content-Type": "application/octet-stream"})
+    return r.status_code
+
+
+async def _grpc_call(stub, pb, pixels: list[bytes]) -> int:
+    import grpc
+
+    try:
+        await stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=p) for p in pixels], top_k=1))
+        return 200
+    except grpc.aio.AioRpcError as e:
+        return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
+
+
+async def run_case(protocol: str, target: str, n_images: int, concurrency: int, rate: float, seconds: float) -> dict:
+    """Closed loop when rate == 0 (each of `concurrency` workers sends back to back), else open loop."""
+    import grpc
+    import httpx
+
+    from service._generated import classifier_pb2 as pb
+    from service._generated import classifier_pb2_grpc as pb_grpc
+
+    pixels = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    if protocol == "rest":
+        client = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=max(concurrency, 64)))
+        body = pixels.tobytes()
+
+        def call():
+            return _rest_call(client, target, body)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        stub = pb_grpc.ClassifierStub(channel)
+        per_image = [p.tobytes() for p in pixels]
+
+        def call():
+            return _grpc_call(stub, pb, per_image)
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        code = await call()
+        latencies.append(time.perf_counter() - t0)
+        codes[code] = codes.get(code, 0) + 1
+
+    for _ in range(3):  # connections and the first batches
+        await one()
+    latencies.clear()
+    codes.clear()
+    start = time.perf_counter()
+    end = start + seconds
+    if rate <= 0:
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                await one()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        tasks = []
+        next_at = start
+        while next_at < end:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+            next_at += 1 / rate
+        await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    if protocol == "rest":
+        await client.aclose()
+    else:
+        await channel.close()
+    ok = codes.get(200, 0)
+    lat = np.asarray(latencies) * 1000
+    return {
+        "protocol": protocol,
+        "images_per_request": n_images,
+        "mode": "closed" if rate <= 0 else "open",
+        "concurrency": concurrency if rate <= 0 else None,
+        "rate_rps": rate or None,
+        "requests": len(latencies),
+        "ok": ok,
+        "rejected": len(latencies) - ok,
+        "served_img_s": ok * n_images / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="quicknet")
+    parser.add_argument("--protocol", nargs="+", default=["rest", "grpc"], choices=["rest", "grpc"])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 8, 64], help="images per request")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s (0: closed loop)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=2, help="engine threads (server and engine-only run)")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--url", help="an already running server's REST URL (skips starting one)")
+    parser.add_argument("--grpc", help="an already running server's gRPC target")
+    args = parser.parse_args()
+
+    import httpx
+
+    from quicknet import store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if args.url:
+            url, grpc_target, root = args.url, args.grpc, None
+        else:
+            from tests.serving import start_server
+
+            root = make_untrained_store(Path(tmp) / "store", [args.model])
+            server = start_server(
+                Path(tmp),
+                store=root,
+                model=args.model,
+                threads=args.threads,
+                max_batch_size=args.max_batch_size,
+                max_queue_images=100_000,
+            )
+            url, grpc_target = server.url, server.grpc_target
+        rows = []
+        try:
+            for protocol in args.protocol:
+                target = url if protocol == "rest" else grpc_target
+                for n in args.images:
+                    before = httpx.get(f"{url}/metrics").text
+                    row = asyncio.run(run_case(protocol, target, n, args.concurrency, args.rate, args.seconds))
+                    after = httpx.get(f"{url}/metrics").text
+                    row["mean_batch"] = _delta_mean_batch(before, after)
+                    rows.append(row)
+                    print(f"  {protocol} x{n}: {row['served_img_s']:.0f} img/s, p99 {row['p99_ms']:.1f} ms", flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+        if root is not None:  # engine alone, server stopped, same machine and threads
+            from benchmarks.engine import ort_session
+
+            mv = store.get_version(root, args.model)
+            session = ort_session(mv.file("model.onnx"), args.threads)
+            cache: dict[int, float] = {}
+            for row in rows:
+                b = max(1, round(row["mean_batch"]))
+                if b not in cache:
+                    cache[b] = images_per_second(lambda x: session.run(None, {"images": x}), b, 3.0)
+                row["engine_img_s"] = cache[b]
+                row["efficiency"] = row["served_img_s"] / cache[b]
+    columns = [
+        "protocol",
+        "images_per_request",
+        "mode",
+        "concurrency",
+        "rate_rps",
+        "served_img_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "rejected",
+        "mean_batch",
+        "engine_img_s",
+        "efficiency",
+    ]
+    print(f"\n{args.model}, {args.threads} engine threads, {args.seconds:.0f} s per case")
+    print(table(rows, columns))
+    print(f"\nwrote {save('loadgen', {'model': args.model, 'args': vars(args), 'rows': rows})}")
+
+
+def _delta_mean_batch(before: str, after: str) -> float:
+    from tests.serving import metric
+
+    n = metric(after, "quicknet_batch_size_count") - metric(before, "quicknet_batch_size_count")
+    s = metric(after, "quicknet_batch_size_sum") - metric(before, "quicknet_batch_size_sum")
+    return s / n if n else 0.0
+
+
+if __name__ == "__main__":
+    main()

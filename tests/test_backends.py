@@ -1,0 +1,98 @@
+"""Engines behind the one face. TensorRT cannot be installed in this workplace: its tests skip there."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from quicknet import store
+from service.backends import BackendError, choose, load_backend, warmup_sizes
+from service.config import Settings
+from tests.serving import STORE
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def version() -> store.ModelVersion:
+    return store.get_version(STORE, store.default_model(STORE))
+
+
+@pytest.fixture(scope="module")
+def batch(cifar) -> np.ndarray:
+    return cifar.test.sample(33, seed=5).images
+
+
+def test_warmup_covers_every_bucket():
+    assert warmup_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert warmup_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert warmup_sizes(1) == [1]
+
+
+def test_auto_picks_onnxruntime_on_a_cpu_machine(version):
+    if HAS_TENSORRT:
+        pytest.skip("tensorrt is installed here; auto may pick it")
+    import torch
+
+    expected = "torch" if torch.cuda.is_available() else "onnxruntime"
+    assert choose(version, Settings()) == expected
+
+
+def test_onnxruntime_fp32_and_int8(version, batch):
+    fp32 = load_backend(version, Settings(backend="onnxruntime"))
+    fp32.warmup()
+    logits = fp32.infer(batch)
+    assert logits.shape == (33, 10) and logits.dtype == np.float32
+    if not version.metadata["artifacts"].get("onnx-int8"):
+        pytest.skip("the shipped version has no INT8 model")
+    int8 = load_backend(version, Settings(backend="onnxruntime", precision="int8"))
+    agree = (int8.infer(batch).argmax(1) == logits.argmax(1)).mean()
+    assert agree >= 0.85
+
+
+def test_torch_backend_matches_onnxruntime(version, batch):
+    pytest.importorskip("torch")
+    ort = load_backend(version, Settings(backend="onnxruntime"))
+    tb = load_backend(version, Settings(backend="torch", max_batch_size=64))
+    tb.warmup()
+    got, ref = tb.infer(batch), ort.infer(batch)
+    tolerance = 5e-2 if tb.device == "cuda" else 1e-4  # fp16 on CUDA
+    assert np.abs(got - ref).max() < tolerance
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    assert tb.describe()["backend"] == "torch"
+
+
+def test_forced_backend_that_cannot_load_fails_clearly(version, tmp_path):
+    if not HAS_TENSORRT:
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            load_backend(version, Settings(backend="tensorrt"))
+    bare = store.publish(
+        tmp_path, "m", [version.file("model.onnx")], {"labels": [], "artifacts": {"onnx": "model.onnx"}}
+    )
+    with pytest.raises(BackendError, match="no torch artifact"):
+        load_backend(bare, Settings(backend="torch"))
+    with pytest.raises(BackendError, match="no onnx-int8 model"):
+        load_backend(bare, Settings(backend="onnxruntime", precision="int8"))
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (cannot be in this workplace; CI never has it)")
+def test_tensorrt_plan_matches_onnxruntime(version, batch, tmp_path):
+    from quicknet.compile import TensorRTOptions, build_tensorrt_plan
+
+    plan = build_tensorrt_plan(version.file("model.onnx"), tmp_path, TensorRTOptions())
+    backend = load_backend(version, Settings(backend="tensorrt", plan_dir=tmp_path))
+    backend.warmup()
+    ref = load_backend(version, Settings(backend="onnxruntime")).infer(batch)
+    got = backend.infer(batch)
+    assert plan.is_file() and (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_compile_skips_tensorrt_with_a_reason(tmp_path, version):
+    from quicknet.compile import TensorRTOptions, build_tensorrt_plan
+    from quicknet.errors import BuildError
+
+    with pytest.raises(BuildError, match="TensorRT is not installed"):
+        build_tensorrt_plan(version.file("model.onnx"), tmp_path, TensorRTOptions())

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.serving import REPO
+
+
+def quicknet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_info_prints_params_and_macs():
+    out = quicknet("info")
+    assert out.returncode == 0
+    assert "quicknet " in out.stdout and "3.480 M params" in out.stdout and "quicknet-xs" in out.stdout
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+    out = quicknet("eval", "--data", str(tmp_path / "none.npz"), "--run-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: dataset not found") and out.stderr.count("\n") == 1
+
+
+def test_stage_without_input_is_one_line(tmp_path):
+    out = quicknet("export", "--run-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert "run `quicknet train`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_store_model(tmp_path):
+    out = quicknet("eval", "--store-model", "nope", "--store", str(tmp_path))
+    assert out.returncode == 2 and "model 'nope' not found" in out.stderr
+
+
+def test_classify_against_no_server_is_clear(tmp_path):
+    img = tmp_path / "x.png"
+    img.write_bytes(b"x")
+    out = quicknet("classify", str(img), "--url", "http://127.0.0.1:9")
+    assert out.returncode == 2 and out.stderr.startswith("error: cannot reach")
