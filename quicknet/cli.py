@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -112,6 +113,25 @@ def cmd_publish(args: argparse.Namespace) -> None:
     print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Build the TensorRT plan for a published model on this GPU, unless one exists (GPU image start-up)."""
+    from quicknet import store
+    from quicknet.compile import TensorRTOptions, build_tensorrt_plan, import_tensorrt
+
+    trt = import_tensorrt()
+    root = Path(args.store) if args.store else store.default_root()
+    mv = store.get_version(root, args.store_model or store.default_model(root), args.version)
+    out = Path(args.plan_dir) if args.plan_dir else mv.path
+    out.mkdir(parents=True, exist_ok=True)
+    gpu, cc = store.gpu_identity()
+    existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
+    if existing.is_file():
+        print(f"{existing} exists; nothing to build")
+        return
+    options = TensorRTOptions(opt_batch=args.trt_opt_batch, max_batch=args.trt_max_batch)
+    print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
+
+
 def cmd_build(args: argparse.Namespace) -> None:
     from quicknet import store
     from quicknet.build import stage_compile, stage_eval, stage_export, stage_publish, stage_train
@@ -194,6 +214,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--tensorrt", action=argparse.BooleanOptionalAction, default=None)
     build.add_argument("--publish", action=argparse.BooleanOptionalAction, default=True)
     build.set_defaults(func=cmd_build)
+
+    plan = sub.add_parser("plan", parents=[store_flags], help="build a published model's TensorRT plan on this GPU")
+    plan.add_argument("--store-model", metavar="NAME", help="model (default: the store's DEFAULT)")
+    plan.add_argument("--version", type=int)
+    plan.add_argument(
+        "--plan-dir",
+        help="where to write the plan (env QUICKNET_PLAN_DIR; default the version folder)",
+        default=os.environ.get("QUICKNET_PLAN_DIR"),
+    )
+    plan.add_argument("--trt-opt-batch", type=int, default=64)
+    plan.add_argument("--trt-max-batch", type=int, default=256)
+    plan.set_defaults(func=cmd_plan)
 
     info = sub.add_parser("info", help="parameters and multiply-adds of every variant")
     info.set_defaults(func=cmd_info)

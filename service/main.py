@@ -21,6 +21,7 @@ import uvicorn
 from quicknet.errors import QuickNetError
 from service.backends import BackendError
 from service.config import Settings
+from service.gpu import sample_forever
 from service.grpc_server import create_server, set_health
 from service.rest import create_app
 from service.runtime import Runtime
@@ -87,6 +88,7 @@ async def serve(settings: Settings) -> int:
     log.info(
         "REST on http://%s:%d, gRPC on %s:%d", settings.http_host, settings.http_port, settings.grpc_host, grpc_port
     )
+    gpu_sampler = asyncio.create_task(sample_forever())
     load_task = asyncio.create_task(runtime.load())
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait({load_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -106,6 +108,7 @@ async def serve(settings: Settings) -> int:
         await stop_task
         log.info("shutting down: draining queued and in-flight work (up to %.0fs)", settings.drain_seconds)
     load_task.cancel()
+    gpu_sampler.cancel()
     finished = await runtime.drain()
     if not finished:
         log.warning("drain period ended with work still queued; it is answered 503")

@@ -1,0 +1,176 @@
+"""Deployment files checked offline (no container engine or cluster here): schemas, references,
+and that every probe, port and metric they name is what the real server serves."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.serving import REPO, start_server
+
+BIN = Path(sys.executable).parent
+DEPLOY = REPO / "deploy"
+OVERLAYS = ["cpu", "gpu"]
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    out = {}
+    for overlay in OVERLAYS:
+        res = run(str(BIN / "kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay))
+        assert res.returncode == 0, res.stderr
+        out[overlay] = [d for d in yaml.safe_load_all(res.stdout) if d]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("deploy"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def exported_metrics(server) -> set[str]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_compose_matches_the_compose_spec():
+    res = run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compose_references_resolve(compose):
+    services, volumes, networks = compose["services"], compose.get("volumes", {}), compose.get("networks", {})
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name} mounts missing path {source}"
+            else:
+                assert source in volumes, f"{name} uses undeclared volume {source}"
+        for net in svc.get("networks", []):
+            assert net in networks, f"{name} uses undeclared network {net}"
+        build = svc.get("build")
+        if build:
+            assert (REPO / build["context"] / build["dockerfile"]).is_file()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_valid_kubernetes(overlay, tmp_path, rendered):
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(rendered[overlay]))
+    res = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _deployment(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_cpu_does_not(rendered):
+    gpu = _deployment(rendered["gpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
+    cpu = _deployment(rendered["cpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in cpu.get("limits", {})
+
+
+def test_grace_period_exceeds_the_drain(rendered):
+    for docs in rendered.values():
+        spec = _deployment(docs)["spec"]["template"]["spec"]
+        config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert spec["terminationGracePeriodSeconds"] > float(config["QUICKNET_DRAIN_SECONDS"]) + pre_stop
+        assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_probes_ports_and_paths_are_served(server, rendered, compose):
+    for docs in rendered.values():
+        container = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": 8000, "grpc": 8001}  # the server's default ports
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            path = container[probe]["httpGet"]["path"]
+            assert httpx.get(f"{server.url}{path}").status_code == 200, f"{probe} {path}"
+        services = [d for d in docs if d["kind"] == "Service"]
+        for svc in services:
+            for port in svc["spec"]["ports"]:
+                assert port["targetPort"] in ports
+        monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+        endpoint = monitor["spec"]["endpoints"][0]
+        assert any(p["name"] == endpoint["port"] for s in services for p in s["spec"]["ports"])
+        assert "quicknet_images_total" in httpx.get(f"{server.url}{endpoint['path']}").text
+    for name, svc in compose["services"].items():
+        if name.startswith("quicknet"):
+            url = re.search(r"http://127\.0\.0\.1:8000(/\w+)", " ".join(svc["healthcheck"]["test"])).group(1)
+            assert httpx.get(f"{server.url}{url}").status_code == 200
+    for dockerfile in (DEPLOY / "docker").glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        assert "EXPOSE 8000 8001" in text and "USER 10001" in text
+        path = re.search(r"127\.0\.0\.1:8000(/\w+)", text).group(1)
+        assert httpx.get(f"{server.url}{path}").status_code == 200
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bquicknet_[a-z_]+", expr))
+
+
+def _exported(name: str, exported: set[str]) -> bool:
+    base = re.sub(r"_(bucket|count|sum|total|info)$", "", name)
+    return name in exported or base in exported or f"{base}_info" in exported
+
+
+def test_prometheus_rules(exported_metrics):
+    rules = DEPLOY / "prometheus" / "rules.yml"
+    if shutil.which("promtool"):
+        res = run("promtool", "check", "rules", str(rules))
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+        assert res.returncode == 0, res.stdout + res.stderr
+    doc = yaml.safe_load(rules.read_text())
+    exprs = [r["expr"] for g in doc["groups"] for r in g["rules"]]
+    assert {r.get("alert") for g in doc["groups"] for r in g["rules"]} >= {
+        "QuickNetHighP99Latency",
+        "QuickNetRejecting",
+        "QuickNetNotReady",
+    }
+    for expr in exprs:
+        for name in _metric_names(expr):
+            assert _exported(name, exported_metrics), f"rules use {name}, which the server does not export"
+
+
+def test_grafana_dashboard_queries_exported_metrics(exported_metrics):
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 8
+    used = set().union(*(_metric_names(e) for e in exprs))
+    for name in used:
+        assert _exported(name, exported_metrics), f"dashboard uses {name}, which the server does not export"
+    for needed in (
+        "quicknet_images_total",
+        "quicknet_queue_images",
+        "quicknet_batch_size_bucket",
+        "quicknet_rejections_total",
+        "quicknet_gpu_utilization_ratio",
+    ):
+        assert needed in used
