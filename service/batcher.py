@@ -73,6 +73,7 @@ class Batcher:
         max_queue_delay_s: float = 0.0,
         preferred_batch_sizes: tuple[int, ...] = (),
         instances: int = 1,
+        on_batch: Callable[[int, float], None] | None = None,
     ):
         self._infer = infer
         self._model = model
@@ -82,6 +83,7 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
         self.instances = instances
+        self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
@@ -247,6 +249,8 @@ class Batcher:
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
             metrics.INFER_SECONDS.labels(self._model, self._backend).observe(infer_s)
             metrics.BATCH_SIZE.labels(self._model).observe(len(images))
+            if self._on_batch is not None:
+                self._on_batch(len(images), infer_s)
             offset = 0
             for item in batch:
                 if not item.future.done():

@@ -13,8 +13,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKNET_", protected_namespaces=())
 
     model_store: Path | None = Field(None, description="model store root (default ./model_store)")
-    model: str | None = Field(None, description="model to serve (default: the store's DEFAULT)")
-    version: int | None = Field(None, description="version to serve (default: newest)")
+    model: str | None = Field(None, description="default model, for /classify (default: the store's DEFAULT)")
+    version: int | None = Field(None, description="version of the default model for /classify (default: newest)")
+    models: list[str] = Field(
+        default_factory=list, description="models to load, every version of each (default: all in the store)"
+    )
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = Field(
         "auto", description="engine: auto picks tensorrt (plan for this GPU) > torch (CUDA) > onnxruntime"
     )

@@ -23,6 +23,8 @@ from service.backends import BackendError
 from service.config import Settings
 from service.gpu import sample_forever
 from service.grpc_server import create_server, set_health
+from service.kserve import grpc as kserve_grpc
+from service.kserve import rest as kserve_rest
 from service.rest import create_app
 from service.runtime import Runtime
 
@@ -62,9 +64,9 @@ class _HttpServer(uvicorn.Server):
 
 async def serve(settings: Settings) -> int:
     runtime = Runtime(settings)
-    grpc_server, health_servicer = create_server(runtime)
+    grpc_server, health_servicer = create_server(runtime, lambda server: kserve_grpc.add_service(server, runtime))
     grpc_port = grpc_server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    app = create_app(runtime)
+    app = create_app(runtime, lambda app: kserve_rest.add_routes(app, runtime))
     http = _HttpServer(
         uvicorn.Config(
             app,

@@ -35,6 +35,6 @@ REJECTIONS = Counter("quicknet_rejections_total", "Requests refused or dropped, 
 QUEUE_DEPTH = Gauge("quicknet_queue_images", "Images waiting in the batcher queue.", ["model"])
 IN_FLIGHT = Gauge("quicknet_batches_in_flight", "Batches running on the engine.", ["model"])
 READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.")
-MODEL_INFO = Info("quicknet_model", "The model being served.")
+MODEL_INFO = Info("quicknet_model", "A model version being served.", ["name", "version"])
 GPU_UTILIZATION = Gauge("quicknet_gpu_utilization_ratio", "GPU busy fraction (NVML).", ["gpu"])
 GPU_MEMORY_USED = Gauge("quicknet_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"])

@@ -14,7 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "service" / "_generated"
-PROTOS = {"classifier": ROOT / "proto" / "quicknet" / "v1" / "classifier.proto"}
+PROTOS = {
+    "classifier": ROOT / "proto" / "quicknet" / "v1" / "classifier.proto",
+    "kserve": ROOT / "proto" / "kserve" / "grpc_predict_v2.proto",
+}
 
 
 def generate(out_dir: Path = OUT) -> list[Path]:

@@ -243,6 +243,11 @@ def map_inference_error(e: Exception) -> HTTPError:
     return HTTPError(500, f"inference failed: {e}", "engine_error")
 
 
+def protocol_of(request: Request) -> str:
+    """`/v2/...` is the Open Inference Protocol; everything else is our own API."""
+    return "kserve-rest" if request.url.path.startswith("/v2") else PROTOCOL
+
+
 def server_timing(decode_s: float, timing: Timing) -> str:
     return ", ".join(
         f"{name};dur={seconds * 1000:.2f}"
@@ -267,7 +272,7 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
         response.headers["X-Request-ID"] = request_id
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
-        metrics.REQUEST_SECONDS.labels(PROTOCOL, endpoint, str(response.status_code)).observe(elapsed)
+        metrics.REQUEST_SECONDS.labels(protocol_of(request), endpoint, str(response.status_code)).observe(elapsed)
         access_log.info(
             "%s %s %d %.1fms",
             request.method,
@@ -280,12 +285,12 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
-        metrics.REJECTIONS.labels(PROTOCOL, e.reason).inc()
+        metrics.REJECTIONS.labels(protocol_of(request), e.reason).inc()
         return error_response(e.status, str(e), e.headers)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, e: InputError) -> JSONResponse:
-        metrics.REJECTIONS.labels(PROTOCOL, e.reason).inc()
+        metrics.REJECTIONS.labels(protocol_of(request), e.reason).inc()
         return error_response(e.status, str(e))
 
     @app.post("/classify", openapi_extra=CLASSIFY_OPENAPI, summary="Classify one or more images")

@@ -1,0 +1,224 @@
+"""Open Inference Protocol over gRPC: `inference.GRPCInferenceService` with Triton's additions.
+
+Our stubs come from `proto/kserve/grpc_predict_v2.proto` (the published package, service and field
+numbers). They and `tritonclient`'s register the same `inference.*` names in protobuf's default
+pool, so one process can hold one or the other, not both: the server never imports tritonclient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from service import metrics
+from service._generated import grpc_predict_v2_pb2 as pb
+from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc_server import RpcError, deadline_of, to_rpc_error
+from service.images import InputError
+from service.kserve import (
+    EXTENSIONS,
+    OUTPUT,
+    SERVER_NAME,
+    SERVER_VERSION,
+    classification,
+    decode_input,
+    model_config,
+    model_metadata,
+    model_statistics,
+    serialize_bytes_tensor,
+)
+from service.runtime import ModelNotFound, ModelRuntime, Runtime
+
+PROTOCOL = "kserve-grpc"
+
+_TYPED_FIELDS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}
+
+
+def _model(runtime: Runtime, name: str, version: str) -> ModelRuntime:
+    try:
+        return runtime.get(name, version or None)
+    except ModelNotFound as e:
+        raise RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found") from None
+
+
+def _param(params, key: str):
+    if key not in params:
+        return None
+    p = params[key]
+    return getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+
+
+def _images(request: pb.ModelInferRequest, runtime: Runtime) -> np.ndarray:
+    if len(request.inputs) != 1:
+        raise InputError(f"expected one input tensor ('images'), got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InputError("raw_input_contents must hold exactly one entry per input")
+        return decode_input(
+            tensor.name, tensor.datatype, list(tensor.shape), runtime.limits, raw=request.raw_input_contents[0]
+        )
+    field = _TYPED_FIELDS.get(tensor.datatype)
+    values = list(getattr(tensor.contents, field)) if field else []
+    return decode_input(tensor.name, tensor.datatype, list(tensor.shape), runtime.limits, values=values)
+
+
+def _response(request: pb.ModelInferRequest, mr: ModelRuntime, logits: np.ndarray) -> pb.ModelInferResponse:
+    reply = pb.ModelInferResponse(model_name=mr.name, model_version=str(mr.version.version), id=request.id)
+    wanted = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT)]
+    for out in wanted:
+        if out.name != OUTPUT:
+            raise InputError(f"unknown output {out.name!r}: have {OUTPUT!r}")
+        k = _param(out.parameters, "classification")
+        if k is not None:
+            rows = classification(logits, int(k), mr.labels)
+            reply.outputs.add(name=OUTPUT, datatype="BYTES", shape=[len(rows), int(k)])
+            reply.raw_output_contents.append(serialize_bytes_tensor([s for row in rows for s in row]))
+        else:
+            reply.outputs.add(name=OUTPUT, datatype="FP32", shape=list(logits.shape))
+            reply.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+    return reply
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    async def _call(self, endpoint: str, fn, request, context):
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await fn(request, context)
+        except Exception as e:
+            err = to_rpc_error(e)
+            code = err.code
+            metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
+            await context.abort(err.code, str(err))
+        finally:
+            metrics.REQUEST_SECONDS.labels(PROTOCOL, endpoint, code.name).observe(time.perf_counter() - start)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+
+    async def ModelReady(self, request, context):
+        async def run(request, context):
+            _model(self.runtime, request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+
+        return await self._call("ModelReady", run, request, context)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        async def run(request, context):
+            meta = model_metadata(_model(self.runtime, request.name, request.version), self.runtime)
+            return pb.ModelMetadataResponse(
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
+            )
+
+        return await self._call("ModelMetadata", run, request, context)
+
+    async def ModelConfig(self, request, context):
+        async def run(request, context):
+            c = model_config(_model(self.runtime, request.name, request.version))
+            config = pb.ModelConfig(
+                name=c["name"],
+                platform=c["platform"],
+                backend=c["backend"],
+                max_batch_size=c["max_batch_size"],
+                input=[
+                    pb.ModelInput(
+                        name=i["name"], data_type=pb.TYPE_UINT8, format=pb.ModelInput.FORMAT_NHWC, dims=i["dims"]
+                    )
+                    for i in c["input"]
+                ],
+                output=[pb.ModelOutput(name=o["name"], data_type=pb.TYPE_FP32, dims=o["dims"]) for o in c["output"]],
+                dynamic_batching=pb.ModelDynamicBatching(**c["dynamic_batching"]),
+                instance_group=[
+                    pb.ModelInstanceGroup(name=g["name"], count=g["count"], kind=pb.ModelInstanceGroup.KIND_CPU)
+                    for g in c["instance_group"]
+                ],
+            )
+            return pb.ModelConfigResponse(config=config)
+
+        return await self._call("ModelConfig", run, request, context)
+
+    async def ModelStatistics(self, request, context):
+        async def run(request, context):
+            if request.name:
+                models = (
+                    [_model(self.runtime, request.name, request.version)]
+                    if request.version
+                    else [m for m in self.runtime.all_models() if m.name == request.name]
+                    or [_model(self.runtime, request.name, "")]
+                )
+            else:
+                models = self.runtime.all_models()
+            reply = pb.ModelStatisticsResponse()
+            for m in models:
+                s = model_statistics(m)
+                stats = reply.model_stats.add(
+                    name=s["name"],
+                    version=s["version"],
+                    last_inference=s["last_inference"],
+                    inference_count=s["inference_count"],
+                    execution_count=s["execution_count"],
+                )
+                for key, value in s["inference_stats"].items():
+                    getattr(stats.inference_stats, key).CopyFrom(pb.StatisticDuration(**value))
+                for b in s["batch_stats"]:
+                    stats.batch_stats.add(
+                        batch_size=b["batch_size"], compute_infer=pb.StatisticDuration(**b["compute_infer"])
+                    )
+            return reply
+
+        return await self._call("ModelStatistics", run, request, context)
+
+    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        runtime = self.runtime
+        mr = _model(runtime, request.model_name, request.model_version)
+        if runtime.draining or not runtime.ready:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is not ready or is shutting down", "not_ready")
+        t0 = time.perf_counter()
+        images = _images(request, runtime)
+        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+        logits, _ = await mr.submit(images, deadline_of(context, runtime), PROTOCOL)
+        return _response(request, mr, logits)
+
+    async def ModelInfer(self, request, context):
+        return await self._call("ModelInfer", self._infer, request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton semantics: a failed request yields an error_message and the stream goes on."""
+        async for request in request_iterator:
+            start = time.perf_counter()
+            try:
+                reply = await self._infer(request, context)
+            except Exception as e:
+                err = to_rpc_error(e)
+                metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
+                metrics.REQUEST_SECONDS.labels(PROTOCOL, "ModelStreamInfer", err.code.name).observe(
+                    time.perf_counter() - start
+                )
+                yield pb.ModelStreamInferResponse(error_message=str(err))
+                continue
+            metrics.REQUEST_SECONDS.labels(PROTOCOL, "ModelStreamInfer", "OK").observe(time.perf_counter() - start)
+            yield pb.ModelStreamInferResponse(infer_response=reply)
+
+
+def add_service(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(runtime), server)
+    return [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

@@ -1,0 +1,198 @@
+"""Open Inference Protocol over REST (`/v2/...`), with the binary-data and classification extensions."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from service import metrics
+from service.images import InputError
+from service.kserve import (
+    EXTENSIONS,
+    INPUT,
+    OUTPUT,
+    SERVER_NAME,
+    SERVER_VERSION,
+    classification,
+    decode_input,
+    model_config,
+    model_metadata,
+    model_statistics,
+    serialize_bytes_tensor,
+)
+from service.rest import HTTPError, deadline_from_header, map_inference_error, read_body, run_unless_disconnected
+from service.runtime import ModelNotFound, ModelRuntime, Runtime
+
+PROTOCOL = "kserve-rest"
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+    try:
+        return runtime.get(name, version)
+    except ModelNotFound as e:
+        raise HTTPError(404, str(e), "not_found") from None
+
+
+def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    if header_length is None:
+        json_part, binary = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise InputError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+        json_part, binary = body[:n], body[n:]
+    try:
+        doc = json.loads(json_part)
+    except ValueError as e:
+        raise InputError(f"inference request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise InputError('inference request needs "inputs": a non-empty list of tensors')
+    return doc, binary
+
+
+def _images(doc: dict, binary: bytes, runtime: Runtime) -> np.ndarray:
+    if len(doc["inputs"]) != 1:
+        raise InputError(f"expected one input tensor ({INPUT!r}), got {len(doc['inputs'])}")
+    tensor = doc["inputs"][0]
+    if not isinstance(tensor, dict):
+        raise InputError("each input must be an object with name, shape, datatype and data")
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        raise InputError(f"input {name!r} needs an integer list `shape`")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size != len(binary):
+            raise InputError(f"binary_data_size {size} does not match the {len(binary)} binary bytes sent")
+        return decode_input(name, datatype, shape, runtime.limits, raw=binary)
+    if binary:
+        raise InputError("binary data was sent but no input declares parameters.binary_data_size")
+    if "data" not in tensor:
+        raise InputError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
+    data = tensor["data"]
+    if datatype == "BYTES":
+        import base64
+        import binascii
+
+        try:
+            data = [base64.b64decode(x, validate=True) for x in np.asarray(data, dtype=object).reshape(-1)]
+        except (binascii.Error, ValueError, TypeError):
+            raise InputError(f"input {name!r}: BYTES elements in JSON must be base64-encoded images") from None
+    return decode_input(name, datatype, shape, runtime.limits, values=data)
+
+
+def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dict], list[bytes]]:
+    """Requested outputs → (JSON tensors, binary blobs in order)."""
+    wanted = doc.get("outputs") or [{"name": OUTPUT}]
+    binary_default = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    tensors, blobs = [], []
+    for out in wanted:
+        if not isinstance(out, dict) or out.get("name") != OUTPUT:
+            raise InputError(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: have {OUTPUT!r}")
+        params = out.get("parameters") or {}
+        as_binary = bool(params.get("binary_data", binary_default))
+        k = params.get("classification")
+        if k is not None:
+            if not isinstance(k, int):
+                raise InputError("classification must be an integer")
+            rows = classification(logits, k, labels)
+            tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(rows), k]}
+            if as_binary:
+                blob = serialize_bytes_tensor([s for row in rows for s in row])
+            else:
+                tensor["data"] = [s.decode() for row in rows for s in row]
+        else:
+            tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(logits.shape)}
+            if as_binary:
+                blob = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+            else:
+                tensor["data"] = logits.astype(np.float32).reshape(-1).tolist()
+        if as_binary:
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        tensors.append(tensor)
+    return tensors, blobs
+
+
+def add_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/v2", tags=["kserve"], summary="Server metadata")
+    async def server_metadata() -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live", tags=["kserve"])
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["kserve"])
+    async def ready() -> JSONResponse:
+        if runtime.ready and not runtime.draining:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"error": "not ready"}, status_code=400)
+
+    @app.get("/v2/models/stats", tags=["kserve"], summary="Statistics of every served model")
+    async def all_stats() -> dict:
+        return {"model_stats": [model_statistics(m) for m in runtime.all_models()]}
+
+    for suffix in ("", "/versions/{version}"):
+        base = "/v2/models/{name}" + suffix
+
+        @app.get(base, tags=["kserve"], summary="Model metadata")
+        async def metadata(name: str, version: str | None = None) -> dict:
+            return model_metadata(_model(runtime, name, version), runtime)
+
+        @app.get(base + "/ready", tags=["kserve"])
+        async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+            _model(runtime, name, version)
+            if runtime.ready and not runtime.draining:
+                return JSONResponse({"name": name, "ready": True})
+            return JSONResponse({"error": f"model {name!r} is not ready"}, status_code=400)
+
+        @app.get(base + "/config", tags=["kserve"], summary="Triton model configuration")
+        async def config(name: str, version: str | None = None) -> dict:
+            return model_config(_model(runtime, name, version))
+
+        @app.get(base + "/stats", tags=["kserve"], summary="Triton model statistics")
+        async def stats(name: str, version: str | None = None) -> dict:
+            if version is None:
+                return {
+                    "model_stats": [model_statistics(m) for m in runtime.all_models() if m.name == name]
+                    or [model_statistics(_model(runtime, name, None))]
+                }
+            return {"model_stats": [model_statistics(_model(runtime, name, version))]}
+
+        @app.post(base + "/infer", tags=["kserve"], summary="Inference (JSON tensors or the binary-data extension)")
+        async def infer(request: Request, name: str, version: str | None = None) -> Response:
+            mr = _model(runtime, name, version)
+            if runtime.draining or not runtime.ready:
+                raise HTTPError(503, "server is not ready or is shutting down; retry shortly", "not_ready")
+            deadline = deadline_from_header(request, runtime)
+            t0 = time.perf_counter()
+            body = await read_body(request, runtime.settings.max_request_bytes)
+            doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+            images = _images(doc, binary, runtime)
+            metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+            try:
+                logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
+            except HTTPError:
+                raise
+            except Exception as e:
+                raise map_inference_error(e) from None
+            tensors, blobs = _outputs(doc, logits, mr.labels)
+            reply = {"model_name": mr.name, "model_version": str(mr.version.version), "outputs": tensors}
+            if "id" in doc:
+                reply["id"] = doc["id"]
+            if not blobs:
+                return JSONResponse(reply)
+            header = json.dumps(reply).encode()
+            return Response(
+                header + b"".join(blobs),
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
