@@ -1,4 +1,5 @@
-"""Load generator: closed loop (fixed concurrency) or open loop (fixed arrival rate), REST or gRPC.
+"""Load generator: closed loop (fixed concurrency) or open loop (fixed arrival rate); our REST
+(`/classify`, raw pixels), our gRPC (`ClassifyBatch`) or KServe gRPC (`ModelInfer`, raw_input_contents).
 
     python -m benchmarks.loadgen [--model quicknet] [--protocol rest grpc] [--images 1 8 64]
                                  [--concurrency 8] [--rate 0] [--seconds 10] [--url URL --grpc HOST:PORT]
@@ -38,7 +39,21 @@ async def _grpc_call(stub, pb, pixels: list[bytes]) -> int:
         return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
 
 
-async def run_case(protocol: str, target: str, n_images: int, concurrency: int, rate: float, seconds: float) -> dict:
+async def _kserve_call(stub, pb, pixels: np.ndarray, model: str) -> int:
+    import grpc
+
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[pixels.tobytes()])
+    request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    try:
+        await stub.ModelInfer(request)
+        return 200
+    except grpc.aio.AioRpcError as e:
+        return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
+
+
+async def run_case(
+    protocol: str, target: str, n_images: int, concurrency: int, rate: float, seconds: float, model: str
+) -> dict:
     """Closed loop when rate == 0 (each of `concurrency` workers sends back to back), else open loop."""
     import grpc
     import httpx
@@ -55,13 +70,22 @@ async def run_case(protocol: str, target: str, n_images: int, concurrency: int, 
 
         def call():
             return _rest_call(client, target, body)
-    else:
+    elif protocol == "grpc":
         channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         stub = pb_grpc.ClassifierStub(channel)
         per_image = [p.tobytes() for p in pixels]
 
         def call():
             return _grpc_call(stub, pb, per_image)
+    else:
+        from service._generated import grpc_predict_v2_pb2 as kpb
+        from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+        def call():
+            return _kserve_call(kstub, kpb, pixels, model)
 
     async def one() -> None:
         t0 = time.perf_counter()
@@ -116,7 +140,13 @@ async def run_case(protocol: str, target: str, n_images: int, concurrency: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="quicknet")
-    parser.add_argument("--protocol", nargs="+", default=["rest", "grpc"], choices=["rest", "grpc"])
+    parser.add_argument(
+        "--protocol",
+        nargs="+",
+        default=["rest", "grpc", "kserve-grpc"],
+        choices=["rest", "grpc", "kserve-grpc"],
+        help="kserve-grpc: Open Inference Protocol ModelInfer, N images in raw_input_contents",
+    )
     parser.add_argument("--images", type=int, nargs="+", default=[1, 8, 64], help="images per request")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s (0: closed loop)")
@@ -154,7 +184,9 @@ def main() -> None:
                 target = url if protocol == "rest" else grpc_target
                 for n in args.images:
                     before = httpx.get(f"{url}/metrics").text
-                    row = asyncio.run(run_case(protocol, target, n, args.concurrency, args.rate, args.seconds))
+                    row = asyncio.run(
+                        run_case(protocol, target, n, args.concurrency, args.rate, args.seconds, args.model)
+                    )
                     after = httpx.get(f"{url}/metrics").text
                     row["mean_batch"] = _delta_mean_batch(before, after)
                     rows.append(row)

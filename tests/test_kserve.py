@@ -1,0 +1,299 @@
+"""Triton's own clients (tritonclient.http and .grpc), unchanged, against the real server.
+
+The store holds two models, one in two versions, to show every model and version is served.
+This module imports tritonclient, so it must not import our generated KServe stubs (both
+register `inference.*` in protobuf's default pool).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from quicknet import store
+from tests.serving import STORE, metric, start_server
+
+MODEL = "quicknet-xs"
+OTHER = "twin"
+
+
+@pytest.fixture(scope="module")
+def kserve_store(tmp_path_factory):
+    """Our shipped model as `quicknet-xs` v1 and v2, plus a second model `twin`."""
+    shipped = store.get_version(STORE, store.default_model(STORE))
+    root = tmp_path_factory.mktemp("store")
+    files = [shipped.file(f) for f in shipped.metadata["files"]]
+    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
+    for name in (MODEL, MODEL, OTHER):
+        store.publish(root, name, files, meta)
+    store.set_default(root, MODEL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(kserve_store, tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("logs"), store=kserve_store)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    return thttp.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    return tgrpc.InferenceServerClient(server.grpc_target)
+
+
+@pytest.fixture(scope="module")
+def samples(cifar):
+    return cifar.test.sample(24, seed=21)
+
+
+@pytest.fixture(scope="module")
+def classify_top1(server, samples) -> np.ndarray:
+    """What our own /classify answers for the same images."""
+    r = httpx.post(
+        f"{server.url}/classify",
+        content=samples.images.tobytes(),
+        headers={"Content-Type": "application/octet-stream"},
+        params={"top_k": 1},
+    )
+    assert r.status_code == 200, r.text
+    return np.array([preds[0]["index"] for preds in r.json()["predictions"]])
+
+
+def test_health_and_server_metadata(http, grpc_client):
+    for client in (http, grpc_client):
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1") and client.is_model_ready(OTHER)
+    meta = http.get_server_metadata()
+    assert meta["name"] == "quicknet-serving"
+    assert {"binary_tensor_data", "classification"} <= set(meta["extensions"])
+    assert "classification" in grpc_client.get_server_metadata().extensions
+
+
+def test_model_metadata_and_config(http, grpc_client):
+    meta = http.get_model_metadata(MODEL)
+    assert meta["versions"] == ["1", "2"]
+    assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    gmeta = grpc_client.get_model_metadata(MODEL, "2")
+    assert list(gmeta.inputs[0].shape) == [-1, 32, 32, 3] and gmeta.outputs[0].datatype == "FP32"
+    config = http.get_model_config(MODEL)
+    assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [32, 32, 3]
+    gconfig = grpc_client.get_model_config(MODEL).config
+    assert gconfig.max_batch_size == 64 and list(gconfig.output[0].dims) == [10]
+    assert gconfig.input[0].data_type == 2  # TYPE_UINT8 in Triton's enum
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_http_inference_matches_classify(http, samples, classify_top1, binary):
+    inp = thttp.InferInput("images", list(samples.images.shape), "UINT8")
+    inp.set_data_from_numpy(samples.images, binary_data=binary)
+    result = http.infer(MODEL, [inp], outputs=[thttp.InferRequestedOutput("logits", binary_data=binary)])
+    logits = result.as_numpy("logits")
+    assert logits.shape == (24, 10) and logits.dtype == np.float32
+    assert np.array_equal(logits.argmax(1), classify_top1)
+
+
+def test_grpc_inference_raw_and_typed_contents(grpc_client, samples, classify_top1):
+    inp = tgrpc.InferInput("images", list(samples.images.shape), "UINT8")
+    inp.set_data_from_numpy(samples.images)  # raw_input_contents
+    raw = grpc_client.infer(MODEL, [inp]).as_numpy("logits")
+    assert np.array_equal(raw.argmax(1), classify_top1)
+    typed = tgrpc.InferInput("images", [2, 32, 32, 3], "UINT8")
+    typed._get_tensor().contents.uint_contents.extend(samples.images[:2].reshape(-1).tolist())
+    got = grpc_client.infer(MODEL, [typed]).as_numpy("logits")
+    assert np.allclose(got, raw[:2], atol=1e-5)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_encoded_images_as_bytes_tensor(http, grpc_client, samples, classify_top1):
+    blobs = np.array([_png(im) for im in samples.images[:6]], dtype=np.object_)
+    inp = thttp.InferInput("images", [6], "BYTES")
+    inp.set_data_from_numpy(blobs, binary_data=True)
+    assert np.array_equal(http.infer(MODEL, [inp]).as_numpy("logits").argmax(1), classify_top1[:6])
+    ginp = tgrpc.InferInput("images", [6], "BYTES")
+    ginp.set_data_from_numpy(blobs)
+    assert np.array_equal(grpc_client.infer(MODEL, [ginp]).as_numpy("logits").argmax(1), classify_top1[:6])
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classification_extension(http, grpc_client, samples, classify_top1, binary):
+    inp = thttp.InferInput("images", [4, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:4], binary_data=binary)
+    out = thttp.InferRequestedOutput("logits", binary_data=binary, class_count=3)
+    rows = http.infer(MODEL, [inp], outputs=[out]).as_numpy("logits")
+    assert rows.shape == (4, 3)
+    for row, top1 in zip(rows, classify_top1[:4], strict=True):
+        first = row[0].decode() if isinstance(row[0], bytes) else row[0]
+        score, index, label = first.split(":")
+        assert int(index) == top1 and 0 < float(score) <= 1 and label
+    ginp = tgrpc.InferInput("images", [4, 32, 32, 3], "UINT8")
+    ginp.set_data_from_numpy(samples.images[:4])
+    grows = grpc_client.infer(MODEL, [ginp], outputs=[tgrpc.InferRequestedOutput("logits", class_count=2)])
+    assert grows.as_numpy("logits").shape == (4, 2)
+
+
+def test_versions_and_models_are_addressable(http, grpc_client, samples):
+    inp = thttp.InferInput("images", [2, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:2])
+    for name, version in ((MODEL, "1"), (MODEL, "2"), (OTHER, "")):
+        result = http.infer(name, [inp], model_version=version)
+        assert result.get_response()["model_name"] == name
+        if version:
+            assert result.get_response()["model_version"] == version
+
+
+def test_unknown_model_and_version(server, http, grpc_client, samples):
+    inp = thttp.InferInput("images", [1, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:1])
+    with pytest.raises(InferenceServerException, match="'nope' is not served") as err:
+        http.infer("nope", [inp])
+    assert str(err.value.status()) == "404"
+    with pytest.raises(InferenceServerException, match="no version 7"):
+        http.get_model_metadata(MODEL, "7")
+    with pytest.raises(InferenceServerException) as gerr:
+        grpc_client.get_model_metadata("nope")
+    assert gerr.value.status() == "StatusCode.NOT_FOUND"
+    r = httpx.get(f"{server.url}/v2/models/nope")
+    assert r.status_code == 404 and "is not served" in r.json()["error"]
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/9/ready").status_code == 404
+
+
+def _raw_http(server, body: dict | bytes, headers: dict | None = None) -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body)
+    return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, headers=headers or {})
+
+
+@pytest.mark.parametrize(
+    ("tensor", "fragment"),
+    [
+        ({"name": "images", "datatype": "UINT8", "shape": [1, 32, 32], "data": [0] * 1024}, "shape [N,32,32,3]"),
+        ({"name": "images", "datatype": "FP32", "shape": [1, 32, 32, 3], "data": [0.0] * 3072}, "got FP32"),
+        ({"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 100}, "needs 3072"),
+        ({"name": "pixels", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 3072}, "unknown input"),
+        ({"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [300] * 3072}, "outside 0..255"),
+        ({"name": "images", "datatype": "BYTES", "shape": [1], "data": ["@@@"]}, "base64"),
+    ],
+)
+def test_malformed_json_tensors_get_clear_400(server, tensor, fragment):
+    r = _raw_http(server, {"inputs": [tensor]})
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]
+
+
+def test_binary_byte_count_mismatch(server, http, grpc_client, samples):
+    header = (
+        b'{"inputs":[{"name":"images","datatype":"UINT8","shape":[2,32,32,3],"parameters":{"binary_data_size":3072}}]}'
+    )
+    body = header + samples.images[:1].tobytes()
+    r = _raw_http(server, body, {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400 and "needs 6144" in r.json()["error"]
+    r = _raw_http(server, b"{bad", {"Inference-Header-Content-Length": "4"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    inp = tgrpc.InferInput("images", [3, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:3])
+    inp._get_tensor().shape[0] = 4  # claims 4 images, carries 3
+    with pytest.raises(InferenceServerException) as err:
+        grpc_client.infer(MODEL, [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "needs" in err.value.message()
+
+
+def test_statistics_count_inferences(http, grpc_client, samples):
+    before = http.get_inference_statistics(MODEL, "2")["model_stats"][0]["inference_count"]
+    inp = thttp.InferInput("images", [5, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:5])
+    http.infer(MODEL, [inp], model_version="2")
+    stats = http.get_inference_statistics(MODEL, "2")["model_stats"][0]
+    assert stats["inference_count"] == before + 5 and stats["execution_count"] >= 1
+    assert stats["inference_stats"]["success"]["count"] >= 1 and stats["batch_stats"]
+    gstats = grpc_client.get_inference_statistics(MODEL, "2").model_stats[0]
+    assert gstats.inference_count == stats["inference_count"]
+    assert len(http.get_inference_statistics()["model_stats"]) == 3
+
+
+def test_grpc_stream_infer(grpc_client, samples, classify_top1):
+    results, done = [], threading.Event()
+
+    def callback(result, error):
+        results.append((result, error))
+        if len(results) == 4:
+            done.set()
+
+    grpc_client.start_stream(callback=callback)
+    try:
+        for i in range(3):
+            inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
+            inp.set_data_from_numpy(samples.images[i : i + 1])
+            grpc_client.async_stream_infer(MODEL, [inp], request_id=str(i))
+        bad = tgrpc.InferInput("images", [1, 32, 32, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.float32))
+        grpc_client.async_stream_infer(MODEL, [bad], request_id="bad")
+        assert done.wait(30)
+    finally:
+        grpc_client.stop_stream()
+    ok = [(r, e) for r, e in results if e is None]
+    assert len(ok) == 3 and sum(e is not None for _, e in results) == 1
+    by_id = {r.get_response().id: r.as_numpy("logits").argmax(1)[0] for r, _ in ok}
+    assert [by_id[str(i)] for i in range(3)] == classify_top1[:3].tolist()
+
+
+def test_kserve_shares_deadlines_and_metrics(server, samples):
+    body = {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": [1, 32, 32, 3],
+                "data": samples.images[0].reshape(-1).tolist(),
+            }
+        ]
+    }
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, headers={"X-Request-Timeout-Ms": "0.001"})
+    assert r.status_code == 504
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "quicknet_images_total", protocol="kserve-rest") > 0
+    assert metric(text, "quicknet_images_total", protocol="kserve-grpc") > 0
+    assert metric(text, "quicknet_rejections_total", protocol="kserve-rest", reason="deadline") >= 1
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kserve_sdk_rest_client(server, samples, classify_top1, tmp_path, binary):
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("the kserve SDK is not installed (dev extra)")
+    pixels = tmp_path / "pixels.npy"
+    np.save(pixels, samples.images[:8])
+    script = str(__import__("pathlib").Path(__file__).with_name("kserve_sdk_client.py"))
+    out = subprocess.run(
+        [sys.executable, script, server.url, MODEL, str(pixels), "1" if binary else "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["live"] and result["ready"] and result["model_ready"]
+    assert result["top1"] == classify_top1[:8].tolist()
