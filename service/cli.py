@@ -22,7 +22,8 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, type=int, nargs="*", default=None, help=help_text)
+            (item,) = typing.get_args(kind)
+            parser.add_argument(flag, type=item, nargs="*", default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=help_text)
         else:

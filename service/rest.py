@@ -322,22 +322,21 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
             return JSONResponse({"status": "ready"})
         return error_response(503, "draining" if runtime.draining else "not ready: loading or warming up")
 
-    @app.get("/v1/models", summary="The model being served")
+    @app.get("/v1/models", summary="Every served model version; `default` marks the one /classify uses")
     async def models() -> dict:
-        if runtime.model is None:
-            return {"models": []}
-        mv = runtime.model.version
         return {
             "models": [
                 {
-                    "name": mv.name,
-                    "version": str(mv.version),
-                    "backend": runtime.model.backend.describe(),
-                    "labels": mv.labels,
-                    "max_batch_size": runtime.model.batcher.max_batch_size,
-                    "accuracy": {k: v.get("top1") for k, v in mv.metadata.get("accuracy", {}).items()},
-                    "dataset": mv.metadata.get("dataset"),
+                    "name": m.name,
+                    "version": str(m.version.version),
+                    "default": m is runtime.default,
+                    "backend": m.backend.describe(),
+                    "labels": m.labels,
+                    "max_batch_size": m.batcher.max_batch_size,
+                    "accuracy": {k: v.get("top1") for k, v in m.version.metadata.get("accuracy", {}).items()},
+                    "dataset": m.version.metadata.get("dataset"),
                 }
+                for m in runtime.all_models()
             ]
         }
 

@@ -278,7 +278,8 @@ def test_health_readiness_and_model_list(server, served_version):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
-    assert models[0]["name"] == served_version.name and models[0]["version"] == str(served_version.version)
+    default = next(m for m in models if m["default"])
+    assert default["name"] == served_version.name and default["version"] == str(served_version.version)
     with grpc.insecure_channel(server.grpc_target) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
