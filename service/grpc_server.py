@@ -93,16 +93,22 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
+    async def _classify(
+        self, images: list[pb.Image], top_k: int, context: grpc.aio.ServicerContext
+    ) -> tuple[ModelRuntime, list[list[Prediction]]]:
+        runtime = self.runtime
+        model = serving_model(runtime)
+        check_count(len(images), runtime.limits)
+        t0 = time.perf_counter()
+        pixels = np.stack([decode_image_msg(im, runtime, i) for i, im in enumerate(images)])
+        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+        rows, _ = await model.classify(pixels, deadline_of(context, runtime), PROTOCOL, _top_k(top_k, runtime))
+        return model, rows
+
     async def _classify_one(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        runtime = self.runtime
-        model = serving_model(runtime)
-        t0 = time.perf_counter()
-        image = decode_image_msg(request.image, runtime)[None]
-        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        k = _top_k(request.top_k, runtime)
-        rows, _ = await model.classify(image, deadline_of(context, runtime), PROTOCOL, k)
+        model, rows = await self._classify([request.image], request.top_k, context)
         return pb.ClassifyResponse(
             model=model.name,
             version=str(model.version.version),
@@ -110,26 +116,21 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             request_id=request.request_id,
         )
 
+    async def _classify_batch(
+        self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyBatchResponse:
+        model, rows = await self._classify(list(request.images), request.top_k, context)
+        return pb.ClassifyBatchResponse(
+            model=model.name,
+            version=str(model.version.version),
+            results=[pb.Classification(predictions=_predictions(r)) for r in rows],
+        )
+
     async def Classify(self, request, context):
-        return await _unary("Classify", self.runtime, self._classify_one, request, context)
+        return await unary_call(PROTOCOL, "Classify", self._classify_one, request, context)
 
     async def ClassifyBatch(self, request, context):
-        async def run(request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
-            runtime = self.runtime
-            model = serving_model(runtime)
-            check_count(len(request.images), runtime.limits)
-            t0 = time.perf_counter()
-            images = np.stack([decode_image_msg(im, runtime, i) for i, im in enumerate(request.images)])
-            metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
-            k = _top_k(request.top_k, runtime)
-            rows, _ = await model.classify(images, deadline_of(context, runtime), PROTOCOL, k)
-            return pb.ClassifyBatchResponse(
-                model=model.name,
-                version=str(model.version.version),
-                results=[pb.Classification(predictions=_predictions(r)) for r in rows],
-            )
-
-        return await _unary("ClassifyBatch", self.runtime, run, request, context)
+        return await unary_call(PROTOCOL, "ClassifyBatch", self._classify_batch, request, context)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
@@ -148,7 +149,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             metrics.REQUEST_SECONDS.labels(PROTOCOL, "ClassifyStream", code.name).observe(time.perf_counter() - start)
 
 
-async def _unary(endpoint: str, runtime: Runtime, fn: Callable, request, context):
+async def unary_call(protocol: str, endpoint: str, fn: Callable, request, context: grpc.aio.ServicerContext):
+    """Run a unary handler: request metrics, and every error as a status with a one-line message."""
     start = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -156,10 +158,10 @@ async def _unary(endpoint: str, runtime: Runtime, fn: Callable, request, context
     except Exception as e:
         err = to_rpc_error(e)
         code = err.code
-        metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
+        metrics.REJECTIONS.labels(protocol, err.reason).inc()
         await context.abort(err.code, str(err))
     finally:
-        metrics.REQUEST_SECONDS.labels(PROTOCOL, endpoint, code.name).observe(time.perf_counter() - start)
+        metrics.REQUEST_SECONDS.labels(protocol, endpoint, code.name).observe(time.perf_counter() - start)
 
 
 def create_server(

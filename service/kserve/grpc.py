@@ -16,7 +16,7 @@ import numpy as np
 from service import metrics
 from service._generated import grpc_predict_v2_pb2 as pb
 from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.grpc_server import RpcError, deadline_of, to_rpc_error
+from service.grpc_server import RpcError, deadline_of, to_rpc_error, unary_call
 from service.images import InputError
 from service.kserve import (
     EXTENSIONS,
@@ -87,19 +87,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
-    async def _call(self, endpoint: str, fn, request, context):
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await fn(request, context)
-        except Exception as e:
-            err = to_rpc_error(e)
-            code = err.code
-            metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
-            await context.abort(err.code, str(err))
-        finally:
-            metrics.REQUEST_SECONDS.labels(PROTOCOL, endpoint, code.name).observe(time.perf_counter() - start)
-
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
@@ -111,7 +98,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             _model(self.runtime, request.name, request.version)
             return pb.ModelReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
 
-        return await self._call("ModelReady", run, request, context)
+        return await unary_call(PROTOCOL, "ModelReady", run, request, context)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
@@ -127,7 +114,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
             )
 
-        return await self._call("ModelMetadata", run, request, context)
+        return await unary_call(PROTOCOL, "ModelMetadata", run, request, context)
 
     async def ModelConfig(self, request, context):
         async def run(request, context):
@@ -152,7 +139,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
             return pb.ModelConfigResponse(config=config)
 
-        return await self._call("ModelConfig", run, request, context)
+        return await unary_call(PROTOCOL, "ModelConfig", run, request, context)
 
     async def ModelStatistics(self, request, context):
         async def run(request, context):
@@ -183,7 +170,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     )
             return reply
 
-        return await self._call("ModelStatistics", run, request, context)
+        return await unary_call(PROTOCOL, "ModelStatistics", run, request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runtime = self.runtime
@@ -197,7 +184,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return _response(request, mr, logits)
 
     async def ModelInfer(self, request, context):
-        return await self._call("ModelInfer", self._infer, request, context)
+        return await unary_call(PROTOCOL, "ModelInfer", self._infer, request, context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
