@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from quicknet.errors import BuildError
+
 NUM_CLASSES = 10
 INPUT_SIZE = 32
 
@@ -64,7 +66,7 @@ def get_config(name: str) -> ArchConfig:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}") from None
+        raise BuildError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}") from None
 
 
 class ConvBNPReLU(nn.Module):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Generator
 
@@ -62,10 +63,33 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the REST socket ourselves, so a busy port is one clear line rather than uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise QuickNetError(
+            f"cannot listen on {host}:{port} for REST ({e.strerror}); pick another --http-port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve(settings: Settings) -> int:
     runtime = Runtime(settings)
+    http_socket = _bind(settings.http_host, settings.http_port)
     grpc_server, health_servicer = create_server(runtime, lambda server: kserve_grpc.add_service(server, runtime))
-    grpc_port = grpc_server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    try:
+        grpc_port = grpc_server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    except RuntimeError:
+        http_socket.close()
+        raise QuickNetError(
+            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); pick another --grpc-port"
+        ) from None
     app = create_app(runtime, lambda app: kserve_rest.add_routes(app, runtime))
     http = _HttpServer(
         uvicorn.Config(
@@ -86,7 +110,7 @@ async def serve(settings: Settings) -> int:
 
     await grpc_server.start()
     await set_health(health_servicer, False)
-    http_task = asyncio.create_task(http.serve())
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     log.info(
         "REST on http://%s:%d, gRPC on %s:%d", settings.http_host, settings.http_port, settings.grpc_host, grpc_port
     )
@@ -126,7 +150,6 @@ def run(settings: Settings) -> int:
     configure_logging(settings)
     try:
         import uvloop
-
-        return uvloop.run(serve(settings))
     except ImportError:
         return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))

@@ -40,3 +40,22 @@ def test_classify_against_no_server_is_clear(tmp_path):
     img.write_bytes(b"x")
     out = quicknet("classify", str(img), "--url", "http://127.0.0.1:9")
     assert out.returncode == 2 and out.stderr.startswith("error: cannot reach")
+
+
+def test_busy_port_is_one_line():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = quicknet("serve", "--http-host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0")
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} for REST" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_variant_is_one_line(tmp_path):
+    out = quicknet("train", "--model", "resnet", "--run-dir", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: unknown model 'resnet'; choose one of quicknet, quicknet-s, quicknet-xs"
+    )

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quicknet.errors import BuildError
 from quicknet.model import VARIANTS, build_model, count_macs, count_params, get_config
 
 
@@ -25,5 +26,5 @@ def test_forward_shape(name):
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    with pytest.raises(BuildError, match="unknown model 'resnet'"):
         get_config("resnet")
