@@ -4,6 +4,7 @@ images are dropped (the awaiting task is cancelled, which cancels its batcher fu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -100,7 +101,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         model = serving_model(runtime)
         check_count(len(images), runtime.limits)
         t0 = time.perf_counter()
-        pixels = np.stack([decode_image_msg(im, runtime, i) for i, im in enumerate(images)])
+
+        def decode() -> np.ndarray:
+            return np.stack([decode_image_msg(im, runtime, i) for i, im in enumerate(images)])
+
+        encoded = any(im.WhichOneof("data") == "encoded" for im in images)
+        pixels = await asyncio.to_thread(decode) if encoded else decode()
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
         rows, _ = await model.classify(pixels, deadline_of(context, runtime), PROTOCOL, _top_k(top_k, runtime))
         return model, rows

@@ -1,5 +1,7 @@
 """REST front (FastAPI): `POST /classify`, health, readiness, model list, metrics.
 
+Encoded images are decoded in worker threads (Pillow releases the GIL), never on the event loop.
+
 `/classify` takes one of four bodies, chosen by Content-Type:
 - `multipart/form-data`: a file field `image` (one result list) or repeated `images` (a list per image);
 - `image/*`: the raw bytes of one image;
@@ -110,10 +112,15 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", "too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+    check_declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -171,6 +178,7 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
     limits = runtime.limits
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+        check_declared_length(request, runtime.settings.max_request_bytes)
         form = await request.form(max_files=limits.max_images + 1, max_fields=16)
         single = form.getlist("image")
         several = form.getlist("images")
@@ -179,14 +187,13 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
             raise InputError("multipart body has no `image` or `images` file field")
         blobs = [await u.read() if hasattr(u, "read") else str(u).encode() for u in uploads]
         top = _parse_top_k(form.get("top_k"))
-        if single and len(single) == 1 and not several:
-            return decode_images(blobs, limits), False, top
-        return decode_images(blobs, limits), True, top
+        images = await asyncio.to_thread(decode_images, blobs, limits)
+        return images, not (single and len(single) == 1 and not several), top
     body = await read_body(request, runtime.settings.max_request_bytes)
     if not body:
         raise InputError("empty request body: send an image, JSON, multipart or raw pixels")
     if ctype.startswith("image/"):
-        return decode_image(body, limits)[None], False, None
+        return (await asyncio.to_thread(decode_image, body, limits))[None], False, None
     if ctype == "application/octet-stream":
         return decode_pixels(body, limits), True, None
     if ctype == "application/json":
@@ -198,11 +205,11 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
             raise InputError('JSON body needs exactly one of "image" (base64) or "images" (list of base64)')
         top = _parse_top_k(doc.get("top_k"))
         if "image" in doc:
-            return decode_image(_b64(doc["image"], "image"), limits)[None], False, top
+            return (await asyncio.to_thread(decode_image, _b64(doc["image"], "image"), limits))[None], False, top
         if not isinstance(doc["images"], list):
             raise InputError('"images" must be a list of base64 strings')
         blobs = [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"][: limits.max_images + 1])]
-        return decode_images(blobs, limits), True, top
+        return await asyncio.to_thread(decode_images, blobs, limits), True, top
     raise HTTPError(
         415,
         f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data, image/*, "

@@ -428,3 +428,16 @@ def test_settings_have_flags_and_env_twins():
         timeout=60,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting http_port")
+
+
+def test_multipart_over_the_request_limit_is_413(tmp_path):
+    srv = start_server(tmp_path, max_request_bytes=4096)
+    try:
+        big = png(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        assert len(big) > 4096
+        r = httpx.post(f"{srv.url}/classify", files={"image": ("a.png", big, "image/png")})
+        assert r.status_code == 413 and "limit is 4096" in r.json()["error"]
+        r = httpx.post(f"{srv.url}/classify", content=big, headers={"Content-Type": "image/png"})
+        assert r.status_code == 413
+    finally:
+        assert srv.stop() == 0

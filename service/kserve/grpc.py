@@ -7,6 +7,7 @@ pool, so one process can hold one or the other, not both: the server never impor
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -178,7 +179,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if runtime.draining or not runtime.ready:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is not ready or is shutting down", "not_ready")
         t0 = time.perf_counter()
-        images = _images(request, runtime)
+        encoded = any(t.datatype == "BYTES" for t in request.inputs)
+        images = await asyncio.to_thread(_images, request, runtime) if encoded else _images(request, runtime)
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
         logits, _ = await mr.submit(images, deadline_of(context, runtime), PROTOCOL)
         return _response(request, mr, logits)

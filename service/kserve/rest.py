@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -86,6 +87,11 @@ def _images(doc: dict, binary: bytes, runtime: Runtime) -> np.ndarray:
         except (binascii.Error, ValueError, TypeError):
             raise InputError(f"input {name!r}: BYTES elements in JSON must be base64-encoded images") from None
     return decode_input(name, datatype, shape, runtime.limits, values=data)
+
+
+def _encoded(doc: dict) -> bool:
+    """BYTES inputs carry encoded images: decode them off the event loop."""
+    return any(isinstance(t, dict) and t.get("datatype") == "BYTES" for t in doc["inputs"])
 
 
 def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dict], list[bytes]]:
@@ -176,7 +182,11 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             t0 = time.perf_counter()
             body = await read_body(request, runtime.settings.max_request_bytes)
             doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
-            images = _images(doc, binary, runtime)
+            images = (
+                await asyncio.to_thread(_images, doc, binary, runtime)
+                if _encoded(doc)
+                else _images(doc, binary, runtime)
+            )
             metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
             try:
                 logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
