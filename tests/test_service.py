@@ -302,16 +302,39 @@ async def _burst(url: str, bodies: list[bytes], headers: dict) -> list[httpx.Res
         return await asyncio.gather(*(client.post(f"{url}/classify", content=b, headers=headers) for b in bodies))
 
 
-def test_metrics_move_and_concurrent_requests_share_batches(server, samples):
+async def _mixed_burst(url: str, samples, n: int) -> list[tuple[int, httpx.Response]]:
+    """n requests at once, cycling through every REST body form; returns (image index, response)."""
+
+    def request(client: httpx.AsyncClient, i: int):
+        pixels = samples.images[i % 16]
+        form = i % 4
+        if form == 0:
+            return client.post(f"{url}/classify", files={"image": ("a.png", png(pixels), "image/png")})
+        if form == 1:
+            return client.post(f"{url}/classify", content=png(pixels), headers={"Content-Type": "image/png"})
+        if form == 2:
+            return client.post(f"{url}/classify", json={"image": base64.b64encode(png(pixels)).decode()})
+        return client.post(
+            f"{url}/classify", content=pixels.tobytes(), headers={"Content-Type": "application/octet-stream"}
+        )
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
+        responses = await asyncio.gather(*(request(client, i) for i in range(n)))
+    return list(enumerate(responses))
+
+
+def test_metrics_move_and_concurrent_mixed_requests_share_batches(server, samples, expected):
     before = httpx.get(f"{server.url}/metrics").text
-    bodies = [samples.images[i % 16 : i % 16 + 1].tobytes() for i in range(48)]
-    responses = asyncio.run(_burst(server.url, bodies, {"Content-Type": "application/octet-stream"}))
-    assert all(r.status_code == 200 for r in responses)
+    answered = asyncio.run(_mixed_burst(server.url, samples, 48))
+    for i, r in answered:
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert_matches(preds[0] if i % 4 == 3 else preds, expected[i % 16])
     after = httpx.get(f"{server.url}/metrics").text
     grew = metric(after, "quicknet_images_total") - metric(before, "quicknet_images_total")
     assert grew == 48
     batches = metric(after, "quicknet_batch_size_count") - metric(before, "quicknet_batch_size_count")
-    assert batches < 48, "48 concurrent one-image requests never shared a batch"
+    assert batches < 48, "48 concurrent one-image requests of four body forms never shared a batch"
     for name in (
         "quicknet_request_duration_seconds_bucket",
         "quicknet_decode_duration_seconds_count",
