@@ -23,8 +23,10 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull, Timing
@@ -294,6 +296,20 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         metrics.REJECTIONS.labels(protocol_of(request), e.reason).inc()
         return error_response(e.status, str(e), e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths, wrong methods, malformed multipart: the same one-line error shape."""
+        if e.status_code < 500:
+            metrics.REJECTIONS.labels(protocol_of(request), "bad_request").inc()
+        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        metrics.REJECTIONS.labels(protocol_of(request), "bad_input").inc()
+        return error_response(400, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, e: InputError) -> JSONResponse:

@@ -464,3 +464,15 @@ def test_multipart_over_the_request_limit_is_413(tmp_path):
         assert r.status_code == 413
     finally:
         assert srv.stop() == 0
+
+
+def test_framework_errors_share_the_error_shape(server):
+    r = httpx.get(f"{server.url}/nope")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = httpx.get(f"{server.url}/classify")
+    assert r.status_code == 405 and "error" in r.json()
+    r = httpx.post(f"{server.url}/classify", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data"})
+    assert r.status_code == 400 and "error" in r.json()
+    files = [("images", (f"{i}.png", b"x", "image/png")) for i in range(300)]
+    r = httpx.post(f"{server.url}/classify", files=files)
+    assert r.status_code in (400, 413) and "error" in r.json()
