@@ -4,8 +4,6 @@ weights), timing loops, tables, and JSON results."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,15 +15,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+    from quicknet.build import cpu_description
+
+    return cpu_description()
 
 
 def make_untrained_store(root: Path, variants: list[str], calibration: np.ndarray | None = None) -> Path:

@@ -52,7 +52,6 @@ def _require(path: Path, stage: str) -> Path:
 def stage_train(cfg: TrainConfig, dataset: data_mod.Dataset, run_dir: Path, *, resume: bool = False) -> dict:
     from quicknet.train import train
 
-    t0 = time.perf_counter()
     result = train(cfg, dataset, run_dir, resume=resume)
     last = result.history[-1]
     summary = {
@@ -65,7 +64,7 @@ def stage_train(cfg: TrainConfig, dataset: data_mod.Dataset, run_dir: Path, *, r
         "final": last,
         "dataset": dataset.source,
     }
-    _save_stage(run_dir, "train", time.perf_counter() - t0, **summary)
+    _save_stage(run_dir, "train", result.seconds, **summary)  # all epochs, across resumes
     return summary
 
 
@@ -222,8 +221,17 @@ def _machine(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {_cpu_count()} cores"
+    return cpu_description()
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
+def cpu_description() -> str:
+    """`AMD EPYC, 2 cores`: the CPU model from /proc/cpuinfo where there is one, and usable cores."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
