@@ -36,12 +36,13 @@ def test_interrupted_publish_leaves_nothing(tmp_path, artifact, monkeypatch):
     second = tmp_path / "model.int8.onnx"
     second.write_bytes(b"int8")
     calls = []
+    real_copy = shutil.copyfile
 
     def failing_copy(src, dst):
         calls.append(src)
         if len(calls) == 2:
             raise OSError("disk full")
-        return shutil.copy(src, dst)
+        return real_copy(src, dst)
 
     monkeypatch.setattr(store.shutil, "copyfile", failing_copy)
     with pytest.raises(OSError, match="disk full"):
