@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull, Timing
@@ -146,10 +147,10 @@ async def run_unless_disconnected(request: Request, work: Awaitable):
     watcher = asyncio.ensure_future(until_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
+        if task not in done and watcher.exception() is None:
             task.cancel()
             raise HTTPError(499, "client closed the request", "cancelled")
-        return task.result()
+        return await task  # a watcher that failed only loses disconnect detection
     finally:
         watcher.cancel()
 
@@ -252,9 +253,9 @@ def map_inference_error(e: Exception) -> HTTPError:
     return HTTPError(500, f"inference failed: {e}", "engine_error")
 
 
-def protocol_of(request: Request) -> str:
+def protocol_of(path: str) -> str:
     """`/v2/...` is the Open Inference Protocol; everything else is our own API."""
-    return "kserve-rest" if request.url.path.startswith("/v2") else PROTOCOL
+    return "kserve-rest" if path.startswith("/v2") else PROTOCOL
 
 
 def server_timing(decode_s: float, timing: Timing) -> str:
@@ -264,6 +265,47 @@ def server_timing(decode_s: float, timing: Timing) -> str:
     )
 
 
+class AccessLogMiddleware:
+    """Request id, request-duration metric and access log. Pure ASGI: Starlette's
+    BaseHTTPMiddleware adds a task group and stream wrapping to every request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = incoming.decode("latin-1") or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            path = scope["path"]
+            protocol = protocol_of(path)
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            metrics.REQUEST_SECONDS.labels(protocol, endpoint, str(status)).observe(elapsed)
+            access_log.info(
+                "%s %s %d %.1fms",
+                scope["method"],
+                path,
+                status,
+                elapsed * 1000,
+                extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2)},
+            )
+
+
 def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:
     app = FastAPI(
         title="QuickNet Serving",
@@ -271,49 +313,30 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
         description="CIFAR-10 image classification. Our own API (`/classify`) and the Open Inference Protocol (`/v2`).",
     )
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        start = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - start
-        response.headers["X-Request-ID"] = request_id
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.REQUEST_SECONDS.labels(protocol_of(request), endpoint, str(response.status_code)).observe(elapsed)
-        access_log.info(
-            "%s %s %d %.1fms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            elapsed * 1000,
-            extra={"request_id": request_id, "status": response.status_code, "duration_ms": round(elapsed * 1000, 2)},
-        )
-        return response
+    app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
-        metrics.REJECTIONS.labels(protocol_of(request), e.reason).inc()
+        metrics.REJECTIONS.labels(protocol_of(request.url.path), e.reason).inc()
         return error_response(e.status, str(e), e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """Unknown paths, wrong methods, malformed multipart: the same one-line error shape."""
         if e.status_code < 500:
-            metrics.REJECTIONS.labels(protocol_of(request), "bad_request").inc()
+            metrics.REJECTIONS.labels(protocol_of(request.url.path), "bad_request").inc()
         return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
-        metrics.REJECTIONS.labels(protocol_of(request), "bad_input").inc()
+        metrics.REJECTIONS.labels(protocol_of(request.url.path), "bad_input").inc()
         return error_response(400, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, e: InputError) -> JSONResponse:
-        metrics.REJECTIONS.labels(protocol_of(request), e.reason).inc()
+        metrics.REJECTIONS.labels(protocol_of(request.url.path), e.reason).inc()
         return error_response(e.status, str(e))
 
     @app.post("/classify", openapi_extra=CLASSIFY_OPENAPI, summary="Classify one or more images")
