@@ -97,7 +97,7 @@ def _eval_published(args: argparse.Namespace, store) -> dict:
     split = ds.test.sample(args.limit) if args.limit else ds.test
     out = {"model": mv.name, "version": mv.version, "images": len(split.labels), "dataset": ds.source, "artifacts": {}}
     for kind, fname in mv.metadata["artifacts"].items():
-        if fname:
+        if fname and kind.startswith("onnx"):  # ONNX Runtime only: no torch needed
             report = evaluate_artifact(kind, mv.file(fname), split, threads=args.threads)
             published = mv.metadata["accuracy"].get(kind, {}).get("top1")
             out["artifacts"][kind] = {"top1": round(report.top1, 5), "published_top1": published}

@@ -59,3 +59,14 @@ def test_unknown_variant_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == (
         "error: unknown model 'resnet'; choose one of quicknet, quicknet-s, quicknet-xs"
     )
+
+
+def test_eval_of_the_shipped_model_without_torch_artifacts(tmp_path):
+    out = quicknet("eval", "--store-model", "quicknet-xs", "--limit", "500")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    result = json.loads(out.stdout)
+    assert set(result["artifacts"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    for scores in result["artifacts"].values():
+        assert abs(scores["top1"] - scores["published_top1"]) < 0.05
