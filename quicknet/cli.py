@@ -76,18 +76,18 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quicknet import store
     from quicknet.build import stage_eval
 
     if args.store_model:
-        _print(_eval_published(args, store))
+        _print(_eval_published(args))
         return
     results = stage_eval(_run_dir(args), _dataset(args), limit=args.limit, threads=args.threads)
     _print({k: v["top1"] for k, v in results["accuracy"].items()})
 
 
-def _eval_published(args: argparse.Namespace, store) -> dict:
+def _eval_published(args: argparse.Namespace) -> dict:
     """Score a published version's ONNX files (no torch needed) against its metadata."""
+    from quicknet import store
     from quicknet.evaluate import evaluate_artifact
 
     root = Path(args.store) if args.store else store.default_root()
