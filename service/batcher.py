@@ -39,7 +39,11 @@ class DeadlineExceeded(Exception):
 
 
 class NotAccepting(Exception):
-    """The batcher is draining for shutdown (or not started)."""
+    """Not taking work: still loading (`not_ready`) or draining for shutdown (`draining`)."""
+
+    def __init__(self, message: str, reason: str = "draining"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass

@@ -19,7 +19,7 @@ from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
 from service.images import InputError, check_count, decode_image, decode_pixels
-from service.runtime import ModelRuntime, Prediction, Runtime
+from service.runtime import ModelNotFound, ModelRuntime, Prediction, Runtime
 
 log = logging.getLogger("quicknet.grpc")
 PROTOCOL = "grpc"
@@ -49,16 +49,10 @@ def to_rpc_error(e: Exception) -> RpcError:
     if isinstance(e, DeadlineExceeded):
         return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e), "deadline")
     if isinstance(e, NotAccepting):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, str(e), "draining")
+        return RpcError(grpc.StatusCode.UNAVAILABLE, str(e), e.reason)
+    if isinstance(e, ModelNotFound):
+        return RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found")
     return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
-
-
-def serving_model(runtime: Runtime) -> ModelRuntime:
-    if runtime.draining:
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica", "draining")
-    if not runtime.ready or runtime.model is None:
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, "model is not ready yet; retry shortly", "not_ready")
-    return runtime.model
 
 
 def deadline_of(context: grpc.aio.ServicerContext, runtime: Runtime) -> float:
@@ -98,7 +92,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, images: list[pb.Image], top_k: int, context: grpc.aio.ServicerContext
     ) -> tuple[ModelRuntime, list[list[Prediction]]]:
         runtime = self.runtime
-        model = serving_model(runtime)
+        model = runtime.serving()
         check_count(len(images), runtime.limits)
         t0 = time.perf_counter()
 

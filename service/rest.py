@@ -32,9 +32,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull, Timing
 from service.images import InputError, decode_image, decode_images, decode_pixels
-from service.runtime import ModelRuntime, Runtime
+from service.runtime import ModelNotFound, Runtime
 
 access_log = logging.getLogger("quicknet.access")
+log = logging.getLogger("quicknet.rest")
 PROTOCOL = "rest"
 
 _EXAMPLE_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
@@ -234,23 +235,20 @@ def deadline_from_header(request: Request, runtime: Runtime) -> float:
     return runtime.deadline_from_timeout_ms(ms)
 
 
-def serving_model(runtime: Runtime) -> ModelRuntime:
-    if runtime.draining:
-        raise HTTPError(503, "server is shutting down; retry on another replica", "draining")
-    if not runtime.ready or runtime.model is None:
-        raise HTTPError(503, "model is not ready yet (loading or warming up); retry shortly", "not_ready")
-    return runtime.model
+REFUSALS = (QueueFull, DeadlineExceeded, NotAccepting, ModelNotFound)
 
 
-def map_inference_error(e: Exception) -> HTTPError:
-    """The batcher's refusals as HTTP answers; every front shares this mapping."""
+def refusal_to_http(e: Exception) -> HTTPError:
+    """The runtime's and batcher's refusals as HTTP answers (the gRPC twin is `to_rpc_error`)."""
     if isinstance(e, QueueFull):
         return HTTPError(429, str(e), "queue_full", {"Retry-After": str(int(max(1, round(e.retry_after_s))))})
     if isinstance(e, DeadlineExceeded):
         return HTTPError(504, "deadline exceeded before the images reached the engine", "deadline")
     if isinstance(e, NotAccepting):
-        return HTTPError(503, str(e), "draining")
-    return HTTPError(500, f"inference failed: {e}", "engine_error")
+        return HTTPError(503, str(e), e.reason)
+    if isinstance(e, ModelNotFound):
+        return HTTPError(404, str(e), "not_found")
+    raise TypeError(f"not a refusal: {e!r}")
 
 
 def protocol_of(path: str) -> str:
@@ -320,6 +318,18 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
         metrics.REJECTIONS.labels(protocol_of(request.url.path), e.reason).inc()
         return error_response(e.status, str(e), e.headers)
 
+    async def _refusal(request: Request, e: Exception) -> JSONResponse:
+        return await _http_error(request, refusal_to_http(e))
+
+    for refusal in REFUSALS:
+        app.add_exception_handler(refusal, _refusal)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        """An engine or server fault: logged with its traceback, answered in one line."""
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error: {e}")
+
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """Unknown paths, wrong methods, malformed multipart: the same one-line error shape."""
@@ -341,19 +351,14 @@ def create_app(runtime: Runtime, extra_routes: Callable[[FastAPI], None] | None 
 
     @app.post("/classify", openapi_extra=CLASSIFY_OPENAPI, summary="Classify one or more images")
     async def classify(request: Request) -> Response:
-        model = serving_model(runtime)
+        model = runtime.serving()
         deadline = deadline_from_header(request, runtime)
         t0 = time.perf_counter()
         images, several, body_k = await parse_classify(request, runtime)
         k = _parse_top_k(request.query_params.get("top_k")) or body_k or runtime.settings.default_top_k
         decode_s = time.perf_counter() - t0
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(decode_s)
-        try:
-            predictions, timing = await run_unless_disconnected(request, model.classify(images, deadline, PROTOCOL, k))
-        except HTTPError:
-            raise
-        except Exception as e:
-            raise map_inference_error(e) from None
+        predictions, timing = await run_unless_disconnected(request, model.classify(images, deadline, PROTOCOL, k))
         rows = [[p.to_dict() for p in row] for row in predictions]
         body = {"model": model.name, "version": str(model.version.version), "predictions": rows if several else rows[0]}
         return JSONResponse(body, headers={"Server-Timing": server_timing(decode_s, timing)})

@@ -16,7 +16,7 @@ import numpy as np
 from quicknet import store
 from service import metrics
 from service.backends import Backend, load_backend
-from service.batcher import Batcher, Timing
+from service.batcher import Batcher, NotAccepting, Timing
 from service.config import Settings
 from service.images import Limits
 
@@ -135,10 +135,14 @@ class Runtime:
         self.draining = False
         self._ready_listeners: list = []
 
-    @property
-    def model(self) -> ModelRuntime | None:
-        """The model `/classify` and the Classifier gRPC service answer with."""
-        return self.default
+    def serving(self, name: str | None = None, version: str | int | None = None) -> ModelRuntime:
+        """The model version to run a request on, if the service is taking work: every front's one gate.
+        No name: the default model (what `/classify` and the Classifier gRPC service answer with)."""
+        if self.draining:
+            raise NotAccepting("server is shutting down; retry on another replica", "draining")
+        if not self.ready or self.default is None:
+            raise NotAccepting("model is not ready yet (loading or warming up); retry shortly", "not_ready")
+        return self.default if name is None else self.get(name, version)
 
     def get(self, name: str, version: str | int | None = None) -> ModelRuntime:
         versions = self.models.get(name)
@@ -157,6 +161,15 @@ class Runtime:
 
     def all_models(self) -> list[ModelRuntime]:
         return [mr for versions in self.models.values() for _, mr in sorted(versions.items())]
+
+    def select(self, name: str | None = None, version: str | int | None = None) -> list[ModelRuntime]:
+        """Every served version; of one model; or one version (statistics scopes). Unknown: ModelNotFound."""
+        if not name:
+            return self.all_models()
+        if version in (None, ""):
+            self.get(name)
+            return [mr for _, mr in sorted(self.models[name].items())]
+        return [self.get(name, version)]
 
     def on_ready_change(self, listener) -> None:
         self._ready_listeners.append(listener)

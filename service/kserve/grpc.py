@@ -17,7 +17,7 @@ import numpy as np
 from service import metrics
 from service._generated import grpc_predict_v2_pb2 as pb
 from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.grpc_server import RpcError, deadline_of, to_rpc_error, unary_call
+from service.grpc_server import deadline_of, to_rpc_error, unary_call
 from service.images import InputError
 from service.kserve import (
     EXTENSIONS,
@@ -31,18 +31,11 @@ from service.kserve import (
     model_statistics,
     serialize_bytes_tensor,
 )
-from service.runtime import ModelNotFound, ModelRuntime, Runtime
+from service.runtime import ModelRuntime, Runtime
 
 PROTOCOL = "kserve-grpc"
 
 _TYPED_FIELDS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}
-
-
-def _model(runtime: Runtime, name: str, version: str) -> ModelRuntime:
-    try:
-        return runtime.get(name, version or None)
-    except ModelNotFound as e:
-        raise RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found") from None
 
 
 def _param(params, key: str):
@@ -96,7 +89,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def run(request, context):
-            _model(self.runtime, request.name, request.version)
+            self.runtime.get(request.name, request.version)
             return pb.ModelReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
 
         return await unary_call(PROTOCOL, "ModelReady", run, request, context)
@@ -106,7 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def run(request, context):
-            meta = model_metadata(_model(self.runtime, request.name, request.version), self.runtime)
+            meta = model_metadata(self.runtime.get(request.name, request.version), self.runtime)
             return pb.ModelMetadataResponse(
                 name=meta["name"],
                 versions=meta["versions"],
@@ -119,7 +112,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def run(request, context):
-            c = model_config(_model(self.runtime, request.name, request.version))
+            c = model_config(self.runtime.get(request.name, request.version))
             config = pb.ModelConfig(
                 name=c["name"],
                 platform=c["platform"],
@@ -144,17 +137,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         async def run(request, context):
-            if request.name:
-                models = (
-                    [_model(self.runtime, request.name, request.version)]
-                    if request.version
-                    else [m for m in self.runtime.all_models() if m.name == request.name]
-                    or [_model(self.runtime, request.name, "")]
-                )
-            else:
-                models = self.runtime.all_models()
             reply = pb.ModelStatisticsResponse()
-            for m in models:
+            for m in self.runtime.select(request.name, request.version):
                 s = model_statistics(m)
                 stats = reply.model_stats.add(
                     name=s["name"],
@@ -175,9 +159,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runtime = self.runtime
-        mr = _model(runtime, request.model_name, request.model_version)
-        if runtime.draining or not runtime.ready:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is not ready or is shutting down", "not_ready")
+        mr = runtime.serving(request.model_name, request.model_version)
         t0 = time.perf_counter()
         encoded = any(t.datatype == "BYTES" for t in request.inputs)
         images = await asyncio.to_thread(_images, request, runtime) if encoded else _images(request, runtime)

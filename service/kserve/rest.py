@@ -25,18 +25,11 @@ from service.kserve import (
     model_statistics,
     serialize_bytes_tensor,
 )
-from service.rest import HTTPError, deadline_from_header, map_inference_error, read_body, run_unless_disconnected
-from service.runtime import ModelNotFound, ModelRuntime, Runtime
+from service.rest import deadline_from_header, read_body, run_unless_disconnected
+from service.runtime import Runtime
 
 PROTOCOL = "kserve-rest"
 HEADER_LENGTH = "inference-header-content-length"
-
-
-def _model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
-    try:
-        return runtime.get(name, version)
-    except ModelNotFound as e:
-        raise HTTPError(404, str(e), "not_found") from None
 
 
 def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -144,40 +137,33 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
 
     @app.get("/v2/models/stats", tags=["kserve"], summary="Statistics of every served model")
     async def all_stats() -> dict:
-        return {"model_stats": [model_statistics(m) for m in runtime.all_models()]}
+        return {"model_stats": [model_statistics(m) for m in runtime.select()]}
 
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + suffix
 
         @app.get(base, tags=["kserve"], summary="Model metadata")
         async def metadata(name: str, version: str | None = None) -> dict:
-            return model_metadata(_model(runtime, name, version), runtime)
+            return model_metadata(runtime.get(name, version), runtime)
 
         @app.get(base + "/ready", tags=["kserve"])
         async def model_ready(name: str, version: str | None = None) -> JSONResponse:
-            _model(runtime, name, version)
+            runtime.get(name, version)
             if runtime.ready and not runtime.draining:
                 return JSONResponse({"name": name, "ready": True})
             return JSONResponse({"error": f"model {name!r} is not ready"}, status_code=400)
 
         @app.get(base + "/config", tags=["kserve"], summary="Triton model configuration")
         async def config(name: str, version: str | None = None) -> dict:
-            return model_config(_model(runtime, name, version))
+            return model_config(runtime.get(name, version))
 
         @app.get(base + "/stats", tags=["kserve"], summary="Triton model statistics")
         async def stats(name: str, version: str | None = None) -> dict:
-            if version is None:
-                return {
-                    "model_stats": [model_statistics(m) for m in runtime.all_models() if m.name == name]
-                    or [model_statistics(_model(runtime, name, None))]
-                }
-            return {"model_stats": [model_statistics(_model(runtime, name, version))]}
+            return {"model_stats": [model_statistics(m) for m in runtime.select(name, version)]}
 
         @app.post(base + "/infer", tags=["kserve"], summary="Inference (JSON tensors or the binary-data extension)")
         async def infer(request: Request, name: str, version: str | None = None) -> Response:
-            mr = _model(runtime, name, version)
-            if runtime.draining or not runtime.ready:
-                raise HTTPError(503, "server is not ready or is shutting down; retry shortly", "not_ready")
+            mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
             t0 = time.perf_counter()
             body = await read_body(request, runtime.settings.max_request_bytes)
@@ -188,12 +174,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 else _images(doc, binary, runtime)
             )
             metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
-            try:
-                logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
-            except HTTPError:
-                raise
-            except Exception as e:
-                raise map_inference_error(e) from None
+            logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
             tensors, blobs = _outputs(doc, logits, mr.labels)
             reply = {"model_name": mr.name, "model_version": str(mr.version.version), "outputs": tensors}
             if "id" in doc:
