@@ -21,7 +21,7 @@ import numpy as np
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.ortrun import INPUT_NAME
-from quicknet.store import gpu_identity, plan_filename
+from quicknet.store import gpu_identity, plan_filename, slug
 
 ORT_OPTIMIZED = "model.opt.onnx"
 ORT_INT8 = "model.int8.onnx"
@@ -124,7 +124,7 @@ def build_tensorrt_plan(
         config.set_calibration_profile(profile)
         config.int8_calibrator = _entropy_calibrator(trt, calibration_images, options.opt_batch, out_dir)
 
-    cache_path = out_dir / f"timing-{_slug(gpu_name)}-sm{cc[0]}{cc[1]}.cache"
+    cache_path = out_dir / f"timing-{slug(gpu_name)}-sm{cc[0]}{cc[1]}.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
@@ -137,10 +137,6 @@ def build_tensorrt_plan(
     with atomic_write(cache_path) as f:
         f.write(bytes(config.get_timing_cache().serialize()))
     return plan_path
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 def _entropy_calibrator(trt, images: np.ndarray, batch_size: int, cache_dir: Path):

@@ -139,9 +139,13 @@ def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVe
 
 def plan_filename(gpu_name: str, compute_capability: tuple[int, int], trt_version: str, precision: str) -> str:
     """TensorRT plans run only on the GPU model, compute capability and TensorRT version that built them."""
-    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name.lower()).strip("-")
     major, minor = compute_capability
-    return f"model.{gpu}.sm{major}{minor}.trt{trt_version}.{precision}.plan"
+    return f"model.{slug(gpu_name)}.sm{major}{minor}.trt{trt_version}.{precision}.plan"
+
+
+def slug(text: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`: safe in file names."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 def gpu_identity() -> tuple[str, tuple[int, int]]:
