@@ -30,26 +30,27 @@ async def _rest_call(client, url: str, body: bytes) -> int:
     return r.status_code
 
 
-async def _grpc_call(stub, pb, pixels: list[bytes]) -> int:
+async def _grpc_status(call) -> int:
+    """Await a gRPC call; its outcome as the HTTP-like code the tables count (200, 429, 504, 500)."""
     import grpc
 
     try:
-        await stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=p) for p in pixels], top_k=1))
+        await call
         return 200
     except grpc.aio.AioRpcError as e:
         return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
 
 
-async def _kserve_call(stub, pb, pixels: np.ndarray, model: str) -> int:
-    import grpc
+def _grpc_call(stub, pb, pixels: list[bytes]):
+    return _grpc_status(
+        stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=p) for p in pixels], top_k=1))
+    )
 
+
+def _kserve_call(stub, pb, pixels: np.ndarray, model: str):
     request = pb.ModelInferRequest(model_name=model, raw_input_contents=[pixels.tobytes()])
     request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
-    try:
-        await stub.ModelInfer(request)
-        return 200
-    except grpc.aio.AioRpcError as e:
-        return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
+    return _grpc_status(stub.ModelInfer(request))
 
 
 async def run_case(
