@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test lint venv-serve venv-dev protos bench clean
+.PHONY: serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,17 @@ protos: venv-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+## GPU jobs. They run under the GPU machine's own Python (GPU_PYTHON), not the venv: see README, "GPU runs".
+GPU_PYTHON ?= python3
+SHARED_NPZ ?= ../shared/data/cifar10/cifar10_jpeg.npz
+
+## Copy the CIFAR-10 copy into data/ (git-ignored), checksum-verified: a GPU machine receives only the repo.
+gpu-data:
+	mkdir -p data
+	test -f data/cifar10_jpeg.npz || cp $(SHARED_NPZ) data/cifar10_jpeg.npz
+	echo "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8  data/cifar10_jpeg.npz" | sha256sum -c -
+
+## Train the full QuickNet on this machine's GPU within 450 s; results in gpu-results/train/.
+gpu-train:
+	$(GPU_PYTHON) -m quicknet_cli gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train

@@ -12,6 +12,8 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,16 +51,28 @@ def _require(path: Path, stage: str) -> Path:
     return path
 
 
-def stage_train(cfg: TrainConfig, dataset: data_mod.Dataset, run_dir: Path, *, resume: bool = False) -> dict:
+def stage_train(
+    cfg: TrainConfig,
+    dataset: data_mod.Dataset,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    import torch
+
     from quicknet.train import train
 
-    result = train(cfg, dataset, run_dir, resume=resume)
-    last = result.history[-1]
+    result = train(cfg, dataset, run_dir, resume=resume, progress=progress, on_epoch=on_epoch)
+    last = result.history[-1] if result.history else None
     summary = {
-        "config": cfg.__dict__,
+        "config": asdict(cfg),
         "device": result.device,
         "machine": _machine(result.device),
-        "epochs_run": last["epoch"],
+        "torch": torch.__version__,
+        "epochs_run": last["epoch"] if last else 0,
+        "planned_epochs": result.planned_epochs,
         "train_seconds": round(result.seconds, 1),
         "stopped_early": result.stopped_early,
         "final": last,

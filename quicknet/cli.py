@@ -14,17 +14,18 @@ from quicknet.config import TrainConfig
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--flag` per dataclass field, typed from its annotation."""
+    """One `--flag` per dataclass field, typed from its annotation, described by its metadata."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        text = f"{f.metadata.get('help', '')} (default: %(default)s)".strip()
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=text)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -150,6 +151,12 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
+def cmd_gpu_train(args: argparse.Namespace) -> None:
+    from quicknet.gpu_train import main
+
+    main(args)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from quicknet.model import VARIANTS, build_model, count_macs, count_params
 
@@ -226,6 +233,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--trt-opt-batch", type=int, default=64)
     plan.add_argument("--trt-max-batch", type=int, default=256)
     plan.set_defaults(func=cmd_plan)
+
+    gpu_train = sub.add_parser(
+        "gpu-train",
+        help="train the full QuickNet on one GPU in one time-boxed run (see quicknet/gpu_train.py)",
+        description="Train on one GPU within --budget-s, saving results as it goes. Flags default to the GPU recipe.",
+    )
+    _add_dataclass_flags(gpu_train, TrainConfig)
+    from quicknet.gpu_train import GPU_RECIPE
+
+    gpu_train.set_defaults(**dataclasses.asdict(GPU_RECIPE), func=cmd_gpu_train)
+    gpu_train.add_argument("--data", help="CIFAR-10 npz copy (default: ../shared copy, else data/cifar10_jpeg.npz)")
+    gpu_train.add_argument("--out", default="gpu-results/train", help="results folder (default: %(default)s)")
+    gpu_train.add_argument(
+        "--budget-s", type=float, default=450.0, help="wall-clock budget for the whole job (default: %(default)s)"
+    )
+    gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
 
     info = sub.add_parser("info", help="parameters and multiply-adds of every variant")
     info.set_defaults(func=cmd_info)

@@ -1,28 +1,35 @@
-"""Training settings, importable without torch (the CLI builds its flags from these fields)."""
+"""Training settings, importable without torch (the CLI builds its flags and help from these fields)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "quicknet"
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 0.2  # peak LR for batch 256; scaled linearly with batch size
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0  # BN nets at high LR diverge without a short ramp
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.999  # 0 disables; warmed up as min(decay, (1+n)/(10+n))
-    translate: int = 4
-    cutout: int = 8
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    threads: int = 2  # CPU intra-op threads; oversubscription collapses throughput
-    time_limit_s: float | None = None  # stop early (finishing the epoch's bookkeeping) past this
-    train_subset: int | None = None  # first N shuffled training images, for smoke runs
-    eval_subset: int | None = None
-    eval_every: int = 1
+    model: str = _opt("quicknet", "variant: quicknet, quicknet-s or quicknet-xs")
+    epochs: int = _opt(10, "epochs (with --time-budget-s: the most it may plan)")
+    batch_size: int = _opt(256, "images per step")
+    lr: float = _opt(0.2, "peak learning rate for batch 256; scaled linearly with the batch size")
+    momentum: float = _opt(0.9, "SGD (Nesterov) momentum")
+    weight_decay: float = _opt(5e-4, "L2 on convolution and classifier weights (not BN, PReLU or depthwise)")
+    warmup_epochs: float = _opt(1.0, "linear warmup from 10%% of the peak LR; BN nets at high LR diverge without it")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+    ema_decay: float = _opt(0.999, "EMA of the weights, exported instead of the raw ones (0 disables)")
+    translate: int = _opt(4, "random translation in pixels, reflect padding (0 disables)")
+    cutout: int = _opt(8, "side of the random square zeroed per image (0 disables)")
+    seed: int = _opt(0, "seed for init, shuffling and augmentation; a CPU run reproduces bit for bit")
+    device: str = _opt("auto", "auto (CUDA if available), cuda or cpu")
+    compile: bool = _opt(False, "torch.compile the training step (1.5x on this CPU; minutes of compile on a GPU)")
+    threads: int = _opt(2, "CPU intra-op threads; oversubscription collapses throughput")
+    time_limit_s: float | None = _opt(None, "hard stop after this many seconds, checkpointed at the exact step")
+    time_budget_s: float | None = _opt(
+        None, "plan the number of epochs after the first one so the whole schedule fits this many seconds"
+    )
+    train_subset: int | None = _opt(None, "train on a fixed random subset of N images (smoke runs)")
+    eval_subset: int | None = _opt(None, "evaluate on a fixed random subset of N test images")
+    eval_every: int = _opt(1, "evaluate every N epochs (and after the last)")

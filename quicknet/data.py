@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import tarfile
@@ -26,6 +27,7 @@ STD = (62.53, 61.91, 66.46)  # train per-channel standard deviations of the JPEG
 
 NPZ_SHA256 = "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8"
 NPZ_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
+NPZ_IN_REPO = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"  # `make gpu-data` copies it here
 NPZ_DESCRIPTION = "CIFAR-10 (JPEG-q75 copy), standard 10k test split"
 
 TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -53,7 +55,11 @@ class Dataset:
 
 
 def default_data_path() -> Path:
-    return Path(os.environ.get("QUICKNET_DATA", NPZ_DEFAULT))
+    """QUICKNET_DATA, else the shared copy beside the repo, else the copy inside it (a GPU machine
+    receives only the repo)."""
+    if "QUICKNET_DATA" in os.environ:
+        return Path(os.environ["QUICKNET_DATA"])
+    return NPZ_IN_REPO if not NPZ_DEFAULT.is_file() and NPZ_IN_REPO.is_file() else NPZ_DEFAULT
 
 
 def _file_digest(path: Path, algo: str) -> str:
@@ -114,11 +120,27 @@ def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset
     return Dataset(train, test, NPZ_DESCRIPTION, digest)
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, jobs: int | None = None) -> np.ndarray:
+    """Decode every JPEG; in parallel processes where there are cores to spare (a GPU machine
+    has 16, and each of its seconds is precious). Pillow's per-image Python work holds the GIL,
+    so threads would not help."""
+    raw = blob.tobytes()
+    if jobs is None:
+        jobs = max(1, min(16, len(os.sched_getaffinity(0)) - 1)) if len(offsets) > 20_000 else 1
+    if jobs == 1:
+        return _decode_range(raw, offsets)
+    import multiprocessing
+
+    bounds = np.linspace(0, len(offsets) - 1, jobs + 1, dtype=np.int64)
+    chunks = [(raw[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a]) for a, b in itertools.pairwise(bounds)]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return np.concatenate(pool.starmap(_decode_range, chunks))
+
+
+def _decode_range(raw: bytes, offsets: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
-    raw = blob.tobytes()
     for i in range(len(out)):
         with Image.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
             out[i] = np.asarray(im.convert("RGB"))
@@ -233,11 +255,16 @@ class TensorLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    def __iter__(self) -> Iterator[tuple]:
-        torch = self.torch
+    def epoch_order(self):
+        """One epoch's shuffle (drawn from the loader's generator); None in eval mode."""
+        if not self.train:
+            return None
+        return self.torch.randperm(len(self.labels), device=self.device, generator=self.generator)
+
+    def batches(self, order=None, start: int = 0) -> Iterator[tuple]:
+        """The epoch given by `order`, from batch `start` on (a resumed epoch continues mid-way)."""
         n = len(self.labels)
-        order = torch.randperm(n, device=self.device, generator=self.generator) if self.train else None
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
             idx = order[sl] if order is not None else None
             x = self.images[idx] if idx is not None else self.images[sl]
@@ -245,6 +272,9 @@ class TensorLoader:
             if self.train:
                 x = self._augment(x)
             yield x, y
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.batches(self.epoch_order())
 
     def _augment(self, x):
         torch = self.torch

@@ -1,15 +1,30 @@
 """Training: SGD + Nesterov, warmup then linear decay, label smoothing, EMA of weights.
 
 Weight decay skips BN parameters, PReLU slopes and depthwise filters (all small, per-channel
-tensors whose decay only hurts). On CUDA it trains in bf16 autocast with channels_last.
-A checkpoint is written atomically after every epoch; `resume=True` continues from it, and a
-fixed seed reproduces a CPU run exactly.
+tensors whose decay only hurts). On CUDA it trains in bf16 autocast with channels_last, and
+keeps loss/accuracy sums on the device so a step never waits for the host.
+
+Checkpoints are resumable at any step, not only at epoch ends: a stop (time limit, `stop_at_step`,
+Ctrl-C between saves) records the epoch's shuffle order, the step reached, the loader's and the
+global RNG states and the epoch's running sums, so `resume=True` continues exactly where the
+straight run would have been (a fixed seed reproduces a CPU run bit for bit, resumed or not).
+
+A checkpoint is three files so that none of the full model's exceeds 16 MiB (the GPU machine's
+result limit): `checkpoint.pt` (architecture, EMA weights, bookkeeping; all that export needs),
+and `model-<step>.pt` / `optimizer-<step>.pt`, which it names. The two step-named files are
+written first and `checkpoint.pt` last, so an interrupted save never mixes steps.
+
+`time_budget_s` plans the run to fit a wall-clock budget: after the first epoch (which includes
+`torch.compile`'s compile time) the steady epoch time is measured and the number of epochs is set
+to what fits, so the LR schedule decays to zero inside the budget instead of being cut off.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +33,12 @@ from torch import nn
 
 from quicknet.config import TrainConfig
 from quicknet.data import Dataset, TensorLoader
+from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.model import ArchConfig, QuickNet, build_model, get_config
+
+CHECKPOINT = "checkpoint.pt"
+BUDGET_SAFETY = 0.93  # plan to use 93% of the budget left: epochs vary, and the last eval and save must fit
 
 
 @dataclass
@@ -29,6 +48,7 @@ class TrainResult:
     seconds: float = 0.0
     device: str = "cpu"
     stopped_early: bool = False
+    planned_epochs: int = 0
 
 
 def resolve_device(device: str) -> str:
@@ -47,46 +67,110 @@ def _param_groups(model: QuickNet, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    def avg_fn(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        return avg * d + new * (1 - d)
+class EMA:
+    """Exponential moving average of weights and BN statistics, warmed up as min(decay, (1+n)/(10+n)).
 
-    return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg_fn, use_buffers=True)
+    One fused `_foreach_lerp_` per step, and the update count lives on the host: averaging
+    through a device-side counter would make every step wait for the GPU.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+        self.updates = 0
+        self._float = [t for t in self._tensors(self.module) if t.is_floating_point()]
+        self._other = [t for t in self._tensors(self.module) if not t.is_floating_point()]
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = self._tensors(model)
+        torch._foreach_lerp_(self._float, [t for t in live if t.is_floating_point()], 1 - d)
+        for mine, theirs in zip(self._other, [t for t in live if not t.is_floating_point()], strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict, weights: dict) -> None:
+        self.module.load_state_dict(weights)
+        self.updates = state["updates"]
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: TensorLoader, device: str) -> float:
+def evaluate(model: nn.Module, loader: TensorLoader, device: str) -> tuple[float, float]:
+    """Top-1 and mean cross-entropy (no smoothing) on `loader`; one host sync at the end."""
     model.eval()
-    correct = total = 0
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss = torch.zeros((), device=device)
+    total = 0
     for x, y in loader:
         with _autocast(device):
             logits = model(x.to(memory_format=torch.channels_last) if device == "cuda" else x)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += (logits.argmax(1) == y).sum()
+        loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         total += len(y)
-    return correct / max(total, 1)
+    return correct.item() / max(total, 1), loss.item() / max(total, 1)
+
+
+def accuracy(model: nn.Module, loader: TensorLoader, device: str) -> float:
+    return evaluate(model, loader, device)[0]
 
 
 def _autocast(device: str) -> torch.autocast:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
 
+def _load(path: Path, device: str = "cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
 def load_checkpoint(path: Path, *, use_ema: bool = True) -> tuple[QuickNet, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """The trained model (EMA weights when there are some) in eval mode, and the checkpoint record."""
+    path = Path(path)
+    ckpt = _load(path)
     model = QuickNet(ArchConfig.from_dict(ckpt["arch"]))
-    state = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+    state = ckpt["ema"] if use_ema and ckpt.get("ema") else _load(path.parent / ckpt["files"]["model"])["model"]
     model.load_state_dict(state)
     return model.eval(), ckpt
 
 
+class _Schedule:
+    """Linear warmup (from 10%) then linear decay to zero at `total_steps`, which a time budget
+    may set after the first epoch; the warmup never depends on it."""
+
+    def __init__(self, warmup: int, total_steps: int):
+        self.warmup = warmup
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return 0.1 + 0.9 * step / self.warmup
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
+
+
 def train(
-    cfg: TrainConfig, data: Dataset, out_dir: Path, *, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
+    """Train (or resume) into `out_dir`. `stop_at_step` stops after that global step as the time
+    limit would, checkpointing the exact position; `on_epoch` sees each epoch's record."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = out_dir / CHECKPOINT
     log_path = out_dir / "epochs.jsonl"
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -94,6 +178,8 @@ def train(
         torch.set_num_threads(cfg.threads)
     else:
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     train_split = data.train.sample(cfg.train_subset, cfg.seed) if cfg.train_subset else data.train
     test_split = data.test.sample(cfg.eval_subset) if cfg.eval_subset else data.test
@@ -107,46 +193,80 @@ def train(
         cutout=cfg.cutout,
     )
     test_loader = TensorLoader(test_split, 1000, train=False, device=device)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise BuildError(f"batch size {cfg.batch_size} is larger than the {len(train_split.labels)} training images")
 
     model = build_model(cfg.model).to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
     lr = cfg.lr * cfg.batch_size / 256
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum, nesterov=True)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    ema = _ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    schedule = _Schedule(max(1, int(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step_model = torch.compile(model) if cfg.compile else model
 
-    start_epoch, history, elapsed = 0, [], 0.0
+    planned_epochs = cfg.epochs
+    position = {"epoch": 0, "step": 0, "order": None, "partial": None}
+    history: list[dict] = []
+    elapsed = 0.0
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = _load(ckpt_path, device)
+        model.load_state_dict(_load(out_dir / ckpt["files"]["model"], device)["model"])
+        opt.load_state_dict(_load(out_dir / ckpt["files"]["optimizer"], device)["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema_full"):
-            ema.load_state_dict(ckpt["ema_full"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema_state"], ckpt["ema"])
         loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"])
-        start_epoch, history, elapsed = ckpt["epoch"], ckpt["history"], ckpt["seconds"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        planned_epochs = ckpt["planned_epochs"]
+        position, history, elapsed = ckpt["position"], ckpt["history"], ckpt["seconds"]
+    schedule.total_steps = planned_epochs * steps_per_epoch
+
+    def save(global_step: int) -> None:
+        _save_checkpoint(
+            out_dir,
+            global_step,
+            arch=get_config(cfg.model).to_dict(),
+            train_config=asdict(cfg),
+            model=model,
+            ema=ema,
+            opt=opt,
+            sched=sched,
+            loader=loader,
+            position=position,
+            history=history,
+            seconds=time.perf_counter() - t_start,
+            planned_epochs=planned_epochs,
+        )
 
     stopped_early = False
     t_start = time.perf_counter() - elapsed
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = position["epoch"]
+    while epoch < planned_epochs and not stopped_early:
         model.train()
-        t_epoch = time.perf_counter()
-        seen = correct = 0
-        loss_sum = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        start_step = position["step"]
+        order = position["order"] if start_step else loader.epoch_order()
+        partial = position["partial"] or {"seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
+        seen = partial["seen"]
+        correct = torch.as_tensor(partial["correct"], device=device)
+        loss_sum = torch.as_tensor(partial["loss_sum"], device=device, dtype=torch.float32)
+        t_epoch = time.perf_counter() - partial["seconds"]
+        half = steps_per_epoch // 2
+        t_half = None
+        bar = tqdm(
+            loader.batches(order, start_step),
+            total=steps_per_epoch,
+            initial=start_step,
+            desc=f"epoch {epoch + 1}/{planned_epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        step = start_step
         for x, y in bar:
             if device == "cuda":
                 x = x.to(memory_format=torch.channels_last)
@@ -158,29 +278,64 @@ def train(
             opt.step()
             sched.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
+            step += 1
             seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            rate = seen / (time.perf_counter() - t_epoch)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-            if cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s:
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach().float() * len(y)
+            if step == half and epoch == 0 and cfg.time_budget_s:
+                _sync(device)
+                t_half = time.perf_counter()
+            if progress and step % 20 == 0:  # the only mid-epoch host sync, and only with a progress bar
+                rate = seen / (time.perf_counter() - t_epoch)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{rate:.0f}")
+            global_step = epoch * steps_per_epoch + step
+            out_of_time = cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s
+            if step < steps_per_epoch and (out_of_time or global_step == stop_at_step):
                 stopped_early = True
                 break
-        train_seconds = time.perf_counter() - t_epoch
+        bar.close()
+        if stopped_early:  # mid-epoch: keep the exact position, record no epoch
+            position = {
+                "epoch": epoch,
+                "step": step,
+                "order": order,
+                "partial": {
+                    "seen": seen,
+                    "correct": correct,
+                    "loss_sum": loss_sum,
+                    "seconds": time.perf_counter() - t_epoch,
+                },
+            }
+            save(epoch * steps_per_epoch + step)
+            break
+        _sync(device)
+        t_trained = time.perf_counter()
+        train_seconds = t_trained - t_epoch
         record = {
             "epoch": epoch + 1,
-            "train_loss": round(loss_sum / max(seen, 1), 5),
-            "train_acc": round(correct / max(seen, 1), 5),
+            "train_loss": round(loss_sum.item() / max(seen, 1), 5),
+            "train_acc": round(correct.item() / max(seen, 1), 5),
             "lr": round(sched.get_last_lr()[0], 6),
             "images_per_s": round(seen / train_seconds, 1),
             "epoch_seconds": round(train_seconds, 2),
         }
-        last = epoch + 1 == cfg.epochs or stopped_early
+        last = epoch + 1 == planned_epochs
+        t_eval = time.perf_counter()
         if last or (epoch + 1) % cfg.eval_every == 0:
-            record["test_acc"] = round(accuracy(model, test_loader, device), 5)
+            record["test_acc"], record["test_loss"] = (round(v, 5) for v in evaluate(model, test_loader, device))
             if ema is not None:
-                record["test_acc_ema"] = round(accuracy(ema.module, test_loader, device), 5)
+                acc, loss_value = evaluate(ema.module, test_loader, device)
+                record["test_acc_ema"], record["test_loss_ema"] = round(acc, 5), round(loss_value, 5)
+        eval_seconds = time.perf_counter() - t_eval
+        if epoch == 0 and cfg.time_budget_s and not last:
+            steady = 2 * (t_trained - t_half) if t_half else train_seconds  # the second half: compiled, warm
+            left = cfg.time_budget_s - (time.perf_counter() - t_start)
+            fit = 1 + int(BUDGET_SAFETY * left / (steady + eval_seconds))
+            planned_epochs = max(1, min(cfg.epochs, fit))
+            schedule.total_steps = planned_epochs * steps_per_epoch
+            record["planned_epochs"] = planned_epochs
+            record["steady_epoch_seconds"] = round(steady, 2)
         record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         history.append(record)
         line = json.dumps(record)
@@ -188,52 +343,90 @@ def train(
             tqdm.write(line)
         with log_path.open("a") as f:
             f.write(line + "\n")
-        _save_checkpoint(ckpt_path, cfg, model, ema, opt, sched, loader, epoch + 1, history, record["elapsed_s"])
-        if stopped_early:
-            break
+        epoch += 1
+        position = {"epoch": epoch, "step": 0, "order": None, "partial": None}
+        save_step = epoch * steps_per_epoch
+        save(save_step)
+        if on_epoch is not None:
+            on_epoch(record)
+        out_of_time = cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s
+        if epoch < planned_epochs and (out_of_time or (stop_at_step is not None and save_step >= stop_at_step)):
+            stopped_early = True
 
     plot_curves(history, out_dir / "training_curves.png", title=f"{cfg.model} on {device}")
-    return TrainResult(ckpt_path, history, time.perf_counter() - t_start, device, stopped_early)
+    return TrainResult(ckpt_path, history, time.perf_counter() - t_start, device, stopped_early, planned_epochs)
 
 
-def _save_checkpoint(path, cfg, model, ema, opt, sched, loader, epoch, history, seconds) -> None:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _save_checkpoint(out_dir: Path, step: int, *, model, ema, opt, sched, loader, **record) -> None:
+    """Step-named model and optimizer files first, then `checkpoint.pt` naming them, then the old ones go."""
+    files = {"model": f"model-{step:08d}.pt", "optimizer": f"optimizer-{step:08d}.pt"}
+    with atomic_write(out_dir / files["model"]) as f:
+        torch.save({"step": step, "model": model.state_dict()}, f)
+    with atomic_write(out_dir / files["optimizer"]) as f:
+        torch.save({"step": step, "optimizer": opt.state_dict()}, f)
     state = {
-        "arch": get_config(cfg.model).to_dict(),
-        "train_config": asdict(cfg),
-        "model": model.state_dict(),
+        **record,
+        "step": step,
+        "files": files,
         "ema": ema.module.state_dict() if ema is not None else None,
-        "ema_full": ema.state_dict() if ema is not None else None,
-        "optimizer": opt.state_dict(),
+        "ema_state": ema.state_dict() if ema is not None else None,
         "scheduler": sched.state_dict(),
         "loader": loader.state_dict(),
-        "rng": torch.get_rng_state(),
-        "epoch": epoch,
-        "history": history,
-        "seconds": seconds,
+        "rng": {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        },
     }
-    with atomic_write(path) as f:
+    with atomic_write(out_dir / CHECKPOINT) as f:
         torch.save(state, f)
+    for old in [*out_dir.glob("model-*.pt"), *out_dir.glob("optimizer-*.pt")]:
+        if old.name not in files.values():
+            old.unlink(missing_ok=True)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
+    """Loss (train and test), accuracy and learning rate per epoch. Skipped where matplotlib is
+    missing (the GPU machine's own Python has none)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not history:
+        return
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+
+    def series(key: str) -> tuple[list, list]:
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train (label-smoothed)")
+    for key, label in (("test_loss", "test"), ("test_loss_ema", "test, EMA")):
+        xs, ys = series(key)
+        if xs:
+            ax_loss.plot(xs, ys, marker="o", label=label)
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss (label-smoothed CE)")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
     ax_acc.plot(epochs, [h["train_acc"] for h in history], marker="o", label="train (augmented)")
     for key, label in (("test_acc", "test"), ("test_acc_ema", "test, EMA")):
-        pts = [(h["epoch"], h[key]) for h in history if key in h]
-        if pts:
-            ax_acc.plot(*zip(*pts, strict=True), marker="o", label=label)
+        xs, ys = series(key)
+        if xs:
+            ax_acc.plot(xs, ys, marker="o", label=label)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("top-1")
     ax_acc.legend()
+    ax_lr.plot(epochs, [h["lr"] for h in history], marker="o")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_ylabel("learning rate (end of epoch)")
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_write(path) as f:

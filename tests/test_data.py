@@ -137,3 +137,13 @@ def test_fetch_keeps_nothing_when_the_download_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="MD5"):
         data.fetch(dest)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_jpeg_decoding_matches_serial(cifar):
+    with np.load(data.default_data_path()) as z:
+        offsets = z["test_offsets"][:1001]
+        blob = z["test_jpeg"][: offsets[-1]]
+    serial = data._decode_jpegs(blob, offsets, jobs=1)
+    parallel = data._decode_jpegs(blob, offsets, jobs=3)
+    assert serial.shape == (1000, 32, 32, 3) and np.array_equal(serial, parallel)
+    assert np.array_equal(serial, cifar.test.images[:1000])

@@ -1,0 +1,123 @@
+"""What machine a GPU job ran on, and the ceilings its numbers are compared with.
+
+Runs under the GPU machine's own Python (torch, numpy; no project extras) and, for the dry runs
+the tests drive, on the CPU. Every probe is bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+def environment() -> dict:
+    """GPU name, driver, CUDA/cuDNN/torch/triton versions, Python, CPU count."""
+    import torch
+
+    env: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env |= {
+            "device": "cuda",
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "sms": props.multi_processor_count,
+            "cudnn": torch.backends.cudnn.version(),
+            "driver": _driver_version(),
+        }
+    else:
+        from quicknet.build import cpu_description
+
+        env |= {"device": "cpu", "gpu": None, "cpu": cpu_description()}
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def matmul_tflops(seconds: float = 2.0, n: int = 8192) -> dict:
+    """Dense bf16 matmul throughput for `seconds` (the ceiling compute is compared with).
+    On a CPU (dry runs) a small fp32 matmul stands in, so the code path is the same."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        n = min(n, 256)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = "cuda" if cuda else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(cuda)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        count += 10
+        _sync(cuda)
+    elapsed = time.perf_counter() - start
+    return {"dtype": str(dtype).removeprefix("torch."), "n": n, "tflops": round(2 * n**3 * count / elapsed / 1e12, 2)}
+
+
+def copy_bandwidth(seconds: float = 1.0, mib: int = 256) -> dict:
+    """Host↔device copy GB/s from pinned and pageable memory (the serving engine copies each batch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"note": "no GPU: nothing to measure"}
+    nbytes = mib << 20
+    device_buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for kind, host in (
+        ("pinned", torch.empty(nbytes, dtype=torch.uint8).pin_memory()),
+        ("pageable", torch.empty(nbytes, dtype=torch.uint8)),
+    ):
+        for direction in ("h2d", "d2h"):
+            src, dst = (host, device_buf) if direction == "h2d" else (device_buf, host)
+            dst.copy_(src, non_blocking=kind == "pinned")
+            torch.cuda.synchronize()
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 4:
+                dst.copy_(src, non_blocking=kind == "pinned")
+                torch.cuda.synchronize()
+                count += 1
+            out[f"{kind}_{direction}_gb_s"] = round(nbytes * count / (time.perf_counter() - start) / 1e9, 1)
+    return out
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def command_line() -> str:
+    return " ".join([os.path.basename(sys.executable), *sys.argv])
