@@ -27,7 +27,7 @@ from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME
 
 CHECKPOINT = "checkpoint.pt"
 ONNX = "model.onnx"
-TORCH_PROGRAM = "model.pt2"
+TORCH_WEIGHTS = "model.folded.pt"  # the torch engine rebuilds the folded graph from it, under any torch
 BUILD_RECORD = "build.json"
 ACCURACY_GATE = 0.001  # exported models may trail the checkpoint by at most 0.1 point
 CALIBRATION_IMAGES = 1024
@@ -83,7 +83,7 @@ def stage_train(
 
 
 def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
-    from quicknet.export import export_onnx, export_torch, verify
+    from quicknet.export import export_folded_weights, export_onnx, verify
     from quicknet.fold import fold, graph_nodes
     from quicknet.train import load_checkpoint
 
@@ -91,7 +91,7 @@ def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
     model, _ = load_checkpoint(_require(run_dir / CHECKPOINT, "train"))
     folded = fold(model)
     onnx_path = export_onnx(folded, run_dir / ONNX)
-    export_torch(folded, run_dir / TORCH_PROGRAM)
+    export_folded_weights(folded, run_dir / TORCH_WEIGHTS)
     eq = verify(model, onnx_path, dataset.test.sample(EXPORT_CHECK_IMAGES))
     results = {
         "graph_nodes_before_fold": graph_nodes(model),
@@ -187,7 +187,7 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
         )
     model_name = rec["stages"]["train"]["config"]["model"]
     arch = get_config(model_name)
-    files = [run_dir / f for f in (ONNX, ORT_OPTIMIZED, ORT_INT8, TORCH_PROGRAM) if (run_dir / f).is_file()]
+    files = [run_dir / f for f in (ONNX, ORT_OPTIMIZED, ORT_INT8, TORCH_WEIGHTS) if (run_dir / f).is_file()]
     files += [
         run_dir / f for f in ("epochs.jsonl", "training_curves.png", "confusion_matrix.png") if (run_dir / f).is_file()
     ]
@@ -204,7 +204,7 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
             "onnx": ONNX,
             "onnx-optimized": ORT_OPTIMIZED if (run_dir / ORT_OPTIMIZED).is_file() else None,
             "onnx-int8": ORT_INT8 if (run_dir / ORT_INT8).is_file() else None,
-            "torch": TORCH_PROGRAM if (run_dir / TORCH_PROGRAM).is_file() else None,
+            "torch": TORCH_WEIGHTS if (run_dir / TORCH_WEIGHTS).is_file() else None,
         },
         "dataset": rec["stages"]["eval"]["dataset"],
         "accuracy": acc,

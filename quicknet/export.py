@@ -57,13 +57,44 @@ def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def export_torch(folded: torch.nn.Module, path: Path) -> Path:
-    """The folded model as a `torch.export` program: what the service's torch backend loads."""
-    example = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(folded.eval(), (example,), dynamic_shapes={"images": {0: batch}})
+FOLDED_FORMAT = "quicknet-folded/1"
+
+
+def folded_spec(folded: torch.nn.Module) -> dict:
+    """The folded graph as plain data: layer kinds and shapes, normalization constants, weights.
+
+    What the service's torch engine rebuilds the model from. Unlike a `torch.export` program, a
+    state dict with a layer list loads under any torch version (`weights_only=True`, no code),
+    so a GPU machine with another torch than the build's can serve it.
+    """
+    layers: list[dict] = []
+    for layer in folded.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            k, p = layer.kernel_size[0], layer.padding[0]
+            layers.append(
+                {"op": "conv", "in": layer.in_channels, "out": layer.out_channels, "kernel": k, "padding": p}
+                | {"groups": layer.groups}
+            )
+        elif isinstance(layer, torch.nn.PReLU):
+            layers.append({"op": "prelu", "channels": layer.num_parameters})
+        elif isinstance(layer, torch.nn.LeakyReLU):
+            layers.append({"op": "leaky_relu", "slope": layer.negative_slope})
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            layers.append({"op": "maxpool", "kernel": layer.kernel_size})
+        else:
+            raise BuildError(f"cannot describe folded layer {type(layer).__name__}")
+    head = folded.classifier
+    return {
+        "format": FOLDED_FORMAT,
+        "layers": layers,
+        "classifier": {"in": head.in_features, "out": head.out_features},
+        "state_dict": {k: v.detach().clone() for k, v in folded.state_dict().items()},
+    }
+
+
+def export_folded_weights(folded: torch.nn.Module, path: Path) -> Path:
     with atomic_write(path) as f:
-        torch.export.save(program, f)
+        torch.save(folded_spec(folded.eval()), f)
     return path
 
 

@@ -38,6 +38,10 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before its images reached the engine."""
 
 
+class EngineFailure(Exception):
+    """The engine raised on the batch holding this request; the message carries its reason."""
+
+
 class NotAccepting(Exception):
     """Not taking work: still loading (`not_ready`) or draining for shutdown (`draining`)."""
 
@@ -61,8 +65,13 @@ class _Item:
 
 @dataclass(frozen=True)
 class Timing:
+    """One request's time in the batcher: queued, then its batch's assembly (input), engine call
+    (infer) and result scatter (output). A request split over several batches sums the phases."""
+
     queue_s: float
     infer_s: float
+    input_s: float = 0.0
+    output_s: float = 0.0
 
 
 class Batcher:
@@ -77,7 +86,7 @@ class Batcher:
         max_queue_delay_s: float = 0.0,
         preferred_batch_sizes: tuple[int, ...] = (),
         instances: int = 1,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int, float, float, float], None] | None = None,
     ):
         self._infer = infer
         self._model = model
@@ -162,9 +171,12 @@ class Batcher:
                 item.future.cancel()
             raise
         logits = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
-        queue_s = max(r[1] for r in results)
-        infer_s = sum(r[2] for r in results)
-        return logits, Timing(queue_s, infer_s)
+        return logits, Timing(
+            queue_s=max(r[1].queue_s for r in results),
+            infer_s=sum(r[1].infer_s for r in results),
+            input_s=sum(r[1].input_s for r in results),
+            output_s=sum(r[1].output_s for r in results),
+        )
 
     # --- batching ---------------------------------------------------------------------------
 
@@ -178,14 +190,12 @@ class Batcher:
         size = 0
         while self._queue:
             item = self._queue[0]
-            if item.future.done():  # cancelled by its client
+            if item.future.done():  # cancelled by its client (the front counts the rejection, once)
                 self._pop()
-                metrics.REJECTIONS.labels(item.protocol, "cancelled").inc()
                 continue
             if item.deadline <= now:
                 self._pop()
                 item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
-                metrics.REJECTIONS.labels(item.protocol, "deadline").inc()
                 continue
             if size + item.n > self.max_batch_size:
                 break
@@ -233,12 +243,13 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
             started = time.monotonic()
+            images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
             for item in batch:
                 metrics.QUEUE_SECONDS.labels(self._model).observe(started - item.enqueued)
             self._in_flight += 1
             metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            called = time.monotonic()
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, images)
             except Exception as e:  # the engine failed: every item in the batch learns why
@@ -249,14 +260,20 @@ class Batcher:
             finally:
                 self._in_flight -= 1
                 metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
-            infer_s = time.monotonic() - started
+            returned = time.monotonic()
+            input_s, infer_s = called - started, returned - called
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
             metrics.INFER_SECONDS.labels(self._model, self._backend).observe(infer_s)
             metrics.BATCH_SIZE.labels(self._model).observe(len(images))
-            if self._on_batch is not None:
-                self._on_batch(len(images), infer_s)
             offset = 0
+            parts = []
             for item in batch:
-                if not item.future.done():
-                    item.future.set_result((logits[offset : offset + item.n], started - item.enqueued, infer_s))
+                parts.append((item, logits[offset : offset + item.n]))
                 offset += item.n
+            output_s = time.monotonic() - returned
+            for item, part in parts:
+                if not item.future.done():
+                    timing = Timing(started - item.enqueued, infer_s, input_s, output_s)
+                    item.future.set_result((part, timing))
+            if self._on_batch is not None:
+                self._on_batch(len(images), input_s, infer_s, output_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,13 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "int8"] = Field("fp32", description="onnxruntime on CPU: fp32 or the INT8 model")
     threads: int = Field(2, ge=1, description="CPU threads per engine instance (ONNX Runtime / torch intra-op)")
     plan_dir: Path | None = Field(None, description="where TensorRT plans live (default: the model version folder)")
+
+    workers: int = Field(
+        0,
+        ge=0,
+        description="front processes (REST + gRPC on shared ports) feeding one engine process; "
+        "0: auto (1 — everything in one process — on up to 4 cores, else half the cores, at most 16)",
+    )
 
     http_host: str = Field("0.0.0.0", description="REST bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="REST port")
@@ -50,6 +58,14 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run every batch bucket once before reporting ready")
     log_json: bool = Field(False, description="structured JSON access logs")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def front_workers(self) -> int:
+        """`workers`, with 0 resolved for this machine (see the field's description)."""
+        if self.workers:
+            return self.workers
+        cores = len(os.sched_getaffinity(0))
+        return 1 if cores <= 4 else min(16, cores // 2)
 
     @property
     def store_root(self) -> Path:

@@ -1,14 +1,29 @@
-"""GPU utilization and memory through NVML, sampled in the background where a GPU and
-nvidia-ml-py are present; elsewhere it does nothing."""
+"""Is there a GPU (asked without torch), and its utilization and memory through NVML, sampled in
+the background where a GPU and nvidia-ml-py are present; elsewhere it does nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import glob
 import logging
 
 from service import metrics
 
 log = logging.getLogger("quicknet.gpu")
+
+
+@functools.cache
+def gpu_present() -> bool:
+    """An NVIDIA GPU is visible: NVML counts one, or (no nvidia-ml-py) a /dev/nvidia<N> device exists.
+    Costs microseconds and no torch import, so the backend choice on a CPU machine stays light."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:  # no nvidia-ml-py or no driver: fall back to the device files
+        return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 async def sample_forever(interval_s: float = 5.0) -> None:

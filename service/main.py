@@ -1,9 +1,16 @@
-"""One process, one event loop: REST (uvicorn) and gRPC (grpc.aio) over one runtime.
+"""The server's processes.
 
-Start-up: both ports open at once (liveness answers during warm-up), readiness turns true only
-after the engine has run every batch bucket. SIGTERM/SIGINT: readiness goes false (REST 503,
-gRPC health NOT_SERVING), new work is refused, queued and in-flight work finishes within
-`drain_seconds`, then both servers close and the process exits 0.
+`--workers 1`: one process, one event loop: REST (uvicorn) and gRPC (grpc.aio) over one runtime,
+the engines and their batchers in the same process (`LocalSource`).
+
+`--workers N` (N > 1): a supervisor (`service.supervisor`) starts one engine process
+(`serve_engine`: every model's engine and batcher) and N front processes (`serve` with an
+`EngineClient` as the model source), each serving REST and gRPC on the same ports (SO_REUSEPORT).
+
+Start-up: the ports open at once (liveness answers during warm-up); readiness turns true only
+after the engine has run every batch bucket. SIGTERM (or SIGINT): readiness goes false (REST 503,
+gRPC health NOT_SERVING), new work is refused, accepted work finishes within `drain_seconds`,
+then the servers close and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,24 +19,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import uvicorn
 
 from quicknet.errors import QuickNetError
+from service import metrics
 from service.backends import BackendError
+from service.classifier import grpc as classifier_grpc
+from service.classifier import rest as classifier_rest
 from service.config import Settings
+from service.engine import Engine
 from service.gpu import sample_forever
-from service.grpc_server import create_server, set_health
 from service.kserve import grpc as kserve_grpc
 from service.kserve import rest as kserve_rest
-from service.rest import create_app
-from service.runtime import Runtime
+from service.runtime import ModelSource, Runtime
+from service.transport import grpc as grpc_transport
+from service.transport import http as http_transport
 
 log = logging.getLogger("quicknet.service")
+
+# The fronts, explicitly: each declares its own routes or servicers and its protocol tag.
+REST_FRONTS = (classifier_rest, kserve_rest)
+GRPC_FRONTS = (classifier_grpc, kserve_grpc)
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,16 +55,19 @@ class JsonFormatter(logging.Formatter):
         doc = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname.lower(),
+            "process": record.processName,
             "logger": record.name,
             "message": record.getMessage(),
         }
         doc.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -63,11 +82,13 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """Bind the REST socket ourselves, so a busy port is one clear line rather than uvicorn's exit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -79,10 +100,56 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(settings: Settings) -> int:
+class LocalSource:
+    """Engines in this process: load and warm every version, then hand the runtime their handles."""
+
+    def __init__(self, settings: Settings, runtime: Runtime):
+        self.engine = Engine(settings)
+        self.runtime = runtime
+
+    async def run(self) -> None:
+        models = await self.engine.load()
+        self.runtime.install(models, self.engine.default_name)
+
+    async def drain(self, timeout_s: float) -> bool:
+        return await self.engine.drain(timeout_s)
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+def _watch_parent(stop: asyncio.Event) -> asyncio.Task | None:
+    """A child process stops (gracefully) when its supervisor is gone, instead of lingering."""
+    parent = os.getppid()
+    if os.environ.get("QUICKNET_SUPERVISED") != "1":
+        return None
+
+    async def watch() -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        log.warning("supervisor is gone; stopping")
+        stop.set()
+
+    return asyncio.create_task(watch())
+
+
+def _stop_event(*, ignore_sigint: bool = False) -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if ignore_sigint:  # a terminal's Ctrl-C reaches every process; only the supervisor orders the shutdown
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+    else:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    return stop
+
+
+async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource], *, supervised: bool = False) -> int:
+    """REST + gRPC over one runtime, its models from `make_source` (this process, or the engine process)."""
     runtime = Runtime(settings)
-    http_socket = _bind(settings.http_host, settings.http_port)
-    grpc_server, health_servicer = create_server(runtime, lambda server: kserve_grpc.add_service(server, runtime))
+    source = make_source(runtime)
+    http_socket = bind(settings.http_host, settings.http_port, reuse_port=supervised)
+    grpc_server, health = grpc_transport.create_server(runtime, GRPC_FRONTS)
     try:
         grpc_port = grpc_server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     except RuntimeError:
@@ -90,7 +157,7 @@ async def serve(settings: Settings) -> int:
         raise QuickNetError(
             f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); pick another --grpc-port"
         ) from None
-    app = create_app(runtime, lambda app: kserve_rest.add_routes(app, runtime))
+    app = http_transport.create_app(runtime, REST_FRONTS)
     http = _HttpServer(
         uvicorn.Config(
             app,
@@ -103,22 +170,68 @@ async def serve(settings: Settings) -> int:
         )
     )
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runtime.on_ready_change(lambda ready: loop.create_task(set_health(health_servicer, ready)))
+    stop = _stop_event(ignore_sigint=supervised)
+    parent_watch = _watch_parent(stop)
+    runtime.on_ready_change(lambda ready: loop.create_task(health.set(ready)))
 
     await grpc_server.start()
-    await set_health(health_servicer, False)
+    await health.set(False)
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     log.info(
         "REST on http://%s:%d, gRPC on %s:%d", settings.http_host, settings.http_port, settings.grpc_host, grpc_port
     )
-    gpu_sampler = asyncio.create_task(sample_forever())
-    load_task = asyncio.create_task(runtime.load())
+    gpu_sampler = None if supervised else asyncio.create_task(sample_forever())
+    source_task = asyncio.create_task(source.run())
     stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait({load_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
 
+    code = 0
+    waiting = {source_task, stop_task, http_task}
+    while True:
+        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if source_task in done and source_task.exception() is not None:
+            e = source_task.exception()
+            if isinstance(e, (QuickNetError, BackendError)):
+                log.error("cannot serve: %s", e)
+            else:
+                log.error("cannot serve", exc_info=e)
+            code = 2
+            break
+        if http_task in done:
+            log.error("the REST server stopped: %s", http_task.exception() or "port in use?")
+            code = 1
+            break
+        if stop_task in done:
+            log.info("shutting down: draining queued and in-flight work (up to %.0fs)", settings.drain_seconds)
+            break
+    runtime.start_draining()
+    for task in (gpu_sampler, parent_watch):
+        if task is not None:
+            task.cancel()
+    if code == 0 and not await source.drain(settings.drain_seconds):
+        log.warning("drain period ended with work still queued; it is answered 503")
+    http.should_exit = True
+    await asyncio.gather(http_task, return_exceptions=True)
+    await grpc_server.stop(grace=min(5.0, settings.drain_seconds))
+    source_task.cancel()
+    await asyncio.gather(source_task, return_exceptions=True)
+    await source.close()
+    log.info("stopped")
+    return code
+
+
+async def serve_engine(settings: Settings, path: str) -> int:
+    """The engine process: every model's engine and batcher, fed by the fronts over `path`."""
+    from service.ipc import EngineServer
+
+    stop = _stop_event(ignore_sigint=True)
+    parent_watch = _watch_parent(stop)
+    engine = Engine(settings)
+    server = EngineServer(path)
+    await server.start()
+    gpu_sampler = asyncio.create_task(sample_forever())
+    load_task = asyncio.create_task(engine.load())
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if load_task.done() and load_task.exception() is not None:
         e = load_task.exception()
@@ -126,30 +239,52 @@ async def serve(settings: Settings) -> int:
             log.error("cannot serve: %s", e)
         else:
             log.error("cannot serve", exc_info=e)
-        code = 1
-    elif http_task.done():
-        log.error("the REST server stopped: %s", http_task.exception() or "port in use?")
-        code = 1
-    else:
+        code = 2
+    elif load_task.done():
+        server.install(load_task.result(), engine.default_name)
+        metrics.READY.set(1)  # with the fronts' own, `quicknet_ready` (min over processes) is 1 when all are
+        log.info("engine ready: %d model version(s)", len(engine.models))
         await stop_task
-        log.info("shutting down: draining queued and in-flight work (up to %.0fs)", settings.drain_seconds)
     load_task.cancel()
-    gpu_sampler.cancel()
-    finished = await runtime.drain()
-    if not finished:
-        log.warning("drain period ended with work still queued; it is answered 503")
-    http.should_exit = True
-    await asyncio.gather(http_task, return_exceptions=True)
-    await grpc_server.stop(grace=min(5.0, settings.drain_seconds))
-    await runtime.close()
-    log.info("stopped")
+    metrics.READY.set(0)
+    server.stop_accepting()
+    await engine.drain(settings.drain_seconds)
+    for task in (gpu_sampler, parent_watch, stop_task):
+        if task is not None:
+            task.cancel()
+    await server.close()
+    await engine.close()
     return code
+
+
+def _run_loop(main) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def run(settings: Settings) -> int:
     configure_logging(settings)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+    Engine(settings).plan()  # a wrong model, version or store fails here, before any port or engine
+    if settings.front_workers > 1:
+        from service.supervisor import supervise
+
+        return supervise(settings)
+    return _run_loop(serve(settings, lambda runtime: LocalSource(settings, runtime)))
+
+
+def run_front(settings: Settings, engine_path: str) -> int:
+    """A front process's entry (the supervisor starts it)."""
+    from service.ipc import EngineClient
+
+    configure_logging(settings)
+    ring_images = settings.max_queue_images + settings.max_batch_size * settings.instances
+    return _run_loop(serve(settings, lambda rt: EngineClient(engine_path, rt, ring_images), supervised=True))
+
+
+def run_engine(settings: Settings, engine_path: str) -> int:
+    """The engine process's entry (the supervisor starts it)."""
+    configure_logging(settings)
+    return _run_loop(serve_engine(settings, engine_path))

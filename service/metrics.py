@@ -2,14 +2,22 @@
 
 Conventions: base units (seconds), counters end in `_total`, latency as histograms so they
 aggregate across replicas.
+
+With front processes (`--workers` > 1) every process writes its samples to files under
+`PROMETHEUS_MULTIPROC_DIR` (the supervisor sets it before any child starts) and `/metrics` in
+any front merges them: one view of the whole service. Gauges say how to merge (`multiprocess_mode`):
+the engine process alone sets the queue, in-flight, model and GPU gauges; `quicknet_ready` is
+the minimum over the live fronts, so it is 1 only when every front takes work.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 REQUEST_SECONDS = Histogram(
     "quicknet_request_duration_seconds",
@@ -32,9 +40,33 @@ INFER_SECONDS = Histogram(
 BATCH_SIZE = Histogram("quicknet_batch_size", "Images per engine batch.", ["model"], buckets=BATCH_BUCKETS)
 IMAGES = Counter("quicknet_images_total", "Images classified.", ["model", "protocol"])
 REJECTIONS = Counter("quicknet_rejections_total", "Requests refused or dropped, by reason.", ["protocol", "reason"])
-QUEUE_DEPTH = Gauge("quicknet_queue_images", "Images waiting in the batcher queue.", ["model"])
-IN_FLIGHT = Gauge("quicknet_batches_in_flight", "Batches running on the engine.", ["model"])
-READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.")
-MODEL_INFO = Info("quicknet_model", "A model version being served.", ["name", "version"])
-GPU_UTILIZATION = Gauge("quicknet_gpu_utilization_ratio", "GPU busy fraction (NVML).", ["gpu"])
-GPU_MEMORY_USED = Gauge("quicknet_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"])
+QUEUE_DEPTH = Gauge(
+    "quicknet_queue_images", "Images waiting in the batcher queue.", ["model"], multiprocess_mode="livesum"
+)
+IN_FLIGHT = Gauge(
+    "quicknet_batches_in_flight", "Batches running on the engine.", ["model"], multiprocess_mode="livesum"
+)
+READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.", multiprocess_mode="livemin")
+MODEL_INFO = Gauge(
+    "quicknet_model_info",
+    "A model version being served (value 1).",
+    ["name", "version", "backend", "file_sha256"],
+    multiprocess_mode="livemax",
+)
+GPU_UTILIZATION = Gauge(
+    "quicknet_gpu_utilization_ratio", "GPU busy fraction (NVML).", ["gpu"], multiprocess_mode="livemax"
+)
+GPU_MEMORY_USED = Gauge(
+    "quicknet_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], multiprocess_mode="livemax"
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text `/metrics` serves: this process's registry, or every process's when multiprocess."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

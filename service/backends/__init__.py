@@ -4,12 +4,15 @@
     infer(batch: uint8 [N,32,32,3]) -> float32 logits [N,10]
     max_batch_size, warmup(), describe()
 
-`choose()` picks automatically: a TensorRT plan built for this GPU → tensorrt; else CUDA with
-torch → torch; else onnxruntime. A forced `--backend` that cannot load fails with one line.
+`choose()` picks automatically: a TensorRT plan built for this GPU → tensorrt; else a GPU and
+torch → torch; else onnxruntime. Whether a GPU exists is asked of NVML or the device files, never
+of torch: a CPU service must not pay torch's import (hundreds of MB resident) just to learn "no".
+A forced `--backend` that cannot load fails with one line.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import Protocol
 
@@ -43,35 +46,37 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
-def _cuda_with_torch() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+# One table: engine name -> (module, class). Modules import their engine library lazily.
+ENGINES: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("service.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "torch": ("service.backends.pytorch", "TorchBackend"),
+    "tensorrt": ("service.backends.tensorrt", "TensorRTBackend"),
+}
 
 
 def choose(version: ModelVersion, settings: Settings) -> str:
     if settings.backend != "auto":
         return settings.backend
+    from service.gpu import gpu_present
+
+    if not gpu_present():
+        return "onnxruntime"
     if importlib.util.find_spec("tensorrt") is not None:
         from service.backends.tensorrt import find_plan
 
         if find_plan(version, settings) is not None:
             return "tensorrt"
-    if _cuda_with_torch() and version.metadata.get("artifacts", {}).get("torch"):
-        return "torch"
+    if importlib.util.find_spec("torch") is not None and version.metadata.get("artifacts", {}).get("torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
     return "onnxruntime"
 
 
 def load_backend(version: ModelVersion, settings: Settings) -> Backend:
     name = choose(version, settings)
-    if name == "onnxruntime":
-        from service.backends.onnxruntime import OnnxRuntimeBackend as cls
-    elif name == "torch":
-        from service.backends.pytorch import TorchBackend as cls
-    elif name == "tensorrt":
-        from service.backends.tensorrt import TensorRTBackend as cls
-    else:
-        raise BackendError(f"unknown backend {name!r}; choose auto, onnxruntime, torch or tensorrt")
-    return cls.load(version, settings)
+    if name not in ENGINES:
+        raise BackendError(f"unknown backend {name!r}; choose auto, {', '.join(ENGINES)}")
+    module, cls = ENGINES[name]
+    return getattr(importlib.import_module(module), cls).load(version, settings)

@@ -1,13 +1,21 @@
-"""PyTorch: the folded model (`model.pt2`, a torch.export program). The GPU path we can run.
+"""PyTorch: the folded model on CUDA (the GPU engine we can run) or on the CPU.
 
-On CUDA: fp16 autocast, channels_last (a uint8 NHWC input permuted to NCHW already has that
-layout), and one CUDA graph captured per batch bucket (powers of two up to the max); a batch is
-padded to its bucket, so every shape the engine sees was captured at warm-up. On CPU: fp32.
+The model comes from `model.folded.pt` (a layer list and a state dict: it loads under any torch
+version, `weights_only`, no code) or, for versions published before it existed, `model.pt2`
+(a `torch.export` program, which only the torch that wrote it is sure to read).
+
+On CUDA: fp16 weights and activations, channels_last (a uint8 NHWC input permuted to NCHW
+already has that layout), and `instances` lanes. A lane is one batch in flight: its own CUDA
+stream, its own pinned host buffers, and one CUDA graph per batch bucket (powers of two up to
+the max) captured at warm-up; a batch is padded to its bucket, so every shape the engine sees
+was captured. With several lanes, one batch's copies overlap another's compute, and the GPU
+does not idle while the host scatters results. On CPU: fp32, `threads` intra-op threads.
 """
 
 from __future__ import annotations
 
-import threading
+import queue
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,21 +23,89 @@ from quicknet.store import ModelVersion
 from service.backends import BackendError, warmup_sizes
 from service.config import Settings
 
+FOLDED_FORMAT = "quicknet-folded/1"
+
+
+def build_folded(spec: dict):
+    """The folded QuickNet from `quicknet.export.folded_spec` data: normalize → features → pool → linear."""
+    import torch
+    from torch import nn
+
+    class Normalize(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(3))
+            self.register_buffer("shift", torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 NHWC -> NCHW in the weights' dtype
+            return (x.to(self.scale.dtype) * self.scale + self.shift).permute(0, 3, 1, 2)
+
+    class Folded(nn.Module):
+        def __init__(self, features: nn.Sequential, classifier: nn.Linear) -> None:
+            super().__init__()
+            self.normalize = Normalize()
+            self.features = features
+            self.classifier = classifier
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(self.normalize(images)).mean(dim=(2, 3)))
+
+    if spec.get("format") != FOLDED_FORMAT:
+        raise BackendError(f"unknown folded-model format {spec.get('format')!r}; republish with this version")
+    layers: list[nn.Module] = []
+    for layer in spec["layers"]:
+        op = layer["op"]
+        if op == "conv":
+            layers.append(
+                nn.Conv2d(layer["in"], layer["out"], layer["kernel"], padding=layer["padding"], groups=layer["groups"])
+            )
+        elif op == "prelu":
+            layers.append(nn.PReLU(layer["channels"]))
+        elif op == "leaky_relu":
+            layers.append(nn.LeakyReLU(layer["slope"]))
+        elif op == "maxpool":
+            layers.append(nn.MaxPool2d(layer["kernel"]))
+        else:
+            raise BackendError(f"folded model has an unknown layer {op!r}; republish with this version")
+    head = spec["classifier"]
+    model = Folded(nn.Sequential(*layers), nn.Linear(head["in"], head["out"]))
+    model.load_state_dict(spec["state_dict"])
+    return model.eval()
+
+
+def load_module(path: str):
+    import torch
+
+    if path.endswith(".pt2"):
+        return torch.export.load(path).module(), False
+    return build_folded(torch.load(path, map_location="cpu", weights_only=True)), True
+
+
+@dataclass
+class _Lane:
+    stream: object
+    pinned_in: object  # torch uint8 [max, 32, 32, 3], page-locked
+    pinned_out: object  # torch float32 [max, 10], page-locked
+    graphs: dict  # bucket -> (CUDAGraph, static input, static output)
+
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, module, device: str, settings: Settings, path: str):
+    def __init__(self, module, device: str, settings: Settings, path: str, portable: bool):
         import torch
 
         self.torch = torch
         self.module = module
         self.device = device
         self.path = path
+        self.portable = portable
         self.max_batch_size = settings.max_batch_size
         self.buckets = warmup_sizes(settings.max_batch_size)
-        self.graphs: dict[int, tuple] = {}
-        self.lock = threading.Lock()  # CUDA graphs share static buffers: one batch at a time per bucket set
+        self.lanes: queue.Queue[_Lane] = queue.Queue()
+        if device == "cuda":
+            for _ in range(settings.instances):
+                self.lanes.put(self._new_lane())
 
     @classmethod
     def load(cls, version: ModelVersion, settings: Settings) -> TorchBackend:
@@ -39,56 +115,92 @@ class TorchBackend:
             raise BackendError("torch is not installed: the torch backend needs the build or gpu extra") from None
         fname = version.metadata.get("artifacts", {}).get("torch")
         if not fname or not version.file(fname).is_file():
-            raise BackendError(f"{version.name} v{version.version} has no torch artifact (model.pt2); republish it")
+            raise BackendError(f"{version.name} v{version.version} has no torch artifact; republish it")
+        try:
+            module, portable = load_module(str(version.file(fname)))
+        except BackendError:
+            raise
+        except Exception as e:  # a torch.export file from another torch, or a damaged file
+            raise BackendError(f"torch {torch.__version__} cannot load {fname} ({e}); republish the model") from None
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(settings.threads)
-        module = torch.export.load(str(version.file(fname))).module().to(device)
-        if device == "cuda":
-            module = module.to(memory_format=torch.channels_last)
-        return cls(module, device, settings, str(version.file(fname)))
+        else:
+            module = module.to(device, memory_format=torch.channels_last)
+            if portable:  # its normalization runs in the weights' dtype; a torch.export program uses autocast
+                module = module.half()
+        return cls(module, device, settings, str(version.file(fname)), portable)
 
-    def _run(self, x):
+    def _forward(self, x):
         torch = self.torch
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
+        half_by_autocast = self.device == "cuda" and not self.portable
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half_by_autocast):
             return self.module(x).float()
+
+    def _new_lane(self) -> _Lane:
+        torch = self.torch
+        n = self.max_batch_size
+        return _Lane(
+            stream=torch.cuda.Stream(),
+            pinned_in=torch.empty((n, 32, 32, 3), dtype=torch.uint8).pin_memory(),
+            pinned_out=torch.empty((n, 10), dtype=torch.float32).pin_memory(),
+            graphs={},
+        )
+
+    def _capture(self, lane: _Lane) -> None:
+        """One graph per bucket, largest first, sharing one memory pool within the lane."""
+        torch = self.torch
+        pool = None
+        with torch.cuda.stream(lane.stream):
+            for size in sorted(self.buckets, reverse=True):
+                static_in = torch.zeros((size, 32, 32, 3), dtype=torch.uint8, device="cuda")
+                for _ in range(3):  # warm kernels (cuDNN picks algorithms) and the allocator before capture
+                    self._forward(static_in)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=lane.stream, capture_error_mode="thread_local"):
+                    static_out = self._forward(static_in)
+                pool = pool or graph.pool()
+                lane.graphs[size] = (graph, static_in, static_out)
+        lane.stream.synchronize()
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _capture(self, size: int) -> tuple:
-        torch = self.torch
-        static_in = torch.zeros((size, 32, 32, 3), dtype=torch.uint8, device="cuda")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm kernels and the allocator before capture
-                self._run(static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._run(static_in)
-        return graph, static_in, static_out
-
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
         if self.device == "cpu":
-            return self._run(x).numpy()
+            return self._forward(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))).numpy()
         n = len(batch)
-        size = self._bucket(n)
-        with self.lock:
-            if size not in self.graphs:
-                self.graphs[size] = self._capture(size)
-            graph, static_in, static_out = self.graphs[size]
-            static_in[:n].copy_(x.pin_memory(), non_blocking=True)
-            graph.replay()
-            return static_out[:n].cpu().numpy()
+        lane = self.lanes.get()
+        try:
+            if not lane.graphs:
+                self._capture(lane)
+            graph, static_in, static_out = lane.graphs[self._bucket(n)]
+            lane.pinned_in.numpy()[:n] = batch
+            with torch.cuda.stream(lane.stream):
+                static_in[:n].copy_(lane.pinned_in[:n], non_blocking=True)
+                graph.replay()
+                lane.pinned_out[:n].copy_(static_out[:n], non_blocking=True)
+            lane.stream.synchronize()
+            return lane.pinned_out.numpy()[:n].copy()
+        finally:
+            self.lanes.put(lane)
 
     def warmup(self) -> None:
+        if self.device == "cuda":
+            lanes = [self.lanes.get() for _ in range(self.lanes.qsize())]
+            for lane in lanes:
+                self._capture(lane)
+                self.lanes.put(lane)
         for n in self.buckets:
             self.infer(np.zeros((n, 32, 32, 3), dtype=np.uint8))
 
     def describe(self) -> dict:
-        name = self.torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
-        return {"backend": self.name, "device": name, "file": self.path, "cuda_graphs": self.device == "cuda"}
+        torch = self.torch
+        desc = {"backend": self.name, "file": self.path, "device": self.device}
+        if self.device == "cuda":
+            desc |= {"gpu": torch.cuda.get_device_name(), "dtype": "float16", "cuda_graphs": True}
+            desc["lanes"] = self.lanes.qsize()
+        else:
+            desc["threads"] = torch.get_num_threads()
+        return desc

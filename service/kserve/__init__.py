@@ -16,7 +16,8 @@ import struct
 import numpy as np
 
 from service.images import PIXELS_PER_IMAGE, InputError, Limits, check_count, decode_images
-from service.runtime import ModelRuntime, Runtime, softmax
+from service.model import ModelHandle, softmax
+from service.runtime import Runtime
 
 INPUT = "images"
 OUTPUT = "logits"
@@ -27,60 +28,38 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "to
 NUM_CLASSES = 10
 
 
-def model_metadata(mr: ModelRuntime, runtime: Runtime) -> dict:
+def model_metadata(model: ModelHandle, runtime: Runtime) -> dict:
+    info = model.info
     return {
-        "name": mr.name,
-        "versions": [str(v) for v in sorted(runtime.models[mr.name])],
-        "platform": PLATFORMS.get(mr.backend.name, mr.backend.name),
+        "name": info.name,
+        "versions": [str(v) for v in sorted(runtime.models[info.name])],
+        "platform": PLATFORMS.get(info.backend, info.backend),
         "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, NUM_CLASSES]}],
     }
 
 
-def model_config(mr: ModelRuntime) -> dict:
+def model_config(model: ModelHandle) -> dict:
     """Triton's model configuration (JSON form), as perf_analyzer and tritonclient read it."""
-    b = mr.batcher
+    info = model.info
     return {
-        "name": mr.name,
-        "platform": PLATFORMS.get(mr.backend.name, mr.backend.name),
-        "backend": mr.backend.name,
-        "max_batch_size": b.max_batch_size,
+        "name": info.name,
+        "platform": PLATFORMS.get(info.backend, info.backend),
+        "backend": info.backend,
+        "max_batch_size": info.max_batch_size,
         "input": [{"name": INPUT, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}],
         "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES], "label_filename": ""}],
         "dynamic_batching": {
-            "preferred_batch_size": list(b.preferred),
-            "max_queue_delay_microseconds": int(b.max_queue_delay_s * 1e6),
+            "preferred_batch_size": list(info.preferred_batch_sizes),
+            "max_queue_delay_microseconds": int(info.max_queue_delay_s * 1e6),
         },
-        "instance_group": [{"name": mr.name, "count": b.instances, "kind": "KIND_CPU"}],
+        "instance_group": [{"name": info.name, "count": info.instances, "kind": "KIND_CPU"}],
     }
 
 
-def model_statistics(mr: ModelRuntime) -> dict:
-    s = mr.stats
-
-    def d(x) -> dict:
-        return {"count": x.count, "ns": x.ns}
-
-    zero = {"count": 0, "ns": 0}
-    return {
-        "name": mr.name,
-        "version": str(mr.version.version),
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": d(s.success),
-            "fail": d(s.fail),
-            "queue": d(s.queue),
-            "compute_input": zero,
-            "compute_infer": d(s.compute_infer),
-            "compute_output": zero,
-        },
-        "batch_stats": [
-            {"batch_size": size, "compute_input": zero, "compute_infer": d(dur), "compute_output": zero}
-            for size, dur in sorted(s.batches.items())
-        ],
-    }
+async def model_statistics(model: ModelHandle) -> dict:
+    """Triton's statistics for one version (the engine keeps them; see `service.model.Statistics`)."""
+    return {"name": model.name, "version": str(model.version), **(await model.statistics())}
 
 
 def parse_bytes_tensor(raw: bytes) -> list[bytes]:

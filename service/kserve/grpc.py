@@ -17,7 +17,6 @@ import numpy as np
 from service import metrics
 from service._generated import grpc_predict_v2_pb2 as pb
 from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.grpc_server import deadline_of, to_rpc_error, unary_call
 from service.images import InputError
 from service.kserve import (
     EXTENSIONS,
@@ -31,7 +30,9 @@ from service.kserve import (
     model_statistics,
     serialize_bytes_tensor,
 )
-from service.runtime import ModelRuntime, Runtime
+from service.model import ModelHandle
+from service.runtime import Runtime
+from service.transport.grpc import deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
 
@@ -60,8 +61,8 @@ def _images(request: pb.ModelInferRequest, runtime: Runtime) -> np.ndarray:
     return decode_input(tensor.name, tensor.datatype, list(tensor.shape), runtime.limits, values=values)
 
 
-def _response(request: pb.ModelInferRequest, mr: ModelRuntime, logits: np.ndarray) -> pb.ModelInferResponse:
-    reply = pb.ModelInferResponse(model_name=mr.name, model_version=str(mr.version.version), id=request.id)
+def _response(request: pb.ModelInferRequest, mr: ModelHandle, logits: np.ndarray) -> pb.ModelInferResponse:
+    reply = pb.ModelInferResponse(model_name=mr.name, model_version=str(mr.version), id=request.id)
     wanted = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT)]
     for out in wanted:
         if out.name != OUTPUT:
@@ -85,12 +86,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+        return pb.ServerReadyResponse(ready=self.runtime.accepting)
 
     async def ModelReady(self, request, context):
         async def run(request, context):
             self.runtime.get(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+            return pb.ModelReadyResponse(ready=self.runtime.accepting)
 
         return await unary_call(PROTOCOL, "ModelReady", run, request, context)
 
@@ -139,7 +140,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def run(request, context):
             reply = pb.ModelStatisticsResponse()
             for m in self.runtime.select(request.name, request.version):
-                s = model_statistics(m)
+                s = await model_statistics(m)
                 stats = reply.model_stats.add(
                     name=s["name"],
                     version=s["version"],
@@ -151,7 +152,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     getattr(stats.inference_stats, key).CopyFrom(pb.StatisticDuration(**value))
                 for b in s["batch_stats"]:
                     stats.batch_stats.add(
-                        batch_size=b["batch_size"], compute_infer=pb.StatisticDuration(**b["compute_infer"])
+                        batch_size=b["batch_size"],
+                        compute_input=pb.StatisticDuration(**b["compute_input"]),
+                        compute_infer=pb.StatisticDuration(**b["compute_infer"]),
+                        compute_output=pb.StatisticDuration(**b["compute_output"]),
                     )
             return reply
 
@@ -190,6 +194,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=reply)
 
 
-def add_service(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
+def add_to_server(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(runtime), server)
     return [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

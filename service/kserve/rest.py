@@ -7,7 +7,7 @@ import json
 import time
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
@@ -25,8 +25,8 @@ from service.kserve import (
     model_statistics,
     serialize_bytes_tensor,
 )
-from service.rest import deadline_from_header, read_body, run_unless_disconnected
 from service.runtime import Runtime
+from service.transport.http import deadline_from_header, read_body, run_unless_disconnected
 
 PROTOCOL = "kserve-rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -120,48 +120,50 @@ def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dic
     return tensors, blobs
 
 
-def add_routes(app: FastAPI, runtime: Runtime) -> None:
-    @app.get("/v2", tags=["kserve"], summary="Server metadata")
+def router(runtime: Runtime) -> APIRouter:
+    app = APIRouter(tags=["kserve"])
+
+    @app.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    @app.get("/v2/health/live", tags=["kserve"])
+    @app.get("/v2/health/live")
     async def live() -> dict:
         return {"live": True}
 
-    @app.get("/v2/health/ready", tags=["kserve"])
+    @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        if runtime.ready and not runtime.draining:
+        if runtime.accepting:
             return JSONResponse({"ready": True})
         return JSONResponse({"error": "not ready"}, status_code=400)
 
-    @app.get("/v2/models/stats", tags=["kserve"], summary="Statistics of every served model")
+    @app.get("/v2/models/stats", summary="Statistics of every served model")
     async def all_stats() -> dict:
-        return {"model_stats": [model_statistics(m) for m in runtime.select()]}
+        return {"model_stats": [await model_statistics(m) for m in runtime.select()]}
 
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + suffix
 
-        @app.get(base, tags=["kserve"], summary="Model metadata")
+        @app.get(base, summary="Model metadata")
         async def metadata(name: str, version: str | None = None) -> dict:
             return model_metadata(runtime.get(name, version), runtime)
 
-        @app.get(base + "/ready", tags=["kserve"])
+        @app.get(base + "/ready")
         async def model_ready(name: str, version: str | None = None) -> JSONResponse:
             runtime.get(name, version)
-            if runtime.ready and not runtime.draining:
+            if runtime.accepting:
                 return JSONResponse({"name": name, "ready": True})
             return JSONResponse({"error": f"model {name!r} is not ready"}, status_code=400)
 
-        @app.get(base + "/config", tags=["kserve"], summary="Triton model configuration")
+        @app.get(base + "/config", summary="Triton model configuration")
         async def config(name: str, version: str | None = None) -> dict:
             return model_config(runtime.get(name, version))
 
-        @app.get(base + "/stats", tags=["kserve"], summary="Triton model statistics")
+        @app.get(base + "/stats", summary="Triton model statistics")
         async def stats(name: str, version: str | None = None) -> dict:
-            return {"model_stats": [model_statistics(m) for m in runtime.select(name, version)]}
+            return {"model_stats": [await model_statistics(m) for m in runtime.select(name, version)]}
 
-        @app.post(base + "/infer", tags=["kserve"], summary="Inference (JSON tensors or the binary-data extension)")
+        @app.post(base + "/infer", summary="Inference (JSON tensors or the binary-data extension)")
         async def infer(request: Request, name: str, version: str | None = None) -> Response:
             mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
@@ -176,7 +178,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
             logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
             tensors, blobs = _outputs(doc, logits, mr.labels)
-            reply = {"model_name": mr.name, "model_version": str(mr.version.version), "outputs": tensors}
+            reply = {"model_name": mr.name, "model_version": str(mr.version), "outputs": tensors}
             if "id" in doc:
                 reply["id"] = doc["id"]
             if not blobs:
@@ -187,3 +189,5 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 media_type="application/octet-stream",
                 headers={"Inference-Header-Content-Length": str(len(header))},
             )
+
+    return app

@@ -1,0 +1,109 @@
+"""gRPC plumbing for every gRPC front: the grpc.aio server (message limits, health, reflection),
+refusals as status codes, deadlines from the call, and call metrics.
+
+A front is a module with `PROTOCOL` (its metrics tag) and `add_to_server(server, runtime) ->
+[service names]`. The standard health service answers for every one of those names (and for
+"", the whole server): SERVING only while the runtime takes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import metrics
+from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
+from service.images import InputError
+from service.runtime import ModelNotFound, Runtime
+
+HTTP_TO_GRPC = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+}
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+def to_rpc_error(e: Exception) -> RpcError:
+    """Every refusal the service can make, as a gRPC status (the HTTP twin is `transport.http.refusal_to_http`)."""
+    if isinstance(e, RpcError):
+        return e
+    if isinstance(e, InputError):
+        return RpcError(HTTP_TO_GRPC.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e), e.reason)
+    if isinstance(e, QueueFull):
+        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after_s:.0f}s)", "queue_full")
+    if isinstance(e, DeadlineExceeded):
+        return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e), "deadline")
+    if isinstance(e, NotAccepting):
+        return RpcError(grpc.StatusCode.UNAVAILABLE, str(e), e.reason)
+    if isinstance(e, ModelNotFound):
+        return RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found")
+    return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
+
+
+def deadline_of(context: grpc.aio.ServicerContext, runtime: Runtime) -> float:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return runtime.deadline_from_timeout_ms(None)
+    return time.monotonic() + remaining
+
+
+async def unary_call(protocol: str, endpoint: str, fn: Callable, request, context: grpc.aio.ServicerContext):
+    """Run a unary handler: request metrics, every error as a status with a one-line message, and
+    one rejection count per failed call (a cancelled call counts as `cancelled`)."""
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        return await fn(request, context)
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        metrics.REJECTIONS.labels(protocol, "cancelled").inc()
+        raise
+    except Exception as e:
+        err = to_rpc_error(e)
+        code = err.code
+        metrics.REJECTIONS.labels(protocol, err.reason).inc()
+        await context.abort(err.code, str(err))
+    finally:
+        metrics.REQUEST_SECONDS.labels(protocol, endpoint, code.name).observe(time.perf_counter() - start)
+
+
+class Health:
+    """The standard health service for the server ("") and every front's service names."""
+
+    def __init__(self, server: grpc.aio.Server, names: list[str]):
+        self.servicer = health.aio.HealthServicer()
+        self.names = ["", *names]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+
+def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.aio.Server, Health]:
+    limit = runtime.settings.grpc_max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if runtime.settings.workers > 1 else 0),
+        ]
+    )
+    names = [name for front in fronts for name in front.add_to_server(server, runtime)]
+    service_health = Health(server, names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, service_health
