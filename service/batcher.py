@@ -57,6 +57,7 @@ class _Item:
     future: asyncio.Future
     protocol: str  # an opaque tag for metrics
     enqueued: float = field(default_factory=time.monotonic)
+    taken: bool = False  # in a batch: past the point where a deadline can spare the engine
 
     @property
     def n(self) -> int:
@@ -138,7 +139,7 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(NotAccepting("server is shutting down"))
+                item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
         self._executor.shutdown(wait=True)
 
     @property
@@ -164,12 +165,17 @@ class Batcher:
             self._queued_images += item.n
         metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
         self._wakeup.set()
+        # The deadline is enforced when it passes, not when the next batch forms: the caller hears
+        # DeadlineExceeded on time, and its queued parts are skipped (never computed).
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, items)
         try:
             results = await asyncio.gather(*(item.future for item in items))
         except BaseException:
             for item in items:  # a cancelled or failed request takes all its parts out of the queue
                 item.future.cancel()
             raise
+        finally:
+            expiry.cancel()
         logits = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
         return logits, Timing(
             queue_s=max(r[1].queue_s for r in results),
@@ -179,6 +185,12 @@ class Batcher:
         )
 
     # --- batching ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _expire(items: list[_Item]) -> None:
+        for item in items:
+            if not item.taken and not item.future.done():
+                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
 
     def _retry_after(self) -> float:
         batches_ahead = self._queued_images / max(self.max_batch_size * self.instances, 1)
@@ -190,7 +202,7 @@ class Batcher:
         size = 0
         while self._queue:
             item = self._queue[0]
-            if item.future.done():  # cancelled by its client (the front counts the rejection, once)
+            if item.future.done():  # cancelled by its client or expired (the front counts the rejection, once)
                 self._pop()
                 continue
             if item.deadline <= now:
@@ -200,11 +212,13 @@ class Batcher:
             if size + item.n > self.max_batch_size:
                 break
             batch.append(self._pop())
+            item.taken = True
             size += item.n
         if self.preferred and size not in self.preferred and len(batch) > 1:
             target = max((p for p in self.preferred if p <= size), default=None)
             while target is not None and size > target and len(batch) > 1:
                 item = batch.pop()
+                item.taken = False
                 size -= item.n
                 self._queue.appendleft(item)
                 self._queued_images += item.n
@@ -252,6 +266,11 @@ class Batcher:
             called = time.monotonic()
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, images)
+            except asyncio.CancelledError:  # closing with this batch in the engine: its callers hear why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
+                raise
             except Exception as e:  # the engine failed: every item in the batch learns why
                 for item in batch:
                     if not item.future.done():

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,10 +54,21 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     default_top_k: int = Field(5, ge=1, le=10, description="classes returned per image")
 
+    fault_injection: str = Field(
+        "", description="tests and drills only: 'fail-every=N' and/or 'hang-every=N,hang-seconds=S' engine batches"
+    )
     drain_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time allowed for queued and in-flight work")
     warmup: bool = Field(True, description="run every batch bucket once before reporting ready")
     log_json: bool = Field(False, description="structured JSON access logs")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("fault_injection")
+    @classmethod
+    def _fault_plan(cls, spec: str) -> str:
+        from service.backends.faults import FaultPlan
+
+        FaultPlan.parse(spec)
+        return spec
 
     @property
     def front_workers(self) -> int:

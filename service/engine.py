@@ -117,6 +117,12 @@ class Engine:
         backend = await loop.run_in_executor(None, load_backend, version, self.settings)
         if self.settings.warmup:
             await loop.run_in_executor(None, backend.warmup)
+        if self.settings.fault_injection:
+            from service.backends.faults import FaultPlan, FaultyBackend
+
+            spec = self.settings.fault_injection
+            backend = FaultyBackend(backend, FaultPlan.parse(spec), spec)
+            log.warning("fault injection on %s v%d: %s", version.name, version.version, spec)
         model = LocalModel(version, backend, self.settings)
         model.batcher.start()
         files = version.metadata.get("files", {})

@@ -279,7 +279,13 @@ class EngineClient:
         return True
 
     async def close(self) -> None:
+        """Stop: whatever is still waiting (past the drain period) is answered 503 now."""
         self.closing = True
+        pending, self.pending = self.pending, {}
+        for future, _, _ in pending.values():
+            if not future.done():
+                future.set_exception(NotAccepting("server is shutting down; retry on another replica", "draining"))
+        self._idle.set()
         if self.writer is not None:
             self.writer.close()
 

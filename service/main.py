@@ -209,12 +209,12 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
             task.cancel()
     if code == 0 and not await source.drain(settings.drain_seconds):
         log.warning("drain period ended with work still queued; it is answered 503")
+    source_task.cancel()
+    await asyncio.gather(source_task, return_exceptions=True)
+    await source.close()  # anything still waiting is answered 503 now, before the servers stop
     http.should_exit = True
     await asyncio.gather(http_task, return_exceptions=True)
     await grpc_server.stop(grace=min(5.0, settings.drain_seconds))
-    source_task.cancel()
-    await asyncio.gather(source_task, return_exceptions=True)
-    await source.close()
     log.info("stopped")
     return code
 
@@ -243,7 +243,7 @@ async def serve_engine(settings: Settings, path: str) -> int:
     elif load_task.done():
         server.install(load_task.result(), engine.default_name)
         metrics.READY.set(1)  # with the fronts' own, `quicknet_ready` (min over processes) is 1 when all are
-        log.info("engine ready: %d model version(s)", len(engine.models))
+        log.info("engine ready: %d model version(s) (pid %d)", len(engine.models), os.getpid())
         await stop_task
     load_task.cancel()
     metrics.READY.set(0)
@@ -261,8 +261,11 @@ def _run_loop(main) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        code = asyncio.run(main)
+    else:
+        code = uvloop.run(main)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped: a second SIGTERM must not turn exit 0 into -15
+    return code
 
 
 def run(settings: Settings) -> int:

@@ -51,8 +51,18 @@ class Server:
             return self.proc.wait()
 
 
-def start_server(log_dir: Path, *, store: Path | None = None, ready_timeout: float = 120, **settings: object) -> Server:
+def start_server(
+    log_dir: Path,
+    *,
+    store: Path | None = None,
+    ready_timeout: float = 120,
+    wait_ready: bool = True,
+    env: dict[str, str] | None = None,
+    **settings: object,
+) -> Server:
+    """`quicknet serve` with `settings` as QUICKNET_* variables; returns once ready (or at once)."""
     http_port, grpc_port = free_port(), free_port()
+    extra_env = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     env.update(
         QUICKNET_MODEL_STORE=str(store or STORE),
@@ -62,12 +72,15 @@ def start_server(log_dir: Path, *, store: Path | None = None, ready_timeout: flo
         QUICKNET_GRPC_PORT=str(grpc_port),
     )
     env.update({f"QUICKNET_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update(extra_env)
     log_path = log_dir / f"server-{http_port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(proc, http_port, grpc_port, log_path)
+    if not wait_ready:
+        return server
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

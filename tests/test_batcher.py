@@ -160,20 +160,36 @@ def test_preferred_batch_sizes_trim_a_batch():
 
 
 def test_queue_delay_waits_for_a_fuller_batch():
+    """Ordered by event-loop steps, not wall time: with a long queue delay the first request waits
+    while four more arrive one loop step apart, and the batch leaves the moment it is full."""
+
     async def main():
         engine = SlowEngine()
-        b = make(engine, max_batch_size=8, max_queue_delay_s=0.2)
+        b = make(engine, max_batch_size=5, max_queue_delay_s=30)
         b.start()
         tasks = []
         for _ in range(5):
             tasks.append(asyncio.create_task(b.submit(images(1), far(), "t")))
-            await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks)
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the worker run: it must keep waiting, not dispatch one image
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)  # a full batch does not wait out the 30 s
         await b.close()
         return engine
 
     engine = run(main())
     assert [len(x) for x in engine.batches] == [5]
+
+
+def test_queue_delay_sends_a_partial_batch_when_it_expires():
+    async def main():
+        engine = SlowEngine()
+        b = make(engine, max_batch_size=8, max_queue_delay_s=0.05)
+        b.start()
+        await asyncio.gather(*(b.submit(images(1), far(), "t") for _ in range(2)))
+        await b.close()
+        return engine
+
+    assert [len(x) for x in run(main()).batches] == [2]
 
 
 def test_drain_finishes_queued_work_and_refuses_new():

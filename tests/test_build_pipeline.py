@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -17,7 +18,7 @@ def run_dir(cifar, tmp_path_factory):
     cfg = TrainConfig(model="quicknet-xs", epochs=1, batch_size=128, train_subset=1024, eval_subset=256)
     build.stage_train(cfg, cifar, run)
     build.stage_export(run, cifar)
-    build.stage_compile(run, cifar, tensorrt=False)
+    build.stage_compile(run, cifar)  # TensorRT where it imports; here, the skip path with its reason
     build.stage_eval(run, cifar)
     return run
 
@@ -27,6 +28,8 @@ def test_every_stage_leaves_its_artifact_and_record(run_dir):
         assert (run_dir / name).is_file(), name
     rec = json.loads((run_dir / "build.json").read_text())
     assert set(rec["stages"]) == {"train", "export", "compile", "eval"}
+    compiled = rec["stages"]["compile"]
+    assert "tensorrt" in compiled or compiled["tensorrt_skipped"].startswith("TensorRT is not installed")
     export = rec["stages"]["export"]
     assert export["graph_nodes_after_fold"] < export["graph_nodes_before_fold"] + 4
     assert export["equivalence"]["max_abs_logit_delta"] <= 1e-3
@@ -38,8 +41,14 @@ def test_every_stage_leaves_its_artifact_and_record(run_dir):
     assert len(acc["onnx"]["per_class"]) == 10
 
 
+def _copy(run_dir, dest):
+    """Publishing records itself in the run folder: each test publishes its own copy."""
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
 def test_publish_writes_complete_metadata(run_dir, tmp_path):
-    mv = build.stage_publish(run_dir, tmp_path, make_default=True)
+    mv = build.stage_publish(_copy(run_dir, tmp_path / "run"), tmp_path / "store", make_default=True)
     meta = mv.metadata
     for key in (
         "name",
@@ -59,19 +68,45 @@ def test_publish_writes_complete_metadata(run_dir, tmp_path):
         assert key in meta, key
     assert meta["inputs"][0] == {"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3], "layout": "NHWC"}
     assert "JPEG-q75" in meta["dataset"]
-    assert store.default_model(tmp_path) == "quicknet-xs"
-    store.verify_files(store.get_version(tmp_path, "quicknet-xs"))
+    assert store.default_model(tmp_path / "store") == "quicknet-xs"
+    store.verify_files(store.get_version(tmp_path / "store", "quicknet-xs"))
 
 
-def test_publish_refuses_a_worse_export(run_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("artifact", "loss", "message"),
+    [
+        ("onnx", 0.002, "model.onnx scores"),
+        ("onnx-optimized", 0.002, "model.opt.onnx scores"),
+        ("onnx-int8", 0.006, "model.int8.onnx scores"),
+        ("onnx-int8", None, "model.int8.onnx has no accuracy on the full 10k"),
+    ],
+)
+def test_publish_gates_every_servable_artifact(run_dir, tmp_path, artifact, loss, message):
     rec = json.loads((run_dir / "build.json").read_text())
-    rec["stages"]["eval"]["accuracy"]["onnx"]["top1"] = rec["stages"]["eval"]["accuracy"]["checkpoint"]["top1"] - 0.002
+    acc = rec["stages"]["eval"]["accuracy"]
+    if loss is None:
+        acc[artifact]["images"] = 500
+    else:
+        acc[artifact]["top1"] = acc["checkpoint"]["top1"] - loss
     bad = tmp_path / "bad-run"
     bad.mkdir()
+    for f in ("model.onnx", "model.opt.onnx", "model.int8.onnx"):
+        (bad / f).write_bytes((run_dir / f).read_bytes())
     (bad / "build.json").write_text(json.dumps(rec))
-    with pytest.raises(BuildError, match="refusing to publish"):
+    with pytest.raises(BuildError, match=f"refusing to publish: {message}"):
         build.stage_publish(bad, tmp_path / "store")
     assert not (tmp_path / "store").exists() or store.list_models(tmp_path / "store") == []
+
+
+def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, tmp_path):
+    rec = json.loads((run_dir / "build.json").read_text())
+    acc = rec["stages"]["eval"]["accuracy"]
+    acc["onnx-int8"]["top1"] = acc["checkpoint"]["top1"] - 0.004
+    ok = _copy(run_dir, tmp_path / "ok-run")
+    (ok / "build.json").write_text(json.dumps(rec))
+    meta = build.stage_publish(ok, tmp_path / "store").metadata
+    assert set(meta["accuracy_gates"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    assert meta["accuracy_gates"]["onnx-int8"]["max_loss"] == 0.005
 
 
 def test_stage_without_its_input_says_which_stage_to_run(tmp_path, cifar):

@@ -68,5 +68,38 @@ def test_eval_of_the_shipped_model_without_torch_artifacts(tmp_path):
 
     result = json.loads(out.stdout)
     assert set(result["artifacts"]) == {"onnx", "onnx-optimized", "onnx-int8"}
-    for scores in result["artifacts"].values():
-        assert abs(scores["top1"] - scores["published_top1"]) < 0.05
+    from quicknet import data, store
+    from quicknet.ortrun import onnx_logits
+
+    split = data.load().test.sample(500)  # what --limit 500 scores
+    mv = store.get_version(store.default_root(), "quicknet-xs")
+    for kind, scores in result["artifacts"].items():
+        logits = onnx_logits(mv.file(mv.metadata["artifacts"][kind]), split.images)
+        assert scores["top1"] == round(float((logits.argmax(1) == split.labels).mean()), 5), kind
+        assert scores["published_top1"] == mv.metadata["accuracy"][kind]["top1"]
+
+
+def test_classify_against_a_live_server_over_rest_and_grpc(tmp_path, cifar):
+    from PIL import Image
+
+    from tests.serving import start_server
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(cifar.test.images[i]).save(path)
+        paths.append(str(path))
+    srv = start_server(tmp_path)
+    try:
+        rest = quicknet("classify", *paths, "--url", srv.url, "--json")
+        grpc = quicknet("classify", *paths, "--grpc", srv.grpc_target, "--json")
+    finally:
+        assert srv.stop() == 0
+    assert rest.returncode == 0 and grpc.returncode == 0, rest.stderr + grpc.stderr
+    import json
+
+    by_rest = [json.loads(line) for line in rest.stdout.splitlines()]
+    by_grpc = [json.loads(line) for line in grpc.stdout.splitlines()]
+    assert [r["image"] for r in by_rest] == paths
+    assert [r["predictions"][0]["label"] for r in by_rest] == [r["predictions"][0]["label"] for r in by_grpc]
+    assert all(len(r["predictions"]) == 3 for r in by_rest)

@@ -44,7 +44,7 @@ def rendered() -> dict[str, list[dict]]:
 def server(tmp_path_factory):
     srv = start_server(tmp_path_factory.mktemp("deploy"))
     yield srv
-    srv.stop()
+    assert srv.stop() == 0, srv.log()
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +142,11 @@ def _exported(name: str, exported: set[str]) -> bool:
 
 def test_prometheus_rules(exported_metrics):
     rules = DEPLOY / "prometheus" / "rules.yml"
-    if shutil.which("promtool"):
-        res = run("promtool", "check", "rules", str(rules))
-        assert res.returncode == 0, res.stdout + res.stderr
-        res = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
-        assert res.returncode == 0, res.stdout + res.stderr
+    assert shutil.which("promtool"), "promtool is missing: apt-get install prometheus (.ci/run does)"
+    res = run("promtool", "check", "rules", str(rules))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
     doc = yaml.safe_load(rules.read_text())
     exprs = [r["expr"] for g in doc["groups"] for r in g["rules"]]
     assert {r.get("alert") for g in doc["groups"] for r in g["rules"]} >= {

@@ -52,6 +52,25 @@ def test_grayscale_rgba_palette_and_16_bit_become_rgb():
     assert np.array_equal(out[:, :, 0], PIXELS[:, :, 0])
 
 
+def test_resize_is_pillows_bicubic_to_exactly_32x32_without_keeping_the_aspect():
+    source = RNG.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(source).resize((32, 32), Image.Resampling.BICUBIC))
+    assert np.array_equal(decode_image(encode(Image.fromarray(source), "PNG"), LIMITS), reference)
+    ramp = np.tile(np.linspace(0, 255, 96).astype(np.uint8)[None, :, None], (64, 1, 3))  # 64x96 horizontal ramp
+    out = decode_image(encode(Image.fromarray(ramp), "PNG"), LIMITS)
+    expected = (np.arange(32) * 3 + 1) * 255 / 95  # each output pixel: mean of its 3 source columns
+    assert np.abs(out[16, 4:28, 0] - expected[4:28]).max() <= 1.0, "bicubic reproduces a linear ramp"
+
+
+def test_cmyk_jpeg_converts_like_the_reference_formula():
+    cmyk = np.zeros((32, 32, 4), np.uint8)
+    cmyk[..., 0], cmyk[..., 3] = 64, 32  # C=64, K=32 everywhere
+    out = decode_image(encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=100), LIMITS)
+    # Pillow's CMYK -> RGB: channel = (255 - ink) * (255 - K) / 255
+    expected = np.array([(255 - 64) * (255 - 32) / 255, (255 - 0) * (255 - 32) / 255, (255 - 0) * (255 - 32) / 255])
+    assert np.abs(out.reshape(-1, 3).mean(0) - expected).max() <= 3.0
+
+
 def test_any_size_is_resized_to_32():
     big = Image.fromarray(RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     assert decode_image(encode(big, "PNG"), LIMITS).shape == (32, 32, 3)

@@ -7,8 +7,11 @@ register `inference.*` in protobuf's default pool).
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -22,6 +25,7 @@ from quicknet import store
 from tests.serving import STORE, metric, start_server
 
 MODEL = "quicknet-xs"
+RAW = {"Content-Type": "application/octet-stream"}
 OTHER = "twin"
 
 
@@ -256,8 +260,8 @@ def test_grpc_stream_infer(grpc_client, samples, classify_top1):
     assert [by_id[str(i)] for i in range(3)] == classify_top1[:3].tolist()
 
 
-def test_kserve_shares_deadlines_and_metrics(server, samples):
-    body = {
+def _one_image_json(samples) -> dict:
+    return {
         "inputs": [
             {
                 "name": "images",
@@ -267,12 +271,164 @@ def test_kserve_shares_deadlines_and_metrics(server, samples):
             }
         ]
     }
-    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, headers={"X-Request-Timeout-Ms": "0.001"})
+
+
+def test_kserve_requests_are_counted_under_their_protocol(server, http, grpc_client, samples):
+    before = httpx.get(f"{server.url}/metrics").text
+    inp = thttp.InferInput("images", [3, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:3])
+    http.infer(MODEL, [inp])
+    ginp = tgrpc.InferInput("images", [2, 32, 32, 3], "UINT8")
+    ginp.set_data_from_numpy(samples.images[:2])
+    grpc_client.infer(MODEL, [ginp])
+    r = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        json=_one_image_json(samples),
+        headers={"X-Request-Timeout-Ms": "0.001"},
+    )
     assert r.status_code == 504
-    text = httpx.get(f"{server.url}/metrics").text
-    assert metric(text, "quicknet_images_total", protocol="kserve-rest") > 0
-    assert metric(text, "quicknet_images_total", protocol="kserve-grpc") > 0
-    assert metric(text, "quicknet_rejections_total", protocol="kserve-rest", reason="deadline") >= 1
+    after = httpx.get(f"{server.url}/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("quicknet_images_total", protocol="kserve-rest") == 3
+    assert delta("quicknet_images_total", protocol="kserve-grpc") == 2
+    assert delta("quicknet_rejections_total", protocol="kserve-rest", reason="deadline") == 1
+    assert (
+        delta(
+            "quicknet_request_duration_seconds_count",
+            protocol="kserve-rest",
+            endpoint="/v2/models/{name}/infer",
+            code="200",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            "quicknet_request_duration_seconds_count",
+            protocol="kserve-rest",
+            endpoint="/v2/models/{name}/infer",
+            code="504",
+        )
+        == 1
+    )
+    assert (
+        delta("quicknet_request_duration_seconds_count", protocol="kserve-grpc", endpoint="ModelInfer", code="OK") == 1
+    )
+
+
+def _in_background(call, n: int) -> list[threading.Thread]:
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _wait_until_queued(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(httpx.get(f"{server.url}/metrics").text, "quicknet_queue_images") == 0:
+        assert time.monotonic() < deadline, "nothing queued"
+        time.sleep(0.005)
+
+
+def test_kserve_grpc_deadline_passing_in_the_queue(server, grpc_client, samples):
+    before = httpx.get(f"{server.url}/metrics").text
+    body = bytes(3072 * 256)
+    threads = _in_background(lambda: httpx.post(f"{server.url}/classify", content=body, headers=RAW, timeout=60), 3)
+    _wait_until_queued(server)
+    inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(samples.images[:1])
+    with pytest.raises(InferenceServerException) as err:
+        grpc_client.infer(MODEL, [inp], client_timeout=0.2)
+    for t in threads:
+        t.join(60)
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "while queued" in err.value.message()
+    after = httpx.get(f"{server.url}/metrics").text
+    assert (
+        metric(after, "quicknet_rejections_total", protocol="kserve-grpc", reason="deadline")
+        - metric(before, "quicknet_rejections_total", protocol="kserve-grpc", reason="deadline")
+        == 1
+    )
+    assert metric(after, "quicknet_images_total", protocol="kserve-grpc") == metric(
+        before, "quicknet_images_total", protocol="kserve-grpc"
+    ), "a request past its deadline was computed"
+
+
+def test_kserve_too_many_images_is_413_and_invalid_argument(server, grpc_client):
+    big = np.zeros((257, 32, 32, 3), np.uint8)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [257, 32, 32, 3],
+                    "parameters": {"binary_data_size": big.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    r = _raw_http(server, header + big.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 413 and "limit is 256" in r.json()["error"]
+    inp = tgrpc.InferInput("images", [257, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(big)
+    with pytest.raises(InferenceServerException) as err:
+        grpc_client.infer(MODEL, [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "limit is 256" in err.value.message()
+
+
+def test_kserve_full_queue_is_429_and_draining_is_503(kserve_store, tmp_path, samples):
+    # every engine batch takes 50 ms more, so the queue fills and the drain lasts seconds, on any CPU
+    srv = start_server(
+        tmp_path,
+        store=kserve_store,
+        max_queue_images=64,
+        max_batch_size=8,
+        drain_seconds=30,
+        fault_injection="hang-every=1,hang-seconds=0.05",
+    )
+    try:
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "UINT8",
+                        "shape": [64, 32, 32, 3],
+                        "parameters": {"binary_data_size": 64 * 3072},
+                    }
+                ]
+            }
+        ).encode()
+        body = header + bytes(64 * 3072)
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+                url = f"{srv.url}/v2/models/{MODEL}/infer"
+                return await asyncio.gather(*(client.post(url, content=body, headers=headers) for _ in range(30)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        gclient = tgrpc.InferenceServerClient(srv.grpc_target)
+        inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
+        inp.set_data_from_numpy(samples.images[:1])
+        url = f"{srv.url}/v2/models/{MODEL}/infer"
+        fillers = _in_background(lambda: httpx.post(url, content=body, headers=headers, timeout=60), 3)
+        _wait_until_queued(srv)
+        srv.proc.terminate()
+        time.sleep(0.2)
+        r = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json=_one_image_json(samples))
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]
+        with pytest.raises(InferenceServerException) as err:
+            gclient.infer(MODEL, [inp])
+        assert err.value.status() == "StatusCode.UNAVAILABLE"
+        for t in fillers:
+            t.join(60)
+        assert srv.proc.wait(60) == 0, srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 @pytest.mark.parametrize("binary", [True, False])

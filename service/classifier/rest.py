@@ -16,18 +16,21 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import metrics
-from service.images import InputError, decode_image, decode_images, decode_pixels
+from service.images import InputError, check_count, decode_image, decode_images, decode_pixels
 from service.runtime import Runtime
 from service.transport.http import (
     HTTPError,
-    check_declared_length,
     deadline_from_header,
     read_body,
     run_unless_disconnected,
@@ -125,22 +128,67 @@ def _parse_top_k(raw: object) -> int | None:
     return k
 
 
+IMAGE_FIELDS = ("image", "images")
+_DISPOSITION_NAME = re.compile(rb'name="([^"]*)"|name=([^;\s]+)', re.IGNORECASE)
+
+
+def _count_image_parts(body: bytes, boundary: bytes) -> int:
+    """How many `image`/`images` parts a multipart body holds, from the part headers alone: the
+    image-count limit answers 413 with the exact count before any part is parsed or spooled."""
+    count = 0
+    for part in body.split(b"--" + boundary)[1:]:
+        head = part[: part.find(b"\r\n\r\n")]
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-disposition:"):
+                match = _DISPOSITION_NAME.search(line)
+                if match and (match.group(1) or match.group(2)).decode("latin-1") in IMAGE_FIELDS:
+                    count += 1
+    return count
+
+
+def _unset_file_field(value: object) -> bool:
+    """A form's empty optional file input (what the docs page sends for an unused `image` field)."""
+    if isinstance(value, str):
+        return value == ""
+    return isinstance(value, StarletteUploadFile) and not value.filename and value.size == 0
+
+
+async def _parse_multipart(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
+    """`image` and `images` fields are classified together, in the order sent; one `image` field
+    alone answers with one list, anything else with a list per image."""
+    limits = runtime.limits
+    body = await read_body(request, runtime.settings.max_request_bytes)
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary", b"")
+    if not boundary:
+        raise InputError("multipart body has no boundary in its Content-Type")
+    n = _count_image_parts(body, boundary)
+    if n:
+        check_count(n, limits)
+
+    async def chunks():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, chunks(), max_files=limits.max_images + 1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise InputError(f"malformed multipart body: {e.message}") from None
+    fields = [(k, v) for k, v in form.multi_items() if k in IMAGE_FIELDS and not _unset_file_field(v)]
+    if not fields:
+        raise InputError("multipart body has no `image` or `images` file field")
+    check_count(len(fields), limits)
+    blobs = [await v.read() if hasattr(v, "read") else str(v).encode() for _, v in fields]
+    top = _parse_top_k(form.get("top_k"))
+    images = await asyncio.to_thread(decode_images, blobs, limits)
+    return images, not (len(fields) == 1 and fields[0][0] == "image"), top
+
+
 async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
     """Returns (uint8 NHWC images, whether the answer is a list per image, top_k from the body)."""
     limits = runtime.limits
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        check_declared_length(request, runtime.settings.max_request_bytes)
-        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
-        single = form.getlist("image")
-        several = form.getlist("images")
-        uploads = single or several
-        if not uploads:
-            raise InputError("multipart body has no `image` or `images` file field")
-        blobs = [await u.read() if hasattr(u, "read") else str(u).encode() for u in uploads]
-        top = _parse_top_k(form.get("top_k"))
-        images = await asyncio.to_thread(decode_images, blobs, limits)
-        return images, not (single and len(single) == 1 and not several), top
+        return await _parse_multipart(request, runtime)
     body = await read_body(request, runtime.settings.max_request_bytes)
     if not body:
         raise InputError("empty request body: send an image, JSON, multipart or raw pixels")
@@ -160,7 +208,8 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
             return (await asyncio.to_thread(decode_image, _b64(doc["image"], "image"), limits))[None], False, top
         if not isinstance(doc["images"], list):
             raise InputError('"images" must be a list of base64 strings')
-        blobs = [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"][: limits.max_images + 1])]
+        check_count(len(doc["images"]), limits)  # before decoding any: the one rule, the exact count
+        blobs = [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
         return await asyncio.to_thread(decode_images, blobs, limits), True, top
     raise HTTPError(
         415,

@@ -53,11 +53,17 @@ def to_rpc_error(e: Exception) -> RpcError:
     return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
 
 
+DEADLINE_MARGIN_S = 0.02
+
+
 def deadline_of(context: grpc.aio.ServicerContext, runtime: Runtime) -> float:
+    """The call's deadline, a little early (10% of what is left, at most 20 ms): the server gives up
+    first, so the client hears the server's DEADLINE_EXCEEDED (and its metrics count it) instead of
+    both sides racing to cancel at the same instant."""
     remaining = context.time_remaining()
     if remaining is None:
         return runtime.deadline_from_timeout_ms(None)
-    return time.monotonic() + remaining
+    return time.monotonic() + remaining - min(DEADLINE_MARGIN_S, 0.1 * remaining)
 
 
 async def unary_call(protocol: str, endpoint: str, fn: Callable, request, context: grpc.aio.ServicerContext):

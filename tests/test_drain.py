@@ -1,0 +1,101 @@
+"""Start-up and shutdown on the real server: readiness only after warm-up; SIGTERM drains accepted
+work (every one answered), refuses new work on every front, and answers 503 past the drain period."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import httpx
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._generated import classifier_pb2 as pb
+from service._generated import classifier_pb2_grpc as pb_grpc
+from tests.serving import metric, start_server
+
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+async def _load_then_sigterm(srv, body: bytes, n: int, during_drain=None) -> tuple[list, float, object]:
+    """n requests in flight; SIGTERM once the engine's queue holds work; `during_drain(client)` runs then."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n + 8)) as client:
+        tasks = [asyncio.create_task(client.post(f"{srv.url}/classify", content=body, headers=RAW)) for _ in range(n)]
+        queued = 0.0
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            queued = metric((await client.get(f"{srv.url}/metrics")).text, "quicknet_queue_images")
+            if queued > 0:
+                break
+        srv.proc.terminate()
+        observed = await during_drain(client) if during_drain else None
+        responses = await asyncio.gather(*tasks, return_exceptions=True)
+        return responses, queued, observed
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_refuses_new_work(tmp_path, cifar):
+    srv = start_server(tmp_path, max_batch_size=16, max_queue_images=100_000, drain_seconds=60)
+    body = np.repeat(cifar.test.images[:1], 256, axis=0).tobytes()
+
+    async def refusals(client: httpx.AsyncClient) -> dict:
+        await asyncio.sleep(0.2)  # the signal has been handled; the queue still holds seconds of work
+        seen = {"readyz": (await client.get(f"{srv.url}/readyz")).status_code}
+        r = await client.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW)
+        seen["rest"] = (r.status_code, r.json()["error"])
+        async with grpc.aio.insecure_channel(srv.grpc_target) as ch:
+            try:
+                await pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(image=pb.Image(pixels=bytes(3072))))
+                seen["grpc"] = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                seen["grpc"] = e.code()
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            seen["health"] = health.status
+        return seen
+
+    responses, queued, seen = asyncio.run(_load_then_sigterm(srv, body, 24, refusals))
+    assert queued > 0, "SIGTERM must arrive while work is queued"
+    assert srv.proc.wait(120) == 0, srv.log()
+    codes = [getattr(r, "status_code", repr(r)) for r in responses]
+    assert codes == [200] * 24, "every request accepted before SIGTERM is answered"
+    assert all(len(r.json()["predictions"]) == 256 for r in responses)
+    assert seen["readyz"] == 503
+    assert seen["rest"][0] == 503 and "shutting down" in seen["rest"][1]
+    assert seen["grpc"] == grpc.StatusCode.UNAVAILABLE
+    assert seen["health"] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_work_left_past_the_drain_period_is_answered_503(tmp_path, cifar):
+    srv = start_server(tmp_path, max_batch_size=8, max_queue_images=100_000, drain_seconds=1)
+    body = np.repeat(cifar.test.images[:1], 256, axis=0).tobytes()
+    started = time.monotonic()
+    responses, queued, _ = asyncio.run(_load_then_sigterm(srv, body, 16))
+    assert queued > 0
+    assert srv.proc.wait(60) == 0, srv.log()
+    codes = [getattr(r, "status_code", repr(r)) for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes, codes  # answered, never reset or hung
+    assert all("shutting down" in r.json()["error"] for r in responses if r.status_code == 503)
+    assert time.monotonic() - started < 30
+    assert "drain period ended with work still queued" in srv.log()
+
+
+def test_ready_only_after_every_bucket_is_warmed(tmp_path):
+    srv = start_server(tmp_path, max_batch_size=256, wait_ready=False)
+    try:
+        first_ready_log = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{srv.url}/readyz", timeout=1)
+            except httpx.HTTPError:
+                time.sleep(0.01)
+                continue
+            if r.status_code == 200:
+                first_ready_log = srv.log()
+                break
+            assert r.json()["error"].startswith("not ready")
+            time.sleep(0.005)
+        assert first_ready_log is not None, "never ready"
+        assert "warmed up" in first_ready_log, "ready before the engine ran every batch bucket"
+    finally:
+        assert srv.stop() == 0

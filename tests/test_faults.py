@@ -1,0 +1,101 @@
+"""What the service does when its engine, or its own code, fails: that request gets a one-line
+500 / INTERNAL with the reason, the connection stays usable, and the next request is served."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import grpc
+import httpx
+import pytest
+import uvicorn
+from fastapi import APIRouter
+
+from service._generated import classifier_pb2 as pb
+from service._generated import classifier_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.runtime import Runtime
+from service.transport.http import create_app
+from tests.serving import metric, start_server
+
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "engine-process"])
+def test_a_failing_batch_fails_only_its_requests(tmp_path, workers):
+    srv = start_server(tmp_path, workers=workers, fault_injection="fail-every=2")
+    try:
+        with httpx.Client(base_url=srv.url) as client:  # one keep-alive connection throughout
+            first = client.post("/classify", content=bytes(3072), headers=RAW)
+            failed = client.post("/classify", content=bytes(3072), headers=RAW)
+            third = client.post("/classify", content=bytes(3072), headers=RAW)
+        assert first.status_code == 200 and third.status_code == 200
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "inference failed: RuntimeError: injected fault on batch 2"}
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            request = pb.ClassifyRequest(image=pb.Image(pixels=bytes(3072)))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(request)  # batch 4
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "injected fault on batch 4" in err.value.details()
+            assert stub.Classify(request).predictions  # batch 5
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert metric(text, "quicknet_rejections_total", reason="engine_error") == 2
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200, "one failed batch does not unready the service"
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def _client_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_path):
+    """A bug in a handler (not a refusal the service knows) must not cost the client its connection."""
+
+    class Buggy:
+        PROTOCOL = "rest"
+
+        @staticmethod
+        def router(runtime: Runtime) -> APIRouter:
+            api = APIRouter()
+
+            @api.get("/bug")
+            async def bug() -> dict:
+                raise ValueError("a bug")
+
+            @api.get("/fine")
+            async def fine() -> dict:
+                return {"ok": True}
+
+            return api
+
+    app = create_app(Runtime(Settings()), [Buggy])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(100):
+                try:
+                    client.get("/fine")
+                    break
+                except httpx.ConnectError:
+                    threading.Event().wait(0.05)
+            bad = client.get("/bug")
+            assert bad.status_code == 500
+            assert bad.json() == {"error": "internal error; the server log has the details"}
+            assert "a bug" not in bad.text, "no internals in the answer"
+            good = client.get("/fine")
+            assert good.json() == {"ok": True}
+            assert bad.headers.get("connection") != "close"
+            assert _client_port(bad) == _client_port(good), "the same connection serves the next request"
+    finally:
+        server.should_exit = True
+        thread.join(10)

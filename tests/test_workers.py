@@ -1,0 +1,143 @@
+"""`--workers 2`: two front processes feeding one engine process, end to end.
+
+The whole of tests/test_service.py also runs against a two-front server; this module covers
+what only exists with several processes: one metrics view, crashes and restarts, drain order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from service._generated import classifier_pb2 as pb
+from service._generated import classifier_pb2_grpc as pb_grpc
+from tests.serving import Server, metric, start_server
+
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+def _pids(server: Server) -> dict[str, int]:
+    """Process name -> pid of the newest instance of each child, from the server log."""
+    pids = {}
+    for name, pid in re.findall(r"(front-\d+) uvicorn\.error: Started server process \[(\d+)\]", server.log()):
+        pids[name] = int(pid)
+    for pid in re.findall(r"engine ready: .* \(pid (\d+)\)", server.log()):
+        pids["engine"] = int(pid)
+    return pids
+
+
+def _wait(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ready(server: Server) -> bool:
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("logs"), workers=2)
+    _wait(lambda: len([k for k in _pids(srv) if k.startswith("front")]) == 2, what="two fronts")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_every_protocol_through_the_engine_process_and_one_metrics_view(server, cifar):
+    images = cifar.test.sample(8, seed=3).images
+    before = metric(httpx.get(f"{server.url}/metrics").text, "quicknet_images_total")
+    for _ in range(12):  # new connections each time: the kernel spreads them over both fronts
+        r = httpx.post(f"{server.url}/classify", content=images.tobytes(), headers=RAW)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        reply = pb_grpc.ClassifierStub(ch).ClassifyBatch(
+            pb.ClassifyBatchRequest(images=[pb.Image(pixels=im.tobytes()) for im in images[:4]])
+        )
+    assert len(reply.results) == 4
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "quicknet_images_total") - before == 12 * 8 + 4, "every front's and the engine's counts merged"
+    assert metric(text, "quicknet_ready") == 1
+    fronts = set(re.findall(r"(front-\d) quicknet\.access: POST /classify", server.log()))
+    assert fronts == {"front-0", "front-1"}, f"only {fronts} took requests"
+
+
+def test_a_crashed_front_is_restarted(server):
+    old = _pids(server)["front-1"]
+    os.kill(old, signal.SIGKILL)
+    _wait(lambda: _pids(server).get("front-1") not in (None, old), what="front-1 to restart")
+    _wait(lambda: _ready(server), what="readiness")
+    for _ in range(6):
+        r = httpx.post(f"{server.url}/classify", content=bytes(3072), headers=RAW)
+        assert r.status_code == 200
+    assert "front-1 exited with -9; restarting it" in server.log()
+
+
+def test_a_crashed_engine_fails_waiting_requests_fast_and_comes_back(tmp_path, cifar):
+    srv = start_server(tmp_path, workers=2, max_batch_size=8, max_queue_images=100_000)
+    try:
+        body = np.repeat(cifar.test.images[:1], 256, axis=0).tobytes()
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                tasks = [
+                    asyncio.create_task(client.post(f"{srv.url}/classify", content=body, headers=RAW))
+                    for _ in range(16)
+                ]
+                for _ in range(200):  # kill the engine once its queue holds work
+                    await asyncio.sleep(0.02)
+                    if metric((await client.get(f"{srv.url}/metrics")).text, "quicknet_queue_images") > 0:
+                        break
+                os.kill(_pids(srv)["engine"], signal.SIGKILL)
+                started = time.monotonic()
+                responses = await asyncio.gather(*tasks)
+                assert time.monotonic() - started < 5, "requests waiting on a dead engine must not hang"
+                return responses
+
+        codes = [r.status_code for r in asyncio.run(scenario())]
+        assert 503 in codes and set(codes) <= {200, 503}, codes
+        _wait(lambda: _ready(srv), what="readiness after the engine restart")
+        assert httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW).status_code == 200
+        assert "engine exited with -9; restarting it" in srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_sigterm_drains_every_front_before_the_engine(tmp_path, cifar):
+    srv = start_server(tmp_path, workers=2, max_batch_size=16, max_queue_images=100_000, drain_seconds=60)
+    body = np.repeat(cifar.test.images[:1], 128, axis=0).tobytes()
+
+    async def scenario() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+            tasks = [
+                asyncio.create_task(client.post(f"{srv.url}/classify", content=body, headers=RAW)) for _ in range(24)
+            ]
+            queued = 0.0
+            for _ in range(300):
+                await asyncio.sleep(0.02)
+                queued = metric((await client.get(f"{srv.url}/metrics")).text, "quicknet_queue_images")
+                if queued > 0:
+                    break
+            srv.proc.terminate()
+            return await asyncio.gather(*tasks), queued
+
+    responses, queued = asyncio.run(scenario())
+    assert queued > 0, "SIGTERM must arrive while the engine holds queued work"
+    assert srv.proc.wait(120) == 0, srv.log()
+    assert [r.status_code for r in responses] == [200] * 24, srv.log()
+    log = srv.log()
+    assert log.index("front-0 quicknet.service: stopped") < log.rindex("MainProcess quicknet.supervisor: stopped")
