@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train
+.PHONY: serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,18 @@ gpu-data:
 ## Train the full QuickNet on this machine's GPU within 450 s; results in gpu-results/train/.
 gpu-train:
 	$(GPU_PYTHON) -m quicknet_cli gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train
+
+## The serving stack as Python 3.12 wheels in .whl/ and `hey` (a static-enough Go binary, libc only)
+## in .gpu/bin/, both git-ignored: what a GPU machine without a package index needs to run gpu-serve.
+gpu-wheels: venv-dev
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r benchmarks/gpu-wheels.txt
+	mkdir -p .gpu/bin
+	test -x .gpu/bin/hey || (cd /tmp && apt-get download hey >/dev/null && dpkg -x hey_*.deb /tmp/hey-deb \
+		&& cp /tmp/hey-deb/usr/bin/hey $(CURDIR)/.gpu/bin/hey)
+
+## The serving proof on this machine's GPU within 420 s; results in gpu-results/serve/.
+gpu-serve:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --out gpu-results/serve

@@ -30,6 +30,7 @@ class TrainConfig:
     time_budget_s: float | None = _opt(
         None, "plan the number of epochs after the first one so the whole schedule fits this many seconds"
     )
+    save_every_s: float = _opt(0.0, "checkpoint at an epoch's end only if this long since the last (0: every epoch)")
     train_subset: int | None = _opt(None, "train on a fixed random subset of N images (smoke runs)")
     eval_subset: int | None = _opt(None, "evaluate on a fixed random subset of N test images")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last)")

@@ -73,7 +73,7 @@ def folded_spec(folded: torch.nn.Module) -> dict:
             k, p = layer.kernel_size[0], layer.padding[0]
             layers.append(
                 {"op": "conv", "in": layer.in_channels, "out": layer.out_channels, "kernel": k, "padding": p}
-                | {"groups": layer.groups}
+                | {"groups": layer.groups, "bias": layer.bias is not None}
             )
         elif isinstance(layer, torch.nn.PReLU):
             layers.append({"op": "prelu", "channels": layer.num_parameters})

@@ -112,6 +112,64 @@ def copy_bandwidth(seconds: float = 1.0, mib: int = 256) -> dict:
     return out
 
 
+class ResultsFile:
+    """`results.json` and `results.md` of a GPU job, rewritten after every step (saving as it goes:
+    a run cut short by its time limit still returns what it measured)."""
+
+    def __init__(self, out, job: str, render):
+        from datetime import UTC, datetime
+
+        self.out = out
+        self.render = render
+        self.doc: dict = {"job": job, "started": datetime.now(UTC).isoformat(timespec="seconds")}
+
+    def update(self, **fields) -> None:
+        import json
+
+        from quicknet.fsutil import write_text_atomic
+
+        self.doc.update(fields)
+        write_text_atomic(self.out / "results.json", json.dumps(self.doc, indent=2, default=str) + "\n")
+        write_text_atomic(self.out / "results.md", self.render(self.doc))
+
+
+class UtilizationSampler:
+    """Mean GPU utilization (NVML) over a window, sampled every 50 ms in a thread; None without NVML."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:  # no nvidia-ml-py or no GPU
+            self._nvml = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __enter__(self) -> UtilizationSampler:
+        if self._nvml is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._nvml is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
+
+
 def _sync(cuda: bool) -> None:
     if cuda:
         import torch

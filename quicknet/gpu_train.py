@@ -37,11 +37,9 @@ import os
 import time
 import traceback
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 from quicknet.config import TrainConfig
-from quicknet.fsutil import write_text_atomic
 
 log = logging.getLogger("quicknet.gpu_train")
 
@@ -57,6 +55,7 @@ GPU_RECIPE = TrainConfig(
     cutout=12,
     device="cuda",
     compile=True,
+    save_every_s=30.0,
 )
 DRY_RUN = dict(epochs=2, batch_size=16, train_subset=64, eval_subset=64, device="cpu", compile=True, warmup_epochs=1.0)
 THRESHOLDS = (0.94, 0.95, 0.957, 0.965)
@@ -96,19 +95,6 @@ def flip_tta_accuracy(checkpoint: Path, data, device: str) -> float:
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
-
-
-class Results:
-    """results.json and results.md, rewritten after every step of the job (saving as it goes)."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.doc: dict = {"job": "gpu-train", "started": datetime.now(UTC).isoformat(timespec="seconds")}
-
-    def update(self, **fields) -> None:
-        self.doc.update(fields)
-        write_text_atomic(self.out / "results.json", json.dumps(self.doc, indent=2, default=str) + "\n")
-        write_text_atomic(self.out / "results.md", render_markdown(self.doc))
 
 
 def render_markdown(doc: dict) -> str:
@@ -164,7 +150,7 @@ def run(out: Path, data_path: Path | None, cfg: TrainConfig, budget_s: float, *,
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    results = Results(out)
+    results = gpu_probe.ResultsFile(out, "gpu-train", render_markdown)
     results.update(command=gpu_probe.command_line(), budget_s=budget_s, dry_run=dry_run)
 
     # Data first: decoding forks worker processes, which must happen before CUDA is initialised.
@@ -233,11 +219,13 @@ def main(args) -> None:
     if args.dry_run:
         cfg = dataclasses.replace(cfg, **DRY_RUN)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    from quicknet.gpu_probe import ResultsFile
+
     out = Path(args.out)
-    results = Results(out)
     try:
         doc = run(out, Path(args.data) if args.data else None, cfg, args.budget_s, dry_run=args.dry_run)
     except Exception as e:
+        results = ResultsFile(out, "gpu-train", render_markdown)
         results.doc = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
         results.update(error="".join(traceback.format_exception_only(e)).strip())
         raise

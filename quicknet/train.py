@@ -246,6 +246,7 @@ def train(
 
     stopped_early = False
     t_start = time.perf_counter() - elapsed
+    last_save = time.perf_counter()
     epoch = position["epoch"]
     while epoch < planned_epochs and not stopped_early:
         model.train()
@@ -346,12 +347,14 @@ def train(
         epoch += 1
         position = {"epoch": epoch, "step": 0, "order": None, "partial": None}
         save_step = epoch * steps_per_epoch
-        save(save_step)
-        if on_epoch is not None:
-            on_epoch(record)
         out_of_time = cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s
         if epoch < planned_epochs and (out_of_time or (stop_at_step is not None and save_step >= stop_at_step)):
             stopped_early = True
+        if epoch == planned_epochs or stopped_early or time.perf_counter() - last_save >= cfg.save_every_s:
+            save(save_step)  # 3 files of up to 14 MB each for the full model: not free on every short epoch
+            last_save = time.perf_counter()
+        if on_epoch is not None:
+            on_epoch(record)
 
     plot_curves(history, out_dir / "training_curves.png", title=f"{cfg.model} on {device}")
     return TrainResult(ckpt_path, history, time.perf_counter() - t_start, device, stopped_early, planned_epochs)

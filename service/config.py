@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     )
     drain_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time allowed for queued and in-flight work")
     warmup: bool = Field(True, description="run every batch bucket once before reporting ready")
-    log_json: bool = Field(False, description="structured JSON access logs")
+    log_json: bool = Field(False, description="structured JSON logs")
+    access_log: bool = Field(True, description="one log line per request (REST and gRPC)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("fault_injection")

@@ -283,7 +283,9 @@ def run_front(settings: Settings, engine_path: str) -> int:
     from service.ipc import EngineClient
 
     configure_logging(settings)
-    ring_images = settings.max_queue_images + settings.max_batch_size * settings.instances
+    # as many images as this front may have waiting or running: the engine's queue (capped: with 16
+    # fronts, each ring is memory of its own) plus a full batch per engine instance
+    ring_images = min(settings.max_queue_images, 8192) + settings.max_batch_size * settings.instances
     return _run_loop(serve(settings, lambda rt: EngineClient(engine_path, rt, ring_images), supervised=True))
 
 

@@ -40,3 +40,49 @@ def test_gpu_train_dry_run_leaves_results_and_a_run_folder_the_build_continues(t
     model, ckpt = load_checkpoint(out / "run" / "checkpoint.pt")
     assert ckpt["arch"]["name"] == "quicknet" and fold(model) is not None
     assert (out / "run" / ckpt["files"]["optimizer"]).is_file(), "the optimizer state travels back, to resume"
+
+
+def test_gpu_serve_dry_run_measures_every_step(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_serve", "--dry-run", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _results_folder_fits_the_device_limits(out)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["matmul"]["tflops"] > 0 and "copy" in doc
+    engine = doc["engine"]
+    assert {(r["lanes"], r["batch"]) for r in engine} == {(1, 1), (1, 8), (2, 1), (2, 8)}
+    assert all(r["img_s"] > 0 for r in engine)
+    assert [v["variant"] for v in doc["variants"]] == ["compile", "aoti"]
+    service = doc["service"]
+    assert {
+        (r["workers"], r["protocol"], r["images_per_request"]) for r in service if r["workers"] != doc["best_workers"]
+    } <= {(w, p, 1) for w in (1, 2) for p in ("rest", "grpc")}
+    best = {(r["protocol"], r["images_per_request"]) for r in service if r["workers"] == doc["best_workers"]}
+    assert best == {("rest", 1), ("grpc", 1), ("kserve-grpc", 8)}
+    assert len(service) == 5
+    for row in service:
+        assert row["ok"] > 0 and row["rejected"] == 0, row
+        assert row["mean_batch"] >= 1 and row["efficiency"] > 0
+    assert "## The service" in (out / "results.md").read_text()
+
+
+def test_gpu_wheels_carry_the_projects_pins():
+    import re
+    import tomllib
+
+    pins = {}
+    for extra in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"].values():
+        for req in extra:
+            match = re.match(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;]+)", req)
+            if match:
+                pins[match[1].lower()] = match[3]
+    wheels = [
+        line.split("==")
+        for line in (REPO / "benchmarks" / "gpu-wheels.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    for name, version in wheels:
+        if name in pins:
+            assert pins[name] == version, f"{name}: {version} in gpu-wheels.txt, {pins[name]} in pyproject"
+    assert {"fastapi", "uvicorn", "pydantic", "grpcio", "protobuf", "grpcio-health-checking"} <= {n for n, _ in wheels}

@@ -57,7 +57,14 @@ def build_folded(spec: dict):
         op = layer["op"]
         if op == "conv":
             layers.append(
-                nn.Conv2d(layer["in"], layer["out"], layer["kernel"], padding=layer["padding"], groups=layer["groups"])
+                nn.Conv2d(
+                    layer["in"],
+                    layer["out"],
+                    layer["kernel"],
+                    padding=layer["padding"],
+                    groups=layer["groups"],
+                    bias=layer["bias"],
+                )
             )
         elif op == "prelu":
             layers.append(nn.PReLU(layer["channels"]))

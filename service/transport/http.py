@@ -134,8 +134,9 @@ class AccessMiddleware:
     (Starlette's own error middleware re-raises to the server, which then drops the connection).
     Pure ASGI: Starlette's BaseHTTPMiddleware costs ~10% of REST throughput in task groups."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, log_requests: bool = True):
         self.app = app
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,14 +176,15 @@ class AccessMiddleware:
             elapsed = time.perf_counter() - start
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             metrics.REQUEST_SECONDS.labels(protocol_of(scope), endpoint, str(status)).observe(elapsed)
-            access_log.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                scope["path"],
-                status,
-                elapsed * 1000,
-                extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2)},
-            )
+            if self.log_requests:
+                access_log.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2)},
+                )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -244,7 +246,7 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         version="0.1.0",
         description="CIFAR-10 image classification. Our own API (`/classify`) and the Open Inference Protocol (`/v2`).",
     )
-    app.add_middleware(AccessMiddleware)
+    app.add_middleware(AccessMiddleware, log_requests=runtime.settings.access_log)
     _install_error_handlers(app)
     _ops_routes(app, runtime, metrics.exposition)
     for front in fronts:

@@ -1,0 +1,418 @@
+"""GPU proof for serving: `make gpu-serve` / `python -m benchmarks.gpu_serve`.
+
+Runs under a GPU machine's own Python (torch, numpy, grpcio...; the serving stack from the
+wheels `make gpu-wheels` downloads, on PYTHONPATH). Within `--budget-s`, each step writing its
+results before the next starts, into `--out` (results.json, results.md, server.log):
+
+1. environment and ceilings: GPU, driver, versions; dense bf16 matmul TFLOP/s; host<->device GB/s;
+2. the engine alone: the service's torch engine (fp16, channels_last, one CUDA graph per bucket,
+   uint8 NHWC in, logits out, host<->device copies included) at each batch size, with one lane
+   and with two (two batches in flight), GPU utilization while it runs, and FLOP/s as a fraction of
+   the matmul ceiling; then torch.compile (max-autotune) and AOTInductor, each in a child process
+   with a time limit (a compiler that takes too long costs its limit, not the lease);
+3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
+   count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC
+   clients in several processes: 1 / 8 / 64 images per request, served img/s, p50/p99, mean
+   batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch.
+
+The model is the full `quicknet` with untrained weights (speed does not depend on them) unless
+`--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about a minute
+(quicknet-xs, tiny loads, the torch engine on the CPU) and is part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+HEY_CANDIDATES = (REPO / ".gpu" / "bin" / "hey", Path("/usr/bin/hey"))
+# Every front-process count gets the headline cases; the fastest then gets the rest.
+HEADLINE_CASES = ((1, "rest"), (1, "grpc"), (64, "kserve-grpc"))
+MORE_CASES = ((8, "rest"), (8, "grpc"), (64, "rest"), (64, "grpc"), (1, "kserve-grpc"), (8, "kserve-grpc"))
+
+
+def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) -> Path:
+    """A model store holding `model` as the torch engine's portable folded weights."""
+    import torch
+
+    from quicknet import data, store
+    from quicknet.export import export_folded_weights
+    from quicknet.fold import fold
+    from quicknet.model import build_model
+    from quicknet.train import load_checkpoint
+
+    torch.manual_seed(0)
+    net = load_checkpoint(checkpoint)[0] if checkpoint else build_model(model).eval()
+    work = root / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    weights = export_folded_weights(fold(net), work / "model.folded.pt")
+    meta = {
+        "labels": list(data.LABELS),
+        "artifacts": {"torch": weights.name},
+        "accuracy": {},
+        "note": "trained" if checkpoint else "untrained: for speed only",
+    }
+    store.publish(root, net.cfg.name, [weights], meta)
+    store.set_default(root, net.cfg.name)
+    return root
+
+
+def forward_flops(model: str) -> float:
+    from quicknet.model import count_macs, get_config
+
+    return 2.0 * count_macs(get_config(model))
+
+
+# --- step 2: the engine alone ------------------------------------------------------------------
+
+
+def _drive(infer, batch: int, seconds: float, threads: int) -> tuple[float, float]:
+    """img/s and mean ms per batch with `threads` callers back to back (host copies included)."""
+    x = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    for _ in range(3):
+        infer(x)
+    counts = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            infer(x)
+            counts[i] += 1
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    calls = sum(counts)
+    return calls * batch / elapsed, 1000 * elapsed * threads / max(calls, 1)
+
+
+def engine_alone(root: Path, batches: list[int], seconds: float, ceiling_tflops: float, flops: float) -> list[dict]:
+    from quicknet import gpu_probe, store
+    from service.backends.pytorch import TorchBackend
+    from service.config import Settings
+
+    mv = store.get_version(root, store.default_model(root))
+    rows = []
+    for lanes in (1, 2):
+        settings = Settings(backend="torch", max_batch_size=max(batches), instances=lanes, threads=2)
+        backend = TorchBackend.load(mv, settings)
+        backend.warmup()
+        for batch in batches:
+            with gpu_probe.UtilizationSampler() as util:
+                img_s, ms = _drive(backend.infer, batch, seconds, threads=lanes)
+            rows.append(
+                {
+                    "engine": "torch cuda-graphs" if backend.device == "cuda" else "torch cpu",
+                    "lanes": lanes,
+                    "batch": batch,
+                    "img_s": round(img_s, 1),
+                    "ms_per_batch": round(ms, 3),
+                    "gpu_util": util.mean,
+                    "tflops": round(img_s * flops / 1e12, 3),
+                    "fraction_of_ceiling": round(img_s * flops / 1e12 / max(ceiling_tflops, 1e-9), 4),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        del backend
+    return rows
+
+
+def compiled_variant(root: Path, variant: str, batches: list[int], seconds: float, flops: float) -> list[dict]:
+    """torch.compile (max-autotune) or AOTInductor on the same folded model; run in a child process."""
+    import torch
+
+    from quicknet import store
+    from service.backends.pytorch import load_module
+
+    mv = store.get_version(root, store.default_model(root))
+    module, _ = load_module(str(mv.file(mv.metadata["artifacts"]["torch"])))
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    module = module.to(device, memory_format=torch.channels_last)
+    if cuda:
+        module = module.half()
+    started = time.perf_counter()
+    if variant == "compile":
+        run = torch.compile(module, mode="max-autotune" if cuda else "default", dynamic=False)
+    else:
+        example = torch.zeros((max(batches), 32, 32, 3), dtype=torch.uint8, device=device)
+        batch_dim = torch.export.Dim("batch", min=1, max=max(batches))
+        program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch_dim}})
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(root / "model.aoti.pt2"))
+        run = torch._inductor.aoti_load_package(package)
+    rows = []
+    for batch in batches:
+        host = torch.zeros((batch, 32, 32, 3), dtype=torch.uint8)
+        if cuda:
+            host = host.pin_memory()
+
+        def infer(x: np.ndarray, host=host):
+            host.numpy()[:] = x
+            with torch.inference_mode():
+                out = run(host.to(device, non_blocking=True))
+            return out.float().cpu().numpy()
+
+        t0 = time.perf_counter()
+        infer(host.numpy())  # compiles this shape (static shapes for compile)
+        compile_s = time.perf_counter() - t0
+        img_s, ms = _drive(infer, batch, seconds, threads=1)
+        rows.append(
+            {
+                "engine": f"torch {variant}",
+                "lanes": 1,
+                "batch": batch,
+                "img_s": round(img_s, 1),
+                "ms_per_batch": round(ms, 3),
+                "tflops": round(img_s * flops / 1e12, 3),
+                "first_call_s": round(compile_s, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return [{**r, "setup_s": round(time.perf_counter() - started, 1)} for r in rows]
+
+
+def run_variant_in_child(root: Path, variant: str, batches: list[int], seconds: float, limit_s: float) -> dict:
+    out = root / f"{variant}.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_serve", "--variant", variant, "--store", str(root), "--out-json"]
+    cmd += [str(out), "--seconds", str(seconds), "--batches", *map(str, batches)]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"did not finish within {limit_s:.0f} s"}
+    if done.returncode != 0 or not out.is_file():
+        return {"variant": variant, "error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    return {"variant": variant, "rows": json.loads(out.read_text())}
+
+
+# --- step 3: the service -----------------------------------------------------------------------
+
+
+def _hey() -> str | None:
+    found = next((str(p) for p in HEY_CANDIDATES if p.is_file()), None)
+    return found or shutil.which("hey")
+
+
+def service_sweep(
+    root: Path,
+    out: Path,
+    workers: list[int],
+    cases,
+    seconds: float,
+    clients: int,
+    engine_rows: list[dict],
+    deadline: float,
+    on_row=None,
+) -> list[dict]:
+    import httpx
+
+    from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
+    from quicknet import gpu_probe, store
+    from tests.serving import start_server
+
+    model = store.default_model(root)
+    hey = _hey()
+    max_batch = max(r["batch"] for r in engine_rows)
+    rows = []
+    for w in workers:
+        if time.monotonic() > deadline:
+            rows.append({"workers": w, "skipped": "time budget spent"})
+            continue
+        logs = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
+        srv = start_server(
+            logs,
+            store=root,
+            backend="torch",
+            max_batch_size=max_batch,
+            instances=2,
+            workers=w,
+            max_queue_images=65536,
+            max_images_per_request=1024,
+            access_log=False,  # a log line per request would measure the logging
+            ready_timeout=300,
+        )
+        try:
+            for n_images, protocol in cases:
+                if time.monotonic() > deadline:
+                    break
+                concurrency = 256 if n_images == 1 else 128 if n_images == 8 else 64
+                before = httpx.get(f"{srv.url}/metrics").text
+                with gpu_probe.UtilizationSampler() as util:
+                    if protocol == "rest" and hey:
+                        row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey)
+                    else:
+                        target = srv.url if protocol == "rest" else srv.grpc_target
+                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients)
+                after = httpx.get(f"{srv.url}/metrics").text
+                row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
+                row["efficiency"] = _efficiency(row, engine_rows)
+                rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
+                print(json.dumps(rows[-1]), flush=True)
+                if on_row is not None:
+                    on_row(rows[-1])
+        finally:
+            srv.stop()
+            shutil.copyfile(srv.log_path, out / "server.log")
+    return rows
+
+
+def _efficiency(row: dict, engine_rows: list[dict]) -> float | None:
+    """served ÷ engine-alone img/s at the server's mean batch (interpolated; two lanes, as served)."""
+    one = sorted((r["batch"], r["img_s"]) for r in engine_rows if r["lanes"] == 2)
+    if not one or not row.get("mean_batch"):
+        return None
+    xs, ys = zip(*one, strict=True)
+    engine = float(np.interp(np.log(row["mean_batch"]), np.log(xs), ys))
+    return round(row["served_img_s"] / engine, 3)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                "" if r.get(c) is None else f"{r[c]:,}" if isinstance(r.get(c), float) else str(r[c]) for c in columns
+            )
+            + " |"
+        )
+    return lines
+
+
+def render_markdown(doc: dict) -> str:
+    env = doc.get("environment", {})
+    lines = [f"# gpu-serve results ({doc.get('started', '')})", ""]
+    lines.append(f"- machine: {env.get('gpu') or env.get('cpu')}, driver {env.get('driver')}, {env.get('cpus')} CPUs")
+    lines.append(f"- torch {env.get('torch')}, CUDA {env.get('cuda_runtime')}, Python {env.get('python')}")
+    lines.append(f"- command: `{doc.get('command', '')}`; model: {doc.get('model')} ({doc.get('weights')})")
+    if "matmul" in doc:
+        lines.append(f"- dense {doc['matmul']['dtype']} matmul ceiling: {doc['matmul']['tflops']} TFLOP/s")
+    if "copy" in doc:
+        lines.append("- copies: " + ", ".join(f"{k} {v}" for k, v in doc["copy"].items()))
+    if doc.get("engine"):
+        lines += ["", "## Engine alone", ""]
+        lines += _table(
+            doc["engine"],
+            ["engine", "lanes", "batch", "img_s", "ms_per_batch", "gpu_util", "tflops", "fraction_of_ceiling"],
+        )
+    for variant in doc.get("variants", []):
+        lines += ["", f"### {variant['variant']}", ""]
+        if "error" in variant:
+            lines.append(f"not measured: {variant['error']}")
+        else:
+            lines += _table(variant["rows"], ["engine", "batch", "img_s", "ms_per_batch", "tflops", "first_call_s"])
+    if doc.get("service"):
+        lines += ["", "## The service", ""]
+        cols = ["workers", "protocol", "client", "images_per_request", "concurrency", "requests_s", "served_img_s"]
+        lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
+    if "error" in doc:
+        lines += ["", f"**error:** {doc['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu-results/serve")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job")
+    parser.add_argument("--model", default="quicknet")
+    parser.add_argument("--checkpoint", help="trained weights to serve (a run folder's checkpoint.pt)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per engine measurement")
+    parser.add_argument("--service-seconds", type=float, default=4.0, help="per service case")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="front processes to sweep")
+    parser.add_argument("--clients", type=int, default=6, help="client processes for the Python load generator")
+    parser.add_argument("--variant-limit-s", type=float, default=60.0, help="time limit per compiled variant")
+    parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny")
+    parser.add_argument("--variant", choices=["compile", "aoti"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--out-json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variant:  # a child process measuring one compiled variant
+        rows = compiled_variant(
+            Path(args.store), args.variant, args.batches, args.seconds, forward_flops(_model_of(args.store))
+        )
+        Path(args.out_json).write_text(json.dumps(rows))
+        return
+    args.headline, args.more = HEADLINE_CASES, MORE_CASES
+    if args.dry_run:
+        args.model, args.batches, args.seconds, args.service_seconds = "quicknet-xs", [1, 8], 0.3, 0.7
+        args.workers, args.clients, args.variant_limit_s = [1, 2], 2, 90.0
+        args.headline, args.more = ((1, "rest"), (1, "grpc")), ((8, "kserve-grpc"),)
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    run(args)
+
+
+def _model_of(store_path: str) -> str:
+    from quicknet import store
+
+    return store.default_model(Path(store_path))
+
+
+def run(args) -> None:
+    from quicknet import gpu_probe
+
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = gpu_probe.ResultsFile(out, "gpu-serve", render_markdown)
+    results.update(command=gpu_probe.command_line(), budget_s=args.budget_s, dry_run=args.dry_run, model=args.model)
+    try:
+        results.update(environment=gpu_probe.environment())
+        results.update(matmul=gpu_probe.matmul_tflops(0.2 if args.dry_run else 2.0), copy=gpu_probe.copy_bandwidth())
+        root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
+        make_folded_store(root, args.model, Path(args.checkpoint) if args.checkpoint else None)
+        results.update(weights="trained" if args.checkpoint else "untrained (speed only)")
+        flops = forward_flops(args.model)
+        engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
+        results.update(engine=engine)
+        variants = []
+        for variant in ("compile", "aoti"):
+            limit = min(args.variant_limit_s, deadline - time.monotonic() - 120)
+            if limit < 20:
+                variants.append({"variant": variant, "error": "time budget spent"})
+                continue
+            batches = args.batches[-2:] if not args.dry_run else args.batches[:1]
+            variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
+            results.update(variants=variants)
+        results.update(variants=variants)
+        service: list[dict] = []
+
+        def on_row(row: dict) -> None:
+            service.append(row)
+            results.update(service=service)
+
+        common = (args.service_seconds, args.clients, engine, deadline - 15)
+        service_sweep(root, out, args.workers, args.headline, *common, on_row=on_row)
+        single = [r for r in service if r.get("images_per_request") == 1 and "served_img_s" in r]
+        if single:
+            best = max(single, key=lambda r: r["served_img_s"])["workers"]
+            results.update(best_workers=best)
+            service_sweep(root, out, [best], args.more, *common, on_row=on_row)
+        results.update(service=service, job_seconds=round(time.monotonic() - t0, 1))
+    except Exception as e:
+        results.update(error=f"{type(e).__name__}: {e}")
+        raise
+    print(f"results in {out} after {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
