@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
+.PHONY: bench-peers serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: venv-dev
 
 lint: venv-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## The peers' own venv (.venv-peers: PyTriton needs numpy<2) and wrk, for `python -m benchmarks.peers`.
+bench-peers: venv-dev
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet --disable-pip-version-check -r benchmarks/peer_servers/requirements.txt
+	command -v wrk >/dev/null || apt-get install -y -qq wrk
 
 ## Regenerate gRPC stubs from proto/ (reproducible: pinned grpcio-tools).
 protos: venv-dev

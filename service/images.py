@@ -11,6 +11,7 @@ pixel count before decoding (decompression bombs).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from dataclasses import dataclass
@@ -97,6 +98,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+INLINE_DECODE_BYTES = 16 << 10
+
+
+async def off_loop(fn, *args, nbytes: int):
+    """Run a decoder on the event loop when its input is small (a 32x32 PNG decodes in tens of
+    microseconds, less than a thread hand-off costs), else in a worker thread (Pillow releases the
+    GIL): a large image never stalls the loop, a small one never pays for a thread."""
+    if nbytes <= INLINE_DECODE_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def decode_images(blobs: list[bytes], limits: Limits) -> np.ndarray:

@@ -30,7 +30,7 @@ def find_plan(version: ModelVersion, settings: Settings) -> Path | None:
         gpu, cc = gpu_identity()
     except (ImportError, StoreError):
         return None
-    precision = "int8" if settings.precision == "int8" else "fp16"
+    precision = "int8" if settings.precision == "int8" else "fp16"  # auto: the FP16 plan
     path = (settings.plan_dir or version.path) / plan_filename(gpu, cc, trt.__version__, precision)
     return path if path.is_file() else None
 
