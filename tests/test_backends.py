@@ -54,7 +54,7 @@ def test_onnxruntime_fp32_and_int8(version, batch):
 
 def test_torch_backend_matches_onnxruntime(version, batch):
     pytest.importorskip("torch")
-    ort = load_backend(version, Settings(backend="onnxruntime"))
+    ort = load_backend(version, Settings(backend="onnxruntime", precision="fp32"))
     tb = load_backend(version, Settings(backend="torch", max_batch_size=64))
     tb.warmup()
     got, ref = tb.infer(batch), ort.infer(batch)
@@ -96,3 +96,20 @@ def test_compile_skips_tensorrt_with_a_reason(tmp_path, version):
 
     with pytest.raises(BuildError, match="TensorRT is not installed"):
         build_tensorrt_plan(version.file("model.onnx"), tmp_path, TensorRTOptions())
+
+
+def test_auto_precision_times_fp32_and_int8_and_respects_the_accuracy_gate(version, tmp_path):
+    chosen = load_backend(version, Settings(backend="onnxruntime")).describe()
+    choice = chosen["precision_choice"]
+    assert choice["rule"] == "auto" and set(choice["timings"]) == {"fp32", "int8"}
+    assert chosen["precision"] in ("fp32", "int8")
+    key = "onnx-optimized" if chosen["precision"] == "fp32" else "onnx-int8"
+    assert chosen["file"].endswith(version.metadata["artifacts"][key])
+    meta = {k: v for k, v in version.metadata.items() if k not in ("name", "version", "files")}
+    meta["accuracy"] = {**meta["accuracy"], "onnx-int8": {**meta["accuracy"]["onnx-int8"], "top1": 0.80}}  # -2.6 points
+    files = [version.file(f) for f in version.metadata["files"]]
+    worse = store.publish(tmp_path, version.name, files, meta)
+    gated = load_backend(worse, Settings(backend="onnxruntime")).describe()
+    assert gated["precision"] == "fp32" and "timings" not in gated["precision_choice"]
+    forced = load_backend(worse, Settings(backend="onnxruntime", precision="int8")).describe()
+    assert forced["precision"] == "int8" and forced["file"].endswith("model.int8.onnx")

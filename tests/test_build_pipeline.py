@@ -112,3 +112,26 @@ def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, 
 def test_stage_without_its_input_says_which_stage_to_run(tmp_path, cifar):
     with pytest.raises(BuildError, match="run `quicknet train`"):
         build.stage_export(tmp_path, cifar)
+
+
+def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(cifar, tmp_path):
+    """The shipped v1 was exported with ONNX PRelu; republishing re-derives its engines with the
+    elementwise form (the same function) and publishes v2 at the same accuracy, gated."""
+    import onnx
+
+    from tests.serving import STORE
+
+    v1 = next(store.get_version(STORE, "quicknet-xs", v) for v in store.list_versions(STORE, "quicknet-xs"))
+    assert any(n.op_type == "PRelu" for n in onnx.load(v1.file("model.onnx")).graph.node)
+    root = tmp_path / "store"
+    meta = {k: v for k, v in v1.metadata.items() if k not in ("name", "version", "files")}
+    store.publish(root, "quicknet-xs", [v1.file(f) for f in v1.metadata["files"]], meta)
+    store.set_default(root, "quicknet-xs")
+    v2 = build.republish(root, "quicknet-xs", None, cifar, why="test")
+    assert v2.version == 2 and v2.metadata["derived_from"] == {**v2.metadata["derived_from"], "version": 1}
+    assert not any(n.op_type == "PRelu" for n in onnx.load(v2.file("model.onnx")).graph.node)
+    for kind in ("onnx", "onnx-optimized"):
+        assert v2.metadata["accuracy"][kind]["top1"] == v1.metadata["accuracy"][kind]["top1"]
+    assert set(v2.metadata["accuracy_gates"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    assert store.default_model(root) == "quicknet-xs"
+    store.verify_files(v2)

@@ -1,6 +1,6 @@
 """Plain FastAPI + uvicorn, no batching: decode the PNG body, run the model on one image, answer.
 
-    python -m benchmarks.peer_servers.fastapi_plain MODEL.onnx PORT
+python -m benchmarks.peer_servers.fastapi_plain MODEL.onnx PORT
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LitServe with its dynamic batching (max 32 per batch, 5 ms timeout), multipart uploads.
 
-    python -m benchmarks.peer_servers.litserve_app MODEL.onnx PORT
+python -m benchmarks.peer_servers.litserve_app MODEL.onnx PORT
 """
 
 from __future__ import annotations

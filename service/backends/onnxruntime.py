@@ -6,9 +6,10 @@ Two measured choices, made at load on the machine that serves:
   quantize/dequantize ops around each convolution as INT8 saves inside it. So where the INT8
   model costs at most 0.5 point of published accuracy, both are timed (batch 1 and the largest
   batch, a few runs each) and the faster serves; `fp32` or `int8` force one.
-- Threads: a one-image batch runs on a single-thread session. Waking a second intra-op thread
-  (spinning is off so idle threads leave the CPU to the server) costs more than it saves on one
-  image: +5% img/s FP32, +30% INT8 on quicknet-xs here. Larger batches use `--threads`.
+- Threads: a one-image batch may run on a single-thread session. Waking a second intra-op thread
+  (spinning is off so idle threads leave the CPU to the server) can cost more than it saves on
+  one image (quicknet-xs here: +5% img/s FP32, +30% INT8 on one thread), or not (the full
+  quicknet: 1.6x faster on two). So both are timed at load and the faster serves batch 1.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class OnnxRuntimeBackend:
             path = str(version.file(fname))
             main = _session(ort, path, settings.threads, providers)
             single = _session(ort, path, 1, providers) if settings.threads > 1 and not cuda else None
+            if single is not None:
+                name = main.get_inputs()[0].name
+                if _seconds_per_image(single, name, 1, 5) >= _seconds_per_image(main, name, 1, 5):
+                    single = None  # one image is worth the second thread on this model and machine
             sessions[precision] = (main, single, path)
         choice = {"precision": next(iter(sessions)), "rule": settings.precision}
         if len(sessions) == 2:  # auto: the faster of the two, timed here on this machine
@@ -118,6 +123,7 @@ class OnnxRuntimeBackend:
             "provider": self.provider,
             "file": self.path,
             "threads": self.threads,
+            "batch_1_threads": 1 if self.single is not None else self.threads,
             "precision": self.choice["precision"],
             "precision_choice": self.choice,
         }

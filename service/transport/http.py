@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Sequence
 from types import ModuleType
 
@@ -146,7 +146,7 @@ class AccessMiddleware:
             return
         start = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        request_id = incoming.decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = incoming.decode("latin-1")[:128] or os.urandom(16).hex()
         status = 500
         started = False
 
@@ -264,6 +264,9 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         title="QuickNet Serving",
         version="0.1.0",
         description="CIFAR-10 image classification. Our own API (`/classify`) and the Open Inference Protocol (`/v2`).",
+        # FastAPI's native OpenTelemetry asks the global providers (and the environment) on every
+        # request even when nothing is configured: ~10% of the loop's time at 1 image per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(AccessMiddleware, log_requests=runtime.settings.access_log)
     _install_error_handlers(app)
