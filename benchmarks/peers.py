@@ -152,9 +152,8 @@ def run_wrk(url: str, path: str, headers: dict, body: bytes, concurrency: int, s
     body_file.write_bytes(body)
     script = workdir / "request.lua"
     header_lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
-    script.write_text(
-        f'wrk.method = "POST"\n{header_lines}local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
-    )
+    read_body = f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
+    script.write_text(f'wrk.method = "POST"\n{header_lines}{read_body}')
     threads = min(concurrency, 2)
     cmd = [
         "wrk",
