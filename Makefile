@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: bench-peers serve test lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
+.PHONY: bench-peers serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: venv-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+## Every README claim next to its test (tests/CLAIMS.md), then exactly those tests.
+test-audit: venv-dev
+	cat tests/CLAIMS.md
+	$(BIN)/python -m pytest -q -p no:randomly $$(grep -o 'tests/test_[a-z_]*\.py::test_[a-z0-9_]*' tests/CLAIMS.md | sort -u)
 
 lint: venv-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -32,7 +32,7 @@ from benchmarks.common import images_per_second, make_untrained_store, save, tab
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
-SERVERS = ["fastapi", "litserve", "pytriton", "ours", "ours-int8"]
+SERVERS = ["fastapi", "litserve", "pytriton", "ours", "ours-int8", "ours-2-fronts"]
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -89,6 +89,7 @@ def start(server: str, model_file: Path, store: Path, model: str, threads: int, 
             "QUICKNET_THREADS": str(threads),
             "QUICKNET_ACCESS_LOG": "false",
             "QUICKNET_PRECISION": "int8" if server == "ours-int8" else "fp32",
+            "QUICKNET_WORKERS": "2" if server == "ours-2-fronts" else "1",
         }
         cmd, health = [sys.executable, "-m", "quicknet_cli", "serve"], "/readyz"
     elif server == "pytriton":

@@ -113,3 +113,32 @@ def test_auto_precision_times_fp32_and_int8_and_respects_the_accuracy_gate(versi
     assert gated["precision"] == "fp32" and "timings" not in gated["precision_choice"]
     forced = load_backend(worse, Settings(backend="onnxruntime", precision="int8")).describe()
     assert forced["precision"] == "int8" and forced["file"].endswith("model.int8.onnx")
+
+
+def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
+    """`model.folded.pt` (a layer list and a state dict, loadable by any torch) rebuilds exactly the
+    folded model the build made: per-channel PReLU, bias-free depthwise convolutions and all."""
+    import torch
+    from torch import nn
+
+    from quicknet.export import export_folded_weights
+    from quicknet.fold import fold
+    from quicknet.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("quicknet-xs").eval()
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)  # per-channel slopes, as training leaves them
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    folded = fold(model)
+    weights = export_folded_weights(folded, tmp_path / "model.folded.pt")
+    meta = {"labels": list("0123456789"), "artifacts": {"torch": "model.folded.pt"}}
+    mv = store.publish(tmp_path / "store", "m", [weights], meta)
+    backend = load_backend(mv, Settings(backend="torch", max_batch_size=16))
+    images = cifar.test.images[:16]
+    with torch.no_grad():
+        want = folded(torch.from_numpy(images)).numpy()
+    assert np.abs(backend.infer(images) - want).max() < 1e-5
+    assert backend.describe()["file"].endswith("model.folded.pt")

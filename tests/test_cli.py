@@ -103,3 +103,18 @@ def test_classify_against_a_live_server_over_rest_and_grpc(tmp_path, cifar):
     assert [r["image"] for r in by_rest] == paths
     assert [r["predictions"][0]["label"] for r in by_rest] == [r["predictions"][0]["label"] for r in by_grpc]
     assert all(len(r["predictions"]) == 3 for r in by_rest)
+
+
+def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
+    from tests.serving import free_port
+
+    port = free_port()
+    env = {"QUICKNET_HTTP_PORT": str(port), "QUICKNET_GRPC_PORT": str(free_port())}
+    unknown = quicknet("serve", "--models", "nope", env=env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().startswith("error: model 'nope' not found"), unknown.stderr
+    assert "loaded" not in unknown.stderr and "REST on" not in unknown.stderr, "nothing loads or binds first"
+    missing = quicknet("serve", "--model-store", str(tmp_path / "absent"), env=env)
+    assert missing.returncode == 2 and "error:" in missing.stderr and missing.stderr.count("\n") == 1
+    bad = quicknet("serve", "--fault-injection", "sometimes", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting fault_injection")
