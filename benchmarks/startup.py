@@ -59,7 +59,9 @@ def one_start(workers: int) -> dict:
     }
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=log
+        )
         try:
             while True:
                 try:
