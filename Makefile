@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: bench-peers serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
+.PHONY: bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ bench-peers: venv-dev
 	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/pip install --quiet --disable-pip-version-check -r benchmarks/peer_servers/requirements.txt
 	command -v wrk >/dev/null || apt-get install -y -qq wrk
+
+## The CPU image (torch-free), with podman or docker; its base is made from Debian packages when
+## it cannot be pulled (deploy/podman/base-images.sh). `--format docker` keeps the HEALTHCHECK.
+ENGINE ?= $(shell command -v podman || command -v docker)
+IMAGE ?= quicknet-serving:cpu
+image:
+	@test -n "$(ENGINE)" || { echo "no container engine: apt-get install podman (or install docker)"; exit 2; }
+	ENGINE=$(ENGINE) deploy/podman/base-images.sh python
+	$(ENGINE) build --network host $(if $(findstring podman,$(ENGINE)),--format docker --pull=never) \
+		-f deploy/docker/Dockerfile.cpu -t $(IMAGE) .
+	@$(ENGINE) image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes'
 
 ## Regenerate gRPC stubs from proto/ (reproducible: pinned grpcio-tools).
 protos: venv-dev

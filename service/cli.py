@@ -45,6 +45,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     sys.exit(run(settings))
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Exit 0 if this container's server answers /healthz (or /readyz with --ready), else 1.
+    It reads the same QUICKNET_* settings as the server, so it follows a changed port."""
+    import urllib.request
+
+    from service.config import Settings
+
+    settings = Settings()
+    host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.http_port}{'/readyz' if args.ready else '/healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except OSError:
+        ok = False
+    sys.exit(0 if ok else 1)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     images = [Path(p) for p in args.images]
     for p in images:
@@ -96,6 +115,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve a model over REST and gRPC")
     _settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    probe = sub.add_parser("probe", help="container health check: exit 0 if the server answers /healthz")
+    probe.add_argument("--ready", action="store_true", help="ask /readyz (warmed up, not draining) instead")
+    probe.add_argument("--timeout", type=float, default=2.0)
+    probe.set_defaults(func=cmd_probe)
 
     classify = sub.add_parser("classify", help="classify image files with a running server")
     classify.add_argument("images", nargs="+", metavar="IMAGE")

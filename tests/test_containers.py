@@ -39,30 +39,40 @@ def sh(*cmd: str, timeout: float = 600, check: bool = True) -> subprocess.Comple
     return done
 
 
+BASE = "docker.io/library/python:3.11-slim-bookworm"
+
+
 def _engine_problem() -> str | None:
+    """Why containers cannot run here, or None: the base image can be had (pulled, or made from
+    Debian packages) and a container of it starts with host networking."""
     if ENGINE is None:
         return "no container engine (podman or docker) is installed"
+    base = subprocess.run(
+        [str(REPO / "deploy" / "podman" / "base-images.sh"), "python"], capture_output=True, text=True, timeout=900
+    )
+    if base.returncode != 0:
+        why = (base.stderr or base.stdout).strip().splitlines()[-1:]
+        return f"no base image (no registry, and mmdebstrap could not make one): {why}"
     probe = subprocess.run(
-        [ENGINE, "run", "--rm", "--network", "host", "--pull", "never", "docker.io/library/python:3.11-slim-bookworm", "true"],
+        [ENGINE, "run", "--rm", "--network", "host", "--entrypoint", "/bin/true", BASE],
         capture_output=True,
         text=True,
         timeout=120,
     )
     if probe.returncode != 0:
-        return f"{Path(ENGINE).name} cannot run a container here: {(probe.stderr or probe.stdout).strip().splitlines()[-1:]}"
+        why = (probe.stderr or probe.stdout).strip().splitlines()[-1:]
+        return f"{Path(ENGINE).name} cannot run a container here: {why}"
     return None
 
 
 @pytest.fixture(scope="module")
 def image():
-    if ENGINE is None:
-        pytest.skip("no container engine (podman or docker) is installed")
-    build = subprocess.run(["make", "image"], capture_output=True, text=True, timeout=1200, cwd=REPO)
-    if build.returncode != 0:
-        pytest.fail(f"make image failed:\n{(build.stderr or build.stdout)[-3000:]}")
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
+    build = subprocess.run(["make", "image"], capture_output=True, text=True, timeout=1200, cwd=REPO)
+    if build.returncode != 0:
+        pytest.fail(f"make image failed:\n{(build.stderr or build.stdout)[-3000:]}")
     return IMAGE
 
 
@@ -98,6 +108,7 @@ def container(image):
         ENGINE, "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
         "-e", f"QUICKNET_HTTP_PORT={http_port}", "-e", f"QUICKNET_GRPC_PORT={grpc_port}",
         "-e", "QUICKNET_HTTP_HOST=127.0.0.1", "-e", "QUICKNET_GRPC_HOST=127.0.0.1", "-e", "QUICKNET_DRAIN_SECONDS=30",
+        "-e", "QUICKNET_MAX_QUEUE_IMAGES=100000",
         image,
     )  # fmt: skip
     box = Container(name, http_port, grpc_port)
@@ -118,7 +129,12 @@ def test_the_image_serves_drains_and_stays_small(container, cifar):
     assert reply.predictions
     user = sh(ENGINE, "exec", container.name, "python", "-c", "import os; print(os.getuid(), os.getgid())").stdout
     assert user.split() == ["10001", "10001"], "the server runs as the non-root user"
-    assert sh(ENGINE, "exec", container.name, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))").stdout.strip() == "None"
+    assert (
+        sh(
+            ENGINE, "exec", container.name, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))"
+        ).stdout.strip()
+        == "None"
+    )
     if Path(ENGINE).name == "podman":
         sh(ENGINE, "healthcheck", "run", container.name)  # the image's own HEALTHCHECK (kept by --format docker)
     size = int(sh(ENGINE, "image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
@@ -128,7 +144,10 @@ def test_the_image_serves_drains_and_stays_small(container, cifar):
 
     async def load_then_stop() -> tuple[list, float]:
         async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(client.post(f"{container.url}/classify", content=body, headers=RAW)) for _ in range(16)]
+            tasks = [
+                asyncio.create_task(client.post(f"{container.url}/classify", content=body, headers=RAW))
+                for _ in range(16)
+            ]
             queued = 0.0
             for _ in range(300):
                 await asyncio.sleep(0.01)
@@ -167,7 +186,9 @@ def _compose_for_host_network(tmp: Path, http_port: int, grpc_port: int, prom_po
         "QUICKNET_GRPC_HOST": "127.0.0.1",
         "QUICKNET_GRPC_PORT": str(grpc_port),
     }
-    app["healthcheck"]["test"] = [t.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}") for t in app["healthcheck"]["test"]]
+    app["healthcheck"]["test"] = [
+        t.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}") for t in app["healthcheck"]["test"]
+    ]
     prom_dir = tmp / "prometheus"
     prom_dir.mkdir()
     config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
@@ -180,7 +201,9 @@ def _compose_for_host_network(tmp: Path, http_port: int, grpc_port: int, prom_po
     prom = services["prometheus"]
     prom["volumes"] = [f"{prom_dir}:/etc/prometheus:ro", "prometheus-data:/prometheus"]
     prom["command"] = [*prom["command"], f"--web.listen-address=127.0.0.1:{prom_port}"]
-    prom["healthcheck"]["test"] = [t.replace("127.0.0.1:9090", f"127.0.0.1:{prom_port}") for t in prom["healthcheck"]["test"]]
+    prom["healthcheck"]["test"] = [
+        t.replace("127.0.0.1:9090", f"127.0.0.1:{prom_port}") for t in prom["healthcheck"]["test"]
+    ]
     doc["networks"] = {}
     doc["volumes"] = {"prometheus-data": {}}
     doc["name"] = f"quicknet-test-{uuid.uuid4().hex[:6]}"
@@ -196,7 +219,8 @@ def _query(prom: str, expr: str) -> list:
 
 
 def test_compose_runs_with_a_real_prometheus_that_scrapes_and_evaluates_the_rules(image, tmp_path):
-    compose = shutil.which("podman-compose")
+    beside = Path(sys.executable).with_name("podman-compose")
+    compose = str(beside) if beside.exists() else shutil.which("podman-compose")
     if compose is None:
         pytest.skip("podman-compose is not installed (the dev extra has it)")
     sh(str(REPO / "deploy" / "podman" / "base-images.sh"), "prometheus", timeout=900)
@@ -262,5 +286,8 @@ def test_the_kubernetes_cpu_overlay_runs_under_podman_kube_play(image, tmp_path,
         details = json.loads(sh(ENGINE, "inspect", name).stdout)[0]
         assert details["HostConfig"]["ReadonlyRootfs"] is True
         assert details["Config"]["User"].startswith("10001")
+        sh(ENGINE, "kube", "down", str(spec), timeout=120)
+        left = json.loads(sh(ENGINE, "ps", "-a", "--format", "json").stdout)
+        assert not [c for c in left if IMAGE.split(":")[0] in c["Image"]], "kube down removed the pod"
     finally:
         sh(ENGINE, "kube", "down", str(spec), check=False, timeout=120)

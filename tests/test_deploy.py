@@ -4,6 +4,7 @@ and that every probe, port and metric they name is what the real server serves."
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving import REPO, start_server
+from tests.serving import REPO, free_port, start_server
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
@@ -120,15 +121,19 @@ def test_probes_ports_and_paths_are_served(server, rendered, compose):
         endpoint = monitor["spec"]["endpoints"][0]
         assert any(p["name"] == endpoint["port"] for s in services for p in s["spec"]["ports"])
         assert "quicknet_images_total" in httpx.get(f"{server.url}{endpoint['path']}").text
-    for name, svc in compose["services"].items():
-        if name.startswith("quicknet"):
-            url = re.search(r"http://127\.0\.0\.1:8000(/\w+)", " ".join(svc["healthcheck"]["test"])).group(1)
-            assert httpx.get(f"{server.url}{url}").status_code == 200
+    checks = [
+        svc["healthcheck"]["test"][1:] for name, svc in compose["services"].items() if name.startswith("quicknet")
+    ]
     for dockerfile in (DEPLOY / "docker").glob("Dockerfile.*"):
         text = dockerfile.read_text()
         assert "EXPOSE 8000 8001" in text and "USER 10001" in text
-        path = re.search(r"127\.0\.0\.1:8000(/\w+)", text).group(1)
-        assert httpx.get(f"{server.url}{path}").status_code == 200
+        checks.append(json.loads(re.search(r"HEALTHCHECK .*\n\s*CMD (\[.*\])", text).group(1)))
+    assert checks and all(c[:2] == ["quicknet", "probe"] for c in checks), checks
+    env = {**os.environ, "QUICKNET_HTTP_PORT": str(server.http_port)}
+    for check in checks:  # the probes, run as the container runs them, follow the server's port
+        assert subprocess.run([sys.executable, "-m", "quicknet_cli", *check[1:]], env=env, timeout=60).returncode == 0
+    dead = {**env, "QUICKNET_HTTP_PORT": str(free_port())}
+    assert subprocess.run([sys.executable, "-m", "quicknet_cli", "probe"], env=dead, timeout=60).returncode == 1
 
 
 def _metric_names(expr: str) -> set[str]:
