@@ -96,7 +96,30 @@ def get_version(root: Path, name: str, version: int | None = None) -> ModelVersi
         metadata = json.loads((path / METADATA).read_text())
     except (OSError, ValueError) as e:
         raise StoreError(f"{path / METADATA} is unreadable ({e}); republish this version") from None
+    _check_metadata(path / METADATA, metadata)
     return ModelVersion(name, version, path, metadata)
+
+
+def _check_metadata(where: Path, metadata: object) -> None:
+    """The shape the service relies on, so a hand-edited or damaged file is one line, not a traceback."""
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{where} is malformed: {what}; republish this version")
+
+    if not isinstance(metadata, dict):
+        raise bad("not a JSON object")
+    files = metadata.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and "/" not in k and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+        for k, v in files.items()
+    ):
+        raise bad('"files" must map file names to {"sha256": ...}')
+    labels = metadata.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise bad('"labels" must be a list of strings')
+    artifacts = metadata.get("artifacts", {})
+    if not isinstance(artifacts, dict) or not all(v is None or isinstance(v, str) for v in artifacts.values()):
+        raise bad('"artifacts" must map kinds to file names')
 
 
 def verify_files(mv: ModelVersion) -> None:

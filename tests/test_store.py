@@ -87,3 +87,22 @@ def test_default_marker_wins(tmp_path, artifact):
 def test_plan_names_carry_gpu_and_versions():
     name = store.plan_filename("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11", "fp16")
     assert name == "model.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.fp16.plan"
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda m: m.update(files={"model.onnx": "abc"}), '"files" must map'),
+        (lambda m: m.update(files=["model.onnx"]), '"files" must map'),
+        (lambda m: m.update(labels="cat,dog"), '"labels" must be a list'),
+        (lambda m: m.update(artifacts={"onnx": 3}), '"artifacts" must map'),
+    ],
+)
+def test_malformed_metadata_is_one_line_at_load(tmp_path, artifact, edit, fragment):
+    mv = store.publish(tmp_path, "m", [artifact], {"labels": ["a"], "artifacts": {"onnx": artifact.name}})
+    meta = json.loads((mv.path / "metadata.json").read_text())
+    edit(meta)
+    (mv.path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=fragment) as err:
+        store.get_version(tmp_path, "m")
+    assert "\n" not in str(err.value)
