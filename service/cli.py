@@ -24,6 +24,8 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)
             parser.add_argument(flag, type=item, nargs="*", default=None, help=help_text)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=help_text)
         else:

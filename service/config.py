@@ -19,6 +19,20 @@ class Settings(BaseSettings):
     models: list[str] = Field(
         default_factory=list, description="models to load, every version of each (default: all in the store)"
     )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: load the store once at start; poll: follow the store (new versions go live, removed ones "
+        "unload, DEFAULT is followed); explicit: the default model at start, then only the repository API",
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="poll mode: seconds between looks at the store")
+    version_policy: str = Field(
+        "latest:1",
+        description="versions served per model: latest:N, all, or specific:V1,V2 (latest:1, as Triton: one "
+        "engine per model in memory; older versions stay in the store)",
+    )
+    version_policies: dict[str, str] = Field(
+        default_factory=dict, description='per-model policies, e.g. {"quicknet-xs": "all"} (JSON)'
+    )
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = Field(
         "auto", description="engine: auto picks tensorrt (plan for this GPU) > torch (CUDA) > onnxruntime"
     )
@@ -66,6 +80,23 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="structured JSON logs")
     access_log: bool = Field(True, description="one log line per request (REST and gRPC)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, text: str) -> str:
+        from service.engine import parse_policy
+
+        parse_policy(text)
+        return text
+
+    @field_validator("version_policies")
+    @classmethod
+    def _policies(cls, policies: dict[str, str]) -> dict[str, str]:
+        from service.engine import parse_policy
+
+        for text in policies.values():
+            parse_policy(text)
+        return policies
 
     @field_validator("fault_injection")
     @classmethod

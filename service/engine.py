@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from quicknet import store
+from quicknet.errors import QuickNetError, StoreError
 from service import metrics
 from service.backends import Backend, load_backend
 from service.batcher import Batcher, DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.config import Settings
 from service.model import ModelHandle, ModelInfo, Statistics
+from service.runtime import RepositoryError
 
 log = logging.getLogger("quicknet.service")
 
@@ -77,38 +80,161 @@ class LocalModel(ModelHandle):
     async def statistics(self) -> dict:
         return self.stats.to_dict()
 
+    async def close(self) -> None:
+        await self.batcher.close()
+        metrics.MODEL_INFO.labels(*self._info_labels).set(0)  # multiprocess files keep series: zero, not remove
+
+
+VersionKey = tuple[str, int]
+
+
+def parse_policy(text: str) -> tuple[str, tuple[int, ...]]:
+    """`latest:N`, `all` or `specific:1,3` -> (kind, numbers); ValueError with one line if malformed."""
+    kind, _, rest = text.strip().partition(":")
+    try:
+        if kind == "all" and not rest:
+            return "all", ()
+        if kind == "latest":
+            n = int(rest)
+            if n >= 1:
+                return "latest", (n,)
+        if kind == "specific":
+            numbers = tuple(int(x) for x in rest.split(","))
+            if numbers and all(x >= 1 for x in numbers):
+                return "specific", numbers
+    except ValueError:
+        pass
+    raise ValueError(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
+
+
+def pick_versions(available: list[int], policy: str) -> list[int]:
+    kind, numbers = parse_policy(policy)
+    if kind == "all":
+        return list(available)
+    if kind == "latest":
+        return sorted(available)[-numbers[0] :]
+    return [v for v in available if v in numbers]
+
+
+@dataclass
+class VersionState:
+    """Where a version stands, as the repository index reports it (Triton's words)."""
+
+    state: str  # LOADING, READY, UNLOADING, UNAVAILABLE
+    reason: str = ""
+
 
 class Engine:
-    """Loads every served version (verified, warmed), then batches and runs their requests."""
+    """The served versions and their lifecycle: load (verify, engine, warm-up) then READY; a
+    version that leaves the desired set stops taking new work, finishes what it has, and is closed.
+
+    What is desired: every model in the store (or `--models`), each version its policy picks
+    (`--version-policy`, `--version-policies`); in `explicit` mode only the default model and the
+    models the repository API loaded. `reconcile()` moves the loaded set toward it; `poll` mode
+    calls it every `--poll-interval-s`. A version that fails to load leaves the serving ones alone
+    and reports UNAVAILABLE with the reason."""
+
+    RETIRE_GRACE_S = 1.0  # a front that picked the old version a moment ago still gets it served
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.models: list[LocalModel] = []
+        self.loaded: dict[VersionKey, LocalModel] = {}
+        self.retiring: dict[VersionKey, LocalModel] = {}
+        self.states: dict[VersionKey, VersionState] = {}
+        self.requested: set[str] = set()  # explicit mode: models the repository API loaded
         self.default_name: str | None = None
+        self._lock = asyncio.Lock()
+        self._listeners: list = []
+        self._tasks: set[asyncio.Task] = set()
 
-    def plan(self) -> tuple[str, list[tuple[str, int]]]:
-        """The default model and every (model, version) to load, checked against the store before
+    @property
+    def models(self) -> list[LocalModel]:
+        return [self.loaded[k] for k in sorted(self.loaded)]
+
+    def on_change(self, listener) -> None:
+        self._listeners.append(listener)
+
+    def lookup(self, name: str, version: int) -> LocalModel | None:
+        return self.loaded.get((name, version)) or self.retiring.get((name, version))
+
+    def policy_for(self, name: str) -> str:
+        return self.settings.version_policies.get(name, self.settings.version_policy)
+
+    def plan(self) -> tuple[str, list[VersionKey]]:
+        """The default model and every (model, version) wanted now, checked against the store before
         anything loads: a wrong name fails in one line, not after minutes of warm-up."""
         s = self.settings
         root = s.store_root
         default_name = s.model or store.default_model(root)
-        names = list(dict.fromkeys([default_name, *(s.models or store.list_models(root))]))
-        wanted = []
+        if s.model_control_mode == "explicit":
+            names = list(dict.fromkeys([default_name, *s.models, *sorted(self.requested)]))
+        else:
+            names = list(dict.fromkeys([default_name, *(s.models or store.list_models(root))]))
+        wanted: list[VersionKey] = []
         for name in names:
             versions = store.list_versions(root, name)
             if not versions:
                 store.get_version(root, name)  # raises the one-line "not found" error
-            wanted += [(name, v) for v in versions]
-        if s.version is not None and (default_name, s.version) not in wanted:
-            store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
+            picked = pick_versions(versions, self.policy_for(name))
+            if name == default_name and s.version is not None:
+                if s.version not in versions:
+                    store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
+                picked = sorted({*picked, s.version})
+            if not picked:
+                raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {versions}")
+            wanted += [(name, v) for v in picked]
         return default_name, wanted
 
     async def load(self) -> list[LocalModel]:
+        """Start-up: load everything wanted; any failure is fatal (the service never starts broken)."""
         default_name, wanted = self.plan()
-        for name, number in wanted:
-            self.models.append(await self._load_version(store.get_version(self.settings.store_root, name, number)))
+        for key in wanted:
+            self.loaded[key] = await self._load_version(store.get_version(self.settings.store_root, *key))
+            self._set_state(key, "READY")
         self.default_name = default_name
         return self.models
+
+    async def reconcile(self) -> bool:
+        """Move the loaded set toward what the store and the policies want now; True if it changed.
+        Failures are reported in the index and the log; what serves keeps serving."""
+        async with self._lock:
+            try:
+                default_name, wanted = self.plan()
+            except (QuickNetError, ValueError) as e:
+                log.error("model store: %s", e)
+                return False
+            changed = False
+            for key in wanted:
+                if key in self.loaded:
+                    continue
+                changed |= await self._try_load(key)
+            for key in [k for k in self.loaded if k not in wanted]:
+                self._retire(key)
+                changed = True
+            if default_name != self.default_name and any(k[0] == default_name for k in self.loaded):
+                log.info("default model is now %s", default_name)
+                self.default_name, changed = default_name, True
+            if changed:
+                self._notify()
+            return changed
+
+    async def _try_load(self, key: VersionKey) -> bool:
+        if self.states.get(key, VersionState("")).state == "UNAVAILABLE":
+            return False  # tried and failed; published versions never change (a repository load retries)
+        self._set_state(key, "LOADING")
+        self._notify()
+        try:
+            model = await self._load_version(store.get_version(self.settings.store_root, *key))
+        except Exception as e:  # any failure: the reason goes to the index and the log, nothing else moves
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.error("cannot load %s v%d: %s", key[0], key[1], reason)
+            self._set_state(key, "UNAVAILABLE", reason)
+            metrics.MODEL_LOADS.labels(key[0], "failed").inc()
+            return True
+        self.loaded[key] = model
+        self._set_state(key, "READY")
+        metrics.MODEL_LOADS.labels(key[0], "loaded").inc()
+        return True
 
     async def _load_version(self, version: store.ModelVersion) -> LocalModel:
         store.verify_files(version)
@@ -127,9 +253,13 @@ class Engine:
         model.batcher.start()
         files = version.metadata.get("files", {})
         served_file = model.info.description.get("file") or model.info.description.get("plan") or ""
-        metrics.MODEL_INFO.labels(
-            version.name, str(version.version), backend.name, files.get(served_file, {}).get("sha256", "")
-        ).set(1)
+        model._info_labels = (
+            version.name,
+            str(version.version),
+            backend.name,
+            files.get(served_file, {}).get("sha256", ""),
+        )
+        metrics.MODEL_INFO.labels(*model._info_labels).set(1)
         log.info(
             "loaded %s v%d on %s, warmed up in %.2fs",
             version.name,
@@ -139,10 +269,94 @@ class Engine:
         )
         return model
 
+    def _retire(self, key: VersionKey) -> None:
+        model = self.loaded.pop(key)
+        self.retiring[key] = model
+        self._set_state(key, "UNLOADING")
+        task = asyncio.create_task(self._close_after_grace(key, model))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_after_grace(self, key: VersionKey, model: LocalModel) -> None:
+        await asyncio.sleep(self.RETIRE_GRACE_S)
+        finished = await model.batcher.drain(self.settings.drain_seconds)
+        await model.close()
+        self.retiring.pop(key, None)
+        self.states.pop(key, None)
+        for state in metrics.MODEL_STATES:
+            metrics.MODEL_STATE.labels(key[0], str(key[1]), state).set(0)
+        metrics.MODEL_UNLOADS.labels(key[0]).inc()
+        log.info("unloaded %s v%d%s", key[0], key[1], "" if finished else " (drain period ended: rest answered 503)")
+        self._notify()
+
+    def _set_state(self, key: VersionKey, state: str, reason: str = "") -> None:
+        self.states[key] = VersionState(state, reason)
+        for known in metrics.MODEL_STATES:
+            metrics.MODEL_STATE.labels(key[0], str(key[1]), known).set(1 if known == state else 0)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # --- the repository API (explicit mode loads and unloads; every mode has the index) -----------
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """Every model version in the store, with its state here (Triton's repository index)."""
+        root = self.settings.store_root
+        out = []
+        for name in store.list_models(root):
+            for version in store.list_versions(root, name):
+                st = self.states.get((name, version), VersionState("UNAVAILABLE", "not loaded"))
+                if ready_only and st.state != "READY":
+                    continue
+                out.append({"name": name, "version": str(version), "state": st.state, "reason": st.reason})
+        return out
+
+    async def load_model(self, name: str) -> None:
+        if self.settings.model_control_mode != "explicit":
+            raise RepositoryError(
+                f"explicit model load / unload is not allowed in model control mode "
+                f"{self.settings.model_control_mode!r}; start with --model-control-mode explicit"
+            )
+        if not store.list_versions(self.settings.store_root, name):
+            store.get_version(self.settings.store_root, name)  # the one-line "not found" error
+        self.requested.add(name)
+        for key in [k for k, st in self.states.items() if k[0] == name and st.state == "UNAVAILABLE"]:
+            del self.states[key]  # a repository load is a retry
+        await self.reconcile()
+        failed = [f"v{v}: {st.reason}" for (n, v), st in self.states.items() if n == name and st.state == "UNAVAILABLE"]
+        if not any(k[0] == name for k in self.loaded):
+            raise RepositoryError(f"failed to load {name!r}: {'; '.join(failed) or 'no version loaded'}")
+
+    async def unload_model(self, name: str) -> None:
+        if self.settings.model_control_mode != "explicit":
+            raise RepositoryError(
+                f"explicit model load / unload is not allowed in model control mode "
+                f"{self.settings.model_control_mode!r}; start with --model-control-mode explicit"
+            )
+        if name == self.default_name:
+            raise RepositoryError(f"{name!r} is the default model (/classify answers with it): it stays loaded")
+        if name not in self.requested and not any(k[0] == name for k in self.loaded):
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        self.requested.discard(name)
+        await self.reconcile()
+
+    async def poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            await self.reconcile()
+
     async def drain(self, timeout_s: float) -> bool:
-        results = await asyncio.gather(*(m.batcher.drain(timeout_s) for m in self.models))
+        models = [*self.loaded.values(), *self.retiring.values()]
+        results = await asyncio.gather(*(m.batcher.drain(timeout_s) for m in models))
         return all(results)
 
     async def close(self) -> None:
-        for m in self.models:
-            await m.batcher.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for m in [*self.loaded.values(), *self.retiring.values()]:
+            await m.close()
+
+
+class ModelNotFoundError(LookupError):
+    """Unload of a model that is not loaded."""

@@ -33,9 +33,10 @@ from collections import deque
 
 import numpy as np
 
+from quicknet.errors import QuickNetError
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.model import ModelHandle, ModelInfo
-from service.runtime import ModelNotFound, Runtime
+from service.runtime import ModelNotFound, RepositoryError, Runtime
 
 log = logging.getLogger("quicknet.ipc")
 
@@ -144,6 +145,8 @@ class RemoteModel(ModelHandle):
 
 
 def _refusal(kind: str, message: str, extra) -> Exception:
+    if kind == "repository":
+        return RepositoryError(message)
     if kind == "queue_full":
         return QueueFull(extra)
     if kind == "deadline":
@@ -161,6 +164,7 @@ class EngineClient:
     def __init__(self, path: str, runtime: Runtime, ring_images: int):
         self.path = path
         self.runtime = runtime
+        runtime.repository = self
         self.ring = Ring.create(ring_images)
         self.ids = itertools.count()
         self.pending: dict[int, tuple[asyncio.Future, tuple[int, ...], int]] = {}
@@ -219,7 +223,7 @@ class EngineClient:
             self.ring.release(blocks)
             if not future.done():
                 future.set_exception(_refusal(*rest[1:]))
-        elif kind == "stats" and not future.done():
+        elif kind in ("stats", "result") and not future.done():
             future.set_result(rest[1])
         if not self.pending:
             self._idle.set()
@@ -270,6 +274,20 @@ class EngineClient:
         _, future = self._call(("stats", info.name, info.version), (), 0)
         return await future
 
+    # The repository API, answered by the engine process (runtime.repository is this client).
+
+    async def index(self, ready_only: bool) -> list[dict]:
+        _, future = self._call(("call", "index", (ready_only,)), (), 0)
+        return await future
+
+    async def load(self, name: str) -> None:
+        _, future = self._call(("call", "load", (name,)), (), 0)
+        await future
+
+    async def unload(self, name: str) -> None:
+        _, future = self._call(("call", "unload", (name,)), (), 0)
+        await future
+
     async def drain(self, timeout_s: float) -> bool:
         """Wait for this front's accepted requests to be answered (the engine keeps running)."""
         try:
@@ -296,10 +314,9 @@ class EngineClient:
 class EngineServer:
     """The engine process's side: accepts fronts, runs their requests on the engine's batchers."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, engine):
         self.path = path
-        self.models: dict[tuple[str, int], ModelHandle] = {}
-        self.default_name: str | None = None
+        self.engine = engine  # service.engine.Engine: the served versions and their lifecycle
         self.ready = False
         self.accepting = True
         self.outboxes: set[Outbox] = set()
@@ -317,9 +334,8 @@ class EngineServer:
         self.sock = sock
         self._accepting_task = asyncio.create_task(self._accept_forever())
 
-    def install(self, models: list[ModelHandle], default_name: str) -> None:
-        self.models = {(m.name, m.version): m for m in models}
-        self.default_name = default_name
+    def publish(self) -> None:
+        """The engine's served versions changed (or it became ready): every front hears it."""
         self.ready = True
         self._broadcast()
 
@@ -329,7 +345,7 @@ class EngineServer:
         self._broadcast()
 
     def _state(self) -> tuple:
-        return ("state", self.ready, [m.info for m in self.models.values()], self.default_name)
+        return ("state", self.ready, [m.info for m in self.engine.models], self.engine.default_name)
 
     def _broadcast(self) -> None:
         for outbox in self.outboxes:
@@ -376,6 +392,10 @@ class EngineServer:
                         tasks[request_id].cancel()
                 elif kind == "stats":
                     await self._stats(outbox, *message[1:])
+                elif kind == "call":
+                    task = asyncio.create_task(self._repository_call(outbox, *message[1:]))
+                    tasks[request_id] = task
+                    task.add_done_callback(lambda _t, rid=request_id: tasks.pop(rid, None))
         except (OSError, asyncio.IncompleteReadError, EOFError):
             log.info("front process %d disconnected", pid)
         finally:
@@ -384,8 +404,26 @@ class EngineServer:
                 task.cancel()
             writer.close()
 
+    async def _repository_call(self, outbox: Outbox, request_id: int, method: str, args: tuple) -> None:
+        """index / load / unload on the engine, for a front's repository API."""
+        from service.engine import ModelNotFoundError
+
+        try:
+            if method == "index":
+                result = self.engine.index(*args)
+            elif method == "load":
+                result = await self.engine.load_model(*args)
+            else:
+                result = await self.engine.unload_model(*args)
+        except (ModelNotFoundError, QuickNetError) as e:
+            outbox.send(("error", request_id, "not_found", str(e), None))
+        except RepositoryError as e:
+            outbox.send(("error", request_id, "repository", str(e), None))
+        else:
+            outbox.send(("result", request_id, result))
+
     async def _stats(self, outbox: Outbox, request_id: int, name: str, version: int) -> None:
-        model = self.models.get((name, version))
+        model = self.engine.lookup(name, version)
         if model is None:
             outbox.send(("error", request_id, "not_found", f"model {name!r} v{version} is not served", None))
         else:
@@ -403,7 +441,7 @@ class EngineServer:
         deadline: float,
         protocol: str,
     ) -> None:
-        model = self.models.get((name, version))
+        model = self.engine.lookup(name, version)  # a retiring version still serves what was routed to it
         if model is None or not self.accepting:
             kind, text = ("not_found", f"model {name!r} v{version} is not served") if model else ("not_accepting", "")
             outbox.send(("error", request_id, kind, text or "engine is shutting down; retry shortly", "draining"))

@@ -33,11 +33,11 @@ from service.backends import BackendError
 from service.classifier import grpc as classifier_grpc
 from service.classifier import rest as classifier_rest
 from service.config import Settings
-from service.engine import Engine
+from service.engine import Engine, ModelNotFoundError
 from service.gpu import sample_forever
 from service.kserve import grpc as kserve_grpc
 from service.kserve import rest as kserve_rest
-from service.runtime import ModelSource, Runtime
+from service.runtime import ModelNotFound, ModelSource, Runtime
 from service.transport import grpc as grpc_transport
 from service.transport import http as http_transport
 
@@ -101,15 +101,38 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 
 
 class LocalSource:
-    """Engines in this process: load and warm every version, then hand the runtime their handles."""
+    """Engines in this process: load and warm every version, hand the runtime their handles, and
+    keep them current as versions come and go (poll mode, or the repository API)."""
 
     def __init__(self, settings: Settings, runtime: Runtime):
         self.engine = Engine(settings)
         self.runtime = runtime
+        runtime.repository = self
 
     async def run(self) -> None:
-        models = await self.engine.load()
-        self.runtime.install(models, self.engine.default_name)
+        await self.engine.load()
+        self.engine.on_change(self._install)
+        self._install()
+        if self.engine.settings.model_control_mode == "poll":
+            await self.engine.poll_forever()
+
+    def _install(self) -> None:
+        self.runtime.install(self.engine.models, self.engine.default_name)
+
+    async def index(self, ready_only: bool) -> list[dict]:
+        return self.engine.index(ready_only)
+
+    async def load(self, name: str) -> None:
+        try:
+            await self.engine.load_model(name)
+        except QuickNetError as e:  # the store has no such model
+            raise ModelNotFound(str(e)) from None
+
+    async def unload(self, name: str) -> None:
+        try:
+            await self.engine.unload_model(name)
+        except ModelNotFoundError as e:
+            raise ModelNotFound(str(e)) from None
 
     async def drain(self, timeout_s: float) -> bool:
         return await self.engine.drain(timeout_s)
@@ -226,7 +249,7 @@ async def serve_engine(settings: Settings, path: str) -> int:
     stop = _stop_event(ignore_sigint=True)
     parent_watch = _watch_parent(stop)
     engine = Engine(settings)
-    server = EngineServer(path)
+    server = EngineServer(path, engine)
     await server.start()
     gpu_sampler = asyncio.create_task(sample_forever())
     load_task = asyncio.create_task(engine.load())
@@ -241,10 +264,16 @@ async def serve_engine(settings: Settings, path: str) -> int:
             log.error("cannot serve", exc_info=e)
         code = 2
     elif load_task.done():
-        server.install(load_task.result(), engine.default_name)
+        engine.on_change(server.publish)
+        server.publish()
         metrics.READY.set(1)  # with the fronts' own, `quicknet_ready` (min over processes) is 1 when all are
         log.info("engine ready: %d model version(s) (pid %d)", len(engine.models), os.getpid())
-        await stop_task
+        if settings.model_control_mode == "poll":
+            poller = asyncio.create_task(engine.poll_forever())
+            await stop_task
+            poller.cancel()
+        else:
+            await stop_task
     load_task.cancel()
     metrics.READY.set(0)
     server.stop_accepting()
@@ -254,6 +283,7 @@ async def serve_engine(settings: Settings, path: str) -> int:
             task.cancel()
     await server.close()
     await engine.close()
+    log.info("engine stopped")
     return code
 
 

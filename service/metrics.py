@@ -13,6 +13,7 @@ the minimum over the live fronts, so it is 1 only when every front takes work.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -22,7 +23,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REQUEST_SECONDS = Histogram(
     "quicknet_request_duration_seconds",
     "Time from request received to response ready.",
-    ["protocol", "endpoint", "code"],
+    ["protocol", "endpoint", "code", "model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 DECODE_SECONDS = Histogram(
@@ -39,7 +40,9 @@ INFER_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("quicknet_batch_size", "Images per engine batch.", ["model"], buckets=BATCH_BUCKETS)
 IMAGES = Counter("quicknet_images_total", "Images classified.", ["model", "protocol"])
-REJECTIONS = Counter("quicknet_rejections_total", "Requests refused or dropped, by reason.", ["protocol", "reason"])
+REJECTIONS = Counter(
+    "quicknet_rejections_total", "Requests refused or dropped, by reason.", ["protocol", "reason", "model", "version"]
+)
 QUEUE_DEPTH = Gauge(
     "quicknet_queue_images", "Images waiting in the batcher queue.", ["model"], multiprocess_mode="livesum"
 )
@@ -49,16 +52,38 @@ IN_FLIGHT = Gauge(
 READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.", multiprocess_mode="livemin")
 MODEL_INFO = Gauge(
     "quicknet_model_info",
-    "A model version being served (value 1).",
+    "A model version being served (1; 0 once unloaded).",
     ["name", "version", "backend", "file_sha256"],
     multiprocess_mode="livemax",
 )
+MODEL_STATE = Gauge(
+    "quicknet_model_state",
+    "1 for each model version's current state (LOADING, READY, UNLOADING, UNAVAILABLE), else 0.",
+    ["name", "version", "state"],
+    multiprocess_mode="livemax",
+)
+MODEL_STATES = ("LOADING", "READY", "UNLOADING", "UNAVAILABLE")
+MODEL_LOADS = Counter("quicknet_model_loads_total", "Model version loads, by outcome.", ["name", "outcome"])
+MODEL_UNLOADS = Counter("quicknet_model_unloads_total", "Model versions unloaded.", ["name"])
 GPU_UTILIZATION = Gauge(
     "quicknet_gpu_utilization_ratio", "GPU busy fraction (NVML).", ["gpu"], multiprocess_mode="livemax"
 )
 GPU_MEMORY_USED = Gauge(
     "quicknet_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], multiprocess_mode="livemax"
 )
+
+
+# The (model, version) the current request runs on, once the runtime picked it, so request and
+# rejection metrics carry it (bounded: only served versions). Each request runs in its own task.
+SERVED: ContextVar[tuple[str, str]] = ContextVar("served", default=("", ""))
+
+
+def request_done(protocol: str, endpoint: str, code: str, seconds: float) -> None:
+    REQUEST_SECONDS.labels(protocol, endpoint, code, *SERVED.get()).observe(seconds)
+
+
+def rejected(protocol: str, reason: str) -> None:
+    REJECTIONS.labels(protocol, reason, *SERVED.get()).inc()
 
 
 def exposition() -> tuple[bytes, str]:

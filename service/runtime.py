@@ -18,11 +18,35 @@ from service.config import Settings
 from service.images import Limits
 from service.model import ModelHandle, Prediction, softmax, top_k
 
-__all__ = ["ModelHandle", "ModelNotFound", "ModelSource", "Prediction", "Runtime", "softmax", "top_k"]
+__all__ = [
+    "ModelHandle",
+    "ModelNotFound",
+    "ModelSource",
+    "Prediction",
+    "Repository",
+    "RepositoryError",
+    "Runtime",
+    "softmax",
+    "top_k",
+]
 
 
 class ModelNotFound(Exception):
     """No such model or version is being served."""
+
+
+class RepositoryError(Exception):
+    """A repository request that cannot be done (wrong mode, the default model, a failed load)."""
+
+
+class Repository(Protocol):
+    """The model repository as the KServe/Triton repository extension sees it."""
+
+    async def index(self, ready_only: bool) -> list[dict]: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
 
 
 class ModelSource(Protocol):
@@ -46,6 +70,7 @@ class Runtime:
         self.default: ModelHandle | None = None
         self.ready = False
         self.draining = False
+        self.repository: Repository | None = None  # set by the model source
         self._ready_listeners: list[Callable[[bool], None]] = []
 
     def install(self, handles: list[ModelHandle], default_name: str, ready: bool = True) -> None:
@@ -64,7 +89,9 @@ class Runtime:
             raise NotAccepting("server is shutting down; retry on another replica", "draining")
         if not self.ready or self.default is None:
             raise NotAccepting("model is not ready yet (loading or warming up); retry shortly", "not_ready")
-        return self.default if name is None else self.get(name, version)
+        model = self.default if name is None else self.get(name, version)
+        metrics.SERVED.set((model.name, str(model.version)))
+        return model
 
     @property
     def accepting(self) -> bool:

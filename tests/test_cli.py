@@ -118,3 +118,6 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     assert missing.returncode == 2 and "error:" in missing.stderr and missing.stderr.count("\n") == 1
     bad = quicknet("serve", "--fault-injection", "sometimes", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting fault_injection")
+    for args, fragment in ((["--model", "nope"], "model 'nope' not found"), (["--version", "99"], "has no version 99")):
+        wrong = quicknet("serve", *args, env=env)
+        assert wrong.returncode == 2 and fragment in wrong.stderr and wrong.stderr.count("\n") == 1, wrong.stderr

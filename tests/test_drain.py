@@ -49,8 +49,11 @@ def test_sigterm_under_load_answers_every_accepted_request_and_refuses_new_work(
                 seen["grpc"] = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 seen["grpc"] = e.code()
-            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
-            seen["health"] = health.status
+            stub = health_pb2_grpc.HealthStub(ch)
+            seen["health"] = [
+                (await stub.Check(health_pb2.HealthCheckRequest(service=n))).status
+                for n in ("", "quicknet.v1.Classifier", "inference.GRPCInferenceService")
+            ]
         return seen
 
     responses, queued, seen = asyncio.run(_load_then_sigterm(srv, body, 24, refusals))
@@ -62,7 +65,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_refuses_new_work(
     assert seen["readyz"] == 503
     assert seen["rest"][0] == 503 and "shutting down" in seen["rest"][1]
     assert seen["grpc"] == grpc.StatusCode.UNAVAILABLE
-    assert seen["health"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert seen["health"] == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
 
 
 def test_work_left_past_the_drain_period_is_answered_503(tmp_path, cifar):
@@ -80,22 +83,46 @@ def test_work_left_past_the_drain_period_is_answered_503(tmp_path, cifar):
 
 
 def test_ready_only_after_every_bucket_is_warmed(tmp_path):
-    srv = start_server(tmp_path, max_batch_size=256, wait_ready=False)
+    """While the engine warms up (buckets up to 1024: a second or more here) the process is live
+    but not ready on every front: /readyz 503, /classify 503, gRPC health NOT_SERVING for every
+    service, `quicknet probe --ready` fails; the first ready answer comes after the warm-up."""
+    import os
+    import subprocess
+    import sys
+
+    srv = start_server(tmp_path, max_batch_size=1024, wait_ready=False)
+    names = ["", "quicknet.v1.Classifier", "inference.GRPCInferenceService"]
+    seen_warming = None
     try:
-        first_ready_log = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"{srv.url}/readyz", timeout=1)
+                ready = httpx.get(f"{srv.url}/readyz", timeout=1)
             except httpx.HTTPError:
                 time.sleep(0.01)
                 continue
-            if r.status_code == 200:
-                first_ready_log = srv.log()
+            if ready.status_code == 200:
                 break
-            assert r.json()["error"].startswith("not ready")
+            if seen_warming is None:
+                live = httpx.get(f"{srv.url}/healthz").status_code
+                refused = httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW)
+                with grpc.insecure_channel(srv.grpc_target) as ch:
+                    stub = health_pb2_grpc.HealthStub(ch)
+                    health = [stub.Check(health_pb2.HealthCheckRequest(service=n)).status for n in names]
+                env = {**os.environ, "QUICKNET_HTTP_PORT": str(srv.http_port)}
+                probe = subprocess.run([sys.executable, "-m", "quicknet_cli", "probe", "--ready"], env=env, timeout=30)
+                seen_warming = (live, refused.status_code, refused.json()["error"], health, probe.returncode)
             time.sleep(0.005)
-        assert first_ready_log is not None, "never ready"
+        first_ready_log = srv.log()
+        assert seen_warming is not None, "never saw the server live and warming up"
+        live, status, error, health, probe = seen_warming
+        assert (live, status, probe) == (200, 503, 1) and error.startswith("model is not ready")
+        assert health == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
         assert "warmed up" in first_ready_log, "ready before the engine ran every batch bucket"
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert [stub.Check(health_pb2.HealthCheckRequest(service=n)).status for n in names] == [
+                health_pb2.HealthCheckResponse.SERVING
+            ] * 3
     finally:
         assert srv.stop() == 0

@@ -53,7 +53,7 @@ def _client_port(response: httpx.Response) -> int:
     return response.extensions["network_stream"].get_extra_info("client_addr")[1]
 
 
-def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_path):
+def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_path, caplog):
     """A bug in a handler (not a refusal the service knows) must not cost the client its connection."""
 
     class Buggy:
@@ -96,6 +96,8 @@ def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_p
             assert good.json() == {"ok": True}
             assert bad.headers.get("connection") != "close"
             assert _client_port(bad) == _client_port(good), "the same connection serves the next request"
+        logged = [r for r in caplog.records if r.name == "quicknet.http" and r.exc_info]
+        assert logged and "a bug" in str(logged[0].exc_info[1]), "the server log keeps the traceback"
     finally:
         server.should_exit = True
         thread.join(10)

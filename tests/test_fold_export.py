@@ -87,3 +87,9 @@ def test_verify_passes_and_catches_a_wrong_model(trained_like_model, onnx_path, 
     other = build_model("quicknet-xs").eval()
     with pytest.raises(BuildError, match="disagrees with PyTorch"):
         verify(other, onnx_path, test_images)
+
+
+def test_equal_prelu_slopes_fold_to_leaky_relu():
+    folded = fold(build_model("quicknet-xs").eval())  # fresh: every slope is PReLU's init, 0.25
+    acts = [m for m in folded.features if not isinstance(m, (nn.Conv2d, nn.MaxPool2d))]
+    assert acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.25 for m in acts)

@@ -23,3 +23,39 @@ def test_select_and_get_name_what_is_missing():
     assert runtime.select() == []
     with pytest.raises(ModelNotFound, match="'nope' is not served"):
         runtime.select("nope")
+
+
+def test_the_workers_default_follows_the_cores(monkeypatch):
+    import os
+
+    for cores, expected in ((2, 1), (4, 1), (8, 4), (16, 8), (64, 16)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert Settings().front_workers == expected, cores
+    assert Settings(workers=3).front_workers == 3
+
+
+def test_a_gpu_is_found_without_torch(monkeypatch):
+    import builtins
+
+    from service import gpu
+
+    real_import = builtins.__import__
+
+    def no_nvml(name, *args, **kwargs):
+        if name in ("pynvml", "torch"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nvml)
+    for devices, expected in (([], False), (["/dev/nvidia0"], True)):
+        gpu.gpu_present.cache_clear()
+        monkeypatch.setattr(gpu.glob, "glob", lambda _pattern, d=devices: d)
+        assert gpu.gpu_present() is expected
+    gpu.gpu_present.cache_clear()
+
+
+def test_list_and_dict_settings_take_json_in_the_environment(monkeypatch):
+    monkeypatch.setenv("QUICKNET_PREFERRED_BATCH_SIZES", "[8, 16]")
+    monkeypatch.setenv("QUICKNET_VERSION_POLICIES", '{"quicknet-xs": "all"}')
+    s = Settings()
+    assert s.preferred_batch_sizes == [8, 16] and s.version_policies == {"quicknet-xs": "all"}

@@ -84,9 +84,17 @@ def test_stop_and_resume_equals_the_straight_run(cifar: Dataset, tmp_path, stop)
 
 
 def test_time_budget_plans_the_epochs(cifar: Dataset, tmp_path):
-    generous = train(TrainConfig(**TINY, epochs=3, train_subset=128, time_budget_s=1e6), cifar, tmp_path / "a")
+    generous = train(
+        TrainConfig(**TINY, epochs=3, train_subset=128, time_budget_s=1e6), cifar, tmp_path / "a", progress=False
+    )
     assert [h["epoch"] for h in generous.history] == [1, 2, 3] and generous.planned_epochs == 3
     assert generous.history[0]["planned_epochs"] == 3
     spent = train(TrainConfig(**TINY, epochs=3, train_subset=128, time_budget_s=1e-6), cifar, tmp_path / "b")
     assert [h["epoch"] for h in spent.history] == [1] and spent.planned_epochs == 1
     assert not spent.stopped_early
+    budget = 4.0  # a few epochs of this tiny run: the plan must end the schedule inside it
+    fitted = train(TrainConfig(**TINY, epochs=200, train_subset=128, time_budget_s=budget), cifar, tmp_path / "c")
+    assert 1 <= fitted.planned_epochs < 200 and not fitted.stopped_early
+    assert [h["epoch"] for h in fitted.history] == list(range(1, fitted.planned_epochs + 1))
+    assert fitted.history[-1]["lr"] == 0.0, "the LR schedule decays to zero at the planned end"
+    assert fitted.seconds <= budget * 1.5, f"{fitted.seconds:.1f}s for a {budget}s budget"

@@ -106,10 +106,13 @@ def test_a_crashed_engine_fails_waiting_requests_fast_and_comes_back(tmp_path, c
                 started = time.monotonic()
                 responses = await asyncio.gather(*tasks)
                 assert time.monotonic() - started < 5, "requests waiting on a dead engine must not hang"
-                return responses
+                unready = (await client.get(f"{srv.url}/readyz")).status_code
+                return responses, unready
 
-        codes = [r.status_code for r in asyncio.run(scenario())]
+        responses, unready = asyncio.run(scenario())
+        codes = [r.status_code for r in responses]
         assert 503 in codes and set(codes) <= {200, 503}, codes
+        assert unready == 503, "no engine: the fronts are out of readiness"
         _wait(lambda: _ready(srv), what="readiness after the engine restart")
         assert httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW).status_code == 200
         assert "engine exited with -9; restarting it" in srv.log()
@@ -140,4 +143,40 @@ def test_sigterm_drains_every_front_before_the_engine(tmp_path, cifar):
     assert srv.proc.wait(120) == 0, srv.log()
     assert [r.status_code for r in responses] == [200] * 24, srv.log()
     log = srv.log()
-    assert log.index("front-0 quicknet.service: stopped") < log.rindex("MainProcess quicknet.supervisor: stopped")
+    engine_stopped = log.index("engine quicknet.service: engine stopped")
+    for front in ("front-0", "front-1"):
+        assert log.index(f"{front} quicknet.service: stopped") < engine_stopped, f"{front} stopped after the engine"
+
+
+def test_kserve_rest_and_grpc_through_the_engine_process(server, cifar):
+    from service._generated import grpc_predict_v2_pb2 as kpb
+    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+    images = cifar.test.images[:3]
+    body = {
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3], "data": images.reshape(-1).tolist()}
+        ]
+    }
+    r = httpx.post(f"{server.url}/v2/models/quicknet-xs/infer", json=body)
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [3, 10]
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        request = kpb.ModelInferRequest(model_name="quicknet-xs", raw_input_contents=[images.tobytes()])
+        request.inputs.add(name="images", datatype="UINT8", shape=[3, 32, 32, 3])
+        reply = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
+        stats = kpb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(kpb.ModelStatisticsRequest(name="quicknet-xs"))
+    logits = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(3, 10)
+    assert np.allclose(logits, np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, 10), atol=1e-5)
+    assert stats.model_stats[0].inference_count >= 6, "statistics come from the engine process"
+
+
+def test_a_request_larger_than_the_fronts_ring_is_429(tmp_path):
+    """A front holds at most what the engine can queue (plus a batch per instance) in its shared
+    memory; more is refused at once, like a full queue."""
+    srv = start_server(tmp_path, workers=2, max_queue_images=32, max_batch_size=8)
+    try:
+        r = httpx.post(f"{srv.url}/classify", content=bytes(3072 * 64), headers=RAW)
+        assert r.status_code == 429 and r.headers["Retry-After"]
+        assert httpx.post(f"{srv.url}/classify", content=bytes(3072 * 8), headers=RAW).status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()

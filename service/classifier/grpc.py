@@ -104,10 +104,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except Exception as e:
             err = to_rpc_error(e)
             code = err.code
-            metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
+            metrics.rejected(PROTOCOL, err.reason)
             await context.abort(err.code, str(err))
         finally:
-            metrics.REQUEST_SECONDS.labels(PROTOCOL, "ClassifyStream", code.name).observe(time.perf_counter() - start)
+            metrics.request_done(PROTOCOL, "ClassifyStream", code.name, time.perf_counter() - start)
 
 
 def add_to_server(server: grpc.aio.Server, runtime: Runtime) -> list[str]:

@@ -23,7 +23,7 @@ INPUT = "images"
 OUTPUT = "logits"
 SERVER_NAME = "quicknet-serving"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration", "model_repository"]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_torchexport"}
 NUM_CLASSES = 10
 

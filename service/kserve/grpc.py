@@ -161,6 +161,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await unary_call(PROTOCOL, "ModelStatistics", run, request, context)
 
+    async def RepositoryIndex(self, request, context):
+        async def run(request, context):
+            rows = await self.runtime.repository.index(request.ready)
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+        return await unary_call(PROTOCOL, "RepositoryIndex", run, request, context)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def run(request, context):
+            await self.runtime.repository.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await unary_call(PROTOCOL, "RepositoryModelLoad", run, request, context)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def run(request, context):
+            await self.runtime.repository.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await unary_call(PROTOCOL, "RepositoryModelUnload", run, request, context)
+
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runtime = self.runtime
         mr = runtime.serving(request.model_name, request.model_version)
@@ -184,13 +205,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 reply = await self._infer(request, context)
             except Exception as e:
                 err = to_rpc_error(e)
-                metrics.REJECTIONS.labels(PROTOCOL, err.reason).inc()
-                metrics.REQUEST_SECONDS.labels(PROTOCOL, "ModelStreamInfer", err.code.name).observe(
-                    time.perf_counter() - start
-                )
+                metrics.rejected(PROTOCOL, err.reason)
+                metrics.request_done(PROTOCOL, "ModelStreamInfer", err.code.name, time.perf_counter() - start)
                 yield pb.ModelStreamInferResponse(error_message=str(err))
                 continue
-            metrics.REQUEST_SECONDS.labels(PROTOCOL, "ModelStreamInfer", "OK").observe(time.perf_counter() - start)
+            metrics.request_done(PROTOCOL, "ModelStreamInfer", "OK", time.perf_counter() - start)
             yield pb.ModelStreamInferResponse(infer_response=reply)
 
 

@@ -137,6 +137,30 @@ def router(runtime: Runtime) -> APIRouter:
             return JSONResponse({"ready": True})
         return JSONResponse({"error": "not ready"}, status_code=400)
 
+    @app.post("/v2/repository/index", summary="Repository index: every version in the store and its state")
+    async def repository_index(request: Request) -> JSONResponse:
+        body = await read_body(request, 1 << 16)
+        ready = False
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except ValueError as e:
+                raise InputError(f"repository index request is not valid JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise InputError('repository index request must be a JSON object, e.g. {"ready": true}')
+            ready = bool(doc.get("ready", False))
+        return JSONResponse(await runtime.repository.index(ready))
+
+    @app.post("/v2/repository/models/{name}/load", summary="Load a model (explicit model control mode)")
+    async def repository_load(name: str) -> dict:
+        await runtime.repository.load(name)
+        return {}
+
+    @app.post("/v2/repository/models/{name}/unload", summary="Unload a model (explicit model control mode)")
+    async def repository_unload(name: str) -> dict:
+        await runtime.repository.unload(name)
+        return {}
+
     @app.get("/v2/models/stats", summary="Statistics of every served model")
     async def all_stats() -> dict:
         return {"model_stats": [await model_statistics(m) for m in runtime.select()]}

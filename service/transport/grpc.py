@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from service import metrics
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
 from service.images import InputError
-from service.runtime import ModelNotFound, Runtime
+from service.runtime import ModelNotFound, RepositoryError, Runtime
 
 HTTP_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,6 +50,8 @@ def to_rpc_error(e: Exception) -> RpcError:
         return RpcError(grpc.StatusCode.UNAVAILABLE, str(e), e.reason)
     if isinstance(e, ModelNotFound):
         return RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found")
+    if isinstance(e, RepositoryError):
+        return RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e), "repository")
     return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
 
 
@@ -75,15 +77,15 @@ async def unary_call(protocol: str, endpoint: str, fn: Callable, request, contex
         return await fn(request, context)
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
-        metrics.REJECTIONS.labels(protocol, "cancelled").inc()
+        metrics.rejected(protocol, "cancelled")
         raise
     except Exception as e:
         err = to_rpc_error(e)
         code = err.code
-        metrics.REJECTIONS.labels(protocol, err.reason).inc()
+        metrics.rejected(protocol, err.reason)
         await context.abort(err.code, str(err))
     finally:
-        metrics.REQUEST_SECONDS.labels(protocol, endpoint, code.name).observe(time.perf_counter() - start)
+        metrics.request_done(protocol, endpoint, code.name, time.perf_counter() - start)
 
 
 class Health:

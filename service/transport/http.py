@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.images import InputError
-from service.runtime import ModelNotFound, Runtime
+from service.runtime import ModelNotFound, RepositoryError, Runtime
 
 access_log = logging.getLogger("quicknet.access")
 log = logging.getLogger("quicknet.http")
@@ -40,7 +40,7 @@ class HTTPError(Exception):
         self.status, self.reason, self.headers = status, reason, headers or {}
 
 
-REFUSALS = (QueueFull, DeadlineExceeded, NotAccepting, ModelNotFound, EngineFailure)
+REFUSALS = (QueueFull, DeadlineExceeded, NotAccepting, ModelNotFound, EngineFailure, RepositoryError)
 
 
 def refusal_to_http(e: Exception) -> HTTPError:
@@ -55,6 +55,8 @@ def refusal_to_http(e: Exception) -> HTTPError:
         return HTTPError(404, str(e), "not_found")
     if isinstance(e, EngineFailure):
         return HTTPError(500, f"inference failed: {e}", "engine_error")
+    if isinstance(e, RepositoryError):
+        return HTTPError(400, str(e), "repository")
     raise TypeError(f"not a refusal: {e!r}")
 
 
@@ -177,7 +179,7 @@ class AccessMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             endpoint = getattr(scope.get("route"), "path", "unmatched")
-            metrics.REQUEST_SECONDS.labels(protocol_of(scope), endpoint, str(status)).observe(elapsed)
+            metrics.request_done(protocol_of(scope), endpoint, str(status), elapsed)
             if self.log_requests:
                 access_log.info(
                     "%s %s %d %.1fms",
@@ -191,7 +193,7 @@ class AccessMiddleware:
 
 def _install_error_handlers(app: FastAPI) -> None:
     def rejected(request: Request, reason: str) -> None:
-        metrics.REJECTIONS.labels(protocol_of(request.scope), reason).inc()
+        metrics.rejected(protocol_of(request.scope), reason)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
