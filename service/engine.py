@@ -175,13 +175,15 @@ class Engine:
             versions = store.list_versions(root, name)
             if not versions:
                 store.get_version(root, name)  # raises the one-line "not found" error
-            picked = pick_versions(versions, self.policy_for(name))
+            # a version that failed to load is not a candidate: the policy falls back to older ones
+            usable = [v for v in versions if self.states.get((name, v), VersionState("")).state != "UNAVAILABLE"]
+            picked = pick_versions(usable, self.policy_for(name))
             if name == default_name and s.version is not None:
                 if s.version not in versions:
                     store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
                 picked = sorted({*picked, s.version})
             if not picked:
-                raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {versions}")
+                raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {usable}")
             wanted += [(name, v) for v in picked]
         return default_name, wanted
 
@@ -208,6 +210,8 @@ class Engine:
                 if key in self.loaded:
                     continue
                 changed |= await self._try_load(key)
+            if changed:  # what just failed drops out of the plan; the versions it would replace stay
+                default_name, wanted = self.plan()
             for key in [k for k in self.loaded if k not in wanted]:
                 self._retire(key)
                 changed = True

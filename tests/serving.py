@@ -95,7 +95,7 @@ def start_server(
     raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log()}")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def metric(text: str, name: str, /, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
     total = 0.0
     for line in text.splitlines():

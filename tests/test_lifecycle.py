@@ -1,0 +1,251 @@
+"""Model lifecycle without restarts: new versions go live under load with no failed request, the
+repository API (driven by Triton's own clients), broken versions never served, DEFAULT followed.
+
+This module imports tritonclient, so it must not import our generated KServe stubs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from quicknet import store
+from service._generated import classifier_pb2 as pb
+from service._generated import classifier_pb2_grpc as pb_grpc
+from tests.serving import STORE, metric, start_server
+
+MODEL = "quicknet-xs"
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+def _shipped() -> store.ModelVersion:
+    return store.get_version(STORE, store.default_model(STORE))
+
+
+def _publish(root: Path, name: str) -> store.ModelVersion:
+    shipped = _shipped()
+    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
+    return store.publish(root, name, [shipped.file(f) for f in shipped.metadata["files"]], meta)
+
+
+def _store(tmp_path: Path, *names: str) -> Path:
+    root = tmp_path / "store"
+    for name in names:
+        _publish(root, name)
+    store.set_default(root, names[0])
+    return root
+
+
+def _wait(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Hammer:
+    """Clients on three protocols sending back to back; every answer's status and version kept."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.stop = threading.Event()
+        self.answers: list[tuple[str, float, str]] = []  # (protocol, time, version or "FAILED: ...")
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._rest, self._grpc, self._kserve)]
+
+    def __enter__(self) -> Hammer:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _record(self, protocol: str, outcome: str) -> None:
+        self.answers.append((protocol, time.monotonic(), outcome))
+
+    def _rest(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                r = client.post(f"{self.srv.url}/classify", content=bytes(3072 * 4), headers=RAW)
+                self._record(
+                    "rest", r.json()["version"] if r.status_code == 200 else f"FAILED: {r.status_code} {r.text}"
+                )
+
+    def _grpc(self) -> None:
+        with grpc.insecure_channel(self.srv.grpc_target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            while not self.stop.is_set():
+                try:
+                    reply = stub.Classify(pb.ClassifyRequest(image=pb.Image(pixels=bytes(3072))), timeout=30)
+                    self._record("grpc", reply.version)
+                except grpc.RpcError as e:
+                    self._record("grpc", f"FAILED: {e.code().name} {e.details()}")
+
+    def _kserve(self) -> None:
+        client = tgrpc.InferenceServerClient(self.srv.grpc_target)
+        pixels = np.zeros((2, 32, 32, 3), np.uint8)
+        while not self.stop.is_set():
+            inp = tgrpc.InferInput("images", [2, 32, 32, 3], "UINT8")
+            inp.set_data_from_numpy(pixels)
+            try:
+                result = client.infer(MODEL, [inp], client_timeout=30)
+                self._record("kserve-grpc", result.get_response().model_version)
+            except InferenceServerException as e:
+                self._record("kserve-grpc", f"FAILED: {e.status()} {e.message()}")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "engine-process"])
+def test_a_published_version_goes_live_under_load_with_no_failed_request(tmp_path, workers):
+    root = _store(tmp_path, MODEL)
+    srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3, workers=workers)
+    try:
+        with Hammer(srv) as hammer:
+            _wait(lambda: len(hammer.answers) > 30, what="traffic on version 1")
+            _publish(root, MODEL)  # version 2, published atomically while clients hammer
+            published = time.monotonic()
+            _wait(lambda: "unloaded quicknet-xs v1" in srv.log(), what="version 1 to unload")
+            _wait(lambda: sum(1 for _, t, _ in hammer.answers if t > time.monotonic() - 0.5) > 10, what="traffic")
+            time.sleep(0.5)
+        outcomes = {v for _, _, v in hammer.answers}
+        assert not [v for v in outcomes if v.startswith("FAILED")], [v for v in outcomes if v.startswith("FAILED")][:5]
+        assert outcomes == {"1", "2"}, "every answer from exactly one of the two versions"
+        swapped = max(t for _, t, v in hammer.answers if v == "1")
+        after = [v for _, t, v in hammer.answers if t > swapped]
+        assert after and set(after) == {"2"}, "after the swap every answer comes from the new version"
+        assert {p for p, t, _ in hammer.answers if t > published} >= {"rest", "grpc", "kserve-grpc"}
+        index = httpx.post(f"{srv.url}/v2/repository/index", json={}).json()
+        assert {(e["version"], e["state"]) for e in index} == {("1", "UNAVAILABLE"), ("2", "READY")}
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert metric(text, "quicknet_model_state", name=MODEL, version="2", state="READY") == 1
+        assert metric(text, "quicknet_model_loads_total", name=MODEL, outcome="loaded") >= 1
+        assert metric(text, "quicknet_model_unloads_total", name=MODEL) >= 1
+        assert (
+            metric(text, "quicknet_request_duration_seconds_count", endpoint="/classify", model=MODEL, version="2") > 0
+        )
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_a_broken_version_is_never_served_and_says_why(tmp_path):
+    root = _store(tmp_path, MODEL)
+    srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3)
+    try:
+        staging = tmp_path / "broken"
+        shutil.copytree(_shipped().path, staging)
+        shipped_meta = json.loads((staging / "metadata.json").read_text())
+        (staging / "model.opt.onnx").write_bytes(b"not the published bytes")  # a corrupted copy
+        meta = {k: v for k, v in shipped_meta.items() if k not in ("files", "name", "version")}
+        broken = store.publish(root, MODEL, [staging / f for f in shipped_meta["files"]], meta)
+        (broken.path / "model.opt.onnx").write_bytes(b"altered after publishing")
+        _wait(lambda: "cannot load quicknet-xs v2" in srv.log(), what="the failed load")
+        index = {e["version"]: e for e in httpx.post(f"{srv.url}/v2/repository/index", json={}).json()}
+        assert index["2"]["state"] == "UNAVAILABLE" and "SHA-256 mismatch" in index["2"]["reason"]
+        assert index["1"]["state"] == "READY"
+        r = httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW)
+        assert r.status_code == 200 and r.json()["version"] == "1", "the serving version is untouched"
+        assert httpx.get(f"{srv.url}/v2/models/{MODEL}/versions/2/ready").status_code == 404
+        assert httpx.get(f"{srv.url}/v2/models/{MODEL}/versions/1/ready").status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_default_changes_are_followed(tmp_path):
+    root = _store(tmp_path, MODEL, "twin")
+    srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3)
+    try:
+        assert httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW).json()["model"] == MODEL
+        store.set_default(root, "twin")
+        _wait(
+            lambda: httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW).json()["model"] == "twin",
+            what="/classify to follow DEFAULT",
+        )
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "engine-process"])
+def test_explicit_mode_with_tritons_own_clients(tmp_path, workers):
+    root = _store(tmp_path, MODEL, "twin")
+    srv = start_server(tmp_path, store=root, model_control_mode="explicit", workers=workers)
+    try:
+        http = thttp.InferenceServerClient(f"127.0.0.1:{srv.http_port}")
+        grpc_client = tgrpc.InferenceServerClient(srv.grpc_target)
+        index = {e["name"]: e for e in http.get_model_repository_index()}
+        assert index[MODEL]["state"] == "READY" and index["twin"]["state"] == "UNAVAILABLE"
+        assert not http.is_model_ready("twin")
+        grpc_client.load_model("twin")
+        assert http.is_model_ready("twin") and grpc_client.is_model_ready("twin")
+        inp = thttp.InferInput("images", [1, 32, 32, 3], "UINT8")
+        inp.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.uint8))
+        assert http.infer("twin", [inp]).as_numpy("logits").shape == (1, 10)
+        states = {m.name: m.state for m in grpc_client.get_model_repository_index().models}
+        assert states == {MODEL: "READY", "twin": "READY"}
+        http.unload_model("twin")
+        _wait(lambda: not http.is_model_ready("twin"), what="twin to unload")
+        with pytest.raises(InferenceServerException) as err:
+            http.infer("twin", [inp])
+        assert str(err.value.status()) == "404"
+        with pytest.raises(InferenceServerException, match="default model"):
+            http.unload_model(MODEL)
+        with pytest.raises(InferenceServerException, match="not found"):
+            grpc_client.load_model("nope")
+        assert http.is_model_ready(MODEL), "the default model served throughout"
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_load_and_unload_are_refused_outside_explicit_mode(tmp_path):
+    root = _store(tmp_path, MODEL, "twin")
+    srv = start_server(tmp_path, store=root)
+    try:
+        r = httpx.post(f"{srv.url}/v2/repository/models/twin/load", json={})
+        assert r.status_code == 400 and "explicit" in r.json()["error"]
+        r = httpx.post(f"{srv.url}/v2/repository/models/twin/unload", json={})
+        assert r.status_code == 400 and "explicit" in r.json()["error"]
+        _publish(root, "twin")  # mode none: the store was read once, at start
+        time.sleep(1.0)
+        index = httpx.post(f"{srv.url}/v2/repository/index", json={"ready": True}).json()
+        assert sorted((e["name"], e["version"]) for e in index) == [(MODEL, "1"), ("twin", "1")]
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_unloading_under_load_finishes_what_was_accepted(tmp_path):
+    root = _store(tmp_path, MODEL, "twin")
+    srv = start_server(
+        tmp_path,
+        store=root,
+        model_control_mode="explicit",
+        max_batch_size=8,
+        max_queue_images=100_000,
+        fault_injection="hang-every=1,hang-seconds=0.05",  # a slow engine: work is still queued at unload
+    )
+    try:
+        http = thttp.InferenceServerClient(f"127.0.0.1:{srv.http_port}", concurrency=8)
+        http.load_model("twin")
+        inp = thttp.InferInput("images", [64, 32, 32, 3], "UINT8")
+        inp.set_data_from_numpy(np.zeros((64, 32, 32, 3), np.uint8))
+        pending = [http.async_infer("twin", [inp]) for _ in range(6)]
+        time.sleep(0.3)
+        http.unload_model("twin")
+        results = [p.get_result() for p in pending]
+        assert all(r.as_numpy("logits").shape == (64, 10) for r in results), "accepted work finished"
+        one = thttp.InferInput("images", [1, 32, 32, 3], "UINT8")
+        one.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.uint8))
+        with pytest.raises(InferenceServerException) as err:
+            http.infer("twin", [one])
+        assert str(err.value.status()) == "404", "new work for an unloaded model is a clear 404"
+    finally:
+        assert srv.stop() == 0, srv.log()
