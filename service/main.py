@@ -141,6 +141,14 @@ class LocalSource:
         await self.engine.close()
 
 
+def _cannot_serve(e: BaseException) -> None:
+    """A failed start: one line for what a user can fix, the traceback for anything else."""
+    if isinstance(e, (QuickNetError, BackendError)):
+        log.error("cannot serve: %s", e)
+    else:
+        log.error("cannot serve", exc_info=e)
+
+
 def _watch_parent(stop: asyncio.Event) -> asyncio.Task | None:
     """A child process stops (gracefully) when its supervisor is gone, instead of lingering."""
     parent = os.getppid()
@@ -212,11 +220,7 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     while True:
         done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if source_task in done and source_task.exception() is not None:
-            e = source_task.exception()
-            if isinstance(e, (QuickNetError, BackendError)):
-                log.error("cannot serve: %s", e)
-            else:
-                log.error("cannot serve", exc_info=e)
+            _cannot_serve(source_task.exception())
             code = 2
             break
         if http_task in done:
@@ -257,11 +261,7 @@ async def serve_engine(settings: Settings, path: str) -> int:
     await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if load_task.done() and load_task.exception() is not None:
-        e = load_task.exception()
-        if isinstance(e, (QuickNetError, BackendError)):
-            log.error("cannot serve: %s", e)
-        else:
-            log.error("cannot serve", exc_info=e)
+        _cannot_serve(load_task.exception())
         code = 2
     elif load_task.done():
         engine.on_change(server.publish)

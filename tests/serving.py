@@ -108,3 +108,16 @@ def metric(text: str, name: str, /, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+async def queued_images(client, url: str, attempts: int = 500) -> float:
+    """Poll `/metrics` until the engine's queue holds images (or give up); returns how many."""
+    import asyncio
+
+    queued = 0.0
+    for _ in range(attempts):
+        await asyncio.sleep(0.01)
+        queued = metric((await client.get(f"{url}/metrics")).text, "quicknet_queue_images")
+        if queued > 0:
+            break
+    return queued

@@ -25,7 +25,7 @@ import yaml
 
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import REPO, free_port, metric
+from tests.serving import REPO, free_port, queued_images
 
 ENGINE = shutil.which("podman") or shutil.which("docker")
 IMAGE = "quicknet-serving:cpu"
@@ -148,12 +148,7 @@ def test_the_image_serves_drains_and_stays_small(container, cifar):
                 asyncio.create_task(client.post(f"{container.url}/classify", content=body, headers=RAW))
                 for _ in range(16)
             ]
-            queued = 0.0
-            for _ in range(300):
-                await asyncio.sleep(0.01)
-                queued = metric((await client.get(f"{container.url}/metrics")).text, "quicknet_queue_images")
-                if queued > 0:
-                    break
+            queued = await queued_images(client, container.url)
             stop = await asyncio.create_subprocess_exec(ENGINE, "stop", "-t", "40", container.name)
             responses = await asyncio.gather(*tasks, return_exceptions=True)
             await stop.wait()

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import metric, start_server
+from tests.serving import queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
 
@@ -22,12 +22,7 @@ async def _load_then_sigterm(srv, body: bytes, n: int, during_drain=None) -> tup
     """n requests in flight; SIGTERM once the engine's queue holds work; `during_drain(client)` runs then."""
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n + 8)) as client:
         tasks = [asyncio.create_task(client.post(f"{srv.url}/classify", content=body, headers=RAW)) for _ in range(n)]
-        queued = 0.0
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            queued = metric((await client.get(f"{srv.url}/metrics")).text, "quicknet_queue_images")
-            if queued > 0:
-                break
+        queued = await queued_images(client, srv.url)
         srv.proc.terminate()
         observed = await during_drain(client) if during_drain else None
         responses = await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,7 +19,7 @@ import pytest
 
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import Server, metric, start_server
+from tests.serving import Server, metric, queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
 
@@ -129,12 +129,7 @@ def test_sigterm_drains_every_front_before_the_engine(tmp_path, cifar):
             tasks = [
                 asyncio.create_task(client.post(f"{srv.url}/classify", content=body, headers=RAW)) for _ in range(24)
             ]
-            queued = 0.0
-            for _ in range(300):
-                await asyncio.sleep(0.02)
-                queued = metric((await client.get(f"{srv.url}/metrics")).text, "quicknet_queue_images")
-                if queued > 0:
-                    break
+            queued = await queued_images(client, srv.url)
             srv.proc.terminate()
             return await asyncio.gather(*tasks), queued
 
