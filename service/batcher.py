@@ -104,6 +104,7 @@ class Batcher:
         self._workers: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"engine-{model}")
         self._in_flight = 0
+        self._running: dict[int, float] = {}  # worker -> when its engine call began (the watchdog reads it)
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = False
@@ -145,6 +146,10 @@ class Batcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    def longest_running_s(self) -> float:
+        """How long the oldest engine call still running has run (0 when none runs)."""
+        return time.monotonic() - min(self._running.values()) if self._running else 0.0
 
     # --- the seam the fronts use ------------------------------------------------------------
 
@@ -264,6 +269,8 @@ class Batcher:
             self._in_flight += 1
             metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
             called = time.monotonic()
+            worker = id(asyncio.current_task())
+            self._running[worker] = called
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, images)
             except asyncio.CancelledError:  # closing with this batch in the engine: its callers hear why
@@ -277,6 +284,7 @@ class Batcher:
                         item.future.set_exception(e)
                 continue
             finally:
+                del self._running[worker]
                 self._in_flight -= 1
                 metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
             returned = time.monotonic()

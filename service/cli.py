@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -43,13 +44,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings = Settings(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
-        raise QuickNetError(f"invalid setting {first['loc'][0]}: {first['msg']}") from None
+        where = f"invalid setting {first['loc'][0]}" if first["loc"] else "invalid settings"
+        raise QuickNetError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
     sys.exit(run(settings))
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
     """Exit 0 if this container's server answers /healthz (or /readyz with --ready), else 1.
-    It reads the same QUICKNET_* settings as the server, so it follows a changed port."""
+    It reads the same QUICKNET_* settings as the server, so it follows a changed port, TLS (it
+    asks its own loopback, so it does not check the server's name; under mutual TLS it presents the
+    server's certificate, which must then be one the client CA signed) and, when health endpoints
+    are closed, sends QUICKNET_API_KEY."""
+    import ssl
     import urllib.request
 
     from service.config import Settings
@@ -57,9 +63,18 @@ def cmd_probe(args: argparse.Namespace) -> None:
     settings = Settings()
     host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{settings.http_port}{'/readyz' if args.ready else '/healthz'}"
+    scheme = "https" if settings.tls else "http"
+    url = f"{scheme}://{host}:{settings.http_port}{'/readyz' if args.ready else '/healthz'}"
+    context = None
+    if settings.tls:
+        context = ssl._create_unverified_context()  # our own loopback: liveness, not identity
+        if settings.tls_client_ca is not None:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    request = urllib.request.Request(url)
+    if key := os.environ.get("QUICKNET_API_KEY"):
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
             ok = response.status == 200
     except OSError:
         ok = False
@@ -81,14 +96,27 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _classify_http(args: argparse.Namespace, images: list[Path]) -> list[list[dict]]:
+    import ssl
+
     import httpx
 
     files = [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in images]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    verify: ssl.SSLContext | bool = True
+    if args.cacert or args.cert:
+        verify = ssl.create_default_context(cafile=args.cacert)
+        if args.cert:
+            verify.load_cert_chain(args.cert, args.key)
     try:
         r = httpx.post(
-            f"{args.url.rstrip('/')}/classify", files=files, params={"top_k": args.top_k}, timeout=args.timeout
+            f"{args.url.rstrip('/')}/classify",
+            files=files,
+            params={"top_k": args.top_k},
+            headers=headers,
+            timeout=args.timeout,
+            verify=verify,
         )
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ssl.SSLError) as e:
         raise QuickNetError(f"cannot reach {args.url}: {e}") from None
     if r.status_code != 200:
         raise QuickNetError(f"server answered {r.status_code}: {r.json().get('error', r.text)}")
@@ -101,11 +129,23 @@ def _classify_grpc(args: argparse.Namespace, images: list[Path]) -> list[list[di
     from service._generated import classifier_pb2 as pb
     from service._generated import classifier_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.grpc) as channel:
+    if args.cacert or args.cert:
+        channel = grpc.secure_channel(
+            args.grpc,
+            grpc.ssl_channel_credentials(
+                root_certificates=Path(args.cacert).read_bytes() if args.cacert else None,
+                private_key=Path(args.key).read_bytes() if args.cert else None,
+                certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+            ),
+        )
+    else:
+        channel = grpc.insecure_channel(args.grpc)
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    with channel:
         stub = pb_grpc.ClassifierStub(channel)
         request = pb.ClassifyBatchRequest(images=[pb.Image(encoded=p.read_bytes()) for p in images], top_k=args.top_k)
         try:
-            reply = stub.ClassifyBatch(request, timeout=args.timeout)
+            reply = stub.ClassifyBatch(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise QuickNetError(f"gRPC {e.code().name}: {e.details()}") from None
     return [[{"label": p.label, "index": p.index, "score": p.score} for p in r.predictions] for r in reply.results]
@@ -131,4 +171,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--timeout", type=float, default=10.0)
     classify.add_argument("--json", action="store_true", help="one JSON line per image")
+    classify.add_argument(
+        "--api-key", default=os.environ.get("QUICKNET_API_KEY"), help="API key [env QUICKNET_API_KEY]"
+    )
+    classify.add_argument("--cacert", metavar="PEM", help="TLS: trust this CA (https:// URL, or TLS on gRPC)")
+    classify.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate (with --key)")
+    classify.add_argument("--key", metavar="PEM", help="mutual TLS: client private key")
     classify.set_defaults(func=cmd_classify)

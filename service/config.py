@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,35 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     default_top_k: int = Field(5, ge=1, le=10, description="classes returned per image")
 
+    api_keys_file: Path | None = Field(
+        None,
+        description="require an API key (Authorization: Bearer) on every request; one key per line, or "
+        "'sha256:<hex>' hashed (`quicknet api-key` makes one); re-read when it changes",
+    )
+    open_health_endpoints: bool = Field(
+        True, description="with API keys: health, readiness and /metrics answer without a key (probes, Prometheus)"
+    )
+    tls_cert: Path | None = Field(None, description="TLS certificate chain (PEM) for REST and gRPC; needs --tls-key")
+    tls_key: Path | None = Field(None, description="TLS private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="mutual TLS: clients must present a certificate signed by this CA (PEM)"
+    )
+    http_idle_timeout_s: float = Field(
+        5.0, gt=0, description="REST: close a connection that sends nothing for this long (new or kept alive), seconds"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="REST: a request head not complete this many seconds after its first byte gets 408"
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="REST: a request body not fully received within this many seconds gets 408"
+    )
+    watchdog_s: float = Field(
+        60.0,
+        ge=0,
+        description="an engine batch running longer than this marks the service not live (/healthz 503), so "
+        "an orchestrator restarts it (0: off)",
+    )
+
     fault_injection: str = Field(
         "", description="tests and drills only: 'fail-every=N' and/or 'hang-every=N,hang-seconds=S' engine batches"
     )
@@ -105,6 +134,34 @@ class Settings(BaseSettings):
 
         FaultPlan.parse(spec)
         return spec
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            from service.auth import ApiKeys
+
+            ApiKeys(path)  # readable and well-formed, or one line now (not at the first request)
+        return path
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def front_workers(self) -> int:

@@ -157,6 +157,37 @@ class Engine:
     def lookup(self, name: str, version: int) -> LocalModel | None:
         return self.loaded.get((name, version)) or self.retiring.get((name, version))
 
+    def stalled(self) -> str | None:
+        """Why the engine is stuck (a batch running past `--watchdog-s`), or None."""
+        limit = self.settings.watchdog_s
+        if limit <= 0:
+            return None
+        for model in [*self.loaded.values(), *self.retiring.values()]:
+            running = model.batcher.longest_running_s()
+            if running > limit:
+                return (
+                    f"engine stalled: a batch of {model.name} v{model.version} has run {running:.0f}s "
+                    f"(watchdog {limit:g}s)"
+                )
+        return None
+
+    async def watch(self, report, period_s: float = 1.0) -> None:
+        """The watchdog: every `period_s`, hand `report` the stall reason when it changes (None: fine
+        again). A hung engine call cannot be cancelled from Python; what helps is a restart, so
+        the service says it is not live and the orchestrator does the rest."""
+        current = None
+        while True:
+            reason = self.stalled()
+            if reason != current:
+                current = reason
+                metrics.ENGINE_STALLED.set(1 if reason else 0)
+                if reason:
+                    log.error("watchdog: %s; reporting not live", reason)
+                else:
+                    log.warning("watchdog: the engine is running batches again")
+                report(reason)
+            await asyncio.sleep(period_s)
+
     def policy_for(self, name: str) -> str:
         return self.settings.version_policies.get(name, self.settings.version_policy)
 

@@ -7,7 +7,7 @@ engine's state cross that socket as small length-prefixed pickled tuples:
 
     front → engine   ("submit", id, model, version, blocks, n, deadline, protocol)
                      ("cancel", id)          ("stats", id, model, version)
-    engine → front   ("state", ready, [ModelInfo], default_model)
+    engine → front   ("state", ready, [ModelInfo], default_model)     ("stalled", reason or None)
                      ("done", id, (queue_s, infer_s, input_s, output_s))   logits are in the blocks
                      ("error", id, kind, message, extra)                    ("stats", id, dict)
 
@@ -210,6 +210,9 @@ class EngineClient:
             ready, infos, default_name = rest
             self.runtime.install([RemoteModel(i, self) for i in infos], default_name, ready=ready and bool(infos))
             return
+        if kind == "stalled":
+            self.runtime.stalled = rest[0]
+            return
         entry = self.pending.pop(rest[0], None)
         if entry is None:
             return
@@ -231,6 +234,7 @@ class EngineClient:
     def _lost(self) -> None:
         """The engine is gone: nothing it held will be answered; every waiting request hears so now."""
         self.runtime.set_ready(False)
+        self.runtime.stalled = None  # a new engine starts with a clean watchdog
         pending, self.pending = self.pending, {}
         self.ring.free = deque(range(self.ring.blocks))
         for future, _, _ in pending.values():
@@ -319,6 +323,7 @@ class EngineServer:
         self.engine = engine  # service.engine.Engine: the served versions and their lifecycle
         self.ready = False
         self.accepting = True
+        self.stalled: str | None = None
         self.outboxes: set[Outbox] = set()
         self.sock: socket.socket | None = None
         self._accepting_task: asyncio.Task | None = None
@@ -343,6 +348,12 @@ class EngineServer:
         self.accepting = False
         self.ready = False
         self._broadcast()
+
+    def set_stalled(self, reason: str | None) -> None:
+        """The watchdog's verdict, for every front's liveness."""
+        self.stalled = reason
+        for outbox in self.outboxes:
+            outbox.send(("stalled", reason))
 
     def _state(self) -> tuple:
         return ("state", self.ready, [m.info for m in self.engine.models], self.engine.default_name)
@@ -377,6 +388,8 @@ class EngineServer:
         outbox = Outbox(writer)
         self.outboxes.add(outbox)
         outbox.send(self._state())
+        if self.stalled:
+            outbox.send(("stalled", self.stalled))
         tasks: dict[int, asyncio.Task] = {}
         log.info("front process %d connected", pid)
         try:

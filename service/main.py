@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Generator
 
@@ -40,6 +41,7 @@ from service.kserve import rest as kserve_rest
 from service.runtime import ModelNotFound, ModelSource, Runtime
 from service.transport import grpc as grpc_transport
 from service.transport import http as http_transport
+from service.transport.connections import protocol_for
 
 log = logging.getLogger("quicknet.service")
 
@@ -100,6 +102,15 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def _tls_options(settings: Settings) -> dict:
+    if not settings.tls:
+        return {}
+    options = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca is not None:
+        options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
 class LocalSource:
     """Engines in this process: load and warm every version, hand the runtime their handles, and
     keep them current as versions come and go (poll mode, or the repository API)."""
@@ -113,8 +124,13 @@ class LocalSource:
         await self.engine.load()
         self.engine.on_change(self._install)
         self._install()
+        jobs = [self.engine.watch(self._stalled)]
         if self.engine.settings.model_control_mode == "poll":
-            await self.engine.poll_forever()
+            jobs.append(self.engine.poll_forever())
+        await asyncio.gather(*jobs)
+
+    def _stalled(self, reason: str | None) -> None:
+        self.runtime.stalled = reason
 
     def _install(self) -> None:
         self.runtime.install(self.engine.models, self.engine.default_name)
@@ -181,8 +197,13 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     source = make_source(runtime)
     http_socket = bind(settings.http_host, settings.http_port, reuse_port=supervised)
     grpc_server, health = grpc_transport.create_server(runtime, GRPC_FRONTS)
+    grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = grpc_transport.credentials(settings)
     try:
-        grpc_port = grpc_server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if credentials is None:
+            grpc_port = grpc_server.add_insecure_port(grpc_address)
+        else:
+            grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
     except RuntimeError:
         http_socket.close()
         raise QuickNetError(
@@ -198,6 +219,9 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
+            timeout_keep_alive=settings.http_idle_timeout_s,
+            http=protocol_for(settings.header_timeout_s, settings.http_idle_timeout_s),
+            **_tls_options(settings),
         )
     )
     loop = asyncio.get_running_loop()
@@ -209,7 +233,14 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     await health.set(False)
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     log.info(
-        "REST on http://%s:%d, gRPC on %s:%d", settings.http_host, settings.http_port, settings.grpc_host, grpc_port
+        "REST on %s://%s:%d, gRPC on %s:%d%s%s",
+        "https" if settings.tls else "http",
+        settings.http_host,
+        settings.http_port,
+        settings.grpc_host,
+        grpc_port,
+        " (TLS, client certificates required)" if settings.tls_client_ca else " (TLS)" if settings.tls else "",
+        ", API keys required" if settings.api_keys_file else "",
     )
     gpu_sampler = None if supervised else asyncio.create_task(sample_forever())
     source_task = asyncio.create_task(source.run())
@@ -268,12 +299,12 @@ async def serve_engine(settings: Settings, path: str) -> int:
         server.publish()
         metrics.READY.set(1)  # with the fronts' own, `quicknet_ready` (min over processes) is 1 when all are
         log.info("engine ready: %d model version(s) (pid %d)", len(engine.models), os.getpid())
+        jobs = [asyncio.create_task(engine.watch(server.set_stalled))]
         if settings.model_control_mode == "poll":
-            poller = asyncio.create_task(engine.poll_forever())
-            await stop_task
-            poller.cancel()
-        else:
-            await stop_task
+            jobs.append(asyncio.create_task(engine.poll_forever()))
+        await stop_task
+        for job in jobs:
+            job.cancel()
     load_task.cancel()
     metrics.READY.set(0)
     server.stop_accepting()
@@ -298,8 +329,21 @@ def _run_loop(main) -> int:
     return code
 
 
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor; a 1024 soft limit (common in containers) would refuse
+    the 1,001st idle keep-alive client. Raise the soft limit to the hard one (no privilege needed)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run(settings: Settings) -> int:
     configure_logging(settings)
+    raise_open_files_limit()  # children (--workers) inherit it
     Engine(settings).plan()  # a wrong model, version or store fails here, before any port or engine
     if settings.front_workers > 1:
         from service.supervisor import supervise

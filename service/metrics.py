@@ -50,6 +50,11 @@ IN_FLIGHT = Gauge(
     "quicknet_batches_in_flight", "Batches running on the engine.", ["model"], multiprocess_mode="livesum"
 )
 READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.", multiprocess_mode="livemin")
+ENGINE_STALLED = Gauge(
+    "quicknet_engine_stalled",
+    "1 while an engine batch has run past the watchdog limit (the service reports not live).",
+    multiprocess_mode="livemax",
+)
 MODEL_INFO = Gauge(
     "quicknet_model_info",
     "A model version being served (1; 0 once unloaded).",

@@ -71,6 +71,7 @@ class Runtime:
         self.ready = False
         self.draining = False
         self.repository: Repository | None = None  # set by the model source
+        self.stalled: str | None = None  # the engine watchdog's reason: not live while set
         self._ready_listeners: list[Callable[[bool], None]] = []
 
     def install(self, handles: list[ModelHandle], default_name: str, ready: bool = True) -> None:
@@ -92,6 +93,10 @@ class Runtime:
         model = self.default if name is None else self.get(name, version)
         metrics.SERVED.set((model.name, str(model.version)))
         return model
+
+    @property
+    def live(self) -> bool:
+        return self.stalled is None
 
     @property
     def accepting(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,10 +30,11 @@ class Server:
     http_port: int
     grpc_port: int
     log_path: Path
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
@@ -58,9 +60,11 @@ def start_server(
     ready_timeout: float = 120,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
     **settings: object,
 ) -> Server:
-    """`quicknet serve` with `settings` as QUICKNET_* variables; returns once ready (or at once)."""
+    """`quicknet serve` with `settings` as QUICKNET_* variables; returns once ready (or at once).
+    With TLS settings, `tls` is the client context readiness is asked with."""
     http_port, grpc_port = free_port(), free_port()
     extra_env = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
@@ -78,7 +82,7 @@ def start_server(
         proc = subprocess.Popen(
             [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    server = Server(proc, http_port, grpc_port, log_path)
+    server = Server(proc, http_port, grpc_port, log_path, "https" if tls is not None else "http")
     if not wait_ready:
         return server
     deadline = time.monotonic() + ready_timeout
@@ -86,7 +90,7 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}/readyz", timeout=1, verify=tls or True).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -101,3 +101,35 @@ def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_p
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "engine-process"])
+def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, workers):
+    """The watchdog: a batch running past --watchdog-s turns liveness (what an orchestrator restarts
+    on) false on every front, with the reason; it turns true again if the batch returns."""
+    srv = start_server(tmp_path, workers=workers, fault_injection="hang-every=2,hang-seconds=5", watchdog_s=1)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            assert client.post("/classify", content=bytes(3072), headers=RAW).status_code == 200
+            assert client.get("/healthz").status_code == 200
+            hung = threading.Thread(target=lambda: client.post("/classify", content=bytes(3072), headers=RAW))
+            hung.start()
+            with httpx.Client(base_url=srv.url, timeout=5) as probe:
+                for _ in range(40):
+                    live = probe.get("/healthz")
+                    if live.status_code != 200:
+                        break
+                    threading.Event().wait(0.1)
+                assert live.status_code == 503
+                assert "engine stalled: a batch of quicknet-xs" in live.json()["error"]
+                assert probe.get("/v2/health/live").status_code == 400, "KServe liveness agrees"
+                assert metric(probe.get("/metrics").text, "quicknet_engine_stalled") == 1
+                hung.join(30)
+                for _ in range(40):
+                    if probe.get("/healthz").status_code == 200:
+                        break
+                    threading.Event().wait(0.1)
+                assert probe.get("/healthz").status_code == 200, "live again once the batch returned"
+        assert "watchdog: engine stalled" in srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()

@@ -110,6 +110,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             metrics.request_done(PROTOCOL, "ClassifyStream", code.name, time.perf_counter() - start)
 
 
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,)
+
+
 def add_to_server(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(runtime), server)
-    return [pb.DESCRIPTOR.services_by_name["Classifier"].full_name]
+    return list(SERVICE_NAMES)

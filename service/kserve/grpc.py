@@ -35,6 +35,8 @@ from service.runtime import Runtime
 from service.transport.grpc import deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,)
+PUBLIC_METHODS = tuple(f"/{SERVICE_NAMES[0]}/{m}" for m in ("ServerLive", "ServerReady"))  # health: no API key
 
 _TYPED_FIELDS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
@@ -83,7 +85,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.runtime = runtime
 
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.runtime.live)
 
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.runtime.accepting)
@@ -215,4 +217,4 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
 def add_to_server(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(runtime), server)
-    return [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+    return list(SERVICE_NAMES)

@@ -26,7 +26,7 @@ from service.kserve import (
     serialize_bytes_tensor,
 )
 from service.runtime import Runtime
-from service.transport.http import deadline_from_header, read_body, run_unless_disconnected
+from service.transport.http import deadline_from_header, public, read_body, run_unless_disconnected
 
 PROTOCOL = "kserve-rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -128,10 +128,14 @@ def router(runtime: Runtime) -> APIRouter:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
     @app.get("/v2/health/live")
-    async def live() -> dict:
-        return {"live": True}
+    @public
+    async def live() -> JSONResponse:
+        if runtime.live:
+            return JSONResponse({"live": True})
+        return JSONResponse({"error": runtime.stalled}, status_code=400)
 
     @app.get("/v2/health/ready")
+    @public
     async def ready() -> JSONResponse:
         if runtime.accepting:
             return JSONResponse({"ready": True})

@@ -1,9 +1,10 @@
 """gRPC plumbing for every gRPC front: the grpc.aio server (message limits, health, reflection),
 refusals as status codes, deadlines from the call, and call metrics.
 
-A front is a module with `PROTOCOL` (its metrics tag) and `add_to_server(server, runtime) ->
-[service names]`. The standard health service answers for every one of those names (and for
-"", the whole server): SERVING only while the runtime takes work.
+A front is a module with `PROTOCOL` (its metrics tag), `SERVICE_NAMES`, `add_to_server(server,
+runtime) -> [service names]` and optionally `PUBLIC_METHODS` (health methods that answer without an API key).
+The standard health service answers for every one of those names (and for "", the whole server):
+SERVING only while the runtime takes work.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
+from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
@@ -102,14 +104,79 @@ class Health:
             await self.servicer.set(name, status)
 
 
+UNAUTHENTICATED = "missing or invalid API key (send authorization: Bearer <key> metadata)"
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API keys on every method but the open ones: UNAUTHENTICATED before the request is even
+    deserialized. Unknown methods pass through (the server answers UNIMPLEMENTED)."""
+
+    def __init__(self, keys: ApiKeys, open_methods: frozenset[str], protocols: dict[str, str]):
+        self.keys = keys
+        self.open_methods = open_methods
+        self.protocols = protocols  # service name -> metrics tag
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method in self.open_methods:
+            return await continuation(details)
+        authorization = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        if self.keys.allows(authorization if isinstance(authorization, str) else None):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.strip("/").partition("/")
+        protocol = self.protocols.get(service, "grpc")
+        metrics.rejected(protocol, "unauthenticated")
+        metrics.request_done(protocol, method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+        async def refuse(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+        # the same kind of handler, its request left undecoded (no deserializer: raw bytes, unread)
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.aio.ServerInterceptor]:
+    settings = runtime.settings
+    if settings.api_keys_file is None:
+        return []
+    open_methods: set[str] = set()
+    if settings.open_health_endpoints:
+        health_methods = health_pb2.DESCRIPTOR.services_by_name["Health"].methods
+        open_methods |= {f"/{health.SERVICE_NAME}/{m.name}" for m in health_methods}
+        open_methods |= {m for front in fronts for m in getattr(front, "PUBLIC_METHODS", ())}
+    protocols = {name: front.PROTOCOL for front in fronts for name in front.SERVICE_NAMES}
+    return [AuthInterceptor(ApiKeys(settings.api_keys_file), frozenset(open_methods), protocols)]
+
+
+def credentials(settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port from the same files as REST (client certificates required with a client CA)."""
+    if not settings.tls:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.aio.Server, Health]:
     limit = runtime.settings.grpc_max_message_bytes
     server = grpc.aio.server(
+        interceptors=_interceptors(runtime, fronts),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if runtime.settings.workers > 1 else 0),
-        ]
+        ],
     )
     names = [name for front in fronts for name in front.add_to_server(server, runtime)]
     service_health = Health(server, names)

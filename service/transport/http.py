@@ -21,10 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
@@ -132,20 +133,60 @@ def server_timing(decode_s: float, timing: Timing) -> str:
 _INTERNAL_ERROR = json.dumps({"error": "internal error; the server log has the details"}).encode()
 
 
-class AccessMiddleware:
-    """Request id, request-duration metric and access log, and the last line of defence: an
-    exception no handler took becomes a one-line JSON 500 here, so the connection stays usable
-    (Starlette's own error middleware re-raises to the server, which then drops the connection).
-    Pure ASGI: Starlette's BaseHTTPMiddleware costs ~10% of REST throughput in task groups."""
+class BodyTimeout(HTTPError):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"request body not received within {seconds:g}s", "slow_client", {"Connection": "close"})
 
-    def __init__(self, app: ASGIApp, log_requests: bool = True):
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value != b"0"
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+def body_deadline(receive: Receive, seconds: float) -> Receive:
+    """`receive`, with the whole body due `seconds` after the request head: a client that uploads
+    at a byte a second is answered 408 (and the connection closed) instead of holding a handler.
+    After the body, messages (the disconnect) pass through unlimited."""
+    due = asyncio.get_running_loop().time() + seconds
+    body_done = False
+
+    async def timed() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(due):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(seconds) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            body_done = True
+        return message
+
+    return timed
+
+
+class AccessMiddleware:
+    """Request id, request-duration metric and access log, the body's deadline, and the last line
+    of defence: an exception no handler took becomes a one-line JSON 500 here, so the connection
+    stays usable (Starlette's own error middleware re-raises to the server, which then drops the
+    connection). Pure ASGI: Starlette's BaseHTTPMiddleware costs ~10% of REST throughput."""
+
+    def __init__(self, app: ASGIApp, log_requests: bool = True, body_timeout_s: float = 30.0):
         self.app = app
         self.log_requests = log_requests
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if _has_body(scope):
+            receive = body_deadline(receive, self.body_timeout_s)
         start = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = incoming.decode("latin-1")[:128] or os.urandom(16).hex()
@@ -191,6 +232,52 @@ class AccessMiddleware:
                 )
 
 
+def public(endpoint):
+    """Mark a health endpoint that answers without an API key (when `open_health_endpoints`)."""
+    endpoint.public = True
+    return endpoint
+
+
+_UNAUTHENTICATED = json.dumps({"error": "missing or invalid API key (send Authorization: Bearer <key>)"}).encode()
+
+
+class AuthMiddleware:
+    """API keys on every route but the open ones (`public` health endpoints, the API docs): 401 with
+    `WWW-Authenticate: Bearer` before any body is read. Pure ASGI, like `AccessMiddleware`."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, open_paths: frozenset[str], routes: list):
+        self.app = app
+        self.keys = keys
+        self.open_paths = open_paths
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        if self.keys.allows(authorization):
+            await self.app(scope, receive, send)
+            return
+        # refused: name the route it was for (metrics, access log) — routing twice only on this path
+        route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        if route is not None:
+            scope["route"] = route
+        metrics.rejected(protocol_of(scope), "unauthenticated")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(_UNAUTHENTICATED)),
+                    (b"www-authenticate", b'Bearer realm="quicknet"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": _UNAUTHENTICATED})
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     def rejected(request: Request, reason: str) -> None:
         metrics.rejected(protocol_of(request.scope), reason)
@@ -227,17 +314,22 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _ops_routes(app: FastAPI, runtime: Runtime, metrics_text) -> None:
-    @app.get("/healthz", summary="Liveness: the process is up", tags=["operations"])
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    @app.get("/healthz", summary="Liveness: the process is up and its engine not stalled", tags=["operations"])
+    @public
+    async def healthz() -> JSONResponse:
+        if runtime.live:
+            return JSONResponse({"status": "alive"})
+        return error_response(503, runtime.stalled)
 
     @app.get("/readyz", summary="Readiness: model loaded, warmed up, not draining", tags=["operations"])
+    @public
     async def readyz() -> JSONResponse:
         if runtime.accepting:
             return JSONResponse({"status": "ready"})
         return error_response(503, "draining" if runtime.draining else "not ready: loading or warming up")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, tags=["operations"])
+    @public
     async def prometheus() -> Response:
         body, content_type = metrics_text()
         return Response(body, media_type=content_type)
@@ -270,18 +362,43 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         # request even when nothing is configured: ~10% of the loop's time at 1 image per request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.add_middleware(AccessMiddleware, log_requests=runtime.settings.access_log)
     _install_error_handlers(app)
     _ops_routes(app, runtime, metrics.exposition)
+    routes = list(app.routes)  # flat: FastAPI keeps an included router as one lazy entry
     fast: list[_DirectRoute] = []
     for front in fronts:
         api = front.router(runtime)
         for route in api.routes:
             route.protocol = front.PROTOCOL  # type: ignore[attr-defined]
+            routes.append(route)
             if isinstance(route, APIRoute) and getattr(route.endpoint, "fast_path", False):
                 direct = _DirectRoute(route.path, route.endpoint, methods=sorted(route.methods), name=route.name)
                 direct.protocol = front.PROTOCOL  # type: ignore[attr-defined]
                 fast.append(direct)
         app.include_router(api)
     app.router.routes[0:0] = fast  # matched first: the same path's APIRoute only documents it
+    settings = runtime.settings
+    if settings.api_keys_file is not None:
+        open_paths = {app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+        if settings.open_health_endpoints:
+            open_paths |= {r.path for r in routes if getattr(getattr(r, "endpoint", None), "public", False)}
+        keys = ApiKeys(settings.api_keys_file)
+        app.add_middleware(AuthMiddleware, keys=keys, open_paths=frozenset(open_paths - {None}), routes=routes)
+        _document_bearer_auth(app)
+    # outermost: sees every answer
+    app.add_middleware(AccessMiddleware, log_requests=settings.access_log, body_timeout_s=settings.body_read_timeout_s)
     return app
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """The OpenAPI schema says every operation takes a bearer key, so /docs offers "Authorize"."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"apiKey": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi

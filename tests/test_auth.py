@@ -1,0 +1,180 @@
+"""API keys: the key file, the check, and the REST app's open and closed routes (in process).
+Over real sockets, with TLS and every client, see tests/test_tls.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from quicknet.errors import QuickNetError
+from service import auth
+from service.classifier import rest as classifier_rest
+from service.config import Settings
+from service.kserve import rest as kserve_rest
+from service.runtime import Runtime
+from service.transport.http import create_app
+from tests.serving import REPO
+
+KEY = "test-key-0123456789abcdef"
+OTHER = "other-key-0123456789abcdef"
+
+
+def _keys_file(tmp_path, text: str):
+    path = tmp_path / "keys"
+    path.write_text(text)
+    return path
+
+
+def _client(tmp_path, text: str = KEY + "\n", **settings) -> TestClient:
+    runtime = Runtime(Settings(api_keys_file=_keys_file(tmp_path, text), **settings))
+    return TestClient(create_app(runtime, [classifier_rest, kserve_rest]))
+
+
+def _refused(reason: str = "unauthenticated", protocol: str = "rest") -> float:
+    value = REGISTRY.get_sample_value(
+        "quicknet_rejections_total", {"protocol": protocol, "reason": reason, "model": "", "version": ""}
+    )
+    return value or 0.0
+
+
+def test_key_file_lines_plain_hashed_comments():
+    hashed = auth.hashed_line(OTHER)
+    assert hashed.startswith("sha256:") and OTHER not in hashed
+    digests = auth.parse(f"# a comment\n\n{KEY}\n  {hashed}  \n", "keys")
+    assert digests == [auth.digest(KEY), auth.digest(OTHER)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "holds no API key"),
+        ("# only a comment\n", "holds no API key"),
+        ("short\n", "keys:1: a key needs at least 16 characters"),
+        (f"{KEY}\nsha256:abc\n", "keys:2: a hashed key is 'sha256:' and 64"),
+        ("a key with spaces inside\n", "no spaces"),
+    ],
+)
+def test_a_malformed_key_file_is_one_line_without_the_keys(text, message):
+    with pytest.raises(QuickNetError, match=message) as err:
+        auth.parse(text, "keys")
+    assert "\n" not in str(err.value)
+    assert KEY not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed"),
+    [
+        (f"Bearer {KEY}", True),
+        (f"bearer {KEY}", True),
+        (f"  Bearer   {KEY}  ", True),
+        (f"Bearer {OTHER}", True),  # the hashed one
+        (f"Bearer {KEY}x", False),
+        (f"Basic {KEY}", False),
+        (KEY, False),
+        ("Bearer ", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_allows_only_a_bearer_key_from_the_file(tmp_path, header, allowed):
+    keys = auth.ApiKeys(_keys_file(tmp_path, f"{KEY}\n{auth.hashed_line(OTHER)}\n"))
+    assert keys.allows(header) is allowed
+
+
+def test_every_stored_key_is_compared_every_time(tmp_path, monkeypatch):
+    """No early exit: the time a check takes does not tell which key (or how many) matched."""
+    keys = auth.ApiKeys(_keys_file(tmp_path, "".join(f"key-number-{i:02d}-abcdefgh\n" for i in range(5))))
+    calls = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    for header in ("Bearer key-number-00-abcdefgh", "Bearer nope-nope-nope-nope", None):
+        calls.clear()
+        keys.allows(header)
+        assert len(calls) == 5
+
+
+def test_keys_rotate_without_a_restart_and_a_broken_edit_keeps_the_old_ones(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(auth, "RECHECK_S", 0.0)
+    path = _keys_file(tmp_path, KEY + "\n")
+    keys = auth.ApiKeys(path)
+    assert keys.allows(f"Bearer {KEY}")
+    path.write_text(OTHER + "\n")
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    assert keys.allows(f"Bearer {OTHER}") and not keys.allows(f"Bearer {KEY}")
+    path.write_text("too-short\n")
+    os.utime(path, ns=(time.time_ns() + 2 * 10**9,) * 2)
+    with caplog.at_level(logging.ERROR, "quicknet.auth"):
+        assert keys.allows(f"Bearer {OTHER}"), "a broken file does not lock everyone out"
+    assert "previous keys stay" in caplog.text
+
+
+def test_rest_routes_need_a_key_and_health_stays_open(tmp_path):
+    before, before_kserve = _refused(), _refused(protocol="kserve-rest")
+    with _client(tmp_path) as client:
+        refused = client.get("/v1/models")
+        assert refused.status_code == 401
+        assert refused.json() == {"error": "missing or invalid API key (send Authorization: Bearer <key>)"}
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {OTHER}"}).status_code == 401
+        assert client.post("/classify", content=b"x" * 3072).status_code == 401, "refused before the body is read"
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert client.post("/v2/models/quicknet-xs/infer", json={}).status_code == 401
+        assert client.get("/v2/models/quicknet-xs/ready").status_code == 401, "model state is not health"
+        health = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+        for path in (*health, "/docs", "/openapi.json"):
+            assert client.get(path).status_code != 401, path
+    assert _refused() - before == 3
+    assert _refused(protocol="kserve-rest") - before_kserve == 2, "refusals are counted under their front"
+
+
+def test_closed_health_endpoints_need_a_key_too(tmp_path):
+    with _client(tmp_path, open_health_endpoints=False) as client:
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code != 401, path
+
+
+def test_the_api_docs_offer_bearer_auth(tmp_path):
+    with _client(tmp_path) as client:
+        schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer"}
+    assert schema["security"] == [{"apiKey": []}]
+
+
+def test_keys_are_never_logged(tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG), _client(tmp_path) as client:
+        client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        client.get("/v1/models", headers={"Authorization": f"Bearer {OTHER}"})
+    assert caplog.records, "the access log ran"
+    assert KEY not in caplog.text and OTHER not in caplog.text
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
+    return subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "serve", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda p: ["--api-keys-file", str(p / "missing")], "cannot read the API keys file"),
+        (lambda p: ["--api-keys-file", str(_keys_file(p, "short\n"))], "needs at least 16 characters"),
+        (lambda p: ["--tls-cert", str(_keys_file(p, "x"))], "--tls-cert and --tls-key go together"),
+        (lambda p: ["--tls-client-ca", str(_keys_file(p, "x"))], "needs --tls-cert and --tls-key"),
+        (lambda p: ["--tls-cert", str(p / "nope"), "--tls-key", str(p / "nope")], "is not a readable file"),
+    ],
+)
+def test_bad_access_settings_stop_serve_in_one_line(tmp_path, make_args, message):
+    result = _serve(*make_args(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,0 +1,141 @@
+"""Slow and idle clients on the REST port: each is closed on time (its timeout is a setting), and
+while they hang, everyone else is served. The throughput others keep is measured in
+`python -m benchmarks.reliability`; here, that they are served at all, and the limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.serving import metric, start_server
+
+LIMITS = {"http_idle_timeout_s": 1, "header_timeout_s": 1, "body_read_timeout_s": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("slow"), **LIMITS)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+async def _open(srv):
+    return await asyncio.open_connection("127.0.0.1", srv.http_port)
+
+
+async def _read_all(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when it closed."""
+    start = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), timeout)
+    return data, time.monotonic() - start
+
+
+def _status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_a_connection_that_says_nothing_is_closed(server):
+    async def run():
+        reader, writer = await _open(server)
+        data, waited = await _read_all(reader, timeout=10)
+        writer.close()
+        return data, waited
+
+    data, waited = asyncio.run(run())
+    assert data == b"", "closed without a word: nothing was asked"
+    assert waited < 5, f"closed after {waited:.1f}s; the idle limit is 1s"
+
+
+def test_a_trickled_request_head_gets_408_and_is_closed(server):
+    async def run():
+        reader, writer = await _open(server)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        closed = asyncio.ensure_future(reader.read())
+        while not closed.done() and time.monotonic() - start < 10:  # slowloris: a header byte at a time
+            writer.write(b"X")
+            await asyncio.sleep(0.1)
+        data = await asyncio.wait_for(closed, 5)
+        writer.close()
+        return data, time.monotonic() - start
+
+    data, waited = asyncio.run(run())
+    status, body = _status_and_body(data)
+    assert status == 408 and body == {"error": "request head not received in time"}
+    assert waited < 5, f"the head had 1s; the connection lasted {waited:.1f}s"
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408_and_is_closed(server):
+    async def run():
+        reader, writer = await _open(server)
+        writer.write(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 3072\r\n\r\n"
+        )
+        start = time.monotonic()
+        closed = asyncio.ensure_future(reader.read())
+        while not closed.done() and time.monotonic() - start < 10:
+            writer.write(b"\0")
+            await asyncio.sleep(0.1)
+        data = await asyncio.wait_for(closed, 5)
+        writer.close()
+        return data, time.monotonic() - start
+
+    data, waited = asyncio.run(run())
+    status, body = _status_and_body(data)
+    assert status == 408 and body == {"error": "request body not received within 1s"}
+    assert b"connection: close" in data.lower()
+    assert waited < 5
+
+
+def test_others_are_served_while_idle_and_slow_clients_hang(server):
+    """300 idle connections, 20 slowloris heads and 20 byte-a-second uploads, all at once: every
+    normal request in the meantime is answered 200, and every slow client is cut off on time."""
+
+    async def slow_head():
+        reader, writer = await _open(server)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        closed = asyncio.ensure_future(reader.read())
+        while not closed.done():
+            writer.write(b"X")
+            await asyncio.sleep(0.2)
+        return await closed
+
+    async def slow_body():
+        reader, writer = await _open(server)
+        writer.write(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3072\r\n\r\n")
+        closed = asyncio.ensure_future(reader.read())
+        while not closed.done():
+            writer.write(b"\0")
+            await asyncio.sleep(0.2)
+        return await closed
+
+    async def idle():
+        reader, _writer = await _open(server)
+        return await reader.read()
+
+    async def run():
+        hanging = [asyncio.ensure_future(idle()) for _ in range(300)]
+        hanging += [asyncio.ensure_future(slow_head()) for _ in range(20)]
+        hanging += [asyncio.ensure_future(slow_body()) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        statuses = []
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            for _ in range(50):
+                r = await client.post(
+                    "/classify", content=bytes(3072), headers={"Content-Type": "application/octet-stream"}
+                )
+                statuses.append(r.status_code)
+            ended = await asyncio.wait_for(asyncio.gather(*hanging), 15)
+            text = (await client.get("/metrics")).text
+        return statuses, ended, text
+
+    statuses, ended, text = asyncio.run(run())
+    assert statuses == [200] * 50
+    assert sum(1 for data in ended if data.startswith(b"HTTP/1.1 408")) == 40, "every slow client heard 408"
+    assert metric(text, "quicknet_rejections_total", reason="slow_client") >= 40
