@@ -3,6 +3,11 @@
 grpcio-tools is pinned, so the output is reproducible; a test checks the committed stubs match.
 Generated modules import each other as top-level names; they are rewritten to package imports
 so that `quicknet.v1` (the proto package) never collides with our `quicknet` Python package.
+
+The KServe messages are built in a descriptor pool of their own, not protobuf's default one:
+`tritonclient` registers the same `inference.*` names in the default pool, and two definitions of
+one name in one pool is an import error. With their own pool, both load in one process (a test
+process, or an application that embeds the service and calls Triton); the wire format is the same.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ PROTOS = {
     "classifier": ROOT / "proto" / "quicknet" / "v1" / "classifier.proto",
     "kserve": ROOT / "proto" / "kserve" / "grpc_predict_v2.proto",
 }
+OWN_POOL = {"grpc_predict_v2_pb2.py"}  # see the module docstring
 
 
 def generate(out_dir: Path = OUT) -> list[Path]:
@@ -45,6 +51,10 @@ def generate(out_dir: Path = OUT) -> list[Path]:
             text = src.read_text()
             for mod in modules:
                 text = re.sub(rf"^import {mod} as ", f"from service._generated import {mod} as ", text, flags=re.M)
+            if src.name in OWN_POOL:
+                default = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+                assert default in text, f"protoc's output changed shape: {src.name}"
+                text = text.replace(default, "DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(")
             dst = out_dir / src.name
             dst.write_text(text)
             written.append(dst)

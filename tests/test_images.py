@@ -92,11 +92,19 @@ def test_bad_inputs(data, status, fragment):
     assert err.value.status == status
 
 
-def test_unsupported_format_is_415():
-    tiff = encode(Image.fromarray(PIXELS), "TIFF")
-    with pytest.raises(InputError, match="TIFF") as err:
-        decode_image(tiff, LIMITS)
+@pytest.mark.parametrize("fmt", ["TIFF", "EPS", "PPM", "ICO"])
+def test_other_formats_are_415_and_never_reach_their_readers(fmt, monkeypatch):
+    """Only the five accepted formats' plugins see a client's bytes (EPS would start Ghostscript)."""
+    data = encode(Image.fromarray(PIXELS), fmt)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda fp, mode="r", formats=None: opened.append(formats) or real_open(fp, mode, formats)
+    )
+    with pytest.raises(InputError, match="not a recognised image") as err:
+        decode_image(data, LIMITS)
     assert err.value.status == 415
+    assert opened == [("PNG", "JPEG", "WEBP", "BMP", "GIF")]
 
 
 def test_decompression_bomb_stops_at_the_header():

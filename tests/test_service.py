@@ -405,7 +405,14 @@ def test_health_readiness_and_model_list(server, served_version):
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
-    assert {"quicknet.v1.Classifier", "grpc.health.v1.Health"} <= names
+        # what grpcurl's `describe` asks: the .proto file that defines each service
+        asks = [
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+            for name in ("quicknet.v1.Classifier", "inference.GRPCInferenceService", "grpc.health.v1.Health")
+        ]
+        files = [r.file_descriptor_response.file_descriptor_proto for r in refl.ServerReflectionInfo(iter(asks))]
+    assert {"quicknet.v1.Classifier", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert all(len(f) == 1 and f[0] for f in files), "each service's .proto is served"
 
 
 def test_request_metrics_carry_protocol_endpoint_and_code(server):

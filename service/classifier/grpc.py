@@ -110,6 +110,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             metrics.request_done(PROTOCOL, "ClassifyStream", code.name, time.perf_counter() - start)
 
 
+PROTO_FILE = pb.DESCRIPTOR
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,)
 
 

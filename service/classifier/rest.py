@@ -120,10 +120,12 @@ def _b64(value: object, where: str) -> bytes:
 def _parse_top_k(raw: object) -> int | None:
     if raw is None:
         return None
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise InputError(f"top_k must be an integer from 1 to 10, got {raw!r}")
     try:
         k = int(raw)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise InputError(f"top_k must be an integer from 1 to 10, got {raw!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"top_k must be an integer from 1 to 10, got {str(raw)[:40]!r}") from None
     if not 1 <= k <= 10:
         raise InputError(f"top_k must be from 1 to 10, got {k}")
     return k
@@ -142,7 +144,8 @@ def _count_image_parts(body: bytes, boundary: bytes) -> int:
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-disposition:"):
                 match = _DISPOSITION_NAME.search(line)
-                if match and (match.group(1) or match.group(2)).decode("latin-1") in IMAGE_FIELDS:
+                name = match and (match.group(1) if match.group(1) is not None else match.group(2))
+                if name and name.decode("latin-1") in IMAGE_FIELDS:
                     count += 1
     return count
 

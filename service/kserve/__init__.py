@@ -81,6 +81,18 @@ def serialize_bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
+def _integers(values) -> np.ndarray:
+    """JSON or protobuf UINT8 data as one flat integer array; anything else (strings, floats,
+    booleans, ragged nesting, numbers past int64) is the client's mistake, said in one line."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        array = None
+    if array is None or (array.dtype.kind not in "iu" and array.size):
+        raise InputError(f"input {INPUT!r} UINT8 data must be a list (flat or nested) of integers 0..255")
+    return array.reshape(-1)
+
+
 def decode_input(
     name: str, datatype: str, shape: list[int], limits: Limits, *, raw: bytes | None = None, values: list | None = None
 ) -> np.ndarray:
@@ -97,7 +109,7 @@ def decode_input(
             if len(raw) != expected:
                 raise InputError(f"input {INPUT!r} has {len(raw)} bytes; shape {list(shape)} UINT8 needs {expected}")
             return np.frombuffer(raw, dtype=np.uint8).reshape(n, 32, 32, 3)
-        flat = np.asarray(values if values is not None else [], dtype=np.int64).reshape(-1)
+        flat = _integers(values if values is not None else [])
         if flat.size != expected:
             raise InputError(f"input {INPUT!r} has {flat.size} values; shape {list(shape)} needs {expected}")
         if flat.size and (flat.min() < 0 or flat.max() > 255):

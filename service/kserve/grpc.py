@@ -35,6 +35,7 @@ from service.runtime import Runtime
 from service.transport.grpc import deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
+PROTO_FILE = pb.DESCRIPTOR
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,)
 PUBLIC_METHODS = tuple(f"/{SERVICE_NAMES[0]}/{m}" for m in ("ServerLive", "ServerReady"))  # health: no API key
 
@@ -71,8 +72,10 @@ def _response(request: pb.ModelInferRequest, mr: ModelHandle, logits: np.ndarray
             raise InputError(f"unknown output {out.name!r}: have {OUTPUT!r}")
         k = _param(out.parameters, "classification")
         if k is not None:
-            rows = classification(logits, int(k), mr.labels)
-            reply.outputs.add(name=OUTPUT, datatype="BYTES", shape=[len(rows), int(k)])
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise InputError("the classification parameter must be an int64_param")
+            rows = classification(logits, k, mr.labels)
+            reply.outputs.add(name=OUTPUT, datatype="BYTES", shape=[len(rows), k])
             reply.raw_output_contents.append(serialize_bytes_tensor([s for row in rows for s in row]))
         else:
             reply.outputs.add(name=OUTPUT, datatype="FP32", shape=list(logits.shape))

@@ -52,6 +52,15 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return doc, binary
 
 
+def _object(value: object, where: str) -> dict:
+    """An optional JSON object field (`parameters`): absent is empty, anything else is a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where} must be a JSON object")
+    return value
+
+
 def _images(doc: dict, binary: bytes, runtime: Runtime) -> np.ndarray:
     if len(doc["inputs"]) != 1:
         raise InputError(f"expected one input tensor ({INPUT!r}), got {len(doc['inputs'])}")
@@ -61,7 +70,7 @@ def _images(doc: dict, binary: bytes, runtime: Runtime) -> np.ndarray:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
         raise InputError(f"input {name!r} needs an integer list `shape`")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _object(tensor.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or size != len(binary):
             raise InputError(f"binary_data_size {size} does not match the {len(binary)} binary bytes sent")
@@ -90,16 +99,18 @@ def _encoded(doc: dict) -> bool:
 def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dict], list[bytes]]:
     """Requested outputs → (JSON tensors, binary blobs in order)."""
     wanted = doc.get("outputs") or [{"name": OUTPUT}]
-    binary_default = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    if not isinstance(wanted, list):
+        raise InputError('"outputs" must be a list of {"name": ...} objects')
+    binary_default = bool(_object(doc.get("parameters"), "request parameters").get("binary_data_output", False))
     tensors, blobs = [], []
     for out in wanted:
         if not isinstance(out, dict) or out.get("name") != OUTPUT:
             raise InputError(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: have {OUTPUT!r}")
-        params = out.get("parameters") or {}
+        params = _object(out.get("parameters"), f"output {OUTPUT!r} parameters")
         as_binary = bool(params.get("binary_data", binary_default))
         k = params.get("classification")
         if k is not None:
-            if not isinstance(k, int):
+            if not isinstance(k, int) or isinstance(k, bool):
                 raise InputError("classification must be an integer")
             rows = classification(logits, k, labels)
             tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(rows), k]}

@@ -1,10 +1,11 @@
-"""gRPC plumbing for every gRPC front: the grpc.aio server (message limits, health, reflection),
-refusals as status codes, deadlines from the call, and call metrics.
+"""gRPC plumbing for every gRPC front: the grpc.aio server (message limits, health, reflection,
+API keys, TLS), refusals as status codes, deadlines from the call, and call metrics.
 
-A front is a module with `PROTOCOL` (its metrics tag), `SERVICE_NAMES`, `add_to_server(server,
-runtime) -> [service names]` and optionally `PUBLIC_METHODS` (health methods that answer without an API key).
-The standard health service answers for every one of those names (and for "", the whole server):
-SERVING only while the runtime takes work.
+A front is a module with `PROTOCOL` (its metrics tag), `SERVICE_NAMES`, `PROTO_FILE` (its .proto's
+file descriptor, for reflection), `add_to_server(server, runtime) -> [service names]`, and
+optionally `PUBLIC_METHODS` (health methods that answer without an API key). The standard health
+service answers for every one of those names (and for "", the whole server): SERVING only while
+the runtime takes work.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import metrics
 from service.auth import ApiKeys
@@ -143,6 +145,81 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+class Undecodable(InputError):
+    """The request bytes are not the method's protobuf message."""
+
+
+def _guard(handler: grpc.RpcMethodHandler, protocol: str, method: str) -> grpc.RpcMethodHandler:
+    """`handler`, decoding its requests itself: bytes that are not the method's message are
+    INVALID_ARGUMENT with one line (grpc's own decoding answers UNKNOWN with the exception's class).
+    Unary and stream-stream handlers (every method our fronts have); others are left as they are."""
+    decode = handler.request_deserializer
+    if decode is None or handler.request_streaming != handler.response_streaming:
+        return handler
+    message = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+    what = f"a valid {message.full_name} message" if message is not None else "a valid request message"
+
+    def parse(raw: bytes):
+        try:
+            return decode(raw)
+        except Exception:
+            raise Undecodable(f"the request is not {what}") from None
+
+    if not handler.request_streaming:
+        original = handler.unary_unary
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext):
+            try:
+                request = parse(raw)
+            except Undecodable as e:
+                metrics.rejected(protocol, e.reason)
+                metrics.request_done(protocol, method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return await original(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+
+    original_stream = handler.stream_stream
+
+    async def decoded(raw_requests):
+        async for raw in raw_requests:
+            yield parse(raw)
+
+    async def stream(raw_requests, context: grpc.aio.ServicerContext):
+        try:
+            async for reply in original_stream(decoded(raw_requests), context):
+                yield reply
+        except Undecodable as e:  # a servicer that lets it through (one that catches it aborts itself)
+            metrics.rejected(protocol, e.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+
+
+class Registrar:
+    """What a front's `add_to_server` gets instead of the server: the generated `add_*_to_server`
+    registers its method handlers through it, and they are guarded (`_guard`) once, at start-up."""
+
+    def __init__(self, server: grpc.aio.Server, protocol: str):
+        self.server = server
+        self.protocol = protocol
+        self._generic: list = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._generic.extend(handlers)  # replaced by the guarded table in add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        guarded = {name: _guard(h, self.protocol, name) for name, h in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self.server.add_registered_method_handlers(service, guarded)
+        self._generic.clear()
+
+    def finish(self) -> None:
+        """Anything registered only generically (older generated code) is added as it was."""
+        if self._generic:
+            self.server.add_generic_rpc_handlers(tuple(self._generic))
+
+
 def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.aio.ServerInterceptor]:
     settings = runtime.settings
     if settings.api_keys_file is None:
@@ -154,6 +231,15 @@ def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.a
         open_methods |= {m for front in fronts for m in getattr(front, "PUBLIC_METHODS", ())}
     protocols = {name: front.PROTOCOL for front in fronts for name in front.SERVICE_NAMES}
     return [AuthInterceptor(ApiKeys(settings.api_keys_file), frozenset(open_methods), protocols)]
+
+
+def _reflection_pool(fronts: Sequence[ModuleType]) -> descriptor_pool.DescriptorPool:
+    """Every service's .proto file in one pool, for reflection (grpcurl, Postman): the KServe stubs
+    keep a pool of their own (service/protos.py says why), so protobuf's default one lacks them."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (*(front.PROTO_FILE for front in fronts), health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
 
 
 def credentials(settings) -> grpc.ServerCredentials | None:
@@ -178,7 +264,13 @@ def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.
             ("grpc.so_reuseport", 1 if runtime.settings.workers > 1 else 0),
         ],
     )
-    names = [name for front in fronts for name in front.add_to_server(server, runtime)]
+    names = []
+    for front in fronts:
+        registrar = Registrar(server, front.PROTOCOL)
+        names += front.add_to_server(registrar, runtime)
+        registrar.finish()
     service_health = Health(server, names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=_reflection_pool(fronts)
+    )
     return server, service_health

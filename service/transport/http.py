@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Sequence
@@ -110,6 +111,9 @@ async def run_unless_disconnected(request: Request, work: Awaitable):
         watcher.cancel()
 
 
+MAX_TIMEOUT_MS = 86_400_000.0  # a day: longer asks are clamped (timers take no infinities)
+
+
 def deadline_from_header(request: Request, runtime: Runtime) -> float:
     raw = request.headers.get("x-request-timeout-ms")
     if raw is None:
@@ -117,10 +121,10 @@ def deadline_from_header(request: Request, runtime: Runtime) -> float:
     try:
         ms = float(raw)
     except ValueError:
-        raise InputError(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw!r}") from None
-    if not ms > 0:
-        raise InputError("X-Request-Timeout-Ms must be positive")
-    return runtime.deadline_from_timeout_ms(ms)
+        raise InputError(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw[:40]!r}") from None
+    if not (ms > 0 and math.isfinite(ms)):
+        raise InputError("X-Request-Timeout-Ms must be a positive, finite number of milliseconds")
+    return runtime.deadline_from_timeout_ms(min(ms, MAX_TIMEOUT_MS))
 
 
 def server_timing(decode_s: float, timing: Timing) -> str:
