@@ -147,6 +147,12 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
+    def admit(self) -> None:
+        """Refuse at once (QueueFull) when the queue is already full: under overload a request is
+        turned away before its body is read or decoded, the cheapest refusal there is."""
+        if self._queued_images >= self.max_queue_images:
+            raise QueueFull(self._retry_after())
+
     def longest_running_s(self) -> float:
         """How long the oldest engine call still running has run (0 when none runs)."""
         return time.monotonic() - min(self._running.values()) if self._running else 0.0

@@ -80,6 +80,9 @@ class LocalModel(ModelHandle):
     async def statistics(self) -> dict:
         return self.stats.to_dict()
 
+    def admit(self) -> None:
+        self.batcher.admit()
+
     async def close(self) -> None:
         await self.batcher.close()
         metrics.MODEL_INFO.labels(*self._info_labels).set(0)  # multiprocess files keep series: zero, not remove

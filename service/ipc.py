@@ -143,6 +143,10 @@ class RemoteModel(ModelHandle):
     async def statistics(self) -> dict:
         return await self.client.statistics(self.info)
 
+    def admit(self) -> None:
+        if not self.client.ring.free:  # this front already has as many images in flight as can queue
+            raise QueueFull(1.0)
+
 
 def _refusal(kind: str, message: str, extra) -> Exception:
     if kind == "repository":

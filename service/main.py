@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -180,6 +181,22 @@ def _watch_parent(stop: asyncio.Event) -> asyncio.Task | None:
     return asyncio.create_task(watch())
 
 
+CLOSE_LINGER_S = 1.0
+
+
+async def _let_clients_leave(http: uvicorn.Server, seconds: float) -> None:
+    """Draining, every REST answer says `Connection: close`. Stop accepting connections, then give
+    clients still holding kept-alive ones up to `seconds` to hear that and hang up, before uvicorn
+    closes what is left. Otherwise a client that sends its next request just as the server closes
+    an idle connection loses it (a read error, though the server never read the request); a new
+    connection is refused outright, which a client knows it can retry. Ends when none is open."""
+    for listener in http.servers:
+        listener.close()
+    deadline = time.monotonic() + seconds
+    while http.server_state.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 def _stop_event(*, ignore_sigint: bool = False) -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -267,6 +284,8 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
             task.cancel()
     if code == 0 and not await source.drain(settings.drain_seconds):
         log.warning("drain period ended with work still queued; it is answered 503")
+    if code == 0:
+        await _let_clients_leave(http, min(CLOSE_LINGER_S, settings.drain_seconds))
     source_task.cancel()
     await asyncio.gather(source_task, return_exceptions=True)
     await source.close()  # anything still waiting is answered 503 now, before the servers stop

@@ -145,6 +145,9 @@ class ModelHandle:
     async def statistics(self) -> dict:
         raise NotImplementedError
 
+    def admit(self) -> None:
+        """Raise QueueFull now if a request could not be queued (checked before its body is read)."""
+
     async def classify(
         self, images: np.ndarray, deadline: float, protocol: str, k: int
     ) -> tuple[list[list[Prediction]], Timing]:

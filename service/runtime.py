@@ -84,14 +84,16 @@ class Runtime:
         self.set_ready(ready)
 
     def serving(self, name: str | None = None, version: str | int | None = None) -> ModelHandle:
-        """The model version to run a request on, if the service is taking work: every front's one gate.
-        No name: the default model (what `/classify` and the Classifier gRPC service answer with)."""
+        """The model version to run a request on, if the service is taking work and its queue has
+        room: every front's one gate. No name: the default model (what `/classify` and the
+        Classifier gRPC service answer with)."""
         if self.draining:
             raise NotAccepting("server is shutting down; retry on another replica", "draining")
         if not self.ready or self.default is None:
             raise NotAccepting("model is not ready yet (loading or warming up); retry shortly", "not_ready")
         model = self.default if name is None else self.get(name, version)
         metrics.SERVED.set((model.name, str(model.version)))
+        model.admit()
         return model
 
     @property

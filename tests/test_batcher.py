@@ -132,8 +132,11 @@ def test_full_queue_refuses_at_once_then_recovers():
         with pytest.raises(QueueFull) as err:
             await b.submit(images(1), far(), "t")
         assert err.value.retry_after_s >= 1
+        with pytest.raises(QueueFull):
+            b.admit()  # the early check a front makes before reading a request's body
         engine.gate.set()
         await asyncio.gather(running, queued)
+        b.admit()
         await b.submit(images(1), far(), "t")
         await b.close()
 

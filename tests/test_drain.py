@@ -121,3 +121,40 @@ def test_ready_only_after_every_bucket_is_warmed(tmp_path):
             ] * 3
     finally:
         assert srv.stop() == 0
+
+
+def test_callers_on_kept_alive_connections_lose_nothing_to_shutdown(tmp_path):
+    """Callers that keep sending through SIGTERM on kept-alive connections: each request is answered
+    (200, or 503 with `Connection: close` while draining) or finds the port closed; none is sent on
+    a connection the server then drops unread (a read error the caller cannot tell from a lost
+    request)."""
+    srv = start_server(tmp_path)
+
+    async def hammer() -> list:
+        outcomes: list = []
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+
+            async def caller() -> None:
+                while True:
+                    try:
+                        r = await client.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW)
+                    except httpx.ConnectError:
+                        return  # the port is closed: the caller knows to go elsewhere
+                    except httpx.TransportError as e:
+                        outcomes.append(type(e).__name__)
+                        continue
+                    outcomes.append((r.status_code, r.headers.get("connection")))
+
+            callers = [asyncio.create_task(caller()) for _ in range(32)]
+            await asyncio.sleep(1.0)
+            srv.proc.terminate()
+            await asyncio.wait_for(asyncio.gather(*callers), 60)
+        return outcomes
+
+    outcomes = asyncio.run(hammer())
+    assert srv.proc.wait(60) == 0, srv.log()
+    lost = [o for o in outcomes if isinstance(o, str)]
+    assert not lost, f"{len(lost)} requests lost: {sorted(set(lost))}"
+    refused = [o for o in outcomes if o[0] == 503]
+    assert refused and all(header == "close" for _, header in refused), "draining answers close the connection"
+    assert {status for status, _ in outcomes} <= {200, 503}

@@ -59,3 +59,22 @@ def test_list_and_dict_settings_take_json_in_the_environment(monkeypatch):
     monkeypatch.setenv("QUICKNET_VERSION_POLICIES", '{"quicknet-xs": "all"}')
     s = Settings()
     assert s.preferred_batch_sizes == [8, 16] and s.version_policies == {"quicknet-xs": "all"}
+
+
+def test_serving_refuses_before_the_body_when_the_queue_is_full():
+    """`serving()` is every front's first step: a full queue refuses there, before any body is read."""
+    from service.batcher import QueueFull
+    from service.model import ModelHandle, ModelInfo
+
+    class Full(ModelHandle):
+        info = ModelInfo("m", 1, ("a",), {}, "fake", {}, 8)
+
+        def admit(self) -> None:
+            raise QueueFull(2.0)
+
+    runtime = Runtime(Settings())
+    runtime.install([Full()], "m")
+    with pytest.raises(QueueFull):
+        runtime.serving()
+    with pytest.raises(QueueFull):
+        runtime.serving("m", 1)

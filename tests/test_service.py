@@ -525,7 +525,9 @@ def test_burst_beyond_the_queue_gets_429_then_recovers(tmp_path, samples):
                 for _ in range(40)
             ]
             codes = [f.code() for f in futures]
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            refused = next(f for f in futures if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert grpc.StatusCode.OK in codes
+        assert int(dict(refused.trailing_metadata())["retry-after"]) >= 1, "gRPC refusals say when to retry too"
     finally:
         assert srv.stop() == 0
 

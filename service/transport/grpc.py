@@ -87,6 +87,8 @@ async def unary_call(protocol: str, endpoint: str, fn: Callable, request, contex
         err = to_rpc_error(e)
         code = err.code
         metrics.rejected(protocol, err.reason)
+        if isinstance(e, QueueFull):  # REST's Retry-After header, as trailing metadata
+            context.set_trailing_metadata((("retry-after", str(int(max(1, round(e.retry_after_s))))),))
         await context.abort(err.code, str(err))
     finally:
         metrics.request_done(protocol, endpoint, code.name, time.perf_counter() - start)

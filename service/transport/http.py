@@ -180,10 +180,11 @@ class AccessMiddleware:
     stays usable (Starlette's own error middleware re-raises to the server, which then drops the
     connection). Pure ASGI: Starlette's BaseHTTPMiddleware costs ~10% of REST throughput."""
 
-    def __init__(self, app: ASGIApp, log_requests: bool = True, body_timeout_s: float = 30.0):
+    def __init__(self, app: ASGIApp, log_requests: bool = True, body_timeout_s: float = 30.0, closing=lambda: False):
         self.app = app
         self.log_requests = log_requests
         self.body_timeout_s = body_timeout_s
+        self.closing = closing  # while draining, answers say `Connection: close`
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -201,7 +202,10 @@ class AccessMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if self.closing():  # the client reconnects elsewhere rather than race our socket's close
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
@@ -390,7 +394,12 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         app.add_middleware(AuthMiddleware, keys=keys, open_paths=frozenset(open_paths - {None}), routes=routes)
         _document_bearer_auth(app)
     # outermost: sees every answer
-    app.add_middleware(AccessMiddleware, log_requests=settings.access_log, body_timeout_s=settings.body_read_timeout_s)
+    app.add_middleware(
+        AccessMiddleware,
+        log_requests=settings.access_log,
+        body_timeout_s=settings.body_read_timeout_s,
+        closing=lambda: runtime.draining,
+    )
     return app
 
 
