@@ -81,6 +81,23 @@ def cmd_probe(args: argparse.Namespace) -> None:
     sys.exit(0 if ok else 1)
 
 
+def cmd_api_key(args: argparse.Namespace) -> None:
+    """A new API key and its key-file line (hashed: the file need not hold the secret). With
+    --hash, the line for a key read from standard input instead."""
+    from service.auth import MIN_KEY_LENGTH, hashed_line, new_key
+
+    if args.hash:
+        key = sys.stdin.readline().strip()
+        if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+            raise QuickNetError(f"a key needs at least {MIN_KEY_LENGTH} characters and no spaces")
+        print(hashed_line(key))
+        return
+    key = new_key()
+    print(f"key:  {key}")
+    print(f"line: {hashed_line(key)}")
+    print("Give the key to the client (Authorization: Bearer <key>); put the line in --api-keys-file.", file=sys.stderr)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     images = [Path(p) for p in args.images]
     for p in images:
@@ -162,6 +179,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--ready", action="store_true", help="ask /readyz (warmed up, not draining) instead")
     probe.add_argument("--timeout", type=float, default=2.0)
     probe.set_defaults(func=cmd_probe)
+
+    api_key = sub.add_parser("api-key", help="make an API key and its (hashed) line for --api-keys-file")
+    api_key.add_argument("--hash", action="store_true", help="hash a key read from standard input instead")
+    api_key.set_defaults(func=cmd_api_key)
 
     classify = sub.add_parser("classify", help="classify image files with a running server")
     classify.add_argument("images", nargs="+", metavar="IMAGE")

@@ -178,3 +178,25 @@ def test_bad_access_settings_stop_serve_in_one_line(tmp_path, make_args, message
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_api_key_command_makes_a_key_and_its_hashed_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
+    made = subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "api-key"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.split("key:")[1].split()[0]
+    line = made.stdout.split("line:")[1].split()[0]
+    assert key not in line
+    keys = auth.ApiKeys(_keys_file(tmp_path, line + "\n"))
+    assert keys.allows(f"Bearer {key}") and not keys.allows(f"Bearer {key[:-1]}")
+    again = subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "api-key", "--hash"],
+        input=key + "\n",
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert again.stdout.strip() == line

@@ -19,7 +19,7 @@ from tests.serving import REPO, free_port, start_server
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "cpu-secure"]
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -93,6 +93,23 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_does_not(rendered):
     gpu = _deployment(rendered["gpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
     cpu = _deployment(rendered["cpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in cpu.get("limits", {})
+
+
+def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
+    docs = rendered["cpu-secure"]
+    spec = _deployment(docs)["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"tls": "quicknet-tls", "api-keys": "quicknet-api-keys"}
+    for setting, volume in (("TLS_CERT", "tls"), ("TLS_KEY", "tls"), ("API_KEYS_FILE", "api-keys")):
+        assert config[f"QUICKNET_{setting}"].startswith(mounts[volume] + "/"), setting
+    assert all(
+        container[p]["httpGet"]["scheme"] == "HTTPS" for p in ("readinessProbe", "livenessProbe", "startupProbe")
+    )
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
 
 
 def test_grace_period_exceeds_the_drain(rendered):
