@@ -7,6 +7,7 @@ tests/test_kserve.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
@@ -141,6 +142,25 @@ def test_curl_over_tls_with_a_key(tls_server, pki):
     assert curl("-H", png, "-H", f"Authorization: Bearer {KEY}", "--data-binary", image, target) == "200"
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readmes_tls_curl_runs_as_written(tls_server, pki, tmp_path):
+    """The README's HTTPS line, verbatim but for the port: its `ca.crt` and `$KEY` are the test's."""
+    from tests.test_readme import readme_curls
+
+    commands = [c for c in readme_curls() if "https://" in c]
+    assert commands, "the README shows curl over TLS"
+    shutil.copy(pki["ca"], tmp_path / "ca.crt")
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    for command in commands:
+        runnable = command.replace("localhost:8000", f"127.0.0.1:{tls_server.http_port}")
+        env = {**os.environ, "KEY": KEY}
+        done = subprocess.run(
+            ["bash", "-c", runnable], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["predictions"][0]["label"] == "cat", done.stdout
+
+
 def test_grpc_over_tls_with_a_key(tls_server, pki):
     with _grpc_channel(tls_server, pki) as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -180,7 +200,9 @@ def test_tritonclient_http_over_tls_with_a_key(tls_server, pki):
         assert client.is_server_live(), "KServe health answers without a key"
         with pytest.raises(InferenceServerException, match="API key"):
             client.infer("quicknet-xs", _triton_inputs(thttp))
-        result = client.infer("quicknet-xs", _triton_inputs(thttp), headers=AUTH)
+        result = client.infer(
+            "quicknet-xs", _triton_inputs(thttp), headers=dict(AUTH)
+        )  # tritonclient adds its own headers to the dict it is given
         assert result.as_numpy("logits").shape == (1, 10)
     finally:
         client.close()
