@@ -196,3 +196,64 @@ def test_grafana_dashboard_queries_exported_metrics(exported_metrics):
         "quicknet_gpu_utilization_ratio",
     ):
         assert needed in used
+
+
+KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
+
+
+def _unknown_fields(value: object, type_name: str, path: str = "") -> list[str]:
+    """Every key in `value` that KServe's (or Kubernetes') API type `type_name` does not have,
+    walked with the kserve SDK's own generated models: the offline stand-in for the CRD schema
+    an API server would apply."""
+    import kserve.models
+    import kubernetes.client.models
+
+    if type_name.startswith(("list[", "List[")):
+        return [e for i, item in enumerate(value) for e in _unknown_fields(item, type_name[5:-1], f"{path}[{i}]")]
+    cls = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name, None)
+    if cls is None:  # a scalar, a map of scalars, or a type the SDK leaves opaque (V1Time, Knative's)
+        return []
+    if not isinstance(value, dict):
+        return [f"{path}: expected an object ({type_name})"]
+    by_key = {key: name for name, key in cls.attribute_map.items()}
+    errors = [f"{path}.{key}: not a field of {type_name}" for key in value if key not in by_key]
+    for key, item in value.items():
+        if key in by_key:
+            errors += _unknown_fields(item, cls.openapi_types[by_key[key]], f"{path}.{key}")
+    return errors
+
+
+def test_the_kserve_inference_service_uses_only_kserve_fields():
+    isvc = yaml.safe_load(KSERVE.read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert _unknown_fields(isvc, "V1beta1InferenceService") == []
+    broken = {**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "replicas": 2}}}
+    assert _unknown_fields(broken, "V1beta1InferenceService") == [
+        ".spec.predictor.replicas: not a field of V1beta1PredictorSpec"
+    ]
+
+
+def test_the_kserve_predictor_is_a_valid_pod(tmp_path):
+    """The predictor's pod fields, as the Pod KServe makes of them, pass Kubernetes' strict schema."""
+    predictor = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]
+    pod_fields = {"containers", "securityContext", "volumes", "terminationGracePeriodSeconds"}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "quicknet-predictor"}}
+    pod["spec"] = {k: v for k, v in predictor.items() if k in pod_fields}
+    path = tmp_path / "pod.yaml"
+    path.write_text(yaml.safe_dump(pod))
+    res = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_kserve_predictor_probes_the_v2_health_the_server_serves(server):
+    isvc = yaml.safe_load(KSERVE.read_text())
+    container = isvc["spec"]["predictor"]["containers"][0]
+    assert container["name"] == "kserve-container" and container["ports"][0]["containerPort"] == 8000
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert path.startswith("/v2/health/") and httpx.get(f"{server.url}{path}").status_code == 200, probe
+    annotations = isvc["metadata"]["annotations"]
+    assert "quicknet_images_total" in httpx.get(f"{server.url}{annotations['prometheus.kserve.io/path']}").text
+    grace = isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+    drain = next(float(e["value"]) for e in container["env"] if e["name"] == "QUICKNET_DRAIN_SECONDS")
+    assert grace > drain + container["lifecycle"]["preStop"]["sleep"]["seconds"]
