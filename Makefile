@@ -4,16 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
+.PHONY: lock bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The lock files pin every transitive version (pyproject.toml pins only direct ones); `make lock`
+# rewrites them after a pin changes (tests/test_packaging.py fails while they disagree).
 venv-serve: $(BIN)/python
-	$(PIP) -e '.[serve]'
+	$(PIP) -c requirements/serve.lock -e '.[serve]'
 
 venv-dev: $(BIN)/python
-	$(PIP) -e '.[serve,build,dev]'
+	$(PIP) -c requirements/dev.lock -e '.[serve,build,dev]'
+
+LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url
+lock: venv-dev
+	$(LOCK) --extra serve -o requirements/serve.lock pyproject.toml
+	$(LOCK) --extra serve --extra build --extra dev -o requirements/dev.lock pyproject.toml
 
 ## Serve the default model from model_store/ on CPU with ONNX Runtime (REST :8000, gRPC :8001).
 serve: venv-serve
