@@ -159,7 +159,11 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
         raise BuildError(f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first")
     reports["checkpoint+flip-tta"] = evaluate_artifact("checkpoint", run_dir / CHECKPOINT, split, flip_tta=True)
     if "onnx" in reports:
-        plot_confusion(reports["onnx"], run_dir / "confusion_matrix.png", f"{run_dir.name}: model.onnx")
+        # titled with the name the store will publish it under (the training config's), not the folder's
+        name = _record(run_dir).get("stages", {}).get("train", {}).get("config", {}).get("model", run_dir.name)
+        top1 = reports["onnx"].summary()["top1"]
+        title = f"{name}: model.onnx, top-1 {top1:.2%} on {len(split.labels):,} test images"
+        plot_confusion(reports["onnx"], run_dir / "confusion_matrix.png", title)
     results = {
         "dataset": dataset.source,
         "dataset_checksum": dataset.checksum,

@@ -21,6 +21,7 @@ import numpy as np
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.ortrun import INPUT_NAME
+from quicknet.progress import steps
 from quicknet.store import gpu_identity, plan_filename, slug
 
 ORT_OPTIMIZED = "model.opt.onnx"
@@ -48,9 +49,9 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarra
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(
-                calibration_images[i : i + batch_size] for i in range(0, len(calibration_images), batch_size)
-            )
+            starts = range(0, len(calibration_images), batch_size)
+            batches = (calibration_images[i : i + batch_size] for i in starts)
+            self.batches = iter(steps(batches, len(starts), "INT8 calibration"))
 
         def get_next(self) -> dict | None:
             batch = next(self.batches, None)

@@ -20,6 +20,7 @@ import numpy as np
 
 from quicknet.errors import DataError
 from quicknet.fsutil import atomic_write
+from quicknet.progress import steps
 
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (125.27, 122.93, 113.86)  # train per-channel means of the JPEG copy (its README)
@@ -133,15 +134,21 @@ def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, jobs: int | None = None
 
     bounds = np.linspace(0, len(offsets) - 1, jobs + 1, dtype=np.int64)
     chunks = [(raw[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a]) for a, b in itertools.pairwise(bounds)]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return np.concatenate(pool.starmap(_decode_range, chunks))
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:  # one bar per worker would garble: chunks
+        parts = pool.imap(_decode_chunk, chunks)
+        return np.concatenate(list(steps(parts, len(chunks), f"decoding JPEGs ({jobs} processes)", unit="chunk")))
+
+
+def _decode_chunk(chunk: tuple[bytes, np.ndarray]) -> np.ndarray:
+    os.environ["QUICKNET_PROGRESS"] = "0"  # a pool worker: the parent counts chunks
+    return _decode_range(*chunk)
 
 
 def _decode_range(raw: bytes, offsets: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
-    for i in range(len(out)):
+    for i in steps(range(len(out)), len(out), "decoding JPEGs", unit="img"):
         with Image.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
             out[i] = np.asarray(im.convert("RGB"))
     return out

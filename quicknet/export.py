@@ -16,6 +16,7 @@ from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.model import INPUT_SIZE, QuickNet
 from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME, onnx_logits
+from quicknet.progress import steps
 
 OPSET = 18
 MAX_LOGIT_DELTA = 1e-3
@@ -137,8 +138,9 @@ def reference_logits(model: QuickNet, images: np.ndarray, batch_size: int = 500)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     out = []
+    starts = range(0, len(images), batch_size)
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
+        for i in steps(starts, len(starts), "pytorch reference"):
             x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float()
             out.append(model.eval()((x - mean) / std).numpy())
     return np.concatenate(out)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quicknet.progress import steps
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -17,6 +19,7 @@ def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 500, threads: 
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    starts = range(0, len(images), batch_size)
     return np.concatenate(
-        [sess.run(None, {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+        [sess.run(None, {INPUT_NAME: images[i : i + batch_size]})[0] for i in steps(starts, len(starts), path.name)]
     )

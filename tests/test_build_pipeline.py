@@ -47,6 +47,17 @@ def _copy(run_dir, dest):
     return dest
 
 
+def test_the_confusion_matrix_is_titled_with_the_published_name(run_dir, tmp_path, cifar, monkeypatch):
+    """Not the run folder's name (`runs/quicknet-xs-cpu`), which the store does not know."""
+    import quicknet.evaluate
+
+    titles = []
+    monkeypatch.setattr(quicknet.evaluate, "plot_confusion", lambda report, path, title: titles.append(title))
+    build.stage_eval(_copy(run_dir, tmp_path / "quicknet-xs-cpu"), cifar, limit=256)
+    assert titles and titles[0].startswith("quicknet-xs: model.onnx, top-1 ") and "cpu" not in titles[0], titles
+    assert titles[0].endswith("on 256 test images")
+
+
 def test_publish_writes_complete_metadata(run_dir, tmp_path):
     mv = build.stage_publish(_copy(run_dir, tmp_path / "run"), tmp_path / "store", make_default=True)
     meta = mv.metadata
