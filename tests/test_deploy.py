@@ -175,7 +175,10 @@ def test_prometheus_rules(exported_metrics):
         "QuickNetHighP99Latency",
         "QuickNetRejecting",
         "QuickNetNotReady",
+        "QuickNetDown",
     }
+    res = run("promtool", "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
     for expr in exprs:
         for name in _metric_names(expr):
             assert _exported(name, exported_metrics), f"rules use {name}, which the server does not export"
@@ -196,6 +199,33 @@ def test_grafana_dashboard_queries_exported_metrics(exported_metrics):
         "quicknet_gpu_utilization_ratio",
     ):
         assert needed in used
+
+
+def test_the_dashboard_is_what_its_script_writes():
+    sys.path.insert(0, str(DEPLOY / "grafana"))
+    try:
+        import make_dashboard
+    finally:
+        sys.path.pop(0)
+    assert (DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text() == make_dashboard.render(), (
+        "run python deploy/grafana/make_dashboard.py"
+    )
+
+
+def test_the_dashboard_filters_by_instance_and_model_and_keeps_units_apart():
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
+    assert {v["name"] for v in dash["templating"]["list"]} == {"instance", "model"}
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            if "quicknet_" in t["expr"]:
+                assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+            if "quicknet_request_duration_seconds_bucket" in t["expr"]:
+                assert 'code=~"200|OK"' in t["expr"], "latency of successful inference only"
+        units = {"quicknet_gpu_memory_used_bytes": "bytes", "quicknet_gpu_utilization_ratio": "percentunit"}
+        for metric, unit in units.items():
+            if any(metric in t["expr"] for t in p["targets"]):
+                assert p["fieldConfig"]["defaults"]["unit"] == unit, p["title"]
+    assert any("Error rate" in p["title"] for p in dash["panels"])
 
 
 KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
