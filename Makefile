@@ -15,12 +15,12 @@ venv-serve: $(BIN)/python
 	$(PIP) -c requirements/serve.lock -e '.[serve]'
 
 venv-dev: $(BIN)/python
-	$(PIP) -c requirements/dev.lock -e '.[serve,build,dev]'
+	$(PIP) -c requirements/dev.lock -e '.[serve,client,build,dev]'
 
 LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url
 lock: venv-dev
 	$(LOCK) --extra serve -o requirements/serve.lock pyproject.toml
-	$(LOCK) --extra serve --extra build --extra dev -o requirements/dev.lock pyproject.toml
+	$(LOCK) --extra serve --extra client --extra build --extra dev -o requirements/dev.lock pyproject.toml
 
 ## Serve the default model from model_store/ on CPU with ONNX Runtime (REST :8000, gRPC :8001).
 serve: venv-serve

@@ -1,4 +1,5 @@
-"""The `quicknet` command: build commands from `quicknet.cli`, serving commands from `service.cli`.
+"""The `quicknet` command: build commands from `quicknet.cli`, serving commands from `service.cli`,
+`classify` from `quicknet.client.cli` (the client extra alone runs it).
 
 It lives outside both packages so that neither imports the other; each command imports its
 heavy libraries only when it runs, so `quicknet serve` starts without torch.
@@ -12,24 +13,51 @@ import sys
 from quicknet.errors import QuickNetError
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quicknet-serving")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quicknet", description="QuickNet Serving: offline build and online service")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     from quicknet.cli import add_commands as add_build_commands
 
     add_build_commands(sub)
+    from quicknet.client.cli import add_command as add_classify_command
+
+    add_classify_command(sub)
     try:
         from service.cli import add_commands as add_service_commands
-    except ImportError as e:  # a build-only install has no [serve] extra
+
+        add_service_commands(sub)  # imports the serve extra's settings first: fails before adding anything
+    except ImportError as e:  # a build-only or client-only install has no [serve] extra
         serve = sub.add_parser("serve", help="run the service (needs the serve extra)")
         serve.set_defaults(func=lambda _a, e=e: _missing_serve(e))
-    else:
-        add_service_commands(sub)
     return parser
 
 
 def _missing_serve(error: ImportError) -> None:
     raise QuickNetError(f"the service is not installed ({error.name} missing): pip install -e '.[serve]'")
+
+
+# Which extra a command needs, and else which extra installs a missing top-level module: a one-line
+# hint instead of a traceback (`make serve` installs the serve extra only; `quicknet train` then
+# lacks torch).
+COMMAND_EXTRA = {"classify": "client", "serve": "serve", "probe": "serve", "api-key": "serve"}  # others: build
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "onnx", "onnxscript", "matplotlib", "tqdm"), "build"),
+    **dict.fromkeys(("onnxruntime", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings"), "serve"),
+    **dict.fromkeys(("grpc", "grpc_health", "grpc_reflection", "prometheus_client", "opentelemetry"), "serve"),
+    **dict.fromkeys(("tensorrt", "cuda", "pynvml"), "gpu"),
+    **dict.fromkeys(("numpy", "PIL", "google"), "serve"),
+    "httpx": "client",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except QuickNetError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        module = (e.name or "").partition(".")[0]
+        if module not in EXTRA_OF:
+            extra = None
+        else:  # the command's extra has what it imports, but TensorRT and NVML come only with gpu
+            extra = "gpu" if EXTRA_OF[module] == "gpu" else COMMAND_EXTRA.get(args.command, "build")
+        if extra is None:
+            raise  # not a missing extra: a bug, with its traceback
+        print(
+            f"error: `quicknet {args.command}` needs the {extra} extra ({e.name} is not installed): "
+            f"pip install -e '.[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -75,7 +75,7 @@ class Tally:
 
     @property
     def server_errors(self) -> int:
-        return sum(1 for o in self.outcomes if o.status >= 500 and o.status not in (503, 504))
+        return sum(1 for o in self.outcomes if o.status >= 500)  # 503 and 504 count: a caller sees them fail
 
     @property
     def lost(self) -> int:
@@ -153,7 +153,8 @@ class Clients:
         except grpc.aio.AioRpcError as e:
             code = e.code()
             trailing = dict(e.trailing_metadata() or ())
-            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
+            # only a connection never made is "not connected"; a reset mid-call is a lost request
+            if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or "").lower():
                 return Outcome(front, 0, time.perf_counter() - start, connected=False)
             return Outcome(front, GRPC_TO_HTTP.get(code, 500), time.perf_counter() - start, "retry-after" in trailing)
         return Outcome(front, 200, time.perf_counter() - start)

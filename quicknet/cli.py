@@ -182,8 +182,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--data", help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA)")
     common.add_argument("--run-dir", help="folder for this build's artifacts (default runs/<model>)")
     store_flags = argparse.ArgumentParser(add_help=False)
-    store_flags.add_argument("--store", help="model store root (env QUICKNET_MODEL_STORE, default ./model_store)")
-    store_flags.add_argument("--make-default", action="store_true", help="serve this model when none is named")
+    store_flags.add_argument(  # `serve` spells it --model-store too; --store is kept for old scripts
+        "--model-store",
+        "--store",
+        dest="store",
+        metavar="DIR",
+        help="model store root (env QUICKNET_MODEL_STORE, default ./model_store)",
+    )
+    default_flag = argparse.ArgumentParser(add_help=False)
+    default_flag.add_argument("--make-default", action="store_true", help="serve this model when none is named")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_cmd", required=True)
@@ -223,11 +230,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--version", type=int, help="with --store-model: this version (default newest)")
     ev.set_defaults(func=cmd_eval)
 
-    pub = sub.add_parser("publish", parents=[common, store_flags], help="publish a run folder to the model store")
+    pub = sub.add_parser(
+        "publish", parents=[common, store_flags, default_flag], help="publish a run folder to the model store"
+    )
     pub.add_argument("--model", default="quicknet")
     pub.set_defaults(func=cmd_publish)
 
-    build = sub.add_parser("build", parents=[common, store_flags], help="train, export, compile, eval and publish")
+    build = sub.add_parser(
+        "build", parents=[common, store_flags, default_flag], help="train, export, compile, eval and publish"
+    )
     _add_dataclass_flags(build, TrainConfig)
     build.add_argument("--resume", action="store_true")
     build.add_argument("--tensorrt", action=argparse.BooleanOptionalAction, default=None)

@@ -19,7 +19,7 @@ def wanted() -> bool:
     setting = os.environ.get("QUICKNET_PROGRESS", "")
     if setting in ("0", "1"):
         return setting == "1"
-    return sys.stderr.isatty()
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def steps(iterable: Iterable[T], total: int, desc: str, unit: str = "batch") -> Iterator[T] | Iterable[T]:

@@ -1,4 +1,5 @@
-"""`quicknet serve` (every Settings field as a flag) and `quicknet classify` (a small client)."""
+"""`quicknet serve` (every Settings field as a flag), `probe` and `api-key`; `quicknet classify` is the
+client's (quicknet/client/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 import sys
 import typing
-from pathlib import Path
 
 from quicknet.errors import QuickNetError
 
@@ -98,76 +98,6 @@ def cmd_api_key(args: argparse.Namespace) -> None:
     print("Give the key to the client (Authorization: Bearer <key>); put the line in --api-keys-file.", file=sys.stderr)
 
 
-def cmd_classify(args: argparse.Namespace) -> None:
-    images = [Path(p) for p in args.images]
-    for p in images:
-        if not p.is_file():
-            raise QuickNetError(f"{p} not found")
-    results = _classify_grpc(args, images) if args.grpc else _classify_http(args, images)
-    for path, preds in zip(images, results, strict=True):
-        if args.json:
-            print(json.dumps({"image": str(path), "predictions": preds}))
-        else:
-            best = ", ".join(f"{p['label']} {p['score']:.3f}" for p in preds)
-            print(f"{path}: {best}")
-
-
-def _classify_http(args: argparse.Namespace, images: list[Path]) -> list[list[dict]]:
-    import ssl
-
-    import httpx
-
-    files = [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in images]
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    verify: ssl.SSLContext | bool = True
-    if args.cacert or args.cert:
-        verify = ssl.create_default_context(cafile=args.cacert)
-        if args.cert:
-            verify.load_cert_chain(args.cert, args.key)
-    try:
-        r = httpx.post(
-            f"{args.url.rstrip('/')}/classify",
-            files=files,
-            params={"top_k": args.top_k},
-            headers=headers,
-            timeout=args.timeout,
-            verify=verify,
-        )
-    except (httpx.HTTPError, ssl.SSLError) as e:
-        raise QuickNetError(f"cannot reach {args.url}: {e}") from None
-    if r.status_code != 200:
-        raise QuickNetError(f"server answered {r.status_code}: {r.json().get('error', r.text)}")
-    return r.json()["predictions"]
-
-
-def _classify_grpc(args: argparse.Namespace, images: list[Path]) -> list[list[dict]]:
-    import grpc
-
-    from service._generated import classifier_pb2 as pb
-    from service._generated import classifier_pb2_grpc as pb_grpc
-
-    if args.cacert or args.cert:
-        channel = grpc.secure_channel(
-            args.grpc,
-            grpc.ssl_channel_credentials(
-                root_certificates=Path(args.cacert).read_bytes() if args.cacert else None,
-                private_key=Path(args.key).read_bytes() if args.cert else None,
-                certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
-            ),
-        )
-    else:
-        channel = grpc.insecure_channel(args.grpc)
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-    with channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        request = pb.ClassifyBatchRequest(images=[pb.Image(encoded=p.read_bytes()) for p in images], top_k=args.top_k)
-        try:
-            reply = stub.ClassifyBatch(request, timeout=args.timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            raise QuickNetError(f"gRPC {e.code().name}: {e.details()}") from None
-    return [[{"label": p.label, "index": p.index, "score": p.score} for p in r.predictions] for r in reply.results]
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
     import service.config  # noqa: F401 - fail here, not mid-command, when the serve extra is missing
 
@@ -183,19 +113,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     api_key = sub.add_parser("api-key", help="make an API key and its (hashed) line for --api-keys-file")
     api_key.add_argument("--hash", action="store_true", help="hash a key read from standard input instead")
     api_key.set_defaults(func=cmd_api_key)
-
-    classify = sub.add_parser("classify", help="classify image files with a running server")
-    classify.add_argument("images", nargs="+", metavar="IMAGE")
-    target = classify.add_mutually_exclusive_group()
-    target.add_argument("--url", default="http://127.0.0.1:8000", help="REST endpoint (default)")
-    target.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC instead, e.g. 127.0.0.1:8001")
-    classify.add_argument("--top-k", type=int, default=3)
-    classify.add_argument("--timeout", type=float, default=10.0)
-    classify.add_argument("--json", action="store_true", help="one JSON line per image")
-    classify.add_argument(
-        "--api-key", default=os.environ.get("QUICKNET_API_KEY"), help="API key [env QUICKNET_API_KEY]"
-    )
-    classify.add_argument("--cacert", metavar="PEM", help="TLS: trust this CA (https:// URL, or TLS on gRPC)")
-    classify.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate (with --key)")
-    classify.add_argument("--key", metavar="PEM", help="mutual TLS: client private key")
-    classify.set_defaults(func=cmd_classify)

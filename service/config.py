@@ -101,6 +101,20 @@ class Settings(BaseSettings):
         "an orchestrator restarts it (0: off)",
     )
 
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to call the REST API (CORS), e.g. https://app.example.com; '*' for any",
+    )
+    otlp_endpoint: str = Field(
+        "",
+        description="OpenTelemetry: send traces (OTLP over HTTP) to this collector, e.g. http://localhost:4318 "
+        "(empty: tracing off)",
+    )
+    otlp_service_name: str = Field("quicknet", description="OpenTelemetry: service.name of the spans")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="OpenTelemetry: share of new traces recorded (a caller's sampled flag wins)"
+    )
+
     fault_injection: str = Field(
         "", description="tests and drills only: 'fail-every=N' and/or 'hang-every=N,hang-seconds=S' engine batches"
     )

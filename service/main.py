@@ -30,7 +30,7 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from quicknet.errors import QuickNetError
-from service import metrics
+from service import metrics, tracing, web
 from service.backends import BackendError
 from service.classifier import grpc as classifier_grpc
 from service.classifier import rest as classifier_rest
@@ -47,7 +47,7 @@ from service.transport.connections import protocol_for
 log = logging.getLogger("quicknet.service")
 
 # The fronts, explicitly: each declares its own routes or servicers and its protocol tag.
-REST_FRONTS = (classifier_rest, kserve_rest)
+REST_FRONTS = (classifier_rest, kserve_rest, web)  # web: the page at / and the API docs
 GRPC_FRONTS = (classifier_grpc, kserve_grpc)
 
 
@@ -68,10 +68,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines; a request's lines end with its id, so one grep finds a request in every log."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{line} request_id={request_id}" if request_id else line
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
-    handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(fmt))
+    handler.setFormatter(JsonFormatter() if settings.log_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
@@ -210,6 +221,7 @@ def _stop_event(*, ignore_sigint: bool = False) -> asyncio.Event:
 
 async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource], *, supervised: bool = False) -> int:
     """REST + gRPC over one runtime, its models from `make_source` (this process, or the engine process)."""
+    tracing.configure(settings)  # before the servers are built: they wrap their handlers if it is on
     runtime = Runtime(settings)
     source = make_source(runtime)
     http_socket = bind(settings.http_host, settings.http_port, reuse_port=supervised)
@@ -237,7 +249,7 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
             timeout_keep_alive=settings.http_idle_timeout_s,
-            http=protocol_for(settings.header_timeout_s, settings.http_idle_timeout_s),
+            http=protocol_for(settings.header_timeout_s, settings.http_idle_timeout_s, settings.body_read_timeout_s),
             **_tls_options(settings),
         )
     )
@@ -292,6 +304,7 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     http.should_exit = True
     await asyncio.gather(http_task, return_exceptions=True)
     await grpc_server.stop(grace=min(5.0, settings.drain_seconds))
+    tracing.shutdown()
     log.info("stopped")
     return code
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service import tracing
 from service.batcher import Timing
 
 
@@ -148,8 +149,16 @@ class ModelHandle:
     def admit(self) -> None:
         """Raise QueueFull now if a request could not be queued (checked before its body is read)."""
 
+    async def run(self, images: np.ndarray, deadline: float, protocol: str) -> tuple[np.ndarray, Timing]:
+        """`submit`, recording the request's `queue` and `infer` spans when tracing is on: what
+        every front calls."""
+        started = tracing.now_ns()
+        logits, timing = await self.submit(images, deadline, protocol)
+        tracing.record_batching(started, timing, len(images))
+        return logits, timing
+
     async def classify(
         self, images: np.ndarray, deadline: float, protocol: str, k: int
     ) -> tuple[list[list[Prediction]], Timing]:
-        logits, timing = await self.submit(images, deadline, protocol)
+        logits, timing = await self.run(images, deadline, protocol)
         return top_k(logits, k, self.labels), timing

@@ -14,3 +14,30 @@ def cifar() -> data.Dataset:
 @pytest.fixture(scope="session")
 def test_images(cifar: data.Dataset) -> data.Split:
     return cifar.test.sample(512, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_service_state(monkeypatch):
+    """Every test starts from the same service state, whatever ran before it (pytest-randomly):
+    no server setting (`QUICKNET_<FIELD>`), client or progress setting, or `OTEL_*` switch from the
+    caller's environment reaches a test (the subprocess helpers strip QUICKNET_* too;
+    QUICKNET_DATA and QUICKNET_CACHE, which say where the data is, stay), and no served-model label
+    is left in this thread's context by a test that called `Runtime.serving()` outside a request
+    task."""
+    try:
+        from service import metrics
+        from service.config import Settings
+    except ImportError:  # a build-only environment
+        yield
+        return
+    for field in Settings.model_fields:
+        monkeypatch.delenv(f"QUICKNET_{field.upper()}", raising=False)
+    for name in ("QUICKNET_PROGRESS", "QUICKNET_API_KEY", "QUICKNET_URL"):  # the client's and the build's
+        monkeypatch.delenv(name, raising=False)
+    import os
+
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:  # OpenTelemetry's own switches
+        monkeypatch.delenv(name)
+    token = metrics.SERVED.set(("", ""))
+    yield
+    metrics.SERVED.reset(token)

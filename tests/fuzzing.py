@@ -34,6 +34,7 @@ from PIL import Image
 from service.batcher import Batcher, Timing
 from service.images import InputError, Limits, decode_image
 from service.model import ModelHandle, ModelInfo, Statistics
+from service.transport.grpc import INTERNAL_ERROR
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -104,12 +105,21 @@ class _Context:
     """The slice of grpc.aio.ServicerContext the servicers use."""
 
     def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
+        self.status: grpc.StatusCode | None = None
         self.details = ""
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        self.code, self.details = code, details
+        self.status, self.details = code, details
         raise _Aborted
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.status
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self.trailing = tuple(metadata)
+
+    def trailing_metadata(self) -> tuple:
+        return getattr(self, "trailing", ())
 
     def time_remaining(self) -> float | None:
         return None
@@ -164,6 +174,7 @@ class Harness:
             front.add_to_server(registrar, self.runtime)
         self.grpc = capture.handlers
         self.logged = _Logged()
+        self.last = ""  # the last input's outcome: "ok" (a 200 / OK / decoded image) or "refused"
         logging.getLogger("quicknet").addHandler(self.logged)
         self.targets: dict[str, Callable[[bytes], None]] = {
             "image": self.image,
@@ -180,6 +191,7 @@ class Harness:
     # --- targets ------------------------------------------------------------------------------
 
     def image(self, data: bytes) -> None:
+        self.last = "refused"
         try:
             pixels = decode_image(data, LIMITS)
         except InputError:
@@ -188,6 +200,7 @@ class Harness:
             raise Finding(f"decode_image raised {type(e).__name__}: {e}") from e
         if pixels.shape != (32, 32, 3) or pixels.dtype != np.uint8:
             raise Finding(f"decode_image returned {pixels.dtype} {pixels.shape}")
+        self.last = "ok"
 
     def classify(self, data: bytes) -> None:
         content_type, query, timeout, body = [*data.split(b"\n", 3), b"", b"", b""][:4]
@@ -204,6 +217,8 @@ class Harness:
         self._rest(f"/v2/models/{MODEL}/infer", b"", headers, body)
 
     def grpc_call(self, data: bytes) -> None:
+        self.last = "refused"
+        self.logged.last = None
         if not data:
             return
         method = GRPC_METHODS[data[0] % len(GRPC_METHODS)]
@@ -222,15 +237,17 @@ class Harness:
         try:
             replies = self.loop.run_until_complete(call())
         except _Aborted:
-            if context.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                raise Finding(f"{method}: {context.code.name} {context.details}") from self.logged.last
+            if context.status in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                raise Finding(f"{method}: {context.status.name} {context.details}") from self.logged.last
             return
         except Exception as e:
             raise Finding(f"{method} raised {type(e).__name__}: {e}") from e
         for reply in replies if isinstance(replies, list) else ():
             message = getattr(reply, "error_message", "")
-            if message.startswith("inference failed"):  # the INTERNAL mapping, inside a stream
-                raise Finding(f"{method}: stream error {message}")
+            if message.startswith("inference failed") or message == INTERNAL_ERROR:  # INTERNAL, inside a stream
+                raise Finding(f"{method}: stream error {message}") from self.logged.last
+        streamed_errors = any(getattr(r, "error_message", "") for r in replies) if isinstance(replies, list) else False
+        self.last = "refused" if streamed_errors else "ok"
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -276,6 +293,7 @@ class Harness:
             self.loop.run_until_complete(self.app(scope, receive, send))
         except Exception as e:
             raise Finding(f"POST {path} raised {type(e).__name__}: {e}") from e
+        self.last = "ok" if status and status[0] == 200 else "refused"
         if not status or status[0] >= 500:
             raise Finding(
                 f"POST {path} answered {status[0] if status else 'nothing'}: {b''.join(answer)[:300]!r}"

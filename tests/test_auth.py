@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from quicknet.errors import QuickNetError
-from service import auth
+from service import auth, web
 from service.classifier import rest as classifier_rest
 from service.config import Settings
 from service.kserve import rest as kserve_rest
@@ -34,7 +34,7 @@ def _keys_file(tmp_path, text: str):
 
 def _client(tmp_path, text: str = KEY + "\n", **settings) -> TestClient:
     runtime = Runtime(Settings(api_keys_file=_keys_file(tmp_path, text), **settings))
-    return TestClient(create_app(runtime, [classifier_rest, kserve_rest]))
+    return TestClient(create_app(runtime, [classifier_rest, kserve_rest, web]))  # web: /docs, /redoc, /
 
 
 def _refused(reason: str = "unauthenticated", protocol: str = "rest") -> float:
@@ -135,7 +135,7 @@ def test_rest_routes_need_a_key_and_health_stays_open(tmp_path):
         assert client.post("/v2/models/quicknet-xs/infer", json={}).status_code == 401
         assert client.get("/v2/models/quicknet-xs/ready").status_code == 401, "model state is not health"
         health = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
-        for path in (*health, "/docs", "/openapi.json"):
+        for path in (*health, "/docs", "/redoc", "/", "/openapi.json"):
             assert client.get(path).status_code != 401, path
     assert _refused() - before == 3
     assert _refused(protocol="kserve-rest") - before_kserve == 2, "refusals are counted under their front"

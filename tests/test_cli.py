@@ -121,3 +121,30 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     for args, fragment in ((["--model", "nope"], "model 'nope' not found"), (["--version", "99"], "has no version 99")):
         wrong = quicknet("serve", *args, env=env)
         assert wrong.returncode == 2 and fragment in wrong.stderr and wrong.stderr.count("\n") == 1, wrong.stderr
+
+
+def test_version_and_one_spelling_of_the_store_flag(tmp_path):
+    out = quicknet("--version")
+    assert out.returncode == 0 and out.stdout.startswith("quicknet 0.")
+    for command in ("eval", "publish", "build", "republish", "plan"):
+        text = quicknet(command, "--help").stdout
+        assert "--model-store DIR" in text, command  # as `serve` spells it
+        assert ("--make-default" in text) == (command in ("publish", "build")), f"{command}: only where it acts"
+    out = quicknet("eval", "--store-model", "nope", "--model-store", str(tmp_path))
+    assert out.returncode == 2 and "model 'nope' not found" in out.stderr
+
+
+def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path):
+    """After `make serve` (no build extra), `quicknet info` and `train` need torch."""
+    import os
+
+    stubs = tmp_path / "stubs"
+    (stubs / "torch").mkdir(parents=True)
+    failing = "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    (stubs / "torch" / "__init__.py").write_text(failing)
+    env = {**os.environ, "PYTHONPATH": str(stubs)}
+    for command in (["info"], ["train", "--run-dir", str(tmp_path / "run"), "--epochs", "1"]):
+        out = quicknet(*command, env=env)
+        assert out.returncode == 2, out.stderr
+        hint = "needs the build extra (torch is not installed): pip install -e '.[build]'\n"
+        assert out.stderr == f"error: `quicknet {command[0]}` {hint}"

@@ -133,3 +133,23 @@ def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, wor
         assert "watchdog: engine stalled" in srv.log()
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_a_bug_in_a_grpc_handler_is_logged_and_answers_one_line_without_its_details(caplog):
+    """Not a refusal and not an engine failure: the log gets the traceback, the client INTERNAL with
+    REST's one line, never the exception's text (which may hold server paths) or class name."""
+    from service.transport.grpc import INTERNAL_ERROR, unary_call
+
+    class Context:
+        async def abort(self, code, details):
+            self.code, self.details = code, details
+            raise grpc.RpcError
+
+    async def buggy(request, context):
+        raise KeyError("/srv/models/secret-path")
+
+    context = Context()
+    with caplog.at_level("ERROR", "quicknet.grpc"), pytest.raises(grpc.RpcError):
+        asyncio.run(unary_call("grpc", "Classify", buggy, None, context))
+    assert (context.code, context.details) == (grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+    assert "secret-path" in caplog.text and "KeyError" in caplog.text, "the operator sees what happened"

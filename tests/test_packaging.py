@@ -37,7 +37,10 @@ def _pins(groups: list[str]) -> dict[str, str]:
     return pins
 
 
-@pytest.mark.parametrize(("lock", "groups"), [("serve.lock", ["serve"]), ("dev.lock", ["serve", "build", "dev"])])
+LOCKS = [("serve.lock", ["serve"]), ("dev.lock", ["serve", "client", "build", "dev"])]
+
+
+@pytest.mark.parametrize(("lock", "groups"), LOCKS)
 def test_the_lock_holds_every_pin_of_pyproject(lock, groups):
     locked = _locked(lock)
     for name, version in _pins(groups).items():

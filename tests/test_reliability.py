@@ -3,6 +3,7 @@ it drives a real server through an overload burst and reports no 5xx and no lost
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -22,4 +23,6 @@ def test_the_overload_scenario_runs_and_reports():
     cells = [c.strip() for c in row.split("|")]
     assert int(cells[3]) > 0, row  # requests sent
     assert cells[4] == "0" and cells[5] == "0", f"5xx and lost: {row}"
-    assert "refused_with_retry_after" in result.stdout
+    refused = int(re.search(r"refused_429\W+(\d+)", result.stdout)[1])
+    with_retry_after = int(re.search(r"refused_with_retry_after\W+(\d+)", result.stdout)[1])
+    assert refused > 0 and with_retry_after == refused, "the burst was refused, and every refusal said when to retry"

@@ -139,3 +139,27 @@ def test_others_are_served_while_idle_and_slow_clients_hang(server):
     assert statuses == [200] * 50
     assert sum(1 for data in ended if data.startswith(b"HTTP/1.1 408")) == 40, "every slow client heard 408"
     assert metric(text, "quicknet_rejections_total", reason="slow_client") >= 40
+
+
+def test_a_request_refused_before_its_body_closes_its_connection(server):
+    """413 by declared length, before the body: the rest of that body must not hold the socket
+    under no timer (uvicorn's keep-alive timer stops at the next byte); it gets the body's limit."""
+
+    async def run():
+        reader, writer = await _open(server)
+        writer.write(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 999999999\r\n\r\n"
+        )
+        start = time.monotonic()
+        closed = asyncio.ensure_future(reader.read())
+        while not closed.done() and time.monotonic() - start < 8:  # keep "uploading" a byte at a time
+            writer.write(b"X")
+            await asyncio.sleep(0.2)
+        data = await asyncio.wait_for(closed, 5)
+        writer.close()
+        return data, time.monotonic() - start
+
+    data, waited = asyncio.run(run())
+    status, body = _status_and_body(data)
+    assert status == 413 and "limit" in body["error"]
+    assert 0.8 <= waited < 5, f"the refused upload held its connection {waited:.1f}s; it has the body's 1s"

@@ -243,6 +243,25 @@ def test_the_cli_client_over_tls_with_a_key(tls_server, pki):
         assert refused.returncode == 2 and ("401" in refused.stderr or "UNAUTHENTICATED" in refused.stderr)
 
 
+def test_the_python_client_over_tls_with_a_key(tls_server, mtls_server, pki, monkeypatch):
+    from quicknet.client import Client, QuickNetClientError
+
+    monkeypatch.delenv("QUICKNET_API_KEY", raising=False)
+    cat = REPO / "examples" / "cat.png"
+    for url in (tls_server.url, f"grpc://{tls_server.grpc_target}"):
+        with Client(url, cacert=pki["ca"]) as client, pytest.raises(QuickNetClientError) as err:
+            client.classify(cat)
+        assert err.value.status == 401 and not err.value.retryable
+        with Client(url, cacert=pki["ca"], api_key=KEY) as client:
+            assert client.classify(cat).label == "cat"
+    with Client(tls_server.url, api_key=KEY) as client, pytest.raises(QuickNetClientError) as err:
+        client.classify(cat)  # the system's roots do not know the test's CA: one error, not retried
+    assert err.value.status is None and not err.value.retryable and "CERTIFICATE_VERIFY_FAILED" in err.value.message
+    for url in (mtls_server.url, f"grpc://{mtls_server.grpc_target}"):
+        with Client(url, cacert=pki["ca"], cert=pki["client_cert"], key=pki["client_key"]) as client:
+            assert client.classify(cat).label == "cat"
+
+
 def _probe_env(srv, pki, **extra: str) -> dict[str, str]:
     return {
         "QUICKNET_HTTP_PORT": str(srv.http_port),

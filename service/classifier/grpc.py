@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
 from service.images import InputError, check_count, decode_image, decode_pixels
@@ -61,7 +61,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             return np.stack([decode_image_msg(im, runtime, i) for i, im in enumerate(images)])
 
         encoded = any(im.WhichOneof("data") == "encoded" for im in images)
-        pixels = await asyncio.to_thread(decode) if encoded else decode()
+        with tracing.span("decode"):
+            pixels = await asyncio.to_thread(decode) if encoded else decode()
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
         rows, _ = await model.classify(pixels, deadline_of(context, runtime), PROTOCOL, _top_k(top_k, runtime))
         return model, rows

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import time
 
@@ -26,17 +25,20 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import metrics
+from service import metrics, tracing
+from service.classifier.schemas import ClassifyResponse, ModelsResponse
 from service.images import InputError, check_count, decode_image, decode_images, decode_pixels, off_loop
 from service.runtime import Runtime
 from service.transport.http import (
     HTTPError,
     deadline_from_header,
     fast_path,
+    parse_json,
     read_body,
     run_unless_disconnected,
     server_timing,
 )
+from service.transport.schemas import answers
 
 PROTOCOL = "rest"
 
@@ -85,27 +87,21 @@ CLASSIFY_OPENAPI = {
             },
         },
     },
-    "responses": {
-        "200": {
-            "description": "top-k classes per image",
-            "content": {
-                "application/json": {
-                    "example": {
-                        "model": "quicknet-xs",
-                        "version": "1",
-                        "predictions": [{"label": "cat", "index": 3, "score": 0.91}],
-                    }
-                }
-            },
-        },
-        "400": {"description": "bad input"},
-        "413": {"description": "too large: bytes, pixels or images"},
-        "415": {"description": "unsupported Content-Type or image format"},
-        "429": {"description": "queue full; see Retry-After"},
-        "503": {"description": "not ready or shutting down"},
-        "504": {"description": "deadline passed before compute"},
-    },
 }
+CLASSIFY_RESPONSES = answers(
+    ClassifyResponse,
+    "top-k classes per image (timings in the `Server-Timing` header: decode, queue, infer)",
+    400,
+    408,
+    413,
+    415,
+    429,
+    500,
+    503,
+    504,
+)
+_EXAMPLE_ANSWER = {"model": "quicknet-xs", "version": "1", "predictions": [{"label": "cat", "index": 3, "score": 0.91}]}
+CLASSIFY_RESPONSES[200]["content"] = {"application/json": {"example": _EXAMPLE_ANSWER}}
 
 
 def _b64(value: object, where: str) -> bytes:
@@ -201,10 +197,7 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
     if ctype == "application/octet-stream":
         return decode_pixels(body, limits), True, None
     if ctype == "application/json":
-        try:
-            doc = json.loads(body)
-        except ValueError as e:
-            raise InputError(f"body is not valid JSON: {e}") from None
+        doc = parse_json(body, "body")
         if not isinstance(doc, dict) or ("image" in doc) == ("images" in doc):
             raise InputError('JSON body needs exactly one of "image" (base64) or "images" (list of base64)')
         top = _parse_top_k(doc.get("top_k"))
@@ -225,15 +218,22 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
 
 
 def router(runtime: Runtime) -> APIRouter:
-    api = APIRouter(tags=["classify"])
+    api = APIRouter()
 
-    @api.post("/classify", openapi_extra=CLASSIFY_OPENAPI, summary="Classify one or more images")
+    @api.post(
+        "/classify",
+        tags=["classify"],
+        summary="Classify one or more images",
+        responses=CLASSIFY_RESPONSES,
+        openapi_extra=CLASSIFY_OPENAPI,
+    )
     @fast_path
     async def classify(request: Request) -> Response:
         model = runtime.serving()
         deadline = deadline_from_header(request, runtime)
         t0 = time.perf_counter()
-        images, several, body_k = await parse_classify(request, runtime)
+        with tracing.span("decode"):
+            images, several, body_k = await parse_classify(request, runtime)
         k = _parse_top_k(request.query_params.get("top_k")) or body_k or runtime.settings.default_top_k
         decode_s = time.perf_counter() - t0
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(decode_s)
@@ -246,7 +246,13 @@ def router(runtime: Runtime) -> APIRouter:
             headers={"Server-Timing": server_timing(decode_s, timing)},
         )
 
-    @api.get("/v1/models", summary="Every served model version; `default` marks the one /classify uses")
+    @api.get(
+        "/v1/models",
+        tags=["models"],
+        summary="Every served model version; `default` marks the one /classify uses",
+        response_model=None,
+        responses=answers(ModelsResponse, "every served model version"),
+    )
     async def models() -> dict:
         return {
             "models": [

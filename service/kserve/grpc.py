@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service._generated import grpc_predict_v2_pb2 as pb
 from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.images import InputError
@@ -192,9 +192,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         mr = runtime.serving(request.model_name, request.model_version)
         t0 = time.perf_counter()
         encoded = any(t.datatype == "BYTES" for t in request.inputs)
-        images = await asyncio.to_thread(_images, request, runtime) if encoded else _images(request, runtime)
+        with tracing.span("decode"):
+            images = await asyncio.to_thread(_images, request, runtime) if encoded else _images(request, runtime)
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        logits, _ = await mr.submit(images, deadline_of(context, runtime), PROTOCOL)
+        logits, _ = await mr.run(images, deadline_of(context, runtime), PROTOCOL)
         return _response(request, mr, logits)
 
     async def ModelInfer(self, request, context):

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import metrics
+from service import metrics, tracing
 from service.images import InputError
 from service.kserve import (
     EXTENSIONS,
@@ -23,13 +23,87 @@ from service.kserve import (
     model_config,
     model_metadata,
     model_statistics,
+    schemas,
     serialize_bytes_tensor,
 )
 from service.runtime import Runtime
-from service.transport.http import deadline_from_header, public, read_body, run_unless_disconnected
+from service.transport.http import deadline_from_header, parse_json, public, read_body, run_unless_disconnected
+from service.transport.schemas import answers
 
 PROTOCOL = "kserve-rest"
 HEADER_LENGTH = "inference-header-content-length"
+# Bodies the handlers read raw, documented by `openapi_extra` references; `create_app` adds their schemas.
+OPENAPI_SCHEMAS = (schemas.InferRequest, schemas.RepositoryIndexRequest)
+
+_REF = "#/components/schemas/"
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+_EXAMPLE_INPUT = {"name": INPUT, "datatype": "BYTES", "shape": [1], "data": [_PNG_B64]}
+INFER_OPENAPI = {
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "binary-data extension: the body is this many bytes of JSON request, then the "
+            "input tensors' bytes (each input says how many in `parameters.binary_data_size`)",
+        },
+        {
+            "name": "X-Request-Timeout-Ms",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number"},
+            "description": "deadline in milliseconds; past it the request is answered 504 and never computed",
+        },
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "The JSON inference request. With the binary-data extension, the JSON request is "
+        "followed by the tensors' raw bytes and `Inference-Header-Content-Length` gives the JSON's "
+        "length: UINT8 pixels as N x 32 x 32 x 3 bytes, BYTES images each as a 4-byte little-endian "
+        "length then the encoded image.",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": _REF + "InferRequest"},
+                "examples": {
+                    "image": {"summary": "one encoded image (base64)", "value": {"inputs": [_EXAMPLE_INPUT]}},
+                    "top 3": {
+                        "summary": "the classification extension",
+                        "value": {
+                            "id": "42",
+                            "inputs": [_EXAMPLE_INPUT],
+                            "outputs": [{"name": OUTPUT, "parameters": {"classification": 3}}],
+                        },
+                    },
+                },
+            },
+            "application/octet-stream": _BINARY,
+        },
+    },
+}
+INFER_RESPONSES = answers(
+    schemas.InferResponse,
+    "the outputs: JSON, or with any output in binary the JSON response then those bytes "
+    "(`application/octet-stream`, the JSON's length in `Inference-Header-Content-Length`)",
+    400,
+    404,
+    408,
+    413,
+    415,
+    429,
+    500,
+    503,
+    504,
+)
+INFER_RESPONSES[200]["content"] = {"application/octet-stream": _BINARY}
+INFER_RESPONSES[200]["headers"] = {
+    "Inference-Header-Content-Length": {
+        "description": "binary answers only: the length of the JSON response the output bytes follow",
+        "schema": {"type": "integer"},
+    }
+}
+_ENGINE_GONE = (503, "`--workers`: the engine process is not connected; retry shortly")
 
 
 def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -43,12 +117,11 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         if not 0 < n <= len(body):
             raise InputError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         json_part, binary = body[:n], body[n:]
-    try:
-        doc = json.loads(json_part)
-    except ValueError as e:
-        raise InputError(f"inference request is not valid JSON: {e}") from None
+    doc = parse_json(json_part, "inference request")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InputError('inference request needs "inputs": a non-empty list of tensors')
+    if not isinstance(doc.get("id", ""), str):
+        raise InputError('"id" must be a string (the Open Inference Protocol\'s request id)')
     return doc, binary
 
 
@@ -132,90 +205,186 @@ def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dic
 
 
 def router(runtime: Runtime) -> APIRouter:
-    app = APIRouter(tags=["kserve"])
+    app = APIRouter()
 
-    @app.get("/v2", summary="Server metadata")
+    @app.get(
+        "/v2",
+        tags=["server"],
+        summary="Server metadata",
+        response_model=None,
+        responses=answers(schemas.ServerMetadata, "the server's name, version and protocol extensions"),
+    )
     async def server_metadata() -> dict:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    @app.get("/v2/health/live")
+    @app.get(
+        "/v2/health/live",
+        tags=["health"],
+        summary="Server liveness (Open Inference Protocol)",
+        responses=answers(schemas.Live, "the server is live", (400, "not live: the engine has stalled")),
+    )
     @public
     async def live() -> JSONResponse:
         if runtime.live:
             return JSONResponse({"live": True})
         return JSONResponse({"error": runtime.stalled}, status_code=400)
 
-    @app.get("/v2/health/ready")
+    @app.get(
+        "/v2/health/ready",
+        tags=["health"],
+        summary="Server readiness (Open Inference Protocol)",
+        responses=answers(schemas.Ready, "ready for inference", (400, "not ready: loading, warming up or draining")),
+    )
     @public
     async def ready() -> JSONResponse:
         if runtime.accepting:
             return JSONResponse({"ready": True})
         return JSONResponse({"error": "not ready"}, status_code=400)
 
-    @app.post("/v2/repository/index", summary="Repository index: every version in the store and its state")
+    @app.post(
+        "/v2/repository/index",
+        tags=["repository"],
+        summary="Repository index: every version in the store and its state",
+        responses=answers(
+            schemas.RepositoryIndex,
+            "every version in the store and its state",
+            400,
+            408,
+            (413, "the request body is over 64 KiB"),
+            _ENGINE_GONE,
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "description": "optional; an empty body lists every version",
+                "content": {"application/json": {"schema": {"$ref": _REF + "RepositoryIndexRequest"}}},
+            }
+        },
+    )
     async def repository_index(request: Request) -> JSONResponse:
         body = await read_body(request, 1 << 16)
         ready = False
         if body.strip():
-            try:
-                doc = json.loads(body)
-            except ValueError as e:
-                raise InputError(f"repository index request is not valid JSON: {e}") from None
+            doc = parse_json(body, "repository index request")
             if not isinstance(doc, dict):
                 raise InputError('repository index request must be a JSON object, e.g. {"ready": true}')
             ready = bool(doc.get("ready", False))
         return JSONResponse(await runtime.repository.index(ready))
 
-    @app.post("/v2/repository/models/{name}/load", summary="Load a model (explicit model control mode)")
+    @app.post(
+        "/v2/repository/models/{name}/load",
+        tags=["repository"],
+        summary="Load a model (explicit model control mode)",
+        response_model=None,
+        responses=answers(
+            schemas.RepositoryAction,
+            "loaded and warmed up: its versions are served",
+            (400, "not in explicit model control mode, or no version of the model loaded"),
+            (404, "the store has no such model"),
+            _ENGINE_GONE,
+        ),
+    )
     async def repository_load(name: str) -> dict:
         await runtime.repository.load(name)
         return {}
 
-    @app.post("/v2/repository/models/{name}/unload", summary="Unload a model (explicit model control mode)")
+    @app.post(
+        "/v2/repository/models/{name}/unload",
+        tags=["repository"],
+        summary="Unload a model (explicit model control mode)",
+        response_model=None,
+        responses=answers(
+            schemas.RepositoryAction,
+            "unloaded: its versions are no longer served",
+            (400, "not in explicit model control mode, or the default model (it stays loaded)"),
+            (404, "no such model is loaded"),
+            _ENGINE_GONE,
+        ),
+    )
     async def repository_unload(name: str) -> dict:
         await runtime.repository.unload(name)
         return {}
 
-    @app.get("/v2/models/stats", summary="Statistics of every served model")
+    @app.get(
+        "/v2/models/stats",
+        tags=["models"],
+        summary="Statistics of every served model",
+        response_model=None,
+        responses=answers(schemas.ModelStatsResponse, "Triton's statistics, one entry per version", _ENGINE_GONE),
+    )
     async def all_stats() -> dict:
         return {"model_stats": [await model_statistics(m) for m in runtime.select()]}
 
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + suffix
 
-        @app.get(base, summary="Model metadata")
+        @app.get(
+            base,
+            tags=["models"],
+            summary="Model metadata",
+            response_model=None,
+            responses=answers(schemas.ModelMetadata, "the model's versions, platform and tensors", 404),
+        )
         async def metadata(name: str, version: str | None = None) -> dict:
             return model_metadata(runtime.get(name, version), runtime)
 
-        @app.get(base + "/ready")
+        @app.get(
+            base + "/ready",
+            tags=["models"],
+            summary="Model readiness",
+            responses=answers(
+                schemas.ModelReady, "ready for inference", 404, (400, "not ready: loading, warming up or draining")
+            ),
+        )
         async def model_ready(name: str, version: str | None = None) -> JSONResponse:
             runtime.get(name, version)
             if runtime.accepting:
                 return JSONResponse({"name": name, "ready": True})
             return JSONResponse({"error": f"model {name!r} is not ready"}, status_code=400)
 
-        @app.get(base + "/config", summary="Triton model configuration")
+        @app.get(
+            base + "/config",
+            tags=["models"],
+            summary="Triton model configuration",
+            response_model=None,
+            responses=answers(schemas.ModelConfig, "Triton's model configuration (JSON form)", 404),
+        )
         async def config(name: str, version: str | None = None) -> dict:
             return model_config(runtime.get(name, version))
 
-        @app.get(base + "/stats", summary="Triton model statistics")
+        @app.get(
+            base + "/stats",
+            tags=["models"],
+            summary="Triton model statistics",
+            response_model=None,
+            responses=answers(
+                schemas.ModelStatsResponse, "Triton's statistics, one entry per version", 404, _ENGINE_GONE
+            ),
+        )
         async def stats(name: str, version: str | None = None) -> dict:
             return {"model_stats": [await model_statistics(m) for m in runtime.select(name, version)]}
 
-        @app.post(base + "/infer", summary="Inference (JSON tensors or the binary-data extension)")
+        @app.post(
+            base + "/infer",
+            tags=["inference"],
+            summary="Inference (JSON tensors or the binary-data extension)",
+            responses=INFER_RESPONSES,
+            openapi_extra=INFER_OPENAPI,
+        )
         async def infer(request: Request, name: str, version: str | None = None) -> Response:
             mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
             t0 = time.perf_counter()
-            body = await read_body(request, runtime.settings.max_request_bytes)
-            doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
-            images = (
-                await asyncio.to_thread(_images, doc, binary, runtime)
-                if _encoded(doc)
-                else _images(doc, binary, runtime)
-            )
+            with tracing.span("decode"):
+                body = await read_body(request, runtime.settings.max_request_bytes)
+                doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+                images = (
+                    await asyncio.to_thread(_images, doc, binary, runtime)
+                    if _encoded(doc)
+                    else _images(doc, binary, runtime)
+                )
             metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
-            logits, _ = await run_unless_disconnected(request, mr.submit(images, deadline, PROTOCOL))
+            logits, _ = await run_unless_disconnected(request, mr.run(images, deadline, PROTOCOL))
             tensors, blobs = _outputs(doc, logits, mr.labels)
             reply = {"model_name": mr.name, "model_version": str(mr.version), "outputs": tensors}
             if "id" in doc:

@@ -8,8 +8,19 @@ process's limit. This subclass adds the two missing timers:
 - a new connection must send its first byte within `http_idle_timeout_s` (the keep-alive timeout's twin);
 - a request head (request line and headers) must be complete `header_timeout_s` after its first
   byte arrived, or the client gets 408 and the connection closes.
-The body has its own deadline (`body_read_timeout_s`, in `transport.http`). Cost: two timer
-handles per request head, a few microseconds.
+The body has its own deadline (`body_read_timeout_s`, in `transport.http`). And a request answered
+before its body arrived (401 without a key, 413 by declared length, 429 at capacity) gets that same
+limit for the rest of its body, after the answer: otherwise the remainder is read under no timer at
+all (uvicorn drops its keep-alive timer on the next byte, and the head timer is done), so a client
+could refuse to finish it and hold the socket forever.
+
+Lingering close (as Apache and nginx do it): when the server closes a connection whose client may
+still be sending (a 408 mid-head or mid-body, an answer before the body with `Connection: close`),
+closing at once with unread bytes makes the kernel send a reset, and the client can lose the answer
+it was just sent. So such a close sends FIN only (write side), reads and discards whatever else
+arrives for up to `LINGER_S`, and closes when the client hangs up or that time is over.
+
+Cost: two timer handles per request head, a few microseconds.
 """
 
 from __future__ import annotations
@@ -28,16 +39,59 @@ _TIMEOUT_RESPONSE = (
 )
 
 
+LINGER_S = 2.0
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: `close()` lingers while the client may still
+    be sending (see the module's docstring); everything else is the real transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpProtocol):
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        protocol, transport = self._protocol, self._transport
+        if protocol._lingering or transport.is_closing():
+            return
+        if (protocol._in_body or protocol._timing_head) and transport.can_write_eof():  # TLS cannot half-close
+            protocol._linger()
+        else:
+            transport.close()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0  # set by `protocol_for`
     idle_timeout_s = 5.0
+    body_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw_transport = transport
+        self._lingering = False
         self._in_body = False
+        self._answered_early = False
         self._timer: asyncio.TimerHandle | None = None
         self._timing_head = False
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm(self.idle_timeout_s, self._idle, head=False)
+
+    def _linger(self) -> None:
+        self._lingering = True
+        self._disarm()
+        self._raw_transport.write_eof()  # the answer already written goes out, then FIN
+        self._timer = self.loop.call_later(LINGER_S, self._raw_transport.close)
+
+    def eof_received(self) -> bool | None:
+        if self._lingering:  # the client hung up: done
+            self._raw_transport.close()
+            return None
+        return super().eof_received()
 
     def _arm(self, seconds: float, callback, *, head: bool) -> None:
         self._disarm()
@@ -50,6 +104,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # after our answer and FIN: read and drop
+            return
         if not self._in_body and not self._timing_head:  # the first byte of a request head
             self._arm(self.header_timeout_s, self._head_too_slow, head=True)
         super().data_received(data)
@@ -74,17 +130,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        if self._answered_early:  # the rest of an answered body is in: idle from here, as after any answer
+            self._answered_early = False
+            self._arm(self.idle_timeout_s, self._idle, head=False)
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_body and not self.transport.is_closing():  # answered before its body was read
+            self._answered_early = True
+            self._arm(self.body_timeout_s, self._idle, head=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
 
-def protocol_for(header_timeout_s: float, idle_timeout_s: float) -> type[GuardedHttpProtocol]:
+def protocol_for(header_timeout_s: float, idle_timeout_s: float, body_timeout_s: float) -> type[GuardedHttpProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits."""
-    return type(
-        "GuardedHttpProtocol",
-        (GuardedHttpProtocol,),
-        {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s},
-    )
+    limits = {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s, "body_timeout_s": body_timeout_s}
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), limits)

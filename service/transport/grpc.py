@@ -11,8 +11,11 @@ the runtime takes work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import grpc
@@ -20,12 +23,14 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from service import metrics
+from service import metrics, tracing
 from service.auth import ApiKeys
-from service.batcher import DeadlineExceeded, NotAccepting, QueueFull
+from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
 
+log = logging.getLogger("quicknet.grpc")
+INTERNAL_ERROR = "internal error; the server log has the details"  # REST's 500 says the same
 HTTP_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -56,7 +61,11 @@ def to_rpc_error(e: Exception) -> RpcError:
         return RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found")
     if isinstance(e, RepositoryError):
         return RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e), "repository")
-    return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
+    if isinstance(e, EngineFailure):
+        return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
+    # a bug, not a refusal: the log gets the traceback, the client one line without paths or names
+    log.exception("unhandled error in a gRPC call")
+    return RpcError(grpc.StatusCode.INTERNAL, INTERNAL_ERROR, "internal")
 
 
 DEADLINE_MARGIN_S = 0.02
@@ -88,7 +97,8 @@ async def unary_call(protocol: str, endpoint: str, fn: Callable, request, contex
         code = err.code
         metrics.rejected(protocol, err.reason)
         if isinstance(e, QueueFull):  # REST's Retry-After header, as trailing metadata
-            context.set_trailing_metadata((("retry-after", str(int(max(1, round(e.retry_after_s))))),))
+            retry_after = ("retry-after", str(int(max(1, round(e.retry_after_s)))))
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), retry_after))
         await context.abort(err.code, str(err))
     finally:
         metrics.request_done(protocol, endpoint, code.name, time.perf_counter() - start)
@@ -198,20 +208,116 @@ def _guard(handler: grpc.RpcMethodHandler, protocol: str, method: str) -> grpc.R
     return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
 
+access_log = logging.getLogger("quicknet.access")
+
+
+def _request_id(metadata: dict) -> str:
+    incoming = metadata.get("x-request-id", "")
+    return (incoming if isinstance(incoming, str) else "")[:128] or os.urandom(16).hex()
+
+
+# Server-side failures, which mark a server span ERROR (OpenTelemetry's gRPC conventions); a
+# client's bad request or a refusal is not the server's error.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _observe(
+    handler: grpc.RpcMethodHandler, service: str, method: str, log_requests: bool, quiet: bool = False
+) -> grpc.RpcMethodHandler:
+    """`handler`, with REST's request id (the caller's `x-request-id` metadata, or a new one, sent
+    back in the trailing metadata), one access-log line per call, and the call's server span
+    (continuing the caller's `traceparent`) when tracing is on; `quiet` (health probes): the id
+    only, as REST's probes are neither traced nor worth a log line each. Unary and stream-stream."""
+    if handler.request_streaming != handler.response_streaming:
+        return handler
+    name = f"/{service}/{method}"
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    log_requests = log_requests and not quiet
+
+    @contextlib.contextmanager
+    def observed(context: grpc.aio.ServicerContext) -> Iterator[None]:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id, start = _request_id(metadata), time.perf_counter()
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        code = grpc.StatusCode.OK
+        with tracing.server_span(name, metadata, **attributes) if not quiet else contextlib.nullcontext() as span:
+            tracing.set_request_id(request_id)
+            try:
+                yield
+                code = context.code() or grpc.StatusCode.OK
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:  # an abort (the status it set) or a bug
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code in _SERVER_ERRORS:
+                        span.set_status(tracing.trace.Status(tracing.trace.StatusCode.ERROR, code.name))
+                if log_requests:
+                    elapsed_ms = (time.perf_counter() - start) * 1000
+                    extra = {"request_id": request_id, "status": code.name, "duration_ms": round(elapsed_ms, 2)}
+                    access_log.info("gRPC %s %s %.1fms", name, code.name, elapsed_ms, extra=extra)
+
+    if not handler.request_streaming:
+        original = handler.unary_unary
+
+        async def unary(request, context: grpc.aio.ServicerContext):
+            with observed(context):
+                return await original(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    original_stream = handler.stream_stream
+
+    async def stream(requests, context: grpc.aio.ServicerContext):
+        with observed(context):
+            async for reply in original_stream(requests, context):
+                yield reply
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 class Registrar:
     """What a front's `add_to_server` gets instead of the server: the generated `add_*_to_server`
-    registers its method handlers through it, and they are guarded (`_guard`) once, at start-up."""
+    registers its method handlers through it, and they are guarded (`_guard`) and observed
+    (`_observe`: request id, access log, span) once, at start-up. `quiet`: the front's health
+    methods (full names), observed without a span or a log line."""
 
-    def __init__(self, server: grpc.aio.Server, protocol: str):
+    def __init__(
+        self, server: grpc.aio.Server, protocol: str, log_requests: bool = False, quiet: frozenset[str] = frozenset()
+    ):
         self.server = server
         self.protocol = protocol
+        self.log_requests = log_requests
+        self.quiet = quiet
         self._generic: list = []
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._generic.extend(handlers)  # replaced by the guarded table in add_registered_method_handlers
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        guarded = {name: _guard(h, self.protocol, name) for name, h in handlers.items()}
+        guarded = {
+            name: _observe(
+                _guard(h, self.protocol, name), service, name, self.log_requests, f"/{service}/{name}" in self.quiet
+            )
+            for name, h in handlers.items()
+        }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
         self.server.add_registered_method_handlers(service, guarded)
         self._generic.clear()
@@ -268,7 +374,8 @@ def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.
     )
     names = []
     for front in fronts:
-        registrar = Registrar(server, front.PROTOCOL)
+        quiet = frozenset(getattr(front, "PUBLIC_METHODS", ()))
+        registrar = Registrar(server, front.PROTOCOL, log_requests=runtime.settings.access_log, quiet=quiet)
         names += front.add_to_server(registrar, runtime)
         registrar.finish()
     service_health = Health(server, names)

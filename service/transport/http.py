@@ -21,15 +21,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
+from service.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
 
 access_log = logging.getLogger("quicknet.access")
 log = logging.getLogger("quicknet.http")
@@ -151,6 +154,17 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
+def parse_json(body: bytes, what: str) -> object:
+    """`body` as JSON, or a one-line 400 naming `what`: malformed, or nested past the parser's
+    recursion limit (a few KB of `[`, which json raises as RecursionError, not ValueError)."""
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise InputError(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply") from None
+
+
 def body_deadline(receive: Receive, seconds: float) -> Receive:
     """`receive`, with the whole body due `seconds` after the request head: a client that uploads
     at a byte a second is answered 408 (and the connection closed) instead of holding a handler.
@@ -180,8 +194,16 @@ class AccessMiddleware:
     stays usable (Starlette's own error middleware re-raises to the server, which then drops the
     connection). Pure ASGI: Starlette's BaseHTTPMiddleware costs ~10% of REST throughput."""
 
-    def __init__(self, app: ASGIApp, log_requests: bool = True, body_timeout_s: float = 30.0, closing=lambda: False):
+    def __init__(
+        self,
+        app: ASGIApp,
+        log_requests: bool = True,
+        body_timeout_s: float = 30.0,
+        closing=lambda: False,
+        paths: frozenset[str] = frozenset(),
+    ):
         self.app = app
+        self.paths = paths  # fixed paths of routes that leave no `route` in the scope (FastAPI's /openapi.json)
         self.log_requests = log_requests
         self.body_timeout_s = body_timeout_s
         self.closing = closing  # while draining, answers say `Connection: close`
@@ -195,6 +217,7 @@ class AccessMiddleware:
         start = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = incoming.decode("latin-1")[:128] or os.urandom(16).hex()
+        tracing.set_request_id(request_id)
         status = 500
         started = False
 
@@ -227,7 +250,9 @@ class AccessMiddleware:
             await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
         finally:
             elapsed = time.perf_counter() - start
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            endpoint = getattr(scope.get("route"), "path", None) or (
+                scope["path"] if scope["path"] in self.paths and scope["method"] in ("GET", "HEAD") else "unmatched"
+            )
             metrics.request_done(protocol_of(scope), endpoint, str(status), elapsed)
             if self.log_requests:
                 access_log.info(
@@ -243,6 +268,13 @@ class AccessMiddleware:
 def public(endpoint):
     """Mark a health endpoint that answers without an API key (when `open_health_endpoints`)."""
     endpoint.public = True
+    return endpoint
+
+
+def open_path(endpoint):
+    """Mark an endpoint that answers without an API key whatever the settings: a page or asset
+    that holds no data and that a browser loads before it has a key to send (service/web)."""
+    endpoint.open_path = True
     return endpoint
 
 
@@ -322,21 +354,37 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _ops_routes(app: FastAPI, runtime: Runtime, metrics_text) -> None:
-    @app.get("/healthz", summary="Liveness: the process is up and its engine not stalled", tags=["operations"])
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness: the process is up and its engine not stalled",
+        responses=answers(Liveness, "live", (503, "not live: the engine has stalled (the watchdog's reason)")),
+    )
     @public
     async def healthz() -> JSONResponse:
         if runtime.live:
             return JSONResponse({"status": "alive"})
         return error_response(503, runtime.stalled)
 
-    @app.get("/readyz", summary="Readiness: model loaded, warmed up, not draining", tags=["operations"])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: model loaded, warmed up, not draining",
+        responses=answers(Readiness, "ready", (503, "not ready: loading, warming up, or draining")),
+    )
     @public
     async def readyz() -> JSONResponse:
         if runtime.accepting:
             return JSONResponse({"status": "ready"})
         return error_response(503, "draining" if runtime.draining else "not ready: loading or warming up")
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["server"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "the Prometheus text exposition format"}},
+    )
     @public
     async def prometheus() -> Response:
         body, content_type = metrics_text()
@@ -360,15 +408,45 @@ def fast_path(endpoint):
     return endpoint
 
 
+_KSERVE_LENGTH = "inference-header-content-length"  # KServe's binary-data extension, read and sent by /v2
+# probes, scrapes and the web page's static files: noise in a trace store, no inference in them
+_UNTRACED = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/favicon.ico"})
+
+
+_UNTRACED_PREFIXES = ("/static/", "/docs", "/redoc", "/openapi.json")
+
+
+def _telemetry() -> dict:
+    """FastAPI's native OpenTelemetry: the server span of each request (continuing the caller's
+    `traceparent`), on our provider when tracing is on (service/tracing.py), else off entirely: left
+    to the global providers it asks them and the environment on every request, ~10% of the loop's
+    time at 1 image per request. Probes and scrapes are not traced; our own `decode`, `queue` and
+    `infer` spans replace FastAPI's per-operation ones."""
+    provider = tracing.provider()
+    if provider is None:
+        return {"tracing": False, "metrics": False, "logs": False}
+    return {
+        "tracer_provider": provider,
+        "tracing": True,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+        "auto_configure": False,
+        "exclude": lambda scope: scope.get("path") in _UNTRACED or scope.get("path", "").startswith(_UNTRACED_PREFIXES),
+    }
+
+
 def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
-    """The REST app: operational routes, then each front's router, its routes tagged with its protocol."""
+    """The REST app: operational routes, then each front's router, its routes marked with its protocol."""
     app = FastAPI(
         title="QuickNet Serving",
         version="0.1.0",
-        description="CIFAR-10 image classification. Our own API (`/classify`) and the Open Inference Protocol (`/v2`).",
-        # FastAPI's native OpenTelemetry asks the global providers (and the environment) on every
-        # request even when nothing is configured: ~10% of the loop's time at 1 image per request.
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        description="CIFAR-10 image classification. Our own API (`/classify`) and the Open Inference Protocol "
+        '(`/v2`). Every error, on every route and status, is one JSON line: `{"error": "..."}` (`ErrorBody`).',
+        openapi_tags=TAGS,
+        telemetry=_telemetry(),
+        docs_url=None,  # the web front serves /docs and /redoc, their assets local (service/web)
+        redoc_url=None,
     )
     _install_error_handlers(app)
     _ops_routes(app, runtime, metrics.exposition)
@@ -386,32 +464,77 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         app.include_router(api)
     app.router.routes[0:0] = fast  # matched first: the same path's APIRoute only documents it
     settings = runtime.settings
+    unlocked: frozenset[str] | None = None  # the paths open without a key, when keys are on
     if settings.api_keys_file is not None:
         open_paths = {app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+        open_paths |= {r.path for r in routes if getattr(getattr(r, "endpoint", None), "open_path", False)}
         if settings.open_health_endpoints:
             open_paths |= {r.path for r in routes if getattr(getattr(r, "endpoint", None), "public", False)}
         keys = ApiKeys(settings.api_keys_file)
-        app.add_middleware(AuthMiddleware, keys=keys, open_paths=frozenset(open_paths - {None}), routes=routes)
-        _document_bearer_auth(app)
+        unlocked = frozenset(open_paths - {None})
+        app.add_middleware(AuthMiddleware, keys=keys, open_paths=unlocked, routes=routes)
+    _finish_openapi(app, [m for front in fronts for m in getattr(front, "OPENAPI_SCHEMAS", ())], unlocked)
+    if settings.cors_origins:  # outside auth: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout-ms", _KSERVE_LENGTH],
+            expose_headers=["x-request-id", "retry-after", _KSERVE_LENGTH],
+            max_age=600,
+        )
     # outermost: sees every answer
     app.add_middleware(
         AccessMiddleware,
         log_requests=settings.access_log,
         body_timeout_s=settings.body_read_timeout_s,
         closing=lambda: runtime.draining,
+        paths=frozenset(r.path for r in app.routes if isinstance(r, Route) and "{" not in r.path),
     )
     return app
 
 
-def _document_bearer_auth(app: FastAPI) -> None:
-    """The OpenAPI schema says every operation takes a bearer key, so /docs offers "Authorize"."""
+_REF = "#/components/schemas/"
+_UNAUTHENTICATED_DOC = {
+    "description": ERRORS[401],
+    "headers": {"WWW-Authenticate": {"description": 'always `Bearer realm="quicknet"`', "schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": {"$ref": _REF + "ErrorBody"}}},
+}
+
+
+def _finish_openapi(app: FastAPI, documented: Sequence[type], open_paths: frozenset[str] | None) -> None:
+    """FastAPI's document, corrected once, when first asked for:
+    - no 422: a request validation error is answered 400 (`_install_error_handlers`), and every
+      route that can answer one documents its 400; FastAPI adds a 422 to any route with parameters;
+    - the schemas of bodies the fronts document by reference (a front's `OPENAPI_SCHEMAS`: bodies
+      their handlers read raw, so FastAPI never sees the models), and `ErrorBody`;
+    - with API keys (`open_paths` given): every operation takes a bearer key, so /docs offers
+      "Authorize", and documents its 401, except the open ones, which take none."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
-            schema["security"] = [{"apiKey": []}]
+            components = schema.setdefault("components", {})
+            defined = components.setdefault("schemas", {})
+            models = [(model, "validation") for model in (ErrorBody, *documented)]
+            _, defs = models_json_schema(models, ref_template=_REF + "{model}")  # type: ignore[arg-type]
+            for name, definition in defs.get("$defs", {}).items():
+                defined.setdefault(name, definition)
+            for name in ("HTTPValidationError", "ValidationError"):
+                defined.pop(name, None)
+            if open_paths is not None:
+                components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+                schema["security"] = [{"apiKey": []}]
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    if open_paths is not None and path in open_paths:
+                        operation["security"] = []
+                    elif open_paths is not None:
+                        responses["401"] = _UNAUTHENTICATED_DOC
+                    operation["responses"] = dict(sorted(responses.items()))
         return app.openapi_schema
 
     app.openapi = openapi

@@ -1,0 +1,136 @@
+"""REST transport (httpx, sync and async): one `Send` step becomes one `POST /classify`.
+
+All-raw-pixel requests go as `application/octet-stream` (N x 3072 bytes, no encoding on either
+side); anything else as multipart `images` fields, raw pixels PNG-encoded (lossless, so the server
+sees the same pixels). The deadline travels as `X-Request-Timeout-Ms`, a little shorter than the
+client's own (10% of it, at most 20 ms, as the server does for gRPC), so the server's 504 arrives
+before the client gives up."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ssl
+import time
+
+import httpx
+
+from quicknet.client.endpoint import Endpoint
+from quicknet.client.inputs import Payload, pixels_to_png
+from quicknet.client.plan import Send
+from quicknet.client.results import Prediction, QuickNetClientError, Result
+
+RETRY_STATUSES = (429, 503)
+
+
+def _request(step: Send) -> dict:
+    budget_ms = (step.timeout - min(0.02, 0.1 * step.timeout)) * 1000
+    headers = {"X-Request-Timeout-Ms": f"{max(budget_ms, 1.0):.1f}"}
+    params = {"top_k": step.top_k} if step.top_k else None
+    if all(p.kind == "pixels" for p in step.payloads):
+        headers["Content-Type"] = "application/octet-stream"
+        return {"content": b"".join(p.data for p in step.payloads), "headers": headers, "params": params}
+    files = [("images", (f"image{i}", _encoded(p), "application/octet-stream")) for i, p in enumerate(step.payloads)]
+    return {"files": files, "headers": headers, "params": params}
+
+
+def _encoded(payload: Payload) -> bytes:
+    return payload.data if payload.kind == "encoded" else pixels_to_png(payload.data)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds, or an HTTP date (RFC 9110 allows both)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _results(response: httpx.Response) -> list[Result]:
+    if response.status_code != 200:
+        raise _status_error(response)
+    try:
+        doc = response.json()
+        model, version = str(doc["model"]), str(doc["version"])
+        return [
+            Result(tuple(Prediction(str(p["label"]), int(p["index"]), float(p["score"])) for p in row), model, version)
+            for row in doc["predictions"]
+        ]
+    except (ValueError, KeyError, TypeError) as e:
+        raise QuickNetClientError(200, f"not a /classify answer ({type(e).__name__}: {e})") from None
+
+
+def _status_error(response: httpx.Response) -> QuickNetClientError:
+    try:
+        doc = response.json()
+        message = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else response.text
+    except ValueError:
+        message = response.text
+    message = " ".join(message.split())[:500] or response.reason_phrase
+    status = response.status_code
+    return QuickNetClientError(
+        status,
+        message,
+        retry_after=_retry_after(response.headers.get("retry-after")),
+        retryable=status in RETRY_STATUSES,
+    )
+
+
+def _is_tls(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> QuickNetClientError:
+    if isinstance(error, httpx.TimeoutException):
+        return QuickNetClientError(
+            504, f"no answer from {url} within the deadline of {timeout:.3g}s", from_server=False
+        )
+    what = "cannot reach" if isinstance(error, httpx.ConnectError) else "lost the connection to"
+    # a refused or dropped connection is worth another try; a certificate that fails never heals
+    return QuickNetClientError(None, f"{what} {url}: {error}", retryable=not _is_tls(error))
+
+
+class RestTransport:
+    def __init__(self, endpoint: Endpoint):
+        self.url = endpoint.url
+        self._http = httpx.Client(base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers())
+
+    def send(self, step: Send) -> list[Result]:
+        try:
+            response = self._http.post("/classify", timeout=step.timeout, **_request(step))
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e, step.timeout) from None
+        return _results(response)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class AsyncRestTransport:
+    def __init__(self, endpoint: Endpoint):
+        self.url = endpoint.url
+        self._http = httpx.AsyncClient(base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers())
+
+    async def send(self, step: Send) -> list[Result]:
+        try:
+            async with asyncio.timeout(step.timeout):  # the whole exchange, not each read
+                response = await self._http.post("/classify", timeout=step.timeout, **_request(step))
+        except TimeoutError:
+            raise _transport_error(self.url, httpx.TimeoutException("deadline"), step.timeout) from None
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e, step.timeout) from None
+        return _results(response)
+
+    async def close(self) -> None:
+        await self._http.aclose()
