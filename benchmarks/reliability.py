@@ -93,7 +93,9 @@ class Clients:
 
         self.url, self.model = srv.url, model
         self.http = httpx.AsyncClient(
-            timeout=30, limits=httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+            timeout=30,
+            # idle connections expire before the server's 5 s idle timeout closes them (see the README)
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=2000, keepalive_expiry=4.0),
         )
         self.channel = grpc.aio.insecure_channel(srv.grpc_target)
         self.classifier = cpb_grpc.ClassifierStub(self.channel)
@@ -339,6 +341,7 @@ async def overload(tmp: Path, args) -> dict:
             "accepted_p99_client_ms": round(percentile([o.seconds * 1000 for o in accepted], 99), 1),
             "deadline_504": burst.count(504),
             "other_statuses": sorted({o.status for o in burst.outcomes} - {200, 429, 504}),
+            "lost_errors": sorted({f"{o.front}: {o.error}" for o in burst.outcomes if o.status == 0 and o.connected}),
             "idle_rss_mb": round(idle / 2**20, 1),
             "peak_over_idle": round(max(samples) / idle, 2),
             "full_throughput_after_s": recovered_s,

@@ -22,6 +22,11 @@ from quicknet.client.results import Prediction, QuickNetClientError, Result
 
 RETRY_STATUSES = (429, 503)
 
+# Idle pooled connections are dropped before the server's idle timeout (`--http-idle-timeout-s`,
+# 5 s by default) closes them: with equal limits, a request sent on a connection the server is
+# closing at that instant is lost (a reset, which is not safe to retry for a POST).
+POOL = httpx.Limits(keepalive_expiry=4.0)
+
 
 def _request(step: Send) -> dict:
     budget_ms = (step.timeout - min(0.02, 0.1 * step.timeout)) * 1000
@@ -104,7 +109,9 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
 class RestTransport:
     def __init__(self, endpoint: Endpoint):
         self.url = endpoint.url
-        self._http = httpx.Client(base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers())
+        self._http = httpx.Client(
+            base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers(), limits=POOL
+        )
 
     def send(self, step: Send) -> list[Result]:
         try:
@@ -120,7 +127,9 @@ class RestTransport:
 class AsyncRestTransport:
     def __init__(self, endpoint: Endpoint):
         self.url = endpoint.url
-        self._http = httpx.AsyncClient(base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers())
+        self._http = httpx.AsyncClient(
+            base_url=endpoint.url, verify=endpoint.ssl_context(), headers=endpoint.headers(), limits=POOL
+        )
 
     async def send(self, step: Send) -> list[Result]:
         try:
