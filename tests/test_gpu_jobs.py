@@ -86,3 +86,75 @@ def test_gpu_wheels_carry_the_projects_pins():
         if name in pins:
             assert pins[name] == version, f"{name}: {version} in gpu-wheels.txt, {pins[name]} in pyproject"
     assert {"fastapi", "uvicorn", "pydantic", "grpcio", "protobuf", "grpcio-health-checking"} <= {n for n, _ in wheels}
+
+
+# What the GPU machine's own Python 3.12 has (the device notes: /work/.library/device/README.md).
+GPU_MACHINE_OWN = (
+    "torch",
+    "triton",
+    "numpy",
+    "pillow",
+    "grpcio",
+    "protobuf",
+    "prometheus-client",
+    "httpx",
+    "uvloop",
+    "onnx",
+    "onnxruntime",
+)
+
+
+def _closure(names) -> set[str]:
+    """Distributions `names` need at run time (no extras), as installed here."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return seen
+
+
+def test_gpu_wheels_and_the_machines_own_packages_cover_what_serve_imports():
+    """`quicknet serve` on the GPU machine imports only what it has or what `make gpu-wheels` carries
+    (fastapi 0.165, for one, imports opentelemetry-api at start)."""
+    import json
+    import subprocess
+    import sys
+
+    from packaging.utils import canonicalize_name
+
+    probe = (  # each loaded module's file, to the distribution that installed it (namespaces resolved)
+        "import importlib.metadata as md, json, os, sys\n"
+        "import service.main, service.cli, service.backends.pytorch\n"
+        "owner = {os.path.realpath(d.locate_file(f)): d.metadata['Name'] for d in md.distributions()\n"
+        "         for f in (d.files or ()) if f.suffix in ('.py', '.so')}\n"
+        "files = {os.path.realpath(f) for m in list(sys.modules.values()) if (f := getattr(m, '__file__', None))}\n"
+        "print(json.dumps(sorted({owner[f] for f in files if f in owner})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported = {canonicalize_name(n) for n in json.loads(out.stdout)} - {"quicknet-serving"}
+    wheels = {
+        canonicalize_name(line.split("==")[0])
+        for line in (REPO / "benchmarks" / "gpu-wheels.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    # imported only when present, each inside a try: grpc (runtime protos), uvicorn (its reloader), anyio
+    optional = {"grpcio-tools", "watchfiles", "sniffio"}
+    missing = imported - _closure(GPU_MACHINE_OWN) - wheels - optional
+    assert not missing, f"add to benchmarks/gpu-wheels.txt (at pyproject's pins): {sorted(missing)}"
