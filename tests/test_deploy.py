@@ -219,6 +219,9 @@ def test_the_dashboard_filters_by_instance_and_model_and_keeps_units_apart():
         for t in p["targets"]:
             if "quicknet_" in t["expr"]:
                 assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+            per_model = ("quicknet_images_total", "quicknet_queue_images", "quicknet_batch_size_bucket")
+            if any(f"{m}{{" in t["expr"] for m in per_model):
+                assert 'model=~"$model"' in t["expr"], (p["title"], t["expr"])
             if "quicknet_request_duration_seconds_bucket" in t["expr"]:
                 assert 'code=~"200|OK"' in t["expr"], "latency of successful inference only"
         units = {"quicknet_gpu_memory_used_bytes": "bytes", "quicknet_gpu_utilization_ratio": "percentunit"}
@@ -273,6 +276,9 @@ def test_the_kserve_predictor_probes_the_v2_health_the_server_serves(server):
         assert path.startswith("/v2/health/") and httpx.get(f"{server.url}{path}").status_code == 200, probe
     annotations = isvc["metadata"]["annotations"]
     assert "quicknet_images_total" in httpx.get(f"{server.url}{annotations['prometheus.kserve.io/path']}").text
+    assert int(annotations["prometheus.kserve.io/port"]) == container["ports"][0]["containerPort"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert annotations["serving.kserve.io/autoscalerClass"] == "hpa"
     grace = isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
     drain = next(float(e["value"]) for e in container["env"] if e["name"] == "QUICKNET_DRAIN_SECONDS")
     assert grace > drain + container["lifecycle"]["preStop"]["sleep"]["seconds"]
