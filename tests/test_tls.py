@@ -172,8 +172,11 @@ def test_grpc_over_tls_with_a_key(tls_server, pki):
             list(stub.ClassifyStream(iter([request])))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, "streaming methods too"
         with pytest.raises(grpc.RpcError) as err:
-            stub.Classify(request, metadata=[("authorization", "Bearer not-the-key-000000")])
+            wrong = [("authorization", "Bearer not-the-key-000000"), ("x-request-id", "no-key-1")]
+            stub.Classify(request, metadata=wrong)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert dict(err.value.trailing_metadata())["x-request-id"] == "no-key-1", "a refusal keeps its request id"
+        assert "gRPC /quicknet.v1.Classifier/Classify UNAUTHENTICATED" in tls_server.log(), "and its log line"
         reply = stub.Classify(request, metadata=[("authorization", f"Bearer {KEY}")])
         assert reply.predictions[0].label == "cat"
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

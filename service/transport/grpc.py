@@ -125,10 +125,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """API keys on every method but the open ones: UNAUTHENTICATED before the request is even
     deserialized. Unknown methods pass through (the server answers UNIMPLEMENTED)."""
 
-    def __init__(self, keys: ApiKeys, open_methods: frozenset[str], protocols: dict[str, str]):
+    def __init__(
+        self, keys: ApiKeys, open_methods: frozenset[str], protocols: dict[str, str], log_requests: bool = False
+    ):
         self.keys = keys
         self.open_methods = open_methods
         self.protocols = protocols  # service name -> metrics tag
+        self.log_requests = log_requests  # a refusal gets its request id and log line, as on REST
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if details.method in self.open_methods:
@@ -147,14 +150,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def refuse(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
+        async def refuse_stream(requests, context):  # an async generator, as `_observe` iterates it
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+            yield  # never reached
+
         # the same kind of handler, its request left undecoded (no deserializer: raw bytes, unread)
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse)
-        if handler.request_streaming:
+            refusal = grpc.stream_stream_rpc_method_handler(refuse_stream)
+        elif handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(refuse)
-        if handler.response_streaming:
+        elif handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(refuse)
-        return grpc.unary_unary_rpc_method_handler(refuse)
+        else:
+            refusal = grpc.unary_unary_rpc_method_handler(refuse)
+        return _observe(refusal, service, method, self.log_requests)
 
 
 class Undecodable(InputError):
@@ -338,7 +347,8 @@ def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.a
         open_methods |= {f"/{health.SERVICE_NAME}/{m.name}" for m in health_methods}
         open_methods |= {m for front in fronts for m in getattr(front, "PUBLIC_METHODS", ())}
     protocols = {name: front.PROTOCOL for front in fronts for name in front.SERVICE_NAMES}
-    return [AuthInterceptor(ApiKeys(settings.api_keys_file), frozenset(open_methods), protocols)]
+    keys = ApiKeys(settings.api_keys_file)
+    return [AuthInterceptor(keys, frozenset(open_methods), protocols, log_requests=settings.access_log)]
 
 
 def _reflection_pool(fronts: Sequence[ModuleType]) -> descriptor_pool.DescriptorPool:
