@@ -46,17 +46,15 @@ def _missing_serve(error: ImportError) -> None:
     raise QuickNetError(f"the service is not installed ({error.name} missing): pip install -e '.[serve]'")
 
 
-# Which extra a command needs, and else which extra installs a missing top-level module: a one-line
-# hint instead of a traceback (`make serve` installs the serve extra only; `quicknet train` then
-# lacks torch).
+# A missing module that an extra installs ends in a one-line hint naming the extra the command needs,
+# not a traceback (`make serve` installs the serve extra only; `quicknet train` then lacks torch).
+# TensorRT and NVML come only with the gpu extra; any other module, with the command's own extra.
 COMMAND_EXTRA = {"classify": "client", "serve": "serve", "probe": "serve", "api-key": "serve"}  # others: build
-EXTRA_OF = {
-    **dict.fromkeys(("torch", "onnx", "onnxscript", "matplotlib", "tqdm"), "build"),
-    **dict.fromkeys(("onnxruntime", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings"), "serve"),
-    **dict.fromkeys(("grpc", "grpc_health", "grpc_reflection", "prometheus_client", "opentelemetry"), "serve"),
-    **dict.fromkeys(("tensorrt", "cuda", "pynvml"), "gpu"),
-    **dict.fromkeys(("numpy", "PIL", "google"), "serve"),
-    "httpx": "client",
+GPU_MODULES = frozenset({"tensorrt", "cuda", "pynvml"})
+EXTRA_MODULES = GPU_MODULES | {
+    *("torch", "onnx", "onnxscript", "matplotlib", "tqdm", "onnxruntime", "fastapi", "starlette", "uvicorn"),
+    *("pydantic", "pydantic_settings", "grpc", "grpc_health", "grpc_reflection", "prometheus_client"),
+    *("opentelemetry", "numpy", "PIL", "google", "httpx"),
 }
 
 
@@ -69,12 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as e:
         module = (e.name or "").partition(".")[0]
-        if module not in EXTRA_OF:
-            extra = None
-        else:  # the command's extra has what it imports, but TensorRT and NVML come only with gpu
-            extra = "gpu" if EXTRA_OF[module] == "gpu" else COMMAND_EXTRA.get(args.command, "build")
-        if extra is None:
+        if module not in EXTRA_MODULES:
             raise  # not a missing extra: a bug, with its traceback
+        extra = "gpu" if module in GPU_MODULES else COMMAND_EXTRA.get(args.command, "build")
         print(
             f"error: `quicknet {args.command}` needs the {extra} extra ({e.name} is not installed): "
             f"pip install -e '.[{extra}]'",

@@ -23,15 +23,13 @@ import numpy as np
 
 from benchmarks.common import save, table
 from quicknet import store
-from tests.serving import STORE, start_server
+from tests.serving import publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 
 
 def _publish(root: Path) -> None:
-    shipped = store.get_version(STORE, store.default_model(STORE))
-    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
-    store.publish(root, MODEL, [shipped.file(f) for f in shipped.metadata["files"]], meta)
+    publish_shipped(root, MODEL)
 
 
 def run(mode: str, seconds: float, concurrency: int) -> dict:

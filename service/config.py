@@ -141,6 +141,15 @@ class Settings(BaseSettings):
             parse_policy(text)
         return policies
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+            raise ValueError(f"{url!r} is not an http(s)://host:port URL (OTLP over HTTP, e.g. http://localhost:4318)")
+        return url
+
     @field_validator("fault_injection")
     @classmethod
     def _fault_plan(cls, spec: str) -> str:

@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 STORE = Path(os.environ.get("QUICKNET_TEST_STORE", REPO / "model_store"))
 
 
+def publish_shipped(root: Path, name: str):
+    """The shipped model's files and metadata published again into `root` as the next version of
+    `name` (a second model, or a second version, for tests and benchmarks that need one)."""
+    from quicknet import store
+
+    shipped = store.get_version(STORE, store.default_model(STORE))
+    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
+    return store.publish(root, name, [shipped.file(f) for f in shipped.metadata["files"]], meta)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from quicknet import store
-from tests.serving import STORE, metric, start_server
+from tests.serving import metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 RAW = {"Content-Type": "application/octet-stream"}
@@ -32,12 +32,9 @@ OTHER = "twin"
 @pytest.fixture(scope="module")
 def kserve_store(tmp_path_factory):
     """Our shipped model as `quicknet-xs` v1 and v2, plus a second model `twin`."""
-    shipped = store.get_version(STORE, store.default_model(STORE))
     root = tmp_path_factory.mktemp("store")
-    files = [shipped.file(f) for f in shipped.metadata["files"]]
-    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
     for name in (MODEL, MODEL, OTHER):
-        store.publish(root, name, files, meta)
+        publish_shipped(root, name)
     store.set_default(root, MODEL)
     return root
 

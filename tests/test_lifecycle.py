@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from quicknet import store
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import STORE, metric, start_server
+from tests.serving import STORE, metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 RAW = {"Content-Type": "application/octet-stream"}
@@ -33,9 +33,7 @@ def _shipped() -> store.ModelVersion:
 
 
 def _publish(root: Path, name: str) -> store.ModelVersion:
-    shipped = _shipped()
-    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
-    return store.publish(root, name, [shipped.file(f) for f in shipped.metadata["files"]], meta)
+    return publish_shipped(root, name)
 
 
 def _store(tmp_path: Path, *names: str) -> Path:

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.main import REST_FRONTS
 from service.runtime import Runtime
 from service.transport.http import create_app
-from tests.serving import REPO, STORE, start_server
+from tests.serving import REPO, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 TWIN = "twin"
@@ -123,12 +123,9 @@ def spec() -> dict:
 @pytest.fixture(scope="module")
 def twin_store(tmp_path_factory):
     """The shipped model, and the same files as a second model `twin` to load and unload."""
-    shipped = store.get_version(STORE, store.default_model(STORE))
     root = tmp_path_factory.mktemp("store")
-    files = [shipped.file(f) for f in shipped.metadata["files"]]
-    meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
     for name in (MODEL, TWIN):
-        store.publish(root, name, files, meta)
+        publish_shipped(root, name)
     store.set_default(root, MODEL)
     return root
 

@@ -304,3 +304,19 @@ def test_no_cors_headers_unless_origins_are_set(tmp_path):
             "/classify", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
         )
         assert "access-control-allow-origin" not in reply.headers
+
+
+def test_an_otlp_endpoint_that_is_not_a_url_stops_serve_in_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "serve", "--otlp-endpoint", "collector:4318"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: invalid setting otlp_endpoint: 'collector:4318' is not an http(s)://")
+    assert out.stderr.count("\n") == 1

@@ -50,6 +50,16 @@ class _Settings:
         e = self.endpoint
         return e.url if e.protocol == "rest" else f"{'grpcs' if e.tls else 'grpc'}://{e.url}"
 
+    def transport(self, asynchronous: bool):
+        """The endpoint's transport; grpc and the stubs are imported only when gRPC is used."""
+        if self.endpoint.protocol == "grpc":
+            from quicknet.client import rpc
+
+            return (rpc.AsyncGrpcTransport if asynchronous else rpc.GrpcTransport)(self.endpoint)
+        from quicknet.client import rest
+
+        return (rest.AsyncRestTransport if asynchronous else rest.RestTransport)(self.endpoint)
+
     def _groups(self, items, return_exceptions: bool, top_k: int | None, timeout: float | None) -> list[Plan]:
         timeout = _positive(timeout) if timeout is not None else self.timeout
         top_k = top_k if top_k is not None else self.top_k
@@ -115,14 +125,7 @@ class Client:
             max_images_per_request=max_images_per_request,
             max_request_bytes=max_request_bytes,
         )
-        if self._s.endpoint.protocol == "grpc":
-            from quicknet.client.rpc import GrpcTransport  # grpc and the stubs only when gRPC is used
-
-            self._transport = GrpcTransport(self._s.endpoint)
-        else:
-            from quicknet.client.rest import RestTransport
-
-            self._transport = RestTransport(self._s.endpoint)
+        self._transport = self._s.transport(asynchronous=False)
 
     @property
     def url(self) -> str:
@@ -220,14 +223,7 @@ class AsyncClient:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._slots = asyncio.Semaphore(max_concurrency)
-        if self._s.endpoint.protocol == "grpc":
-            from quicknet.client.rpc import AsyncGrpcTransport
-
-            self._transport = AsyncGrpcTransport(self._s.endpoint)
-        else:
-            from quicknet.client.rest import AsyncRestTransport
-
-            self._transport = AsyncRestTransport(self._s.endpoint)
+        self._transport = self._s.transport(asynchronous=True)
 
     @property
     def url(self) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
@@ -28,6 +27,7 @@ from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
+from service.transport import request_id as new_request_id
 
 log = logging.getLogger("quicknet.grpc")
 INTERNAL_ERROR = "internal error; the server log has the details"  # REST's 500 says the same
@@ -220,11 +220,6 @@ def _guard(handler: grpc.RpcMethodHandler, protocol: str, method: str) -> grpc.R
 access_log = logging.getLogger("quicknet.access")
 
 
-def _request_id(metadata: dict) -> str:
-    incoming = metadata.get("x-request-id", "")
-    return (incoming if isinstance(incoming, str) else "")[:128] or os.urandom(16).hex()
-
-
 # Server-side failures, which mark a server span ERROR (OpenTelemetry's gRPC conventions); a
 # client's bad request or a refusal is not the server's error.
 _SERVER_ERRORS = frozenset(
@@ -255,10 +250,11 @@ def _observe(
     @contextlib.contextmanager
     def observed(context: grpc.aio.ServicerContext) -> Iterator[None]:
         metadata = dict(context.invocation_metadata() or ())
-        request_id, start = _request_id(metadata), time.perf_counter()
+        incoming = metadata.get("x-request-id", "")
+        request_id, start = new_request_id(incoming if isinstance(incoming, str) else ""), time.perf_counter()
         context.set_trailing_metadata((("x-request-id", request_id),))
         code = grpc.StatusCode.OK
-        with tracing.server_span(name, metadata, **attributes) if not quiet else contextlib.nullcontext() as span:
+        with tracing.server_span(name, metadata, **attributes) if not quiet else tracing.OFF as span:
             tracing.set_request_id(request_id)
             try:
                 yield

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Sequence
 from types import ModuleType
@@ -32,6 +31,7 @@ from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.images import InputError
 from service.runtime import ModelNotFound, RepositoryError, Runtime
+from service.transport import request_id as new_request_id
 from service.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
 
 access_log = logging.getLogger("quicknet.access")
@@ -216,7 +216,7 @@ class AccessMiddleware:
             receive = body_deadline(receive, self.body_timeout_s)
         start = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        request_id = incoming.decode("latin-1")[:128] or os.urandom(16).hex()
+        request_id = new_request_id(incoming.decode("latin-1"))
         tracing.set_request_id(request_id)
         status = 500
         started = False
