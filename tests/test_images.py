@@ -130,3 +130,96 @@ def test_counts_and_raw_pixels():
     assert np.array_equal(decode_pixels(PIXELS.tobytes() * 2, LIMITS)[1], PIXELS)
     with pytest.raises(InputError, match="multiple of 3072"):
         decode_pixels(b"\x00" * 3073, LIMITS)
+
+
+# --- the libspng fast path for 32x32 8-bit RGB PNGs -------------------------------------------------
+
+
+def _png_variants() -> dict[str, bytes]:
+    """32x32 RGB PNGs as encoders write them: every zlib level, Pillow's optimizer, and the ancillary
+    chunks a fast decoder could read differently (a transparent colour, gamma, sRGB, an ICC profile)."""
+    from PIL import ImageCms, PngImagePlugin
+
+    im = Image.fromarray(PIXELS)
+    out = {f"level {lvl}": encode(im, "PNG", compress_level=lvl) for lvl in range(10)}
+    out["optimize"] = encode(im, "PNG", optimize=True)
+    out["tRNS colour"] = encode(im, "PNG", transparency=tuple(int(v) for v in PIXELS[0, 0]))
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", (45455).to_bytes(4, "big"))
+    info.add(b"sRGB", b"\x00")
+    info.add_text("comment", "x" * 200)
+    out["gAMA sRGB tEXt"] = encode(im, "PNG", pnginfo=info)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out["iCCP"] = encode(im, "PNG", icc_profile=icc)
+    flat = np.zeros((32, 32, 3), np.uint8)
+    out["flat"] = encode(Image.fromarray(flat), "PNG")
+    return out
+
+
+def _pillow_only(monkeypatch, data: bytes):
+    import service.images as images
+
+    with monkeypatch.context() as m:
+        m.setattr(images, "pyspng", None)
+        return decode_image(data, LIMITS)
+
+
+def test_the_fast_png_path_takes_32x32_rgb_and_gives_pillows_pixels(monkeypatch):
+    import service.images as images
+
+    calls = []
+    real = images.pyspng.load
+    monkeypatch.setattr(images.pyspng, "load", lambda data, **kw: calls.append(1) or real(data, **kw))
+    for name, data in _png_variants().items():
+        before = len(calls)
+        out = decode_image(data, LIMITS)
+        assert len(calls) == before + 1, f"{name}: not decoded by libspng"
+        reference = _pillow_only(monkeypatch, data)
+        assert out.dtype == np.uint8 and out.shape == (32, 32, 3) and out.flags.c_contiguous
+        assert np.array_equal(out, reference), name
+    assert np.array_equal(decode_image(_png_variants()["level 6"], LIMITS), PIXELS)
+
+
+def test_other_pngs_take_pillow(monkeypatch):
+    import service.images as images
+
+    monkeypatch.setattr(images.pyspng, "load", lambda *a, **k: pytest.fail("libspng saw a non-32x32-RGB PNG"))
+    decode_image(encode(Image.fromarray(RNG.integers(0, 256, (33, 32, 3), dtype=np.uint8)), "PNG"), LIMITS)
+    decode_image(encode(Image.fromarray(PIXELS[:, :, 0]), "PNG"), LIMITS)  # grayscale
+    decode_image(encode(Image.fromarray(np.dstack([PIXELS, PIXELS[:, :, :1]]), "RGBA"), "PNG"), LIMITS)
+    decode_image(encode(Image.fromarray(PIXELS).convert("P"), "PNG"), LIMITS)
+    tiny = Limits(max_image_bytes=1 << 20, max_image_pixels=1000, max_images=4)  # below 32x32: Pillow refuses
+    with pytest.raises(InputError) as e:
+        decode_image(encode(Image.fromarray(PIXELS), "PNG"), tiny)
+    assert e.value.status == 413
+
+
+def test_a_damaged_32x32_png_gets_the_same_answer_with_and_without_libspng(monkeypatch):
+    """Every cut, every flipped byte, and flipped image data under recomputed CRCs (libspng, as
+    pyspng sets it up, checks neither CRCs nor Adler-32 and would return wrong pixels): the same
+    pixels or the same InputError as Pillow alone gives, never another exception."""
+    import zlib
+
+    data = _png_variants()["level 6"]
+    cases = [data[:n] for n in range(33, len(data), 7)]
+    for i in range(33, len(data), 5):
+        flipped = bytearray(data)
+        flipped[i] ^= 0xFF
+        cases.append(bytes(flipped))
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4 : idat], "big")
+    for i in range(idat + 4, idat + 4 + length, 11):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x55
+        crc = zlib.crc32(bytes(flipped[idat : idat + 4 + length]))
+        flipped[idat + 4 + length : idat + 8 + length] = crc.to_bytes(4, "big")
+        cases.append(bytes(flipped))
+    for case in cases:
+        try:
+            reference = _pillow_only(monkeypatch, case)
+        except InputError as e:
+            with pytest.raises(InputError) as got:
+                decode_image(case, LIMITS)
+            assert (got.value.status, str(got.value)) == (e.status, str(e))
+            continue
+        assert np.array_equal(decode_image(case, LIMITS), reference)
