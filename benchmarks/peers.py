@@ -2,6 +2,7 @@
 
     make bench-peers                       # the peers' own venv (PyTriton needs numpy<2), wrk
     python -m benchmarks.peers [--models quicknet-xs quicknet] [--concurrency 1 16 64] [--seconds 10]
+    python -m benchmarks.peers --servers ours --fronts 1 2 4 8 16   # this service over front processes
 
 Every server serves the same ONNX file (an untrained model of each architecture: speed does not
 depend on the weights) with the same ONNX Runtime settings (2 intra-op threads, spinning off),
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 SERVERS = ["fastapi", "litserve", "pytriton", "ours", "ours-int8", "ours-2-fronts"]
 EXTRA_SERVERS = ["ours-2x1"]  # --servers only: two engine instances of one thread each
+FRONTS = re.compile(r"ours-(\d+)-fronts")  # `--fronts N` adds this service with N front processes
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -90,7 +92,7 @@ def start(server: str, model_file: Path, store: Path, model: str, threads: int, 
             "QUICKNET_THREADS": str(threads),
             "QUICKNET_ACCESS_LOG": "false",
             "QUICKNET_PRECISION": "int8" if server == "ours-int8" else "fp32",
-            "QUICKNET_WORKERS": "2" if server == "ours-2-fronts" else "1",
+            "QUICKNET_WORKERS": fronts[1] if (fronts := FRONTS.fullmatch(server)) else "1",
         }
         if server == "ours-2x1":
             env |= {"QUICKNET_THREADS": "1", "QUICKNET_INSTANCES": "2"}
@@ -219,8 +221,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fronts", type=int, nargs="+", default=[], help="also this service with N front processes")
     parser.add_argument("--name", default="peers")
     args = parser.parse_args()
+    args.servers += [f"ours-{n}-fronts" for n in args.fronts if f"ours-{n}-fronts" not in args.servers]
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
     if any(not s.startswith("ours") for s in args.servers) and not PEERS_PYTHON.is_file():
@@ -292,6 +296,12 @@ def _ratios(rows: list[dict], models: list[str]) -> dict:
             "ours_fp32_vs_best_peer": _div(mine.get("ours", {}).get("best_req_s"), best and best["best_req_s"]),
             "ours_int8_vs_best_peer": _div(mine.get("ours-int8", {}).get("best_req_s"), best and best["best_req_s"]),
             "ours_p50_c1_minus_raw_pipeline_ms": _sub(mine.get("ours", {}).get("p50_c1_ms"), raw.get("p50_c1_ms")),
+        }
+        # front processes: served requests/s as a fraction of the engine alone at its better batch
+        engine = max(raw.get("best_req_s") or 0.0, raw.get("batch8_img_s") or 0.0)
+        fronts = {1: mine.get("ours")} | {int(m[1]): r for s, r in mine.items() if (m := FRONTS.fullmatch(s))}
+        out[model]["fronts_vs_engine_alone"] = {
+            n: _div(r["best_req_s"], engine) for n, r in sorted(fronts.items()) if r is not None
         }
     return out
 

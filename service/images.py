@@ -8,11 +8,11 @@ Raw tensors are accepted too: 3,072 bytes per image, uint8 in HWC order.
 Limits are checked before the expensive step they guard: bytes before opening, the header's
 pixel count before decoding (decompression bombs).
 
-The one image the service sees most, a 32x32 8-bit RGB PNG, skips Pillow: libspng (`pyspng`)
-decodes it in ~19 us against Pillow's ~50 us (whose PNG chunk reader is Python), which at one
-image per request is +7% requests/s and -0.1 ms at one request at a time (benchmarks/README.md).
+The image the service sees most, a plain 32x32 8-bit RGB PNG, skips Pillow (whose PNG chunk reader
+is Python): our own checks of its chunks, CRCs and zlib stream, then libspng (`pyspng`), take ~38
+us against Pillow's ~50 us, +6-10% requests/s at one image per request (benchmarks/README.md).
 Its pixels equal Pillow's (PNG is lossless; tests/test_images.py compares them); anything else,
-or anything libspng refuses, takes the Pillow path below, so every error message is Pillow's.
+anything damaged or anything libspng refuses takes the Pillow path below, so every error is Pillow's.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ _PNG_RGB8_32 = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00\x00\x20\x00\x00\x
 
 def _fast_png(data: bytes) -> np.ndarray | None:
     """A 32x32 8-bit RGB, non-interlaced, intact PNG through libspng; None for anything else."""
-    if pyspng is None or not data.startswith(_PNG_RGB8_32) or len(data) < 33 or data[28] != 0:
-        return None
+    if pyspng is None or len(data) < 45 or not data.startswith(_PNG_RGB8_32) or data[26:29] != b"\0\0\0":
+        return None  # compression, filter and interlace methods 0: the only ones a decoder must know
     if not _intact(data):
         return None
     try:
@@ -74,31 +74,37 @@ def _fast_png(data: bytes) -> np.ndarray | None:
 
 
 _SCANLINES = SIZE * (1 + SIZE * 3)  # a filter byte, then 32 RGB pixels, per row
+_PLAIN_CHUNKS = (b"IDAT", b"IEND")  # after IHDR: a plain image, nothing for the decoders to disagree on
 
 
 def _intact(data: bytes) -> bool:
-    """Every chunk's CRC-32 matches up to IEND, and the image data inflates to exactly the 32 rows
-    with a matching Adler-32. pyspng has libspng skip both checks (it would decode a damaged
-    upload into wrong pixels); Pillow makes them, so a damaged PNG goes to Pillow, which refuses
-    it. Costs ~12 us of the ~30 us the fast path takes."""
-    view, at, end = memoryview(data), 8, len(data)
+    """A plain PNG (IHDR, IDAT..., IEND: what Pillow, OpenCV and most encoders write), every chunk's
+    CRC-32 matching, and the image data inflating to exactly the 32 rows with a matching Adler-32.
+    pyspng has libspng skip both checks (it would decode a damaged upload into wrong pixels), and
+    libspng accepts some malformed ancillary chunks (gAMA, tRNS, iCCP...) that Pillow refuses; any
+    of those goes to Pillow, which gives the answer it always gave. Costs ~17 us of the ~38 us the
+    fast path takes (benchmarks/README.md)."""
+    view, at, end = memoryview(data), 33, len(data)  # the IHDR (bytes 8-32) is checked by the caller
+    if zlib.crc32(view[12:29]) != int.from_bytes(view[29:33], "big"):
+        return False
     inflate = zlib.decompressobj()
     inflated = 0
     while at + 12 <= end:
         length = int.from_bytes(view[at : at + 4], "big")
         stop = at + 8 + length
-        if stop + 4 > end or zlib.crc32(view[at + 4 : stop]) != int.from_bytes(view[stop : stop + 4], "big"):
-            return False
         kind = view[at + 4 : at + 8]
-        if kind == b"IDAT":
-            try:
-                inflated += len(inflate.decompress(view[at + 8 : stop], _SCANLINES + 1 - inflated))
-            except zlib.error:
-                return False
-            if inflate.unconsumed_tail:  # more image data than 32 rows hold
-                return False
-        elif kind == b"IEND":
+        if kind not in _PLAIN_CHUNKS or stop + 4 > end:
+            return False
+        if zlib.crc32(view[at + 4 : stop]) != int.from_bytes(view[stop : stop + 4], "big"):
+            return False
+        if kind == b"IEND":
             return inflate.eof and inflated == _SCANLINES and not inflate.unused_data
+        try:
+            inflated += len(inflate.decompress(view[at + 8 : stop], _SCANLINES + 1 - inflated))
+        except zlib.error:
+            return False
+        if inflate.unconsumed_tail:  # more image data than 32 rows hold
+            return False
         at = stop + 4
     return False
 

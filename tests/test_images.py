@@ -135,74 +135,148 @@ def test_counts_and_raw_pixels():
 # --- the libspng fast path for 32x32 8-bit RGB PNGs -------------------------------------------------
 
 
-def _png_variants() -> dict[str, bytes]:
-    """32x32 RGB PNGs as encoders write them: every zlib level, Pillow's optimizer, and the ancillary
-    chunks a fast decoder could read differently (a transparent colour, gamma, sRGB, an ICC profile)."""
-    from PIL import ImageCms, PngImagePlugin
-
+def _plain_pngs() -> dict[str, bytes]:
+    """32x32 RGB PNGs as encoders write them (IHDR, IDAT, IEND): every zlib level, Pillow's optimizer
+    (all five row filters), one IDAT split in many chunks, flat and noisy pixels."""
     im = Image.fromarray(PIXELS)
     out = {f"level {lvl}": encode(im, "PNG", compress_level=lvl) for lvl in range(10)}
     out["optimize"] = encode(im, "PNG", optimize=True)
-    out["tRNS colour"] = encode(im, "PNG", transparency=tuple(int(v) for v in PIXELS[0, 0]))
+    out["flat"] = encode(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), "PNG")
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, 3))  # rows Up/Sub filter well
+    out["ramp"] = encode(Image.fromarray(ramp), "PNG")
+    out["many IDATs"] = _split_idat(out["level 6"], 100)
+    return out
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    import zlib
+
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def _split_idat(png: bytes, size: int) -> bytes:
+    at = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[at : at + 4], "big")
+    payload = png[at + 8 : at + 8 + length]
+    parts = b"".join(_chunk(b"IDAT", payload[i : i + size]) for i in range(0, length, size))
+    return png[:at] + parts + png[at + 12 + length :]
+
+
+def _with_idat(png: bytes, rows: bytes) -> bytes:
+    """`png` with its image data replaced by `rows` (filtered scanlines), CRCs right."""
+    import zlib
+
+    at = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[at : at + 4], "big")
+    return png[:at] + _chunk(b"IDAT", zlib.compress(rows)) + png[at + 12 + length :]
+
+
+def _ancillary_pngs() -> dict[str, bytes]:
+    """32x32 RGB PNGs with chunks a fast decoder could read differently from Pillow, well-formed or
+    not (libspng accepts a short gAMA or a bad iCCP that Pillow refuses)."""
+    from PIL import ImageCms, PngImagePlugin
+
+    im = Image.fromarray(PIXELS)
     info = PngImagePlugin.PngInfo()
     info.add(b"gAMA", (45455).to_bytes(4, "big"))
     info.add(b"sRGB", b"\x00")
     info.add_text("comment", "x" * 200)
-    out["gAMA sRGB tEXt"] = encode(im, "PNG", pnginfo=info)
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    out["iCCP"] = encode(im, "PNG", icc_profile=icc)
-    flat = np.zeros((32, 32, 3), np.uint8)
-    out["flat"] = encode(Image.fromarray(flat), "PNG")
+    plain = encode(im, "PNG")
+    out = {
+        "tRNS colour": encode(im, "PNG", transparency=tuple(int(v) for v in PIXELS[0, 0])),
+        "gAMA sRGB tEXt": encode(im, "PNG", pnginfo=info),
+        "iCCP": encode(im, "PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()),
+        "pHYs": encode(im, "PNG", dpi=(72, 72)),
+    }
+    for name, chunk in {
+        "short gAMA": _chunk(b"gAMA", b"\x00\x01"),
+        "short tRNS": _chunk(b"tRNS", b"\x00"),
+        "iCCP method 1": _chunk(b"iCCP", b"name\x00\x01" + b"x" * 20),
+        "unknown critical chunk": _chunk(b"ABCD", b"1234"),
+    }.items():
+        out[name] = plain[:33] + chunk + plain[33:]
     return out
 
 
-def _pillow_only(monkeypatch, data: bytes):
+def _pillow_only(monkeypatch, data: bytes, limits: Limits = LIMITS):
     import service.images as images
 
     with monkeypatch.context() as m:
         m.setattr(images, "pyspng", None)
-        return decode_image(data, LIMITS)
+        return decode_image(data, limits)
 
 
-def test_the_fast_png_path_takes_32x32_rgb_and_gives_pillows_pixels(monkeypatch):
+def _answer(decode, data: bytes):
+    """What a client would get: the pixels, or the error's status and message."""
+    try:
+        return decode(data)
+    except InputError as e:
+        return (e.status, str(e))
+
+
+def _same_with_and_without_libspng(monkeypatch, data: bytes) -> bool:
+    a = _answer(lambda d: decode_image(d, LIMITS), data)
+    b = _answer(lambda d: _pillow_only(monkeypatch, d), data)
+    return np.array_equal(a, b) if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else a == b
+
+
+def test_the_fast_png_path_takes_plain_32x32_rgb_and_gives_pillows_pixels(monkeypatch):
     import service.images as images
 
-    calls = []
+    returned = []
     real = images.pyspng.load
-    monkeypatch.setattr(images.pyspng, "load", lambda data, **kw: calls.append(1) or real(data, **kw))
-    for name, data in _png_variants().items():
-        before = len(calls)
+    monkeypatch.setattr(images.pyspng, "load", lambda data, **kw: returned.append(real(data, **kw)) or returned[-1])
+    for name, data in _plain_pngs().items():
         out = decode_image(data, LIMITS)
-        assert len(calls) == before + 1, f"{name}: not decoded by libspng"
-        reference = _pillow_only(monkeypatch, data)
+        assert returned and out is returned[-1], f"{name}: not decoded by libspng"
+        returned.clear()
         assert out.dtype == np.uint8 and out.shape == (32, 32, 3) and out.flags.c_contiguous
-        assert np.array_equal(out, reference), name
-    assert np.array_equal(decode_image(_png_variants()["level 6"], LIMITS), PIXELS)
+        assert np.array_equal(out, _pillow_only(monkeypatch, data)), name
+    assert np.array_equal(decode_image(_plain_pngs()["level 6"], LIMITS), PIXELS)
 
 
-def test_other_pngs_take_pillow(monkeypatch):
+def test_other_pngs_take_pillow_with_pillows_answer(monkeypatch):
     import service.images as images
 
-    monkeypatch.setattr(images.pyspng, "load", lambda *a, **k: pytest.fail("libspng saw a non-32x32-RGB PNG"))
-    decode_image(encode(Image.fromarray(RNG.integers(0, 256, (33, 32, 3), dtype=np.uint8)), "PNG"), LIMITS)
-    decode_image(encode(Image.fromarray(PIXELS[:, :, 0]), "PNG"), LIMITS)  # grayscale
-    decode_image(encode(Image.fromarray(np.dstack([PIXELS, PIXELS[:, :, :1]]), "RGBA"), "PNG"), LIMITS)
-    decode_image(encode(Image.fromarray(PIXELS).convert("P"), "PNG"), LIMITS)
-    tiny = Limits(max_image_bytes=1 << 20, max_image_pixels=1000, max_images=4)  # below 32x32: Pillow refuses
-    with pytest.raises(InputError) as e:
-        decode_image(encode(Image.fromarray(PIXELS), "PNG"), tiny)
-    assert e.value.status == 413
+    monkeypatch.setattr(images.pyspng, "load", lambda *a, **k: pytest.fail("libspng saw a PNG it must not"))
+    others = {
+        **_ancillary_pngs(),
+        "33x32": encode(Image.fromarray(RNG.integers(0, 256, (33, 32, 3), dtype=np.uint8)), "PNG"),
+        "grayscale": encode(Image.fromarray(PIXELS[:, :, 0]), "PNG"),
+        "RGBA": encode(Image.fromarray(np.dstack([PIXELS, PIXELS[:, :, :1]]), "RGBA"), "PNG"),
+        "palette": encode(Image.fromarray(PIXELS).convert("P"), "PNG"),
+        "16-bit RGB": _png_16_bit_rgb(),
+    }
+    for name, data in others.items():
+        assert _same_with_and_without_libspng(monkeypatch, data), name
+    png = _plain_pngs()["level 6"]
+    small = [
+        Limits(max_image_bytes=1 << 20, max_image_pixels=1023, max_images=4),  # below 32x32
+        Limits(max_image_bytes=len(png) - 1, max_image_pixels=4_000_000, max_images=4),
+    ]
+    for limits in small:
+        with pytest.raises(InputError) as e:
+            decode_image(png, limits)
+        assert e.value.status == 413
+
+
+def _png_16_bit_rgb() -> bytes:
+    import zlib
+
+    rows = b"".join(b"\x00" + PIXELS[r].astype(">u2").tobytes() for r in range(32))
+    ihdr = (32).to_bytes(4, "big") * 2 + bytes([16, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
 
 
 def test_a_damaged_32x32_png_gets_the_same_answer_with_and_without_libspng(monkeypatch):
-    """Every cut, every flipped byte, and flipped image data under recomputed CRCs (libspng, as
-    pyspng sets it up, checks neither CRCs nor Adler-32 and would return wrong pixels): the same
-    pixels or the same InputError as Pillow alone gives, never another exception."""
+    """Every cut, every flipped byte (the IHDR's CRC on), flipped image data under recomputed CRCs
+    (libspng, as pyspng sets it up, checks neither CRCs nor Adler-32 and would return wrong pixels),
+    and scanlines libspng itself refuses: the same pixels or the same InputError as Pillow alone."""
     import zlib
 
-    data = _png_variants()["level 6"]
-    cases = [data[:n] for n in range(33, len(data), 7)]
-    for i in range(33, len(data), 5):
+    data = _plain_pngs()["level 6"]
+    cases = [data[:n] for n in range(20, len(data), 7)]
+    for i in range(29, len(data), 5):
         flipped = bytearray(data)
         flipped[i] ^= 0xFF
         cases.append(bytes(flipped))
@@ -214,12 +288,10 @@ def test_a_damaged_32x32_png_gets_the_same_answer_with_and_without_libspng(monke
         crc = zlib.crc32(bytes(flipped[idat : idat + 4 + length]))
         flipped[idat + 4 + length : idat + 8 + length] = crc.to_bytes(4, "big")
         cases.append(bytes(flipped))
+    rows = [b"\x00" + PIXELS[r].tobytes() for r in range(32)]
+    cases.append(_with_idat(data, b"".join(rows[:5]) + b"\x05" + rows[5][1:] + b"".join(rows[6:])))  # filter 5
+    cases.append(_with_idat(data, b"".join(rows) + b"\x00"))  # a byte more than 32 rows
+    cases.append(_with_idat(data, b"".join(rows[:31])))  # a row short
+    cases.append(data + b"trailing bytes")
     for case in cases:
-        try:
-            reference = _pillow_only(monkeypatch, case)
-        except InputError as e:
-            with pytest.raises(InputError) as got:
-                decode_image(case, LIMITS)
-            assert (got.value.status, str(got.value)) == (e.status, str(e))
-            continue
-        assert np.array_equal(decode_image(case, LIMITS), reference)
+        assert _same_with_and_without_libspng(monkeypatch, case)

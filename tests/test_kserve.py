@@ -335,13 +335,15 @@ def _wait_until_queued(server, timeout: float = 10.0) -> None:
 
 def test_kserve_grpc_deadline_passing_in_the_queue(server, grpc_client, samples):
     before = httpx.get(f"{server.url}/metrics").text
-    body = bytes(3072 * 256)
-    threads = _in_background(lambda: httpx.post(f"{server.url}/classify", content=body, headers=RAW, timeout=60), 3)
+    # 960 images ahead (the queue holds 1,024: room for ours) and a 0.1 s deadline: the untrained
+    # model clears ~5k images/s here, so the queue outlasts the deadline several times over
+    body = bytes(3072 * 240)
+    threads = _in_background(lambda: httpx.post(f"{server.url}/classify", content=body, headers=RAW, timeout=60), 4)
     _wait_until_queued(server)
     inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
     inp.set_data_from_numpy(samples.images[:1])
     with pytest.raises(InferenceServerException) as err:
-        grpc_client.infer(MODEL, [inp], client_timeout=0.2)
+        grpc_client.infer(MODEL, [inp], client_timeout=0.1)
     for t in threads:
         t.join(60)
     assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "while queued" in err.value.message()
