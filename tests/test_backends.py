@@ -153,3 +153,27 @@ def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
         want = folded(torch.from_numpy(images)).numpy()
     assert np.abs(backend.infer(images) - want).max() < 1e-5
     assert backend.describe()["file"].endswith("model.folded.pt")
+
+
+def test_load_time_timings_take_turns_so_a_burst_of_load_misleads_no_choice():
+    """Sessions timed at load (one thread or two for one image, FP32 or INT8) take turns: a burst
+    of load at the start (the service's other processes starting on the same cores) slows them
+    alike. Timed one after the other, the burst covered every run of the faster one, and it lost."""
+    import time
+
+    from service.backends.onnxruntime import seconds_per_image
+
+    calls = 0
+
+    class Session:
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+
+        def run(self, _outputs, _feeds):
+            nonlocal calls
+            calls += 1
+            time.sleep(self.seconds + (0.02 if calls <= 8 else 0.0))  # the first 8 calls share the cores
+
+    fast, slow = Session(0.001), Session(0.004)
+    fast_s, slow_s = seconds_per_image([fast, slow], "images", 1, 5)
+    assert fast_s < slow_s < 0.02
