@@ -305,6 +305,58 @@ def test_rest_disconnect_drops_queued_images_and_counts_one_cancel(server):
     assert re.search(r"POST /classify 499 ", server.log()), "the access log records 499"
 
 
+class _Client:
+    """A request as `run_unless_disconnected` sees it: `receive()` says when the client leaves."""
+
+    def __init__(self, leaves_after_s: float | None):
+        self.leaves_after_s = leaves_after_s
+
+    async def receive(self) -> dict:
+        if self.leaves_after_s is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.leaves_after_s)
+        return {"type": "http.disconnect"}
+
+
+def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
+    """The call answers; or the client leaves and the call is cancelled (499); or the server
+    cancels the handler (shutdown) and the call is cancelled with it, not left running, not a 499."""
+    from service.transport.http import HTTPError, run_unless_disconnected
+
+    seen = []
+
+    async def work(seconds: float):
+        try:
+            await asyncio.sleep(seconds)
+            return "answer"
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def answered():
+        result = await run_unless_disconnected(_Client(None), work(0.01))
+        await asyncio.sleep(0.05)  # the handler goes on (sends its answer) with no stray cancel
+        return result
+
+    async def client_leaves():
+        with pytest.raises(HTTPError) as err:
+            await run_unless_disconnected(_Client(0.01), work(10))
+        return err.value.status
+
+    async def server_stops():
+        handler = asyncio.ensure_future(run_unless_disconnected(_Client(None), work(10)))
+        await asyncio.sleep(0.01)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0)
+        return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
+
+    assert asyncio.run(answered()) == "answer" and seen == []
+    assert asyncio.run(client_leaves()) == 499 and seen == ["cancelled"]
+    assert asyncio.run(server_stops()) == 0 and seen == ["cancelled", "cancelled"]
+
+
 def test_grpc_cancel_drops_queued_images_and_counts_one_cancel(server):
     images_before, _, cancelled_before = _counts(server, "grpc")
     with busy_engine(server, via="rest"), grpc.insecure_channel(server.grpc_target) as ch:
