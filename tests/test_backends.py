@@ -172,8 +172,8 @@ def test_load_time_timings_take_turns_so_a_burst_of_load_misleads_no_choice():
         def run(self, _outputs, _feeds):
             nonlocal calls
             calls += 1
-            time.sleep(self.seconds + (0.02 if calls <= 8 else 0.0))  # the first 8 calls share the cores
+            time.sleep(self.seconds + (0.05 if calls <= 8 else 0.0))  # the first 8 calls share the cores
 
-    fast, slow = Session(0.001), Session(0.004)
+    fast, slow = Session(0.001), Session(0.01)
     fast_s, slow_s = seconds_per_image([fast, slow], "images", 1, 5)
-    assert fast_s < slow_s < 0.02
+    assert fast_s < 0.008 and fast_s < slow_s < 0.03  # each its best clean run (a mean would be ~0.03 / 0.04)

@@ -334,13 +334,31 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
             raise
 
     async def answered():
-        result = await run_unless_disconnected(_Client(None), work(0.01))
-        await asyncio.sleep(0.05)  # the handler goes on (sends its answer) with no stray cancel
+        return await run_unless_disconnected(_Client(None), work(0.01))
+
+    async def answered_as_the_client_leaves():
+        """The disconnect and the answer in one turn of the loop, the disconnect first: the answer
+        stands, and the handler goes on (sends it) with no stray cancel from the watcher."""
+        loop = asyncio.get_running_loop()
+        leave, answer = loop.create_future(), loop.create_future()
+
+        class Client:
+            async def receive(self) -> dict:
+                await leave
+                return {"type": "http.disconnect"}
+
+        async def call():
+            return await answer
+
+        loop.call_later(0.01, lambda: (leave.set_result(None), answer.set_result("answer")))
+        result = await run_unless_disconnected(Client(), call())
+        await asyncio.sleep(0.05)
         return result
 
     async def client_leaves():
         with pytest.raises(HTTPError) as err:
             await run_unless_disconnected(_Client(0.01), work(10))
+        assert asyncio.current_task().cancelling() == 0, "the 499 left a cancel pending"
         return err.value.status
 
     async def server_stops():
@@ -353,6 +371,7 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
         return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
 
     assert asyncio.run(answered()) == "answer" and seen == []
+    assert asyncio.run(answered_as_the_client_leaves()) == "answer"
     assert asyncio.run(client_leaves()) == 499 and seen == ["cancelled"]
     assert asyncio.run(server_stops()) == 0 and seen == ["cancelled", "cancelled"]
 
