@@ -56,7 +56,7 @@ class Limits:
 
 
 # PNG signature, then the first chunk: length 13, "IHDR", width 32, height 32, bit depth 8,
-# colour type 2 (RGB). Byte 28, the interlace method, must be 0 as well (checked apart).
+# colour type 2 (RGB). Bytes 26-28 (compression, filter and interlace methods) must be 0 as well.
 _PNG_RGB8_32 = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00\x00\x20\x00\x00\x00\x20\x08\x02"
 
 

@@ -109,8 +109,10 @@ async def run_unless_disconnected(request: Request, work: Coroutine):
 
     def on_watched(watcher: asyncio.Task) -> None:
         nonlocal gone
+        # not after `work` is done (the handler is sending its answer); a watcher that failed only
+        # loses disconnect detection
         if not finished and not watcher.cancelled() and watcher.exception() is None:
-            gone = True  # a watcher that failed only loses disconnect detection
+            gone = True
             task.cancel()
 
     watcher = asyncio.ensure_future(until_disconnected(request))
