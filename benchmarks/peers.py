@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--fronts", type=int, nargs="+", default=[], help="also this service with N front processes")
     parser.add_argument("--name", default="peers")
     args = parser.parse_args()
+    if any(n < 1 for n in args.fronts):
+        parser.error("--fronts takes front-process counts of 1 or more")
     args.servers += [f"ours-{n}-fronts" for n in args.fronts if f"ours-{n}-fronts" not in args.servers]
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")

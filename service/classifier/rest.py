@@ -38,21 +38,14 @@ from service.transport.http import (
     run_unless_disconnected,
     server_timing,
 )
-from service.transport.schemas import answers
+from service.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "rest"
 
-_EXAMPLE_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 CLASSIFY_OPENAPI = {
     "parameters": [
         {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10}},
-        {
-            "name": "X-Request-Timeout-Ms",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "number"},
-            "description": "deadline in milliseconds; past it the request is answered 504 and never computed",
-        },
+        TIMEOUT_HEADER,
     ],
     "requestBody": {
         "required": True,
@@ -77,8 +70,8 @@ CLASSIFY_OPENAPI = {
                     },
                 },
                 "examples": {
-                    "one": {"value": {"image": _EXAMPLE_B64, "top_k": 3}},
-                    "several": {"value": {"images": [_EXAMPLE_B64, _EXAMPLE_B64]}},
+                    "one": {"value": {"image": EXAMPLE_PNG_B64, "top_k": 3}},
+                    "several": {"value": {"images": [EXAMPLE_PNG_B64, EXAMPLE_PNG_B64]}},
                 },
             },
             "application/octet-stream": {

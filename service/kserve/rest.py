@@ -28,7 +28,7 @@ from service.kserve import (
 )
 from service.runtime import Runtime
 from service.transport.http import deadline_from_header, parse_json, public, read_body, run_unless_disconnected
-from service.transport.schemas import answers
+from service.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "kserve-rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -37,8 +37,7 @@ OPENAPI_SCHEMAS = (schemas.InferRequest, schemas.RepositoryIndexRequest)
 
 _REF = "#/components/schemas/"
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
-_EXAMPLE_INPUT = {"name": INPUT, "datatype": "BYTES", "shape": [1], "data": [_PNG_B64]}
+_EXAMPLE_INPUT = {"name": INPUT, "datatype": "BYTES", "shape": [1], "data": [EXAMPLE_PNG_B64]}
 INFER_OPENAPI = {
     "parameters": [
         {
@@ -49,13 +48,7 @@ INFER_OPENAPI = {
             "description": "binary-data extension: the body is this many bytes of JSON request, then the "
             "input tensors' bytes (each input says how many in `parameters.binary_data_size`)",
         },
-        {
-            "name": "X-Request-Timeout-Ms",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "number"},
-            "description": "deadline in milliseconds; past it the request is answered 504 and never computed",
-        },
+        TIMEOUT_HEADER,
     ],
     "requestBody": {
         "required": True,

@@ -58,6 +58,16 @@ TAGS: list[dict[str, str]] = [
     {"name": "server", "description": "The server itself: Open Inference Protocol metadata, Prometheus metrics."},
 ]
 
+# Request pieces the inference routes share: the deadline header, and a 1x1 PNG for examples.
+TIMEOUT_HEADER = {
+    "name": "X-Request-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number"},
+    "description": "deadline in milliseconds; past it the request is answered 504 and never computed",
+}
+EXAMPLE_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+
 # What each error status means on the routes that can answer it; a route may say it more precisely.
 ERRORS: dict[int, str] = {
     400: "bad input: the body, a parameter or a header is malformed or out of range",
