@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: lock bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve
+.PHONY: lock bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve gpu-rehearse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,11 @@ gpu-wheels: venv-dev
 	mkdir -p .gpu/bin
 	test -x .gpu/bin/hey || (cd /tmp && apt-get download hey >/dev/null && dpkg -x hey_*.deb /tmp/hey-deb \
 		&& cp /tmp/hey-deb/usr/bin/hey $(CURDIR)/.gpu/bin/hey)
+
+## Both GPU jobs' dry runs here, under the GPU machine's Python 3.12 and torch 2.11 and with the
+## repo and wheels as the device tool delivers them (benchmarks/gpu_rehearse.sh says what it covers).
+gpu-rehearse: gpu-data gpu-wheels
+	benchmarks/gpu_rehearse.sh
 
 ## The serving proof on this machine's GPU within 420 s; results in gpu-results/serve/.
 gpu-serve:

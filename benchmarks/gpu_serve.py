@@ -390,7 +390,7 @@ def run(args) -> None:
             if limit < 20:
                 variants.append({"variant": variant, "error": "time budget spent"})
                 continue
-            batches = args.batches[-2:] if not args.dry_run else args.batches[:1]
+            batches = args.batches[-2:] if not args.dry_run else args.batches[-1:]
             variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
             results.update(variants=variants)
         results.update(variants=variants)

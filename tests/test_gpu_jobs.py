@@ -54,6 +54,8 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     assert {(r["lanes"], r["batch"]) for r in engine} == {(1, 1), (1, 8), (2, 1), (2, 8)}
     assert all(r["img_s"] > 0 for r in engine)
     assert [v["variant"] for v in doc["variants"]] == ["compile", "aoti"]
+    for variant in doc["variants"]:  # each compiled, loaded and ran: an error here would be the GPU run's first
+        assert "error" not in variant and variant["rows"][0]["img_s"] > 0, variant
     service = doc["service"]
     assert {
         (r["workers"], r["protocol"], r["images_per_request"]) for r in service if r["workers"] != doc["best_workers"]

@@ -133,6 +133,9 @@ class TorchBackend:
         if device == "cpu":
             torch.set_num_threads(settings.threads)
         else:
+            # Every bucket's shape is fixed and captured once: let cuDNN time its algorithms in the
+            # warm-up runs before capture (a few ms a shape, at start-up only).
+            torch.backends.cudnn.benchmark = True
             module = module.to(device, memory_format=torch.channels_last)
             if portable:  # its normalization runs in the weights' dtype; a torch.export program uses autocast
                 module = module.half()
