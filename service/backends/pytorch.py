@@ -134,7 +134,7 @@ class TorchBackend:
             torch.set_num_threads(settings.threads)
         else:
             # Every bucket's shape is fixed and captured once: let cuDNN time its algorithms in the
-            # warm-up runs before capture (a few ms a shape, at start-up only).
+            # warm-up runs before capture (seconds in all, at start-up only).
             torch.backends.cudnn.benchmark = True
             module = module.to(device, memory_format=torch.channels_last)
             if portable:  # its normalization runs in the weights' dtype; a torch.export program uses autocast
