@@ -58,13 +58,14 @@ def images_per_second(fn: Callable[[np.ndarray], object], batch: int, seconds: f
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns}
     lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]
-    lines += [" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    lines += [" | ".join(cell(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
 
 
-def _fmt(v: object) -> str:
+def cell(v: object) -> str:
+    """A table cell: floats to one decimal (three below 10), None as blank."""
     if isinstance(v, float):
         return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
     return "" if v is None else str(v)

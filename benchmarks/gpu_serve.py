@@ -13,7 +13,9 @@ results before the next starts, into `--out` (results.json, results.md, server.l
 3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
    count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC
    clients in several processes: 1 / 8 / 64 images per request, served img/s, p50/p99, mean
-   batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch.
+   batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch;
+   with where the CPU went (the engine process's loop and threads, the fronts, the machine:
+   `benchmarks/cpu.py`) and what saturated first.
 
 The model is the full `quicknet` with untrained weights (speed does not depend on them) unless
 `--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about a minute
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import cell
 
 REPO = Path(__file__).resolve().parents[1]
 HEY_CANDIDATES = (REPO / ".gpu" / "bin" / "hey", Path("/usr/bin/hey"))
@@ -221,6 +225,7 @@ def service_sweep(
 ) -> list[dict]:
     import httpx
 
+    from benchmarks import cpu
     from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
     from quicknet import gpu_probe, store
     from tests.serving import start_server
@@ -253,14 +258,17 @@ def service_sweep(
                 concurrency = 256 if n_images == 1 else 128 if n_images == 8 else 64
                 before = httpx.get(f"{srv.url}/metrics").text
                 with gpu_probe.UtilizationSampler() as util:
+                    cpu_before = cpu.snapshot(srv.proc.pid)
                     if protocol == "rest" and hey:
                         row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey)
                     else:
                         target = srv.url if protocol == "rest" else srv.grpc_target
                         row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients)
+                    row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
                 after = httpx.get(f"{srv.url}/metrics").text
                 row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
                 row["efficiency"] = _efficiency(row, engine_rows)
+                row["limit"] = cpu.limit(row)
                 rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
                 print(json.dumps(rows[-1]), flush=True)
                 if on_row is not None:
@@ -287,13 +295,7 @@ def _efficiency(row: dict, engine_rows: list[dict]) -> float | None:
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                "" if r.get(c) is None else f"{r[c]:,}" if isinstance(r.get(c), float) else str(r[c]) for c in columns
-            )
-            + " |"
-        )
+        lines.append("| " + " | ".join(cell(r.get(c)) for c in columns) + " |")
     return lines
 
 
@@ -323,6 +325,10 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "## The service", ""]
         cols = ["workers", "protocol", "client", "images_per_request", "concurrency", "requests_s", "served_img_s"]
         lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
+        lines += ["", "Where the CPU went in each case (cores busy; `benchmarks/cpu.py`) and what saturated first:", ""]
+        cpu_cols = ["engine_loop_cores", "engine_threads_cores", "fronts_cores", "front_loop_max_cores"]
+        case = ["workers", "protocol", "images_per_request", "served_img_s"]
+        lines += _table(doc["service"], [*case, *cpu_cols, "machine_busy", "gpu_util", "limit"])
     if "error" in doc:
         lines += ["", f"**error:** {doc['error']}"]
     return "\n".join(lines) + "\n"

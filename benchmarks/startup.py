@@ -21,23 +21,13 @@ import httpx
 import numpy as np
 
 from benchmarks.common import save, table
+from benchmarks.cpu import tree
 from tests.serving import REPO, free_port
-
-
-def _tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for child in children:
-        out += _tree(int(child))
-    return out
 
 
 def _rss_mb(pid: int) -> float:
     total = 0
-    for p in _tree(pid):
+    for p in tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -75,7 +65,7 @@ def one_start(workers: int) -> dict:
             ready_s = time.perf_counter() - start
             rss = _rss_mb(proc.pid)
             torch_loaded = any(
-                "torch" in Path(f"/proc/{p}/maps").read_text() for p in _tree(proc.pid) if Path(f"/proc/{p}").exists()
+                "torch" in Path(f"/proc/{p}/maps").read_text() for p in tree(proc.pid) if Path(f"/proc/{p}").exists()
             )
         finally:
             proc.terminate()

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -33,15 +34,25 @@ FATAL = 2  # a child's "do not restart me" exit code
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+def name_process(name: str) -> None:
+    """The name `ps`, `top` and /proc show for this process (Linux, 15 characters at most), so an
+    operator, and `benchmarks.cpu`, can tell the engine process from the fronts: their command
+    lines are all multiprocessing's. Threads started after this inherit it."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
 def _engine_main(settings: Settings, path: str) -> None:
     from service.main import run_engine
 
+    name_process("quicknet-engine")
     raise SystemExit(run_engine(settings, path))
 
 
 def _front_main(settings: Settings, path: str) -> None:
     from service.main import run_front
 
+    name_process("quicknet-front")
     raise SystemExit(run_front(settings, path))
 
 

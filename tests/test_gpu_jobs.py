@@ -66,7 +66,24 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     for row in service:
         assert row["ok"] > 0 and row["rejected"] == 0, row
         assert row["mean_batch"] >= 1 and row["efficiency"] > 0
-    assert "## The service" in (out / "results.md").read_text()
+        # where the CPU went: the engine's loop always works; fronts exist only with --workers > 1
+        assert row["engine_loop_cores"] > 0 and row["engine_threads_cores"] > 0, row
+        assert (row["fronts_cores"] > 0) == (row["workers"] > 1) and 0 < row["machine_busy"] <= 1, row
+        assert row["limit"], row
+    markdown = (out / "results.md").read_text()
+    assert "## The service" in markdown and "| engine_loop_cores |" in markdown and service[0]["limit"] in markdown
+
+
+def test_the_cpu_account_names_what_saturated_first():
+    from benchmarks.cpu import limit
+
+    idle = {"engine_loop_cores": 0.3, "front_loop_max_cores": 0.4, "fronts_cores": 0.8, "machine_busy": 0.5}
+    assert limit(idle).startswith("nothing at 90%")
+    assert limit(idle | {"machine_busy": 0.95}).startswith("all cores")
+    assert limit(idle | {"front_loop_max_cores": 0.97}) == "a front's event loop"
+    assert limit(idle | {"engine_loop_cores": 0.99}) == "engine loop"
+    assert limit(idle | {"engine_loop_cores": 0.99, "fronts_cores": 0.0}) == "the one process's event loop"
+    assert limit(idle | {"engine_loop_cores": 0.99, "gpu_util": 0.93}) == "GPU"
 
 
 def test_gpu_wheels_carry_the_projects_pins():

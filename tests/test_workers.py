@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -74,6 +75,12 @@ def test_every_protocol_through_the_engine_process_and_one_metrics_view(server, 
     assert metric(text, "quicknet_ready") == 1
     fronts = set(re.findall(r"(front-\d) quicknet\.access: POST /classify", server.log()))
     assert fronts == {"front-0", "front-1"}, f"only {fronts} took requests"
+
+
+def test_the_engine_and_front_processes_are_named_for_ps_and_top(server):
+    pids = _pids(server)
+    names = {name: Path(f"/proc/{pid}/comm").read_text().strip() for name, pid in pids.items()}
+    assert names == {"engine": "quicknet-engine", "front-0": "quicknet-front", "front-1": "quicknet-front"}, names
 
 
 def test_a_crashed_front_is_restarted(server):
