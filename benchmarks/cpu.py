@@ -103,9 +103,10 @@ def cores(before: Snapshot, after: Snapshot) -> dict:
     busy = after.machine[0] - before.machine[0]
     total = after.machine[1] - before.machine[1]
     return {
-        "engine_loop_cores": round(sum(used(pid, True) for pid in engines), 3),
-        "engine_threads_cores": round(sum(used(pid, False) for pid in engines), 3),
-        "fronts_cores": round(sum(used(pid) for pid in fronts), 3),  # loops, decoding and gRPC threads
+        "engine_loop_cores": round(sum((used(pid, True) for pid in engines), 0.0), 3),
+        # on a GPU these threads also spin while they wait for it (CUDA's default synchronization)
+        "engine_threads_cores": round(sum((used(pid, False) for pid in engines), 0.0), 3),
+        "fronts_cores": round(sum((used(pid) for pid in fronts), 0.0), 3),  # loops, decoding and gRPC threads
         "front_loop_max_cores": round(max((used(pid, True) for pid in fronts), default=0.0), 3),
         "machine_busy": round(busy / total, 3) if total else None,
     }
