@@ -11,7 +11,7 @@ threads" are all its other threads (the engine's, decoding's, gRPC's).
 
 gives CPU time as cores busy (1.0 = one core all the time) for the engine loop, the engine's
 threads, the fronts together and the busiest front's event loop, and the share of the whole
-machine in use (load generator included). `limit()` reads one row and names what saturated first.
+machine in use (load generator included). `limit()` reads one row and names the saturated part.
 """
 
 from __future__ import annotations
@@ -25,32 +25,31 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 SATURATED = 0.9  # of a core for a thread or loop, of all cores for the machine, of the time for the GPU
 
 
+def _stat_fields(path: str) -> list[str]:
+    """A /proc stat line's fields from the third on (the name in brackets may hold anything)."""
+    stat = Path(path).read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _cpu_seconds(path: str) -> float:
+    fields = _stat_fields(path)
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime + stime
+
+
 def tree(pid: int) -> list[int]:
-    """`pid` and its descendants that are alive now."""
-    out = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for child in children:
-        out += tree(int(child))
-    return out
-
-
-def _thread_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of `pid`."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and brackets
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    """`pid` and its descendants alive now, found through every process's parent (gVisor, which
+    the GPU machines may run, has no /proc/<pid>/task/<pid>/children)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat_fields(f"/proc/{entry}/stat")[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += [child for child, parent in parents.items() if parent == out[-1]]
     return out
 
 
@@ -66,60 +65,66 @@ class Snapshot:
     at: float
     machine: tuple[int, int]
     roles: dict[int, str]  # pid -> engine | front | server
-    threads: dict[int, dict[int, float]]  # pid -> tid -> CPU seconds
+    seconds: dict[int, tuple[float, float]]  # pid -> CPU seconds (whole process, main thread)
 
 
 def snapshot(server_pid: int) -> Snapshot:
     roles = {}
-    for pid in tree(server_pid):
+    pids = tree(server_pid)
+    for pid in pids:
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
-        if name == "quicknet-engine":
-            roles[pid] = "engine"
-        elif name == "quicknet-front":
-            roles[pid] = "front"
-    if not roles:
+        if name in ("quicknet-engine", "quicknet-front"):
+            roles[pid] = name.removeprefix("quicknet-")
+    if len(pids) == 1:  # no children at all: a one-process server
         roles[server_pid] = "server"
-    return Snapshot(time.monotonic(), _machine_ticks(), roles, {pid: _thread_seconds(pid) for pid in roles})
+    seconds = {}
+    for pid in roles:
+        try:  # the process's own total includes threads that have exited
+            seconds[pid] = (_cpu_seconds(f"/proc/{pid}/stat"), _cpu_seconds(f"/proc/{pid}/task/{pid}/stat"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return Snapshot(time.monotonic(), _machine_ticks(), roles, seconds)
 
 
 def cores(before: Snapshot, after: Snapshot) -> dict:
-    """Cores busy between two snapshots of one server, by role (a process restarted in between
-    counts from its start)."""
+    """Cores busy between two snapshots of one server, by role (a process started in between, a
+    restarted front say, counts from its start). `processes` says which roles were found."""
     wall = max(after.at - before.at, 1e-9)
 
-    def used(pid: int, main_thread: bool | None = None) -> float:
-        then = before.threads.get(pid, {})
-        total = 0.0
-        for tid, seconds in after.threads.get(pid, {}).items():
-            if main_thread is None or (tid == pid) == main_thread:
-                total += seconds - then.get(tid, 0.0)
-        return total / wall
+    def used(pid: int, part: str) -> float:
+        then = before.seconds.get(pid, (0.0, 0.0))
+        now = after.seconds.get(pid, then)
+        whole, main = now[0] - then[0], now[1] - then[1]
+        return {"whole": whole, "main": main, "others": whole - main}[part] / wall
 
     engines = [pid for pid, role in after.roles.items() if role in ("engine", "server")]
     fronts = [pid for pid, role in after.roles.items() if role == "front"]
     busy = after.machine[0] - before.machine[0]
     total = after.machine[1] - before.machine[1]
     return {
-        "engine_loop_cores": round(sum((used(pid, True) for pid in engines), 0.0), 3),
+        "processes": " ".join(sorted(after.roles.values())) or "none found",
+        "engine_loop_cores": round(sum((used(pid, "main") for pid in engines), 0.0), 3),
         # on a GPU these threads also spin while they wait for it (CUDA's default synchronization)
-        "engine_threads_cores": round(sum((used(pid, False) for pid in engines), 0.0), 3),
-        "fronts_cores": round(sum((used(pid) for pid in fronts), 0.0), 3),  # loops, decoding and gRPC threads
-        "front_loop_max_cores": round(max((used(pid, True) for pid in fronts), default=0.0), 3),
+        "engine_threads_cores": round(sum((used(pid, "others") for pid in engines), 0.0), 3),
+        "fronts_cores": round(sum((used(pid, "whole") for pid in fronts), 0.0), 3),  # loops, decoding, gRPC
+        "front_loop_max_cores": round(max((used(pid, "main") for pid in fronts), default=0.0), 3),
         "machine_busy": round(busy / total, 3) if total else None,
     }
 
 
 def limit(row: dict) -> str:
-    """What saturated first, from a row of `cores()` (and `gpu_util` where there is a GPU)."""
+    """Which part is saturated (at 90%), asked in this order: the GPU, the engine's event loop (the
+    one loop of a `--workers 1` server), a front's loop, all cores. An order of asking, not of
+    time: the numbers beside it say how close the others are."""
     if (row.get("gpu_util") or 0) >= SATURATED:
         return "GPU"
     if row["engine_loop_cores"] >= SATURATED:
-        return "engine loop" if row["fronts_cores"] else "the one process's event loop"
+        return "the one process's event loop" if row.get("workers", 1) == 1 else "engine loop"
     if row["front_loop_max_cores"] >= SATURATED:
         return "a front's event loop"
     if (row.get("machine_busy") or 0) >= SATURATED:
         return "all cores (load generator included)"
-    return "nothing at 90%: latency-bound (more concurrency would serve more)"
+    return "none at 90% (the clients' concurrency, latency or a lock)"

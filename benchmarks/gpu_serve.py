@@ -15,7 +15,7 @@ results before the next starts, into `--out` (results.json, results.md, server.l
    clients in several processes: 1 / 8 / 64 images per request, served img/s, p50/p99, mean
    batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch;
    with where the CPU went (the engine process's loop and threads, the fronts, the machine:
-   `benchmarks/cpu.py`) and what saturated first.
+   `benchmarks/cpu.py`) and which part is saturated.
 
 The model is the full `quicknet` with untrained weights (speed does not depend on them) unless
 `--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about a minute
@@ -325,7 +325,11 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "## The service", ""]
         cols = ["workers", "protocol", "client", "images_per_request", "concurrency", "requests_s", "served_img_s"]
         lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
-        lines += ["", "Where the CPU went in each case (cores busy; `benchmarks/cpu.py`) and what saturated first:", ""]
+        lines += [
+            "",
+            "Where the CPU went in each case (cores busy; `benchmarks/cpu.py`) and which part is saturated:",
+            "",
+        ]
         cpu_cols = ["engine_loop_cores", "engine_threads_cores", "fronts_cores", "front_loop_max_cores"]
         case = ["workers", "protocol", "images_per_request", "served_img_s"]
         lines += _table(doc["service"], [*case, *cpu_cols, "machine_busy", "gpu_util", "limit"])

@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import save, table
+from benchmarks.cpu import tree
 from tests.serving import REPO, start_server
 
 FRONTS = ("rest", "grpc", "kserve-rest", "kserve-grpc")
@@ -191,13 +192,7 @@ async def closed_loop(
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process and its children (front and engine processes)."""
     total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
+    for p in tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

@@ -69,21 +69,24 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
         # where the CPU went: the engine's loop always works; fronts exist only with --workers > 1
         assert row["engine_loop_cores"] > 0 and row["engine_threads_cores"] > 0, row
         assert (row["fronts_cores"] > 0) == (row["workers"] > 1) and 0 < row["machine_busy"] <= 1, row
+        assert row["processes"] == ("server" if row["workers"] == 1 else "engine front front"), row
         assert row["limit"], row
     markdown = (out / "results.md").read_text()
     assert "## The service" in markdown and "| engine_loop_cores |" in markdown and service[0]["limit"] in markdown
 
 
-def test_the_cpu_account_names_what_saturated_first():
+def test_the_cpu_account_names_the_saturated_part():
     from benchmarks.cpu import limit
 
-    idle = {"engine_loop_cores": 0.3, "front_loop_max_cores": 0.4, "fronts_cores": 0.8, "machine_busy": 0.5}
-    assert limit(idle).startswith("nothing at 90%")
+    idle = {"workers": 2, "engine_loop_cores": 0.3, "front_loop_max_cores": 0.4, "fronts_cores": 0.8}
+    idle["machine_busy"] = 0.5
+    assert limit(idle).startswith("none at 90%")
     assert limit(idle | {"machine_busy": 0.95}).startswith("all cores")
-    assert limit(idle | {"front_loop_max_cores": 0.97}) == "a front's event loop"
-    assert limit(idle | {"engine_loop_cores": 0.99}) == "engine loop"
-    assert limit(idle | {"engine_loop_cores": 0.99, "fronts_cores": 0.0}) == "the one process's event loop"
+    assert limit(idle | {"front_loop_max_cores": 0.97, "machine_busy": 0.95}) == "a front's event loop"
+    assert limit(idle | {"engine_loop_cores": 0.99, "front_loop_max_cores": 0.97}) == "engine loop"
+    assert limit(idle | {"workers": 1, "engine_loop_cores": 0.99}) == "the one process's event loop"
     assert limit(idle | {"engine_loop_cores": 0.99, "gpu_util": 0.93}) == "GPU"
+    assert limit(idle | {"gpu_util": 0.89, "machine_busy": 0.9}).startswith("all cores")  # 90% is saturated
 
 
 def test_gpu_wheels_carry_the_projects_pins():
