@@ -37,8 +37,9 @@ def _cpu_seconds(path: str) -> float:
 
 
 def tree(pid: int) -> list[int]:
-    """`pid` and its descendants alive now, found through every process's parent (gVisor, which
-    the GPU machines may run, has no /proc/<pid>/task/<pid>/children)."""
+    """`pid` and its descendants alive now, found through every process's parent: the shortcut,
+    /proc/<pid>/task/<pid>/children, needs a kernel built with it, and the GPU machines run
+    gVisor's or Firecracker's, never checked here."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
