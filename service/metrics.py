@@ -16,6 +16,16 @@ import os
 from contextvars import ContextVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as _values
+
+# In multiprocess mode prometheus-client asks os.getpid() on every sample it writes, to notice a
+# fork: a system call each time, ~10 a request in the engine process alone, and system calls are
+# what a gVisor sandbox (where the GPU machines may run) makes dearest. The pid is asked once per
+# process instead, and again in a forked child, which is all the check needs. Before any metric.
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+if _values.ValueClass is not _values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR was set at import
+    _values.ValueClass = _values.MultiProcessValue(process_identifier=lambda: _PID[0])
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

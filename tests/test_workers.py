@@ -10,6 +10,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +182,36 @@ def test_a_request_larger_than_the_fronts_ring_is_429(tmp_path):
         assert httpx.post(f"{srv.url}/classify", content=bytes(3072 * 8), headers=RAW).status_code == 200
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+FORK_AND_COUNT = """
+import os
+import sys
+from service import metrics
+
+calls = []
+sys.setprofile(lambda frame, event, arg: event == "c_call" and arg is os.getpid and calls.append(1))
+for _ in range(100):
+    metrics.IMAGES.labels("m", "rest").inc()
+sys.setprofile(None)
+assert not calls, f"{len(calls)} getpid calls for 100 samples"
+child = os.fork()
+if child == 0:
+    metrics.IMAGES.labels("m", "rest").inc(5)
+    os._exit(0)
+os.waitpid(child, 0)
+print(os.getpid(), child)
+"""
+
+
+def test_metric_samples_do_not_ask_the_pid_each_time_and_a_forked_child_keeps_its_own(tmp_path):
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", FORK_AND_COUNT], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parent, child = done.stdout.split()
+    assert {p.name for p in tmp_path.glob("counter_*.db")} == {f"counter_{parent}.db", f"counter_{child}.db"}
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, str(tmp_path))
+    assert registry.get_sample_value("quicknet_images_total", {"model": "m", "protocol": "rest"}) == 105
