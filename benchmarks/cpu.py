@@ -40,17 +40,16 @@ def tree(pid: int) -> list[int]:
     """`pid` and its descendants alive now, found through every process's parent: the shortcut,
     /proc/<pid>/task/<pid>/children, needs a kernel built with it, and the GPU machines run
     gVisor's or Firecracker's, never checked here."""
-    parents = {}
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                parents[int(entry)] = int(_stat_fields(f"/proc/{entry}/stat")[1])
+                children.setdefault(int(_stat_fields(f"/proc/{entry}/stat")[1]), []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo += [child for child, parent in parents.items() if parent == out[-1]]
+    out = [pid]
+    for p in out:  # grows as it goes: breadth first
+        out += children.get(p, [])
     return out
 
 
@@ -95,23 +94,23 @@ def cores(before: Snapshot, after: Snapshot) -> dict:
     restarted front say, counts from its start). `processes` says which roles were found."""
     wall = max(after.at - before.at, 1e-9)
 
-    def used(pid: int, part: str) -> float:
+    def used(pid: int) -> tuple[float, float]:
+        """(whole process, main thread) cores busy."""
         then = before.seconds.get(pid, (0.0, 0.0))
         now = after.seconds.get(pid, then)
-        whole, main = now[0] - then[0], now[1] - then[1]
-        return {"whole": whole, "main": main, "others": whole - main}[part] / wall
+        return (now[0] - then[0]) / wall, (now[1] - then[1]) / wall
 
-    engines = [pid for pid, role in after.roles.items() if role in ("engine", "server")]
-    fronts = [pid for pid, role in after.roles.items() if role == "front"]
+    engines = [used(pid) for pid, role in after.roles.items() if role in ("engine", "server")]
+    fronts = [used(pid) for pid, role in after.roles.items() if role == "front"]
     busy = after.machine[0] - before.machine[0]
     total = after.machine[1] - before.machine[1]
     return {
         "processes": " ".join(sorted(after.roles.values())) or "none found",
-        "engine_loop_cores": round(sum((used(pid, "main") for pid in engines), 0.0), 3),
+        "engine_loop_cores": round(sum((main for _, main in engines), 0.0), 3),
         # on a GPU these threads also spin while they wait for it (CUDA's default synchronization)
-        "engine_threads_cores": round(sum((used(pid, "others") for pid in engines), 0.0), 3),
-        "fronts_cores": round(sum((used(pid, "whole") for pid in fronts), 0.0), 3),  # loops, decoding, gRPC
-        "front_loop_max_cores": round(max((used(pid, "main") for pid in fronts), default=0.0), 3),
+        "engine_threads_cores": round(sum((whole - main for whole, main in engines), 0.0), 3),
+        "fronts_cores": round(sum((whole for whole, _ in fronts), 0.0), 3),  # loops, decoding, gRPC
+        "front_loop_max_cores": round(max((main for _, main in fronts), default=0.0), 3),
         "machine_busy": round(busy / total, 3) if total else None,
     }
 

@@ -28,14 +28,10 @@ from tests.serving import publish_shipped, start_server
 MODEL = "quicknet-xs"
 
 
-def _publish(root: Path) -> None:
-    publish_shipped(root, MODEL)
-
-
 def run(mode: str, seconds: float, concurrency: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
-        _publish(root)
+        publish_shipped(root, MODEL)
         store.set_default(root, MODEL)
         srv = start_server(Path(tmp), store=root, model_control_mode=mode, poll_interval_s=0.5, access_log=False)
         answers: list[tuple[float, float, str]] = []  # (sent, seconds, version or "FAILED")
@@ -57,7 +53,7 @@ def run(mode: str, seconds: float, concurrency: int) -> dict:
                 t.start()
             time.sleep(seconds / 2)
             published = time.monotonic()
-            _publish(root)
+            publish_shipped(root, MODEL)
             if mode == "explicit":
                 httpx.post(f"{srv.url}/v2/repository/models/{MODEL}/load", json={}, timeout=120)
             deadline = published + 120
