@@ -10,6 +10,10 @@ A presented key is hashed once and compared with every stored digest by `hmac.co
 of them each time, so neither the comparison nor the number of keys tried leaks through timing.
 Keys are never logged. The file is re-read when it changes (checked at most once a second), so
 keys rotate without a restart; a change that does not parse is logged and the old keys stay.
+
+Roles: `--admin-api-keys-file` (same format) is the admin key set. Only its keys may use the
+repository API's load and unload (`repository_refusal`); they are accepted on every other route
+too. With API keys in force and no admin file, nobody may load or unload models.
 """
 
 from __future__ import annotations
@@ -76,25 +80,35 @@ def bearer(value: str | None) -> str | None:
 
 
 class ApiKeys:
-    def __init__(self, path: Path):
+    """The keys of one or more key files (`ApiKeys(api_keys_file, admin_api_keys_file)`: a key of
+    either is accepted); each file re-read when it changes."""
+
+    def __init__(self, path: Path, *more: Path | None):
+        self.paths = [path, *(p for p in more if p is not None)]
         self.path = path
         self._stamp = self._stat()
         self._digests = self._read()
         self._checked = time.monotonic()
 
-    def _stat(self) -> tuple[int, int, int]:
-        try:
-            st = self.path.stat()
-        except OSError as e:
-            raise QuickNetError(f"cannot read the API keys file {self.path}: {e.strerror}") from None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+    def _stat(self) -> tuple:
+        stamps = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+            except OSError as e:
+                raise QuickNetError(f"cannot read the API keys file {path}: {e.strerror}") from None
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
 
     def _read(self) -> list[bytes]:
-        try:
-            text = self.path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuickNetError(f"cannot read the API keys file {self.path}: {e}") from None
-        return parse(text, str(self.path))
+        digests = []
+        for path in self.paths:
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise QuickNetError(f"cannot read the API keys file {path}: {e}") from None
+            digests += parse(text, str(path))
+        return digests
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -107,7 +121,7 @@ class ApiKeys:
                 return
             self._stamp = stamp
             self._digests = self._read()
-            log.info("API keys reloaded from %s: %d key(s)", self.path, len(self._digests))
+            log.info("API keys reloaded from %s: %d key(s)", ", ".join(map(str, self.paths)), len(self._digests))
         except QuickNetError as e:
             log.error("API keys not reloaded, the previous keys stay: %s", e)
 
@@ -120,3 +134,28 @@ class ApiKeys:
         for stored in self._digests:  # every digest, every time
             ok |= hmac.compare_digest(presented, stored)
         return ok and key is not None
+
+
+FORBIDDEN = "loading and unloading models needs an admin API key (--admin-api-keys-file)"
+NO_ADMIN_KEYS = "loading and unloading models is off: API keys are in force and this server has no admin keys"
+UNAUTHENTICATED = "missing or invalid admin API key (send Authorization: Bearer <key>)"
+
+
+class RepositoryGuard:
+    """Who may load and unload models: `refusal(authorization)` is None (allowed), or
+    `("unauthenticated" | "forbidden", one line)` for the front to answer 401 / 403 (gRPC
+    UNAUTHENTICATED / PERMISSION_DENIED). No key files: everyone (as before roles). API keys
+    without an admin file: nobody. An admin file: its keys only."""
+
+    def __init__(self, api_keys_file: Path | None, admin_api_keys_file: Path | None):
+        self.keys_in_force = api_keys_file is not None
+        self.admin = ApiKeys(admin_api_keys_file) if admin_api_keys_file is not None else None
+
+    def refusal(self, authorization: str | None) -> tuple[str, str] | None:
+        if self.admin is None:
+            return ("forbidden", NO_ADMIN_KEYS) if self.keys_in_force else None
+        if self.admin.allows(authorization):
+            return None
+        if self.keys_in_force:  # the request passed the API key check: a key, but not an admin's
+            return "forbidden", FORBIDDEN
+        return "unauthenticated", UNAUTHENTICATED

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         description="require an API key (Authorization: Bearer) on every request; one key per line, or "
         "'sha256:<hex>' hashed (`quicknet api-key` makes one); re-read when it changes",
     )
+    admin_api_keys_file: Path | None = Field(
+        None,
+        description="the admin key set (same format as --api-keys-file): only these keys may load and unload "
+        "models (the repository API); they are accepted on every route. With --api-keys-file and no admin "
+        "file, nobody may load or unload",
+    )
     open_health_endpoints: bool = Field(
         True, description="with API keys: health, readiness and /metrics answer without a key (probes, Prometheus)"
     )
@@ -158,7 +164,7 @@ class Settings(BaseSettings):
         FaultPlan.parse(spec)
         return spec
 
-    @field_validator("api_keys_file")
+    @field_validator("api_keys_file", "admin_api_keys_file")
     @classmethod
     def _keys(cls, path: Path | None) -> Path | None:
         if path is not None:

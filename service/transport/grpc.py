@@ -343,7 +343,7 @@ def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.a
         open_methods |= {f"/{health.SERVICE_NAME}/{m.name}" for m in health_methods}
         open_methods |= {m for front in fronts for m in getattr(front, "PUBLIC_METHODS", ())}
     protocols = {name: front.PROTOCOL for front in fronts for name in front.SERVICE_NAMES}
-    keys = ApiKeys(settings.api_keys_file)
+    keys = ApiKeys(settings.api_keys_file, settings.admin_api_keys_file)  # admin keys work everywhere
     return [AuthInterceptor(keys, frozenset(open_methods), protocols, log_requests=settings.access_log)]
 
 

@@ -484,7 +484,7 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         open_paths |= {r.path for r in routes if getattr(getattr(r, "endpoint", None), "open_path", False)}
         if settings.open_health_endpoints:
             open_paths |= {r.path for r in routes if getattr(getattr(r, "endpoint", None), "public", False)}
-        keys = ApiKeys(settings.api_keys_file)
+        keys = ApiKeys(settings.api_keys_file, settings.admin_api_keys_file)  # admin keys work everywhere
         unlocked = frozenset(open_paths - {None})
         app.add_middleware(AuthMiddleware, keys=keys, open_paths=unlocked, routes=routes)
     _finish_openapi(app, [m for front in fronts for m in getattr(front, "OPENAPI_SCHEMAS", ())], unlocked)
