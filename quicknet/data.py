@@ -304,7 +304,9 @@ class TensorLoader:
             cx = torch.randint(0, w, (b,), device=dev, generator=g)[:, None, None]
             ys = torch.arange(h, device=dev)[None, :, None]
             xs = torch.arange(w, device=dev)[None, None, :]
-            half = self.cutout // 2
-            hole = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
+            # rows cy - n//2 .. cy - n//2 + n - 1: exactly n x n inside the image, clipped at its edges
+            # (`abs(d) < n // 2` was one short for even n: cutout 12 was 11x11)
+            top, left = cy - self.cutout // 2, cx - self.cutout // 2
+            hole = (ys >= top) & (ys < top + self.cutout) & (xs >= left) & (xs < left + self.cutout)
             x = x.masked_fill(hole[:, None], 0.0)
         return x.contiguous()

@@ -116,11 +116,23 @@ def test_loader_augments_deterministically_and_keeps_eval_untouched(test_images)
     assert len(plain) == 8 and len(data.TensorLoader(test_images.sample(100), 64, train=False)) == 2
 
 
-def test_cutout_zeroes_a_square(test_images):
-    loader = data.TensorLoader(test_images, 32, train=True, seed=0, translate=0, cutout=8)
+@pytest.mark.parametrize("side", [5, 8, 12, 16])
+def test_cutout_zeroes_an_exact_square(test_images, side):
+    """A square fully inside the image is side x side pixels (it was (side-1)^2 for even sides);
+    one at an edge is the same square clipped."""
+    loader = data.TensorLoader(test_images, 256, train=True, seed=0, translate=0, cutout=side)
     x, _ = next(iter(loader))
-    zero_pixels = (x == 0).all(dim=1).flatten(1).sum(1)
-    assert (zero_pixels > 0).all() and (zero_pixels <= 64).all()
+    hole = (x == 0).all(dim=1)  # normalized pixels are never exactly 0 by chance
+    inside = 0
+    for mask in hole:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(mask.sum()) == height * width, "the hole is one rectangle"
+        assert height <= side and width <= side
+        if 0 < rows[0] <= rows[-1] < 31 and 0 < cols[0] <= cols[-1] < 31:
+            assert (height, width) == (side, side), f"{height}x{width} for cutout {side}"
+            inside += 1
+    assert inside >= 20
 
 
 def test_fetch_keeps_nothing_when_the_download_is_wrong(tmp_path, monkeypatch):
