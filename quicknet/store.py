@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ from quicknet.fsutil import write_text_atomic
 METADATA = "metadata.json"
 DEFAULT_FILE = "DEFAULT"
 REPO_STORE = Path(__file__).resolve().parents[1] / "model_store"
+# A model name is one folder name in the store, never a path: no '/', no '..', not hidden, and short
+# enough for any file system (a 300-character name is ENAMETOOLONG, not "not found").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 ASCII letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'"
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")  # ASCII digits only: '²'.isdigit() is True, int('²') fails
+ECHO_CHARS = 64  # at most this much of a name a client sent comes back in an error
 
 
 def default_root() -> Path:
@@ -36,6 +43,9 @@ class ModelVersion:
     metadata: dict
 
     def file(self, name: str) -> Path:
+        """A file of this version: a plain name inside its folder, never a path out of it."""
+        if not plain_file_name(name):
+            raise StoreError(f"{self.name} v{self.version}: {shown(name)} is not a file name in the version folder")
         return self.path / name
 
     @property
@@ -51,19 +61,61 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def list_models(root: Path) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and list_versions(root, p.name)
+def shown(text: object) -> str:
+    """`text` as an error message may echo it: repr'd, and cut at ECHO_CHARS."""
+    text = str(text)
+    return repr(text) if len(text) <= ECHO_CHARS else repr(text[:ECHO_CHARS]) + f"... ({len(text)} characters)"
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
+def check_name(name: object) -> str:
+    """`name` if it is a model name (one store folder), else StoreError in one line."""
+    if not valid_name(name):
+        raise InvalidName(f"{shown(name)} is not a model name: {NAME_RULE}")
+    return name  # type: ignore[return-value]
+
+
+def plain_file_name(name: object) -> bool:
+    """A file name inside a version folder: no path separators, not '.' or '..', not empty."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and len(name.encode(errors="surrogateescape")) <= 255
     )
 
 
-def list_versions(root: Path, name: str) -> list[int]:
-    model_dir = root / name
-    if not model_dir.is_dir():
+class InvalidName(StoreError):
+    """A model name that is not one store folder's name (a path, too long, odd characters)."""
+
+
+def list_models(root: Path) -> list[str]:
+    """The models with at least one published version; folders whose names are not model names
+    (hidden, staging, odd characters) are not models."""
+    try:
+        entries = [p for p in root.iterdir() if valid_name(p.name) and p.is_dir()] if root.is_dir() else []
+    except OSError:
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / METADATA).is_file())
+    return sorted(p.name for p in entries if list_versions(root, p.name))
+
+
+def list_versions(root: Path, name: str) -> list[int]:
+    """Published versions of `name` (folders named by a positive integer holding metadata.json);
+    none for a name that is not a model name, or a store that cannot be read."""
+    if not valid_name(name):
+        return []
+    model_dir = root / name
+    try:
+        if not model_dir.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in model_dir.iterdir() if VERSION_PATTERN.fullmatch(p.name) and (p / METADATA).is_file()
+        )
+    except OSError:
+        return []
 
 
 def default_model(root: Path) -> str:
@@ -77,12 +129,14 @@ def default_model(root: Path) -> str:
 
 
 def set_default(root: Path, name: str) -> None:
+    check_name(name)
     if not list_versions(root, name):
         raise StoreError(f"cannot make {name!r} the default: it has no published version in {root}")
     write_text_atomic(root / DEFAULT_FILE, name + "\n")
 
 
 def get_version(root: Path, name: str, version: int | None = None) -> ModelVersion:
+    check_name(name)
     versions = list_versions(root, name)
     if not versions:
         have = ", ".join(list_models(root)) or "none"
@@ -92,16 +146,22 @@ def get_version(root: Path, name: str, version: int | None = None) -> ModelVersi
     elif version not in versions:
         raise StoreError(f"model {name!r} has no version {version} (have: {', '.join(map(str, versions))})")
     path = root / name / str(version)
+    # messages name the version and the file in it, not where the store lives: they reach clients
+    where = f"{name} v{version}: {METADATA}"
     try:
         metadata = json.loads((path / METADATA).read_text())
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path / METADATA} is unreadable ({e}); republish this version") from None
-    _check_metadata(path / METADATA, metadata)
+    except OSError as e:
+        raise StoreError(f"{where} is unreadable ({e.strerror or type(e).__name__}); republish this version") from None
+    except ValueError as e:
+        raise StoreError(f"{where} is unreadable ({str(e)[:200]}); republish this version") from None
+    _check_metadata(where, metadata)
     return ModelVersion(name, version, path, metadata)
 
 
-def _check_metadata(where: Path, metadata: object) -> None:
-    """The shape the service relies on, so a hand-edited or damaged file is one line, not a traceback."""
+def _check_metadata(where: str, metadata: object) -> None:
+    """The shape the service relies on, so a hand-edited or damaged file is one line, not a traceback.
+    Every artifact the service can load is a file of the version folder listed in `files` with its
+    SHA-256, so `verify_files` has checked whatever loads."""
 
     def bad(what: str) -> StoreError:
         return StoreError(f"{where} is malformed: {what}; republish this version")
@@ -110,16 +170,25 @@ def _check_metadata(where: Path, metadata: object) -> None:
         raise bad("not a JSON object")
     files = metadata.get("files", {})
     if not isinstance(files, dict) or not all(
-        isinstance(k, str) and "/" not in k and isinstance(v, dict) and isinstance(v.get("sha256"), str)
-        for k, v in files.items()
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str) for k, v in files.items()
     ):
         raise bad('"files" must map file names to {"sha256": ...}')
+    for fname in files:
+        if not plain_file_name(fname):
+            raise bad(f'"files" names {shown(fname)}: a file of the version folder, not a path')
     labels = metadata.get("labels")
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise bad('"labels" must be a list of strings')
     artifacts = metadata.get("artifacts", {})
     if not isinstance(artifacts, dict) or not all(v is None or isinstance(v, str) for v in artifacts.values()):
         raise bad('"artifacts" must map kinds to file names')
+    for kind, fname in artifacts.items():
+        if fname is None:
+            continue
+        if not plain_file_name(fname):
+            raise bad(f"artifact {shown(kind)} is {shown(fname)}: a file of the version folder, not a path")
+        if fname not in files:
+            raise bad(f'artifact {shown(kind)} ({shown(fname)}) is not listed with its SHA-256 in "files"')
 
 
 def verify_files(mv: ModelVersion) -> None:
@@ -127,11 +196,15 @@ def verify_files(mv: ModelVersion) -> None:
     for fname, info in mv.metadata.get("files", {}).items():
         path = mv.file(fname)
         if not path.is_file() or sha256_file(path) != info["sha256"]:
-            raise StoreError(f"{path} is missing or altered since publish (SHA-256 mismatch); republish the model")
+            raise StoreError(
+                f"{mv.name} v{mv.version}: {fname} is missing or altered since publish (SHA-256 mismatch); "
+                "republish the model"
+            )
 
 
 def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVersion:
     """Copy `files` into the next version of `name`, with `metadata.json`; all or nothing."""
+    check_name(name)
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".staging-{uuid.uuid4().hex}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,9 +195,13 @@ class Engine:
     def policy_for(self, name: str) -> str:
         return self.settings.version_policies.get(name, self.settings.version_policy)
 
-    def plan(self) -> tuple[str, list[VersionKey]]:
+    def plan(self, strict: bool = True) -> tuple[str, list[VersionKey]]:
         """The default model and every (model, version) wanted now, checked against the store before
-        anything loads: a wrong name fails in one line, not after minutes of warm-up."""
+        anything loads: a wrong name fails in one line, not after minutes of warm-up.
+
+        `strict=False` (a running service): only the default model's problems raise; any other model
+        that cannot be planned keeps what of it is loaded (logged), and one whose every version failed
+        to load is simply not wanted (the index says why), so one broken model never blocks the rest."""
         s = self.settings
         root = s.store_root
         default_name = s.model or store.default_model(root)
@@ -206,20 +211,32 @@ class Engine:
             names = list(dict.fromkeys([default_name, *(s.models or store.list_models(root))]))
         wanted: list[VersionKey] = []
         for name in names:
-            versions = store.list_versions(root, name)
-            if not versions:
-                store.get_version(root, name)  # raises the one-line "not found" error
-            # a version that failed to load is not a candidate: the policy falls back to older ones
-            usable = [v for v in versions if self.states.get((name, v), VersionState("")).state != "UNAVAILABLE"]
-            picked = pick_versions(usable, self.policy_for(name))
-            if name == default_name and s.version is not None:
-                if s.version not in versions:
-                    store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
-                picked = sorted({*picked, s.version})
-            if not picked:
-                raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {usable}")
-            wanted += [(name, v) for v in picked]
+            try:
+                wanted += [(name, v) for v in self._pick(name, default_name)]
+            except (QuickNetError, ValueError, OSError) as e:
+                if strict or name == default_name:
+                    raise
+                log.warning("model store: %s", e)
+                wanted += [k for k in self.loaded if k[0] == name]
         return default_name, wanted
+
+    def _pick(self, name: str, default_name: str) -> list[int]:
+        s = self.settings
+        root = s.store_root
+        store.check_name(name)
+        versions = store.list_versions(root, name)
+        if not versions:
+            store.get_version(root, name)  # raises the one-line "not found" error
+        # a version that failed to load is not a candidate: the policy falls back to older ones
+        usable = [v for v in versions if self.states.get((name, v), VersionState("")).state != "UNAVAILABLE"]
+        picked = pick_versions(usable, self.policy_for(name))
+        if name == default_name and s.version is not None:
+            if s.version not in versions:
+                store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
+            picked = sorted({*picked, s.version})
+        if not picked and len(usable) == len(versions):
+            raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {usable}")
+        return picked  # empty: every candidate failed to load (UNAVAILABLE, with the reason, in the index)
 
     async def load(self) -> list[LocalModel]:
         """Start-up: load everything wanted; any failure is fatal (the service never starts broken)."""
@@ -235,8 +252,8 @@ class Engine:
         Failures are reported in the index and the log; what serves keeps serving."""
         async with self._lock:
             try:
-                default_name, wanted = self.plan()
-            except (QuickNetError, ValueError) as e:
+                default_name, wanted = self.plan(strict=False)
+            except (QuickNetError, ValueError, OSError) as e:
                 log.error("model store: %s", e)
                 return False
             changed = False
@@ -245,7 +262,11 @@ class Engine:
                     continue
                 changed |= await self._try_load(key)
             if changed:  # what just failed drops out of the plan; the versions it would replace stay
-                default_name, wanted = self.plan()
+                try:
+                    default_name, wanted = self.plan(strict=False)
+                except (QuickNetError, ValueError, OSError) as e:  # the store changed meanwhile: retire nothing
+                    log.error("model store: %s", e)
+                    wanted = list(self.loaded)
             for key in [k for k in self.loaded if k not in wanted]:
                 self._retire(key)
                 changed = True
@@ -264,9 +285,9 @@ class Engine:
         try:
             model = await self._load_version(store.get_version(self.settings.store_root, *key))
         except Exception as e:  # any failure: the reason goes to the index and the log, nothing else moves
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("cannot load %s v%d: %s", key[0], key[1], reason)
-            self._set_state(key, "UNAVAILABLE", reason)
+            self._set_state(key, "UNAVAILABLE", self.client_reason(reason))
             metrics.MODEL_LOADS.labels(key[0], "failed").inc()
             return True
         self.loaded[key] = model
@@ -279,6 +300,7 @@ class Engine:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(None, load_backend, version, self.settings)
+        await loop.run_in_executor(None, _check_labels, version, backend)
         if self.settings.warmup:
             await loop.run_in_executor(None, backend.warmup)
         if self.settings.fault_injection:
@@ -337,47 +359,88 @@ class Engine:
             listener()
 
     # --- the repository API (explicit mode loads and unloads; every mode has the index) -----------
+    # What these answer reaches clients: one line, no server paths, no list of the store's models,
+    # at most `store.ECHO_CHARS` of a name the client sent; anything unexpected is a RepositoryError.
+
+    def client_reason(self, reason: str) -> str:
+        """`reason` without server paths: the store's root is dropped (store-relative paths stay),
+        any other absolute path keeps only its last part; at most 300 characters."""
+        for root in {str(self.settings.store_root), str(self.settings.store_root.resolve())}:
+            reason = reason.replace(root.rstrip("/") + "/", "")
+        reason = _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(1), reason)
+        return reason if len(reason) <= 300 else reason[:297] + "..."
 
     def index(self, ready_only: bool = False) -> list[dict]:
         """Every model version in the store, with its state here (Triton's repository index)."""
         root = self.settings.store_root
         out = []
-        for name in store.list_models(root):
-            for version in store.list_versions(root, name):
-                st = self.states.get((name, version), VersionState("UNAVAILABLE", "not loaded"))
-                if ready_only and st.state != "READY":
-                    continue
-                out.append({"name": name, "version": str(version), "state": st.state, "reason": st.reason})
+        try:
+            for name in store.list_models(root):
+                for version in store.list_versions(root, name):
+                    st = self.states.get((name, version), VersionState("UNAVAILABLE", "not loaded"))
+                    if ready_only and st.state != "READY":
+                        continue
+                    reason = self.client_reason(st.reason)
+                    out.append({"name": name, "version": str(version), "state": st.state, "reason": reason})
+        except (OSError, ValueError) as e:
+            log.error("repository index: cannot read the model store: %r", e)
+            raise RepositoryError("cannot read the model store now; see the server log") from None
         return out
 
-    async def load_model(self, name: str) -> None:
+    def _explicit_only(self) -> None:
         if self.settings.model_control_mode != "explicit":
             raise RepositoryError(
                 f"explicit model load / unload is not allowed in model control mode "
                 f"{self.settings.model_control_mode!r}; start with --model-control-mode explicit"
             )
+
+    @staticmethod
+    def _model_name(name: object) -> str:
+        try:
+            return store.check_name(name)
+        except store.InvalidName as e:
+            raise RepositoryError(str(e)) from None
+
+    async def load_model(self, name: str) -> None:
+        """Load `name` (explicit mode); a failure answers its reason and leaves the name unrequested."""
+        self._explicit_only()
+        name = self._model_name(name)
         if not store.list_versions(self.settings.store_root, name):
-            store.get_version(self.settings.store_root, name)  # the one-line "not found" error
+            raise StoreError(f"model {store.shown(name)} is not found in the model store")  # 404
         self.requested.add(name)
         for key in [k for k, st in self.states.items() if k[0] == name and st.state == "UNAVAILABLE"]:
             del self.states[key]  # a repository load is a retry
-        await self.reconcile()
-        failed = [f"v{v}: {st.reason}" for (n, v), st in self.states.items() if n == name and st.state == "UNAVAILABLE"]
+        try:
+            await self.reconcile()
+        except Exception as e:  # a bug; the name must not stay requested, the client gets one line
+            log.exception("repository load of %s failed", name)
+            if not any(k[0] == name for k in self.loaded):
+                self.requested.discard(name)
+            raise RepositoryError(f"failed to load {store.shown(name)}; see the server log") from e
         if not any(k[0] == name for k in self.loaded):
-            raise RepositoryError(f"failed to load {name!r}: {'; '.join(failed) or 'no version loaded'}")
+            self.requested.discard(name)  # nothing of it serves: the next plan does not retry it
+            failed = [
+                f"v{v}: {self.states[(n, v)].reason}"
+                for n, v in sorted(self.states)
+                if n == name and self.states[(n, v)].state == "UNAVAILABLE"
+            ]
+            raise RepositoryError(f"failed to load {store.shown(name)}: {'; '.join(failed) or 'no version loaded'}")
 
     async def unload_model(self, name: str) -> None:
-        if self.settings.model_control_mode != "explicit":
-            raise RepositoryError(
-                f"explicit model load / unload is not allowed in model control mode "
-                f"{self.settings.model_control_mode!r}; start with --model-control-mode explicit"
-            )
+        self._explicit_only()
+        name = self._model_name(name)
         if name == self.default_name:
             raise RepositoryError(f"{name!r} is the default model (/classify answers with it): it stays loaded")
         if name not in self.requested and not any(k[0] == name for k in self.loaded):
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         self.requested.discard(name)
-        await self.reconcile()
+        try:
+            await self.reconcile()
+        except Exception as e:
+            log.exception("repository unload of %s failed", name)
+            raise RepositoryError(f"failed to unload {name!r}; see the server log") from e
+        if any(k[0] == name for k in self.loaded):  # the plan could not be made: it still serves
+            raise RepositoryError(f"{name!r} is still loaded: the model store cannot be read now; see the server log")
 
     async def poll_forever(self) -> None:
         while True:
@@ -397,4 +460,20 @@ class Engine:
 
 
 class ModelNotFoundError(LookupError):
-    """Unload of a model that is not loaded."""
+    """Load of a model the store does not have; unload of a model that is not loaded."""
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def _check_labels(version: store.ModelVersion, backend: Backend) -> None:
+    """The metadata's labels name every class the engine outputs: a mismatch fails the load in one
+    line, not every classification later with a 500."""
+    logits = np.asarray(backend.infer(np.zeros((1, 32, 32, 3), np.uint8)))
+    classes = logits.shape[-1] if logits.ndim == 2 and logits.shape[0] == 1 else None
+    if classes != len(version.labels):
+        outputs = f"{classes} classes" if classes is not None else f"shape {list(logits.shape)} for one image"
+        raise StoreError(
+            f"{version.name} v{version.version}: metadata.json has {len(version.labels)} label(s) but the model "
+            f"outputs {outputs}; republish this version"
+        )

@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from quicknet import store
 from service import metrics
+from service.auth import RepositoryGuard
 from service.batcher import NotAccepting
 from service.config import Settings
-from service.images import Limits
+from service.images import InputError, Limits
 from service.model import ModelHandle, Prediction, softmax, top_k
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Repository",
     "RepositoryError",
     "Runtime",
+    "check_model_name",
     "softmax",
     "top_k",
 ]
@@ -37,6 +40,16 @@ class ModelNotFound(Exception):
 
 class RepositoryError(Exception):
     """A repository request that cannot be done (wrong mode, the default model, a failed load)."""
+
+
+def check_model_name(name: object) -> str:
+    """`name` if it names one folder of the model store, else InputError (400 / INVALID_ARGUMENT)
+    in one line: every front checks a client's model name with this before anything else, so a
+    path (`../x`, `/tmp/x`, `./m`, `m/`) or a 300-character name never reaches the file system."""
+    try:
+        return store.check_name(name)
+    except store.InvalidName as e:
+        raise InputError(str(e), reason="bad_model_name") from None
 
 
 class Repository(Protocol):
@@ -71,6 +84,7 @@ class Runtime:
         self.ready = False
         self.draining = False
         self.repository: Repository | None = None  # set by the model source
+        self.repository_guard = RepositoryGuard(settings.api_keys_file, settings.admin_api_keys_file)
         self.stalled: str | None = None  # the engine watchdog's reason: not live while set
         self._ready_listeners: list[Callable[[bool], None]] = []
 
@@ -86,7 +100,9 @@ class Runtime:
     def serving(self, name: str | None = None, version: str | int | None = None) -> ModelHandle:
         """The model version to run a request on, if the service is taking work and its queue has
         room: every front's one gate. No name: the default model (what `/classify` and the
-        Classifier gRPC service answer with)."""
+        Classifier gRPC service answer with). A name that is not a model name is 400 first."""
+        if name is not None:
+            check_model_name(name)
         if self.draining:
             raise NotAccepting("server is shutting down; retry on another replica", "draining")
         if not self.ready or self.default is None:
@@ -105,7 +121,7 @@ class Runtime:
         return self.ready and not self.draining
 
     def get(self, name: str, version: str | int | None = None) -> ModelHandle:
-        versions = self.models.get(name)
+        versions = self.models.get(check_model_name(name))
         if not versions:
             raise ModelNotFound(f"model {name!r} is not served (serving: {', '.join(sorted(self.models)) or 'none'})")
         if version in (None, ""):
@@ -113,7 +129,7 @@ class Runtime:
         try:
             number = int(version)  # type: ignore[arg-type]
         except ValueError:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}") from None
+            raise ModelNotFound(f"model {name!r} has no version {store.shown(version)}") from None
         if number not in versions:
             have = ", ".join(map(str, sorted(versions)))
             raise ModelNotFound(f"model {name!r} has no version {number} (have: {have})")

@@ -31,8 +31,8 @@ from service.kserve import (
     serialize_bytes_tensor,
 )
 from service.model import ModelHandle
-from service.runtime import Runtime
-from service.transport.grpc import deadline_of, to_rpc_error, unary_call
+from service.runtime import Runtime, check_model_name
+from service.transport.grpc import RpcError, deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
 PROTO_FILE = pb.DESCRIPTOR
@@ -81,6 +81,18 @@ def _response(request: pb.ModelInferRequest, mr: ModelHandle, logits: np.ndarray
             reply.outputs.add(name=OUTPUT, datatype="FP32", shape=list(logits.shape))
             reply.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
     return reply
+
+
+def _repository_action(runtime: Runtime, context: grpc.aio.ServicerContext, name: str) -> str:
+    """Load and unload: an admin key when keys are in force, then a model name (INVALID_ARGUMENT)."""
+    metadata = context.invocation_metadata() or ()
+    authorization = next((v for k, v in metadata if k == "authorization" and isinstance(v, str)), None)
+    refusal = runtime.repository_guard.refusal(authorization)
+    if refusal is not None:
+        reason, message = refusal
+        code = grpc.StatusCode.UNAUTHENTICATED if reason == "unauthenticated" else grpc.StatusCode.PERMISSION_DENIED
+        raise RpcError(code, message.replace("Authorization: Bearer", "authorization: Bearer"), reason)
+    return check_model_name(name)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -175,14 +187,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         async def run(request, context):
-            await self.runtime.repository.load(request.model_name)
+            await self.runtime.repository.load(_repository_action(self.runtime, context, request.model_name))
             return pb.RepositoryModelLoadResponse()
 
         return await unary_call(PROTOCOL, "RepositoryModelLoad", run, request, context)
 
     async def RepositoryModelUnload(self, request, context):
         async def run(request, context):
-            await self.runtime.repository.unload(request.model_name)
+            await self.runtime.repository.unload(_repository_action(self.runtime, context, request.model_name))
             return pb.RepositoryModelUnloadResponse()
 
         return await unary_call(PROTOCOL, "RepositoryModelUnload", run, request, context)

@@ -26,8 +26,15 @@ from service.kserve import (
     schemas,
     serialize_bytes_tensor,
 )
-from service.runtime import Runtime
-from service.transport.http import deadline_from_header, parse_json, public, read_body, run_unless_disconnected
+from service.runtime import Runtime, check_model_name
+from service.transport.http import (
+    HTTPError,
+    deadline_from_header,
+    parse_json,
+    public,
+    read_body,
+    run_unless_disconnected,
+)
 from service.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "kserve-rest"
@@ -197,6 +204,17 @@ def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dic
     return tensors, blobs
 
 
+def _repository_action(runtime: Runtime, request: Request, name: str) -> str:
+    """Load and unload: an admin key when keys are in force (401 / 403), then a model name (400)."""
+    refusal = runtime.repository_guard.refusal(request.headers.get("authorization"))
+    if refusal is not None:
+        reason, message = refusal
+        if reason == "unauthenticated":
+            raise HTTPError(401, message, reason, {"WWW-Authenticate": 'Bearer realm="quicknet"'})
+        raise HTTPError(403, message, reason)
+    return check_model_name(name)
+
+
 def router(runtime: Runtime) -> APIRouter:
     app = APIRouter()
 
@@ -272,13 +290,15 @@ def router(runtime: Runtime) -> APIRouter:
         responses=answers(
             schemas.RepositoryAction,
             "loaded and warmed up: its versions are served",
-            (400, "not in explicit model control mode, or no version of the model loaded"),
+            (400, "not a model name, not in explicit model control mode, or no version of the model loaded (why)"),
+            (401, "an admin key is needed and none valid was sent"),
+            (403, "API keys are in force and the key is not an admin key"),
             (404, "the store has no such model"),
             _ENGINE_GONE,
         ),
     )
-    async def repository_load(name: str) -> dict:
-        await runtime.repository.load(name)
+    async def repository_load(name: str, request: Request) -> dict:
+        await runtime.repository.load(_repository_action(runtime, request, name))
         return {}
 
     @app.post(
@@ -289,13 +309,15 @@ def router(runtime: Runtime) -> APIRouter:
         responses=answers(
             schemas.RepositoryAction,
             "unloaded: its versions are no longer served",
-            (400, "not in explicit model control mode, or the default model (it stays loaded)"),
+            (400, "not a model name, not in explicit model control mode, or the default model (it stays loaded)"),
+            (401, "an admin key is needed and none valid was sent"),
+            (403, "API keys are in force and the key is not an admin key"),
             (404, "no such model is loaded"),
             _ENGINE_GONE,
         ),
     )
-    async def repository_unload(name: str) -> dict:
-        await runtime.repository.unload(name)
+    async def repository_unload(name: str, request: Request) -> dict:
+        await runtime.repository.unload(_repository_action(runtime, request, name))
         return {}
 
     @app.get(
