@@ -54,7 +54,7 @@ def _one_line(message: str, limit: int = 400) -> None:
 @pytest.mark.parametrize("name", [*PATH_NAMES, "", ".hidden", "a b", "a..b", "x" * 65, "²", "m\0"])
 def test_a_model_name_is_one_store_folder(tmp_path, name):
     root = _store(tmp_path, MODEL)
-    with pytest.raises(store.InvalidName, match="is not a model name") as err:
+    with pytest.raises(StoreError, match="is not a model name") as err:
         store.get_version(root, name)
     _one_line(str(err.value), 200)
     assert store.list_versions(root, name) == []
@@ -107,6 +107,12 @@ def test_a_file_listed_as_a_path_is_refused(tmp_path):
 
 
 # --- the engine: failed loads, odd names and folders (in this process) ---------------------------------
+
+
+def _odd_version(model: Path) -> None:
+    """`<model>/²/metadata.json`: '²'.isdigit() is True, and int('²') raises."""
+    (model / "²").mkdir()
+    shutil.copy(model / "1" / store.METADATA, model / "²" / store.METADATA)
 
 
 def _settings(root: Path, **extra) -> Settings:
@@ -178,8 +184,8 @@ def test_a_failed_load_says_why_and_the_repository_keeps_working(tmp_path, break
 def test_odd_names_and_folders_never_crash_the_engine(tmp_path, mode):
     root = _store(tmp_path, MODEL, "twin")
     evil = _store(tmp_path / "outside", "evil")
-    (root / MODEL / "²").mkdir()  # a start in any mode and the index both list versions
-    (root / "twin" / "²").mkdir()
+    for name in (MODEL, "twin"):  # a start in any mode and the index both list versions
+        _odd_version(root / name)
 
     async def scenario() -> None:
         engine = Engine(_settings(root, model_control_mode=mode))
@@ -308,7 +314,7 @@ def test_rest_names_are_checked_before_the_repository(tmp_path, name):
 def test_the_repository_api_over_both_protocols(tmp_path, workers):
     root = _store(tmp_path, MODEL, "twin", "broken")
     _sha_mismatch(root / "broken" / "1")
-    (root / MODEL / "²").mkdir()
+    _odd_version(root / MODEL)
     evil = _store(tmp_path / "x", "evil")  # a model outside the store, where a path name would reach
     keys, admin = tmp_path / "keys", tmp_path / "admin-keys"
     keys.write_text(KEY + "\n")
