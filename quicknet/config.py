@@ -11,7 +11,7 @@ def _opt(default, help: str):
 
 @dataclass
 class TrainConfig:
-    model: str = _opt("quicknet", "variant: quicknet, quicknet-s or quicknet-xs")
+    model: str = _opt("quicknet", "variant: quicknet, quicknet-res, quicknet-s or quicknet-xs")
     epochs: int = _opt(10, "epochs (with --time-budget-s: the most it may plan)")
     batch_size: int = _opt(256, "images per step")
     lr: float = _opt(0.2, "peak learning rate for batch 256; scaled linearly with the batch size")
@@ -34,3 +34,8 @@ class TrainConfig:
     train_subset: int | None = _opt(None, "train on a fixed random subset of N images (smoke runs)")
     eval_subset: int | None = _opt(None, "evaluate on a fixed random subset of N test images")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last)")
+    plan_after_epochs: int = _opt(
+        1,
+        "with --time-budget-s: plan after this many epochs (2 when other jobs share the GPU and may "
+        "still be compiling during the first; the warmup should cover them)",
+    )

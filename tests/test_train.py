@@ -7,7 +7,7 @@ import torch
 
 from quicknet.config import TrainConfig
 from quicknet.data import Dataset, TensorLoader
-from quicknet.train import accuracy, load_checkpoint, train
+from quicknet.train import accuracy, load_checkpoint, plan_epochs, train
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
@@ -83,7 +83,7 @@ def test_stop_and_resume_equals_the_straight_run(cifar: Dataset, tmp_path, stop)
     assert len(list(run.glob("model-*.pt"))) == 1, "superseded step files are removed"
 
 
-def test_time_budget_plans_the_epochs(cifar: Dataset, tmp_path):
+def test_time_budget_plans_the_epochs(cifar: Dataset, tmp_path, monkeypatch):
     generous = train(
         TrainConfig(**TINY, epochs=3, train_subset=128, time_budget_s=1e6), cifar, tmp_path / "a", progress=False
     )
@@ -92,9 +92,98 @@ def test_time_budget_plans_the_epochs(cifar: Dataset, tmp_path):
     spent = train(TrainConfig(**TINY, epochs=3, train_subset=128, time_budget_s=1e-6), cifar, tmp_path / "b")
     assert [h["epoch"] for h in spent.history] == [1] and spent.planned_epochs == 1
     assert not spent.stopped_early
-    budget = 4.0  # a few epochs of this tiny run: the plan must end the schedule inside it
+    # A fake clock (a loaded machine must not change the plan): epoch 1 trains 2.25 s, its first
+    # evaluation is cold (1.0 s) and is timed again warm (0.1 s; no EMA here), then an epoch is 0.5 s
+    # of training and 0.1 of evaluation: 1 + int(0.93 * (6.2 - 3.35 - 0.1) / 0.6) = 5 epochs, ending
+    # at 5.75 s. (Planning from the cold evaluation planned 2.)
+    _replay_timings(
+        monkeypatch, step_seconds=lambda i: 2.0 if i == 0 else 0.25, eval_seconds=lambda i: 1.0 if i == 0 else 0.1
+    )
+    budget = 6.2
     fitted = train(TrainConfig(**TINY, epochs=200, train_subset=128, time_budget_s=budget), cifar, tmp_path / "c")
-    assert 1 <= fitted.planned_epochs < 200 and not fitted.stopped_early
-    assert [h["epoch"] for h in fitted.history] == list(range(1, fitted.planned_epochs + 1))
+    assert fitted.planned_epochs == 5 and not fitted.stopped_early
+    assert [h["epoch"] for h in fitted.history] == [1, 2, 3, 4, 5]
     assert fitted.history[-1]["lr"] == 0.0, "the LR schedule decays to zero at the planned end"
-    assert fitted.seconds <= budget * 1.5, f"{fitted.seconds:.1f}s for a {budget}s budget"
+    assert fitted.seconds == pytest.approx(5.75), f"{fitted.seconds:.1f}s for a {budget}s budget"
+
+
+class _FakeClock:
+    """`time` for quicknet.train: the clock moves only when the fakes below say so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _replay_timings(monkeypatch, step_seconds, eval_seconds):
+    """Training steps and evaluations take the given seconds of a fake clock: `step_seconds(i)` for
+    the i-th training step, `eval_seconds(i)` for the i-th evaluation (both counted from 0)."""
+    import quicknet.train as train_mod
+
+    clock = _FakeClock()
+    counts = {"steps": 0, "evals": 0}
+
+    class TimedLoader(TensorLoader):
+        def batches(self, order=None, start=0):
+            for batch in super().batches(order, start):
+                if self.train:
+                    clock.now += step_seconds(counts["steps"])
+                    counts["steps"] += 1
+                yield batch
+
+    def timed_evaluate(model, loader, device):
+        clock.now += eval_seconds(counts["evals"])
+        counts["evals"] += 1
+        return 0.5, 1.0
+
+    monkeypatch.setattr(train_mod, "time", clock)
+    monkeypatch.setattr(train_mod, "TensorLoader", TimedLoader)
+    monkeypatch.setattr(train_mod, "evaluate", timed_evaluate)
+
+
+def test_the_planner_replays_the_first_gpu_run(cifar: Dataset, tmp_path, monkeypatch):
+    """2026-12-04 on an H200: epoch 1 took 46.1 s (torch.compile), 1.32 s a steady epoch, and the
+    first evaluation (model, then EMA) 3.6 s cold against 0.2 s warm; 353.4 s to plan in. Planning
+    from the cold evaluation gave 58 epochs and ended at 161 s of 390; a warm one plans 186."""
+    spe = 2  # 128 images at batch 64: the fake clock stands in for 98 steps of 512
+    _replay_timings(
+        monkeypatch,
+        step_seconds=lambda i: 46.08 - 0.66 if i == 0 else 1.32 / spe,
+        eval_seconds=lambda i: 3.5 if i == 0 else 0.1,
+    )
+    cfg = TrainConfig(**{**TINY, "ema_decay": 0.999}, epochs=200, train_subset=128, time_budget_s=353.4)
+    result = train(cfg, cifar, tmp_path, progress=False, stop_at_step=spe)
+    first = result.history[0]
+    assert first["steady_epoch_seconds"] == 1.32 and first["elapsed_s"] == pytest.approx(49.68)
+    assert first["planned_epochs"] == 186, first
+
+
+def test_the_planner_charges_evaluation_per_eval_every():
+    common = dict(budget_s=353.4, elapsed_s=49.68, done=1, steady_epoch_s=1.32, eval_s=0.2, max_epochs=1000)
+    assert plan_epochs(**common, eval_every=1) == 186
+    # 0.05 s of evaluation an epoch instead of 0.2: 1 + 0.93 * 303.52 / 1.37 epochs
+    assert plan_epochs(**common, eval_every=4) == 207
+    assert plan_epochs(**common, eval_every=1, safety=1.0) == 200  # 1 + 303.52 / 1.52
+    assert plan_epochs(**{**common, "max_epochs": 100}, eval_every=1) == 100
+    assert plan_epochs(**{**common, "elapsed_s": 400.0}, eval_every=1) == 1, "a spent budget plans what is done"
+
+
+def test_the_planner_can_wait_for_a_shared_gpu(cifar: Dataset, tmp_path, monkeypatch):
+    """With `plan_after_epochs=2` the plan is made from the second epoch as measured (other arms on
+    the GPU have finished compiling by then), and the first one's slow half is never used."""
+    _replay_timings(
+        monkeypatch,
+        step_seconds=lambda i: {0: 60.0, 1: 0.5}.get(i, 2.0),  # epoch 2: 4 s, three arms sharing
+        eval_seconds=lambda i: 3.5 if i == 0 else 0.3,
+    )
+    cfg = TrainConfig(
+        **{**TINY, "ema_decay": 0.999}, epochs=200, train_subset=128, time_budget_s=400.0, plan_after_epochs=2
+    )
+    result = train(cfg, cifar, tmp_path, progress=False, stop_at_step=4)
+    assert "planned_epochs" not in result.history[0]
+    second = result.history[1]
+    assert second["steady_epoch_seconds"] == 4.0 and second["eval_seconds"] == pytest.approx(0.6)
+    left = 400.0 - second["elapsed_s"] - 0.6
+    assert second["planned_epochs"] == 2 + int(0.93 * left / 4.6)
