@@ -12,6 +12,12 @@ twice as wide. It is *not* the author's code; its numbers are ours.
 
 `quicknet` has ~3.48 M parameters and ~0.49 G multiply-adds per 32x32 image; `quicknet-s` and
 `quicknet-xs` scale every width by 0.5 and 0.25 for CPUs.
+
+`quicknet-res` departs from the paper: the same layers with an identity shortcut around every
+separable block whose input and output widths agree (6 of the 8; `y = x + block(x)`), as Xception
+does around its separable modules and airbench96 around its last two convolutions a stage. Same
+parameters and multiply-adds (the shortcuts are additions). `fold.py` and the exporter's
+`folded_spec` do not know the shortcut yet: fold raises on it rather than drop it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class ArchConfig:
     dropout: float = 0.5
     num_classes: int = NUM_CLASSES
     prelu_init: float = 0.25
+    residual: bool = False  # identity shortcut around each separable block that keeps its width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +51,7 @@ class ArchConfig:
         return cls(**{**d, "stages": tuple(tuple(s) for s in d["stages"])})
 
 
-def _scaled(name: str, width: float) -> ArchConfig:
+def _scaled(name: str, width: float, residual: bool = False) -> ArchConfig:
     def w(c: int) -> int:
         return int(c * width)
 
@@ -52,6 +59,7 @@ def _scaled(name: str, width: float) -> ArchConfig:
         name=name,
         stem=w(256),
         stages=((w(256),) * 2, (w(512),) * 3, (w(1024),) * 3),
+        residual=residual,
     )
 
 
@@ -59,6 +67,7 @@ VARIANTS: dict[str, ArchConfig] = {
     "quicknet": _scaled("quicknet", 1.0),
     "quicknet-s": _scaled("quicknet-s", 0.5),
     "quicknet-xs": _scaled("quicknet-xs", 0.25),
+    "quicknet-res": _scaled("quicknet-res", 1.0, residual=True),
 }
 
 
@@ -96,6 +105,18 @@ class SeparableBlock(nn.Module):
         return self.act(self.bn(self.pointwise(self.depthwise(x))))
 
 
+class ResidualSeparableBlock(nn.Module):
+    """`x + block(x)` around a separable block of equal widths (quicknet-res). Not a subclass of
+    SeparableBlock, so that code folding separable blocks fails on it instead of dropping the `x`."""
+
+    def __init__(self, channels: int, prelu_init: float):
+        super().__init__()
+        self.block = SeparableBlock(channels, channels, prelu_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
 class QuickNet(nn.Module):
     """Takes float NCHW images already normalized; `fold.py` builds the uint8 serving graph."""
 
@@ -108,7 +129,10 @@ class QuickNet(nn.Module):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
             for cout in stage:
-                layers.append(SeparableBlock(cin, cout, cfg.prelu_init))
+                if cfg.residual and cin == cout:
+                    layers.append(ResidualSeparableBlock(cout, cfg.prelu_init))
+                else:
+                    layers.append(SeparableBlock(cin, cout, cfg.prelu_init))
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(cfg.dropout)

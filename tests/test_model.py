@@ -15,7 +15,7 @@ def test_quicknet_matches_the_papers_size():
 
 
 def test_width_variants_shrink_roughly_quadratically():
-    full, s, xs = (count_params(build_model(n)) for n in VARIANTS)
+    full, s, xs = (count_params(build_model(n)) for n in ("quicknet", "quicknet-s", "quicknet-xs"))
     assert 3.5 < full / s < 4.5 and 3.5 < s / xs < 4.5
 
 
@@ -23,6 +23,22 @@ def test_width_variants_shrink_roughly_quadratically():
 def test_forward_shape(name):
     out = build_model(name).eval()(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
+
+
+def test_quicknet_res_adds_identity_shortcuts_and_nothing_else():
+    from quicknet.fold import fold
+    from quicknet.model import ArchConfig, ResidualSeparableBlock
+
+    plain, res = build_model("quicknet"), build_model("quicknet-res")
+    assert count_params(res) == count_params(plain) and count_macs(res.cfg) == count_macs(plain.cfg)
+    shortcuts = [m for m in res.features if isinstance(m, ResidualSeparableBlock)]
+    assert len(shortcuts) == 6, "every separable block that keeps its width: 2 + 2 + 2"
+    x = torch.randn(1, 256, 8, 8)
+    assert torch.allclose(shortcuts[0].eval()(x), x + shortcuts[0].block(x))
+    with pytest.raises(TypeError, match="ResidualSeparableBlock"):  # never folded without its shortcut
+        fold(res)
+    old = {k: v for k, v in plain.cfg.to_dict().items() if k != "residual"}  # checkpoints from before the field
+    assert ArchConfig.from_dict(old) == plain.cfg
 
 
 def test_unknown_model_is_a_clear_error():
