@@ -43,8 +43,9 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/v2/health/live"): {400},
     ("get", "/v2/health/ready"): {400},
     ("post", "/v2/repository/index"): {400, 408, 413, 503},
-    ("post", "/v2/repository/models/{name}/load"): {400, 404, 503},
-    ("post", "/v2/repository/models/{name}/unload"): {400, 404, 503},
+    # load / unload: 401 and 403 from the admin key set (`--admin-api-keys-file`), with or without API keys
+    ("post", "/v2/repository/models/{name}/load"): {400, 401, 403, 404, 503},
+    ("post", "/v2/repository/models/{name}/unload"): {400, 401, 403, 404, 503},
     ("get", "/v2/models/stats"): {503},
     **{
         ("get", base + suffix): statuses
