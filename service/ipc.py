@@ -436,6 +436,9 @@ class EngineServer:
             outbox.send(("error", request_id, "not_found", str(e), None))
         except RepositoryError as e:
             outbox.send(("error", request_id, "repository", str(e), None))
+        except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting
+            log.exception("repository %s failed in the engine process", method)
+            outbox.send(("error", request_id, "repository", f"repository {method} failed; see the server log", None))
         else:
             outbox.send(("result", request_id, result))
 

@@ -394,3 +394,27 @@ def _wait_unloaded(url: str, name: str, headers: dict, timeout: float = 30) -> N
     while httpx.get(f"{url}/v2/models/{name}/ready", headers=headers).status_code != 404:
         assert time.monotonic() < deadline, f"{name} still served"
         time.sleep(0.1)
+
+
+def test_a_bug_in_a_repository_call_still_answers_the_front_process():
+    """With front processes, an exception the engine did not expect must still answer the front:
+    before, the engine's task died and the front's request waited forever."""
+    from service.ipc import EngineServer
+
+    class Broken:
+        def index(self, ready_only: bool) -> list[dict]:
+            raise OSError(36, "File name too long")
+
+    class Outbox:
+        def __init__(self) -> None:
+            self.sent: list[tuple] = []
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    outbox = Outbox()
+    asyncio.run(EngineServer("unused", Broken())._repository_call(outbox, 7, "index", (False,)))
+    ((kind, request_id, reason, message, _),) = outbox.sent
+    assert (kind, request_id, reason) == ("error", 7, "repository")
+    _one_line(message)
+    assert "File name too long" not in message
