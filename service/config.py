@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="REST: a request head not complete this many seconds after its first byte gets 408"
     )
+    max_header_bytes: int = Field(
+        64 << 10, ge=1024, description="REST: a request head (request line and headers) over this many bytes gets 431"
+    )
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="REST: a request body not fully received within this many seconds gets 408"
     )

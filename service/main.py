@@ -68,16 +68,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+def printable(text: str) -> str:
+    """`text` with every control or other non-printable character escaped (`\\x0a`, `\\u2028`): a
+    client's path or header can put no line break, carriage return or terminal escape in a log."""
+    if text.isprintable():  # the usual line: one C call
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+
+
 class TextFormatter(logging.Formatter):
-    """Plain lines; a request's lines end with its id, so one grep finds a request in every log."""
+    """Plain lines; a request's lines end with its id, so one grep finds a request in every log.
+    One record is one line (a traceback follows on lines of its own): every field is escaped
+    (`printable`), so `GET /x%0A<forged line>` cannot forge a line. JSON lines escape by themselves."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
-        return f"{line} request_id={request_id}" if request_id else line
+        return f"{line} request_id={printable(str(request_id))}" if request_id else line
 
 
 def configure_logging(settings: Settings) -> None:
@@ -249,7 +262,12 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
             timeout_keep_alive=settings.http_idle_timeout_s,
-            http=protocol_for(settings.header_timeout_s, settings.http_idle_timeout_s, settings.body_read_timeout_s),
+            http=protocol_for(
+                settings.header_timeout_s,
+                settings.http_idle_timeout_s,
+                settings.body_read_timeout_s,
+                settings.max_header_bytes,
+            ),
             **_tls_options(settings),
         )
     )

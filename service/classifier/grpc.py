@@ -81,6 +81,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _classify_batch(
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
+        check_count(len(request.images), self.runtime.limits)  # before millions of empty Images are copied out
         model, rows = await self._classify(list(request.images), request.top_k, context)
         return pb.ClassifyBatchResponse(
             model=model.name,

@@ -12,10 +12,11 @@ classification extension (`"classification": k`) BYTES [N,k] strings `"score:ind
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
-from service.images import PIXELS_PER_IMAGE, InputError, Limits, check_count, decode_images
+from service.images import PIXELS_PER_IMAGE, InputError, Limits, check_count, clip, decode_images
 from service.model import ModelHandle, softmax
 from service.runtime import Runtime
 
@@ -62,10 +63,13 @@ async def model_statistics(model: ModelHandle) -> dict:
     return {"name": model.name, "version": str(model.version), **(await model.statistics())}
 
 
-def parse_bytes_tensor(raw: bytes) -> list[bytes]:
-    """The binary form of a BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
+def parse_bytes_tensor(raw: bytes, most: int | None = None) -> list[bytes]:
+    """The binary form of a BYTES tensor: each element is a 4-byte little-endian length, then the
+    bytes. Past `most` elements it stops: the count no longer matches the shape, whatever follows."""
     out, offset = [], 0
     while offset < len(raw):
+        if most is not None and len(out) > most:
+            break
         if offset + 4 > len(raw):
             raise InputError("BYTES tensor is truncated: a length prefix is cut off")
         (n,) = struct.unpack_from("<I", raw, offset)
@@ -93,36 +97,77 @@ def _integers(values) -> np.ndarray:
     return array.reshape(-1)
 
 
+MAX_ECHO_DIMS = 5
+
+
+def shape_text(shape) -> str:
+    """A client's shape as an error echoes it: its first dimensions, then how many there are
+    (a 1 M-dimension shape echoed whole was a 3.4 MB answer, and overflowed gRPC's status)."""
+    dims = ", ".join(str(d) for d in shape[:MAX_ECHO_DIMS])
+    more = f", … ({len(shape)} dims)" if len(shape) > MAX_ECHO_DIMS else ""
+    return f"[{clip(dims, 80)}{more}]"
+
+
+def _echo(value: object) -> str:
+    return clip(repr(value), 40)
+
+
 def decode_input(
-    name: str, datatype: str, shape: list[int], limits: Limits, *, raw: bytes | None = None, values: list | None = None
+    name: str,
+    datatype: str,
+    shape: list[int],
+    limits: Limits,
+    *,
+    raw: bytes | None = None,
+    values: Sequence | None = None,
 ) -> np.ndarray:
-    """One KServe input tensor → uint8 NHWC images. `raw` is the binary form, `values` the typed one."""
+    """One KServe input tensor → uint8 NHWC images. `raw` is the binary form, `values` the typed
+    one: a JSON list (flat or nested; its size is bounded before it is parsed) or a flat sequence
+    (gRPC's repeated field), whose length is checked before any element is copied."""
     if name != INPUT:
-        raise InputError(f"unknown input {name!r}: this model takes {INPUT!r}")
+        raise InputError(f"unknown input {_echo(name)}: this model takes {INPUT!r}")
     if datatype == "UINT8":
         if len(shape) != 4 or list(shape[1:]) != [32, 32, 3] or shape[0] < 1:
-            raise InputError(f"input {INPUT!r} of datatype UINT8 must have shape [N,32,32,3], got {list(shape)}")
+            raise InputError(f"input {INPUT!r} of datatype UINT8 must have shape [N,32,32,3], got {shape_text(shape)}")
         n = int(shape[0])
         check_count(n, limits)
         expected = n * PIXELS_PER_IMAGE
         if raw is not None:
             if len(raw) != expected:
-                raise InputError(f"input {INPUT!r} has {len(raw)} bytes; shape {list(shape)} UINT8 needs {expected}")
+                raise InputError(
+                    f"input {INPUT!r} has {len(raw)} bytes; shape {shape_text(shape)} UINT8 needs {expected}"
+                )
             return np.frombuffer(raw, dtype=np.uint8).reshape(n, 32, 32, 3)
-        flat = _integers(values if values is not None else [])
+        if values is not None and not isinstance(values, list):  # flat: counted, then copied at C speed
+            if len(values) != expected:
+                raise InputError(
+                    f"input {INPUT!r} has {len(values)} values; shape {shape_text(shape)} needs {expected}"
+                )
+            flat = np.fromiter(values, dtype=np.int64, count=expected)
+        else:
+            flat = _integers(values if values is not None else [])
         if flat.size != expected:
-            raise InputError(f"input {INPUT!r} has {flat.size} values; shape {list(shape)} needs {expected}")
+            raise InputError(f"input {INPUT!r} has {flat.size} values; shape {shape_text(shape)} needs {expected}")
         if flat.size and (flat.min() < 0 or flat.max() > 255):
             raise InputError(f"input {INPUT!r} has values outside 0..255 for UINT8")
         return flat.astype(np.uint8).reshape(n, 32, 32, 3)
     if datatype == "BYTES":
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise InputError(f"input {INPUT!r} of datatype BYTES must have shape [N] or [N,1], got {list(shape)}")
-        blobs = parse_bytes_tensor(raw) if raw is not None else list(values or [])
-        if len(blobs) != shape[0]:
-            raise InputError(f"input {INPUT!r} holds {len(blobs)} elements; shape {list(shape)} says {shape[0]}")
-        return decode_images(blobs, limits)
-    raise InputError(f"input {INPUT!r} must be UINT8 [N,32,32,3] or BYTES [N] (encoded images), got {datatype}")
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 0:
+            raise InputError(f"input {INPUT!r} of datatype BYTES must have shape [N] or [N,1], got {shape_text(shape)}")
+        n = int(shape[0])
+        check_count(n, limits)  # the declared count, before any element is split out or copied
+        if raw is not None:
+            blobs = parse_bytes_tensor(raw, most=n)
+            held = f"more than {n}" if len(blobs) > n else str(len(blobs))
+        else:
+            blobs = values if values is not None else []
+            held = str(len(blobs))
+        if len(blobs) != n:
+            raise InputError(f"input {INPUT!r} holds {held} elements; shape {shape_text(shape)} says {n}")
+        return decode_images(list(blobs), limits)
+    raise InputError(
+        f"input {INPUT!r} must be UINT8 [N,32,32,3] or BYTES [N] (encoded images), got {clip(str(datatype), 40)}"
+    )
 
 
 def classification(logits: np.ndarray, k: int, labels: list[str]) -> list[list[bytes]]:

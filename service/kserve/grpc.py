@@ -60,7 +60,7 @@ def _images(request: pb.ModelInferRequest, runtime: Runtime) -> np.ndarray:
             tensor.name, tensor.datatype, list(tensor.shape), runtime.limits, raw=request.raw_input_contents[0]
         )
     field = _TYPED_FIELDS.get(tensor.datatype)
-    values = list(getattr(tensor.contents, field)) if field else []
+    values = getattr(tensor.contents, field) if field else []  # counted before copied (12 M entries took ~0.6 s)
     return decode_input(tensor.name, tensor.datatype, list(tensor.shape), runtime.limits, values=values)
 
 
@@ -69,7 +69,7 @@ def _response(request: pb.ModelInferRequest, mr: ModelHandle, logits: np.ndarray
     wanted = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT)]
     for out in wanted:
         if out.name != OUTPUT:
-            raise InputError(f"unknown output {out.name!r}: have {OUTPUT!r}")
+            raise InputError(f"unknown output {out.name[:40]!r}: have {OUTPUT!r}")
         k = _param(out.parameters, "classification")
         if k is not None:
             if not isinstance(k, int) or isinstance(k, bool):

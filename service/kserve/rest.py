@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics, tracing
-from service.images import InputError
+from service.images import PIXELS_PER_IMAGE, InputError, Limits
 from service.kserve import (
     EXTENSIONS,
     INPUT,
@@ -106,18 +106,26 @@ INFER_RESPONSES[200]["headers"] = {
 _ENGINE_GONE = (503, "`--workers`: the engine process is not connected; retry shortly")
 
 
-def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def max_json_values(limits: Limits) -> int:
+    """The most values an inference request's JSON can hold within the limits (every pixel of the
+    most images, and room for the rest); a longer one is refused before it is parsed."""
+    return limits.max_images * PIXELS_PER_IMAGE + 256
+
+
+def _parse_body(body: bytes, header_length: str | None, max_values: int | None = None) -> tuple[dict, bytes]:
     if header_length is None:
         json_part, binary = body, b""
     else:
         try:
             n = int(header_length)
         except ValueError:
-            raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+            raise InputError(
+                f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}"
+            ) from None
         if not 0 < n <= len(body):
             raise InputError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         json_part, binary = body[:n], body[n:]
-    doc = parse_json(json_part, "inference request")
+    doc = parse_json(json_part, "inference request", max_values)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InputError('inference request needs "inputs": a non-empty list of tensors')
     if not isinstance(doc.get("id", ""), str):
@@ -178,7 +186,8 @@ def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dic
     tensors, blobs = [], []
     for out in wanted:
         if not isinstance(out, dict) or out.get("name") != OUTPUT:
-            raise InputError(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: have {OUTPUT!r}")
+            unknown = repr(out.get("name") if isinstance(out, dict) else out)[:40]
+            raise InputError(f"unknown output {unknown}: have {OUTPUT!r}")
         params = _object(out.get("parameters"), f"output {OUTPUT!r} parameters")
         as_binary = bool(params.get("binary_data", binary_default))
         k = params.get("classification")
@@ -392,7 +401,7 @@ def router(runtime: Runtime) -> APIRouter:
             t0 = time.perf_counter()
             with tracing.span("decode"):
                 body = await read_body(request, runtime.settings.max_request_bytes)
-                doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+                doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH), max_json_values(runtime.limits))
                 images = (
                     await asyncio.to_thread(_images, doc, binary, runtime)
                     if _encoded(doc)

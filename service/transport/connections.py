@@ -8,6 +8,11 @@ process's limit. This subclass adds the two missing timers:
 - a new connection must send its first byte within `http_idle_timeout_s` (the keep-alive timeout's twin);
 - a request head (request line and headers) must be complete `header_timeout_s` after its first
   byte arrived, or the client gets 408 and the connection closes.
+And a request head is limited in size (`max_header_bytes`, 64 KiB: the request line and every
+header) and in header count (`MAX_HEADERS`): past either, the client gets 431 and the connection
+closes. The size is counted as bytes arrive, before the parser sees them: httptools joins a header
+split over several reads chunk by chunk (quadratic: a 64 MiB header stalled the loop for seconds),
+and the head is refused before any middleware, so before the API key check too.
 The body has its own deadline (`body_read_timeout_s`, in `transport.http`). And a request answered
 before its body arrived (401 without a key, 413 by declared length, 429 at capacity) gets that same
 limit for the rest of its body, after the answer: otherwise the remainder is read under no timer at
@@ -37,6 +42,17 @@ _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
 )
+
+MAX_HEADERS = 100  # Apache's LimitRequestFields; a browser sends about 20
+
+
+def _refusal(status: bytes, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
 
 
 LINGER_S = 2.0
@@ -70,10 +86,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0  # set by `protocol_for`
     idle_timeout_s = 5.0
     body_timeout_s = 30.0
+    max_head_bytes = 64 << 10
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
         self._lingering = False
+        self._refused = False
+        self._head_bytes = 0  # of the open head, counted as they arrive
+        self._heads_done = 0  # heads read whole on this connection
+        self._header_count = 0
         self._in_body = False
         self._answered_early = False
         self._timer: asyncio.TimerHandle | None = None
@@ -104,11 +125,48 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:  # after our answer and FIN: read and drop
+        if self._lingering or self._refused:  # after our answer and FIN: read and drop
             return
         if not self._in_body and not self._timing_head:  # the first byte of a request head
             self._arm(self.header_timeout_s, self._head_too_slow, head=True)
-        super().data_received(data)
+        while data and not self._in_body:  # (part of) a head: at most `max_head_bytes` reach the parser
+            room = self.max_head_bytes - self._head_bytes
+            if len(data) <= room:
+                self._head_bytes += len(data)
+                break
+            done = self._heads_done
+            self._head_bytes = self.max_head_bytes
+            super().data_received(data[:room])  # the head may end in here, the rest being body or the next head
+            data = data[room:]
+            if self._refused or self.transport.is_closing():
+                return
+            if self._heads_done != done:  # that head ended in there; the next one starts afresh
+                self._head_bytes = 0
+                continue
+            self._refuse(f"request head exceeds {self.max_head_bytes} bytes")
+            return
+        if data:
+            super().data_received(data)
+
+    def _refuse(self, message: str) -> None:
+        """431 for a head over a limit: no request runs; the connection closes (lingering)."""
+        self._refused = True
+        metrics.rejected("rest", "head_too_large")
+        self.transport.write(_refusal(b"431 Request Header Fields Too Large", message))
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self._header_count = 0
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count <= MAX_HEADERS:  # past it, dropped: the head is refused when it ends
+            super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
 
     def _idle(self) -> None:
         self._timer = None
@@ -125,10 +183,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._timing_head = False
+        self._head_bytes = 0
+        self._heads_done += 1
+        if self._refused:  # a request pipelined behind a refused one: never run
+            return
+        if self._header_count > MAX_HEADERS:
+            self._in_body = True  # lingering close: the client may still be sending its body
+            self._refuse(f"request has {self._header_count} headers; the limit is {MAX_HEADERS}")
+            return
         self._in_body = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._in_body = False
         if self._answered_early:  # the rest of an answered body is in: idle from here, as after any answer
             self._answered_early = False
@@ -146,7 +214,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
-def protocol_for(header_timeout_s: float, idle_timeout_s: float, body_timeout_s: float) -> type[GuardedHttpProtocol]:
+def protocol_for(
+    header_timeout_s: float, idle_timeout_s: float, body_timeout_s: float, max_head_bytes: int = 64 << 10
+) -> type[GuardedHttpProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits."""
-    limits = {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s, "body_timeout_s": body_timeout_s}
+    limits = {
+        "header_timeout_s": header_timeout_s,
+        "idle_timeout_s": idle_timeout_s,
+        "body_timeout_s": body_timeout_s,
+        "max_head_bytes": max_head_bytes,
+    }
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), limits)

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from service import metrics, tracing
 from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull
-from service.images import InputError
+from service.images import InputError, clip
 from service.runtime import ModelNotFound, RepositoryError, Runtime
 from service.transport import request_id as new_request_id
 
@@ -39,9 +39,12 @@ HTTP_TO_GRPC = {
 }
 
 
+MAX_ERROR_CHARS = 1000  # the status message travels in a header: what it echoes must stay small
+
+
 class RpcError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, reason: str):
-        super().__init__(message)
+        super().__init__(clip(message, MAX_ERROR_CHARS))
         self.code, self.reason = code, reason
 
 
