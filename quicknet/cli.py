@@ -110,7 +110,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from quicknet.build import stage_publish
 
     root = Path(args.store) if args.store else store.default_root()
-    mv = stage_publish(_run_dir(args), root, make_default=args.make_default)
+    results = Path(args.training_results) if args.training_results else None
+    mv = stage_publish(_run_dir(args), root, make_default=args.make_default, training_results=results)
     print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
@@ -234,6 +235,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "publish", parents=[common, store_flags, default_flag], help="publish a run folder to the model store"
     )
     pub.add_argument("--model", default="quicknet")
+    pub.add_argument(
+        "--training-results",
+        metavar="FILE",
+        help="the results.json of the GPU job that trained this run: its GPU, driver, torch, recipe, epochs "
+        "and the file's SHA-256 go into metadata.json",
+    )
     pub.set_defaults(func=cmd_publish)
 
     build = sub.add_parser(
@@ -268,17 +275,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     gpu_train = sub.add_parser(
         "gpu-train",
-        help="train the full QuickNet on one GPU in one time-boxed run (see quicknet/gpu_train.py)",
-        description="Train on one GPU within --budget-s, saving results as it goes. Flags default to the GPU recipe.",
+        help="train several QuickNet recipes at once on one GPU, time-boxed (see quicknet/gpu_train.py)",
+        description="Train the arms at once on one GPU within --budget-s, saving results as they go. Flags "
+        "default to the GPU recipe and apply to every arm; what an arm changes overrides them.",
     )
     _add_dataclass_flags(gpu_train, TrainConfig)
-    from quicknet.gpu_train import GPU_RECIPE
+    from quicknet.gpu_train import ARMS, GPU_RECIPE
+
+    gpu_train.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma-separated arms to train at once, at most 3 (default: %(default)s)",
+    )
 
     gpu_train.set_defaults(**dataclasses.asdict(GPU_RECIPE), func=cmd_gpu_train)
     gpu_train.add_argument("--data", help="CIFAR-10 npz copy (default: ../shared copy, else data/cifar10_jpeg.npz)")
     gpu_train.add_argument("--out", default="gpu-results/train", help="results folder (default: %(default)s)")
     gpu_train.add_argument(
-        "--budget-s", type=float, default=450.0, help="wall-clock budget for the whole job (default: %(default)s)"
+        "--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job (default: %(default)s)"
     )
     gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
 

@@ -25,6 +25,9 @@ class TrainConfig:
     seed: int = _opt(0, "seed for init, shuffling and augmentation; a CPU run reproduces bit for bit")
     device: str = _opt("auto", "auto (CUDA if available), cuda or cpu")
     compile: bool = _opt(False, "torch.compile the training step (1.5x on this CPU; minutes of compile on a GPU)")
+    compile_backend: str = _opt(
+        "inductor", "torch.compile backend: inductor (generates kernels), aot_eager (traces only; dry runs)"
+    )
     threads: int = _opt(2, "CPU intra-op threads; oversubscription collapses throughput")
     time_limit_s: float | None = _opt(None, "hard stop after this many seconds, checkpointed at the exact step")
     time_budget_s: float | None = _opt(

@@ -232,7 +232,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
 
     planned_epochs = cfg.epochs
     position = {"epoch": 0, "step": 0, "order": None, "partial": None}
