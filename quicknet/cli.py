@@ -110,8 +110,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from quicknet.build import stage_publish
 
     root = Path(args.store) if args.store else store.default_root()
-    results = Path(args.training_results) if args.training_results else None
-    mv = stage_publish(_run_dir(args), root, make_default=args.make_default, training_results=results)
+    mv = stage_publish(_run_dir(args), root, make_default=args.make_default)
     print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
@@ -235,12 +234,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "publish", parents=[common, store_flags, default_flag], help="publish a run folder to the model store"
     )
     pub.add_argument("--model", default="quicknet")
-    pub.add_argument(
-        "--training-results",
-        metavar="FILE",
-        help="the results.json of the GPU job that trained this run: its GPU, driver, torch, recipe, epochs "
-        "and the file's SHA-256 go into metadata.json",
-    )
     pub.set_defaults(func=cmd_publish)
 
     build = sub.add_parser(
