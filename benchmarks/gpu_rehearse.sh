@@ -9,8 +9,9 @@
 #     files, plus that run's carried folders only (train: data/; serve: .whl/ and .gpu/);
 #   - the serve run's environment: the wheels installed by `pip install --no-index --no-deps
 #     --target`, then PYTHONPATH (the train run has neither, as on the lease).
-# It does not reproduce a GPU: the CUDA-only lines (CUDA graphs, bf16 autocast, NVML) still run
-# first on the lease. Cost: ~4 GB of downloads into the venv the first time (torch's CUDA
+# It does not reproduce a GPU: the CUDA-only lines (CUDA graphs, bf16 autocast, NVML) and the
+# Triton kernels torch.compile generates there still run first on the lease (the train dry run
+# compiles its first arm with inductor for the CPU and only traces the others). Cost: ~4 GB of downloads into the venv the first time (torch's CUDA
 # libraries), then about 2.5 minutes on 2 cores. Run nothing heavy beside it.
 set -euo pipefail
 
@@ -48,7 +49,19 @@ export PATH="$venv/bin:$PATH" PYTHONUNBUFFERED=1
 python3 -c 'import sys, torch; print(f"rehearsing under Python {sys.version.split()[0]}, torch {torch.__version__}")'
 
 copy_repo "$work/train-repo" data
+# Every arm at once, each its own process started by `python -m quicknet.gpu_train` (so the repo
+# must be importable from the arms too); the job exits non-zero unless every arm ends "done".
 (cd "$work/train-repo" && python3 -m quicknet_cli gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train")
+python3 - "$work/OUT/train" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+files = [p for p in out.rglob("*") if p.is_file()]
+doc = json.loads((out / "results.json").read_text())
+problems = [f"{len(files)} files (at most 8)"] if len(files) > 8 else []
+problems += [f"{p} is {p.stat().st_size} bytes" for p in files if p.stat().st_size > 16 << 20]
+problems += [f"arm {n}: {a.get('state')} {a.get('error', '')}" for n, a in doc["arms"].items() if a.get("state") != "done"]
+sys.exit(f"gpu-rehearse: train dry run: {problems}" if problems else 0)
+EOF
 
 copy_repo "$work/serve-repo" .whl .gpu
 cd "$work/serve-repo"
