@@ -351,16 +351,17 @@ def train(
         plan_now = bool(cfg.time_budget_s) and not last and epoch + 1 == max(1, cfg.plan_after_epochs)
         warm_eval = 0.0
         if last or plan_now or (epoch + 1) % cfg.eval_every == 0:
+            cold = not any("test_acc" in h for h in history)  # the first evaluation of this process
             t_eval = time.perf_counter()
             record["test_acc"], record["test_loss"] = (round(v, 5) for v in evaluate(model, test_loader, device))
-            warm_eval = time.perf_counter() - t_eval  # cold in the first epoch: replaced below
+            warm_eval = time.perf_counter() - t_eval  # when cold: replaced below
             if ema is not None:
                 t_ema = time.perf_counter()
                 acc, loss_value = evaluate(ema.module, test_loader, device)
                 record["test_acc_ema"], record["test_loss_ema"] = round(acc, 5), round(loss_value, 5)
                 ema_seconds = time.perf_counter() - t_ema  # the same shapes a second time: warm
-                warm_eval = 2 * ema_seconds if epoch == 0 else warm_eval + ema_seconds
-            elif epoch == 0 and plan_now:
+                warm_eval = 2 * ema_seconds if cold else warm_eval + ema_seconds
+            elif cold and plan_now:
                 t_again = time.perf_counter()
                 evaluate(model, test_loader, device)  # only to time a warm evaluation
                 warm_eval = time.perf_counter() - t_again

@@ -170,20 +170,27 @@ def test_the_planner_charges_evaluation_per_eval_every():
     assert plan_epochs(**{**common, "elapsed_s": 400.0}, eval_every=1) == 1, "a spent budget plans what is done"
 
 
-def test_the_planner_can_wait_for_a_shared_gpu(cifar: Dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_every", [1, 2])
+def test_the_planner_can_wait_for_a_shared_gpu(cifar: Dataset, tmp_path, monkeypatch, eval_every):
     """With `plan_after_epochs=2` the plan is made from the second epoch as measured (other arms on
-    the GPU have finished compiling by then), and the first one's slow half is never used."""
+    the GPU have finished compiling by then), and the first one's slow half is never used; with
+    `eval_every=2` epoch 2 holds the first, cold evaluation, which is not the estimate either."""
     _replay_timings(
         monkeypatch,
         step_seconds=lambda i: {0: 60.0, 1: 0.5}.get(i, 2.0),  # epoch 2: 4 s, three arms sharing
         eval_seconds=lambda i: 3.5 if i == 0 else 0.3,
     )
     cfg = TrainConfig(
-        **{**TINY, "ema_decay": 0.999}, epochs=200, train_subset=128, time_budget_s=400.0, plan_after_epochs=2
+        **{**TINY, "ema_decay": 0.999},
+        epochs=200,
+        train_subset=128,
+        time_budget_s=400.0,
+        plan_after_epochs=2,
+        eval_every=eval_every,
     )
     result = train(cfg, cifar, tmp_path, progress=False, stop_at_step=4)
     assert "planned_epochs" not in result.history[0]
     second = result.history[1]
     assert second["steady_epoch_seconds"] == 4.0 and second["eval_seconds"] == pytest.approx(0.6)
     left = 400.0 - second["elapsed_s"] - 0.6
-    assert second["planned_epochs"] == 2 + int(0.93 * left / 4.6)
+    assert second["planned_epochs"] == 2 + int(0.93 * left / (4.0 + 0.6 / eval_every))
