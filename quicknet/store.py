@@ -22,6 +22,7 @@ from quicknet.fsutil import write_text_atomic
 
 METADATA = "metadata.json"
 DEFAULT_FILE = "DEFAULT"
+MODEL_CONFIG = "config.json"
 REPO_STORE = Path(__file__).resolve().parents[1] / "model_store"
 # A model name is one folder name in the store, never a path: no '/', no '..', not hidden, and short
 # enough for any file system (a 300-character name is ENAMETOOLONG, not "not found").
@@ -116,6 +117,26 @@ def list_versions(root: Path, name: str) -> list[int]:
         )
     except OSError:
         return []
+
+
+def model_config(root: Path, name: str) -> dict:
+    """`<root>/<name>/config.json`: how the service runs this model (its batch policy, instances,
+    precision, version policy), as Triton's `config.pbtxt`; `{}` where there is none. One file per
+    model, not per version: it tunes the serving of every version and changes without a republish."""
+    path = root / name / MODEL_CONFIG
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise StoreError(f"{name}/{MODEL_CONFIG} is unreadable ({e.strerror})") from None
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise StoreError(f"{name}/{MODEL_CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise StoreError(f"{name}/{MODEL_CONFIG} must be a JSON object")
+    return config
 
 
 def default_model(root: Path) -> str:

@@ -208,3 +208,34 @@ class Settings(BaseSettings):
         from quicknet.store import default_root
 
         return self.model_store or default_root()
+
+    def for_model(self, name: str) -> Settings:
+        """These settings with the model's own `config.json` from the store applied on top (it wins
+        for its model; the flags are the defaults for what it does not set). Checked by the same
+        field rules as the flags; a wrong file is one line naming the file and the field."""
+        from pydantic import ValidationError
+
+        from quicknet.errors import StoreError
+        from quicknet.store import MODEL_CONFIG, model_config
+
+        config = model_config(self.store_root, name)
+        if not config:
+            return self
+        unknown = sorted(set(config) - PER_MODEL)
+        if unknown:
+            raise StoreError(
+                f"{name}/{MODEL_CONFIG}: unknown setting {unknown[0]!r}; a model may set {', '.join(sorted(PER_MODEL))}"
+            )
+        try:
+            return type(self).model_validate({**self.model_dump(), **config})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "value"
+            raise StoreError(f"{name}/{MODEL_CONFIG}: {where}: {first['msg']}") from None
+
+
+# What a model's `config.json` may set (Triton's config.pbtxt, for this service's batcher and engine).
+PER_MODEL = frozenset(
+    {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "instances", "precision", "threads"}
+    | {"version_policy"}
+)

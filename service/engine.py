@@ -193,7 +193,8 @@ class Engine:
             await asyncio.sleep(period_s)
 
     def policy_for(self, name: str) -> str:
-        return self.settings.version_policies.get(name, self.settings.version_policy)
+        """`--version-policies` for this model, else its `config.json`, else `--version-policy`."""
+        return self.settings.version_policies.get(name) or self.settings.for_model(name).version_policy
 
     def plan(self, strict: bool = True) -> tuple[str, list[VersionKey]]:
         """The default model and every (model, version) wanted now, checked against the store before
@@ -299,7 +300,8 @@ class Engine:
         store.verify_files(version)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        backend = await loop.run_in_executor(None, load_backend, version, self.settings)
+        settings = self.settings.for_model(version.name)  # its config.json: batch policy, precision, ...
+        backend = await loop.run_in_executor(None, load_backend, version, settings)
         await loop.run_in_executor(None, _check_labels, version, backend)
         if self.settings.warmup:
             await loop.run_in_executor(None, backend.warmup)
@@ -309,7 +311,7 @@ class Engine:
             spec = self.settings.fault_injection
             backend = FaultyBackend(backend, FaultPlan.parse(spec), spec)
             log.warning("fault injection on %s v%d: %s", version.name, version.version, spec)
-        model = LocalModel(version, backend, self.settings)
+        model = LocalModel(version, backend, settings)
         model.batcher.start()
         files = version.metadata.get("files", {})
         served_file = model.info.description.get("file") or model.info.description.get("plan") or ""

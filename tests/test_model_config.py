@@ -1,0 +1,75 @@
+"""A model's own `config.json` in the store (as Triton's config.pbtxt): its batch policy, instances,
+precision, threads and version policy win for that model; the flags are the defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from quicknet.errors import StoreError
+from service.config import Settings
+from tests.serving import FAST_MODEL, STORE, free_port, start_server
+
+
+def _store(tmp_path, config: dict | str | None):
+    root = tmp_path / "store"
+    shutil.copytree(STORE, root)
+    if config is not None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        (root / FAST_MODEL / "config.json").write_text(text)
+    return root
+
+
+def test_a_model_config_wins_for_its_model_and_the_flags_fill_the_rest(tmp_path):
+    root = _store(tmp_path, {"max_batch_size": 4, "max_queue_delay_ms": 2.5, "precision": "fp32"})
+    flags = Settings(model_store=root, max_batch_size=64, instances=3)
+    mine = flags.for_model(FAST_MODEL)
+    assert (mine.max_batch_size, mine.max_queue_delay_ms, mine.precision) == (4, 2.5, "fp32")
+    assert mine.instances == 3, "what the file does not set comes from the flags"
+    assert flags.max_batch_size == 64, "the server-wide settings are untouched"
+    assert Settings(model_store=_store(tmp_path / "bare", None)).for_model(FAST_MODEL).max_batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_batch_size": 0}, "quicknet-xs/config.json: max_batch_size: Input should be greater than or equal to 1"),
+        ({"max_batch": 8}, "quicknet-xs/config.json: unknown setting 'max_batch'; a model may set instances, "),
+        ({"version_policy": "newest"}, "quicknet-xs/config.json: version_policy: "),
+        ("{not json", "quicknet-xs/config.json is not valid JSON"),
+        ("[1, 2]", "quicknet-xs/config.json must be a JSON object"),
+    ],
+)
+def test_a_wrong_model_config_is_one_line_naming_the_file(tmp_path, config, message):
+    with pytest.raises(StoreError) as e:
+        Settings(model_store=_store(tmp_path, config)).for_model(FAST_MODEL)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_loading(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.serving import REPO
+
+    root = _store(tmp_path, {"max_batch_size": 4, "max_queue_delay_ms": 3, "instances": 2})
+    srv = start_server(tmp_path, store=root, max_batch_size=32)
+    try:
+        config = httpx.get(f"{srv.url}/v2/models/{FAST_MODEL}/config").json()
+        assert config["max_batch_size"] == 4
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
+        assert config["instance_group"][0]["count"] == 2
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+    (root / FAST_MODEL / "config.json").write_text('{"instances": -1}')
+    env = {"QUICKNET_MODEL_STORE": str(root), "QUICKNET_HTTP_PORT": str(free_port())}
+    env["QUICKNET_GRPC_PORT"] = str(free_port())
+    out = subprocess.run(
+        [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "quicknet-xs/config.json: instances: " in out.stderr and "loaded" not in out.stderr
