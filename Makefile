@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: lock bench-peers image serve test test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve gpu-rehearse
+.PHONY: lock bench-peers image serve test test-tools test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve gpu-rehearse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +26,30 @@ lock: venv-dev
 serve: venv-serve
 	$(BIN)/quicknet serve
 
-## Set up and run the whole test suite (ruff, then pytest).
-test: venv-dev
+## Set up and run the whole test suite (ruff, then pytest; -rs prints every skip with its reason).
+test: venv-dev test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
+
+## What the tests need besides Python: promtool (Debian's prometheus package) unit-tests the alert
+## rules (tests/test_deploy.py). Installed when missing if we are root; otherwise one line says how.
+test-tools:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing promtool (Debian package prometheus) for tests/test_deploy.py"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "make test needs promtool (tests/test_deploy.py): apt-get install prometheus as root, or put promtool on PATH"; \
+	    exit 2; \
+	  fi; }
+	@command -v promtool >/dev/null || { echo "promtool still missing after installing prometheus"; exit 2; }
 
 ## Every README claim next to its test (tests/CLAIMS.md), then exactly those tests.
-test-audit: venv-dev
+test-audit: venv-dev test-tools
 	cat tests/CLAIMS.md
-	$(BIN)/python -m pytest -q -p no:randomly $$(grep -o 'tests/test_[a-z_]*\.py::test_[a-z0-9_]*' tests/CLAIMS.md | sort -u)
+	$(BIN)/python -m pytest -q -rs -p no:randomly $$(grep -o 'tests/test_[a-z_]*\.py::test_[a-z0-9_]*' tests/CLAIMS.md | sort -u)
 
 lint: venv-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -162,9 +162,38 @@ def _exported(name: str, exported: set[str]) -> bool:
     return name in exported or base in exported or f"{base}_info" in exported
 
 
+def test_make_test_installs_promtool_or_says_how(tmp_path):
+    """`make test` on a fresh machine: promtool missing, as root it installs Debian's prometheus
+    package (apt-get, faked here), otherwise it stops with one line saying how."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "apt-calls"
+
+    def tool(name: str, body: str) -> None:
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+
+    tool(
+        "apt-get",
+        f'echo "$@" >> {calls}\ncase "$*" in *install*prometheus*) /bin/ln -s /bin/true {bin_}/promtool;; esac',
+    )
+    make = ["make", "--no-print-directory", "-s", "-f", str(REPO / "Makefile"), "test-tools"]
+    env = {"PATH": str(bin_), "HOME": str(tmp_path)}
+    tool("id", "echo 1000")
+    user = subprocess.run([shutil.which("make"), *make[1:]], env=env, capture_output=True, text=True, timeout=60)
+    assert user.returncode == 2 and "needs promtool" in user.stdout and "apt-get install prometheus" in user.stdout
+    assert not calls.exists(), "not root: nothing installed"
+    tool("id", "echo 0")
+    root = subprocess.run([shutil.which("make"), *make[1:]], env=env, capture_output=True, text=True, timeout=60)
+    assert root.returncode == 0, root.stdout + root.stderr
+    assert "install -y -qq --no-install-recommends prometheus" in calls.read_text()
+    again = subprocess.run([shutil.which("make"), *make[1:]], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and calls.read_text().count("prometheus") == 1, "installed once, then found"
+
+
 def test_prometheus_rules(exported_metrics):
     rules = DEPLOY / "prometheus" / "rules.yml"
-    assert shutil.which("promtool"), "promtool is missing: apt-get install prometheus (.ci/run does)"
+    assert shutil.which("promtool"), "promtool is missing: `make test` installs it (Debian's prometheus)"
     res = run("promtool", "check", "rules", str(rules))
     assert res.returncode == 0, res.stdout + res.stderr
     res = run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))

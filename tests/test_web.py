@@ -126,7 +126,8 @@ def test_with_api_keys_the_page_and_docs_stay_open_and_classify_does_not(tmp_pat
         refused = client.post("/classify", content=(REPO / "examples" / "cat.png").read_bytes())
         assert refused.status_code == 401
         headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "image/png"}
-        assert client.post("/classify", headers=headers, content=b"...").status_code != 401
+        keyed = client.post("/classify", headers=headers, content=b"...")
+        assert keyed.status_code == 503 and "not ready" in keyed.json()["error"], "past the key check (no model here)"
 
 
 def test_assets_are_revalidated_not_sent_again():
