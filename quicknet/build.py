@@ -19,7 +19,7 @@ from pathlib import Path
 
 from quicknet import data as data_mod
 from quicknet import store
-from quicknet.compile import ORT_INT8, ORT_OPTIMIZED, TensorRTOptions
+from quicknet.compile import ORT_INT8, TensorRTOptions
 from quicknet.config import TrainConfig
 from quicknet.errors import BuildError, QuickNetError
 from quicknet.fsutil import write_text_atomic
@@ -27,10 +27,12 @@ from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME
 
 CHECKPOINT = "checkpoint.pt"
 ONNX = "model.onnx"
-TORCH_WEIGHTS = "model.folded.pt"  # the torch engine rebuilds the folded graph from it, under any torch
 BUILD_RECORD = "build.json"
+# Files a published version carries besides its engines: what the README and the web page show.
+REPORTS = ("epochs.jsonl", "training_curves.png", "confusion_matrix.png")
 # What every servable artifact may lose against the checkpoint on the full 10k test split before
-# publishing is refused: 0.1 point for FP32 graphs, 0.5 for INT8.
+# publishing is refused: 0.1 point for FP32 graphs, 0.5 for INT8. (`onnx-optimized` gates versions
+# published before ORT's graph optimizations moved to load time.)
 ACCURACY_GATES = {"onnx": 0.001, "onnx-optimized": 0.001, "onnx-int8": 0.005}
 CALIBRATION_IMAGES = 1024
 EXPORT_CHECK_IMAGES = 2000
@@ -85,7 +87,7 @@ def stage_train(
 
 
 def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
-    from quicknet.export import export_folded_weights, export_onnx, verify
+    from quicknet.export import export_onnx, verify
     from quicknet.fold import fold, graph_nodes
     from quicknet.train import load_checkpoint
 
@@ -93,7 +95,6 @@ def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
     model, _ = load_checkpoint(_require(run_dir / CHECKPOINT, "train"))
     folded = fold(model)
     onnx_path = export_onnx(folded, run_dir / ONNX)
-    export_folded_weights(folded, run_dir / TORCH_WEIGHTS)
     eq = verify(model, onnx_path, dataset.test.sample(EXPORT_CHECK_IMAGES))
     results = {
         "graph_nodes_before_fold": graph_nodes(model),
@@ -122,15 +123,14 @@ def stage_compile(
     tensorrt: bool | None = None,
     trt_options: TensorRTOptions | None = None,
 ) -> dict:
-    """ORT optimized + INT8 always; TensorRT when asked (True), or when it imports (None)."""
-    from quicknet.compile import build_tensorrt_plan, optimize_onnxruntime, quantize_int8
+    """ORT static INT8 always; TensorRT when asked (True), or when it imports (None)."""
+    from quicknet.compile import build_tensorrt_plan, quantize_int8
 
     t0 = time.perf_counter()
     onnx_path = _require(run_dir / ONNX, "export")
     calibration = dataset.train.sample(CALIBRATION_IMAGES, seed=1).images
-    optimize_onnxruntime(onnx_path, run_dir / ORT_OPTIMIZED)
     quantize_int8(onnx_path, run_dir / ORT_INT8, calibration)
-    results: dict = {"onnxruntime": [ORT_OPTIMIZED, ORT_INT8]}
+    results: dict = {"onnxruntime": [ORT_INT8]}
     if tensorrt is not False:
         try:
             plan = build_tensorrt_plan(onnx_path, run_dir, trt_options or TensorRTOptions(), calibration)
@@ -148,8 +148,7 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
-    artifacts = [("checkpoint", run_dir / CHECKPOINT), ("onnx", run_dir / ONNX)]
-    artifacts += [("onnx-optimized", run_dir / ORT_OPTIMIZED), ("onnx-int8", run_dir / ORT_INT8)]
+    artifacts = [("checkpoint", run_dir / CHECKPOINT), ("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
     artifacts += [("tensorrt", p) for p in sorted(run_dir.glob("*.plan"))]
     reports = {}
     for kind, path in artifacts:
@@ -173,7 +172,12 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
     return results
 
 
-def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> store.ModelVersion:
+def stage_publish(
+    run_dir: Path, root: Path, *, make_default: bool = False, training_results: Path | None = None
+) -> store.ModelVersion:
+    """The run's engines into the next version of its model: the FP32 ONNX (the one copy of the
+    weights: ONNX Runtime optimizes it at load, the torch engine is derived from it) and the INT8
+    ONNX, each gated; `training_results` is the `results.json` of the GPU job that trained it."""
     from quicknet.model import QuickNet, count_macs, count_params, get_config
 
     t0 = time.perf_counter()
@@ -187,10 +191,9 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
     gates = _accuracy_gates(run_dir, acc)
     model_name = rec["stages"]["train"]["config"]["model"]
     arch = get_config(model_name)
-    files = [run_dir / f for f in (ONNX, ORT_OPTIMIZED, ORT_INT8, TORCH_WEIGHTS) if (run_dir / f).is_file()]
-    files += [
-        run_dir / f for f in ("epochs.jsonl", "training_curves.png", "confusion_matrix.png") if (run_dir / f).is_file()
-    ]
+    provenance = trained_on(training_results) if training_results else None
+    _draw_curves(run_dir, f"{model_name} on {provenance['gpu'] if provenance else rec['stages']['train']['device']}")
+    files = [run_dir / f for f in (ONNX, ORT_INT8, *REPORTS) if (run_dir / f).is_file()]
     metadata = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source_commit": _git_commit(),
@@ -200,16 +203,12 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3], "layout": "NHWC"}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 10]}],
         "labels": list(data_mod.LABELS),
-        "artifacts": {
-            "onnx": ONNX,
-            "onnx-optimized": ORT_OPTIMIZED if (run_dir / ORT_OPTIMIZED).is_file() else None,
-            "onnx-int8": ORT_INT8 if (run_dir / ORT_INT8).is_file() else None,
-            "torch": TORCH_WEIGHTS if (run_dir / TORCH_WEIGHTS).is_file() else None,
-        },
+        "artifacts": {"onnx": ONNX, "onnx-int8": ORT_INT8 if (run_dir / ORT_INT8).is_file() else None},
         "dataset": rec["stages"]["eval"]["dataset"],
-        "accuracy": acc,
+        "accuracy": {k: v for k, v in acc.items() if k in gates or k.startswith("checkpoint")},
         "accuracy_gates": gates,
-        "training": {k: v for k, v in rec["stages"]["train"].items() if k != "seconds"},
+        "training": {k: v for k, v in rec["stages"]["train"].items() if k != "seconds"}
+        | ({"trained_on": provenance} if provenance else {}),
         "build": {k: {"seconds": v["seconds"]} for k, v in rec["stages"].items()},
         "fold": {
             k: rec["stages"]["export"][k] for k in ("graph_nodes_before_fold", "graph_nodes_after_fold", "onnx_nodes")
@@ -223,6 +222,43 @@ def stage_publish(run_dir: Path, root: Path, *, make_default: bool = False) -> s
     return mv
 
 
+def trained_on(results_path: Path) -> dict:
+    """Where a GPU job's weights came from, out of its `results.json`: the GPU, driver, torch and
+    CUDA, the recipe, epochs and training seconds, and the file's SHA-256 (the file stays with the
+    run; the digest ties the published version to it)."""
+    try:
+        results = json.loads(Path(results_path).read_text())
+        env, final = results["environment"], results["final"]
+        provenance = {
+            "job": results["job"],
+            "started": results["started"],
+            "gpu": env["gpu"],
+            "driver": env["driver"],
+            "torch": env["torch"],
+            "cuda": env["cuda_runtime"],
+            "recipe": results["recipe"],
+            "epochs": final["epochs"],
+            "train_seconds": final["train_seconds"],
+            "top1": final["top1"],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BuildError(
+            f"{results_path} is not a GPU training job's results.json ({e!r}); pass the job's own"
+        ) from None
+    return provenance | {"results_sha256": store.sha256_file(Path(results_path))}
+
+
+def _draw_curves(run_dir: Path, title: str) -> None:
+    """`training_curves.png` from the run's `epochs.jsonl` where training did not draw it (the GPU
+    machine's Python has no matplotlib)."""
+    log = run_dir / "epochs.jsonl"
+    if log.is_file() and not (run_dir / "training_curves.png").is_file():
+        from quicknet.train import plot_curves
+
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        plot_curves(history, run_dir / "training_curves.png", title)
+
+
 def republish(root: Path, name: str, version: int | None, dataset: data_mod.Dataset, *, why: str) -> store.ModelVersion:
     """A published version's ONNX engines re-derived with today's graph rewrites (the same weights,
     the same function), re-compiled, scored on the full 10k split, gated against the source's
@@ -231,7 +267,7 @@ def republish(root: Path, name: str, version: int | None, dataset: data_mod.Data
 
     import onnx
 
-    from quicknet.compile import optimize_onnxruntime, quantize_int8
+    from quicknet.compile import quantize_int8
     from quicknet.evaluate import evaluate_artifact
     from quicknet.export import elementwise_prelu
 
@@ -244,22 +280,21 @@ def republish(root: Path, name: str, version: int | None, dataset: data_mod.Data
         model = elementwise_prelu(onnx.load(source.file(meta["artifacts"]["onnx"])))
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, work / ONNX)
-        optimize_onnxruntime(work / ONNX, work / ORT_OPTIMIZED)
         quantize_int8(work / ONNX, work / ORT_INT8, dataset.train.sample(CALIBRATION_IMAGES, seed=1).images)
         acc = {k: v for k, v in meta["accuracy"].items() if not k.startswith("onnx")}
-        for kind, fname in (("onnx", ONNX), ("onnx-optimized", ORT_OPTIMIZED), ("onnx-int8", ORT_INT8)):
+        for kind, fname in (("onnx", ONNX), ("onnx-int8", ORT_INT8)):
             acc[kind] = evaluate_artifact(kind, work / fname, dataset.test).summary()
         (work / BUILD_RECORD).write_text(json.dumps({"stages": {"eval": {"accuracy": acc}}}))
         gates = _accuracy_gates(work, acc)
-        carried = [source.file(f) for f in meta["files"] if f not in (ONNX, ORT_OPTIMIZED, ORT_INT8)]
-        files = [work / ONNX, work / ORT_OPTIMIZED, work / ORT_INT8, *carried]
+        carried = [source.file(f) for f in meta["files"] if f in REPORTS]  # engines are re-derived, not carried
+        files = [work / ONNX, work / ORT_INT8, *carried]
         fresh = {k: v for k, v in meta.items() if k not in ("name", "version", "files")}
         fresh |= {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "source_commit": _git_commit(),
             "accuracy": acc,
             "accuracy_gates": gates,
-            "artifacts": {**meta["artifacts"], "onnx": ONNX, "onnx-optimized": ORT_OPTIMIZED, "onnx-int8": ORT_INT8},
+            "artifacts": {"onnx": ONNX, "onnx-int8": ORT_INT8},
             "derived_from": {"version": source.version, "why": why, "seconds": round(time.perf_counter() - t0, 1)},
         }
         was_default = (root / store.DEFAULT_FILE).is_file() and store.default_model(root) == name
@@ -274,7 +309,7 @@ def _accuracy_gates(run_dir: Path, acc: dict) -> dict:
     checkpoint; else a one-line refusal naming the artifact. Returns the gates applied."""
     ckpt = acc["checkpoint"]["top1"]
     applied = {}
-    kinds = {"onnx": ONNX, "onnx-optimized": ORT_OPTIMIZED, "onnx-int8": ORT_INT8}
+    kinds = {"onnx": ONNX, "onnx-int8": ORT_INT8}
     kinds |= {p.name: p.name for p in sorted(run_dir.glob("*.plan"))}
     for kind, fname in kinds.items():
         if not (run_dir / fname).is_file():

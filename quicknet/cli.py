@@ -110,7 +110,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from quicknet.build import stage_publish
 
     root = Path(args.store) if args.store else store.default_root()
-    mv = stage_publish(_run_dir(args), root, make_default=args.make_default)
+    results = Path(args.training_results) if args.training_results else None
+    mv = stage_publish(_run_dir(args), root, make_default=args.make_default, training_results=results)
     print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
@@ -156,8 +157,7 @@ def cmd_republish(args: argparse.Namespace) -> None:
     from quicknet.build import republish
 
     root = Path(args.store) if args.store else store.default_root()
-    why = "PReLU exported as elementwise ops: the same function, 1.75x faster in ONNX Runtime on CPUs"
-    mv = republish(root, args.store_model, args.version, _dataset(args), why=why)
+    mv = republish(root, args.store_model, args.version, _dataset(args), why=args.why)
     print(
         f"published {mv.name} version {mv.version} at {mv.path} (from version {mv.metadata['derived_from']['version']})"
     )
@@ -234,6 +234,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "publish", parents=[common, store_flags, default_flag], help="publish a run folder to the model store"
     )
     pub.add_argument("--model", default="quicknet")
+    pub.add_argument(
+        "--training-results",
+        metavar="FILE",
+        help="the results.json of the GPU job that trained this run: its GPU, driver, torch, recipe, epochs "
+        "and the file's SHA-256 go into metadata.json",
+    )
     pub.set_defaults(func=cmd_publish)
 
     build = sub.add_parser(
@@ -264,6 +270,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     rep.add_argument("--store-model", required=True, metavar="NAME", help="the published model to re-derive")
     rep.add_argument("--version", type=int, help="its version (default newest)")
+    rep.add_argument(
+        "--why",
+        default="engines re-derived with this build's exporter and store layout: elementwise PReLU (1.75x faster "
+        "in ONNX Runtime on CPUs); the FP32 weights once, in model.onnx, beside the INT8 engine",
+        help="why, recorded in the new version's metadata (default: %(default)s)",
+    )
     rep.set_defaults(func=cmd_republish)
 
     gpu_train = sub.add_parser(

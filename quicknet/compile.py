@@ -1,8 +1,8 @@
 """Compile the exported ONNX model into engines.
 
-ONNX Runtime (CPU, always): a graph-optimized model (`ORT_ENABLE_EXTENDED`: fusions that stay
-portable across CPUs, unlike `ENABLE_ALL`'s layout-specific ops) and a static INT8 model (QDQ,
-per-channel weights) calibrated on training images.
+ONNX Runtime (CPU, always): a static INT8 model (QDQ, per-channel weights) calibrated on training
+images. No graph-optimized copy is published: ONNX Runtime applies the same optimizations (and the
+layout-specific ones a saved copy could not carry) when it loads `model.onnx`.
 
 TensorRT (NVIDIA GPUs): an FP16 plan (INT8 with an entropy calibrator optional) with one
 optimization profile, a timing cache, and a file name that says which GPU, compute capability and
@@ -24,22 +24,7 @@ from quicknet.ortrun import INPUT_NAME
 from quicknet.progress import steps
 from quicknet.store import gpu_identity, plan_filename, slug
 
-ORT_OPTIMIZED = "model.opt.onnx"
 ORT_INT8 = "model.int8.onnx"
-
-
-def optimize_onnxruntime(onnx_path: Path, out_path: Path) -> Path:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        staged = Path(tmp) / out_path.name
-        opts.optimized_model_filepath = str(staged)
-        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        with atomic_write(out_path) as f:
-            f.write(staged.read_bytes())
-    return out_path
 
 
 def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarray, batch_size: int = 64) -> Path:

@@ -15,15 +15,35 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-STORE = Path(os.environ.get("QUICKNET_TEST_STORE", REPO / "model_store"))
+SHIPPED_STORE = REPO / "model_store"  # what `make serve` serves: the full quicknet by default
+# Tests serve the small shipped model: on 2 cores the full quicknet costs ~15x the CPU an image,
+# and what the tests check (protocols, limits, lifecycle) does not depend on the network's size.
+# Tests of the shipped default itself (the README's commands, its accuracy) use SHIPPED_STORE.
+FAST_MODEL = "quicknet-xs"
+
+
+def _store_of(name: str) -> Path:
+    """A store holding `name` alone (a copy of its shipped versions), its DEFAULT; removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="quicknet-test-store-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    shutil.copytree(SHIPPED_STORE / name, root / name, ignore=shutil.ignore_patterns(".staging-*"))
+    (root / "DEFAULT").write_text(name + "\n")
+    return root
+
+
+STORE = Path(os.environ.get("QUICKNET_TEST_STORE") or _store_of(FAST_MODEL))
 
 
 def publish_shipped(root: Path, name: str):
-    """The shipped model's files and metadata published again into `root` as the next version of
-    `name` (a second model, or a second version, for tests and benchmarks that need one)."""
+    """The shipped small model's files and metadata published again into `root` as the next version
+    of `name` (a second model, or a second version, for tests and benchmarks that need one)."""
     from quicknet import store
 
-    shipped = store.get_version(STORE, store.default_model(STORE))
+    shipped = store.get_version(STORE, FAST_MODEL)
     meta = {k: v for k, v in shipped.metadata.items() if k not in ("files", "name", "version")}
     return store.publish(root, name, [shipped.file(f) for f in shipped.metadata["files"]], meta)
 

@@ -71,8 +71,11 @@ def test_forced_backend_that_cannot_load_fails_clearly(version, tmp_path):
     bare = store.publish(
         tmp_path, "m", [version.file("model.onnx")], {"labels": [], "artifacts": {"onnx": "model.onnx"}}
     )
-    with pytest.raises(BackendError, match="no torch artifact"):
-        load_backend(bare, Settings(backend="torch"))
+    int8_only = store.publish(
+        tmp_path, "n", [version.file("model.int8.onnx")], {"labels": [], "artifacts": {"onnx-int8": "model.int8.onnx"}}
+    )
+    with pytest.raises(BackendError, match="has no torch or ONNX artifact"):
+        load_backend(int8_only, Settings(backend="torch"))
     with pytest.raises(BackendError, match="no onnx-int8 model"):
         load_backend(bare, Settings(backend="onnxruntime", precision="int8"))
 
@@ -107,10 +110,10 @@ def test_auto_precision_times_fp32_and_int8_and_respects_the_accuracy_gate(versi
         t["fp32"]["max_batch_ms_per_image"] / t["int8"]["max_batch_ms_per_image"]
     )
     assert chosen["precision"] == ("int8" if speedup > 1 else "fp32"), "the faster of the two, as timed"
-    key = "onnx-optimized" if chosen["precision"] == "fp32" else "onnx-int8"
+    key = "onnx" if chosen["precision"] == "fp32" else "onnx-int8"
     assert chosen["file"].endswith(version.metadata["artifacts"][key])
     files = [version.file(f) for f in version.metadata["files"]]
-    fp32 = version.metadata["accuracy"]["onnx-optimized"]["top1"]
+    fp32 = version.metadata["accuracy"]["onnx"]["top1"]
 
     def with_int8_at(top1: float):
         meta = {k: v for k, v in version.metadata.items() if k not in ("name", "version", "files")}
@@ -153,6 +156,68 @@ def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
         want = folded(torch.from_numpy(images)).numpy()
     assert np.abs(backend.infer(images) - want).max() < 1e-5
     assert backend.describe()["file"].endswith("model.folded.pt")
+
+
+def _trained_like_xs():
+    """A folded quicknet-xs with per-channel PReLU slopes and BN statistics, as training leaves them."""
+    import torch
+    from torch import nn
+
+    from quicknet.fold import fold
+    from quicknet.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("quicknet-xs").eval()
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    return fold(model)
+
+
+def test_the_torch_engine_is_derived_from_model_onnx_and_checked_before_it_serves(tmp_path, cifar, monkeypatch):
+    """A version stores its FP32 weights once, in `model.onnx`: the torch engine reads its layers
+    and weights back from that graph, and is checked against ONNX Runtime on the file before it
+    serves. A graph it cannot read, or a derived model that disagrees, is one line."""
+    import torch
+
+    from quicknet.export import export_onnx
+    from service.backends import folded_onnx
+
+    folded = _trained_like_xs()
+    export_onnx(folded, tmp_path / "model.onnx")
+    meta = {"labels": list("0123456789"), "artifacts": {"onnx": "model.onnx"}}
+    mv = store.publish(tmp_path / "store", "m", [tmp_path / "model.onnx"], meta)
+    backend = load_backend(mv, Settings(backend="torch", max_batch_size=16))
+    images = cifar.test.images[:16]
+    with torch.no_grad():
+        want = folded(torch.from_numpy(images)).numpy()
+    assert np.abs(backend.infer(images) - want).max() < 1e-4
+    assert backend.describe()["file"].endswith("model.onnx")
+
+    real = folded_onnx.folded_spec_from_onnx
+
+    def off_by_a_little(path):
+        spec = real(path)
+        spec["state_dict"]["classifier.bias"] = spec["state_dict"]["classifier.bias"] + 0.01
+        return spec
+
+    monkeypatch.setattr(folded_onnx, "folded_spec_from_onnx", off_by_a_little)
+    with pytest.raises(BackendError, match=r"^the torch model derived from model.onnx disagrees with it"):
+        load_backend(mv, Settings(backend="torch"))
+    monkeypatch.setattr(folded_onnx, "folded_spec_from_onnx", real)
+
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(tmp_path / "model.onnx")
+    graph.graph.node.insert(5, helper.make_node("Sigmoid", [graph.graph.node[4].output[0]], ["odd"]))
+    onnx.save(graph, tmp_path / "odd.onnx")
+    with pytest.raises(
+        BackendError, match=r"^odd.onnx is not a folded QuickNet graph \(Sigmoid .*unexpected operator\)$"
+    ):
+        folded_onnx.folded_spec_from_onnx(tmp_path / "odd.onnx")
 
 
 def test_load_time_timings_take_turns_so_a_burst_of_load_misleads_no_choice():

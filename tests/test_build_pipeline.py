@@ -24,7 +24,7 @@ def run_dir(cifar, tmp_path_factory):
 
 
 def test_every_stage_leaves_its_artifact_and_record(run_dir):
-    for name in ("checkpoint.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx", "confusion_matrix.png"):
+    for name in ("checkpoint.pt", "model.onnx", "model.int8.onnx", "confusion_matrix.png"):
         assert (run_dir / name).is_file(), name
     rec = json.loads((run_dir / "build.json").read_text())
     assert set(rec["stages"]) == {"train", "export", "compile", "eval"}
@@ -34,10 +34,9 @@ def test_every_stage_leaves_its_artifact_and_record(run_dir):
     assert export["graph_nodes_after_fold"] < export["graph_nodes_before_fold"] + 4
     assert export["equivalence"]["max_abs_logit_delta"] <= 1e-3
     acc = rec["stages"]["eval"]["accuracy"]
-    assert {"checkpoint", "checkpoint+flip-tta", "onnx", "onnx-optimized", "onnx-int8"} <= set(acc)
+    assert {"checkpoint", "checkpoint+flip-tta", "onnx", "onnx-int8"} <= set(acc)
     assert acc["onnx"]["images"] == 10000
     assert abs(acc["onnx"]["top1"] - acc["checkpoint"]["top1"]) <= 0.001
-    assert abs(acc["onnx-optimized"]["top1"] - acc["onnx"]["top1"]) <= 0.001
     assert len(acc["onnx"]["per_class"]) == 10
 
 
@@ -81,13 +80,46 @@ def test_publish_writes_complete_metadata(run_dir, tmp_path):
     assert "JPEG-q75" in meta["dataset"]
     assert store.default_model(tmp_path / "store") == "quicknet-xs"
     store.verify_files(store.get_version(tmp_path / "store", "quicknet-xs"))
+    # the weights once (FP32 ONNX) and the INT8 engine; no optimized or torch copy of them
+    assert set(meta["files"]) == {"model.onnx", "model.int8.onnx", "epochs.jsonl", "training_curves.png"} | {
+        "confusion_matrix.png"
+    }
+    assert meta["artifacts"] == {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+
+
+def test_publish_records_the_gpu_run_that_trained_the_weights(run_dir, tmp_path):
+    """`--training-results`: the GPU job's results.json names the GPU, driver, torch, CUDA, recipe,
+    epochs and seconds, and its SHA-256 ties the version to it; the training curves are drawn from
+    the run's epoch log where the GPU machine (no matplotlib) did not draw them."""
+    results = {
+        "job": "gpu-train",
+        "started": "2026-12-04T16:11:00+00:00",
+        "environment": {"gpu": "NVIDIA H200", "driver": "580.159.04", "torch": "2.11.0+cu130", "cuda_runtime": "13.0"},
+        "recipe": {"model": "quicknet-xs", "epochs": 200, "cutout": 12},
+        "final": {"epochs": 58, "train_seconds": 139.0, "top1": 0.9114},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    run = _copy(run_dir, tmp_path / "run")
+    (run / "training_curves.png").unlink()
+    meta = build.stage_publish(run, tmp_path / "store", training_results=tmp_path / "results.json").metadata
+    trained_on = meta["training"]["trained_on"]
+    assert trained_on["gpu"] == "NVIDIA H200" and trained_on["driver"] == "580.159.04"
+    assert trained_on["torch"] == "2.11.0+cu130" and trained_on["cuda"] == "13.0"
+    assert trained_on["recipe"]["cutout"] == 12 and trained_on["epochs"] == 58 and trained_on["train_seconds"] == 139.0
+    assert trained_on["results_sha256"] == store.sha256_file(tmp_path / "results.json")
+    assert "training_curves.png" in meta["files"] and (run / "training_curves.png").stat().st_size > 10_000
+
+    (tmp_path / "other.json").write_text('{"job": "gpu-serve"}')
+    with pytest.raises(BuildError, match=r"other.json is not a GPU training job's results.json"):
+        build.stage_publish(
+            _copy(run_dir, tmp_path / "run2"), tmp_path / "store", training_results=tmp_path / "other.json"
+        )
 
 
 @pytest.mark.parametrize(
     ("artifact", "loss", "message"),
     [
         ("onnx", 0.002, "model.onnx scores"),
-        ("onnx-optimized", 0.002, "model.opt.onnx scores"),
         ("onnx-int8", 0.006, "model.int8.onnx scores"),
         ("onnx-int8", None, "model.int8.onnx has no accuracy on the full 10k"),
     ],
@@ -101,7 +133,7 @@ def test_publish_gates_every_servable_artifact(run_dir, tmp_path, artifact, loss
         acc[artifact]["top1"] = acc["checkpoint"]["top1"] - loss
     bad = tmp_path / "bad-run"
     bad.mkdir()
-    for f in ("model.onnx", "model.opt.onnx", "model.int8.onnx"):
+    for f in ("model.onnx", "model.int8.onnx"):
         (bad / f).write_bytes((run_dir / f).read_bytes())
     (bad / "build.json").write_text(json.dumps(rec))
     with pytest.raises(BuildError, match=f"refusing to publish: {message}"):
@@ -116,7 +148,7 @@ def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, 
     ok = _copy(run_dir, tmp_path / "ok-run")
     (ok / "build.json").write_text(json.dumps(rec))
     meta = build.stage_publish(ok, tmp_path / "store").metadata
-    assert set(meta["accuracy_gates"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    assert set(meta["accuracy_gates"]) == {"onnx", "onnx-int8"}
     assert meta["accuracy_gates"]["onnx-int8"]["max_loss"] == 0.005
 
 
@@ -125,24 +157,59 @@ def test_stage_without_its_input_says_which_stage_to_run(tmp_path, cifar):
         build.stage_export(tmp_path, cifar)
 
 
-def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(cifar, tmp_path):
-    """The shipped v1 was exported with ONNX PRelu; republishing re-derives its engines with the
-    elementwise form (the same function) and publishes v2 at the same accuracy, gated."""
+def _as_onnx_prelu(model):
+    """The elementwise PReLU form (`x + (s-1)·Min(x, 0)`) turned back into ONNX `PRelu(x, s)`: the
+    graph this project exported before that rewrite."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    by_output = {n.output[0]: n for n in model.graph.node}
+    prelu_at, dropped = {}, set()  # the Add's output -> its PRelu; outputs of the Min and Mul
+    for mul in [n for n in model.graph.node if n.op_type == "Mul" and n.input[1].endswith("_slope_minus_1")]:
+        x = by_output[mul.input[0]].input[0]
+        add = next(n for n in model.graph.node if n.op_type == "Add" and mul.output[0] in n.input)
+        slope = numpy_helper.from_array(numpy_helper.to_array(inits[mul.input[1]]) + 1, mul.input[1] + "_plus_1")
+        model.graph.initializer.append(slope)
+        prelu_at[add.output[0]] = helper.make_node("PRelu", [x, slope.name], [add.output[0]])
+        dropped |= {mul.input[0], mul.output[0]}
+    nodes = [prelu_at.get(n.output[0], n) for n in model.graph.node if n.output[0] not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(run_dir, cifar, tmp_path):
+    """A version exported with ONNX PRelu (as the first quicknet-xs was): republishing re-derives its
+    engines with the elementwise form (the same function) and publishes v2 at the same accuracy,
+    gated, carrying its reports and no engine of the source's."""
     import onnx
 
-    from tests.serving import STORE
+    prelu = _as_onnx_prelu(onnx.load(run_dir / "model.onnx"))
+    onnx.checker.check_model(prelu, full_check=True)
+    source = tmp_path / "v1"
+    source.mkdir()
+    onnx.save(prelu, source / "model.onnx")
+    (source / "model.opt.onnx").write_bytes(b"an engine of the old layout")
+    (source / "confusion_matrix.png").write_bytes((run_dir / "confusion_matrix.png").read_bytes())
+    from quicknet.evaluate import evaluate_artifact
 
-    v1 = next(store.get_version(STORE, "quicknet-xs", v) for v in store.list_versions(STORE, "quicknet-xs"))
-    assert any(n.op_type == "PRelu" for n in onnx.load(v1.file("model.onnx")).graph.node)
+    acc = json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]
+    acc = {k: v for k, v in acc.items() if k.startswith("checkpoint")}
+    acc["onnx"] = evaluate_artifact("onnx", source / "model.onnx", cifar.test).summary()
+    meta = {"labels": list("0123456789"), "accuracy": acc}
+    meta["artifacts"] = {"onnx": "model.onnx", "onnx-optimized": "model.opt.onnx"}
     root = tmp_path / "store"
-    meta = {k: v for k, v in v1.metadata.items() if k not in ("name", "version", "files")}
-    store.publish(root, "quicknet-xs", [v1.file(f) for f in v1.metadata["files"]], meta)
+    v1 = store.publish(
+        root, "quicknet-xs", [source / f for f in ("model.onnx", "model.opt.onnx", "confusion_matrix.png")], meta
+    )
     store.set_default(root, "quicknet-xs")
+    assert any(n.op_type == "PRelu" for n in onnx.load(v1.file("model.onnx")).graph.node)
     v2 = build.republish(root, "quicknet-xs", None, cifar, why="test")
     assert v2.version == 2 and v2.metadata["derived_from"] == {**v2.metadata["derived_from"], "version": 1}
     assert not any(n.op_type == "PRelu" for n in onnx.load(v2.file("model.onnx")).graph.node)
-    for kind in ("onnx", "onnx-optimized"):
-        assert v2.metadata["accuracy"][kind]["top1"] == v1.metadata["accuracy"][kind]["top1"]
-    assert set(v2.metadata["accuracy_gates"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    assert v2.metadata["accuracy"]["onnx"]["top1"] == v1.metadata["accuracy"]["onnx"]["top1"]
+    assert set(v2.metadata["accuracy_gates"]) == {"onnx", "onnx-int8"}
+    assert set(v2.metadata["files"]) == {"model.onnx", "model.int8.onnx", "confusion_matrix.png"}
+    assert v2.metadata["artifacts"] == {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
     assert store.default_model(root) == "quicknet-xs"
     store.verify_files(v2)

@@ -67,7 +67,7 @@ def test_eval_of_the_shipped_model_without_torch_artifacts(tmp_path):
     import json
 
     result = json.loads(out.stdout)
-    assert set(result["artifacts"]) == {"onnx", "onnx-optimized", "onnx-int8"}
+    assert set(result["artifacts"]) == {"onnx", "onnx-int8"}
     from quicknet import data, store
     from quicknet.ortrun import onnx_logits
 

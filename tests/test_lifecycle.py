@@ -192,10 +192,10 @@ def test_a_broken_version_is_never_served_and_says_why(tmp_path):
         staging = tmp_path / "broken"
         shutil.copytree(_shipped().path, staging)
         shipped_meta = json.loads((staging / "metadata.json").read_text())
-        (staging / "model.opt.onnx").write_bytes(b"not the published bytes")  # a corrupted copy
+        (staging / "model.int8.onnx").write_bytes(b"not the published bytes")  # a corrupted copy
         meta = {k: v for k, v in shipped_meta.items() if k not in ("files", "name", "version")}
         broken = store.publish(root, MODEL, [staging / f for f in shipped_meta["files"]], meta)
-        (broken.path / "model.opt.onnx").write_bytes(b"altered after publishing")
+        (broken.path / "model.int8.onnx").write_bytes(b"altered after publishing")
         _wait(lambda: "cannot load quicknet-xs v2" in srv.log(), what="the failed load")
         index = {e["version"]: e for e in httpx.post(f"{srv.url}/v2/repository/index", json={}).json()}
         assert index["2"]["state"] == "UNAVAILABLE" and "SHA-256 mismatch" in index["2"]["reason"]

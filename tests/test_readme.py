@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.serving import REPO, start_server
+from tests.serving import REPO, SHIPPED_STORE, start_server
 
 
 def readme_curls() -> list[str]:
@@ -29,7 +29,7 @@ def test_the_readme_has_curl_examples_for_every_body_form():
 def server(tmp_path_factory):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    srv = start_server(tmp_path_factory.mktemp("logs"))
+    srv = start_server(tmp_path_factory.mktemp("logs"), store=SHIPPED_STORE)  # what `make serve` serves
     yield srv
     assert srv.stop() == 0
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from quicknet import store
 from quicknet.evaluate import evaluate_artifact
-from tests.serving import STORE
+from tests.serving import SHIPPED_STORE
 
 
 def test_shipped_model_accuracy_matches_its_metadata(cifar):
-    mv = store.get_version(STORE, store.default_model(STORE))
+    mv = store.get_version(SHIPPED_STORE, store.default_model(SHIPPED_STORE))
     store.verify_files(mv)
     assert "JPEG-q75" in mv.metadata["dataset"]
     split = cifar.test.sample(2000, seed=2)

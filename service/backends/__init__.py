@@ -66,7 +66,8 @@ def choose(version: ModelVersion, settings: Settings) -> str:
 
         if find_plan(version, settings) is not None:
             return "tensorrt"
-    if importlib.util.find_spec("torch") is not None and version.metadata.get("artifacts", {}).get("torch"):
+    artifacts = version.metadata.get("artifacts", {})
+    if importlib.util.find_spec("torch") is not None and (artifacts.get("torch") or artifacts.get("onnx")):
         import torch
 
         if torch.cuda.is_available():

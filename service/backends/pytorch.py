@@ -1,8 +1,10 @@
 """PyTorch: the folded model on CUDA (the GPU engine we can run) or on the CPU.
 
-The model comes from `model.folded.pt` (a layer list and a state dict: it loads under any torch
-version, `weights_only`, no code) or, for versions published before it existed, `model.pt2`
-(a `torch.export` program, which only the torch that wrote it is sure to read).
+The model is derived at load from the version's hashed `model.onnx` (`folded_onnx`: the layer
+list and weights read back from the graph, then checked against ONNX Runtime on the same file
+before it serves), so a version stores its FP32 weights once. Versions published before that
+name their own torch file: `model.folded.pt` (a layer list and a state dict, `weights_only`) or
+`model.pt2` (a `torch.export` program, which only the torch that wrote it is sure to read).
 
 On CUDA: fp16 weights and activations, channels_last (a uint8 NHWC input permuted to NCHW
 already has that layout), and `instances` lanes. A lane is one batch in flight: its own CUDA
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from quicknet.store import ModelVersion
 from service.backends import BackendError, warmup_sizes
+from service.backends.folded_onnx import FOLDED_FORMAT
 from service.config import Settings
-
-FOLDED_FORMAT = "quicknet-folded/1"
 
 
 def build_folded(spec: dict):
@@ -81,10 +83,16 @@ def build_folded(spec: dict):
 
 
 def load_module(path: str):
+    """(module, portable): a folded module built from `model.onnx` or `model.folded.pt`, or a
+    `torch.export` program (not portable: its normalization runs in fp32 under autocast)."""
     import torch
 
     if path.endswith(".pt2"):
         return torch.export.load(path).module(), False
+    if path.endswith(".onnx"):
+        from service.backends.folded_onnx import folded_spec_from_onnx
+
+        return build_folded(folded_spec_from_onnx(Path(path))), True
     return build_folded(torch.load(path, map_location="cpu", weights_only=True)), True
 
 
@@ -120,15 +128,20 @@ class TorchBackend:
             import torch
         except ImportError:
             raise BackendError("torch is not installed: the torch backend needs the build or gpu extra") from None
-        fname = version.metadata.get("artifacts", {}).get("torch")
+        artifacts = version.metadata.get("artifacts", {})
+        fname = artifacts.get("torch") or artifacts.get("onnx")
         if not fname or not version.file(fname).is_file():
-            raise BackendError(f"{version.name} v{version.version} has no torch artifact; republish it")
+            raise BackendError(f"{version.name} v{version.version} has no torch or ONNX artifact; republish it")
         try:
             module, portable = load_module(str(version.file(fname)))
         except BackendError:
             raise
         except Exception as e:  # a torch.export file from another torch, or a damaged file
             raise BackendError(f"torch {torch.__version__} cannot load {fname} ({e}); republish the model") from None
+        if fname.endswith(".onnx"):
+            from service.backends.folded_onnx import check_against_onnx
+
+            check_against_onnx(module, version.file(fname), settings.threads)  # before any cast or device move
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(settings.threads)
