@@ -18,6 +18,20 @@ def test_images(cifar: data.Dataset) -> data.Split:
     return cifar.test.sample(512, seed=7)
 
 
+@pytest.fixture(scope="session")
+def hung_server(tmp_path_factory):
+    """`quicknet serve` with two front processes whose every engine batch first sleeps (tests/hung.py):
+    one for the whole session, shared by the deadline and cancellation tests of every front."""
+    from tests.hung import HANG_S
+    from tests.serving import start_server
+
+    srv = start_server(
+        tmp_path_factory.mktemp("hung"), workers=2, fault_injection=f"hang-every=1,hang-seconds={HANG_S}"
+    )
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_service_state(monkeypatch):
     """Every test starts from the same service state, whatever ran before it (pytest-randomly):

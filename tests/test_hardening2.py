@@ -326,6 +326,25 @@ def test_a_32_mib_header_without_a_key_gets_431_not_401(server):
     assert r.status_code == 200, r.text
 
 
+def test_a_request_without_a_key_gets_401_before_any_body_is_read(server):
+    """A head declaring a body, and no body: the 401 comes at once, on every front's routes (a
+    server that read the body first would wait for it, and the socket times out)."""
+    import socket
+
+    routes = ("/classify", f"/v2/models/{MODEL}/infer", f"/v2/repository/models/{MODEL}/load")
+    for path in routes:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3072\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
+            sock.sendall(head.encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, (path, data)
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 401 "), (path, data[:300])
+        assert b"www-authenticate: bearer" in data.lower(), path
+
+
 def test_log_fields_cannot_forge_a_line(server):
     forged = "2030-01-01 00:00:00,000 WARNING MainProcess quicknet.access: forged"
     for path in (f"/x%0A{forged}", f"/x%0D{forged}", f"/x%E2%80%A8{forged}", "/x%1B[31mred"):

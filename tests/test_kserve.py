@@ -22,6 +22,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from quicknet import store
+from tests.hung import assert_nothing_else_computed, computed_images, held_engine
 from tests.serving import metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
@@ -333,19 +334,16 @@ def _wait_until_queued(server, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def test_kserve_grpc_deadline_passing_in_the_queue(server, grpc_client, samples):
+def test_kserve_grpc_deadline_passing_in_the_queue(hung_server, samples):
+    """The engine is held busy for HANG_S (tests/hung.py), so a 0.1 s deadline passes in the queue
+    on any CPU; the server answers DEADLINE_EXCEEDED itself and never computes the request."""
+    server = hung_server
     before = httpx.get(f"{server.url}/metrics").text
-    # 960 images ahead (the queue holds 1,024: room for ours) and a 0.1 s deadline: the untrained
-    # model clears ~5k images/s here, so the queue outlasts the deadline several times over
-    body = bytes(3072 * 240)
-    threads = _in_background(lambda: httpx.post(f"{server.url}/classify", content=body, headers=RAW, timeout=60), 4)
-    _wait_until_queued(server)
+    computed = computed_images(server)
     inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
     inp.set_data_from_numpy(samples.images[:1])
-    with pytest.raises(InferenceServerException) as err:
-        grpc_client.infer(MODEL, [inp], client_timeout=0.1)
-    for t in threads:
-        t.join(60)
+    with held_engine(server), pytest.raises(InferenceServerException) as err:
+        tgrpc.InferenceServerClient(server.grpc_target).infer(MODEL, [inp], client_timeout=0.1)
     assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "while queued" in err.value.message()
     after = httpx.get(f"{server.url}/metrics").text
     assert (
@@ -356,6 +354,7 @@ def test_kserve_grpc_deadline_passing_in_the_queue(server, grpc_client, samples)
     assert metric(after, "quicknet_images_total", protocol="kserve-grpc") == metric(
         before, "quicknet_images_total", protocol="kserve-grpc"
     ), "a request past its deadline was computed"
+    assert_nothing_else_computed(server, computed)
 
 
 def test_kserve_too_many_images_is_413_and_invalid_argument(server, grpc_client):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import re
+import socket
 import threading
 import time
 
@@ -22,6 +22,7 @@ from quicknet import store
 from quicknet.ortrun import onnx_logits
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
+from tests.hung import assert_nothing_else_computed, computed_images, held_engine
 from tests.serving import STORE, metric, start_server
 
 
@@ -226,34 +227,6 @@ def test_multipart_without_image_field(server):
 # --- deadlines, cancellation: each counted once, never computed ----------------------------
 
 
-@contextlib.contextmanager
-def busy_engine(server, via: str = "grpc", requests: int = 3, images: int = 256):
-    """Yields once the engine's queue holds `requests` x `images` images sent over `via` (about half a
-    second of compute for quicknet-xs on 2 cores); the filler requests must all succeed."""
-    pixels = [pb.Image(pixels=bytes(3072))] * images
-    results: list = []
-
-    def fill() -> None:
-        if via == "grpc":
-            with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-                stub = pb_grpc.ClassifierStub(ch)
-                futures = [stub.ClassifyBatch.future(pb.ClassifyBatchRequest(images=pixels)) for _ in range(requests)]
-                results.extend(f.code() == grpc.StatusCode.OK for f in futures)
-        else:
-            body = bytes(3072 * images)
-            results.extend(r.status_code == 200 for r in asyncio.run(_burst(server.url, [body] * requests, RAW)))
-
-    thread = threading.Thread(target=fill)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while metric(httpx.get(f"{server.url}/metrics").text, "quicknet_queue_images") == 0:
-        assert time.monotonic() < deadline and thread.is_alive(), "the filler never queued"
-        time.sleep(0.005)
-    yield
-    thread.join(60)
-    assert results == [True] * requests, "filler requests failed"
-
-
 def _counts(server, protocol: str) -> tuple[float, float, float]:
     text = httpx.get(f"{server.url}/metrics").text
     return (
@@ -263,9 +236,11 @@ def _counts(server, protocol: str) -> tuple[float, float, float]:
     )
 
 
-def test_rest_deadline_passing_in_the_queue_is_504_counted_once_never_computed(server, samples):
+def test_rest_deadline_passing_in_the_queue_is_504_counted_once_never_computed(hung_server, samples):
+    server = hung_server
     images_before, deadline_before, _ = _counts(server, "rest")
-    with busy_engine(server, via="grpc"):
+    computed = computed_images(server)
+    with held_engine(server):  # the engine is busy for HANG_S: an 80 ms deadline passes in the queue
         t0 = time.monotonic()
         r = httpx.post(
             f"{server.url}/classify",
@@ -276,13 +251,16 @@ def test_rest_deadline_passing_in_the_queue_is_504_counted_once_never_computed(s
     assert r.status_code == 504, r.text
     assert waited < 0.4, f"answered {waited:.2f}s after an 80 ms deadline"
     images_after, deadline_after, _ = _counts(server, "rest")
-    assert images_after == images_before, "a request past its deadline was computed"
+    assert images_after - images_before == 1, "only the request holding the engine was answered"
     assert deadline_after - deadline_before == 1
+    assert_nothing_else_computed(server, computed)
 
 
-def test_grpc_deadline_passing_in_the_queue_is_the_servers_deadline_exceeded(server, samples):
+def test_grpc_deadline_passing_in_the_queue_is_the_servers_deadline_exceeded(hung_server, samples):
+    server = hung_server
     images_before, deadline_before, cancelled_before = _counts(server, "grpc")
-    with busy_engine(server, via="rest"), grpc.insecure_channel(server.grpc_target) as ch:
+    computed = computed_images(server)
+    with held_engine(server), grpc.insecure_channel(server.grpc_target) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         with pytest.raises(grpc.RpcError) as err:
             stub.Classify(pb.ClassifyRequest(image=pb.Image(pixels=samples.images[0].tobytes())), timeout=0.2)
@@ -291,17 +269,18 @@ def test_grpc_deadline_passing_in_the_queue_is_the_servers_deadline_exceeded(ser
     images_after, deadline_after, cancelled_after = _counts(server, "grpc")
     assert images_after == images_before, "a request past its deadline was computed"
     assert (deadline_after - deadline_before, cancelled_after - cancelled_before) == (1, 0)
+    assert_nothing_else_computed(server, computed)
 
 
-def test_rest_disconnect_drops_queued_images_and_counts_one_cancel(server):
-    images_before, _, cancelled_before = _counts(server, "rest")
-    with busy_engine(server, via="grpc"), pytest.raises(httpx.TimeoutException):
+def test_rest_disconnect_drops_queued_images_and_counts_one_cancel(hung_server):
+    server = hung_server
+    _, _, cancelled_before = _counts(server, "rest")
+    computed = computed_images(server)
+    with held_engine(server), pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/classify", content=bytes(3072 * 256), headers=RAW, timeout=0.15)
     _wait_for(lambda: _counts(server, "rest")[2] > cancelled_before)
-    time.sleep(0.3)  # had the images stayed queued, the engine would reach them by now
-    images_after, _, cancelled_after = _counts(server, "rest")
-    assert cancelled_after - cancelled_before == 1, "one request, one cancellation (not one per 64-image chunk)"
-    assert images_after == images_before, "the disconnected request's images were computed"
+    assert _counts(server, "rest")[2] - cancelled_before == 1, "one request, one cancellation (not one per chunk)"
+    assert_nothing_else_computed(server, computed)  # the 256 images left with their client
     assert re.search(r"POST /classify 499 ", server.log()), "the access log records 499"
 
 
@@ -376,19 +355,21 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
     assert asyncio.run(server_stops()) == 0 and seen == ["cancelled", "cancelled"]
 
 
-def test_grpc_cancel_drops_queued_images_and_counts_one_cancel(server):
+def test_grpc_cancel_drops_queued_images_and_counts_one_cancel(hung_server):
+    server = hung_server
     images_before, _, cancelled_before = _counts(server, "grpc")
-    with busy_engine(server, via="rest"), grpc.insecure_channel(server.grpc_target) as ch:
+    computed = computed_images(server)
+    with held_engine(server), grpc.insecure_channel(server.grpc_target) as ch:
         call = pb_grpc.ClassifierStub(ch).ClassifyBatch.future(
             pb.ClassifyBatchRequest(images=[pb.Image(pixels=bytes(3072))] * 256)
         )
-        time.sleep(0.1)
+        _wait_for(lambda: metric(httpx.get(f"{server.url}/metrics").text, "quicknet_queue_images") >= 256)
         assert call.cancel()
     _wait_for(lambda: _counts(server, "grpc")[2] > cancelled_before)
-    time.sleep(0.3)
     images_after, _, cancelled_after = _counts(server, "grpc")
     assert cancelled_after - cancelled_before == 1
     assert images_after == images_before
+    assert_nothing_else_computed(server, computed)
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:
@@ -601,6 +582,43 @@ def test_burst_beyond_the_queue_gets_429_then_recovers(tmp_path, samples):
         assert int(dict(refused.trailing_metadata())["retry-after"]) >= 1, "gRPC refusals say when to retry too"
     finally:
         assert srv.stop() == 0
+
+
+def head_alone(port: int, head: bytes, timeout: float = 5) -> bytes:
+    """Send a request head that declares a body, send no body, and read the answer's head: what a
+    server that answers before reading the body says (a socket timeout if it waits for the body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without an answer: {data!r}"
+            data += chunk
+        return data
+
+
+def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path):
+    """One process (REST refuses before the body there): the engine held, its queue full, a head
+    declaring a body and no body gets 429 at once, on /classify and on KServe's infer."""
+    srv = start_server(tmp_path, workers=1, max_queue_images=4, fault_injection="hang-every=1,hang-seconds=2")
+    try:
+        with held_engine(srv):
+            queued = threading.Thread(
+                target=lambda: httpx.post(f"{srv.url}/classify", content=bytes(3072 * 4), headers=RAW, timeout=60)
+            )
+            queued.start()
+            _wait_for(lambda: metric(httpx.get(f"{srv.url}/metrics").text, "quicknet_queue_images") == 4)
+            for path, kind in (
+                ("/classify", "application/octet-stream"),
+                ("/v2/models/quicknet-xs/infer", "application/json"),
+            ):
+                head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\nContent-Length: 3072\r\n\r\n"
+                answer = head_alone(srv.http_port, head.encode())
+                assert answer.startswith(b"HTTP/1.1 429 "), (path, answer[:300])
+                assert b"retry-after:" in answer.lower(), path
+            queued.join(60)
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 def test_cpu_service_never_imports_torch_on_the_default_path(tmp_path):

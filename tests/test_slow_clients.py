@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import time
 
 import httpx
@@ -163,3 +165,28 @@ def test_a_request_refused_before_its_body_closes_its_connection(server):
     status, body = _status_and_body(data)
     assert status == 413 and "limit" in body["error"]
     assert 0.8 <= waited < 5, f"the refused upload held its connection {waited:.1f}s; it has the body's 1s"
+
+
+def test_a_client_still_sending_after_a_408_reads_it_without_a_reset(server):
+    """Lingering close: an upload too slow for the body's 1 s gets 408, and the client, still
+    sending for half a second after the answer arrived, is never reset: every write succeeds (the
+    server reads and drops them), then it reads the whole 408 and the server's orderly close."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 10000000\r\n\r\n"
+        )
+        start, answered = time.monotonic(), None
+        while time.monotonic() - start < 8 and (answered is None or time.monotonic() - answered < 0.5):
+            sock.sendall(b"\0" * 4096)  # still uploading (80 KiB/s), before and after the 408 arrives
+            if answered is None and select.select([sock], [], [], 0)[0]:
+                answered = time.monotonic()  # the 408 is here; keep writing, read it later
+            time.sleep(0.05)
+        assert answered is not None, "no answer within 8 s"
+        assert 0.8 <= answered - start < 5, f"408 after {answered - start:.1f}s; the body has 1s"
+        sock.shutdown(socket.SHUT_WR)  # done sending: the lingering server sees EOF and closes
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status, body = _status_and_body(data)
+    assert status == 408 and body == {"error": "request body not received within 1s"}
