@@ -288,8 +288,6 @@ def main() -> None:
 def run_hey(url: str, n_images: int, concurrency: int, seconds: float, hey: str = "hey") -> dict:
     """Closed-loop REST load from `hey` (Go): far less client CPU than a Python client, which
     matters when client and server share 2 cores. Per-request times come from its CSV output."""
-    import csv
-    import io
     import subprocess
 
     pixels = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
@@ -313,7 +311,20 @@ def run_hey(url: str, n_images: int, concurrency: int, seconds: float, hey: str 
             f"{url}/classify",
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
-    rows = list(csv.DictReader(io.StringIO(out)))
+    return parse_hey_csv(out, n_images, concurrency)
+
+
+def parse_hey_csv(out: str, n_images: int, concurrency: int) -> dict:
+    """One row of the load table from `hey -o csv`'s output: a header, then one line per answered
+    request (`response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,
+    offset`, seconds). A request that got no answer (a refused or reset connection) has no line:
+    hey's CSV leaves transport errors out, so an output without lines is an error here."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(out.strip())))
+    if not rows or not {"response-time", "status-code", "offset"} <= set(rows[0]):
+        raise RuntimeError(f"hey answered no request (its CSV holds no row): {out.strip()[:200]!r}")
     ok = [r for r in rows if r["status-code"] == "200"]
     lat = np.asarray([float(r["response-time"]) for r in rows]) * 1000
     elapsed = max(float(r["offset"]) + float(r["response-time"]) for r in rows)
