@@ -1,0 +1,281 @@
+"""The offline compile stage for the GPU: a folded model → a fused engine file for this GPU, gated.
+
+The role TensorRT plays in the design (its package cannot be installed here): built once on the
+target GPU, it records what it was built for, and a version publishes it only after it scored on
+the 10k test split within 0.1 point of the checkpoint. Steps, each bounded by `time_limit_s`:
+
+1. pack the folded graph for `fused_kernels` (`fused_engine.pack`);
+2. compile every candidate tile configuration at once, one process per core (Triton compiles in
+   one thread and holds the GIL: ~1-3 s a kernel, ~50 kernels; in parallel, ~15 s on 16 cores);
+3. time each layer's candidates at a small batch and a large one and keep the fastest (a layer
+   still untimed when the time is up keeps its first candidate: slower, never wrong);
+4. check the engine against the folded model in fp32 on the same device (random images: max
+   |Δlogit|, top-1 agreement), and, given the labelled test split, score it (the gate);
+5. write `model.fused.<gpu>.sm<cc>.zip` (`fused_engine`'s format) with the compiled kernels.
+
+`attach` publishes a built engine into the next version of the model it was built from (tied by
+the SHA-256 of that version's `model.onnx`), refusing one whose gate did not pass.
+
+On a CPU (the tests, the dry runs) the same steps run with Triton's interpreter
+(`TRITON_INTERPRET=1`): nothing to compile, timings meaningless, arithmetic exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from quicknet import fused_engine as fe
+from quicknet import store
+from quicknet.errors import BuildError
+
+KIND = "fused-gpu"  # the artifact kind in metadata.json
+MAX_TOP1_LOSS = 0.001  # FP16: within 0.1 point of the checkpoint, as every FP16/FP32 artifact
+CHECK_IMAGES = 256
+TUNE_BATCHES = {"small": 4, "large": 256}
+
+
+def build(
+    spec: dict,
+    out_dir: Path,
+    *,
+    source: dict,
+    reference: Callable | None = None,
+    test_split: tuple[np.ndarray, np.ndarray] | None = None,
+    reference_top1: float | None = None,
+    time_limit_s: float = 120.0,
+    tune_batches: dict[str, int] | None = None,
+    check_images: int = CHECK_IMAGES,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, dict]:
+    """(artifact path, engine.json) for `spec` on this machine's GPU (the interpreter on a CPU).
+
+    `reference`: the folded model in fp32 on this device (uint8 NHWC → logits), for the check;
+    `test_split`: (images, labels) to score the engine on; `reference_top1`: the checkpoint's top-1
+    on that split (else the reference's own score on it is used)."""
+    import torch
+
+    started = time.monotonic()
+    deadline = started + time_limit_s
+    here = fe.current_identity()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layers, arrays = fe.pack(spec)
+    configs = fe.default_configs(layers)
+    net = fe.FusedNet(layers, arrays, configs, device)
+    stages: dict = {}
+
+    t0 = time.monotonic()
+    if device == "cuda":
+        stages["precompile"] = precompile(layers, arrays, deadline - 20)
+    stages["precompile_s"] = round(time.monotonic() - t0, 1)
+    log(f"gpu-engine: precompiled in {stages['precompile_s']} s")
+
+    t0 = time.monotonic()
+    tuning = tune(net, tune_batches or TUNE_BATCHES, deadline - 10, device)
+    configs = {size: [t["chosen"] for t in rows] for size, rows in tuning.items()}
+    net.configs = configs
+    stages["tune_s"] = round(time.monotonic() - t0, 1)
+    log(f"gpu-engine: tuned in {stages['tune_s']} s")
+
+    doc: dict = {"built_for": here, "source": source, "layers": layers, "configs": configs}
+    doc["small_batch"] = fe.SMALL_BATCH
+    doc["tuning"] = {
+        size: [{k: v for k, v in t.items() if k != "chosen"} for t in rows] for size, rows in tuning.items()
+    }
+    if reference is not None:
+        doc["check"] = check(net, reference, check_images, device)
+        log(f"gpu-engine: check {doc['check']}")
+    if test_split is not None:
+        doc["gate"] = gate(net, reference, test_split, reference_top1, device)
+        log(f"gpu-engine: gate {doc['gate']}")
+    doc["compile_seconds"] = round(time.monotonic() - started, 1)
+    doc["stages"] = stages
+    if device == "cuda":  # every configuration the engine will run, so its kernels are in the cache
+        with torch.inference_mode():
+            for size, batch in (("small", 1), ("large", fe.SMALL_BATCH + 1)):
+                net(torch.zeros((batch, 32, 32, 3), dtype=torch.uint8, device=device), configs[size])
+    path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, arrays, _cache_dir_or_none(), net.compiled)
+    log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, {len(net.compiled)} kernels)")
+    return path, doc
+
+
+def _cache_dir_or_none() -> Path | None:
+    return None if os.environ.get("TRITON_INTERPRET") == "1" else fe.triton_cache_dir()
+
+
+# --- 2. compile every candidate in parallel ---------------------------------------------------------
+
+
+def _candidates(layers: list[dict]) -> list[tuple[int, dict]]:
+    seen = []
+    for size in ("small", "large"):
+        for i, layer in enumerate(layers):
+            if layer["kind"] != "head":
+                seen += [(i, c) for c in fe.candidate_configs(layer, size == "small") if (i, c) not in seen]
+    return seen
+
+
+def precompile(layers: list[dict], arrays: dict, deadline: float) -> dict:
+    """Compile every candidate kernel into Triton's cache from a pool of processes, so the timing
+    step loads instead of compiling. Best effort: a failure here costs time later, not the build."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    jobs = _candidates(layers)
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) - 1))
+    shapes = {k: (v.shape, str(v.dtype)) for k, v in arrays.items()}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_compile_one, layers, shapes, i, c) for i, c in jobs]
+            done, late = wait(futures, timeout=max(1.0, deadline - time.monotonic()))
+            for f in late:
+                f.cancel()
+        errors = [str(f.exception()) for f in done if f.exception() is not None]
+    except Exception as e:  # a pool that cannot start (no spawn, no memory): compile on first use instead
+        return {"kernels": len(jobs), "error": f"{type(e).__name__}: {e}"}
+    return {"kernels": len(jobs), "workers": workers, "late": len(late), "errors": errors[:3]}
+
+
+def _compile_one(layers: list[dict], shapes: dict, index: int, cfg: dict) -> None:
+    """In a pool process: launch one layer once at batch 1 with `cfg` (compiles it into the cache)."""
+    import torch
+
+    arrays = {k: np.zeros(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
+    net = fe.FusedNet(layers, arrays, {}, "cuda")
+    x = _layer_input(layers, index, 1, "cuda")
+    net.run_layer(index, layers[index], cfg, x, 1)
+    torch.cuda.synchronize()
+
+
+# --- 3. time each layer's candidates ------------------------------------------------------------------
+
+
+def _layer_input(layers: list[dict], index: int, n: int, device: str):
+    import torch
+
+    layer = layers[index]
+    if layer["kind"] == "stem":
+        return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, device=device)
+    return torch.randn((n, layer["h"], layer["h"], layer["cin"]), device=device).to(torch.float16)
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=5, rep=20))
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def tune(net: fe.FusedNet, batches: dict[str, int], deadline: float, device: str) -> dict[str, list[dict]]:
+    """Per batch class and layer: each candidate's time (ms) and the fastest (`chosen`)."""
+    import torch
+
+    out: dict[str, list[dict]] = {}
+    for size, batch in batches.items():
+        rows = []
+        for i, layer in enumerate(net.layers):
+            if layer["kind"] == "head":
+                rows.append({"layer": i, "kind": "head", "chosen": None})
+                continue
+            candidates = fe.candidate_configs(layer, size == "small")
+            x = _layer_input(net.layers, i, batch, device)
+            times = []
+            for cfg in candidates:
+                if time.monotonic() > deadline and times:
+                    break
+                run = functools.partial(net.run_layer, i, layer, cfg, x, batch)
+                with torch.inference_mode():
+                    times.append(_time_ms(run, device))
+            best = int(np.argmin(times))
+            rows.append({"layer": i, "kind": layer["kind"], "batch": batch, "ms": [round(t, 4) for t in times]})
+            rows[-1]["chosen"] = candidates[best]
+        out[size] = rows
+    return out
+
+
+# --- 4. check and gate ---------------------------------------------------------------------------------
+
+
+def _logits(fn, images: np.ndarray, device: str, batch: int = 1000) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+            out.append(fn(x).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def check(net: fe.FusedNet, reference: Callable, n: int, device: str) -> dict:
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    got, want = _logits(net, images, device), _logits(reference, images, device)
+    return {
+        "images": n,
+        "max_abs_logit_delta": float(np.abs(got - want).max()),
+        "logit_scale": float(np.abs(want).max()),
+        "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+    }
+
+
+def gate(net, reference, split: tuple[np.ndarray, np.ndarray], reference_top1: float | None, device: str) -> dict:
+    images, labels = split
+    top1 = float((_logits(net, images, device).argmax(1) == labels).mean())
+    if reference_top1 is None:
+        reference_top1 = float((_logits(reference, images, device).argmax(1) == labels).mean())
+    return {
+        "images": len(labels),
+        "top1": top1,
+        "checkpoint_top1": reference_top1,
+        "max_loss": MAX_TOP1_LOSS,
+        "passed": len(labels) >= 10000 and top1 >= reference_top1 - MAX_TOP1_LOSS,
+    }
+
+
+# --- publishing ----------------------------------------------------------------------------------------
+
+
+def attach(root: Path, name: str, version: int | None, engine: Path) -> store.ModelVersion:
+    """The next version of `name`: `version`'s files and metadata plus `engine`, as artifact `fused-gpu`.
+    Refused (one line) unless the engine was built from that version's `model.onnx` and passed its
+    gate on the full 10k test split within 0.1 point of that version's checkpoint."""
+    source = store.get_version(root, name, version)
+    store.verify_files(source)
+    meta = source.metadata
+    doc = fe.read_doc(engine)
+    onnx_name = meta.get("artifacts", {}).get("onnx")
+    want = meta["files"].get(onnx_name, {}).get("sha256") if onnx_name else None
+    if not want or doc.get("source", {}).get("onnx_sha256") != want:
+        raise BuildError(
+            f"refusing to publish {engine.name}: it was not built from {name} v{source.version}'s {onnx_name} "
+            "(build it with `python -m benchmarks.gpu_engine --store-model` on the GPU)"
+        )
+    g = doc.get("gate") or {}
+    ckpt = meta.get("accuracy", {}).get("checkpoint", {}).get("top1")
+    if not g.get("passed") or g.get("images", 0) < 10000 or ckpt is None or g["top1"] < ckpt - MAX_TOP1_LOSS:
+        raise BuildError(
+            f"refusing to publish {engine.name}: its gate on the 10k test split did not pass "
+            f"(top-1 {g.get('top1')} on {g.get('images', 0)} images, checkpoint {ckpt})"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [source.file(f) for f in meta["files"]]
+        staged = Path(tmp) / engine.name
+        staged.write_bytes(engine.read_bytes())
+        fresh = {k: v for k, v in meta.items() if k not in ("name", "version", "files")}
+        fresh["artifacts"] = {**meta.get("artifacts", {}), KIND: engine.name}
+        fresh["accuracy"] = {**meta.get("accuracy", {}), KIND: {"top1": g["top1"], "images": g["images"]}}
+        gates = {**meta.get("accuracy_gates", {})}
+        gates[KIND] = {"max_loss": MAX_TOP1_LOSS, "top1": g["top1"], "checkpoint_top1": ckpt}
+        fresh["accuracy_gates"] = gates
+        fresh["gpu_engine"] = {"built_for": doc["built_for"], "compile_seconds": doc.get("compile_seconds")}
+        fresh["derived_from"] = {"version": source.version, "why": "the fused GPU engine built for it"}
+        return store.publish(root, name, [*files, staged], fresh)
