@@ -21,7 +21,9 @@ def machine() -> str:
 
 
 def make_untrained_store(root: Path, variants: list[str], calibration: np.ndarray | None = None) -> Path:
-    """Fold + export (and INT8-quantize) untrained variants into a store: speed is weight-independent."""
+    """Fold + export (and INT8-quantize) untrained variants into a store: speed is weight-independent.
+    Each keeps the `config.json` its model ships with (its batch policy), so the benchmarks measure
+    the service as it is served."""
     import torch
 
     from quicknet import data, store
@@ -43,6 +45,9 @@ def make_untrained_store(root: Path, variants: list[str], calibration: np.ndarra
             artifacts["onnx-int8"] = "model.int8.onnx"
         meta = {"labels": list(data.LABELS), "artifacts": artifacts, "accuracy": {}, "note": "untrained, for speed"}
         store.publish(root, name, files, meta)
+        shipped_config = store.default_root() / name / store.MODEL_CONFIG  # its batch policy, as it ships
+        if shipped_config.is_file():
+            (root / name / store.MODEL_CONFIG).write_bytes(shipped_config.read_bytes())
     return root
 
 

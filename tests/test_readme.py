@@ -51,3 +51,15 @@ def test_readme_curl_runs_as_written(server, command):
             assert predictions[0]["label"] == "cat", "the README's cat is classified a cat"
         if "top_k=3" in command:
             assert len(predictions) == 2 and all(len(p) == 3 for p in predictions)
+
+
+def test_make_serve_answers_with_the_full_quicknet_by_default(server):
+    """`make serve` serves the store's DEFAULT, the GPU-trained full quicknet; quicknet-xs beside it."""
+    import httpx
+
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    default = next(m for m in models if m["default"])
+    assert default["name"] == "quicknet" == (SHIPPED_STORE / "DEFAULT").read_text().strip()
+    assert {m["name"] for m in models} == {"quicknet", "quicknet-xs"}
+    answer = httpx.post(f"{server.url}/classify", files={"image": (REPO / "examples/cat.png").read_bytes()}).json()
+    assert answer["model"] == "quicknet" and answer["predictions"][0]["label"] == "cat"

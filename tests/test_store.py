@@ -106,3 +106,22 @@ def test_malformed_metadata_is_one_line_at_load(tmp_path, artifact, edit, fragme
     with pytest.raises(StoreError, match=fragment) as err:
         store.get_version(tmp_path, "m")
     assert "\n" not in str(err.value)
+
+
+def test_the_tracked_tree_stays_under_30_mib_so_a_gpu_run_can_carry_it():
+    """A GPU run receives the tracked tree and the carried wheels in at most 64 MiB; the published
+    versions hold their FP32 weights once (model.onnx) beside the INT8 engine, nothing derived."""
+    import shutil
+    import subprocess
+
+    from tests.serving import REPO
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the tracked tree is what a clone holds")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    total = sum((REPO / n).stat().st_size for n in names.decode().split("\0") if n and (REPO / n).is_file())
+    assert total < 30 * 2**20, f"tracked tree {total / 2**20:.1f} MiB"
+    for version in (REPO / "model_store").glob("*/*/metadata.json"):
+        meta = json.loads(version.read_text())
+        engines = [f for f in meta["files"] if f.endswith((".onnx", ".pt", ".pt2"))]
+        assert sorted(engines) == ["model.int8.onnx", "model.onnx"], (version, engines)

@@ -55,7 +55,7 @@ CLASSIFY_OPENAPI = {
                     "type": "object",
                     "properties": {
                         "image": {"type": "string", "format": "binary", "description": "one image"},
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "example": []},
                     },
                 },
             },
@@ -93,7 +93,7 @@ CLASSIFY_RESPONSES = answers(
     503,
     504,
 )
-_EXAMPLE_ANSWER = {"model": "quicknet-xs", "version": "1", "predictions": [{"label": "cat", "index": 3, "score": 0.91}]}
+_EXAMPLE_ANSWER = {"model": "quicknet", "version": "1", "predictions": [{"label": "cat", "index": 3, "score": 0.91}]}
 CLASSIFY_RESPONSES[200]["content"] = {"application/json": {"example": _EXAMPLE_ANSWER}}
 
 
