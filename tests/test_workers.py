@@ -215,3 +215,22 @@ def test_metric_samples_do_not_ask_the_pid_each_time_and_a_forked_child_keeps_it
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, str(tmp_path))
     assert registry.get_sample_value("quicknet_images_total", {"model": "m", "protocol": "rest"}) == 105
+
+
+def test_auto_workers_on_a_machine_reporting_many_cores_binds_grpc_in_every_front(tmp_path):
+    """`--workers 0` (auto) resolves to several fronts on a big machine; every one of them must share
+    the gRPC port (SO_REUSEPORT followed the literal `workers`, so fronts 2..N could not bind it)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.sched_getaffinity = lambda pid: set(range(6))\n")
+    srv = start_server(tmp_path, workers=0, env={"PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"})
+    try:
+        _wait(lambda: len([k for k in _pids(srv) if k.startswith("front")]) == 3, what="three fronts (6 cores / 2)")
+        for _ in range(12):  # new channels: the kernel spreads connections over the fronts
+            with grpc.insecure_channel(srv.grpc_target) as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                answer = stub.Classify(pb.ClassifyRequest(image=pb.Image(pixels=bytes(3072))), timeout=30)
+                assert answer.predictions
+        assert "restarting it" not in srv.log() and "Failed to bind" not in srv.log(), srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()

@@ -378,7 +378,7 @@ def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1 if runtime.settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 1 if runtime.settings.front_workers > 1 else 0),  # auto resolves here too
         ],
     )
     names = []
