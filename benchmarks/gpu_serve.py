@@ -8,18 +8,27 @@ results before the next starts, into `--out` (results.json, results.md, server.l
 2. the engine alone: the service's torch engine (fp16, channels_last, one CUDA graph per bucket,
    uint8 NHWC in, logits out, host<->device copies included) at each batch size, with one lane
    and with two (two batches in flight), GPU utilization while it runs, and FLOP/s as a fraction of
-   the matmul ceiling; then torch.compile (max-autotune) and AOTInductor, each in a child process
-   with a time limit (a compiler that takes too long costs its limit, not the lease);
+   the matmul ceiling;
+   then the fused engine (`benchmarks/gpu_engine.py`, issue 27) in a child process under
+   `--engine-limit-s`: built for this GPU from the same folded weights (gated on the 10k test split
+   with `--data`), img/s against the eager engine at batch 1/64/256/1024, per-kernel profiles, the
+   roofline rows, and the engine file itself, published into the store beside the weights;
 3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
    count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC
    clients in several processes: 1 / 8 / 64 images per request, served img/s, p50/p99, mean
    batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch;
    with where the CPU went (the engine process's loop and threads, the fronts, the machine:
-   `benchmarks/cpu.py`) and which part is saturated.
+   `benchmarks/cpu.py`) and which part is saturated; then, at the best front count, the same server
+   with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
+   images per request;
+4. with the time left: torch.compile (max-autotune) and AOTInductor, each in a child process with a
+   time limit (a compiler that takes too long costs its limit, not the lease; neither finished in
+   50-60 s on the first run, so they come last).
 
 The model is the full `quicknet` with untrained weights (speed does not depend on them) unless
-`--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about a minute
-(quicknet-xs, tiny loads, the torch engine on the CPU) and is part of the tests.
+`--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about two minutes
+(quicknet-xs, tiny loads, the torch engine on the CPU, the fused engine in Triton's interpreter)
+and is part of the tests.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ HEY_CANDIDATES = (REPO / ".gpu" / "bin" / "hey", Path("/usr/bin/hey"))
 # Every front-process count gets the headline cases; the fastest then gets the rest.
 HEADLINE_CASES = ((1, "rest"), (1, "grpc"), (64, "kserve-grpc"))
 MORE_CASES = ((8, "rest"), (8, "grpc"), (64, "rest"), (64, "grpc"), (1, "kserve-grpc"), (8, "kserve-grpc"))
+# The server choosing its own engine (the fused one, built for this GPU), against the torch rows.
+FUSED_CASES = ((64, "kserve-grpc"), (1, "grpc"))
 
 
 def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) -> Path:
@@ -204,6 +215,23 @@ def run_variant_in_child(root: Path, variant: str, batches: list[int], seconds: 
     return {"variant": variant, "rows": json.loads(out.read_text())}
 
 
+def fused_engine_in_child(root: Path, out: Path, args, ceiling_tflops: float, limit_s: float) -> dict:
+    """`benchmarks.gpu_engine` under a hard limit; its `engine.json` (what it measured so far) either way."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu_engine", "--store", str(root), "--out", str(out)]
+    cmd += ["--limit-s", str(max(limit_s - 10, 10)), "--ceiling-tflops", str(ceiling_tflops)]
+    cmd += ["--dry-run"] if args.dry_run else []
+    cmd += ["--data", args.data] if args.data else []
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit_s)
+        error = None if done.returncode == 0 else ((done.stderr or done.stdout).strip().splitlines() or ["?"])[-1]
+    except subprocess.TimeoutExpired:
+        error = f"did not finish within {limit_s:.0f} s"
+    from benchmarks.gpu_engine import ENGINE_JSON
+
+    doc = json.loads((out / ENGINE_JSON).read_text()) if (out / ENGINE_JSON).is_file() else {}
+    return doc | ({"error": error} if error else {})
+
+
 # --- step 3: the service -----------------------------------------------------------------------
 
 
@@ -222,6 +250,7 @@ def service_sweep(
     engine_rows: list[dict],
     deadline: float,
     on_row=None,
+    backend: str = "torch",
 ) -> list[dict]:
     import httpx
 
@@ -242,7 +271,7 @@ def service_sweep(
         srv = start_server(
             logs,
             store=root,
-            backend="torch",
+            backend=backend,
             max_batch_size=max_batch,
             instances=2,
             workers=w,
@@ -267,6 +296,7 @@ def service_sweep(
                     row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
                 after = httpx.get(f"{srv.url}/metrics").text
                 row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
+                row["backend"] = backend
                 row["efficiency"] = _efficiency(row, engine_rows)
                 row["limit"] = cpu.limit(row)
                 rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
@@ -299,6 +329,38 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
     return lines
 
 
+def _fused_markdown(fused: dict) -> list[str]:
+    lines = ["", "## The fused engine (issue 27)", ""]
+    build = fused.get("build", {})
+    if build:
+        lines.append(
+            f"- built in {build.get('compile_seconds')} s ({build.get('stages')}); check: {build.get('check')}"
+        )
+        lines.append(f"- gate: {build.get('gate')}")
+    if "artifact" in fused:
+        a = fused["artifact"]
+        lines.append(
+            f"- artifact: `{a['file']}`, {a['bytes'] / 2**20:.1f} MiB; "
+            f"the service chose `{fused.get('service_choice')}`"
+        )
+    if "ceilings" in fused:
+        lines.append(f"- ceilings: {fused['ceilings']}; bytes per image (estimate) {fused.get('bytes_per_image')}")
+    if fused.get("rows"):
+        lines += ["", "Roofline (img/s as served: host copies and CUDA graphs included):", ""]
+        cols = ["engine", "lanes", "batch", "img_s", "ms_per_batch", "tflops", "fraction_of_matmul", "gb_s"]
+        lines += _table(fused["rows"], [*cols, "fraction_of_bandwidth"])
+    profile = fused.get("profile") or {}
+    for engine in ("torch", "fused"):
+        if engine in profile:
+            prof = profile[engine]
+            lines += ["", f"Profile, {engine}, batch {profile['batch']}: {prof['kernels_per_call']} kernels a batch,"]
+            lines[-1] += f" {prof['device_us_per_call']} us of kernel time; the top ones:"
+            lines += ["", *_table(prof["top"], ["kernel", "calls", "us", "share"])]
+    if "error" in fused:
+        lines += ["", f"fused engine step: **{fused['error']}**"]
+    return lines
+
+
 def render_markdown(doc: dict) -> str:
     env = doc.get("environment", {})
     lines = [f"# gpu-serve results ({doc.get('started', '')})", ""]
@@ -315,6 +377,8 @@ def render_markdown(doc: dict) -> str:
             doc["engine"],
             ["engine", "lanes", "batch", "img_s", "ms_per_batch", "gpu_util", "tflops", "fraction_of_ceiling"],
         )
+    if doc.get("fused"):
+        lines += _fused_markdown(doc["fused"])
     for variant in doc.get("variants", []):
         lines += ["", f"### {variant['variant']}", ""]
         if "error" in variant:
@@ -323,7 +387,8 @@ def render_markdown(doc: dict) -> str:
             lines += _table(variant["rows"], ["engine", "batch", "img_s", "ms_per_batch", "tflops", "first_call_s"])
     if doc.get("service"):
         lines += ["", "## The service", ""]
-        cols = ["workers", "protocol", "client", "images_per_request", "concurrency", "requests_s", "served_img_s"]
+        cols = ["workers", "backend", "protocol", "client", "images_per_request", "concurrency", "requests_s"]
+        cols.append("served_img_s")
         lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
         lines += [
             "",
@@ -350,6 +415,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="front processes to sweep")
     parser.add_argument("--clients", type=int, default=6, help="client processes for the Python load generator")
     parser.add_argument("--variant-limit-s", type=float, default=60.0, help="time limit per compiled variant")
+    parser.add_argument("--engine-limit-s", type=float, default=130.0, help="time limit for the fused engine step")
+    parser.add_argument("--data", help="CIFAR-10 copy (data/cifar10_jpeg.npz): gate the fused engine on its test split")
     parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny")
     parser.add_argument("--variant", choices=["compile", "aoti"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -365,7 +432,7 @@ def main() -> None:
     args.headline, args.more = HEADLINE_CASES, MORE_CASES
     if args.dry_run:
         args.model, args.batches, args.seconds, args.service_seconds = "quicknet-xs", [1, 8], 0.3, 0.7
-        args.workers, args.clients, args.variant_limit_s = [1, 2], 2, 90.0
+        args.workers, args.clients, args.variant_limit_s, args.engine_limit_s = [1, 2], 2, 90.0, 150.0
         args.headline, args.more = ((1, "rest"), (1, "grpc")), ((8, "kserve-grpc"),)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     run(args)
@@ -395,16 +462,9 @@ def run(args) -> None:
         flops = forward_flops(args.model)
         engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
-        variants = []
-        for variant in ("compile", "aoti"):
-            limit = min(args.variant_limit_s, deadline - time.monotonic() - 120)
-            if limit < 20:
-                variants.append({"variant": variant, "error": "time budget spent"})
-                continue
-            batches = args.batches[-2:] if not args.dry_run else args.batches[-1:]
-            variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
-            results.update(variants=variants)
-        results.update(variants=variants)
+        limit = min(args.engine_limit_s, deadline - time.monotonic() - 90)
+        fused = fused_engine_in_child(root, out, args, results.doc["matmul"]["tflops"], limit)
+        results.update(fused=fused)
         service: list[dict] = []
 
         def on_row(row: dict) -> None:
@@ -414,11 +474,27 @@ def run(args) -> None:
         common = (args.service_seconds, args.clients, engine, deadline - 15)
         service_sweep(root, out, args.workers, args.headline, *common, on_row=on_row)
         single = [r for r in service if r.get("images_per_request") == 1 and "served_img_s" in r]
+        best = max(single, key=lambda r: r["served_img_s"])["workers"] if single else args.workers[0]
+        results.update(best_workers=best)
+        if "artifact" in fused and not args.dry_run:  # the server choosing its engine: fused where it fits
+            try:
+                service_sweep(root, out, [best], FUSED_CASES, *common, on_row=on_row, backend="auto")
+            except Exception as e:  # recorded; the torch cases after it still run
+                results.update(fused_service_error=f"{type(e).__name__}: {e}")
+        elif args.dry_run:  # auto is onnxruntime on a CPU (no ONNX in this store); the interpreter is too slow
+            results.update(fused_service_error="not in a dry run: a CPU serves this store with the torch engine")
         if single:
-            best = max(single, key=lambda r: r["served_img_s"])["workers"]
-            results.update(best_workers=best)
             service_sweep(root, out, [best], args.more, *common, on_row=on_row)
-        results.update(service=service, job_seconds=round(time.monotonic() - t0, 1))
+        variants = []
+        for variant in ("compile", "aoti"):
+            limit = min(args.variant_limit_s, deadline - time.monotonic() - 5)
+            if limit < 20:
+                variants.append({"variant": variant, "error": "time budget spent"})
+                continue
+            batches = args.batches[-2:] if not args.dry_run else args.batches[-1:]
+            variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
+            results.update(variants=variants)
+        results.update(variants=variants, service=service, job_seconds=round(time.monotonic() - t0, 1))
     except Exception as e:
         results.update(error=f"{type(e).__name__}: {e}")
         raise

@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     version_policies: dict[str, str] = Field(
         default_factory=dict, description='per-model policies, e.g. {"quicknet-xs": "all"} (JSON)'
     )
-    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = Field(
-        "auto", description="engine: auto picks tensorrt (plan for this GPU) > torch (CUDA) > onnxruntime"
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt", "fused"] = Field(
+        "auto",
+        description="engine: auto picks tensorrt (plan for this GPU) > fused (engine built for this GPU) > torch "
+        "(CUDA) > onnxruntime",
     )
     precision: Literal["auto", "fp32", "int8"] = Field(
         "auto",

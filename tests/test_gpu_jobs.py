@@ -102,6 +102,17 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
         assert row["limit"], row
     markdown = (out / "results.md").read_text()
     assert "## The service" in markdown and "| engine_loop_cores |" in markdown and service[0]["limit"] in markdown
+    # the fused engine step (issue 27): built (Triton's interpreter here), kept, measured, profiled
+    fused = doc["fused"]
+    assert "error" not in fused, fused
+    assert {(r["engine"], r["batch"]) for r in fused["rows"]} == {(e, b) for e in ("torch", "fused") for b in (1, 2)}
+    assert all(r["img_s"] > 0 and r["gb_s"] >= 0 for r in fused["rows"])
+    assert fused["artifact"]["file"].startswith("model.fused.") and (out / fused["artifact"]["file"]).is_file()
+    assert fused["build"]["check"]["top1_agreement"] == 1.0 and fused["build"]["gate"]["passed"] is False  # 2 images
+    assert fused["profile"]["fused"]["kernels_per_call"] > 0 and fused["profile"]["torch"]["top"]
+    assert fused["bytes_per_image"]["fused"] < fused["bytes_per_image"]["torch"]
+    assert "## The fused engine (issue 27)" in markdown and "Profile, fused" in markdown
+    assert doc["fused_service_error"].startswith("not in a dry run")
 
 
 def test_the_cpu_account_names_the_saturated_part():

@@ -1,0 +1,261 @@
+"""The fused GPU engine (issue 27) on a CPU: its kernels' arithmetic in Triton's interpreter against
+the folded PyTorch model, its kernels compiled for Hopper (sm_90) without a GPU, its file, the
+service's choice and refusal, and publishing. The GPU step's dry run is in test_gpu_jobs.py."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: kernels are decorated at import
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from quicknet import fused_engine as fe
+from quicknet import gpu_engine, store
+from quicknet.errors import BuildError
+from quicknet.export import folded_spec
+from quicknet.fold import fold
+from quicknet.model import ArchConfig, QuickNet
+from service.backends.pytorch import build_folded
+from tests.serving import REPO
+
+# The layers of quicknet at 1/16 width: every kind of fused layer (stem, plain, pooled, mean), fast
+# in the interpreter (which runs one program at a time in numpy).
+TINY = ArchConfig(name="quicknet-tiny", stem=16, stages=((16, 16), (32, 32), (32, 64)))
+
+
+def _trained_looking(cfg: ArchConfig = TINY, seed: int = 0) -> QuickNet:
+    """Untrained weights give near-constant logits (the check would pass on anything): random BN
+    statistics, PReLU slopes and a classifier that spreads the logits."""
+    torch.manual_seed(seed)
+    model = QuickNet(cfg).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+        elif isinstance(m, torch.nn.PReLU):
+            m.weight.data.uniform_(0.05, 0.4)
+    model.classifier.weight.data.normal_(0, 1.0)
+    return model
+
+
+def _spec(depthwise_bias: bool = False, equal_slopes_at: int | None = None) -> dict:
+    spec = folded_spec(fold(_trained_looking()))
+    if depthwise_bias:  # not what fold makes today; the packer folds it into the pointwise bias
+        i = next(i for i, la in enumerate(spec["layers"]) if la["op"] == "conv" and la["groups"] > 1)
+        spec["layers"][i]["bias"] = True
+        spec["state_dict"][f"features.{i}.bias"] = torch.randn(spec["layers"][i]["out"]) * 0.5
+    if equal_slopes_at is not None:  # fold writes LeakyReLU when every slope of a PReLU is equal
+        i = [i for i, la in enumerate(spec["layers"]) if la["op"] == "prelu"][equal_slopes_at]
+        spec["layers"][i] = {"op": "leaky_relu", "slope": 0.2}
+        del spec["state_dict"][f"features.{i}.weight"]
+    return spec
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp16 activations and matmul operands against fp32: within 2% of the logits' range, same top-1."""
+    scale = float(want.abs().max())
+    assert scale > 1.0, "logits must spread for the comparison to mean anything"
+    assert float((got - want).abs().max()) <= 0.02 * scale
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def _gpu_configs(layers: list[dict], size: str) -> list[dict | None]:
+    """The tile shapes a GPU would time (not the interpreter's one big tile): several tiles per layer,
+    so partial tiles, pooled windows and whole-image means across tiles are all exercised."""
+    saved = os.environ.pop("TRITON_INTERPRET")
+    try:
+        return [fe.candidate_configs(la, size == "small")[-1] if la["kind"] != "head" else None for la in layers]
+    finally:
+        os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_the_kernels_compute_the_folded_model():
+    """Stem (normalization at load, zero padding in normalized space), separable blocks with the
+    depthwise in the matmul's operand, 2x2 pools and the global mean in the epilogue, per-channel
+    PReLU and fixed-slope LeakyReLU, a depthwise bias: against the folded model in fp32."""
+    spec = _spec(depthwise_bias=True, equal_slopes_at=2)
+    layers, arrays = fe.pack(spec)
+    assert [la["kind"] for la in layers] == ["stem"] + ["separable"] * 6 + ["head"]
+    assert [la["pool"] for la in layers[1:-1]] == [False, True, False, True, False, False]
+    assert layers[-2]["mean"] and not any(la["mean"] for la in layers[1:-2])
+    reference = build_folded(spec)
+    x = _images(3)  # 3: partial tiles everywhere
+    with torch.inference_mode():
+        want = reference(x)
+        net = fe.FusedNet(layers, arrays, fe.default_configs(layers), "cpu")
+        _close(net(x), want)
+        _close(net(x, _gpu_configs(layers, "large")), want)
+
+
+def test_the_packer_refuses_what_it_cannot_fuse():
+    spec = _spec()
+    residual = dict(spec, layers=[*spec["layers"], {"op": "maxpool", "kernel": 2}])
+    with pytest.raises(BuildError, match="last separable block, unpooled"):
+        fe.pack(residual)
+    odd = dict(spec, layers=[dict(spec["layers"][0], kernel=5), *spec["layers"][1:]])
+    with pytest.raises(BuildError, match="cannot run layer 0"):
+        fe.pack(odd)
+
+
+def test_the_kernels_compile_for_hopper_without_a_gpu():
+    """Triton's own ptxas builds the kernels for sm_90 here: the largest tiles use wgmma (Hopper's
+    tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue)."""
+    script = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from quicknet import fused_kernels as k
+sep = {"x_ptr": "*fp16", "dw_ptr": "*fp32", "pw_ptr": "*fp16", "bias_ptr": "*fp32", "slope_ptr": "*fp32",
+       "out_ptr": "*fp16", "n_images": "i32"}
+stem = {"x_ptr": "*u8", "w_ptr": "*fp16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "bias_ptr": "*fp32",
+        "slope_ptr": "*fp32", "out_ptr": "*fp16", "n_images": "i32"}
+def build(fn, sig, consts, warps, stages):
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"])}
+tiles = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
+def block(cin, side, pool, mean, sig=sep):
+    shape = {"CIN": cin, "COUT": cin, "H": side, "W": side, "POOL": pool, "MEAN": mean}
+    return build(k.separable_kernel, sig, shape | tiles, 8, 3)
+out = {
+    "plain": block(256, 32, False, False),
+    "pool": block(512, 16, True, False),
+    "mean": block(1024, 8, False, True, dict(sep, out_ptr="*fp32")),
+    "stem": build(k.stem_kernel, stem, {"COUT": 256, "H": 32, "W": 32, "BLOCK_M": 128, "BLOCK_N": 128, "K": 32}, 8, 2),
+}
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(b["wgmma"] and b["cubin"] > 0 for b in built.values()), built
+
+
+def _store_with_engine(tmp_path, identity: dict | None = None):
+    """A version holding the folded weights and an engine built here (interpreter), optionally
+    recorded as built for another machine."""
+    from quicknet.export import export_folded_weights
+
+    model = _trained_looking()
+    folded = fold(model)
+    spec = folded_spec(folded)
+    work = tmp_path / "work"
+    work.mkdir()
+    weights = export_folded_weights(folded, work / "model.folded.pt")
+    path, doc = gpu_engine.build(
+        spec,
+        work,
+        source={"file": weights.name},
+        reference=build_folded(spec),
+        tune_batches={"small": 1},
+        check_images=2,
+    )
+    if identity is not None:
+        _, arrays = fe.read_artifact(path, None)
+        fe.write_artifact(
+            path, {k: v for k, v in doc.items() if k != "format"} | {"built_for": identity}, arrays, None, set()
+        )
+    meta = {"labels": [str(i) for i in range(10)], "artifacts": {"torch": weights.name, "fused-gpu": path.name}}
+    root = tmp_path / "store"
+    mv = store.publish(root, "tiny", [weights, path], meta)
+    return mv, spec, doc
+
+
+def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp_path, monkeypatch):
+    from service import gpu
+    from service.backends import choose
+    from service.backends.fused import FusedBackend
+    from service.config import Settings
+
+    mv, spec, doc = _store_with_engine(tmp_path)
+    store.verify_files(mv)  # the engine is a hashed file of the version like every artifact
+    assert set(fe.IDENTITY_KEYS) <= set(doc["built_for"]) and doc["built_for"]["kernels_sha256"] == fe.kernels_digest()
+    assert doc["check"]["top1_agreement"] == 1.0 and doc["configs"]["small"][0]["BLOCK_M"] == 1024
+    assert fe.mismatch(doc["built_for"], fe.current_identity()) == []
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)  # choose() asks NVML first
+    settings = Settings(backend="auto", max_batch_size=4, threads=1)
+    assert choose(mv, settings) == "fused"
+    backend = FusedBackend.load(mv, settings)
+    assert backend.describe()["backend"] == "fused" and backend.describe()["built_for"] == doc["built_for"]
+    x = _images(2, seed=3)
+    with torch.inference_mode():
+        want = build_folded(spec)(x)
+    _close(torch.from_numpy(backend.infer(x.numpy())), want)
+
+
+def test_an_engine_built_for_another_machine_is_refused_in_one_line(tmp_path, monkeypatch, caplog):
+    from service import gpu
+    from service.backends import BackendError, choose
+    from service.backends.fused import FusedBackend
+    from service.config import Settings
+
+    other = fe.current_identity() | {"gpu": "NVIDIA H200", "compute_capability": "9.0", "driver": "580.159.04"}
+    mv, _, _ = _store_with_engine(tmp_path, identity=other)
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    settings = Settings(backend="auto", max_batch_size=4, threads=1)
+    with caplog.at_level(logging.WARNING, logger="quicknet.backends"):
+        assert choose(mv, settings) != "fused"  # the eager engine's branch decides (no CUDA here)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "quicknet.backends"]
+    assert "built for another machine" in line and "gpu 'NVIDIA H200'" in line and "driver '580.159.04'" in line
+    assert "serving the eager torch engine" in line and "\n" not in line
+    with pytest.raises(BackendError, match="built for another machine.*serve with --backend torch"):
+        FusedBackend.load(mv, settings)
+
+
+def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path):
+    root = tmp_path / "store"
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"stands in for the version's model.onnx")
+    meta = {"labels": ["a"], "artifacts": {"onnx": "model.onnx"}, "accuracy": {"checkpoint": {"top1": 0.9400}}}
+    source = store.publish(root, "quicknet", [onnx], meta)
+    digest = source.metadata["files"]["model.onnx"]["sha256"]
+
+    def engine(name: str, onnx_sha256: str, top1: float, images: int = 10000):
+        gate = {"images": images, "top1": top1, "checkpoint_top1": 0.94, "max_loss": 0.001}
+        gate["passed"] = images >= 10000 and top1 >= 0.939
+        doc = {"built_for": {"gpu": "NVIDIA H200"}, "source": {"onnx_sha256": onnx_sha256}, "gate": gate}
+        return fe.write_artifact(tmp_path / name, doc, {"w": np.zeros(2, np.float16)}, None, set())
+
+    published = gpu_engine.attach(root, "quicknet", None, engine("model.fused.a.sm90.zip", digest, 0.9395))
+    assert published.version == 2 and published.metadata["artifacts"]["fused-gpu"] == "model.fused.a.sm90.zip"
+    assert published.metadata["artifacts"]["onnx"] == "model.onnx"
+    assert published.metadata["accuracy_gates"]["fused-gpu"] == {
+        "max_loss": 0.001,
+        "top1": 0.9395,
+        "checkpoint_top1": 0.94,
+    }
+    store.verify_files(store.get_version(root, "quicknet", 2))
+    with pytest.raises(BuildError, match="not built from quicknet v1's model.onnx"):
+        gpu_engine.attach(root, "quicknet", 1, engine("b.zip", "0" * 64, 0.9395))
+    with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
+        gpu_engine.attach(root, "quicknet", 1, engine("c.zip", digest, 0.9380))
+    with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
+        gpu_engine.attach(root, "quicknet", 1, engine("d.zip", digest, 0.95, images=2000))
+
+
+def test_the_roofline_estimates_for_the_full_quicknet():
+    """The issue's estimate for the eager engine (~15.5 MB of activations per image) and what fusing
+    leaves (each kernel reads its input and writes its pooled output once); FLOPs as the model's MACs."""
+    from benchmarks.gpu_engine import estimate_bytes, estimate_flops
+    from quicknet.model import build_model, count_macs, get_config
+
+    layers, _ = fe.pack(folded_spec(fold(build_model("quicknet").eval())))
+    eager, fused = estimate_bytes(layers, fused=False), estimate_bytes(layers, fused=True)
+    assert 15.0e6 < eager < 16.5e6 and 3.5e6 < fused < 4.5e6
+    assert estimate_flops(layers) == pytest.approx(2 * count_macs(get_config("quicknet")), rel=0.01)
