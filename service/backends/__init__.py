@@ -4,7 +4,8 @@
     infer(batch: uint8 [N,32,32,3]) -> float32 logits [N,10]
     max_batch_size, warmup(), describe()
 
-`choose()` picks automatically: a TensorRT plan built for this GPU → tensorrt; else a GPU and
+`choose()` picks automatically: a TensorRT plan built for this GPU → tensorrt; else a fused engine
+built for this machine → fused (one built for another is refused in one log line); else a GPU and
 torch → torch; else onnxruntime. Whether a GPU exists is asked of NVML or the device files, never
 of torch: a CPU service must not pay torch's import (hundreds of MB resident) just to learn "no".
 A forced `--backend` that cannot load fails with one line.
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from typing import Protocol
 
 import numpy as np
 
 from quicknet.store import ModelVersion
 from service.config import Settings
+
+log = logging.getLogger("quicknet.backends")
 
 
 class BackendError(Exception):
@@ -51,6 +55,7 @@ ENGINES: dict[str, tuple[str, str]] = {
     "onnxruntime": ("service.backends.onnxruntime", "OnnxRuntimeBackend"),
     "torch": ("service.backends.pytorch", "TorchBackend"),
     "tensorrt": ("service.backends.tensorrt", "TensorRTBackend"),
+    "fused": ("service.backends.fused", "FusedBackend"),
 }
 
 
@@ -67,6 +72,13 @@ def choose(version: ModelVersion, settings: Settings) -> str:
         if find_plan(version, settings) is not None:
             return "tensorrt"
     artifacts = version.metadata.get("artifacts", {})
+    if artifacts.get("fused-gpu") and all(importlib.util.find_spec(m) for m in ("torch", "triton")):
+        from service.backends.fused import engine_fits
+
+        path, refused = engine_fits(version)
+        if path is not None:
+            return "fused"
+        log.warning("%s: serving the eager torch engine", refused)
     if importlib.util.find_spec("torch") is not None and (artifacts.get("torch") or artifacts.get("onnx")):
         import torch
 
