@@ -318,8 +318,11 @@ def write_artifact(
             entry = (cache_dir / key) if cache_dir else None
             if entry is None or not entry.is_dir():
                 continue
+            # A cache hit needs only the metadata and the machine code; the IRs (~1.5 MB a kernel,
+            # the LLVM IR most of it) would take the file past 16 MiB with ~18 kernels.
             for f in sorted(entry.iterdir()):
-                zf.write(f, f"triton-cache/{key}/{f.name}")
+                if f.suffix in (".json", ".cubin", ".hsaco") and not f.name.startswith("__grp__"):
+                    zf.write(f, f"triton-cache/{key}/{f.name}")
     with atomic_write(path) as f:
         f.write(buffer.getvalue())
     return path
@@ -344,14 +347,30 @@ def read_artifact(path: Path, cache_dir: Path | None) -> tuple[dict, dict[str, n
         with np.load(io.BytesIO(zf.read("weights.npz")), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         if cache_dir is not None:
-            for name in zf.namelist():
-                parts = name.split("/")
-                if len(parts) == 3 and parts[0] == "triton-cache" and all(_plain(p) for p in parts[1:]):
-                    target = cache_dir / parts[1] / parts[2]
-                    if not target.exists():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(zf.read(name))
+            install_kernels(zf, cache_dir)
     return doc, arrays
+
+
+def install_kernels(zf: zipfile.ZipFile, cache_dir: Path) -> int:
+    """The engine's compiled kernels into Triton's file cache, each with the group file Triton looks
+    up (`__grp__<kernel>.json`, which names its files by absolute path, so it is written here, for
+    this cache's location). Returns the kernels installed; ones already there are left as they are."""
+    entries: dict[str, list[str]] = {}
+    for name in zf.namelist():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "triton-cache" and all(_plain(p) for p in parts[1:]):
+            entries.setdefault(parts[1], []).append(parts[2])
+    for key, files in entries.items():
+        folder = cache_dir / key
+        metadata = [f for f in files if f.endswith(".json")]
+        if len(metadata) != 1 or (folder / f"__grp__{metadata[0]}").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (folder / f).write_bytes(zf.read(f"triton-cache/{key}/{f}"))
+        group = {"child_paths": {f: str(folder / f) for f in files}}
+        (folder / f"__grp__{metadata[0]}").write_text(json.dumps(group))  # last: Triton reads it as "complete"
+    return len(entries)
 
 
 def _plain(part: str) -> bool:

@@ -39,6 +39,7 @@ KIND = "fused-gpu"  # the artifact kind in metadata.json
 MAX_TOP1_LOSS = 0.001  # FP16: within 0.1 point of the checkpoint, as every FP16/FP32 artifact
 CHECK_IMAGES = 256
 TUNE_BATCHES = {"small": 4, "large": 256}
+MAX_FILE_BYTES = 16 << 20  # a file a GPU run brings back
 
 
 def build(
@@ -101,6 +102,9 @@ def build(
             for size, batch in (("small", 1), ("large", fe.SMALL_BATCH + 1)):
                 net(torch.zeros((batch, 32, 32, 3), dtype=torch.uint8, device=device), configs[size])
     path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, arrays, _cache_dir_or_none(), net.compiled)
+    if path.stat().st_size > MAX_FILE_BYTES:  # what a GPU run can bring back; without kernels it compiles at load
+        doc["kernels_dropped"] = f"{path.stat().st_size} bytes with them"
+        path = fe.write_artifact(path, doc, arrays, None, set())
     log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, {len(net.compiled)} kernels)")
     return path, doc
 

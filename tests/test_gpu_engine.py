@@ -259,3 +259,27 @@ def test_the_roofline_estimates_for_the_full_quicknet():
     eager, fused = estimate_bytes(layers, fused=False), estimate_bytes(layers, fused=True)
     assert 15.0e6 < eager < 16.5e6 and 3.5e6 < fused < 4.5e6
     assert estimate_flops(layers) == pytest.approx(2 * count_macs(get_config("quicknet")), rel=0.01)
+
+
+def test_the_compiled_kernels_travel_in_the_file_and_hit_tritons_cache(tmp_path, monkeypatch):
+    """The build keeps each kernel's metadata and machine code (not its IRs); loading puts them into
+    Triton's cache with the group file Triton's own cache manager looks up, for that cache's path."""
+    from triton import knobs
+    from triton.runtime.cache import FileCacheManager
+
+    built = tmp_path / "built-cache" / "KEY1"
+    built.mkdir(parents=True)
+    (built / "separable_kernel.json").write_text('{"name": "separable_kernel"}')
+    (built / "separable_kernel.cubin").write_bytes(b"\x7fELF machine code")
+    (built / "separable_kernel.llir").write_text("; LLVM IR, large, not kept")
+    (built / "__grp__separable_kernel.json").write_text('{"child_paths": {}}')
+    path = fe.write_artifact(
+        tmp_path / "e.zip", {"built_for": {}}, {"w": np.ones(2, np.float16)}, built.parent, {"KEY1"}
+    )
+    serving = tmp_path / "serving-cache"
+    monkeypatch.setattr(knobs.cache, "dir", str(serving))
+    doc, arrays = fe.read_artifact(path, fe.triton_cache_dir())
+    assert arrays["w"].dtype == np.float16 and doc["format"] == fe.FORMAT
+    group = FileCacheManager("KEY1").get_group("separable_kernel.json")
+    assert set(group) == {"separable_kernel.json", "separable_kernel.cubin"}
+    assert (serving / "KEY1" / "separable_kernel.cubin").read_bytes() == b"\x7fELF machine code"
