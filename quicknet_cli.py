@@ -1,5 +1,6 @@
 """The `quicknet` command: build commands from `quicknet.cli`, serving commands from `service.cli`,
-`classify` from `quicknet.client.cli` (the client extra alone runs it).
+`classify` and the commands for a running server (`models`, `stats`, `load`, `unload`, `health`)
+from `quicknet.client` (the client extra alone runs them).
 
 It lives outside both packages so that neither imports the other; each command imports its
 heavy libraries only when it runs, so `quicknet serve` starts without torch.
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quicknet.client.cli import add_command as add_classify_command
 
     add_classify_command(sub)
+    from quicknet.client.admin import add_commands as add_admin_commands
+
+    add_admin_commands(sub)  # models, stats, load, unload, health: the client extra, like classify
     try:
         from service.cli import add_commands as add_service_commands
 
@@ -50,6 +54,7 @@ def _missing_serve(error: ImportError) -> None:
 # not a traceback (`make serve` installs the serve extra only; `quicknet train` then lacks torch).
 # TensorRT and NVML come only with the gpu extra; any other module, with the command's own extra.
 COMMAND_EXTRA = {"classify": "client", "serve": "serve", "probe": "serve", "api-key": "serve"}  # others: build
+COMMAND_EXTRA.update(dict.fromkeys(("models", "stats", "load", "unload", "health"), "client"))
 GPU_MODULES = frozenset({"tensorrt", "cuda", "pynvml"})
 EXTRA_MODULES = GPU_MODULES | {
     *("torch", "onnx", "onnxscript", "matplotlib", "tqdm", "onnxruntime", "fastapi", "starlette", "uvicorn"),

@@ -170,11 +170,9 @@ def cmd_gpu_train(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quicknet.model import VARIANTS, build_model, count_macs, count_params
+    from quicknet.sizes import table  # a table checked against torch by a test: no torch here
 
-    rows = [{"model": n, "params": count_params(build_model(n)), "macs": count_macs(c)} for n, c in VARIANTS.items()]
-    for r in rows:
-        print(f"{r['model']:<12} {r['params'] / 1e6:6.3f} M params  {r['macs'] / 1e9:6.3f} G MACs/image")
+    print(table())
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -246,9 +244,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "build", parents=[common, store_flags, default_flag], help="train, export, compile, eval and publish"
     )
     _add_dataclass_flags(build, TrainConfig)
-    build.add_argument("--resume", action="store_true")
-    build.add_argument("--tensorrt", action=argparse.BooleanOptionalAction, default=None)
-    build.add_argument("--publish", action=argparse.BooleanOptionalAction, default=True)
+    build.add_argument(
+        "--resume", action="store_true", help="continue training from <run-dir>/checkpoint.pt (an interrupted build)"
+    )
+    build.add_argument(
+        "--tensorrt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require (--tensorrt) or skip (--no-tensorrt) the TensorRT plan; default: build it if TensorRT "
+        "is installed",
+    )
+    build.add_argument(
+        "--publish",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="publish the result to the model store as the next version (default: %(default)s; --no-publish "
+        "leaves it in the run folder)",
+    )
     build.set_defaults(func=cmd_build)
 
     plan = sub.add_parser("plan", parents=[store_flags], help="build a published model's TensorRT plan on this GPU")
@@ -301,5 +313,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
 
-    info = sub.add_parser("info", help="parameters and multiply-adds of every variant")
+    info = sub.add_parser("info", help="parameters and multiply-adds of every variant (no torch needed)")
     info.set_defaults(func=cmd_info)

@@ -52,7 +52,7 @@ GRPC_FRONTS = (classifier_grpc, kserve_grpc)
 
 
 class JsonFormatter(logging.Formatter):
-    FIELDS = ("request_id", "status", "duration_ms")
+    FIELDS = ("request_id", "status", "duration_ms", "client", "model", "version", "images", "reason")
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {

@@ -15,6 +15,7 @@ import numpy as np
 
 from service import tracing
 from service.batcher import Timing
+from service.transport import access
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class ModelHandle:
         """`submit`, recording the request's `queue` and `infer` spans when tracing is on: what
         every front calls."""
         started = time.time_ns()
+        access.note_run(self.name, self.version, len(images))  # the access log's model, version, images
         logits, timing = await self.submit(images, deadline, protocol)
         tracing.record_batching(started, timing, len(images))
         return logits, timing

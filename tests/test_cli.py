@@ -135,7 +135,8 @@ def test_version_and_one_spelling_of_the_store_flag(tmp_path):
 
 
 def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path):
-    """After `make serve` (no build extra), `quicknet info` and `train` need torch."""
+    """After `make serve` (no build extra), `quicknet train` needs torch (`info` does not:
+    tests/test_operating.py)."""
     import os
 
     stubs = tmp_path / "stubs"
@@ -143,7 +144,7 @@ def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path):
     failing = "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
     (stubs / "torch" / "__init__.py").write_text(failing)
     env = {**os.environ, "PYTHONPATH": str(stubs)}
-    for command in (["info"], ["train", "--run-dir", str(tmp_path / "run"), "--epochs", "1"]):
+    for command in (["train", "--run-dir", str(tmp_path / "run"), "--epochs", "1"],):
         out = quicknet(*command, env=env)
         assert out.returncode == 2, out.stderr
         hint = "needs the build extra (torch is not installed): pip install -e '.[build]'\n"

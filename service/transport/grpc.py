@@ -27,6 +27,7 @@ from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull
 from service.images import InputError, clip
 from service.runtime import ModelNotFound, RepositoryError, Runtime
+from service.transport import access
 from service.transport import request_id as new_request_id
 
 log = logging.getLogger("quicknet.grpc")
@@ -237,6 +238,15 @@ _SERVER_ERRORS = frozenset(
 )
 
 
+def _details(context: grpc.aio.ServicerContext) -> str | None:
+    """The status message the call ended with (what an abort set), for the access log."""
+    try:
+        details = context.details()
+    except Exception:  # not every grpc release has it on aio contexts
+        return None
+    return details.decode(errors="replace") if isinstance(details, bytes) else details
+
+
 def _observe(
     handler: grpc.RpcMethodHandler, service: str, method: str, log_requests: bool, quiet: bool = False
 ) -> grpc.RpcMethodHandler:
@@ -257,6 +267,7 @@ def _observe(
         request_id, start = new_request_id(incoming if isinstance(incoming, str) else ""), time.perf_counter()
         context.set_trailing_metadata((("x-request-id", request_id),))
         code = grpc.StatusCode.OK
+        record, token = access.begin() if log_requests else (None, None)
         with tracing.server_span(name, metadata, **attributes) if not quiet else tracing.OFF as span:
             tracing.set_request_id(request_id)
             try:
@@ -273,10 +284,16 @@ def _observe(
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code in _SERVER_ERRORS:
                         span.set_status(tracing.trace.Status(tracing.trace.StatusCode.ERROR, code.name))
-                if log_requests:
+                if record is not None:
+                    access.end(token)
                     elapsed_ms = (time.perf_counter() - start) * 1000
-                    extra = {"request_id": request_id, "status": code.name, "duration_ms": round(elapsed_ms, 2)}
-                    access_log.info("gRPC %s %s %.1fms", name, code.name, elapsed_ms, extra=extra)
+                    failed = code != grpc.StatusCode.OK
+                    tail = access.fields(
+                        record, access.grpc_client(context.peer()), failed, _details(context) if failed else None
+                    )
+                    extra = {"request_id": request_id, "status": code.name, "duration_ms": round(elapsed_ms, 2), **tail}
+                    line = access.describe(tail)
+                    access_log.info("gRPC %s %s %.1fms %s", name, code.name, elapsed_ms, line, extra=extra)
 
     if not handler.request_streaming:
         original = handler.unary_unary

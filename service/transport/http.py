@@ -31,6 +31,7 @@ from service.auth import ApiKeys
 from service.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.images import InputError, clip
 from service.runtime import ModelNotFound, RepositoryError, Runtime
+from service.transport import access
 from service.transport import request_id as new_request_id
 from service.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
 
@@ -70,6 +71,7 @@ MAX_ERROR_CHARS = 1000
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """The one error shape; whatever a message echoes of the request, at most 1,000 characters."""
+    access.note(reason=message)  # the access log's `reason`
     return JSONResponse({"error": clip(message, MAX_ERROR_CHARS)}, status_code=status, headers=headers)
 
 
@@ -243,6 +245,7 @@ class AccessMiddleware:
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = new_request_id(incoming.decode("latin-1"))
         tracing.set_request_id(request_id)
+        record, token = access.begin() if self.log_requests else (None, None)
         status = 500
         started = False
 
@@ -279,14 +282,17 @@ class AccessMiddleware:
                 scope["path"] if scope["path"] in self.paths and scope["method"] in ("GET", "HEAD") else "unmatched"
             )
             metrics.request_done(protocol_of(scope), endpoint, str(status), elapsed)
-            if self.log_requests:
+            if record is not None:
+                access.end(token)
+                tail = access.fields(record, access.rest_client(scope), status >= 400)
                 access_log.info(
-                    "%s %s %d %.1fms",
+                    "%s %s %d %.1fms %s",
                     scope["method"],
                     scope["path"],
                     status,
                     elapsed * 1000,
-                    extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2)},
+                    access.describe(tail),
+                    extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2), **tail},
                 )
 
 
@@ -329,6 +335,7 @@ class AuthMiddleware:
         if route is not None:
             scope["route"] = route
         metrics.rejected(protocol_of(scope), "unauthenticated")
+        access.note(reason="missing or invalid API key")
         await send(
             {
                 "type": "http.response.start",
