@@ -213,9 +213,20 @@ def test_prometheus_rules(exported_metrics):
             assert _exported(name, exported_metrics), f"rules use {name}, which the server does not export"
 
 
+def _dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
+
+
+def _panels(dash: dict) -> list[dict]:
+    """Every graph, those inside rows (a collapsed row holds its panels) included."""
+    out = []
+    for p in dash["panels"]:
+        out += p.get("panels", []) if p["type"] == "row" else [p]
+    return out
+
+
 def test_grafana_dashboard_queries_exported_metrics(exported_metrics):
-    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in _panels(_dashboard()) for t in p["targets"]]
     assert len(exprs) >= 8
     used = set().union(*(_metric_names(e) for e in exprs))
     for name in used:
@@ -223,11 +234,44 @@ def test_grafana_dashboard_queries_exported_metrics(exported_metrics):
     for needed in (
         "quicknet_images_total",
         "quicknet_queue_images",
-        "quicknet_batch_size_bucket",
+        "quicknet_batch_size_sum",
         "quicknet_rejections_total",
         "quicknet_gpu_utilization_ratio",
     ):
         assert needed in used
+    processes = {n for e in exprs for n in re.findall(r"\bprocess_[a-z_]+", e)}
+    assert processes == {"process_cpu_seconds_total", "process_resident_memory_bytes"}
+    assert processes <= exported_metrics, "the server exports its process metrics"
+
+
+def test_the_dashboard_answers_what_an_operator_asks_first():
+    """Mean batch size as images over batches (not `le` buckets as lines), traffic per model
+    version, model state and loads, process CPU and memory, latency per protocol; GPU panels only
+    in a collapsed row (a CPU-only server shows one closed header, not empty graphs)."""
+    dash = _dashboard()
+    panels = {p["title"]: p for p in _panels(dash)}
+    exprs = {title: " ".join(t["expr"] for t in p["targets"]) for title, p in panels.items()}
+    assert not any("_bucket" in e and "histogram_quantile" not in e for e in exprs.values()), "buckets as lines"
+    (batch,) = [t for t in exprs if t.startswith("Mean batch size")]
+    assert re.search(r"quicknet_batch_size_sum.*\) / clamp_min\(.*quicknet_batch_size_count", exprs[batch])
+    (traffic,) = [t for t in exprs if "by model version" in t]
+    assert "sum by (model, version)" in exprs[traffic]
+    (state,) = [t for t in exprs if "READY" in t]
+    assert all(m in exprs[state] for m in ("quicknet_model_state", "quicknet_model_loads_total"))
+    assert 'name=~"$model"' in exprs[state], "the model gauges label it `name`"
+    assert any("process_cpu_seconds_total" in e for e in exprs.values())
+    assert any("process_resident_memory_bytes" in e for e in exprs.values())
+    (by_protocol,) = [t for t in exprs if "by protocol" in t]
+    assert "sum by (le, protocol)" in exprs[by_protocol]
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    (gpu_row,) = [r for r in rows if r["title"].startswith("GPU")]
+    assert gpu_row["collapsed"] is True
+    in_row = {t["expr"] for p in gpu_row["panels"] for t in p["targets"]}
+    outside = [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+    assert in_row and all("quicknet_gpu_" in e for e in in_row)
+    assert not any("quicknet_gpu_" in e for e in outside), "GPU queries only in the GPU row"
+    ids = [p["id"] for p in [*dash["panels"], *_panels(dash)]]
+    assert len(set(ids)) == len(_panels(dash)) + len(rows), "every panel and row has its own id"
 
 
 def test_the_dashboard_is_what_its_script_writes():
@@ -242,13 +286,13 @@ def test_the_dashboard_is_what_its_script_writes():
 
 
 def test_the_dashboard_filters_by_instance_and_model_and_keeps_units_apart():
-    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
+    dash = _dashboard()
     assert {v["name"] for v in dash["templating"]["list"]} == {"instance", "model"}
-    for p in dash["panels"]:
+    for p in _panels(dash):
         for t in p["targets"]:
             if "quicknet_" in t["expr"]:
                 assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
-            per_model = ("quicknet_images_total", "quicknet_queue_images", "quicknet_batch_size_bucket")
+            per_model = ("quicknet_images_total", "quicknet_queue_images", "quicknet_batch_size_sum")
             if any(f"{m}{{" in t["expr"] for m in per_model):
                 assert 'model=~"$model"' in t["expr"], (p["title"], t["expr"])
             if "quicknet_request_duration_seconds_bucket" in t["expr"]:
@@ -257,7 +301,7 @@ def test_the_dashboard_filters_by_instance_and_model_and_keeps_units_apart():
         for metric, unit in units.items():
             if any(metric in t["expr"] for t in p["targets"]):
                 assert p["fieldConfig"]["defaults"]["unit"] == unit, p["title"]
-    assert any("Error rate" in p["title"] for p in dash["panels"])
+    assert any("Error rate" in p["title"] for p in _panels(dash))
 
 
 KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"

@@ -2,8 +2,12 @@
 
 The dashboard is generated so that every query gets the same filters: the `instance` and `model`
 template variables, and for latency, only inference calls that succeeded (health, metadata and
-refused requests answer in microseconds and would flatter every quantile). tests/test_deploy.py
-checks that the committed JSON is what this script writes.
+refused requests answer in microseconds and would flatter every quantile). Batch size is a mean
+(images ÷ batches, as Triton's inference_count / execution_count); traffic is per model version;
+model state and loads, process CPU and memory, latency per protocol. The GPU panels sit in a
+collapsed row: on a CPU-only server their queries are empty (the NVML gauges have no samples) and
+the row stays one closed header. tests/test_deploy.py checks that the committed JSON is what this
+script writes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ INSTANCE = 'instance=~"$instance"'
 MODEL = 'model=~"$model"'
 BOTH = f"{INSTANCE}, {MODEL}"
 # inference endpoints on every front (REST route paths, gRPC method names), successful answers only
-WORK = f'{BOTH}, endpoint=~"/classify|.*/infer|Classify.*|Model(Stream)?Infer", code=~"200|OK"'
+WORK_ENDPOINTS = 'endpoint=~"/classify|.*/infer|Classify.*|Model(Stream)?Infer"'
+WORK = f'{BOTH}, {WORK_ENDPOINTS}, code=~"200|OK"'
+GPU_ROW = "GPU (NVML; collapsed: empty on a server without a GPU)"
 CALLS = f'{INSTANCE}, endpoint!~"/healthz|/readyz|/metrics|/v2/health/.*"'
 RATE = "[$__rate_interval]"
 SERVER_ERRORS = "5..|INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED"
@@ -70,8 +76,29 @@ def variable(name: str, query: str) -> dict:
     }
 
 
+def row(title: str, y: int, collapsed: bool = False, panels: list[dict] | None = None) -> dict:
+    """A row; a collapsed one holds its panels (Grafana draws them only when it is opened)."""
+    return {
+        "type": "row",
+        "title": title,
+        "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+        "collapsed": collapsed,
+        "panels": panels or [],
+    }
+
+
+def mean_batch(selector: str) -> str:
+    """Images per engine batch over the window: the histogram's sum over its count, per model
+    (Triton's inference_count / execution_count), not its cumulative `le` buckets as lines."""
+    sums = f"sum by (model) ({rate('quicknet_batch_size_sum', selector)})"
+    return f"{sums} / clamp_min(sum by (model) ({rate('quicknet_batch_size_count', selector)}), 1e-9)"
+
+
 def dashboard() -> dict:
     latency = "quicknet_request_duration_seconds"
+    calls = "quicknet_request_duration_seconds_count"
+    names = f'{INSTANCE}, name=~"$model"'  # the model gauges and counters label it `name`
+    process = f'job="quicknet", {INSTANCE}'
     panels = [
         panel(
             "Throughput (images/s)",
@@ -121,11 +148,19 @@ def dashboard() -> dict:
             16,
         ),
         panel(
-            "Batch size distribution",
+            "Mean batch size (images ÷ batches)",
             "short",
-            [(f"sum by (le) ({rate('quicknet_batch_size_bucket', BOTH)})", "{{le}}")],
+            [(mean_batch(BOTH), "{{model}}")],
             12,
             16,
+            min=0,
+        ),
+        panel(
+            "Inference latency p99 by protocol (successful calls)",
+            "s",
+            [(f"histogram_quantile(0.99, sum by (le, protocol) ({rate(latency + '_bucket', WORK)}))", "{{protocol}}")],
+            0,
+            24,
         ),
         panel(
             "Stage latency p99: decode, queue wait, inference per batch",
@@ -135,22 +170,72 @@ def dashboard() -> dict:
                 (quantile(0.99, "quicknet_queue_wait_seconds", BOTH), "queue wait"),
                 (quantile(0.99, "quicknet_inference_duration_seconds", BOTH), "inference (batch)"),
             ],
-            0,
+            12,
             24,
+        ),
+        panel(
+            "Inference calls by model version (/s)",
+            "reqps",
+            [
+                (
+                    f"sum by (model, version) ({rate(calls, BOTH + ', ' + WORK_ENDPOINTS)})",
+                    "{{model}} v{{version}}",
+                )
+            ],
+            0,
+            32,
+        ),
+        panel(
+            "Model versions READY; loads and unloads",
+            "short",
+            [
+                (
+                    f'max by (name, version) (quicknet_model_state{{{names}, state="READY"}})',
+                    "{{name}} v{{version}} ready",
+                ),
+                (
+                    f"sum by (name, outcome) (increase(quicknet_model_loads_total{{{names}}}{RATE}))",
+                    "{{name}} load {{outcome}}",
+                ),
+                (f"sum by (name) (increase(quicknet_model_unloads_total{{{names}}}{RATE}))", "{{name}} unload"),
+            ],
+            12,
+            32,
+            min=0,
+        ),
+        panel(
+            "Process CPU (cores)",
+            "short",
+            [(f"sum by (instance) (rate(process_cpu_seconds_total{{{process}}}{RATE}))", "{{instance}}")],
+            0,
+            40,
+            min=0,
+        ),
+        panel(
+            "Process memory (resident)",
+            "bytes",
+            [(f"sum by (instance) (process_resident_memory_bytes{{{process}}})", "{{instance}}")],
+            12,
+            40,
+            min=0,
         ),
         panel(
             "Ready instances",
             "short",
             [(f"sum(quicknet_ready{{{INSTANCE}}})", "ready"), ('count(up{job="quicknet"} == 1)', "scraped")],
-            12,
-            24,
+            0,
+            48,
         ),
+    ]
+    # GPU panels: in a row that is collapsed, so a CPU-only service shows one closed header, not
+    # two empty graphs; their queries are empty without NVML samples (no GPU, no gpu label values).
+    gpu = [
         panel(
             "GPU utilization",
             "percentunit",
             [(f"avg by (instance, gpu) (quicknet_gpu_utilization_ratio{{{INSTANCE}}})", "{{instance}} gpu {{gpu}}")],
             0,
-            32,
+            57,
             min=0,
             max=1,
         ),
@@ -159,17 +244,18 @@ def dashboard() -> dict:
             "bytes",
             [(f"sum by (instance, gpu) (quicknet_gpu_memory_used_bytes{{{INSTANCE}}})", "{{instance}} gpu {{gpu}}")],
             12,
-            32,
+            57,
             min=0,
         ),
     ]
-    for i, p in enumerate(panels, 1):
+    layout = [*panels, row(GPU_ROW, 56, collapsed=True, panels=gpu)]
+    for i, p in enumerate([*panels, *gpu, layout[-1]], 1):
         p["id"] = i
     return {
         "uid": "quicknet-serving",
         "title": "QuickNet Serving",
         "schemaVersion": 39,
-        "version": 2,
+        "version": 3,
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
         "tags": ["quicknet"],
@@ -181,7 +267,7 @@ def dashboard() -> dict:
             ]
         },
         "annotations": {"list": []},
-        "panels": panels,
+        "panels": layout,
     }
 
 
