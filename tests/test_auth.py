@@ -160,6 +160,44 @@ def test_closed_health_endpoints_need_a_key_too(tmp_path):
             assert keyed.status_code == OPEN_WITHOUT_MODELS[path] and "API key" not in keyed.text, path
 
 
+def test_closed_health_endpoints_need_a_key_on_grpc_too(tmp_path):
+    """`--no-open-health-endpoints` on the real server: gRPC health and KServe's ServerLive /
+    ServerReady answer UNAUTHENTICATED without a key, and SERVING / true with one."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service._generated import grpc_predict_v2_pb2 as kpb
+    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+    from tests.serving import start_server
+
+    keys = _keys_file(tmp_path, KEY + "\n")
+    srv = start_server(
+        tmp_path, api_keys_file=keys, open_health_endpoints=False, warmup=False, precision="fp32", wait_ready=False
+    )
+    try:
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            health, kserve = health_pb2_grpc.HealthStub(ch), kpb_grpc.GRPCInferenceServiceStub(ch)
+            grpc.channel_ready_future(ch).result(timeout=60)
+            deadline = time.monotonic() + 60
+            while "ready:" not in srv.log():  # /readyz needs a key too: wait for the log line
+                assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+                time.sleep(0.1)
+            calls = {
+                "health": lambda md: health.Check(health_pb2.HealthCheckRequest(service=""), metadata=md, timeout=10),
+                "live": lambda md: kserve.ServerLive(kpb.ServerLiveRequest(), metadata=md, timeout=10),
+                "ready": lambda md: kserve.ServerReady(kpb.ServerReadyRequest(), metadata=md, timeout=10),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(())
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            keyed = [("authorization", f"Bearer {KEY}")]
+            assert calls["health"](keyed).status == health_pb2.HealthCheckResponse.SERVING
+            assert calls["live"](keyed).live and calls["ready"](keyed).ready
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 def test_the_api_docs_offer_bearer_auth(tmp_path):
     with _client(tmp_path) as client:
         schema = client.get("/openapi.json").json()

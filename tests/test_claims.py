@@ -4,13 +4,42 @@ every claim of the kinds the README enumerates has a row, and in CI a claim's te
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.claims import claimed_skips, claimed_tests, exempt_tests
+from tests.claims import CLAIMS, claimed_skips, claimed_tests, exempt_tests
 
 REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+# Settings in the README's table that no CLAIMS row names yet: the gaps, in sight. The list only
+# shrinks: a setting here that gains a row fails the test until it is taken off.
+UNCLAIMED_SETTINGS = {
+    "--threads",
+    "--max-batch-size",
+    "--max-queue-delay-ms",
+    "--preferred-batch-sizes",
+    "--instances",
+    "--version-policy",
+    "--version-policies",
+    "--default-timeout-ms",
+    "--max-image-bytes",
+    "--max-request-bytes",
+    "--grpc-max-message-bytes",
+    "--log-json",
+}
+
+
+def _claims() -> list[str]:
+    """The claim (first column) of every row of the claims table."""
+    rows = [line for line in CLAIMS.read_text().splitlines() if line.startswith("| ") and "`tests/" in line]
+    return [row[2:].split(" | `tests/")[0] for row in rows]
+
+
+def _names(claims: list[str], flag: str) -> bool:
+    return any(re.search(f"`{re.escape(flag)}[` ]", claim) for claim in claims)
 
 
 def test_every_claimed_test_exists():
@@ -49,3 +78,27 @@ def test_ci_fails_when_a_claims_test_skips(tmp_path):
     assert ci.returncode == 1, ci.stdout + ci.stderr
     assert "claims left unchecked" in ci.stdout
     assert "tests/test_claims.py::test_a_skipped_claim_is_found_by_its_node_id" in ci.stdout.split("unchecked")[1]
+
+
+def test_every_setting_of_the_readme_table_has_a_claim_row():
+    """The other direction: the README enumerates its settings in one table; each setting's flag
+    is named (in backticks) by a CLAIMS row whose tests use it, or is a listed gap."""
+    table = README.split("| setting | default | what |")[1].split("\n\n")[0]
+    flags = [f for line in table.splitlines()[2:] for f in re.findall(r"`(--[a-z0-9-]+)`", line.split("|")[1])]
+    assert len(flags) > 25 and set(flags) >= UNCLAIMED_SETTINGS
+    claims = _claims()
+    missing = [f for f in flags if not _names(claims, f) and f not in UNCLAIMED_SETTINGS]
+    assert not missing, f"settings in the README's table with no CLAIMS row: {missing}"
+    claimed_now = [f for f in UNCLAIMED_SETTINGS if _names(claims, f)]
+    assert not claimed_now, f"these have a CLAIMS row now: take them off UNCLAIMED_SETTINGS: {claimed_now}"
+
+
+def test_every_hardening_bullet_has_a_claim_row():
+    """Each bullet of the README's "Hardening" list (`- **Title**`) has a row whose claim starts
+    with that title."""
+    section = README.split("### Hardening")[1].split("\n## ")[0]
+    titles = re.findall(r"^- \*\*(.+?)\*\*", section, re.M)
+    assert len(titles) >= 9
+    claims = [c.lower() for c in _claims()]
+    missing = [t for t in titles if not any(c.startswith(t.lower()) for c in claims)]
+    assert not missing, f"Hardening bullets with no CLAIMS row starting with their title: {missing}"

@@ -173,7 +173,7 @@ def test_a_bad_image_is_one_error_with_the_servers_message(server, test_images, 
             client.classify(truncated)
         assert err.value.status == 400 and err.value.image == 0
         assert err.value.message == said.json()["error"], "the server's own one-line message"
-        assert err.value.message.startswith("image 0 is damaged or truncated")
+        assert err.value.message.startswith("image 1 is damaged or truncated")
         assert (err.value.grpc_code == "INVALID_ARGUMENT") == (transport == "grpc")
 
         with pytest.raises(QuickNetClientError) as err:  # the caller's index, not the request's
@@ -506,3 +506,44 @@ def test_cli_shows_a_progress_bar_only_on_a_terminal(server, tmp_path):
     assert proc.returncode == 0
     assert b"/5 [" in seen and b"img/s" in seen, seen
     assert stdout.decode().count(": cat ") == 5 and b"img/s" not in stdout, "results alone on stdout"
+
+
+def test_pooled_connections_expire_after_4_s_idle_before_the_servers_5(monkeypatch):
+    """A kept-alive connection idle for 4 s is dropped by the client (a new one is opened), so it
+    never sends on one the server (idle limit 5 s by default) is closing. The pool's clock is faked."""
+    import httpcore._sync.http11
+
+    from service.config import Settings
+
+    assert Settings().http_idle_timeout_s == 5
+    now = [1000.0]
+    monkeypatch.setattr(httpcore._sync.http11.time, "monotonic", lambda: now[0])
+    connections: set[tuple] = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            connections.add(self.client_address)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        with Client(f"127.0.0.1:{stub.server_port}") as client:
+            http = client._transport._http  # the pool every request of this client goes through
+            seen = []
+            for idle in (0, 3.9, 4.1):
+                now[0] += idle
+                assert http.get("/").status_code == 200
+                seen.append(len(connections))
+        assert seen == [1, 1, 2], "kept for 3.9 s idle, dropped after 4.1 s"
+    finally:
+        stub.shutdown()
+        stub.server_close()
