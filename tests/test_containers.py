@@ -175,6 +175,8 @@ def _compose_for_host_network(tmp: Path, http_port: int, grpc_port: int, prom_po
         service["network_mode"] = "host"
     app = services["quicknet"]
     app.pop("build", None)
+    # the store mount, from the compose file's folder (this copy is written elsewhere)
+    app["volumes"] = [str(REPO / v[2:]) if v.startswith("./") else v for v in app.get("volumes", [])]
     app["environment"] |= {
         "QUICKNET_HTTP_HOST": "127.0.0.1",
         "QUICKNET_HTTP_PORT": str(http_port),
@@ -201,6 +203,7 @@ def _compose_for_host_network(tmp: Path, http_port: int, grpc_port: int, prom_po
     ]
     doc["networks"] = {}
     doc["volumes"] = {"prometheus-data": {}}
+    doc.pop("secrets", None)  # Grafana's, and Grafana is not run here
     doc["name"] = f"quicknet-test-{uuid.uuid4().hex[:6]}"
     path = tmp / "compose.yml"
     path.write_text(yaml.safe_dump(doc))

@@ -19,7 +19,7 @@ from tests.serving import REPO, free_port, start_server
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ["cpu", "gpu", "cpu-secure"]
+OVERLAYS = ["cpu", "gpu", "cpu-secure", "cpu-store"]
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -110,6 +110,73 @@ def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
     )
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+
+
+def _image_store() -> str:
+    """QUICKNET_MODEL_STORE as the images set it (where the store is baked in)."""
+    stores = {
+        re.search(r"QUICKNET_MODEL_STORE=(\S+)", p.read_text()).group(1) for p in DEPLOY.glob("docker/Dockerfile.*")
+    }
+    (store,) = stores
+    return store
+
+
+def test_compose_mounts_the_model_store_and_follows_it(compose):
+    """The store is a read-only bind mount over the image's copy, followed in poll mode: a
+    published version goes live without a rebuild."""
+    for name in ("quicknet", "quicknet-gpu"):
+        service = compose["services"][name]
+        assert f"./model_store:{_image_store()}:ro" in service["volumes"], name
+        assert service["environment"]["QUICKNET_MODEL_CONTROL_MODE"] == "${QUICKNET_MODEL_CONTROL_MODE:-poll}"
+    assert (REPO / "model_store" / "DEFAULT").is_file()
+
+
+def test_grafanas_admin_password_is_a_secret_not_admin(compose):
+    grafana = compose["services"]["grafana"]
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env, "no password in the environment, and no admin/admin default"
+    assert not any(v == "admin" or ":-admin" in str(v) for v in env.values())
+    assert grafana["secrets"] == ["grafana_admin_password"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    source = compose["secrets"]["grafana_admin_password"]["file"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", source], cwd=REPO, timeout=30)
+    assert ignored.returncode == 0, f"{source} must be git-ignored: a password is never committed"
+
+
+def test_the_store_overlay_and_kserve_read_the_store_from_a_volume(rendered):
+    docs = rendered["cpu-store"]
+    spec = _deployment(docs)["spec"]["template"]["spec"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert config["QUICKNET_MODEL_CONTROL_MODE"] == "poll" and config["QUICKNET_MODEL_STORE"] == _image_store()
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == _image_store()]
+    assert mount["readOnly"] is True
+    claim = next(v for v in spec["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == claim and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    job_spec = job["spec"]["template"]["spec"]
+    assert job_spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+    script = job_spec["containers"][0]["command"][-1]
+    assert script.index("cp -R") < script.index("/store/DEFAULT\n"), "DEFAULT is written last"
+    assert job_spec["containers"][0]["image"] == spec["containers"][0]["image"], "seeds from the served image"
+
+    container = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["STORAGE_URI"] == f"pvc://{claim}/", "the same claim, mounted by KServe at /mnt/models"
+    assert env["QUICKNET_MODEL_STORE"] == "/mnt/models" and env["QUICKNET_MODEL_CONTROL_MODE"] == "poll"
+
+
+def test_the_registry_steps_name_the_image_every_overlay_uses(rendered):
+    """deploy/README.md's build-and-push steps retag the image name the manifests use."""
+    doc = (DEPLOY / "README.md").read_text()
+    names = {
+        c["image"].split(":")[0]
+        for docs in rendered.values()
+        for c in _deployment(docs)["spec"]["template"]["spec"]["containers"]
+    }
+    assert names == {"quicknet-serving"}
+    assert "kustomize edit set image quicknet-serving=" in doc and "docker push" in doc
+    assert "imagePullSecrets" in doc
 
 
 def test_grace_period_exceeds_the_drain(rendered):
