@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -232,6 +233,36 @@ def _stop_event(*, ignore_sigint: bool = False) -> asyncio.Event:
     return stop
 
 
+_DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+
+
+def ready_line(settings: Settings, grpc_port: int, runtime: Runtime) -> str:
+    """What a person reads when the service is up: where the page, the API docs and gRPC are, and
+    what answers `/classify`: `ready: http://localhost:8000/ (web), /docs (API), gRPC :8001, model
+    quicknet v1 (onnxruntime, cpu, int8)`. The engines' full descriptions are the lines above it."""
+    host = settings.http_host
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"  # every interface: this machine's own name for it opens in a browser here
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.tls else "http"
+
+    def engine(handle) -> str:
+        d = handle.info.description
+        device = d.get("device") or _DEVICES.get(d.get("provider", ""), d.get("provider"))
+        parts = [str(p) for p in (d.get("backend"), device, d.get("precision")) if p]
+        return f"{handle.name} v{handle.version}" + (f" ({', '.join(parts)})" if parts else "")
+
+    default = runtime.default
+    line = f"ready: {scheme}://{host}:{settings.http_port}/ (web), /docs (API), gRPC :{grpc_port}"
+    if default is not None:
+        line += f", model {engine(default)}"
+        others = [engine(m) for m in runtime.all_models() if m is not default]
+        if others:
+            line += "; also " + ", ".join(others)
+    return line
+
+
 async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource], *, supervised: bool = False) -> int:
     """REST + gRPC over one runtime, its models from `make_source` (this process, or the engine process)."""
     tracing.configure(settings)  # before the servers are built: they wrap their handlers if it is on
@@ -275,6 +306,15 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     stop = _stop_event(ignore_sigint=supervised)
     parent_watch = _watch_parent(stop)
     runtime.on_ready_change(lambda ready: loop.create_task(health.set(ready)))
+    if not supervised or multiprocessing.current_process().name == "front-0":  # one line per service
+        announced: list[bool] = []
+
+        def announce(ready: bool) -> None:
+            if ready and not announced:
+                announced.append(True)
+                log.info("%s", ready_line(settings, grpc_port, runtime))
+
+        runtime.on_ready_change(announce)
 
     await grpc_server.start()
     await health.set(False)

@@ -102,7 +102,7 @@ def test_classify_against_a_live_server_over_rest_and_grpc(tmp_path, cifar):
     by_grpc = [json.loads(line) for line in grpc.stdout.splitlines()]
     assert [r["image"] for r in by_rest] == paths
     assert [r["predictions"][0]["label"] for r in by_rest] == [r["predictions"][0]["label"] for r in by_grpc]
-    assert all(len(r["predictions"]) == 3 for r in by_rest)
+    assert all(len(r["predictions"]) == 5 for r in by_rest), "the server's default top-k, as on REST"
 
 
 def test_serve_checks_models_and_store_before_loading_anything(tmp_path):

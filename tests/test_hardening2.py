@@ -144,7 +144,7 @@ def test_image_errors_name_no_exception_class_or_library_internals(case):
         decode_image(_damaged_images()[case], LIMITS)
     message = str(err.value)
     assert err.value.status < 500
-    assert message.startswith("image 0 "), message
+    assert message.startswith("image 1 "), message
     for leak in ("Error", "Exception", "Plugin", "PIL", "MAX_TEXT", "Traceback", "0x", "b'"):
         assert leak not in message, f"{case}: {message!r}"
 

@@ -83,7 +83,7 @@ def test_any_size_is_resized_to_32():
     [
         (b"", 400, "empty"),
         (b"hello world", 415, "not a recognised image"),
-        (b"\x00" * (2 << 20), 413, "bytes; the limit"),
+        (b"\x00" * (2 << 20), 413, r"is 2 MiB; the limit for one image is 1 MiB"),
     ],
 )
 def test_bad_inputs(data, status, fragment):

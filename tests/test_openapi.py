@@ -37,7 +37,11 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/healthz"): {503},
     ("get", "/readyz"): {503},
     ("get", "/metrics"): set(),
-    ("post", "/classify"): {400, 408, 413, 415, 429, 500, 503, 504},
+    # 404: `?model=` (or the path's model) names no served model
+    **{
+        ("post", path): {400, 404, 408, 413, 415, 429, 500, 503, 504}
+        for path in ("/classify", "/predictions/{model}", "/predictions/{model}/{version}")
+    },
     ("get", "/v1/models"): set(),
     ("get", "/v2"): set(),
     ("get", "/v2/health/live"): {400},
@@ -56,6 +60,8 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
 }
 TAG_OF = {
     "/classify": "classify",
+    "/predictions/{model}": "classify",
+    "/predictions/{model}/{version}": "classify",
     "/v1/models": "models",
     "/v2": "server",
     "/metrics": "server",
@@ -277,6 +283,9 @@ def test_real_answers_match_the_documented_schemas(server):
     assert [len(row) for row in several["predictions"]] == [3, 3], "several: a list per image"
     post("/classify", files=[("images", ("a.png", CAT, "image/png"))])
     post("/classify", content=bytes(3072 * 2), headers={"Content-Type": "application/octet-stream"})
+    stable = post("/predictions/{model}", f"/predictions/{MODEL}", content=CAT, headers={"Content-Type": "image/png"})
+    assert [len(row) for row in stable.json()["predictions"]] == [5], "/predictions: a list per image, always"
+    post("/predictions/{model}/{version}", f"/predictions/{MODEL}/{version}", files={"image": CAT})
 
     tensor = {"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3], "data": [0] * 6144}
     encoded = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(CAT).decode()]}

@@ -6,7 +6,8 @@ on standard input, one a line). Images go in requests of at most `--batch-size` 
 limit; the client lowers it if the server names a smaller one), `--concurrency` requests in
 flight. Answers are printed in input order as they arrive. Exit 0 when every image was
 classified; 1 when any failed, each listed on stderr as `path: reason`; 2 (one `error:` line)
-when nothing can succeed: the server cannot be reached, or refuses the key or the request."""
+when nothing can succeed: the server cannot be reached, or refuses the key or the request.
+Output closed early (`| head`) ends the run quietly, as a Unix tool does."""
 
 from __future__ import annotations
 
@@ -144,6 +145,14 @@ def _progress(total: int):
     return bar, lambda line: tqdm.write(line, file=sys.stdout)  # lifts the bar out of the way first
 
 
+def _reason(error, resize: bool) -> str:
+    """What follows a path on stderr: the server's words, and what to do about an image too large."""
+    reason = error.reason
+    if not resize and "limit for one image" in reason:
+        reason += "; --resize shrinks it to 32x32 here before sending"
+    return reason
+
+
 async def _classify(
     client, paths: list[str], chunk: int, concurrency: int, emit: Callable, bar
 ) -> list[tuple[str, str]]:
@@ -154,13 +163,14 @@ async def _classify(
     done: dict[int, list] = {}
     failures: list[tuple[str, str]] = []
     printed = 0
+    resize = client._s.resize
 
     def flush() -> None:  # in input order: chunk k waits for chunks before it
         nonlocal printed
         while printed in done:
             for path, outcome in zip(chunks[printed], done.pop(printed), strict=True):
                 if isinstance(outcome, QuickNetClientError):
-                    failures.append((path, outcome.reason))
+                    failures.append((path, _reason(outcome, resize)))
                 else:
                     emit(path, outcome)
             printed += 1
@@ -192,7 +202,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     if not paths and not missing:
         raise QuickNetError("no images to classify (give files, folders, globs, or - for paths on stdin)")
     for flag in ("top_k", "timeout", "concurrency", "batch_size"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise QuickNetError(f"--{flag.replace('_', '-')} must be positive")
     if args.retries < 0:
         raise QuickNetError("--retries must be 0 or more")
@@ -208,29 +218,44 @@ def cmd_classify(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             max_images_per_request=args.batch_size,
             max_concurrency=args.concurrency,
+            model=args.model,
+            version=args.version,
+            resize=args.resize,
         )
     except (QuickNetClientError, ValueError) as e:
         raise QuickNetError(str(e)) from None
     header, line = _formatter(fmt, paths)
-    if header is not None:
-        print(header)
     bar, out = _progress(len(paths))
     failures = list(missing)
     # small runs still use every slot: the server batches across requests anyway
     chunk = min(args.batch_size, max(1, math.ceil(len(paths) / args.concurrency)))
     try:
+        if header is not None:
+            print(header)
         if paths:
             failures += asyncio.run(
                 _classify(client, paths, chunk, args.concurrency, lambda p, r: out(line(p, r)), bar)
             )
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()
     finally:
         bar.close()
-        sys.stdout.flush()
     if failures:
         print(f"{len(failures)} of {len(paths) + len(missing)} inputs failed:", file=sys.stderr)
         for name, reason in failures:
             print(f"{name}: {reason}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _stdout_closed() -> None:
+    """The reader went away (`| head -2`): stop at once, quietly, as `cat` or `grep` do; exit 141
+    (128 + SIGPIPE), what a shell reports for a tool its pipe ended. Standard output is pointed at
+    /dev/null first, so the interpreter's own flush at exit finds no closed pipe to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise SystemExit(141)
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -250,7 +275,22 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "[default $QUICKNET_URL, else http://127.0.0.1:${QUICKNET_HTTP_PORT:-8000}]",
     )
     target.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC instead, e.g. 127.0.0.1:8001")
-    p.add_argument("--top-k", type=int, default=3, help="classes per image (default: %(default)s)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="classes per image (default: the server's, 5, as on REST and the page)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the served model to ask, e.g. quicknet-xs (default: the server's default model; `quicknet models` "
+        "or GET /v1/models lists them)",
+    )
+    p.add_argument("--version", default=None, help="that model's version number (default: the newest served)")
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="shrink each image here to the model's 32x32 input and send raw pixels (3 KiB an image): "
+        "large photos are neither refused (413) nor sent whole",
+    )
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per request, retries included (default: %(default)s)"
     )

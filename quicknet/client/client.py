@@ -37,8 +37,13 @@ class _Settings:
         top_k: int | None,
         max_images_per_request: int,
         max_request_bytes: int | None,
+        model: str | None = None,
+        version: int | str | None = None,
+        resize: bool = False,
     ):
         self.endpoint = Endpoint.resolve(url, api_key=api_key, cacert=cacert, cert=cert, key=key)
+        self.choice = _choice(model, version)
+        self.resize = bool(resize)
         self.timeout = _positive(timeout)
         self.retry = retry or Retry()
         self.top_k = top_k
@@ -73,9 +78,28 @@ class _Settings:
                 limits=self.limits,
                 clock=time.monotonic,
                 return_exceptions=return_exceptions,
+                choice=self.choice,
             )
             for group in split(range(len(items)), items, self.limits)
         ]
+
+
+def _choice(model: str | None, version: int | str | None) -> tuple[str | None, str | None]:
+    """(model, version) as the requests carry them, checked here by the server's own rules: a
+    name is one model store folder's (quicknet.store.check_name), a version a whole number."""
+    from quicknet import store
+
+    if model is not None:
+        try:
+            store.check_name(model)
+        except store.InvalidName as e:
+            raise ValueError(str(e)) from None
+    if version is None:
+        return model, None
+    text = str(version)
+    if isinstance(version, bool) or not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise ValueError(f"version is a whole number from 1, got {version!r}")
+    return model, str(int(text))
 
 
 def _positive(timeout: float) -> float:
@@ -91,7 +115,11 @@ _DOC = """
     CA; `cert` + `key`: a client certificate (mutual TLS). `timeout`: seconds one request may take,
     its retries included (each call may override it). `retry`: attempts and backoff for 429/503,
     RESOURCE_EXHAUSTED/UNAVAILABLE and refused connections. `top_k`: classes per image (server
-    default 5). `max_images_per_request`, `max_request_bytes`: the server's limits (defaults: its
+    default 5). `model`, `version`: which served model (and version) answers (default: the
+    server's default model, its newest version); a server that answers with another raises.
+    `resize`: shrink every image here to the model's 32x32 input and send raw pixels (3 KiB an
+    image: a 14 MB photo is not refused as too large; the pixels equal the server's decode).
+    `max_images_per_request`, `max_request_bytes`: the server's limits (defaults: its
     documented 256 images and 64 MiB REST / 16 MiB gRPC); a server set lower names its limit in a
     413 and the client follows it."""
 
@@ -112,6 +140,9 @@ class Client:
         top_k: int | None = None,
         max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
         max_request_bytes: int | None = None,
+        model: str | None = None,
+        version: int | str | None = None,
+        resize: bool = False,
     ):
         self._s = _Settings(
             url,
@@ -124,6 +155,9 @@ class Client:
             top_k=top_k,
             max_images_per_request=max_images_per_request,
             max_request_bytes=max_request_bytes,
+            model=model,
+            version=version,
+            resize=resize,
         )
         self._transport = self._s.transport(asynchronous=False)
 
@@ -137,7 +171,7 @@ class Client:
 
     def classify(self, image: Image, *, top_k: int | None = None, timeout: float | None = None) -> Result:
         """One image: a path, encoded bytes, a uint8 H x W x 3 array or a PIL image."""
-        (plan,) = self._s._groups([to_item(image)], False, top_k, timeout)
+        (plan,) = self._s._groups([to_item(image, self._s.resize)], False, top_k, timeout)
         return self._run(plan)[0]  # type: ignore[return-value]
 
     def classify_batch(
@@ -153,7 +187,7 @@ class Client:
         failed (a bad image, or its request's deadline, refusal or engine failure) has its
         QuickNetClientError in its place, and only errors about the whole call (unreachable, TLS,
         API key) raise."""
-        items = to_items(images)
+        items = to_items(images, self._s.resize)
         out: dict[int, Outcome] = {}
         for plan in self._s._groups(items, return_exceptions, top_k, timeout):
             out.update(self._run(plan))
@@ -207,6 +241,9 @@ class AsyncClient:
         max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
         max_request_bytes: int | None = None,
         max_concurrency: int = 4,
+        model: str | None = None,
+        version: int | str | None = None,
+        resize: bool = False,
     ):
         self._s = _Settings(
             url,
@@ -219,6 +256,9 @@ class AsyncClient:
             top_k=top_k,
             max_images_per_request=max_images_per_request,
             max_request_bytes=max_request_bytes,
+            model=model,
+            version=version,
+            resize=resize,
         )
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -235,7 +275,7 @@ class AsyncClient:
 
     async def classify(self, image: Image, *, top_k: int | None = None, timeout: float | None = None) -> Result:
         """One image: a path, encoded bytes, a uint8 H x W x 3 array or a PIL image."""
-        (plan,) = self._s._groups([to_item(image)], False, top_k, timeout)
+        (plan,) = self._s._groups([to_item(image, self._s.resize)], False, top_k, timeout)
         return (await self._run(plan))[0]  # type: ignore[return-value]
 
     async def classify_batch(
@@ -247,7 +287,7 @@ class AsyncClient:
         return_exceptions: bool = False,
     ) -> list[Outcome]:
         """As `Client.classify_batch`, with its requests in flight together (up to `max_concurrency`)."""
-        items = to_items(images)
+        items = to_items(images, self._s.resize)
         tasks = [asyncio.ensure_future(self._run(p)) for p in self._s._groups(items, return_exceptions, top_k, timeout)]
         try:
             parts = await asyncio.gather(*tasks)

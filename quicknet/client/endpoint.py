@@ -4,6 +4,7 @@ the API key, resolved once so both transports read the same settings."""
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,22 @@ GRPC_DEFAULT_PORT = 8001
 def default_url() -> str:
     """`QUICKNET_URL`, else the REST port `quicknet serve` uses on this machine."""
     return os.environ.get("QUICKNET_URL") or f"http://127.0.0.1:{os.environ.get('QUICKNET_HTTP_PORT') or 8000}"
+
+
+# The server's own paths: a URL ending in one names an endpoint, not the server (the client adds
+# /classify itself; a path before these, as behind a reverse proxy, is kept).
+API_PATHS = re.compile(
+    r"(/classify|/predictions/[^/]+(/\d+)?|/v1/models|/v2(/models(/.*)?)?|/docs|/redoc|/metrics|/healthz|/readyz)$"
+)
+
+
+def _not_an_endpoint(parts) -> None:
+    path = parts.path.rstrip("/")
+    if m := API_PATHS.search(path):
+        server = f"{parts.scheme}://{parts.netloc}{path[: m.start()]}"
+        raise ValueError(
+            f"{parts.geturl()} is an endpoint's address; give the server's, {server} (the client adds /classify itself)"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,7 @@ class Endpoint:
         api_key = api_key if api_key is not None else os.environ.get("QUICKNET_API_KEY") or None
         common = {k: (str(v) if v is not None else None) for k, v in files.items()}
         if scheme in ("http", "https"):
+            _not_an_endpoint(parts)
             return cls("rest", raw.rstrip("/"), scheme == "https", api_key=api_key, **common)
         if scheme in ("grpc", "grpcs"):
             target = parts.netloc if parts.port else f"{parts.netloc}:{GRPC_DEFAULT_PORT}"

@@ -5,8 +5,8 @@ image aside and resend the others. Written once as generators that yield `Send` 
 the sync and async clients only perform the steps, so both behave identically.
 
 The server answers a request as a whole: one undecodable image fails its request with
-"image N ...", N counting within that request. Isolating it costs one more request per bad image,
-never a request per image."""
+"image N ...", N counting from 1 within that request (`image N (name) ...` where the part had a
+file name). Isolating it costs one more request per bad image, never a request per image."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ class Send:
     payloads: list[Payload]
     top_k: int | None
     timeout: float
+    model: str | None = None
+    version: str | None = None
+
+
+def check_choice(step: Send, model: str, version: str) -> None:
+    """A server that answered with another model or version than the one asked for (a server too
+    old to know `model`/`version` answers with its default): an error, never a silent answer."""
+    if (step.model and model != step.model) or (step.version and version != str(step.version)):
+        asked = f"{step.model or 'the default model'}" + (f" v{step.version}" if step.version else "")
+        raise QuickNetClientError(
+            None,
+            f"asked for {asked}, the server answered with {model} v{version}: "
+            "it does not know model or version choice; upgrade the server",
+        )
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,8 @@ def _culprit(error: QuickNetClientError, sent: list[int]) -> int | None:
     """The caller's index of the image `error` is about, if it is about one image."""
     if error.status not in (400, 413, 415):
         return None
-    if (m := _IMAGE_INDEX.match(error.message)) and int(m.group(1)) < len(sent):
-        return sent[int(m.group(1))]
+    if (m := _IMAGE_INDEX.match(error.message)) and 1 <= int(m.group(1)) <= len(sent):
+        return sent[int(m.group(1)) - 1]
     if len(sent) == 1 and error.status == 413:  # one image over the body or message limit
         return sent[0]
     return None
@@ -115,14 +129,19 @@ def _concerns_the_call(error: QuickNetClientError) -> bool:
 
 
 def send_with_retry(
-    payloads: list[Payload], top_k: int | None, timeout: float, retry: Retry, clock: Callable[[], float]
+    payloads: list[Payload],
+    top_k: int | None,
+    timeout: float,
+    retry: Retry,
+    clock: Callable[[], float],
+    choice: tuple[str | None, str | None] = (None, None),
 ) -> Generator[Step, Reply, list[Result] | QuickNetClientError]:
     """One request under one deadline, retried while the refusal says "later" and time is left."""
     deadline = clock() + timeout
     attempt = 0
     while True:
         attempt += 1
-        reply = yield Send(payloads, top_k, max(deadline - clock(), 1e-3))
+        reply = yield Send(payloads, top_k, max(deadline - clock(), 1e-3), *choice)
         if not isinstance(reply, QuickNetClientError):
             assert reply is not None
             return reply
@@ -144,6 +163,7 @@ def classify_group(
     limits: Limits,
     clock: Callable[[], float],
     return_exceptions: bool,
+    choice: tuple[str | None, str | None] = (None, None),
 ) -> Plan:
     """Classify `items[i]` for i in `group`; returns {i: Result or error}. Raises the first error
     unless `return_exceptions`, and always raises an error that concerns the whole call."""
@@ -175,7 +195,7 @@ def classify_group(
             sent.append(i)
         if not sent:
             continue
-        reply = yield from send_with_retry([loaded[i] for i in sent], top_k, timeout, retry, clock)
+        reply = yield from send_with_retry([loaded[i] for i in sent], top_k, timeout, retry, clock, choice)
         if isinstance(reply, list):
             if len(reply) != len(sent):
                 raise QuickNetClientError(None, f"the server answered {len(reply)} results for {len(sent)} images")

@@ -17,7 +17,7 @@ import httpx
 
 from quicknet.client.endpoint import Endpoint
 from quicknet.client.inputs import Payload, pixels_to_png
-from quicknet.client.plan import Send
+from quicknet.client.plan import Send, check_choice
 from quicknet.client.results import Prediction, QuickNetClientError, Result
 
 RETRY_STATUSES = (429, 503)
@@ -31,11 +31,14 @@ POOL = httpx.Limits(keepalive_expiry=4.0)
 def _request(step: Send) -> dict:
     budget_ms = (step.timeout - min(0.02, 0.1 * step.timeout)) * 1000
     headers = {"X-Request-Timeout-Ms": f"{max(budget_ms, 1.0):.1f}"}
-    params = {"top_k": step.top_k} if step.top_k else None
+    params = {"top_k": step.top_k, "model": step.model, "version": step.version}
+    params = {k: v for k, v in params.items() if v} or None
     if all(p.kind == "pixels" for p in step.payloads):
         headers["Content-Type"] = "application/octet-stream"
         return {"content": b"".join(p.data for p in step.payloads), "headers": headers, "params": params}
-    files = [("images", (f"image{i}", _encoded(p), "application/octet-stream")) for i, p in enumerate(step.payloads)]
+    # a file's own name travels with it, so the server's error can say it: "image 2 (IMG_7.jpg) ...";
+    # bytes with no name go as `blob`, as a browser sends them, which the server does not echo
+    files = [("images", (p.name or "blob", _encoded(p), "application/octet-stream")) for p in step.payloads]
     return {"files": files, "headers": headers, "params": params}
 
 
@@ -57,28 +60,38 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _results(response: httpx.Response) -> list[Result]:
+def _results(response: httpx.Response, base: str, step: Send) -> list[Result]:
     if response.status_code != 200:
-        raise _status_error(response)
+        raise _status_error(response, base)
     try:
         doc = response.json()
         model, version = str(doc["model"]), str(doc["version"])
-        return [
+        results = [
             Result(tuple(Prediction(str(p["label"]), int(p["index"]), float(p["score"])) for p in row), model, version)
             for row in doc["predictions"]
         ]
-    except (ValueError, KeyError, TypeError) as e:
-        raise QuickNetClientError(200, f"not a /classify answer ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError):
+        raise QuickNetClientError(
+            200, f"{base}/classify answered 200 with something else than classes: {NOT_QUICKNET}"
+        ) from None
+    check_choice(step, model, version)
+    return results
 
 
-def _status_error(response: httpx.Response) -> QuickNetClientError:
+NOT_QUICKNET = "is the URL a QuickNet server's REST address, such as http://host:8000 (no path)?"
+
+
+def _status_error(response: httpx.Response, base: str = "") -> QuickNetClientError:
     try:
         doc = response.json()
-        message = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else response.text
+        ours = isinstance(doc, dict) and "error" in doc
+        message = str(doc["error"]) if ours else response.text
     except ValueError:
-        message = response.text
+        ours, message = False, response.text
     message = " ".join(message.split())[:500] or response.reason_phrase
     status = response.status_code
+    if status in (404, 405) and not message.startswith("model "):  # not "model 'x' is not served"
+        message = f"{base}/classify is not there ({message}): {NOT_QUICKNET}"
     return QuickNetClientError(
         status,
         message,
@@ -101,9 +114,26 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
         return QuickNetClientError(
             504, f"no answer from {url} within the deadline of {timeout:.3g}s", from_server=False
         )
-    what = "cannot reach" if isinstance(error, httpx.ConnectError) else "lost the connection to"
+    tls = _is_tls(error)
+    if isinstance(error, httpx.ConnectError):
+        why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
+        message = f"cannot reach {url}: {why}"
+    elif isinstance(error, httpx.RemoteProtocolError):
+        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames, or closes at once
+        message = (
+            f"{url} did not answer in HTTP/1.1 ({_words(error, 'closed the connection')}): if that is the gRPC "
+            "port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
+        )
+    else:
+        message = f"lost the connection to {url}: {_words(error, 'the connection closed before the answer')}"
     # a refused or dropped connection is worth another try; a certificate that fails never heals
-    return QuickNetClientError(None, f"{what} {url}: {error}", retryable=not _is_tls(error))
+    return QuickNetClientError(None, message, retryable=not tls)
+
+
+def _words(error: BaseException, otherwise: str) -> str:
+    """An error's own text (httpx leaves some empty), else `otherwise`."""
+    text = " ".join(str(error).split())
+    return text[:200] if text else otherwise
 
 
 class RestTransport:
@@ -118,7 +148,7 @@ class RestTransport:
             response = self._http.post("/classify", timeout=step.timeout, **_request(step))
         except httpx.TransportError as e:
             raise _transport_error(self.url, e, step.timeout) from None
-        return _results(response)
+        return _results(response, self.url, step)
 
     def close(self) -> None:
         self._http.close()
@@ -139,7 +169,7 @@ class AsyncRestTransport:
             raise _transport_error(self.url, httpx.TimeoutException("deadline"), step.timeout) from None
         except httpx.TransportError as e:
             raise _transport_error(self.url, e, step.timeout) from None
-        return _results(response)
+        return _results(response, self.url, step)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -36,7 +36,8 @@ class Result:
         return self.predictions[0].score
 
 
-_IMAGE_PREFIX = re.compile(r"^image \d+ (?:is )?")
+# "image 2 is ...", "image 2 (IMG_1.jpg) is ...", "image 2: ..." (the server counts from 1)
+_IMAGE_PREFIX = re.compile(r"^image \d+(?: \(.*?\))?(?:: | is | )")
 
 
 class QuickNetClientError(Exception):
@@ -91,6 +92,6 @@ class QuickNetClientError(Exception):
 
     @property
     def reason(self) -> str:
-        """The message without the server's `image N is` prefix: what to print after a file name
-        (N counts within one request, not the caller's list)."""
+        """The message without the server's `image N (name) is` prefix: what to print after a file
+        name (N counts within one request, not the caller's list)."""
         return _IMAGE_PREFIX.sub("", self.message, count=1)

@@ -10,7 +10,7 @@ import contextlib
 import grpc
 
 from quicknet.client.endpoint import Endpoint
-from quicknet.client.plan import Send
+from quicknet.client.plan import Send, check_choice
 from quicknet.client.results import Prediction, QuickNetClientError, Result
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
@@ -40,12 +40,15 @@ OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_messag
 
 def _request(step: Send) -> pb.ClassifyBatchRequest:
     images = [pb.Image(**{p.kind: p.data}) for p in step.payloads]
-    return pb.ClassifyBatchRequest(images=images, top_k=step.top_k or 0)
+    return pb.ClassifyBatchRequest(
+        images=images, top_k=step.top_k or 0, model=step.model or "", version=str(step.version or "")
+    )
 
 
-def _results(reply: pb.ClassifyBatchResponse) -> list[Result]:
+def _results(reply: pb.ClassifyBatchResponse, step: Send) -> list[Result]:
     """Scores are float32 on the wire; rounded to 6 places as REST sends them, so both transports
     give equal Results for the same image."""
+    check_choice(step, reply.model, reply.version)
     return [
         Result(
             tuple(Prediction(p.label, p.index, round(p.score, 6)) for p in c.predictions), reply.model, reply.version
@@ -90,7 +93,7 @@ class GrpcTransport:
             reply = self._stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(self.target, e) from None
-        return _results(reply)
+        return _results(reply, step)
 
     def close(self) -> None:
         self._channel.close()
@@ -123,7 +126,7 @@ class AsyncGrpcTransport:
             reply = await stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self.endpoint.metadata())
         except grpc.RpcError as e:
             raise _error(self.target, e) from None
-        return _results(reply)
+        return _results(reply, step)
 
     async def close(self) -> None:
         if self._channel is not None:

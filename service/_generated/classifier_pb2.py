@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63lassifier.proto\x12\x0bquicknet.v1\"4\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"W\n\x0f\x43lassifyRequest\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.quicknet.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"t\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x17.quicknet.v1.Prediction\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"I\n\x14\x43lassifyBatchRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.quicknet.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.quicknet.v1.Prediction\"e\n\x15\x43lassifyBatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.quicknet.v1.Classification2\x80\x02\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.quicknet.v1.ClassifyRequest\x1a\x1d.quicknet.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.quicknet.v1.ClassifyBatchRequest\x1a\".quicknet.v1.ClassifyBatchResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.quicknet.v1.ClassifyRequest\x1a\x1d.quicknet.v1.ClassifyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63lassifier.proto\x12\x0bquicknet.v1\"4\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"w\n\x0f\x43lassifyRequest\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.quicknet.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\"t\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x17.quicknet.v1.Prediction\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"i\n\x14\x43lassifyBatchRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.quicknet.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.quicknet.v1.Prediction\"e\n\x15\x43lassifyBatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.quicknet.v1.Classification2\x80\x02\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.quicknet.v1.ClassifyRequest\x1a\x1d.quicknet.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.quicknet.v1.ClassifyBatchRequest\x1a\".quicknet.v1.ClassifyBatchResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.quicknet.v1.ClassifyRequest\x1a\x1d.quicknet.v1.ClassifyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=87
   _globals['_PREDICTION']._serialized_end=144
   _globals['_CLASSIFYREQUEST']._serialized_start=146
-  _globals['_CLASSIFYREQUEST']._serialized_end=233
-  _globals['_CLASSIFYRESPONSE']._serialized_start=235
-  _globals['_CLASSIFYRESPONSE']._serialized_end=351
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=353
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=426
-  _globals['_CLASSIFICATION']._serialized_start=428
-  _globals['_CLASSIFICATION']._serialized_end=490
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=492
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=593
-  _globals['_CLASSIFIER']._serialized_start=596
-  _globals['_CLASSIFIER']._serialized_end=852
+  _globals['_CLASSIFYREQUEST']._serialized_end=265
+  _globals['_CLASSIFYRESPONSE']._serialized_start=267
+  _globals['_CLASSIFYRESPONSE']._serialized_end=383
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=385
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=490
+  _globals['_CLASSIFICATION']._serialized_start=492
+  _globals['_CLASSIFICATION']._serialized_end=554
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=556
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=657
+  _globals['_CLASSIFIER']._serialized_start=660
+  _globals['_CLASSIFIER']._serialized_end=916
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ import numpy as np
 from service import metrics, tracing
 from service._generated import classifier_pb2 as pb
 from service._generated import classifier_pb2_grpc as pb_grpc
-from service.images import InputError, check_count, decode_image, decode_pixels
+from service.images import InputError, check_count, clip, decode_image, decode_pixels, image_label
 from service.model import ModelHandle, Prediction
 from service.runtime import Runtime
 from service.transport.grpc import deadline_of, to_rpc_error, unary_call
@@ -30,9 +30,18 @@ def decode_image_msg(image: pb.Image, runtime: Runtime, index: int = 0) -> np.nd
     if kind == "pixels":
         pixels = decode_pixels(image.pixels, runtime.limits)
         if len(pixels) != 1:
-            raise InputError(f"image {index}: `pixels` holds {len(pixels)} images; send one per Image")
+            raise InputError(f"{image_label(index)}: `pixels` holds {len(pixels)} images; send one per Image")
         return pixels[0]
-    raise InputError(f"image {index} is empty: set `encoded` or `pixels`")
+    raise InputError(f"{image_label(index)} is empty: set `encoded` or `pixels`")
+
+
+def _choice(runtime: Runtime, name: str, version: str) -> tuple[str | None, str | None]:
+    """A request's `model` and `version` fields (empty: not set) as `Runtime.serving` takes them."""
+    if version and not (version.isascii() and version.isdigit()):
+        raise InputError(f"version must be a whole number such as 1, got {clip(version, 20)!r}")
+    if version and not name:  # a version alone: the default model's
+        name = runtime.default.name if runtime.default is not None else ""
+    return name or None, version or None
 
 
 def _top_k(requested: int, runtime: Runtime) -> int:
@@ -50,10 +59,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.runtime = runtime
 
     async def _classify(
-        self, images: list[pb.Image], top_k: int, context: grpc.aio.ServicerContext
+        self, images: list[pb.Image], top_k: int, context: grpc.aio.ServicerContext, name: str = "", version: str = ""
     ) -> tuple[ModelHandle, list[list[Prediction]]]:
         runtime = self.runtime
-        model = runtime.serving()
+        model = runtime.serving(*_choice(runtime, name, version))
         check_count(len(images), runtime.limits)
         t0 = time.perf_counter()
 
@@ -70,7 +79,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _classify_one(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        model, rows = await self._classify([request.image], request.top_k, context)
+        model, rows = await self._classify([request.image], request.top_k, context, request.model, request.version)
         return pb.ClassifyResponse(
             model=model.name,
             version=str(model.version),
@@ -82,7 +91,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         check_count(len(request.images), self.runtime.limits)  # before millions of empty Images are copied out
-        model, rows = await self._classify(list(request.images), request.top_k, context)
+        model, rows = await self._classify(list(request.images), request.top_k, context, request.model, request.version)
         return pb.ClassifyBatchResponse(
             model=model.name,
             version=str(model.version),

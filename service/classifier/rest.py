@@ -1,13 +1,23 @@
-"""Our own REST API: `POST /classify` and `GET /v1/models`.
+"""Our own REST API: `POST /classify`, `POST /predictions/{model}[/{version}]` and `GET /v1/models`.
 
 Encoded images are decoded in worker threads (Pillow releases the GIL), never on the event loop.
 
-`/classify` takes one of four bodies, chosen by Content-Type:
-- `multipart/form-data`: a file field `image` (one result list) or repeated `images` (a list per image);
+`/classify` takes one of these bodies, chosen by Content-Type:
+- `multipart/form-data`: a file field `image` (or `file`: one result list) or repeated `images`
+  (a list per image);
 - `image/*`: the raw bytes of one image;
 - `application/json`: `{"image": "<base64>"}` or `{"images": ["<base64>", ...]}`, optional `"top_k"`;
-- `application/octet-stream`: raw uint8 pixels, N x 32 x 32 x 3 (HWC), a list per image.
-`?top_k=` sets how many classes come back (default 5). `X-Request-Timeout-Ms` sets the deadline.
+  a value may be a data URI (`data:image/png;base64,...`);
+- `application/octet-stream`: raw uint8 pixels, N x 32 x 32 x 3 (HWC), a list per image; a PNG,
+  JPEG, GIF or WebP sent this way (or with no Content-Type, or curl's default form type) is
+  recognised by its first bytes and classified as one image.
+Query: `top_k` (default `--default-top-k`, 5), `model` and `version` (default: the store's DEFAULT
+model at `--version`); any other parameter is a 400 naming it. `X-Request-Timeout-Ms` sets the deadline.
+
+Answer shapes. `/classify` (API v1) answers as it always has, by the request's form, never by the
+count: one list for a single-image form (`image`/`file` field, image bytes, JSON `"image"`), a list
+per image for the others. `/predictions/{model}[/{version}]` (TorchServe's path) takes the same
+bodies and always answers a list per image, one image or many: the stable shape for new callers.
 """
 
 from __future__ import annotations
@@ -26,8 +36,19 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import metrics, tracing
-from service.classifier.schemas import ClassifyResponse, ModelsResponse
-from service.images import InputError, check_count, decode_image, decode_images, decode_pixels, off_loop
+from service.classifier.schemas import ClassifyResponse, ModelsResponse, PredictionsResponse
+from service.images import (
+    PIXELS_PER_IMAGE,
+    InputError,
+    check_count,
+    clip,
+    decode_image,
+    decode_images,
+    decode_pixels,
+    image_label,
+    off_loop,
+    sniff,
+)
 from service.runtime import Runtime
 from service.transport.http import (
     HTTPError,
@@ -42,66 +63,119 @@ from service.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "rest"
 
-CLASSIFY_OPENAPI = {
-    "parameters": [
-        {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10}},
-        TIMEOUT_HEADER,
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "binary", "description": "one image"},
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "example": []},
+TOP_K_PARAM = {
+    "name": "top_k",
+    "in": "query",
+    "required": False,
+    "description": "classes per image (default: the server's `--default-top-k`, 5)",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 10},
+}
+NAME_RULE = "letters, digits, `.`, `_`, `-`; a folder of the model store"
+MODEL_QUERY = [
+    {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "description": f"the model to run (default: the store's DEFAULT model); {NAME_RULE}",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "description": "its version number (default: the newest served; with no `model`, the default model's)",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+]
+MODEL_PATH = {"name": "model", "in": "path", "required": True, "description": NAME_RULE, "schema": {"type": "string"}}
+VERSION_PATH = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "one image (a field named `file` is taken the same way)",
+                    },
+                    # `example: []`: Swagger UI's "Try it out" otherwise fills one item with the
+                    # text "string" and sends it as an image beside the file picked for `image`
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "example": [],
+                        "description": "several images, in order (add items with the button)",
                     },
                 },
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}, "example": "(PNG/JPEG/WebP/BMP/GIF bytes)"},
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "byte"},
-                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": 10},
-                    },
-                },
-                "examples": {
-                    "one": {"value": {"image": EXAMPLE_PNG_B64, "top_k": 3}},
-                    "several": {"value": {"images": [EXAMPLE_PNG_B64, EXAMPLE_PNG_B64]}},
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}, "example": "(PNG/JPEG/WebP/BMP/GIF bytes)"},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "byte", "description": "base64, or a data URI"},
+                    "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                    "top_k": {"type": "integer", "minimum": 1, "maximum": 10},
                 },
             },
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "example": "(N x 3072 bytes: uint8 pixels, 32x32x3, HWC)",
+            "examples": {
+                "one": {"value": {"image": EXAMPLE_PNG_B64, "top_k": 3}},
+                "several": {"value": {"images": [EXAMPLE_PNG_B64, EXAMPLE_PNG_B64]}},
             },
+        },
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "example": "(N x 3072 bytes: uint8 pixels, 32x32x3, HWC; or one PNG/JPEG/GIF/WebP file)",
         },
     },
 }
+CLASSIFY_OPENAPI = {"parameters": [TOP_K_PARAM, *MODEL_QUERY, TIMEOUT_HEADER], "requestBody": CLASSIFY_BODY}
+PREDICTIONS_OPENAPI = {"parameters": [MODEL_PATH, TOP_K_PARAM, TIMEOUT_HEADER], "requestBody": CLASSIFY_BODY}
+PREDICTIONS_VERSION_OPENAPI = {
+    "parameters": [MODEL_PATH, VERSION_PATH, TOP_K_PARAM, TIMEOUT_HEADER],
+    "requestBody": CLASSIFY_BODY,
+}
+CLASSIFY_QUERY = ("top_k", "model", "version")
+PREDICTIONS_QUERY = ("top_k",)
+ANSWERED = (400, 404, 408, 413, 415, 429, 500, 503, 504)
 CLASSIFY_RESPONSES = answers(
     ClassifyResponse,
     "top-k classes per image (timings in the `Server-Timing` header: decode, queue, infer)",
-    400,
-    408,
-    413,
-    415,
-    429,
-    500,
-    503,
-    504,
+    *ANSWERED,
 )
 _EXAMPLE_ANSWER = {"model": "quicknet", "version": "1", "predictions": [{"label": "cat", "index": 3, "score": 0.91}]}
 CLASSIFY_RESPONSES[200]["content"] = {"application/json": {"example": _EXAMPLE_ANSWER}}
+PREDICTIONS_RESPONSES = answers(
+    PredictionsResponse, "top-k classes, a list per image whatever the count (timings in `Server-Timing`)", *ANSWERED
+)
+PREDICTIONS_RESPONSES[200]["content"] = {
+    "application/json": {"example": {**_EXAMPLE_ANSWER, "predictions": [_EXAMPLE_ANSWER["predictions"]]}}
+}
+
+_DATA_URI = re.compile(r"data:[\w.+-]*/?[\w.+-]*((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)
 
 
 def _b64(value: object, where: str) -> bytes:
+    """Standard base64, bare or as a data URI (`data:image/png;base64,...`, what a browser's
+    `FileReader.readAsDataURL` and `canvas.toDataURL` give); line breaks (`base64` wraps at 76) are
+    allowed."""
     if not isinstance(value, str):
         raise InputError(f"{where} must be a base64 string")
+    if value.startswith("data:"):
+        head = _DATA_URI.match(value, 0, 200)
+        if head is None:
+            raise InputError(f"{where} is a data URI that is not base64 (send `data:image/...;base64,...`)")
+        value = value[head.end() :]
     try:
         return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{where} is not valid base64") from None
 
@@ -120,7 +194,8 @@ def _parse_top_k(raw: object) -> int | None:
     return k
 
 
-IMAGE_FIELDS = ("image", "images")
+IMAGE_FIELDS = ("image", "images", "file")
+SINGLE_FIELDS = ("image", "file")  # one of these alone: one result list on /classify
 _DISPOSITION_NAME = re.compile(rb'name="([^"]*)"|name=([^;\s]+)', re.IGNORECASE)
 
 
@@ -167,8 +242,9 @@ def _unset_file_field(value: object) -> bool:
 
 
 async def _parse_multipart(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
-    """`image` and `images` fields are classified together, in the order sent; one `image` field
-    alone answers with one list, anything else with a list per image."""
+    """`image`, `images` and `file` fields are classified together, in the order sent; one `image`
+    (or `file`) field alone answers with one list, anything else with a list per image. Errors name
+    a part by its position and file name: `image 2 (dog.jpg)`."""
     limits = runtime.limits
     body = await read_body(request, runtime.settings.max_request_bytes)
     _, params = parse_options_header(request.headers.get("content-type", ""))
@@ -191,12 +267,24 @@ async def _parse_multipart(request: Request, runtime: Runtime) -> tuple[np.ndarr
         raise InputError(f"malformed multipart body: {e.message}") from None
     fields = [(k, v) for k, v in form.multi_items() if k in IMAGE_FIELDS and not _unset_file_field(v)]
     if not fields:
-        raise InputError("multipart body has no `image` or `images` file field")
+        raise InputError("multipart body has no `image`, `images` or `file` file field")
     check_count(len(fields), limits)
     blobs = [await v.read() if hasattr(v, "read") else str(v).encode() for _, v in fields]
+    names = [getattr(v, "filename", None) for _, v in fields]
     top = _parse_top_k(form.get("top_k"))
-    images = await off_loop(decode_images, blobs, limits, nbytes=sum(map(len, blobs)))
-    return images, not (len(fields) == 1 and fields[0][0] == "image"), top
+    images = await off_loop(decode_images, blobs, limits, names, nbytes=sum(map(len, blobs)))
+    return images, not (len(fields) == 1 and fields[0][0] in SINGLE_FIELDS), top
+
+
+# Bodies that say nothing useful about their type: none, curl's default for `--data-binary`, or
+# generic bytes. An image among them is recognised by its first bytes.
+_UNTYPED = ("", "application/x-www-form-urlencoded")
+_PIXELS = "application/octet-stream"
+_STRONG_MAGIC = ("PNG", "JPEG", "GIF", "WEBP")  # BMP's two letters are too weak for raw pixel bodies
+
+
+async def _one_image(body: bytes, limits) -> np.ndarray:
+    return (await off_loop(decode_image, body, limits, nbytes=len(body)))[None]
 
 
 async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
@@ -209,43 +297,66 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
     if not body:
         raise InputError("empty request body: send an image, JSON, multipart or raw pixels")
     if ctype.startswith("image/"):
-        return (await off_loop(decode_image, body, limits, nbytes=len(body)))[None], False, None
-    if ctype == "application/octet-stream":
+        return await _one_image(body, limits), False, None
+    if ctype == _PIXELS:
+        if sniff(body) in _STRONG_MAGIC:
+            try:
+                return await _one_image(body, limits), False, None
+            except InputError:
+                if len(body) % PIXELS_PER_IMAGE:
+                    raise
+                # raw pixels whose first pixel happens to read like a file signature (ff d8 ff)
         return decode_pixels(body, limits), True, None
+    if ctype in _UNTYPED and sniff(body):
+        return await _one_image(body, limits), False, None
     if ctype == "application/json":
         doc = parse_json(body, "body", max_values=_most_parts(limits))  # base64 strings: one value an image
         if not isinstance(doc, dict) or ("image" in doc) == ("images" in doc):
             raise InputError('JSON body needs exactly one of "image" (base64) or "images" (list of base64)')
         top = _parse_top_k(doc.get("top_k"))
         if "image" in doc:
-            blob = _b64(doc["image"], "image")
-            return (await off_loop(decode_image, blob, limits, nbytes=len(blob)))[None], False, top
+            blob = _b64(doc["image"], '"image"')
+            return await _one_image(blob, limits), False, top
         if not isinstance(doc["images"], list):
             raise InputError('"images" must be a list of base64 strings')
         check_count(len(doc["images"]), limits)  # before decoding any: the one rule, the exact count
-        blobs = [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
+        blobs = [_b64(v, image_label(i)) for i, v in enumerate(doc["images"])]
         return await off_loop(decode_images, blobs, limits, nbytes=sum(map(len, blobs))), True, top
+    if not ctype:
+        raise HTTPError(
+            415,
+            "the request has no Content-Type and its body is not a PNG, JPEG, GIF, WebP or BMP file: "
+            "set Content-Type (multipart/form-data, image/*, application/json or application/octet-stream)",
+            "bad_content_type",
+        )
     raise HTTPError(
         415,
-        f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data, image/*, "
+        f"unsupported Content-Type {clip(ctype, 100)!r}: send multipart/form-data, image/*, "
         "application/json or application/octet-stream",
         "bad_content_type",
     )
 
 
+def check_query(request: Request, allowed: tuple[str, ...]) -> None:
+    """A 400 naming every query parameter the route does not take: a misspelt `?modle=` or
+    `?topk=` must not be answered as if it were not there."""
+    unknown = list(dict.fromkeys(k for k in request.query_params if k not in allowed))
+    if unknown:
+        names = ", ".join(repr(clip(k, 40)) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        plural = "s" if len(unknown) > 1 else ""
+        takes = ", ".join(allowed)
+        raise InputError(f"unknown query parameter{plural} {names} on {request.url.path}: it takes {takes}")
+
+
 def router(runtime: Runtime) -> APIRouter:
     api = APIRouter()
 
-    @api.post(
-        "/classify",
-        tags=["classify"],
-        summary="Classify one or more images",
-        responses=CLASSIFY_RESPONSES,
-        openapi_extra=CLASSIFY_OPENAPI,
-    )
-    @fast_path
-    async def classify(request: Request) -> Response:
-        model = runtime.serving()
+    async def answer(request: Request, name: str | None, version: str | None, stable: bool) -> Response:
+        if version is not None and not (version.isascii() and version.isdigit()):
+            raise InputError(f"version must be a whole number such as 1, got {clip(version, 20)!r}")
+        if version is not None and name is None:  # `?version=` alone: the default model's
+            name = runtime.default.name if runtime.default is not None else None
+        model = runtime.serving(name, version)
         deadline = deadline_from_header(request, runtime)
         t0 = time.perf_counter()
         with tracing.span("decode"):
@@ -255,12 +366,57 @@ def router(runtime: Runtime) -> APIRouter:
         metrics.DECODE_SECONDS.labels(PROTOCOL).observe(decode_s)
         predictions, timing = await run_unless_disconnected(request, model.classify(images, deadline, PROTOCOL, k))
         rows = [[p.to_dict() for p in row] for row in predictions]
-        body = {"model": model.name, "version": str(model.version), "predictions": rows if several else rows[0]}
+        body = {
+            "model": model.name,
+            "version": str(model.version),
+            "predictions": rows if several or stable else rows[0],
+        }
         return Response(
             orjson.dumps(body),
             media_type="application/json",
             headers={"Server-Timing": server_timing(decode_s, timing)},
         )
+
+    @api.post(
+        "/classify",
+        tags=["classify"],
+        summary="Classify one or more images",
+        description="The default model, or `?model=` (and `?version=`). One list of classes for a single-image "
+        "body (`image` or `file` field, image bytes, JSON `image`), a list per image otherwise; "
+        "`/predictions/{model}` always answers a list per image.",
+        responses=CLASSIFY_RESPONSES,
+        openapi_extra=CLASSIFY_OPENAPI,
+    )
+    @fast_path
+    async def classify(request: Request) -> Response:
+        check_query(request, CLASSIFY_QUERY)
+        query = request.query_params
+        return await answer(request, query.get("model") or None, query.get("version") or None, stable=False)
+
+    @api.post(
+        "/predictions/{model}",
+        tags=["classify"],
+        summary="Classify images with one model (TorchServe's path): a list per image, always",
+        responses=PREDICTIONS_RESPONSES,
+        openapi_extra=PREDICTIONS_OPENAPI,
+    )
+    @fast_path
+    async def predictions(request: Request) -> Response:
+        check_query(request, PREDICTIONS_QUERY)
+        return await answer(request, request.path_params["model"], None, stable=True)
+
+    @api.post(
+        "/predictions/{model}/{version}",
+        tags=["classify"],
+        summary="Classify images with one model version: a list per image, always",
+        responses=PREDICTIONS_RESPONSES,
+        openapi_extra=PREDICTIONS_VERSION_OPENAPI,
+    )
+    @fast_path
+    async def predictions_version(request: Request) -> Response:
+        check_query(request, PREDICTIONS_QUERY)
+        params = request.path_params
+        return await answer(request, params["model"], params["version"], stable=True)
 
     @api.get(
         "/v1/models",

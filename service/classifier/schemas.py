@@ -1,5 +1,5 @@
-"""The answers of our own REST API (`POST /classify`, `GET /v1/models`), as the OpenAPI document
-states them. Documentation only: `/classify` writes its bytes with orjson on the fast path and
+"""The answers of our own REST API (`POST /classify`, `POST /predictions/{model}`, `GET /v1/models`),
+as the OpenAPI document states them. Documentation only: `/classify` writes its bytes with orjson on the fast path and
 `/v1/models` returns a dict; tests/test_openapi.py checks real answers against these schemas."""
 
 from __future__ import annotations
@@ -18,12 +18,21 @@ class Prediction(Schema):
 
 
 class ClassifyResponse(Schema):
-    model: str = Field(description="the model that answered (the default model)")
+    model: str = Field(description="the model that answered (the default model, or `?model=`)")
     version: str = Field(description="its version number, as a string")
     predictions: list[Prediction] | list[list[Prediction]] = Field(
-        description="top-k classes, best first: one list for a single `image` (an image/* body, "
-        'JSON `"image"`, one multipart `image` field); a list per image, in order, for `"images"`, '
-        "`images` fields or raw pixels"
+        description="top-k classes, best first, shaped by the request's form, never by the count: one "
+        'list for a single-image form (an image/* body or one sniffed image file, JSON `"image"`, '
+        'one multipart `image` or `file` field); a list per image, in order, for `"images"`, '
+        "`images` fields or raw pixels (even when they hold one image)"
+    )
+
+
+class PredictionsResponse(Schema):
+    model: str = Field(description="the model named in the path")
+    version: str = Field(description="the version that answered (the path's, else the newest served)")
+    predictions: list[list[Prediction]] = Field(
+        description="top-k classes, best first: a list per image, in order, whatever the body's form or count"
     )
 
 
