@@ -88,15 +88,29 @@ class RestAdmin:
         )
 
     def _call(self, method: str, path: str, ok=(200,), **kwargs):
-        from quicknet.client.rest import _status_error, _transport_error
+        from quicknet.client.rest import _transport_error
 
         try:
             response = self._http.request(method, path, **kwargs)
         except self._httpx.TransportError as e:
             raise _transport_error(self.url, e, self.timeout) from None
         if response.status_code not in ok:
-            raise _status_error(response)
+            raise self._refused(response, path)
         return response
+
+    def _refused(self, response, path: str) -> QuickNetClientError:
+        """The server's one-line `{"error": ...}`; an answer without one is not this server's."""
+        try:
+            doc = response.json()
+            message = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else None
+        except ValueError:
+            message = None
+        if message is None or (response.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed")):
+            message = (
+                f"{self.url}{path} answered {response.status_code} {response.reason_phrase}: is {self.url} a "
+                "QuickNet server's REST port (8000 by default)?"
+            )
+        return QuickNetClientError(response.status_code, " ".join(message.split())[:500])
 
     def health(self) -> dict:
         live = self._call("GET", "/v2/health/live", ok=(200, 400)).status_code == 200
