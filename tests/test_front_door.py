@@ -24,7 +24,6 @@ import pytest
 from PIL import Image
 
 from quicknet.client import Client, QuickNetClientError
-from quicknet.client.inputs import to_model_pixels
 from service.images import Limits, decode_image
 from tests.serving import FAST_MODEL, REPO, STORE, publish_shipped, start_server
 
@@ -312,7 +311,7 @@ def test_the_clients_resize_gives_the_servers_pixels():
         out = io.BytesIO()
         im.save(out, fmt)
         samples[name] = out.getvalue()
-    from quicknet.client.inputs import to_item
+    from quicknet.client.inputs import to_item, to_model_pixels
 
     limits = Limits(64 << 20, 40_000_000, 1)
     for name, data in samples.items():

@@ -317,6 +317,40 @@ def test_the_api_docs_render_in_a_browser_without_internet(browser, keyed_server
     assert _other_hosts(browser, keyed_server.url) == set()
 
 
+def test_docs_try_it_out_classifies_in_a_browser(browser, keyed_server):
+    """/docs "Try it out" on /classify as a person does it: authorize with the key, pick cat.png for
+    `image`, leave everything else as Swagger UI fills it, Execute: 200 and "cat" (Swagger UI used
+    to send its `images` sample, the text "string", beside the file: a 415)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(keyed_server.url + "/docs")
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, ".auth-wrapper .authorize"))).click()
+    wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".modal-ux input"))).send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, ".modal-ux .auth-btn-wrapper .authorize").click()
+    browser.find_element(By.CSS_SELECTOR, ".modal-ux .btn-done").click()
+
+    op = "#operations-classify-classify_classify_post"
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"{op} .opblock-summary"))).click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"{op} .try-out__btn"))).click()
+    pickers = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"{op} input[type=file]"))
+    pickers[0].send_keys(str(REPO / "examples" / "cat.png"))  # the `image` field
+    browser.find_element(By.CSS_SELECTOR, f"{op} .execute").click()
+    status = wait.until(
+        ec.visibility_of_element_located(
+            (By.CSS_SELECTOR, f"{op} .live-responses-table tr.response .response-col_status")
+        )
+    )
+    body = browser.find_element(
+        By.CSS_SELECTOR, f"{op} .live-responses-table tr.response .response-col_description"
+    ).text
+    assert status.text.strip() == "200", body
+    assert json.loads(body[body.index("{") : body.rindex("}") + 1])["predictions"][0]["label"] == "cat"
+    assert _other_hosts(browser, keyed_server.url) == set()
+
+
 def test_the_docs_and_the_schema_are_counted_under_their_paths():
     """Not as `endpoint="unmatched"`, which is where unknown paths (scanners) go."""
     from prometheus_client import REGISTRY

@@ -1,9 +1,8 @@
-// QuickNet's page: pick or drop images, POST each to classify, show its top 5 with score bars and
-// timings. No build step, no dependency; URLs are relative so the page works under a path prefix.
+// QuickNet's page: pick or drop images, POST each to classify, show its top classes (the server's
+// default top-k, 5, as the CLI and the client use) with score bars and timings. No build step, no dependency; URLs are relative so the page works under a path prefix.
 "use strict";
 
 (() => {
-  const TOP_K = 5;
   const PARALLEL = 4; // requests in flight at once; the server batches them anyway
   const KEY_NAME = "quicknet.apiKey"; // sessionStorage only: gone when the tab closes
 
@@ -133,7 +132,7 @@
     let response;
     let doc = null;
     try {
-      response = await fetch(`classify?top_k=${TOP_K}`, { method: "POST", body: form, headers });
+      response = await fetch("classify", { method: "POST", body: form, headers });
       doc = await response.json().catch(() => null);
     } catch (e) {
       showError(item, `network error: ${e.message}`);
