@@ -600,7 +600,7 @@ def head_alone(port: int, head: bytes, timeout: float = 5) -> bytes:
 def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path):
     """One process (REST refuses before the body there): the engine held, its queue full, a head
     declaring a body and no body gets 429 at once, on /classify and on KServe's infer."""
-    srv = start_server(tmp_path, workers=1, max_queue_images=4, fault_injection="hang-every=1,hang-seconds=2")
+    srv = start_server(tmp_path, workers=1, max_queue_images=4, fault_injection="hang-every=1,hang-seconds=1")
     try:
         with held_engine(srv):
             queued = threading.Thread(
