@@ -44,9 +44,12 @@ def test_readme_curl_runs_as_written(server, command):
         assert out, "the README's pipeline finds what it greps for"
         return
     answer = json.loads(out)
-    if "/classify" in command:
+    if "/classify" in command or "/predictions/" in command:
         assert "error" not in answer, answer
         predictions = answer["predictions"]
+        if "/predictions/" in command:  # TorchServe's path: a list per image, always
+            assert [len(row) for row in predictions] == [5] and predictions[0][0]["label"] == "cat"
+            return
         if "examples/cat.png" in command and "images=" not in command:
             assert predictions[0]["label"] == "cat", "the README's cat is classified a cat"
         if "top_k=3" in command:
