@@ -337,7 +337,7 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
     )
 
 
-def check_query(request: Request, allowed: tuple[str, ...]) -> None:
+def check_query(request: Request, allowed: tuple[str, ...], route: str) -> None:
     """A 400 naming every query parameter the route does not take: a misspelt `?modle=` or
     `?topk=` must not be answered as if it were not there."""
     unknown = list(dict.fromkeys(k for k in request.query_params if k not in allowed))
@@ -345,7 +345,7 @@ def check_query(request: Request, allowed: tuple[str, ...]) -> None:
         names = ", ".join(repr(clip(k, 40)) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         plural = "s" if len(unknown) > 1 else ""
         takes = ", ".join(allowed)
-        raise InputError(f"unknown query parameter{plural} {names} on {request.url.path}: it takes {takes}")
+        raise InputError(f"unknown query parameter{plural} {names} on {route}: it takes {takes}")
 
 
 def router(runtime: Runtime) -> APIRouter:
@@ -389,7 +389,7 @@ def router(runtime: Runtime) -> APIRouter:
     )
     @fast_path
     async def classify(request: Request) -> Response:
-        check_query(request, CLASSIFY_QUERY)
+        check_query(request, CLASSIFY_QUERY, "/classify")
         query = request.query_params
         return await answer(request, query.get("model") or None, query.get("version") or None, stable=False)
 
@@ -402,7 +402,7 @@ def router(runtime: Runtime) -> APIRouter:
     )
     @fast_path
     async def predictions(request: Request) -> Response:
-        check_query(request, PREDICTIONS_QUERY)
+        check_query(request, PREDICTIONS_QUERY, "/predictions/{model}")
         return await answer(request, request.path_params["model"], None, stable=True)
 
     @api.post(
@@ -414,7 +414,7 @@ def router(runtime: Runtime) -> APIRouter:
     )
     @fast_path
     async def predictions_version(request: Request) -> Response:
-        check_query(request, PREDICTIONS_QUERY)
+        check_query(request, PREDICTIONS_QUERY, "/predictions/{model}/{version}")
         params = request.path_params
         return await answer(request, params["model"], params["version"], stable=True)
 
