@@ -191,8 +191,10 @@ def stage_publish(
     gates = _accuracy_gates(run_dir, acc)
     model_name = rec["stages"]["train"]["config"]["model"]
     arch = get_config(model_name)
-    provenance = trained_on(training_results) if training_results else None
-    _draw_curves(run_dir, f"{model_name} on {provenance['gpu'] if provenance else rec['stages']['train']['device']}")
+    provenance, history = trained_on(training_results, run_dir) if training_results else (None, [])
+    _draw_curves(
+        run_dir, f"{model_name} on {provenance['gpu'] if provenance else rec['stages']['train']['device']}", history
+    )
     files = [run_dir / f for f in (ONNX, ORT_INT8, *REPORTS) if (run_dir / f).is_file()]
     metadata = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -222,13 +224,17 @@ def stage_publish(
     return mv
 
 
-def trained_on(results_path: Path) -> dict:
-    """Where a GPU job's weights came from, out of its `results.json`: the GPU, driver, torch and
-    CUDA, the recipe, epochs and training seconds, and the file's SHA-256 (the file stays with the
-    run; the digest ties the published version to it)."""
+def trained_on(results_path: Path, run_dir: Path) -> tuple[dict, list[dict]]:
+    """Where a GPU job's weights came from, out of its `results.json`, and the epoch log it kept:
+    the GPU, driver, torch and CUDA, the recipe, epochs and training seconds, and the file's
+    SHA-256 (the file stays with the run; the digest ties the published version to it). A
+    several-arm job (`gpu-train --arms`) keeps each arm under `arms.<name>`, the name of the
+    folder it returned: `run_dir`'s."""
     try:
         results = json.loads(Path(results_path).read_text())
-        env, final = results["environment"], results["final"]
+        env = results["environment"]
+        arm = results["arms"][run_dir.name] if "arms" in results else results
+        final = arm["final"]
         provenance = {
             "job": results["job"],
             "started": results["started"],
@@ -236,26 +242,33 @@ def trained_on(results_path: Path) -> dict:
             "driver": env["driver"],
             "torch": env["torch"],
             "cuda": env["cuda_runtime"],
-            "recipe": results["recipe"],
+            "recipe": arm["recipe"],
             "epochs": final["epochs"],
             "train_seconds": final["train_seconds"],
             "top1": final["top1"],
         }
+        if "arms" in results:
+            provenance["arm"] = run_dir.name
+        history = [h for h in arm.get("epochs", []) if isinstance(h, dict) and "train_loss" in h]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BuildError(
-            f"{results_path} is not a GPU training job's results.json ({e!r}); pass the job's own"
+            f"{results_path} is not the results.json of the GPU training job that trained {run_dir.name} ({e!r}); "
+            "pass the job's own"
         ) from None
-    return provenance | {"results_sha256": store.sha256_file(Path(results_path))}
+    return provenance | {"results_sha256": store.sha256_file(Path(results_path))}, history
 
 
-def _draw_curves(run_dir: Path, title: str) -> None:
-    """`training_curves.png` from the run's `epochs.jsonl` where training did not draw it (the GPU
-    machine's Python has no matplotlib)."""
+def _draw_curves(run_dir: Path, title: str, history: list[dict]) -> None:
+    """`training_curves.png` where training did not draw it (the GPU machine's Python has no
+    matplotlib), from the run's `epochs.jsonl`, else from the epochs its job's results kept."""
+    if (run_dir / "training_curves.png").is_file():
+        return
     log = run_dir / "epochs.jsonl"
-    if log.is_file() and not (run_dir / "training_curves.png").is_file():
+    if log.is_file():
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if history:
         from quicknet.train import plot_curves
 
-        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         plot_curves(history, run_dir / "training_curves.png", title)
 
 

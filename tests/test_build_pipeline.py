@@ -110,10 +110,35 @@ def test_publish_records_the_gpu_run_that_trained_the_weights(run_dir, tmp_path)
     assert "training_curves.png" in meta["files"] and (run / "training_curves.png").stat().st_size > 10_000
 
     (tmp_path / "other.json").write_text('{"job": "gpu-serve"}')
-    with pytest.raises(BuildError, match=r"other.json is not a GPU training job's results.json"):
+    with pytest.raises(
+        BuildError, match=r"other.json is not the results.json of the GPU training job that trained run2"
+    ):
         build.stage_publish(
             _copy(run_dir, tmp_path / "run2"), tmp_path / "store", training_results=tmp_path / "other.json"
         )
+
+
+def test_publish_takes_one_arm_of_a_several_arm_gpu_run(run_dir, tmp_path):
+    """`gpu-train --arms` returns `<arm>/checkpoint.pt` and one results.json keeping each arm (its
+    recipe, result and epochs) under `arms.<arm>`: the run folder's name picks the arm, and the
+    curves come from the epochs kept there (the arm folder has no epochs.jsonl)."""
+    run = _copy(run_dir, tmp_path / "quicknet-ls02")
+    history = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    (run / "epochs.jsonl").unlink()
+    (run / "training_curves.png").unlink()
+    arm = {"recipe": {"label_smoothing": 0.2}, "final": {"epochs": 70, "train_seconds": 300.0, "top1": 0.93}}
+    results = {
+        "job": "gpu-train",
+        "started": "2026-12-05T10:00:00+00:00",
+        "environment": {"gpu": "NVIDIA H200", "driver": "580.159.04", "torch": "2.11.0+cu130", "cuda_runtime": "13.0"},
+        "arms": {"quicknet": {"recipe": {}, "final": {}}, "quicknet-ls02": arm | {"epochs": history}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    meta = build.stage_publish(run, tmp_path / "store", training_results=tmp_path / "results.json").metadata
+    trained_on = meta["training"]["trained_on"]
+    assert trained_on["arm"] == "quicknet-ls02" and trained_on["recipe"] == {"label_smoothing": 0.2}
+    assert (trained_on["epochs"], trained_on["top1"]) == (70, 0.93)
+    assert "training_curves.png" in meta["files"]
 
 
 @pytest.mark.parametrize(
@@ -170,11 +195,15 @@ def _as_onnx_prelu(model):
         add = next(n for n in model.graph.node if n.op_type == "Add" and mul.output[0] in n.input)
         slope = numpy_helper.from_array(numpy_helper.to_array(inits[mul.input[1]]) + 1, mul.input[1] + "_plus_1")
         model.graph.initializer.append(slope)
-        prelu_at[add.output[0]] = helper.make_node("PRelu", [x, slope.name], [add.output[0]])
+        prelu_at[add.output[0]] = helper.make_node("PRelu", [x, slope.name], [add.output[0]], name=add.output[0])
         dropped |= {mul.input[0], mul.output[0]}
     nodes = [prelu_at.get(n.output[0], n) for n in model.graph.node if n.output[0] not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     return model
 
 
