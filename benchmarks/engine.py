@@ -2,7 +2,8 @@
 
     python -m benchmarks.engine [--threads 2] [--seconds 2] [--batches 1 8 64] [--no-train]
 
-Untrained weights (speed does not depend on them); INT8 calibrated on 256 real training images.
+The published model where the store has one (trained weights are not speed-neutral: see
+benchmarks.common.serving_store), else untrained weights with INT8 calibrated on 256 training images.
 Prints a table and writes benchmarks/results/engine.json.
 """
 
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import images_per_second, make_untrained_store, save, table
+from benchmarks.common import images_per_second, save, serving_store, table
 
 VARIANTS = ["quicknet", "quicknet-s", "quicknet-xs"]
 
@@ -61,7 +62,7 @@ def main() -> None:
     calibration = data.load().train.sample(256, seed=1).images
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_untrained_store(Path(tmp), args.variants, calibration)
+        root = serving_store(Path(tmp), args.variants, calibration)
         for name in args.variants:
             mv = store.get_version(root, name)
             fp32 = ort_session(mv.file("model.onnx"), args.threads)

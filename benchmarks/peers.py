@@ -4,8 +4,9 @@
     python -m benchmarks.peers [--models quicknet-xs quicknet] [--concurrency 1 16 64] [--seconds 10]
     python -m benchmarks.peers --servers ours --fronts 1 2 4 8 16   # this service over front processes
 
-Every server serves the same ONNX file (an untrained model of each architecture: speed does not
-depend on the weights) with the same ONNX Runtime settings (2 intra-op threads, spinning off),
+Every server serves the same ONNX file (the published model where the store has one, with the
+batch policy it ships with; else an untrained export) with the same ONNX Runtime settings (2
+intra-op threads, spinning off),
 and answers one 32x32 PNG per request (PyTriton: the same pixels as a KServe v2 UINT8 tensor, as
 its clients send them), driven by the same closed-loop load generator, `wrk`, on this machine.
 The raw engine and the raw pipeline (decode + engine + top-5 in one Python loop, no server) are
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import images_per_second, make_untrained_store, save, table
+from benchmarks.common import images_per_second, save, serving_store, table
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
@@ -244,7 +245,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calibration = dataset.train.sample(256, seed=1).images
-        store = make_untrained_store(work / "store", args.models, calibration)
+        store = serving_store(work / "store", args.models, calibration)
         for model in args.models:
             onnx = store / model / "1" / "model.onnx"
             sess = ort_session(onnx, args.threads)

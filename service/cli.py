@@ -56,6 +56,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from service.config import Settings
     from service.main import run
@@ -67,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         first = e.errors()[0]
         where = f"invalid setting {first['loc'][0]}" if first["loc"] else "invalid settings"
         raise QuickNetError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    except SettingsError as e:  # a QUICKNET_* variable that does not parse (a list or map that is not JSON)
+        raise QuickNetError(f"{e}: lists and maps are JSON, e.g. QUICKNET_MODELS='[\"quicknet\"]'") from None
     sys.exit(run(settings))
 
 

@@ -18,10 +18,7 @@ README = (REPO / "README.md").read_text()
 # shrinks: a setting here that gains a row fails the test until it is taken off.
 UNCLAIMED_SETTINGS = {
     "--threads",
-    "--max-batch-size",
-    "--max-queue-delay-ms",
     "--preferred-batch-sizes",
-    "--instances",
     "--version-policy",
     "--version-policies",
     "--default-timeout-ms",

@@ -116,6 +116,9 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     assert "loaded" not in unknown.stderr and "REST on" not in unknown.stderr, "nothing loads or binds first"
     missing = quicknet("serve", "--model-store", str(tmp_path / "absent"), env=env)
     assert missing.returncode == 2 and "error:" in missing.stderr and missing.stderr.count("\n") == 1
+    not_json = quicknet("serve", env=env | {"QUICKNET_MODELS": "[quicknet]"})
+    assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1, not_json.stderr
+    assert 'error parsing value for field "models"' in not_json.stderr and "Traceback" not in not_json.stderr
     bad = quicknet("serve", "--fault-injection", "sometimes", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting fault_injection")
     for args, fragment in ((["--model", "nope"], "model 'nope' not found"), (["--version", "99"], "has no version 99")):

@@ -1,8 +1,8 @@
 """ONNX Runtime: CPU (threads set explicitly), or the CUDA provider where onnxruntime-gpu is installed.
 
 Two measured choices, made at load on the machine that serves:
-- Precision (`--precision auto`, the default): static INT8 runs 2.5x FP32 for the full quicknet on
-  this project's CPUs but about 1x for quicknet-xs, whose narrow layers spend as long in the
+- Precision (`--precision auto`, the default): static INT8 runs 1.5x FP32 for the trained full
+  quicknet on this project's CPUs but about 1x for quicknet-xs, whose narrow layers spend as long in the
   quantize/dequantize ops around each convolution as INT8 saves inside it. So where the INT8
   model costs at most 0.5 point of published accuracy, both are timed (batch 1 and the largest
   batch, a few runs each) and the faster serves; `fp32` or `int8` force one.
