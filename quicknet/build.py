@@ -191,7 +191,7 @@ def stage_publish(
     gates = _accuracy_gates(run_dir, acc)
     model_name = rec["stages"]["train"]["config"]["model"]
     arch = get_config(model_name)
-    provenance, history = trained_on(training_results, run_dir) if training_results else (None, [])
+    provenance, history = trained_on(training_results, run_dir, model_name) if training_results else (None, [])
     _draw_curves(
         run_dir, f"{model_name} on {provenance['gpu'] if provenance else rec['stages']['train']['device']}", history
     )
@@ -224,17 +224,19 @@ def stage_publish(
     return mv
 
 
-def trained_on(results_path: Path, run_dir: Path) -> tuple[dict, list[dict]]:
+def trained_on(results_path: Path, run_dir: Path, model: str) -> tuple[dict, list[dict]]:
     """Where a GPU job's weights came from, out of its `results.json`, and the epoch log it kept:
     the GPU, driver, torch and CUDA, the recipe, epochs and training seconds, and the file's
-    SHA-256 (the file stays with the run; the digest ties the published version to it). A
-    several-arm job (`gpu-train --arms`) keeps each arm under `arms.<name>`, the name of the
-    folder it returned: `run_dir`'s."""
+    SHA-256 (the file stays with the run; the digest ties the published version to it). It must be
+    a gpu-train job that trained `model`. A several-arm job (`gpu-train --arms`) keeps each arm
+    under `arms.<name>`, the name of the folder it returned: `run_dir`'s."""
     try:
         results = json.loads(Path(results_path).read_text())
         env = results["environment"]
         arm = results["arms"][run_dir.name] if "arms" in results else results
         final = arm["final"]
+        if results["job"] != "gpu-train" or arm["recipe"].get("model") != model:
+            raise ValueError(f"a {results['job']} job's results for model {arm['recipe'].get('model')!r}")
         provenance = {
             "job": results["job"],
             "started": results["started"],

@@ -193,8 +193,10 @@ class Engine:
             await asyncio.sleep(period_s)
 
     def policy_for(self, name: str) -> str:
-        """`--version-policies` for this model, else its `config.json`, else `--version-policy`."""
-        return self.settings.version_policies.get(name) or self.settings.for_model(name).version_policy
+        """`--version-policies` for this model, else its `config.json`, else `--version-policy`. The
+        model's `config.json` is checked either way: planning is where a wrong one stops the start."""
+        configured = self.settings.for_model(name)
+        return self.settings.version_policies.get(name) or configured.version_policy
 
     def plan(self, strict: bool = True) -> tuple[str, list[VersionKey]]:
         """The default model and every (model, version) wanted now, checked against the store before

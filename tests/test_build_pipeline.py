@@ -109,13 +109,13 @@ def test_publish_records_the_gpu_run_that_trained_the_weights(run_dir, tmp_path)
     assert trained_on["results_sha256"] == store.sha256_file(tmp_path / "results.json")
     assert "training_curves.png" in meta["files"] and (run / "training_curves.png").stat().st_size > 10_000
 
-    (tmp_path / "other.json").write_text('{"job": "gpu-serve"}')
-    with pytest.raises(
-        BuildError, match=r"other.json is not the results.json of the GPU training job that trained run2"
-    ):
-        build.stage_publish(
-            _copy(run_dir, tmp_path / "run2"), tmp_path / "store", training_results=tmp_path / "other.json"
-        )
+    for wrong in ({"job": "gpu-serve"}, {"recipe": {**results["recipe"], "model": "quicknet"}}, {"final": {}}):
+        (tmp_path / "other.json").write_text(json.dumps(results | wrong))
+        with pytest.raises(BuildError, match=r"other.json is not the results.json of the GPU training job that"):
+            build.stage_publish(
+                _copy(run_dir, tmp_path / "run2"), tmp_path / "store", training_results=tmp_path / "other.json"
+            )
+        shutil.rmtree(tmp_path / "run2")
 
 
 def test_publish_takes_one_arm_of_a_several_arm_gpu_run(run_dir, tmp_path):
@@ -126,7 +126,8 @@ def test_publish_takes_one_arm_of_a_several_arm_gpu_run(run_dir, tmp_path):
     history = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
     (run / "epochs.jsonl").unlink()
     (run / "training_curves.png").unlink()
-    arm = {"recipe": {"label_smoothing": 0.2}, "final": {"epochs": 70, "train_seconds": 300.0, "top1": 0.93}}
+    arm = {"recipe": {"model": "quicknet-xs", "label_smoothing": 0.2}}
+    arm["final"] = {"epochs": 70, "train_seconds": 300.0, "top1": 0.93}
     results = {
         "job": "gpu-train",
         "started": "2026-12-05T10:00:00+00:00",
@@ -136,9 +137,13 @@ def test_publish_takes_one_arm_of_a_several_arm_gpu_run(run_dir, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     meta = build.stage_publish(run, tmp_path / "store", training_results=tmp_path / "results.json").metadata
     trained_on = meta["training"]["trained_on"]
-    assert trained_on["arm"] == "quicknet-ls02" and trained_on["recipe"] == {"label_smoothing": 0.2}
+    assert trained_on["arm"] == "quicknet-ls02" and trained_on["recipe"]["label_smoothing"] == 0.2
     assert (trained_on["epochs"], trained_on["top1"]) == (70, 0.93)
     assert "training_curves.png" in meta["files"]
+    with pytest.raises(BuildError, match="that trained quicknet-s0"):  # an arm the run did not train
+        build.stage_publish(
+            _copy(run_dir, tmp_path / "quicknet-s0"), tmp_path / "store", training_results=tmp_path / "results.json"
+        )
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def test_busy_port_is_one_line():
 def test_unknown_variant_is_one_line(tmp_path):
     out = quicknet("train", "--model", "resnet", "--run-dir", str(tmp_path))
     assert out.returncode == 2 and out.stderr.strip() == (
-        "error: unknown model 'resnet'; choose one of quicknet, quicknet-s, quicknet-xs"
+        "error: unknown model 'resnet'; choose one of quicknet, quicknet-s, quicknet-xs, quicknet-res"
     )
 
 
@@ -119,6 +119,8 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     not_json = quicknet("serve", env=env | {"QUICKNET_MODELS": "[quicknet]"})
     assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1, not_json.stderr
     assert 'error parsing value for field "models"' in not_json.stderr and "Traceback" not in not_json.stderr
+    not_a_map = quicknet("serve", env=env | {"QUICKNET_VERSION_POLICIES": "{x: all}"})
+    assert not_a_map.returncode == 2 and not_a_map.stderr.count("\n") == 1, not_a_map.stderr
     bad = quicknet("serve", "--fault-injection", "sometimes", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid setting fault_injection")
     for args, fragment in ((["--model", "nope"], "model 'nope' not found"), (["--version", "99"], "has no version 99")):

@@ -65,11 +65,27 @@ def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_lo
     finally:
         assert srv.stop() == 0, srv.log()
 
-    (root / FAST_MODEL / "config.json").write_text('{"instances": -1}')
+    from tests.serving import publish_shipped
+
+    publish_shipped(root, "twin")  # a second model, after the default: its config is checked before any load
+    (root / "twin" / "config.json").write_text('{"instances": -1}')
+    (root / FAST_MODEL / "config.json").unlink()
     env = {"QUICKNET_MODEL_STORE": str(root), "QUICKNET_HTTP_PORT": str(free_port())}
     env["QUICKNET_GRPC_PORT"] = str(free_port())
     out = subprocess.run(
         [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert "quicknet-xs/config.json: instances: " in out.stderr and "loaded" not in out.stderr
+    assert "twin/config.json: instances: " in out.stderr and "loaded" not in out.stderr
+
+
+def test_version_policies_flag_wins_over_a_model_config_which_is_checked_anyway(tmp_path):
+    from service.engine import Engine
+
+    root = _store(tmp_path, {"version_policy": "latest:2"})
+    assert Engine(Settings(model_store=root)).policy_for(FAST_MODEL) == "latest:2"
+    flags = Settings(model_store=root, version_policies={FAST_MODEL: "all"})
+    assert Engine(flags).policy_for(FAST_MODEL) == "all", "--version-policies names the model: it wins"
+    (root / FAST_MODEL / "config.json").write_text('{"max_batch_size": 0}')
+    with pytest.raises(StoreError, match="max_batch_size"):
+        Engine(flags).policy_for(FAST_MODEL)

@@ -27,8 +27,6 @@ def test_the_readme_has_curl_examples_for_every_body_form():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
     srv = start_server(tmp_path_factory.mktemp("logs"), store=SHIPPED_STORE)  # what `make serve` serves
     yield srv
     assert srv.stop() == 0
@@ -36,6 +34,8 @@ def server(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [c for c in readme_curls() if "https://" not in c])  # TLS: tests/test_tls.py
 def test_readme_curl_runs_as_written(server, command):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
     runnable = command.replace("localhost:8000", f"127.0.0.1:{server.http_port}")
     done = subprocess.run(["bash", "-c", runnable], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -66,3 +66,5 @@ def test_make_serve_answers_with_the_full_quicknet_by_default(server):
     assert {m["name"] for m in models} == {"quicknet", "quicknet-xs"}
     answer = httpx.post(f"{server.url}/classify", files={"image": (REPO / "examples/cat.png").read_bytes()}).json()
     assert answer["model"] == "quicknet" and answer["predictions"][0]["label"] == "cat"
+    config = httpx.get(f"{server.url}/v2/models/quicknet/config").json()
+    assert config["max_batch_size"] == 8, "its batch policy ships with it (model_store/quicknet/config.json)"

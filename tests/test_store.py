@@ -121,7 +121,9 @@ def test_the_tracked_tree_stays_under_30_mib_so_a_gpu_run_can_carry_it():
     names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     total = sum((REPO / n).stat().st_size for n in names.decode().split("\0") if n and (REPO / n).is_file())
     assert total < 30 * 2**20, f"tracked tree {total / 2**20:.1f} MiB"
-    for version in (REPO / "model_store").glob("*/*/metadata.json"):
+    versions = sorted((REPO / "model_store").glob("*/*/metadata.json"))
+    assert {v.parent.parent.name for v in versions} == {"quicknet", "quicknet-xs"}, versions
+    for version in versions:
         meta = json.loads(version.read_text())
         engines = [f for f in meta["files"] if f.endswith((".onnx", ".pt", ".pt2"))]
         assert sorted(engines) == ["model.int8.onnx", "model.onnx"], (version, engines)

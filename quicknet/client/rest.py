@@ -116,7 +116,13 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
         )
     tls = _is_tls(error)
     if isinstance(error, httpx.ConnectError):
-        why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
+        if tls and "CERTIFICATE_VERIFY_FAILED" in str(error):
+            why = (
+                "the TLS handshake failed: the server's certificate is not trusted (CERTIFICATE_VERIFY_FAILED); "
+                "give its CA with --cacert"
+            )
+        else:
+            why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
         message = f"cannot reach {url}: {why}"
     elif isinstance(error, httpx.RemoteProtocolError):
         # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames, or closes at once
