@@ -363,6 +363,10 @@ def test_the_repository_api_over_both_protocols(tmp_path, workers):
         # a failed load says why; the repository keeps working after it
         r = httpx.post(f"{url}/broken/load", headers=boss, timeout=60)
         assert r.status_code == 400 and "SHA-256 mismatch" in r.json()["error"], r.text
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model("broken", headers=grpc_boss, client_timeout=60)
+        assert err.value.status() == "StatusCode.FAILED_PRECONDITION", err.value.message()
+        assert "SHA-256 mismatch" in err.value.message() and str(tmp_path) not in err.value.message()
         assert str(tmp_path) not in r.text
         index = httpx.post(f"{srv.url}/v2/repository/index", headers=user, json={}).json()
         assert {(e["name"], e["state"]) for e in index} == {
@@ -420,3 +424,38 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
     assert (kind, request_id, reason) == ("error", 7, "repository")
     _one_line(message)
     assert "File name too long" not in message
+
+
+def test_a_bad_name_on_every_inference_and_model_route_is_400_or_invalid_argument(tmp_path):
+    """Not only load and infer: `/classify?model=`, KServe metadata and readiness, our gRPC Classify
+    (the server's check, not the client's: the raw stub sends the name as given) and KServe gRPC
+    metadata refuse a name that is not one store folder, in one line, and never reach the store."""
+    import grpc
+
+    from service._generated import classifier_pb2 as pb
+    from service._generated import classifier_pb2_grpc as pb_grpc
+    from service._generated import grpc_predict_v2_pb2 as kpb
+    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+    srv = start_server(tmp_path)
+    try:
+        for name in ("a..b", ".hidden", "a b", LONG):  # ("..", a path segment, never reaches a route)
+            quoted = httpx.URL(f"{srv.url}/v2/models/").join(name.replace("/", "%2F"))
+            for path in (str(quoted), f"{quoted}/ready"):
+                r = httpx.get(path, timeout=30)
+                assert r.status_code == 400 and "is not a model name" in r.json()["error"], (name, r.text)
+            r = httpx.post(f"{srv.url}/classify", params={"model": name}, content=bytes(3072), timeout=30)
+            assert r.status_code == 400 and "\n" not in r.json()["error"], (name, r.text)
+        with grpc.insecure_channel(srv.grpc_target) as channel:
+            for name in PATH_NAMES:
+                image = pb.Image(pixels=bytes(3072))
+                with pytest.raises(grpc.RpcError) as err:
+                    pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(image=image, model=name), timeout=30)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+                with pytest.raises(grpc.RpcError) as err:
+                    kpb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+                        kpb.ModelMetadataRequest(name=name), timeout=30
+                    )
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+    finally:
+        assert srv.stop() == 0, srv.log()
