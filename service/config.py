@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -211,31 +212,48 @@ class Settings(BaseSettings):
 
         return self.model_store or default_root()
 
-    def for_model(self, name: str) -> Settings:
+    def for_model(self, name: str, engine: str | None = None) -> Settings:
         """These settings with the model's own `config.json` from the store applied on top (it wins
-        for its model; the flags are the defaults for what it does not set). Checked by the same
-        field rules as the flags; a wrong file is one line naming the file and the field."""
-        from pydantic import ValidationError
-
-        from quicknet.errors import StoreError
-        from quicknet.store import MODEL_CONFIG, model_config
+        for its model; the flags are the defaults for what it does not set). A section named after
+        an engine (`"onnxruntime": {...}`, `"torch": {...}`) applies on top only when that engine
+        serves the model: a batch policy tuned for a CPU must not cap a GPU. Every section is
+        checked whichever applies, by the same field rules as the flags; a wrong file is one line
+        naming the file and the field."""
+        from quicknet.store import model_config
 
         config = model_config(self.store_root, name)
         if not config:
             return self
-        unknown = sorted(set(config) - PER_MODEL)
+        sections = {k: config.pop(k) for k in list(config) if k in ENGINE_NAMES}
+        base = self._configured(name, "", config)
+        applied = {key: base._configured(name, key, values) for key, values in sections.items()}
+        return applied.get(engine, base)
+
+    def _configured(self, name: str, section: str, values: object) -> Settings:
+        from pydantic import ValidationError
+
+        from quicknet.errors import StoreError
+        from quicknet.store import MODEL_CONFIG
+
+        where = f"{name}/{MODEL_CONFIG}: " + (f"{section}: " if section else "")
+        if not isinstance(values, dict):
+            raise StoreError(f"{where}an engine's section must be a JSON object")
+        unknown = sorted(set(values) - PER_MODEL)
         if unknown:
             raise StoreError(
-                f"{name}/{MODEL_CONFIG}: unknown setting {unknown[0]!r}; a model may set {', '.join(sorted(PER_MODEL))}"
+                f"{where}unknown setting {unknown[0]!r}; a model may set {', '.join(sorted(PER_MODEL))}, "
+                f"also under an engine's name ({', '.join(ENGINE_NAMES)})"
             )
         try:
-            return type(self).model_validate({**self.model_dump(), **config})
+            return type(self).model_validate({**self.model_dump(), **values})
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "value"
-            raise StoreError(f"{name}/{MODEL_CONFIG}: {where}: {first['msg']}") from None
+            field = ".".join(str(p) for p in first["loc"]) or "value"
+            raise StoreError(f"{where}{field}: {first['msg']}") from None
 
 
+# The engines a model's `config.json` may have a section for: `--backend`'s choices but auto.
+ENGINE_NAMES = tuple(e for e in typing.get_args(Settings.model_fields["backend"].annotation) if e != "auto")
 # What a model's `config.json` may set (Triton's config.pbtxt, for this service's batcher and engine).
 PER_MODEL = frozenset(
     {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "instances", "precision", "threads"}

@@ -19,7 +19,7 @@ import numpy as np
 from quicknet import store
 from quicknet.errors import QuickNetError, StoreError
 from service import metrics
-from service.backends import Backend, load_backend
+from service.backends import Backend, choose, load_backend
 from service.batcher import Batcher, DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
 from service.config import Settings
 from service.model import ModelHandle, ModelInfo, Statistics
@@ -302,7 +302,8 @@ class Engine:
         store.verify_files(version)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        settings = self.settings.for_model(version.name)  # its config.json: batch policy, precision, ...
+        engine = await loop.run_in_executor(None, choose, version, self.settings)  # may import torch: off the loop
+        settings = self.settings.for_model(version.name, engine)  # its config.json: batch policy, precision, ...
         backend = await loop.run_in_executor(None, load_backend, version, settings)
         await loop.run_in_executor(None, _check_labels, version, backend)
         if self.settings.warmup:

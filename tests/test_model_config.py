@@ -89,3 +89,20 @@ def test_version_policies_flag_wins_over_a_model_config_which_is_checked_anyway(
     (root / FAST_MODEL / "config.json").write_text('{"max_batch_size": 0}')
     with pytest.raises(StoreError, match="max_batch_size"):
         Engine(flags).policy_for(FAST_MODEL)
+
+
+def test_an_engine_section_applies_only_when_that_engine_serves_the_model(tmp_path):
+    """A batch policy tuned for ONNX Runtime on 2 cores must not cap the same model on a GPU."""
+    root = _store(tmp_path, {"max_queue_delay_ms": 1, "onnxruntime": {"max_batch_size": 8}, "torch": {"instances": 2}})
+    flags = Settings(model_store=root, max_batch_size=64)
+    cpu, gpu, plain = (flags.for_model(FAST_MODEL, e) for e in ("onnxruntime", "torch", None))
+    assert (cpu.max_batch_size, cpu.instances, cpu.max_queue_delay_ms) == (8, 1, 1)
+    assert (gpu.max_batch_size, gpu.instances, gpu.max_queue_delay_ms) == (64, 2, 1)
+    assert (plain.max_batch_size, plain.instances) == (64, 1)
+    for bad, message in (
+        ({"torch": {"max_batch_size": 0}}, "quicknet-xs/config.json: torch: max_batch_size: "),
+        ({"torch": 8}, "quicknet-xs/config.json: torch: an engine's section must be a JSON object"),
+    ):
+        (root / FAST_MODEL / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(StoreError, match=f"^{message}"):
+            flags.for_model(FAST_MODEL, "onnxruntime")  # every section is checked, whichever applies
