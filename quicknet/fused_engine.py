@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from quicknet.errors import BuildError
+from quicknet.gpu_probe import driver_version
 from quicknet.store import slug
 
 FORMAT = "quicknet-fused/1"
@@ -256,33 +257,10 @@ def current_identity() -> dict:
     ident["kernels_sha256"] = kernels_digest()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        ident |= {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}", "driver": _driver()}
+        ident |= {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}", "driver": driver_version()}
     else:
         ident |= {"gpu": None, "compute_capability": None, "driver": None}
     return ident
-
-
-def _driver() -> str | None:
-    """The NVIDIA driver version through NVML, else nvidia-smi; None when neither answers."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # no nvidia-ml-py, or NVML cannot start: ask nvidia-smi
-        import subprocess
-
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def mismatch(built_for: dict, here: dict) -> list[str]:

@@ -39,7 +39,7 @@ def environment() -> dict:
             "compute_capability": f"{props.major}.{props.minor}",
             "sms": props.multi_processor_count,
             "cudnn": torch.backends.cudnn.version(),
-            "driver": _driver_version(),
+            "driver": driver_version(),
         }
     else:
         from quicknet.build import cpu_description
@@ -48,7 +48,16 @@ def environment() -> dict:
     return env
 
 
-def _driver_version() -> str | None:
+def driver_version() -> str | None:
+    """The NVIDIA driver version through NVML, else nvidia-smi; None when neither answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # no nvidia-ml-py, or NVML cannot start: ask nvidia-smi
+        pass
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -56,9 +65,9 @@ def _driver_version() -> str | None:
             text=True,
             timeout=10,
         )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def matmul_tflops(seconds: float = 2.0, n: int = 8192) -> dict:

@@ -133,20 +133,10 @@ def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
     """`model.folded.pt` (a layer list and a state dict, loadable by any torch) rebuilds exactly the
     folded model the build made: per-channel PReLU, bias-free depthwise convolutions and all."""
     import torch
-    from torch import nn
 
     from quicknet.export import export_folded_weights
-    from quicknet.fold import fold
-    from quicknet.model import build_model
 
-    torch.manual_seed(0)
-    model = build_model("quicknet-xs").eval()
-    for m in model.modules():
-        if isinstance(m, nn.PReLU):
-            m.weight.data.uniform_(0.0, 0.5)  # per-channel slopes, as training leaves them
-        elif isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-    folded = fold(model)
+    folded = _trained_like_xs()
     weights = export_folded_weights(folded, tmp_path / "model.folded.pt")
     meta = {"labels": list("0123456789"), "artifacts": {"torch": "model.folded.pt"}}
     mv = store.publish(tmp_path / "store", "m", [weights], meta)
