@@ -52,7 +52,7 @@ def folded_spec_from_onnx(path: Path) -> dict:
 
     for node in model.graph.node:
         op, key = node.op_type, f"features.{len(layers)}"
-        if op == "Mul" and node.input[1] in ("normalize.scale",):
+        if op == "Mul" and node.input[1] == "normalize.scale":
             state["normalize.scale"] = weights["normalize.scale"]
         elif op == "Add" and node.input[1] == "normalize.shift":
             state["normalize.shift"] = weights["normalize.shift"]
