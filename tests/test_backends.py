@@ -232,3 +232,24 @@ def test_load_time_timings_take_turns_so_a_burst_of_load_misleads_no_choice():
     fast, slow = Session(0.001), Session(0.01)
     fast_s, slow_s = seconds_per_image([fast, slow], "images", 1, 5)
     assert fast_s < 0.008 and fast_s < slow_s < 0.03  # each its best clean run (a mean would be ~0.03 / 0.04)
+
+
+def test_auto_picks_the_torch_engine_for_an_onnx_only_version_only_where_it_can_derive_it(version, monkeypatch):
+    """On a GPU with torch, a version holding only model.onnx is served by the torch engine, which
+    derives its model with the onnx package; without that package auto falls back to ONNX Runtime
+    instead of failing the load."""
+    import importlib.util
+
+    import torch
+
+    import service.gpu
+
+    monkeypatch.setattr(service.gpu, "gpu_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    assert "torch" not in version.metadata["artifacts"] and choose(version, Settings()) == "torch"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("tensorrt", "onnx") else real(name, *a)
+    )
+    assert choose(version, Settings()) == "onnxruntime"

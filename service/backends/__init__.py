@@ -79,7 +79,10 @@ def choose(version: ModelVersion, settings: Settings) -> str:
         if path is not None:
             return "fused"
         log.warning("%s: serving the eager torch engine", refused)
-    if importlib.util.find_spec("torch") is not None and (artifacts.get("torch") or artifacts.get("onnx")):
+    # the torch engine reads its own file, or derives its model from model.onnx with the onnx package
+    # (and checks it with ONNX Runtime): without that package, auto serves with ONNX Runtime instead
+    derivable = artifacts.get("onnx") and importlib.util.find_spec("onnx") is not None
+    if importlib.util.find_spec("torch") is not None and (artifacts.get("torch") or derivable):
         import torch
 
         if torch.cuda.is_available():
