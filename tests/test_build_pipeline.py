@@ -225,11 +225,10 @@ def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(run_d
     onnx.save(prelu, source / "model.onnx")
     (source / "model.opt.onnx").write_bytes(b"an engine of the old layout")
     (source / "confusion_matrix.png").write_bytes((run_dir / "confusion_matrix.png").read_bytes())
-    from quicknet.evaluate import evaluate_artifact
-
     acc = json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]
-    acc = {k: v for k, v in acc.items() if k.startswith("checkpoint")}
-    acc["onnx"] = evaluate_artifact("onnx", source / "model.onnx", cifar.test).summary()
+    # the PRelu graph computes the export's function, so the export's full-split score stands for it
+    # (scoring it again here would cost ~8 s); republish scores its own engines on the full split
+    acc = {k: v for k, v in acc.items() if k.startswith("checkpoint") or k == "onnx"}
     meta = {"labels": list("0123456789"), "accuracy": acc}
     meta["artifacts"] = {"onnx": "model.onnx", "onnx-optimized": "model.opt.onnx"}
     root = tmp_path / "store"
