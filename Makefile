@@ -73,7 +73,7 @@ image:
 
 ## Regenerate gRPC stubs from proto/ (reproducible: pinned grpcio-tools).
 protos: venv-dev
-	$(BIN)/python -m service.protos
+	$(BIN)/python -m quicknet.api.protos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -67,8 +67,8 @@ async def run_case(
     import grpc
     import httpx
 
-    from service._generated import classifier_pb2 as pb
-    from service._generated import classifier_pb2_grpc as pb_grpc
+    from quicknet.api._generated import classifier_pb2 as pb
+    from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 
     pixels = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
     latencies: list[float] = []
@@ -87,8 +87,8 @@ async def run_case(
         def call():
             return _grpc_call(stub, pb, per_image)
     else:
-        from service._generated import grpc_predict_v2_pb2 as kpb
-        from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+        from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
+        from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
 
         channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         kstub = kpb_grpc.GRPCInferenceServiceStub(channel)

@@ -43,7 +43,7 @@ def _grpc_uint(target: str):
     """Built before the clock starts: protobuf holds this process's GIL while it builds 12 M entries."""
     import grpc
 
-    from service._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
 
     request = kpb.ModelInferRequest(model_name=MODEL)
     tensor = request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 3])

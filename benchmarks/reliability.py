@@ -87,10 +87,10 @@ class Clients:
     """One client per front, sharing connections like a fleet of callers behind a pool."""
 
     def __init__(self, srv, model: str):
-        from service._generated import classifier_pb2 as cpb
-        from service._generated import classifier_pb2_grpc as cpb_grpc
-        from service._generated import grpc_predict_v2_pb2 as kpb
-        from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+        from quicknet.api._generated import classifier_pb2 as cpb
+        from quicknet.api._generated import classifier_pb2_grpc as cpb_grpc
+        from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
+        from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
 
         self.url, self.model = srv.url, model
         self.http = httpx.AsyncClient(

@@ -385,8 +385,8 @@ def kserve_rest_seeds() -> list[bytes]:
 
 
 def grpc_seeds() -> list[bytes]:
-    from service._generated import classifier_pb2 as cpb
-    from service._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import classifier_pb2 as cpb
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
 
     png = image_seeds()[3]
     infer = kpb.ModelInferRequest(model_name=MODEL, id="x")

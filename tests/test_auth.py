@@ -166,8 +166,8 @@ def test_closed_health_endpoints_need_a_key_on_grpc_too(tmp_path):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service._generated import grpc_predict_v2_pb2 as kpb
-    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
     from tests.serving import start_server
 
     keys = _keys_file(tmp_path, KEY + "\n")

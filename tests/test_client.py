@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.client import AsyncClient, Client, Prediction, QuickNetClientError, Result, Retry
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
 from tests.serving import REPO, metric, start_server
 
 TRANSPORTS = ("rest", "grpc")

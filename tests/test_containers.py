@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import yaml
 
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from tests.serving import REPO, free_port, queued_images
 
 ENGINE = shutil.which("podman") or shutil.which("docker")

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from tests.serving import queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}

@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from fastapi import APIRouter
 
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.runtime import Runtime
 from service.transport.http import create_app

@@ -186,8 +186,8 @@ def kserve_input(draw) -> bytes:
 
 
 def _grpc_messages():
-    from service._generated import classifier_pb2 as cpb
-    from service._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import classifier_pb2 as cpb
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
 
     int64, uint32 = st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**32 - 1)
     image = st.builds(

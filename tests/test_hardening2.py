@@ -380,8 +380,8 @@ def test_a_kserve_error_echoes_no_huge_shape_on_rest(server):
 def test_a_kserve_error_echoes_no_huge_shape_on_grpc(server):
     import grpc
 
-    from service._generated import grpc_predict_v2_pb2 as kpb
-    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
 
     request = kpb.ModelInferRequest(model_name=MODEL)
     tensor = request.inputs.add(name="images", datatype="UINT8")
@@ -471,8 +471,8 @@ def test_a_classify_json_flood_is_refused_before_it_is_parsed(monkeypatch):
 
 
 def test_grpc_uint_contents_are_counted_before_they_are_copied(monkeypatch):
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
     from service import kserve
-    from service._generated import grpc_predict_v2_pb2 as kpb
     from service.kserve import grpc as kserve_grpc
 
     copied = []
@@ -489,8 +489,8 @@ def test_grpc_uint_contents_are_counted_before_they_are_copied(monkeypatch):
 
 
 def test_grpc_bytes_contents_and_batches_are_counted_before_they_are_copied(monkeypatch):
-    from service._generated import classifier_pb2 as cpb
-    from service._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import classifier_pb2 as cpb
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
     from service.classifier import grpc as classifier_grpc
     from service.kserve import grpc as kserve_grpc
 

@@ -21,8 +21,8 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from quicknet import store
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from tests.serving import STORE, free_port, metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"

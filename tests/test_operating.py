@@ -143,8 +143,8 @@ def test_the_access_log_names_client_model_version_images_and_why(server):
 
     import grpc
 
-    from service._generated import classifier_pb2 as pb
-    from service._generated import classifier_pb2_grpc as pb_grpc
+    from quicknet.api._generated import classifier_pb2 as pb
+    from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb_grpc.ClassifierStub(channel)

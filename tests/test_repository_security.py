@@ -432,10 +432,10 @@ def test_a_bad_name_on_every_inference_and_model_route_is_400_or_invalid_argumen
     metadata refuse a name that is not one store folder, in one line, and never reach the store."""
     import grpc
 
-    from service._generated import classifier_pb2 as pb
-    from service._generated import classifier_pb2_grpc as pb_grpc
-    from service._generated import grpc_predict_v2_pb2 as kpb
-    from service._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
+    from quicknet.api._generated import classifier_pb2 as pb
+    from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
+    from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
+    from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
 
     srv = start_server(tmp_path)
     try:

@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from quicknet import store
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.ortrun import onnx_logits
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
 from tests.hung import assert_nothing_else_computed, computed_images, held_engine
 from tests.serving import STORE, metric, start_server
 
@@ -638,7 +638,7 @@ def test_cpu_service_never_imports_torch_on_the_default_path(tmp_path):
 
 
 def test_stubs_are_reproducible(tmp_path):
-    from service import protos
+    from quicknet.api import protos
 
     protos.generate(tmp_path)
     for made in tmp_path.glob("*.py*"):

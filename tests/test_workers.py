@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from tests.serving import Server, metric, queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}

@@ -18,7 +18,7 @@ backoff, honouring the server's Retry-After (header or gRPC trailing metadata), 
 deadline (`X-Request-Timeout-Ms` on REST, the gRPC deadline); every failure is one
 `QuickNetClientError` with the HTTP status and the server's one-line message.
 
-gRPC uses the generated stubs in `service._generated` (`classifier_pb2`, `classifier_pb2_grpc`),
+gRPC uses the generated stubs in `quicknet.api._generated` (`classifier_pb2`, `classifier_pb2_grpc`),
 imported lazily, only when a `grpc://` URL is used. They are the API contract: pure protobuf and
 grpcio code made from `proto/quicknet/v1/classifier.proto`, with no dependency on the server. This
 is the one place `quicknet/` imports from `service/`; the build never does.

@@ -143,9 +143,9 @@ class GrpcAdmin:
     def __init__(self, endpoint: Endpoint, timeout: float):
         import grpc
 
+        from quicknet.api._generated import grpc_predict_v2_pb2 as pb
+        from quicknet.api._generated import grpc_predict_v2_pb2_grpc as pb_grpc
         from quicknet.client.rpc import OPTIONS
-        from service._generated import grpc_predict_v2_pb2 as pb
-        from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 
         self.target = endpoint.url
         self.timeout = timeout

@@ -9,11 +9,11 @@ import contextlib
 
 import grpc
 
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.client.endpoint import Endpoint
 from quicknet.client.plan import Send, check_choice
 from quicknet.client.results import Prediction, QuickNetClientError, Result
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
 
 C = grpc.StatusCode
 HTTP_STATUS = {

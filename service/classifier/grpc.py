@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from quicknet.api._generated import classifier_pb2 as pb
+from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from service import metrics, tracing
-from service._generated import classifier_pb2 as pb
-from service._generated import classifier_pb2_grpc as pb_grpc
 from service.images import InputError, check_count, clip, decode_image, decode_pixels, image_label
 from service.model import ModelHandle, Prediction
 from service.runtime import Runtime

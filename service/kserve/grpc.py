@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from quicknet.api._generated import grpc_predict_v2_pb2 as pb
+from quicknet.api._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service import metrics, tracing
-from service._generated import grpc_predict_v2_pb2 as pb
-from service._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.images import InputError
 from service.kserve import (
     EXTENSIONS,

@@ -369,7 +369,7 @@ def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.a
 
 def _reflection_pool(fronts: Sequence[ModuleType]) -> descriptor_pool.DescriptorPool:
     """Every service's .proto file in one pool, for reflection (grpcurl, Postman): the KServe stubs
-    keep a pool of their own (service/protos.py says why), so protobuf's default one lacks them."""
+    keep a pool of their own (quicknet/api/protos.py says why), so protobuf's default one lacks them."""
     pool = descriptor_pool.DescriptorPool()
     for file in (*(front.PROTO_FILE for front in fronts), health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         pool.AddSerializedFile(file.serialized_pb)

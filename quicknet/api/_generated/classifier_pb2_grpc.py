@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._generated import classifier_pb2 as classifier__pb2
+from quicknet.api._generated import classifier_pb2 as classifier__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
