@@ -89,7 +89,7 @@ gpu-data:
 	echo "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8  data/cifar10_jpeg.npz" | sha256sum -c -
 
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
-## 420 s; results in gpu-results/train/ (quicknet/gpu_train.py says why each arm and what it costs).
+## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).
 gpu-train:
 	$(GPU_PYTHON) -m quicknet_cli gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420
 

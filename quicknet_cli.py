@@ -1,4 +1,4 @@
-"""The `quicknet` command: build commands from `quicknet.cli`, serving commands from `service.cli`,
+"""The `quicknet` command: build commands from `quicknet.build.cli`, serving commands from `service.cli`,
 `classify` and the commands for a running server (`models`, `stats`, `load`, `unload`, `health`)
 from `quicknet.client` (the client extra alone runs them).
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quicknet", description="QuickNet Serving: offline build and online service")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from quicknet.cli import add_commands as add_build_commands
+    from quicknet.build.cli import add_commands as add_build_commands
 
     add_build_commands(sub)
     from quicknet.client.cli import add_command as add_classify_command

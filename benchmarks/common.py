@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    from quicknet.build import cpu_description
+    from quicknet.build.pipeline import cpu_description
 
     return cpu_description()
 
@@ -26,11 +26,12 @@ def make_untrained_store(root: Path, variants: list[str], calibration: np.ndarra
     the service as it is served."""
     import torch
 
-    from quicknet import data, store
-    from quicknet.compile import quantize_int8
-    from quicknet.export import export_onnx
-    from quicknet.fold import fold
-    from quicknet.model import build_model
+    from quicknet import store
+    from quicknet.build import data
+    from quicknet.build.compile import quantize_int8
+    from quicknet.build.export import export_onnx
+    from quicknet.build.fold import fold
+    from quicknet.build.model import build_model
 
     torch.manual_seed(0)
     for name in variants:

@@ -32,7 +32,7 @@ def ort_session(path: Path, threads: int):
 def train_images_per_second(name: str, threads: int, steps: int = 3, batch: int = 128) -> float:
     import torch
 
-    from quicknet.model import build_model
+    from quicknet.build.model import build_model
 
     torch.set_num_threads(threads)
     model = build_model(name).train()
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     args = parser.parse_args()
 
-    from quicknet import data, store
+    from quicknet import store
+    from quicknet.build import data
 
     calibration = data.load().train.sample(256, seed=1).images
     rows = []

@@ -6,7 +6,7 @@ under a hard time limit (a compile that runs long costs its limit, not the lease
 
 Within `--limit-s`, writing `engine.json` (rows so far) after every step:
 
-1. build: `quicknet.gpu_engine.build` on the store's default model (compile every candidate tile
+1. build: `quicknet.build.gpu_engine.build` on the store's default model (compile every candidate tile
    configuration in parallel, time them per layer, check against the folded model in fp32, and
    with `--data` score it on the 10k test split), written as `model.fused.<gpu>.sm<cc>.zip`;
 2. publish it into the store beside the weights, so the service and this step load it the way a
@@ -119,7 +119,8 @@ def run(args) -> None:
     import torch
 
     from benchmarks.gpu_serve import _drive
-    from quicknet import fused_engine, gpu_engine, store
+    from quicknet import store
+    from quicknet.build import fused_engine, gpu_engine
     from quicknet.fsutil import write_text_atomic
     from service.backends import choose
     from service.backends.fused import FusedBackend
@@ -153,7 +154,7 @@ def run(args) -> None:
     reference = load_module(str(mv.file(fname)))[0].to(device).eval()  # fp32: what the gate compares with
     test_split = None
     if args.data:
-        from quicknet import data
+        from quicknet.build import data
 
         test = data.load(Path(args.data)).test
         test_split = (test.images, test.labels)
@@ -222,7 +223,7 @@ def run(args) -> None:
 
 
 def _plan(path: Path) -> tuple[list[dict], dict, dict]:
-    from quicknet import fused_engine
+    from quicknet.build import fused_engine
 
     doc, arrays = fused_engine.read_artifact(path, None)
     return doc["layers"], arrays, doc["configs"]

@@ -61,11 +61,12 @@ def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) ->
     """A model store holding `model` as the torch engine's portable folded weights."""
     import torch
 
-    from quicknet import data, store
-    from quicknet.export import export_folded_weights
-    from quicknet.fold import fold
-    from quicknet.model import build_model
-    from quicknet.train import load_checkpoint
+    from quicknet import store
+    from quicknet.build import data
+    from quicknet.build.export import export_folded_weights
+    from quicknet.build.fold import fold
+    from quicknet.build.model import build_model
+    from quicknet.build.train import load_checkpoint
 
     torch.manual_seed(0)
     net = load_checkpoint(checkpoint)[0] if checkpoint else build_model(model).eval()
@@ -84,7 +85,7 @@ def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) ->
 
 
 def forward_flops(model: str) -> float:
-    from quicknet.model import count_macs, get_config
+    from quicknet.build.model import count_macs, get_config
 
     return 2.0 * count_macs(get_config(model))
 
@@ -117,7 +118,8 @@ def _drive(infer, batch: int, seconds: float, threads: int) -> tuple[float, floa
 
 
 def engine_alone(root: Path, batches: list[int], seconds: float, ceiling_tflops: float, flops: float) -> list[dict]:
-    from quicknet import gpu_probe, store
+    from quicknet import store
+    from quicknet.build import gpu_probe
     from service.backends.pytorch import TorchBackend
     from service.config import Settings
 
@@ -256,7 +258,8 @@ def service_sweep(
 
     from benchmarks import cpu
     from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
-    from quicknet import gpu_probe, store
+    from quicknet import store
+    from quicknet.build import gpu_probe
     from tests.serving import start_server
 
     model = store.default_model(root)
@@ -445,7 +448,7 @@ def _model_of(store_path: str) -> str:
 
 
 def run(args) -> None:
-    from quicknet import gpu_probe
+    from quicknet.build import gpu_probe
 
     t0 = time.monotonic()
     deadline = t0 + args.budget_s

@@ -236,7 +236,7 @@ def main() -> None:
     import httpx
 
     from benchmarks.engine import ort_session
-    from quicknet import data
+    from quicknet.build import data
 
     dataset = data.load()
     pixels = dataset.test.images[0]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from quicknet import data
+from quicknet.build import data
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def test_forced_backend_that_cannot_load_fails_clearly(version, tmp_path):
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (cannot be in this workplace; CI never has it)")
 def test_tensorrt_plan_matches_onnxruntime(version, batch, tmp_path):
-    from quicknet.compile import TensorRTOptions, build_tensorrt_plan
+    from quicknet.build.compile import TensorRTOptions, build_tensorrt_plan
 
     plan = build_tensorrt_plan(version.file("model.onnx"), tmp_path, TensorRTOptions())
     backend = load_backend(version, Settings(backend="tensorrt", plan_dir=tmp_path))
@@ -94,7 +94,7 @@ def test_tensorrt_plan_matches_onnxruntime(version, batch, tmp_path):
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
 def test_compile_skips_tensorrt_with_a_reason(tmp_path, version):
-    from quicknet.compile import TensorRTOptions, build_tensorrt_plan
+    from quicknet.build.compile import TensorRTOptions, build_tensorrt_plan
     from quicknet.errors import BuildError
 
     with pytest.raises(BuildError, match="TensorRT is not installed"):
@@ -134,7 +134,7 @@ def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
     folded model the build made: per-channel PReLU, bias-free depthwise convolutions and all."""
     import torch
 
-    from quicknet.export import export_folded_weights
+    from quicknet.build.export import export_folded_weights
 
     folded = _trained_like_xs()
     weights = export_folded_weights(folded, tmp_path / "model.folded.pt")
@@ -153,8 +153,8 @@ def _trained_like_xs():
     import torch
     from torch import nn
 
-    from quicknet.fold import fold
-    from quicknet.model import build_model
+    from quicknet.build.fold import fold
+    from quicknet.build.model import build_model
 
     torch.manual_seed(0)
     model = build_model("quicknet-xs").eval()
@@ -172,7 +172,7 @@ def test_the_torch_engine_is_derived_from_model_onnx_and_checked_before_it_serve
     serves. A graph it cannot read, or a derived model that disagrees, is one line."""
     import torch
 
-    from quicknet.export import export_onnx
+    from quicknet.build.export import export_onnx
     from service.backends import folded_onnx
 
     folded = _trained_like_xs()

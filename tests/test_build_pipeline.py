@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from quicknet import build, store
-from quicknet.config import TrainConfig
+from quicknet import store
+from quicknet.build import pipeline as build
+from quicknet.build.config import TrainConfig
 from quicknet.errors import BuildError
 
 
@@ -48,10 +49,10 @@ def _copy(run_dir, dest):
 
 def test_the_confusion_matrix_is_titled_with_the_published_name(run_dir, tmp_path, cifar, monkeypatch):
     """Not the run folder's name (`runs/quicknet-xs-cpu`), which the store does not know."""
-    import quicknet.evaluate
+    import quicknet.build.evaluate
 
     titles = []
-    monkeypatch.setattr(quicknet.evaluate, "plot_confusion", lambda report, path, title: titles.append(title))
+    monkeypatch.setattr(quicknet.build.evaluate, "plot_confusion", lambda report, path, title: titles.append(title))
     build.stage_eval(_copy(run_dir, tmp_path / "quicknet-xs-cpu"), cifar, limit=256)
     assert titles and titles[0].startswith("quicknet-xs: model.onnx, top-1 ") and "cpu" not in titles[0], titles
     assert titles[0].endswith("on 256 test images")

@@ -68,8 +68,9 @@ def test_eval_of_the_shipped_model_without_torch_artifacts(tmp_path):
 
     result = json.loads(out.stdout)
     assert set(result["artifacts"]) == {"onnx", "onnx-int8"}
-    from quicknet import data, store
-    from quicknet.ortrun import onnx_logits
+    from quicknet import store
+    from quicknet.build import data
+    from quicknet.build.ortrun import onnx_logits
 
     split = data.load().test.sample(500)  # what --limit 500 scores
     mv = store.get_version(store.default_root(), "quicknet-xs")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from quicknet import data
+from quicknet.build import data
 from quicknet.errors import DataError
 
 # From shared/data/cifar10/README.md: SHA-256 of the decoded test images and labels.

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from quicknet.build.export import export_onnx, reference_logits, verify
+from quicknet.build.fold import fold, graph_nodes
+from quicknet.build.model import build_model
+from quicknet.build.ortrun import onnx_logits
 from quicknet.errors import BuildError
-from quicknet.export import export_onnx, reference_logits, verify
-from quicknet.fold import fold, graph_nodes
-from quicknet.model import build_model
-from quicknet.ortrun import onnx_logits
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from quicknet import fused_engine as fe
-from quicknet import gpu_engine, store
+from quicknet import store
+from quicknet.build import fused_engine as fe
+from quicknet.build import gpu_engine
+from quicknet.build.export import folded_spec
+from quicknet.build.fold import fold
+from quicknet.build.model import ArchConfig, QuickNet
 from quicknet.errors import BuildError
-from quicknet.export import folded_spec
-from quicknet.fold import fold
-from quicknet.model import ArchConfig, QuickNet
 from service.backends.pytorch import build_folded
 from tests.serving import REPO
 
@@ -150,7 +151,7 @@ print(json.dumps(out))
 def _store_with_engine(tmp_path, identity: dict | None = None):
     """A version holding the folded weights and an engine built here (interpreter), optionally
     recorded as built for another machine."""
-    from quicknet.export import export_folded_weights
+    from quicknet.build.export import export_folded_weights
 
     model = _trained_looking()
     folded = fold(model)
@@ -253,7 +254,7 @@ def test_the_roofline_estimates_for_the_full_quicknet():
     """The issue's estimate for the eager engine (~15.5 MB of activations per image) and what fusing
     leaves (each kernel reads its input and writes its pooled output once); FLOPs as the model's MACs."""
     from benchmarks.gpu_engine import estimate_bytes, estimate_flops
-    from quicknet.model import build_model, count_macs, get_config
+    from quicknet.build.model import build_model, count_macs, get_config
 
     layers, _ = fe.pack(folded_spec(fold(build_model("quicknet").eval())))
     eager, fused = estimate_bytes(layers, fused=False), estimate_bytes(layers, fused=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quicknet.export import reference_logits
-from quicknet.fold import fold
-from quicknet.train import load_checkpoint
+from quicknet.build.export import reference_logits
+from quicknet.build.fold import fold
+from quicknet.build.train import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def _results_folder_fits_the_device_limits(out: Path) -> list[Path]:
 def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_continues_from(tmp_path):
     import pytest
 
-    from quicknet.gpu_train import ARMS
+    from quicknet.build.gpu_train import ARMS
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "quicknet_cli", "gpu-train", "--dry-run", "--out", str(out)]

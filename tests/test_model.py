@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quicknet.build.model import VARIANTS, build_model, count_macs, count_params, get_config
 from quicknet.errors import BuildError
-from quicknet.model import VARIANTS, build_model, count_macs, count_params, get_config
 
 
 def test_quicknet_matches_the_papers_size():
@@ -26,8 +26,8 @@ def test_forward_shape(name):
 
 
 def test_quicknet_res_adds_identity_shortcuts_and_nothing_else():
-    from quicknet.fold import fold
-    from quicknet.model import ArchConfig, ResidualSeparableBlock
+    from quicknet.build.fold import fold
+    from quicknet.build.model import ArchConfig, ResidualSeparableBlock
 
     plain, res = build_model("quicknet"), build_model("quicknet-res")
     assert count_params(res) == count_params(plain) and count_macs(res.cfg) == count_macs(plain.cfg)

@@ -234,11 +234,11 @@ def test_info_needs_no_torch_and_its_table_is_torchs(tmp_path):
     assert "quicknet-xs" in out.stdout and "3.480 M params" in out.stdout
 
     pytest.importorskip("torch")
-    from quicknet.model import VARIANTS, build_model, count_macs, count_params
-    from quicknet.sizes import SIZES
+    from quicknet.build.model import VARIANTS, build_model, count_macs, count_params
+    from quicknet.build.sizes import SIZES
 
     assert {n: (count_params(build_model(n)), count_macs(c)) for n, c in VARIANTS.items()} == SIZES, (
-        "regenerate the table: python -m quicknet.sizes"
+        "regenerate the table: python -m quicknet.build.sizes"
     )
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quicknet import data, progress
-from quicknet.ortrun import onnx_logits
+from quicknet.build import data, progress
+from quicknet.build.ortrun import onnx_logits
 from tests.serving import STORE
 
 

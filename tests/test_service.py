@@ -21,7 +21,7 @@ from PIL import Image
 from quicknet import store
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from quicknet.ortrun import onnx_logits
+from quicknet.build.ortrun import onnx_logits
 from tests.hung import assert_nothing_else_computed, computed_images, held_engine
 from tests.serving import STORE, metric, start_server
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quicknet import store
-from quicknet.evaluate import evaluate_artifact
+from quicknet.build.evaluate import evaluate_artifact
 from tests.serving import SHIPPED_STORE
 
 

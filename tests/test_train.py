@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from quicknet.config import TrainConfig
-from quicknet.data import Dataset, TensorLoader
-from quicknet.train import accuracy, load_checkpoint, plan_epochs, train
+from quicknet.build.config import TrainConfig
+from quicknet.build.data import Dataset, TensorLoader
+from quicknet.build.train import accuracy, load_checkpoint, plan_epochs, train
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
@@ -116,7 +116,7 @@ def test_time_budget_plans_the_epochs(cifar: Dataset, tmp_path, monkeypatch):
 
 
 class _FakeClock:
-    """`time` for quicknet.train: the clock moves only when the fakes below say so."""
+    """`time` for quicknet.build.train: the clock moves only when the fakes below say so."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -128,7 +128,7 @@ class _FakeClock:
 def _replay_timings(monkeypatch, step_seconds, eval_seconds):
     """Training steps and evaluations take the given seconds of a fake clock: `step_seconds(i)` for
     the i-th training step, `eval_seconds(i)` for the i-th evaluation (both counted from 0)."""
-    import quicknet.train as train_mod
+    import quicknet.build.train as train_mod
 
     clock = _FakeClock()
     counts = {"steps": 0, "evals": 0}

@@ -29,7 +29,7 @@ from service.config import Settings
 
 
 def build_folded(spec: dict):
-    """The folded QuickNet from `quicknet.export.folded_spec` data: normalize → features → pool → linear."""
+    """The folded QuickNet from `quicknet.build.export.folded_spec` data: normalize → features → pool → linear."""
     import torch
     from torch import nn
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet import fused_engine as fe
 from quicknet import store
+from quicknet.build import fused_engine as fe
 from quicknet.errors import BuildError
 
 KIND = "fused-gpu"  # the artifact kind in metadata.json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet.progress import steps
+from quicknet.build.progress import steps
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

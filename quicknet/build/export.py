@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import torch
 
-from quicknet.data import MEAN, STD, Split
+from quicknet.build.data import MEAN, STD, Split
+from quicknet.build.model import INPUT_SIZE, QuickNet
+from quicknet.build.ortrun import INPUT_NAME, OUTPUT_NAME, onnx_logits
+from quicknet.build.progress import steps
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
-from quicknet.model import INPUT_SIZE, QuickNet
-from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME, onnx_logits
-from quicknet.progress import steps
 
 OPSET = 18
 MAX_LOGIT_DELTA = 1e-3

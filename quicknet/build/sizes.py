@@ -1,7 +1,7 @@
 """Parameters and multiply-adds per image of every variant, for `quicknet info` without torch.
 
-Generated from the model itself (`python -m quicknet.sizes` prints the table from
-`quicknet.model`, which needs torch); tests/test_operating.py checks it against torch, so a changed
+Generated from the model itself (`python -m quicknet.build.sizes` prints the table from
+`quicknet.build.model`, which needs torch); tests/test_operating.py checks it against torch, so a changed
 architecture fails the test until the table is regenerated."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    from quicknet.model import VARIANTS, build_model, count_macs, count_params
+    from quicknet.build.model import VARIANTS, build_model, count_macs, count_params
 
     print("SIZES: dict[str, tuple[int, int]] = {")
     for name, cfg in VARIANTS.items():

@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-from quicknet.config import TrainConfig
+from quicknet.build.config import TrainConfig
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -33,7 +33,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def _dataset(args: argparse.Namespace):
-    from quicknet import data
+    from quicknet.build import data
 
     return data.load(Path(args.data) if args.data else None)
 
@@ -43,28 +43,28 @@ def _print(obj: object) -> None:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from quicknet import data
+    from quicknet.build import data
 
     path = data.fetch(Path(args.dest))
     print(f"{path} ok (MD5 {data.TARBALL_MD5}); use it with --data {path}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from quicknet.build import stage_train
+    from quicknet.build.pipeline import stage_train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     _print(stage_train(cfg, _dataset(args), _run_dir(args), resume=args.resume))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from quicknet.build import stage_export
+    from quicknet.build.pipeline import stage_export
 
     _print(stage_export(_run_dir(args), _dataset(args)))
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from quicknet.build import stage_compile
-    from quicknet.compile import TensorRTOptions
+    from quicknet.build.compile import TensorRTOptions
+    from quicknet.build.pipeline import stage_compile
 
     trt = TensorRTOptions(
         fp16=True,
@@ -77,7 +77,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quicknet.build import stage_eval
+    from quicknet.build.pipeline import stage_eval
 
     if args.store_model:
         _print(_eval_published(args))
@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _eval_published(args: argparse.Namespace) -> dict:
     """Score a published version's ONNX files (no torch needed) against its metadata."""
     from quicknet import store
-    from quicknet.evaluate import evaluate_artifact
+    from quicknet.build.evaluate import evaluate_artifact
 
     root = Path(args.store) if args.store else store.default_root()
     mv = store.get_version(root, args.store_model, args.version)
@@ -107,7 +107,7 @@ def _eval_published(args: argparse.Namespace) -> dict:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     from quicknet import store
-    from quicknet.build import stage_publish
+    from quicknet.build.pipeline import stage_publish
 
     root = Path(args.store) if args.store else store.default_root()
     results = Path(args.training_results) if args.training_results else None
@@ -118,7 +118,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     """Build the TensorRT plan for a published model on this GPU, unless one exists (GPU image start-up)."""
     from quicknet import store
-    from quicknet.compile import TensorRTOptions, build_tensorrt_plan, import_tensorrt
+    from quicknet.build.compile import TensorRTOptions, build_tensorrt_plan, import_tensorrt
 
     trt = import_tensorrt()
     root = Path(args.store) if args.store else store.default_root()
@@ -136,7 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_build(args: argparse.Namespace) -> None:
     from quicknet import store
-    from quicknet.build import stage_compile, stage_eval, stage_export, stage_publish, stage_train
+    from quicknet.build.pipeline import stage_compile, stage_eval, stage_export, stage_publish, stage_train
 
     ds = _dataset(args)
     run_dir = _run_dir(args)
@@ -154,7 +154,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_republish(args: argparse.Namespace) -> None:
     from quicknet import store
-    from quicknet.build import republish
+    from quicknet.build.pipeline import republish
 
     root = Path(args.store) if args.store else store.default_root()
     mv = republish(root, args.store_model, args.version, _dataset(args), why=args.why)
@@ -164,13 +164,13 @@ def cmd_republish(args: argparse.Namespace) -> None:
 
 
 def cmd_gpu_train(args: argparse.Namespace) -> None:
-    from quicknet.gpu_train import main
+    from quicknet.build.gpu_train import main
 
     main(args)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quicknet.sizes import table  # a table checked against torch by a test: no torch here
+    from quicknet.build.sizes import table  # a table checked against torch by a test: no torch here
 
     print(table())
 
@@ -292,12 +292,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     gpu_train = sub.add_parser(
         "gpu-train",
-        help="train several QuickNet recipes at once on one GPU, time-boxed (see quicknet/gpu_train.py)",
+        help="train several QuickNet recipes at once on one GPU, time-boxed (see quicknet/build/gpu_train.py)",
         description="Train the arms at once on one GPU within --budget-s, saving results as they go. Flags "
         "default to the GPU recipe and apply to every arm; what an arm changes overrides them.",
     )
     _add_dataclass_flags(gpu_train, TrainConfig)
-    from quicknet.gpu_train import ARMS, GPU_RECIPE
+    from quicknet.build.gpu_train import ARMS, GPU_RECIPE
 
     gpu_train.add_argument(
         "--arms",

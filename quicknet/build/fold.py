@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quicknet.data import MEAN, STD
-from quicknet.model import ConvBNPReLU, QuickNet, SeparableBlock
+from quicknet.build.data import MEAN, STD
+from quicknet.build.model import ConvBNPReLU, QuickNet, SeparableBlock
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quicknet.build.gpu_probe import driver_version
 from quicknet.errors import BuildError
-from quicknet.gpu_probe import driver_version
 from quicknet.store import slug
 
 FORMAT = "quicknet-fused/1"
@@ -46,7 +46,7 @@ IDENTITY_KEYS = ("gpu", "compute_capability", "driver", "torch", "cuda", "triton
 
 
 def pack(spec: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """(layers, arrays) from a folded spec (`quicknet.export.folded_spec`, or one read back from
+    """(layers, arrays) from a folded spec (`quicknet.build.export.folded_spec`, or one read back from
     `model.onnx`): stem conv + activation, then separable blocks (depthwise 3x3, pointwise 1x1,
     activation, optionally a 2x2 max-pool), then global pooling and the classifier. Anything else
     raises BuildError in one line: this packs QuickNet, not convolutional networks in general."""
@@ -211,7 +211,7 @@ class FusedNet:
     def run_layer(self, index: int, layer: dict, cfg: dict | None, x, n: int):
         import triton
 
-        from quicknet import fused_kernels as k
+        from quicknet.build import fused_kernels as k
 
         torch = self.torch
         w = self.w

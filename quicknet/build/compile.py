@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quicknet.build.ortrun import INPUT_NAME
+from quicknet.build.progress import steps
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
-from quicknet.ortrun import INPUT_NAME
-from quicknet.progress import steps
 from quicknet.store import gpu_identity, plan_filename, slug
 
 ORT_INT8 = "model.int8.onnx"

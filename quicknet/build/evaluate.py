@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet.data import LABELS, Split
+from quicknet.build.data import LABELS, Split
+from quicknet.build.ortrun import INPUT_NAME, onnx_logits
 from quicknet.fsutil import atomic_write
-from quicknet.ortrun import INPUT_NAME, onnx_logits
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def score(artifact: str, logits: np.ndarray, labels: np.ndarray) -> Report:
 
 
 def checkpoint_logits(checkpoint: Path, images: np.ndarray, *, flip_tta: bool = False) -> np.ndarray:
-    from quicknet.export import reference_logits
-    from quicknet.train import load_checkpoint
+    from quicknet.build.export import reference_logits
+    from quicknet.build.train import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     logits = reference_logits(model, images)
@@ -47,7 +47,7 @@ def tensorrt_logits(plan: Path, images: np.ndarray, batch_size: int = 256) -> np
     """Run a TensorRT plan with torch-owned CUDA buffers (the build extra has torch)."""
     import torch
 
-    from quicknet.compile import import_tensorrt
+    from quicknet.build.compile import import_tensorrt
 
     trt = import_tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quicknet.config import TrainConfig
-from quicknet.data import Dataset, TensorLoader
+from quicknet.build.config import TrainConfig
+from quicknet.build.data import Dataset, TensorLoader
+from quicknet.build.model import ArchConfig, QuickNet, build_model, get_config
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
-from quicknet.model import ArchConfig, QuickNet, build_model, get_config
 
 CHECKPOINT = "checkpoint.pt"
 BUDGET_SAFETY = 0.93  # plan to use 93% of the budget left: epochs vary, and the last eval and save must fit

@@ -42,7 +42,7 @@ def environment() -> dict:
             "driver": driver_version(),
         }
     else:
-        from quicknet.build import cpu_description
+        from quicknet.build.pipeline import cpu_description
 
         env |= {"device": "cpu", "gpu": None, "cpu": cpu_description()}
     return env

@@ -17,13 +17,13 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from quicknet import data as data_mod
 from quicknet import store
-from quicknet.compile import ORT_INT8, TensorRTOptions
-from quicknet.config import TrainConfig
+from quicknet.build import data as data_mod
+from quicknet.build.compile import ORT_INT8, TensorRTOptions
+from quicknet.build.config import TrainConfig
+from quicknet.build.ortrun import INPUT_NAME, OUTPUT_NAME
 from quicknet.errors import BuildError, QuickNetError
 from quicknet.fsutil import write_text_atomic
-from quicknet.ortrun import INPUT_NAME, OUTPUT_NAME
 
 CHECKPOINT = "checkpoint.pt"
 ONNX = "model.onnx"
@@ -66,7 +66,7 @@ def stage_train(
 ) -> dict:
     import torch
 
-    from quicknet.train import train
+    from quicknet.build.train import train
 
     result = train(cfg, dataset, run_dir, resume=resume, progress=progress, on_epoch=on_epoch)
     last = result.history[-1] if result.history else None
@@ -87,9 +87,9 @@ def stage_train(
 
 
 def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
-    from quicknet.export import export_onnx, verify
-    from quicknet.fold import fold, graph_nodes
-    from quicknet.train import load_checkpoint
+    from quicknet.build.export import export_onnx, verify
+    from quicknet.build.fold import fold, graph_nodes
+    from quicknet.build.train import load_checkpoint
 
     t0 = time.perf_counter()
     model, _ = load_checkpoint(_require(run_dir / CHECKPOINT, "train"))
@@ -124,7 +124,7 @@ def stage_compile(
     trt_options: TensorRTOptions | None = None,
 ) -> dict:
     """ORT static INT8 always; TensorRT when asked (True), or when it imports (None)."""
-    from quicknet.compile import build_tensorrt_plan, quantize_int8
+    from quicknet.build.compile import build_tensorrt_plan, quantize_int8
 
     t0 = time.perf_counter()
     onnx_path = _require(run_dir / ONNX, "export")
@@ -144,7 +144,7 @@ def stage_compile(
 
 
 def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
-    from quicknet.evaluate import evaluate_artifact, plot_confusion
+    from quicknet.build.evaluate import evaluate_artifact, plot_confusion
 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
@@ -178,7 +178,7 @@ def stage_publish(
     """The run's engines into the next version of its model: the FP32 ONNX (the one copy of the
     weights: ONNX Runtime optimizes it at load, the torch engine is derived from it) and the INT8
     ONNX, each gated; `training_results` is the `results.json` of the GPU job that trained it."""
-    from quicknet.model import QuickNet, count_macs, count_params, get_config
+    from quicknet.build.model import QuickNet, count_macs, count_params, get_config
 
     t0 = time.perf_counter()
     rec = _record(run_dir)
@@ -269,7 +269,7 @@ def _draw_curves(run_dir: Path, title: str, history: list[dict]) -> None:
     if log.is_file():
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     if history:
-        from quicknet.train import plot_curves
+        from quicknet.build.train import plot_curves
 
         plot_curves(history, run_dir / "training_curves.png", title)
 
@@ -282,9 +282,9 @@ def republish(root: Path, name: str, version: int | None, dataset: data_mod.Data
 
     import onnx
 
-    from quicknet.compile import quantize_int8
-    from quicknet.evaluate import evaluate_artifact
-    from quicknet.export import elementwise_prelu
+    from quicknet.build.compile import quantize_int8
+    from quicknet.build.evaluate import evaluate_artifact
+    from quicknet.build.export import elementwise_prelu
 
     t0 = time.perf_counter()
     source = store.get_version(root, name, version)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from quicknet.build.progress import steps
 from quicknet.errors import DataError
 from quicknet.fsutil import atomic_write
-from quicknet.progress import steps
 
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (125.27, 122.93, 113.86)  # train per-channel means of the JPEG copy (its README)
 STD = (62.53, 61.91, 66.46)  # train per-channel standard deviations of the JPEG copy, 0..255 scale
 
 NPZ_SHA256 = "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8"
-NPZ_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
-NPZ_IN_REPO = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"  # `make gpu-data` copies it here
+NPZ_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
+NPZ_IN_REPO = Path(__file__).resolve().parents[2] / "data" / "cifar10_jpeg.npz"  # `make gpu-data` copies it here
 NPZ_DESCRIPTION = "CIFAR-10 (JPEG-q75 copy), standard 10k test split"
 
 TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -86,9 +86,9 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from quicknet.config import TrainConfig
+from quicknet.build.config import TrainConfig
 
-log = logging.getLogger("quicknet.gpu_train")
+log = logging.getLogger("quicknet.build.gpu_train")
 
 GPU_RECIPE = TrainConfig(
     model="quicknet",
@@ -132,7 +132,7 @@ RESULT_FILES = ("checkpoint.pt", "build.json")
 
 def train_flops_per_image(model: str) -> float:
     """Forward + backward ≈ 3x the forward multiply-adds, 2 FLOPs each."""
-    from quicknet.model import count_macs, get_config
+    from quicknet.build.model import count_macs, get_config
 
     return 6.0 * count_macs(get_config(model))
 
@@ -152,8 +152,8 @@ def tta_accuracies(checkpoint: Path, data, device: str, batch: int = 1000) -> di
     import torch
     import torch.nn.functional as F
 
-    from quicknet.data import TensorLoader
-    from quicknet.train import load_checkpoint
+    from quicknet.build.data import TensorLoader
+    from quicknet.build.train import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     model = model.to(device)
@@ -207,8 +207,8 @@ def _wait_for_arms(barrier: Path, names: list[str], timeout_s: float) -> float:
 def arm_main(spec_path: str) -> None:
     """One arm, in its own process: train into a scratch folder, mirror the EMA checkpoint out,
     write progress to `status.json` (the parent merges it into the results)."""
-    from quicknet import data as data_mod
-    from quicknet.build import stage_train
+    from quicknet.build import data as data_mod
+    from quicknet.build.pipeline import stage_train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(spec_path).read_text())
@@ -397,8 +397,8 @@ def run(
     dry_run: bool = False,
 ) -> dict:
     """The whole job. Writes results as it goes; returns the final results document."""
-    from quicknet import data as data_mod
-    from quicknet import gpu_probe
+    from quicknet.build import data as data_mod
+    from quicknet.build import gpu_probe
 
     t0 = time.perf_counter()
     deadline = time.time() + budget_s - PARENT_FINISH_S
@@ -427,7 +427,7 @@ def run(
     env = dict(os.environ)
     cpus = len(os.sched_getaffinity(0))
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, cpus // len(arms_cfg))))  # compiles share the cores
-    repo = str(Path(__file__).resolve().parents[1])  # `-m quicknet.gpu_train` from any working directory
+    repo = str(Path(__file__).resolve().parents[2])  # `-m quicknet.build.gpu_train` from any working directory
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     procs: dict[str, subprocess.Popen] = {}
     arms: dict[str, dict] = {}
@@ -448,7 +448,7 @@ def run(
         (work / name / "spec.json").write_text(json.dumps(spec))
         logf = (work / name / "arm.log").open("w")
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "quicknet.gpu_train", str(work / name / "spec.json")],
+            [sys.executable, "-m", "quicknet.build.gpu_train", str(work / name / "spec.json")],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=env,
@@ -513,7 +513,7 @@ def main(args) -> None:
     if args.dry_run:
         cfg = dataclasses.replace(cfg, **DRY_RUN)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    from quicknet.gpu_probe import ResultsFile
+    from quicknet.build.gpu_probe import ResultsFile
 
     out = Path(args.out)
     names = [n.strip() for n in args.arms.split(",") if n.strip()]
