@@ -1,4 +1,4 @@
-"""The `quicknet` command: build commands from `quicknet.build.cli`, serving commands from `service.cli`,
+"""The `quicknet` command: build commands from `quicknet.build.cli`, serving commands from `quicknet.serve.cli`,
 `classify` and the commands for a running server (`models`, `stats`, `load`, `unload`, `health`)
 from `quicknet.client` (the client extra alone runs them).
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_commands(sub)  # models, stats, load, unload, health: the client extra, like classify
     try:
-        from service.cli import add_commands as add_service_commands
+        from quicknet.serve.cli import add_commands as add_service_commands
 
         add_service_commands(sub)  # imports the serve extra's settings first: fails before adding anything
     except ImportError as e:  # a build-only or client-only install has no [serve] extra

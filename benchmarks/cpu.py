@@ -1,6 +1,6 @@
 """Where a running server's CPU goes, from /proc (Linux): by process role and thread, over a window.
 
-Roles come from the names the server gives its processes (`service.supervisor.name_process`):
+Roles come from the names the server gives its processes (`quicknet.serve.supervisor.name_process`):
 `quicknet-engine`, the engine process, whose main thread runs the event loop that takes every
 front's requests and forms the batches, and whose other threads run the engine; `quicknet-front`,
 a front process (REST and gRPC, its own event loop). A one-process server (`--workers 1`) has no

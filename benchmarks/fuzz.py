@@ -28,7 +28,7 @@ from pathlib import Path
 TARGETS = ("image", "classify", "kserve_rest", "grpc")
 REPO = Path(__file__).resolve().parents[1]
 # what gets coverage feedback: our parsers and the libraries that parse for them
-INSTRUMENT = ["service", "python_multipart", "starlette.formparsers", "PIL.PngImagePlugin", "PIL.GifImagePlugin"]
+INSTRUMENT = ["quicknet.serve", "python_multipart", "starlette.formparsers", "PIL.PngImagePlugin", "PIL.GifImagePlugin"]
 
 
 # words libFuzzer splices into inputs: the protocol's own vocabulary reaches deeper than bit flips

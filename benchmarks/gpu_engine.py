@@ -122,10 +122,10 @@ def run(args) -> None:
     from quicknet import store
     from quicknet.build import fused_engine, gpu_engine
     from quicknet.fsutil import write_text_atomic
-    from service.backends import choose
-    from service.backends.fused import FusedBackend
-    from service.backends.pytorch import TorchBackend, load_module
-    from service.config import Settings
+    from quicknet.serve.backends import choose
+    from quicknet.serve.backends.fused import FusedBackend
+    from quicknet.serve.backends.pytorch import TorchBackend, load_module
+    from quicknet.serve.config import Settings
 
     t0 = time.monotonic()
     deadline = t0 + args.limit_s
@@ -143,7 +143,7 @@ def run(args) -> None:
     fname = mv.metadata["artifacts"].get("onnx") or mv.metadata["artifacts"]["torch"]
     source = {"model": name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
     if fname.endswith(".onnx"):
-        from service.backends.folded_onnx import folded_spec_from_onnx
+        from quicknet.serve.backends.folded_onnx import folded_spec_from_onnx
 
         source["onnx_sha256"] = source["sha256"]
         spec = folded_spec_from_onnx(mv.file(fname))

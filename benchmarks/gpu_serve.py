@@ -120,8 +120,8 @@ def _drive(infer, batch: int, seconds: float, threads: int) -> tuple[float, floa
 def engine_alone(root: Path, batches: list[int], seconds: float, ceiling_tflops: float, flops: float) -> list[dict]:
     from quicknet import store
     from quicknet.build import gpu_probe
-    from service.backends.pytorch import TorchBackend
-    from service.config import Settings
+    from quicknet.serve.backends.pytorch import TorchBackend
+    from quicknet.serve.config import Settings
 
     mv = store.get_version(root, store.default_model(root))
     rows = []
@@ -154,7 +154,7 @@ def compiled_variant(root: Path, variant: str, batches: list[int], seconds: floa
     import torch
 
     from quicknet import store
-    from service.backends.pytorch import load_module
+    from quicknet.serve.backends.pytorch import load_module
 
     mv = store.get_version(root, store.default_model(root))
     module, _ = load_module(str(mv.file(mv.metadata["artifacts"]["torch"])))

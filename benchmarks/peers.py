@@ -201,7 +201,7 @@ def run_wrk(url: str, path: str, headers: dict, body: bytes, concurrency: int, s
 def raw_pipeline_p50_ms(session, png: bytes, calls: int = 2000) -> float:
     """Decode + engine + top-5 on one image, in a loop, no server: the latency floor at c=1. The
     decode is the service's own (libspng for this PNG), so the gap to a served request is serving."""
-    from service.images import Limits, decode_image
+    from quicknet.serve.images import Limits, decode_image
 
     limits = Limits(max_image_bytes=1 << 20, max_image_pixels=1 << 22, max_images=1)
     times = []

@@ -41,8 +41,8 @@ def _isolated_service_state(monkeypatch):
     is left in this thread's context by a test that called `Runtime.serving()` outside a request
     task."""
     try:
-        from service import metrics
-        from service.config import Settings
+        from quicknet.serve import metrics
+        from quicknet.serve.config import Settings
     except ImportError:  # a build-only environment
         yield
         return

@@ -31,10 +31,10 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from service.batcher import Batcher, Timing
-from service.images import InputError, Limits, decode_image
-from service.model import ModelHandle, ModelInfo, Statistics
-from service.transport.grpc import INTERNAL_ERROR
+from quicknet.serve.batcher import Batcher, Timing
+from quicknet.serve.images import InputError, Limits, decode_image
+from quicknet.serve.model import ModelHandle, ModelInfo, Statistics
+from quicknet.serve.transport.grpc import INTERNAL_ERROR
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -145,14 +145,14 @@ class Harness:
     """The service's fronts in this process, over `ZeroModel`; one event loop for every input."""
 
     def __init__(self) -> None:
-        from service.classifier import grpc as classifier_grpc
-        from service.classifier import rest as classifier_rest
-        from service.config import Settings
-        from service.kserve import grpc as kserve_grpc
-        from service.kserve import rest as kserve_rest
-        from service.runtime import Runtime
-        from service.transport.grpc import Registrar
-        from service.transport.http import create_app
+        from quicknet.serve.classifier import grpc as classifier_grpc
+        from quicknet.serve.classifier import rest as classifier_rest
+        from quicknet.serve.config import Settings
+        from quicknet.serve.kserve import grpc as kserve_grpc
+        from quicknet.serve.kserve import rest as kserve_rest
+        from quicknet.serve.runtime import Runtime
+        from quicknet.serve.transport.grpc import Registrar
+        from quicknet.serve.transport.http import create_app
 
         settings = Settings(
             max_image_bytes=LIMITS.max_image_bytes,

@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from quicknet.errors import QuickNetError
-from service import auth, web
-from service.classifier import rest as classifier_rest
-from service.config import Settings
-from service.kserve import rest as kserve_rest
-from service.runtime import Runtime
-from service.transport.http import create_app
+from quicknet.serve import auth, web
+from quicknet.serve.classifier import rest as classifier_rest
+from quicknet.serve.config import Settings
+from quicknet.serve.kserve import rest as kserve_rest
+from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.http import create_app
 from tests.serving import REPO
 
 KEY = "test-key-0123456789abcdef"

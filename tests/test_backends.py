@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from quicknet import store
-from service.backends import BackendError, choose, load_backend, warmup_sizes
-from service.config import Settings
+from quicknet.serve.backends import BackendError, choose, load_backend, warmup_sizes
+from quicknet.serve.config import Settings
 from tests.serving import STORE
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -173,7 +173,7 @@ def test_the_torch_engine_is_derived_from_model_onnx_and_checked_before_it_serve
     import torch
 
     from quicknet.build.export import export_onnx
-    from service.backends import folded_onnx
+    from quicknet.serve.backends import folded_onnx
 
     folded = _trained_like_xs()
     export_onnx(folded, tmp_path / "model.onnx")
@@ -216,7 +216,7 @@ def test_load_time_timings_take_turns_so_a_burst_of_load_misleads_no_choice():
     alike. Timed one after the other, the burst covered every run of the faster one, and it lost."""
     import time
 
-    from service.backends.onnxruntime import seconds_per_image
+    from quicknet.serve.backends.onnxruntime import seconds_per_image
 
     calls = 0
 
@@ -242,9 +242,9 @@ def test_auto_picks_the_torch_engine_for_an_onnx_only_version_only_where_it_can_
 
     import torch
 
-    import service.gpu
+    import quicknet.serve.gpu
 
-    monkeypatch.setattr(service.gpu, "gpu_present", lambda: True)
+    monkeypatch.setattr(quicknet.serve.gpu, "gpu_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))

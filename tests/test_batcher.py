@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, DeadlineExceeded, NotAccepting, QueueFull
+from quicknet.serve.batcher import Batcher, DeadlineExceeded, NotAccepting, QueueFull
 
 
 class SlowEngine:

@@ -513,7 +513,7 @@ def test_pooled_connections_expire_after_4_s_idle_before_the_servers_5(monkeypat
     never sends on one the server (idle limit 5 s by default) is closing. The pool's clock is faked."""
     import httpcore._sync.http11
 
-    from service.config import Settings
+    from quicknet.serve.config import Settings
 
     assert Settings().http_idle_timeout_s == 5
     now = [1000.0]

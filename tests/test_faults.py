@@ -15,9 +15,9 @@ from fastapi import APIRouter
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.runtime import Runtime
-from service.transport.http import create_app
+from quicknet.serve.config import Settings
+from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.http import create_app
 from tests.serving import metric, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
@@ -138,7 +138,7 @@ def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, wor
 def test_a_bug_in_a_grpc_handler_is_logged_and_answers_one_line_without_its_details(caplog):
     """Not a refusal and not an engine failure: the log gets the traceback, the client INTERNAL with
     REST's one line, never the exception's text (which may hold server paths) or class name."""
-    from service.transport.grpc import INTERNAL_ERROR, unary_call
+    from quicknet.serve.transport.grpc import INTERNAL_ERROR, unary_call
 
     class Context:
         async def abort(self, code, details):

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from quicknet.client import Client, QuickNetClientError
-from service.images import Limits, decode_image
+from quicknet.serve.images import Limits, decode_image
 from tests.serving import FAST_MODEL, REPO, STORE, publish_shipped, start_server
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
@@ -74,9 +74,9 @@ def test_start_up_ends_with_one_line_a_person_reads(server):
 
 
 def test_the_ready_line_names_a_host_a_browser_opens():
-    from service.config import Settings
-    from service.main import ready_line
-    from service.runtime import Runtime
+    from quicknet.serve.config import Settings
+    from quicknet.serve.main import ready_line
+    from quicknet.serve.runtime import Runtime
 
     runtime = Runtime(Settings(http_host="0.0.0.0", http_port=8000))
     assert ready_line(runtime.settings, 8001, runtime) == "ready: http://localhost:8000/ (web), /docs (API), gRPC :8001"

@@ -24,7 +24,7 @@ from quicknet.build.export import folded_spec
 from quicknet.build.fold import fold
 from quicknet.build.model import ArchConfig, QuickNet
 from quicknet.errors import BuildError
-from service.backends.pytorch import build_folded
+from quicknet.serve.backends.pytorch import build_folded
 from tests.serving import REPO
 
 # The layers of quicknet at 1/16 width: every kind of fused layer (stem, plain, pooled, mean), fast
@@ -179,10 +179,10 @@ def _store_with_engine(tmp_path, identity: dict | None = None):
 
 
 def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp_path, monkeypatch):
-    from service import gpu
-    from service.backends import choose
-    from service.backends.fused import FusedBackend
-    from service.config import Settings
+    from quicknet.serve import gpu
+    from quicknet.serve.backends import choose
+    from quicknet.serve.backends.fused import FusedBackend
+    from quicknet.serve.config import Settings
 
     mv, spec, doc = _store_with_engine(tmp_path)
     store.verify_files(mv)  # the engine is a hashed file of the version like every artifact
@@ -201,10 +201,10 @@ def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp
 
 
 def test_an_engine_built_for_another_machine_is_refused_in_one_line(tmp_path, monkeypatch, caplog):
-    from service import gpu
-    from service.backends import BackendError, choose
-    from service.backends.fused import FusedBackend
-    from service.config import Settings
+    from quicknet.serve import gpu
+    from quicknet.serve.backends import BackendError, choose
+    from quicknet.serve.backends.fused import FusedBackend
+    from quicknet.serve.config import Settings
 
     other = fe.current_identity() | {"gpu": "NVIDIA H200", "compute_capability": "9.0", "driver": "580.159.04"}
     mv, _, _ = _store_with_engine(tmp_path, identity=other)

@@ -202,7 +202,7 @@ def test_gpu_wheels_and_the_machines_own_packages_cover_what_serve_imports():
 
     probe = (  # each loaded module's file, to the distribution that installed it (namespaces resolved)
         "import importlib.metadata as md, json, os, sys\n"
-        "import service.main, service.cli, service.backends.pytorch\n"
+        "import quicknet.serve.main, quicknet.serve.cli, quicknet.serve.backends.pytorch\n"
         "owner = {os.path.realpath(d.locate_file(f)): d.metadata['Name'] for d in md.distributions()\n"
         "         for f in (d.files or ()) if f.suffix in ('.py', '.so')}\n"
         "files = {os.path.realpath(f) for m in list(sys.modules.values()) if (f := getattr(m, '__file__', None))}\n"

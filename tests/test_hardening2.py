@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import images
-from service.images import InputError, Limits, decode_image
+from quicknet.serve import images
+from quicknet.serve.images import InputError, Limits, decode_image
 
 LIMITS = Limits(max_image_bytes=8 << 20, max_image_pixels=40_000_000, max_images=256)
 
@@ -216,7 +216,7 @@ async def _connection(*chunks: bytes, max_head_bytes: int = 64 << 10) -> tuple[b
     import uvicorn
     from uvicorn.server import ServerState
 
-    from service.transport.connections import protocol_for
+    from quicknet.serve.transport.connections import protocol_for
 
     cls = protocol_for(10, 5, 30, max_head_bytes)
     config = uvicorn.Config(_app, http=cls, lifespan="off", log_config=None, access_log=False)
@@ -421,14 +421,14 @@ def _request(body: bytes, content_type: str):
 
 
 def _runtime():
-    from service.config import Settings
-    from service.runtime import Runtime
+    from quicknet.serve.config import Settings
+    from quicknet.serve.runtime import Runtime
 
     return Runtime(Settings())
 
 
 def test_a_multipart_flood_is_refused_before_any_part_is_split_or_parsed(monkeypatch):
-    from service.classifier import rest as classifier_rest
+    from quicknet.serve.classifier import rest as classifier_rest
 
     touched = []
     monkeypatch.setattr(classifier_rest, "_count_image_parts", lambda *a: touched.append("count") or 0)
@@ -441,7 +441,7 @@ def test_a_multipart_flood_is_refused_before_any_part_is_split_or_parsed(monkeyp
 
 
 def test_a_12_mb_json_tensor_is_refused_before_it_is_parsed(monkeypatch):
-    from service.kserve import rest as kserve_rest
+    from quicknet.serve.kserve import rest as kserve_rest
 
     parsed = []
     real_loads = json.loads
@@ -459,7 +459,7 @@ def test_a_12_mb_json_tensor_is_refused_before_it_is_parsed(monkeypatch):
 
 
 def test_a_classify_json_flood_is_refused_before_it_is_parsed(monkeypatch):
-    from service.classifier import rest as classifier_rest
+    from quicknet.serve.classifier import rest as classifier_rest
 
     parsed = []
     real_loads = json.loads
@@ -472,8 +472,8 @@ def test_a_classify_json_flood_is_refused_before_it_is_parsed(monkeypatch):
 
 def test_grpc_uint_contents_are_counted_before_they_are_copied(monkeypatch):
     from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
-    from service import kserve
-    from service.kserve import grpc as kserve_grpc
+    from quicknet.serve import kserve
+    from quicknet.serve.kserve import grpc as kserve_grpc
 
     copied = []
     monkeypatch.setattr(kserve, "_integers", lambda values: copied.append(len(values)))
@@ -491,8 +491,8 @@ def test_grpc_uint_contents_are_counted_before_they_are_copied(monkeypatch):
 def test_grpc_bytes_contents_and_batches_are_counted_before_they_are_copied(monkeypatch):
     from quicknet.api._generated import classifier_pb2 as cpb
     from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
-    from service.classifier import grpc as classifier_grpc
-    from service.kserve import grpc as kserve_grpc
+    from quicknet.serve.classifier import grpc as classifier_grpc
+    from quicknet.serve.kserve import grpc as kserve_grpc
 
     request = kpb.ModelInferRequest(model_name=MODEL)
     tensor = request.inputs.add(name="images", datatype="BYTES", shape=[2_000_000])
@@ -515,7 +515,7 @@ def test_grpc_bytes_contents_and_batches_are_counted_before_they_are_copied(monk
 def test_text_log_lines_escape_every_control_character():
     import logging
 
-    from service.main import TextFormatter
+    from quicknet.serve.main import TextFormatter
 
     record = logging.LogRecord(
         "quicknet.access", logging.INFO, __file__, 1, "%s %s %d", ("GET", "/x\n2030 forged\r\x1b[2J\u2028", 404), None
@@ -527,7 +527,7 @@ def test_text_log_lines_escape_every_control_character():
 
 
 def test_error_echoes_are_capped():
-    from service.kserve import decode_input
+    from quicknet.serve.kserve import decode_input
 
     with pytest.raises(InputError) as err:
         decode_input("images", "UINT8", [7] * 1_000_000, LIMITS, values=[0])

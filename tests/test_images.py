@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import InputError, Limits, decode_image, decode_images, decode_pixels
+from quicknet.serve.images import InputError, Limits, decode_image, decode_images, decode_pixels
 
 LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000, max_images=4)
 RNG = np.random.default_rng(0)
@@ -199,7 +199,7 @@ def _ancillary_pngs() -> dict[str, bytes]:
 
 
 def _pillow_only(monkeypatch, data: bytes, limits: Limits = LIMITS):
-    import service.images as images
+    import quicknet.serve.images as images
 
     with monkeypatch.context() as m:
         m.setattr(images, "pyspng", None)
@@ -221,7 +221,7 @@ def _same_with_and_without_libspng(monkeypatch, data: bytes) -> bool:
 
 
 def test_the_fast_png_path_takes_plain_32x32_rgb_and_gives_pillows_pixels(monkeypatch):
-    import service.images as images
+    import quicknet.serve.images as images
 
     returned = []
     real = images.pyspng.load
@@ -236,7 +236,7 @@ def test_the_fast_png_path_takes_plain_32x32_rgb_and_gives_pillows_pixels(monkey
 
 
 def test_other_pngs_take_pillow_with_pillows_answer(monkeypatch):
-    import service.images as images
+    import quicknet.serve.images as images
 
     monkeypatch.setattr(images.pyspng, "load", lambda *a, **k: pytest.fail("libspng saw a PNG it must not"))
     others = {

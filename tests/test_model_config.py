@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from quicknet.errors import StoreError
-from service.config import Settings
+from quicknet.serve.config import Settings
 from tests.serving import FAST_MODEL, STORE, free_port, start_server
 
 
@@ -80,7 +80,7 @@ def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_lo
 
 
 def test_version_policies_flag_wins_over_a_model_config_which_is_checked_anyway(tmp_path):
-    from service.engine import Engine
+    from quicknet.serve.engine import Engine
 
     root = _store(tmp_path, {"version_policy": "latest:2"})
     assert Engine(Settings(model_store=root)).policy_for(FAST_MODEL) == "latest:2"

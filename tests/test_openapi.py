@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator
 
 from quicknet import store
-from service.config import Settings
-from service.main import REST_FRONTS
-from service.runtime import Runtime
-from service.transport.http import create_app
+from quicknet.serve.config import Settings
+from quicknet.serve.main import REST_FRONTS
+from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.http import create_app
 from tests.serving import REPO, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
@@ -31,7 +31,7 @@ ERROR_REF = "#/components/schemas/ErrorBody"
 INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 
 # What each route can really answer besides 200 (read from the handlers and the error mapping in
-# service/transport/http.py); 401 comes with API keys, 422 never (validation errors are 400).
+# quicknet/serve/transport/http.py); 401 comes with API keys, 422 never (validation errors are 400).
 MODEL_ROUTES = {"": {404}, "/ready": {400, 404}, "/config": {404}, "/stats": {404, 503}}
 ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/healthz"): {503},
@@ -174,7 +174,7 @@ def test_every_error_status_documents_the_error_body(spec):
 
 
 def test_no_operation_documents_a_422(spec):
-    """Request validation errors are answered 400 (service/transport/http.py), so no 422 appears."""
+    """Request validation errors are answered 400 (quicknet/serve/transport/http.py), so no 422 appears."""
     assert not [(p, m) for p, m, op in _operations(spec) if "422" in op["responses"]]
     assert "HTTPValidationError" not in json.dumps(spec)
 

@@ -21,12 +21,12 @@ from tritonclient.utils import InferenceServerException
 
 from quicknet import store
 from quicknet.errors import StoreError
-from service import web
-from service.config import Settings
-from service.engine import Engine
-from service.kserve import rest as kserve_rest
-from service.runtime import RepositoryError, Runtime
-from service.transport.http import create_app
+from quicknet.serve import web
+from quicknet.serve.config import Settings
+from quicknet.serve.engine import Engine
+from quicknet.serve.kserve import rest as kserve_rest
+from quicknet.serve.runtime import RepositoryError, Runtime
+from quicknet.serve.transport.http import create_app
 from tests.serving import publish_shipped, start_server
 
 MODEL = "quicknet-xs"
@@ -405,7 +405,7 @@ def _wait_unloaded(url: str, name: str, headers: dict, timeout: float = 30) -> N
 def test_a_bug_in_a_repository_call_still_answers_the_front_process():
     """With front processes, an exception the engine did not expect must still answer the front:
     before, the engine's task died and the front's request waited forever."""
-    from service.ipc import EngineServer
+    from quicknet.serve.ipc import EngineServer
 
     class Broken:
         def index(self, ready_only: bool) -> list[dict]:

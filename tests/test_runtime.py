@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.batcher import NotAccepting
-from service.config import Settings
-from service.runtime import ModelNotFound, Runtime
+from quicknet.serve.batcher import NotAccepting
+from quicknet.serve.config import Settings
+from quicknet.serve.runtime import ModelNotFound, Runtime
 
 
 def test_serving_refuses_until_ready_and_while_draining():
@@ -37,7 +37,7 @@ def test_the_workers_default_follows_the_cores(monkeypatch):
 def test_a_gpu_is_found_without_torch(monkeypatch):
     import builtins
 
-    from service import gpu
+    from quicknet.serve import gpu
 
     real_import = builtins.__import__
 
@@ -63,8 +63,8 @@ def test_list_and_dict_settings_take_json_in_the_environment(monkeypatch):
 
 def test_serving_refuses_before_the_body_when_the_queue_is_full():
     """`serving()` is every front's first step: a full queue refuses there, before any body is read."""
-    from service.batcher import QueueFull
-    from service.model import ModelHandle, ModelInfo
+    from quicknet.serve.batcher import QueueFull
+    from quicknet.serve.model import ModelHandle, ModelInfo
 
     class Full(ModelHandle):
         info = ModelInfo("m", 1, ("a",), {}, "fake", {}, 8)

@@ -300,7 +300,7 @@ class _Client:
 def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
     """The call answers; or the client leaves and the call is cancelled (499); or the server
     cancels the handler (shutdown) and the call is cancelled with it, not left running, not a 499."""
-    from service.transport.http import HTTPError, run_unless_disconnected
+    from quicknet.serve.transport.http import HTTPError, run_unless_disconnected
 
     seen = []
 

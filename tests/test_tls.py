@@ -57,7 +57,7 @@ def pki(tmp_path_factory):
 
 
 def _hashed(key: str) -> str:
-    from service.auth import hashed_line
+    from quicknet.serve.auth import hashed_line
 
     return hashed_line(key)
 

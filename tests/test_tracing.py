@@ -27,16 +27,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from service import tracing
-from service.classifier import grpc as classifier_grpc
-from service.classifier import rest as classifier_rest
-from service.config import Settings
-from service.kserve import grpc as kserve_grpc
-from service.kserve import rest as kserve_rest
-from service.main import TextFormatter
-from service.runtime import Runtime
-from service.transport.grpc import create_server
-from service.transport.http import create_app
+from quicknet.serve import tracing
+from quicknet.serve.classifier import grpc as classifier_grpc
+from quicknet.serve.classifier import rest as classifier_rest
+from quicknet.serve.config import Settings
+from quicknet.serve.kserve import grpc as kserve_grpc
+from quicknet.serve.kserve import rest as kserve_rest
+from quicknet.serve.main import TextFormatter
+from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.grpc import create_server
+from quicknet.serve.transport.http import create_app
 from tests.fuzzing import MODEL, ZeroModel
 from tests.serving import REPO, start_server
 
@@ -168,8 +168,8 @@ def test_grpc_calls_are_spans_with_the_request_id_logged_and_returned(spans, cap
 
 
 def test_grpc_health_probes_get_an_id_but_no_span_and_no_log_line(spans, caplog):
-    from service.kserve.grpc import pb as kpb
-    from service.kserve.grpc import pb_grpc as kpb_grpc
+    from quicknet.serve.kserve.grpc import pb as kpb
+    from quicknet.serve.kserve.grpc import pb_grpc as kpb_grpc
 
     async def call(_, target):
         async with grpc.aio.insecure_channel(target) as channel:
@@ -185,8 +185,8 @@ def test_grpc_health_probes_get_an_id_but_no_span_and_no_log_line(spans, caplog)
 
 
 def test_kserve_grpc_infer_is_traced(spans):
-    from service.kserve.grpc import pb as kpb
-    from service.kserve.grpc import pb_grpc as kpb_grpc
+    from quicknet.serve.kserve.grpc import pb as kpb
+    from quicknet.serve.kserve.grpc import pb_grpc as kpb_grpc
 
     request = kpb.ModelInferRequest(model_name=MODEL)
     request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 3])

@@ -20,12 +20,12 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from service import web
-from service.classifier import rest as classifier_rest
-from service.config import Settings
-from service.main import REST_FRONTS
-from service.runtime import Runtime
-from service.transport.http import create_app
+from quicknet.serve import web
+from quicknet.serve.classifier import rest as classifier_rest
+from quicknet.serve.config import Settings
+from quicknet.serve.main import REST_FRONTS
+from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.http import create_app
 from tests.serving import REPO, start_server
 
 KEY = "web-test-key-0123456789abcdef"
@@ -64,7 +64,7 @@ def refs(html: str) -> Refs:
 
 
 def _client(**settings) -> TestClient:
-    """The app with the real server's list of fronts (service.main), so the page is registered there."""
+    """The app with the real server's list of fronts (quicknet.serve.main), so the page is registered there."""
     return TestClient(create_app(Runtime(Settings(**settings)), REST_FRONTS))
 
 
@@ -173,12 +173,14 @@ def test_the_wheel_and_sdist_ship_the_page_and_the_docs_assets(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE", "quicknet_cli.py"):
         shutil.copy(REPO / name, src / name)
-    for package in ("quicknet", "service"):
+    for package in ("quicknet",):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     wanted = {
-        f"service/web/static/{p.relative_to(web.STATIC).as_posix()}" for p in web.STATIC.rglob("*") if p.is_file()
+        f"quicknet/serve/web/static/{p.relative_to(web.STATIC).as_posix()}"
+        for p in web.STATIC.rglob("*")
+        if p.is_file()
     }
-    assert "service/web/static/vendor/swagger-ui/swagger-ui-bundle.js" in wanted
+    assert "quicknet/serve/web/static/vendor/swagger-ui/swagger-ui-bundle.js" in wanted
     build = "from setuptools import build_meta as b; b.build_wheel('dist'); b.build_sdist('dist')"
     done = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -187,7 +187,7 @@ def test_a_request_larger_than_the_fronts_ring_is_429(tmp_path):
 FORK_AND_COUNT = """
 import os
 import sys
-from service import metrics
+from quicknet.serve import metrics
 
 calls = []
 sys.setprofile(lambda frame, event, arg: event == "c_call" and arg is os.getpid and calls.append(1))

@@ -21,7 +21,7 @@ deadline (`X-Request-Timeout-Ms` on REST, the gRPC deadline); every failure is o
 gRPC uses the generated stubs in `quicknet.api._generated` (`classifier_pb2`, `classifier_pb2_grpc`),
 imported lazily, only when a `grpc://` URL is used. They are the API contract: pure protobuf and
 grpcio code made from `proto/quicknet/v1/classifier.proto`, with no dependency on the server. This
-is the one place `quicknet/` imports from `service/`; the build never does.
+is the one place `quicknet/` imports from `quicknet/serve/`; the build never does.
 
 Files, one job each: `results` (what calls return and raise), `inputs` (images to wire payloads),
 `endpoint` (URL, TLS, API key), `retry` (backoff), `plan` (chunking, retries, isolating a bad

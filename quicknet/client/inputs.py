@@ -7,7 +7,7 @@ only for the requests in flight; `size` is an estimate made without reading, for
 
 `resize=True` shrinks every image here, on the client, to the model's 32x32 input and sends raw
 pixels (3,072 bytes an image): a 14 MB photo costs 3 KB on the wire instead of a 413. The pixels
-are the ones the server would compute from the file (`service/images.py`: JPEGs decoded at a
+are the ones the server would compute from the file (`quicknet/serve/images.py`: JPEGs decoded at a
 reduced scale, alpha composited on white, 16-bit scaled, bicubic resize; tests compare them)."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Item:
             raise QuickNetClientError(None, f"{what} is damaged or truncated") from None
 
 
-# As the server (service/images.py): the formats it reads, and JPEG's reduced-scale decode.
+# As the server (quicknet/serve/images.py): the formats it reads, and JPEG's reduced-scale decode.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 DRAFT_MIN_SIDE = 4 * SIZE
 

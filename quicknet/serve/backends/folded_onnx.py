@@ -1,0 +1,126 @@
+"""The torch engine's model, read back from the published `model.onnx`.
+
+A version stores its FP32 weights once, in `model.onnx` (hashed and gated); the torch engine's
+layer list and state dict are derived from that graph at load instead of travelling as a second
+copy of the weights (14 MB for the full quicknet). The folded graph has one known shape:
+
+    Cast → Mul(normalize.scale) → Add(normalize.shift) → Transpose
+    (Conv | PReLU as `x + (s-1)·Min(x, 0)` or `PRelu` | LeakyRelu | MaxPool)*
+    ReduceMean → Gemm(classifier)
+
+Anything else is refused with one line: this reads our exporter's graphs, not ONNX in general.
+The result is `build_folded`'s input, and the caller checks its logits against ONNX Runtime on
+the same file before it serves (`check_against_onnx`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from quicknet.serve.backends import BackendError
+
+FOLDED_FORMAT = "quicknet-folded/1"
+# Nodes that carry no weights of their own: the uint8 cast and layout change, the PReLU form's
+# Min and Add (its slopes sit on the Mul), the global average pool.
+_STRUCTURAL = {"Cast", "Transpose", "Min", "Add", "ReduceMean", "GlobalAveragePool", "Flatten"}
+CHECK_IMAGES = 16
+MAX_LOGIT_DELTA = 1e-3
+
+
+def folded_spec_from_onnx(path: Path) -> dict:
+    """`{"format", "layers", "classifier", "state_dict"}` (torch tensors) from a folded QuickNet graph."""
+    import onnx
+    import torch
+    from onnx import helper, numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf's decode errors have no common base worth naming
+        raise BackendError(f"cannot read {path.name} as ONNX ({e}); republish the model") from None
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    layers: list[dict] = []
+    state: dict[str, np.ndarray] = {}
+
+    def attr(node, name: str, default=None):
+        found = next((a for a in node.attribute if a.name == name), None)
+        return default if found is None else helper.get_attribute_value(found)
+
+    def bad(node, why: str) -> BackendError:
+        return BackendError(f"{path.name} is not a folded QuickNet graph ({node.op_type} {node.name}: {why})")
+
+    for node in model.graph.node:
+        op, key = node.op_type, f"features.{len(layers)}"
+        if op == "Mul" and node.input[1] == "normalize.scale":
+            state["normalize.scale"] = weights["normalize.scale"]
+        elif op == "Add" and node.input[1] == "normalize.shift":
+            state["normalize.shift"] = weights["normalize.shift"]
+        elif op == "Conv":
+            w = weights.get(node.input[1])
+            if w is None or w.ndim != 4 or w.shape[2] != w.shape[3]:
+                raise bad(node, "weights are not a square constant kernel")
+            if list(attr(node, "strides", [1, 1])) != [1, 1] or list(attr(node, "dilations", [1, 1])) != [1, 1]:
+                raise bad(node, "strides or dilations other than 1")
+            pads = list(attr(node, "pads", [0, 0, 0, 0]))
+            if len(set(pads)) != 1:
+                raise bad(node, f"uneven padding {pads}")
+            groups = int(attr(node, "group", 1))
+            bias = len(node.input) > 2 and bool(node.input[2])
+            layers.append(
+                {"op": "conv", "in": w.shape[1] * groups, "out": w.shape[0], "kernel": w.shape[2], "padding": pads[0]}
+                | {"groups": groups, "bias": bias}
+            )
+            state[f"{key}.weight"] = w
+            if bias:
+                state[f"{key}.bias"] = weights[node.input[2]]
+        elif op == "Mul" and node.input[1].endswith("_slope_minus_1"):  # export.elementwise_prelu's form
+            slopes = weights[node.input[1]].reshape(-1) + 1
+            layers.append({"op": "prelu", "channels": len(slopes)})
+            state[f"{key}.weight"] = slopes
+        elif op == "PRelu" and node.input[1] in weights:  # versions exported before that rewrite
+            slopes = weights[node.input[1]].reshape(-1)
+            layers.append({"op": "prelu", "channels": len(slopes)})
+            state[f"{key}.weight"] = slopes
+        elif op == "LeakyRelu":
+            layers.append({"op": "leaky_relu", "slope": float(attr(node, "alpha", 0.01))})
+        elif op == "MaxPool":
+            kernel = list(attr(node, "kernel_shape"))
+            if kernel != list(attr(node, "strides", kernel)) or len(set(kernel)) != 1:
+                raise bad(node, "only square pools with stride = kernel")
+            layers.append({"op": "maxpool", "kernel": kernel[0]})
+        elif op == "Gemm":
+            w, b = weights.get(node.input[1]), weights.get(node.input[2]) if len(node.input) > 2 else None
+            if w is None or b is None or attr(node, "transB", 0) != 1:
+                raise bad(node, "the classifier must be constant weights (transB) and bias")
+            state["classifier.weight"], state["classifier.bias"] = w, b
+        elif op not in _STRUCTURAL:
+            raise bad(node, "unexpected operator")
+    if "classifier.weight" not in state or "normalize.scale" not in state or "normalize.shift" not in state:
+        raise BackendError(f"{path.name} is not a folded QuickNet graph (no normalization or classifier)")
+    head = state["classifier.weight"].shape
+    return {
+        "format": FOLDED_FORMAT,
+        "layers": layers,
+        "classifier": {"in": head[1], "out": head[0]},
+        "state_dict": {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()},
+    }
+
+
+def check_against_onnx(module, path: Path, threads: int = 1) -> float:
+    """The derived module's FP32 logits against ONNX Runtime's on the same file, `CHECK_IMAGES`
+    seeded random images; returns the largest difference, or refuses with one line."""
+    import onnxruntime as ort
+    import torch
+
+    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, 32, 32, 3), dtype=np.uint8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: images})[0]
+    with torch.inference_mode():
+        got = module(torch.from_numpy(images)).float().numpy()
+    delta = float(np.abs(got - expected).max())
+    if not delta <= MAX_LOGIT_DELTA * max(1.0, float(np.abs(expected).max())):
+        raise BackendError(f"the torch model derived from {path.name} disagrees with it (max |Δlogit| {delta:.2e})")
+    return delta

@@ -1,0 +1,312 @@
+"""The dynamic batcher: one bounded queue in front of the engine, shared by every front.
+
+Vocabulary from Triton's dynamic batcher. A batch forms as soon as an engine slot (`instances`)
+is free, from everything queued up to `max_batch_size` (whole requests; a request larger than
+the maximum is split). `max_queue_delay` optionally waits for a fuller batch; `preferred_batch_sizes`
+trims a batch to the largest preferred size that fits (for engines with fixed shapes).
+
+Every item carries a deadline. Expired items are dropped before compute (DeadlineExceeded);
+cancelled items (client gone) are skipped. A full queue refuses at once (QueueFull), so overload
+turns into fast 429s instead of growing latency. The engine runs in a thread pool, off the loop.
+This module knows nothing of HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quicknet.serve import metrics
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue_images` already; retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__("server is at capacity; retry shortly")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its images reached the engine."""
+
+
+class EngineFailure(Exception):
+    """The engine raised on the batch holding this request; the message carries its reason."""
+
+
+class NotAccepting(Exception):
+    """Not taking work: still loading (`not_ready`) or draining for shutdown (`draining`)."""
+
+    def __init__(self, message: str, reason: str = "draining"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Item:
+    images: np.ndarray
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    protocol: str  # an opaque tag for metrics
+    enqueued: float = field(default_factory=time.monotonic)
+    taken: bool = False  # in a batch: past the point where a deadline can spare the engine
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One request's time in the batcher: queued, then its batch's assembly (input), engine call
+    (infer) and result scatter (output). A request split over several batches sums the phases."""
+
+    queue_s: float
+    infer_s: float
+    input_s: float = 0.0
+    output_s: float = 0.0
+
+
+class Batcher:
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], np.ndarray],
+        *,
+        model: str,
+        backend: str,
+        max_batch_size: int,
+        max_queue_images: int,
+        max_queue_delay_s: float = 0.0,
+        preferred_batch_sizes: tuple[int, ...] = (),
+        instances: int = 1,
+        on_batch: Callable[[int, float, float, float], None] | None = None,
+    ):
+        self._infer = infer
+        self._model = model
+        self._backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_queue_images = max_queue_images
+        self.max_queue_delay_s = max_queue_delay_s
+        self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
+        self.instances = instances
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"engine-{model}")
+        self._in_flight = 0
+        self._running: dict[int, float] = {}  # worker -> when its engine call began (the watchdog reads it)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        self._mean_batch_s = 0.05  # running estimate for Retry-After
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{i}") for i in range(self.instances)]
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, finish what is queued and in flight; True if it all finished in time."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._queue or self._in_flight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._idle.clear()
+            self._wakeup.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.05))
+        return not (self._queue or self._in_flight)
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def admit(self) -> None:
+        """Refuse at once (QueueFull) when the queue is already full: under overload a request is
+        turned away before its body is read or decoded, the cheapest refusal there is."""
+        if self._queued_images >= self.max_queue_images:
+            raise QueueFull(self._retry_after())
+
+    def longest_running_s(self) -> float:
+        """How long the oldest engine call still running has run (0 when none runs)."""
+        return time.monotonic() - min(self._running.values()) if self._running else 0.0
+
+    # --- the seam the fronts use ------------------------------------------------------------
+
+    async def submit(self, images: np.ndarray, deadline: float, protocol: str) -> tuple[np.ndarray, Timing]:
+        """Classify uint8 NHWC `images` before `deadline` (monotonic); returns logits and timing."""
+        if not self._accepting:
+            raise NotAccepting("server is not accepting work (starting up or shutting down)")
+        n = len(images)
+        if self._queued_images + n > self.max_queue_images:
+            raise QueueFull(self._retry_after())
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(images[i : i + self.max_batch_size], deadline, loop.create_future(), protocol)
+            for i in range(0, n, self.max_batch_size)
+        ]
+        for item in items:
+            self._queue.append(item)
+            self._queued_images += item.n
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        self._wakeup.set()
+        # The deadline is enforced when it passes, not when the next batch forms: the caller hears
+        # DeadlineExceeded on time, and its queued parts are skipped (never computed).
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, items)
+        try:  # one part (nearly every request) awaits its future alone: gather costs a future more
+            results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(i.future for i in items))
+        except BaseException:
+            for item in items:  # a cancelled or failed request takes all its parts out of the queue
+                item.future.cancel()
+            raise
+        finally:
+            expiry.cancel()
+        logits = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
+        return logits, Timing(
+            queue_s=max(r[1].queue_s for r in results),
+            infer_s=sum(r[1].infer_s for r in results),
+            input_s=sum(r[1].input_s for r in results),
+            output_s=sum(r[1].output_s for r in results),
+        )
+
+    # --- batching ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _expire(items: list[_Item]) -> None:
+        for item in items:
+            if not item.taken and not item.future.done():
+                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+
+    def _retry_after(self) -> float:
+        batches_ahead = self._queued_images / max(self.max_batch_size * self.instances, 1)
+        return max(1.0, round(batches_ahead * self._mean_batch_s, 1))
+
+    def _take_batch(self) -> list[_Item]:
+        now = time.monotonic()
+        batch: list[_Item] = []
+        size = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by its client or expired (the front counts the rejection, once)
+                self._pop()
+                continue
+            if item.deadline <= now:
+                self._pop()
+                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+                continue
+            if size + item.n > self.max_batch_size:
+                break
+            batch.append(self._pop())
+            item.taken = True
+            size += item.n
+        if self.preferred and size not in self.preferred and len(batch) > 1:
+            target = max((p for p in self.preferred if p <= size), default=None)
+            while target is not None and size > target and len(batch) > 1:
+                item = batch.pop()
+                item.taken = False
+                size -= item.n
+                self._queue.appendleft(item)
+                self._queued_images += item.n
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        return batch
+
+    def _pop(self) -> _Item:
+        item = self._queue.popleft()
+        self._queued_images -= item.n
+        return item
+
+    async def _wait_for_fuller_batch(self) -> None:
+        if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
+            return
+        oldest = self._queue[0].enqueued
+        while self._queued_images < self.max_batch_size:
+            remaining = oldest + self.max_queue_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if not self._in_flight:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_fuller_batch()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            started = time.monotonic()
+            images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
+            for item in batch:
+                metrics.QUEUE_SECONDS.labels(self._model).observe(started - item.enqueued)
+            self._in_flight += 1
+            metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            called = time.monotonic()
+            worker = id(asyncio.current_task())
+            self._running[worker] = called
+            try:
+                logits = await loop.run_in_executor(self._executor, self._infer, images)
+            except asyncio.CancelledError:  # closing with this batch in the engine: its callers hear why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
+                raise
+            except Exception as e:  # the engine failed: every item in the batch learns why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            finally:
+                del self._running[worker]
+                self._in_flight -= 1
+                metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            returned = time.monotonic()
+            input_s, infer_s = called - started, returned - called
+            self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
+            metrics.INFER_SECONDS.labels(self._model, self._backend).observe(infer_s)
+            metrics.BATCH_SIZE.labels(self._model).observe(len(images))
+            offset = 0
+            parts = []
+            for item in batch:
+                parts.append((item, logits[offset : offset + item.n]))
+                offset += item.n
+            output_s = time.monotonic() - returned
+            for item, part in parts:
+                if not item.future.done():
+                    timing = Timing(started - item.enqueued, infer_s, input_s, output_s)
+                    item.future.set_result((part, timing))
+            if self._on_batch is not None:
+                self._on_batch(len(images), input_s, infer_s, output_s)
