@@ -91,7 +91,7 @@ gpu-data:
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
 ## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).
 gpu-train:
-	$(GPU_PYTHON) -m quicknet_cli gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420
+	$(GPU_PYTHON) -m quicknet gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420
 
 ## The serving stack as Python 3.12 wheels in .whl/ and `hey` (a static-enough Go binary, libc only)
 ## in .gpu/bin/, both git-ignored: what a GPU machine without a package index needs to run gpu-serve.

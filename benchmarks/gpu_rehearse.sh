@@ -51,7 +51,7 @@ python3 -c 'import sys, torch; print(f"rehearsing under Python {sys.version.spli
 copy_repo "$work/train-repo" data
 # Every arm at once, each its own process started by `python -m quicknet.build.gpu_train` (so the repo
 # must be importable from the arms too); the job exits non-zero unless every arm ends "done".
-(cd "$work/train-repo" && python3 -m quicknet_cli gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train")
+(cd "$work/train-repo" && python3 -m quicknet gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train")
 python3 - "$work/OUT/train" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

@@ -260,7 +260,7 @@ def service_sweep(
     from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
     from quicknet import store
     from quicknet.build import gpu_probe
-    from tests.serving import start_server
+    from quicknet.testing import start_server
 
     model = store.default_model(root)
     hey = _hey()

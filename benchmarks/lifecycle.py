@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.common import save, table
 from quicknet import store
-from tests.serving import publish_shipped, start_server
+from quicknet.testing import publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 

@@ -220,7 +220,7 @@ def main() -> None:
         if args.url:
             url, grpc_target, root = args.url, args.grpc, None
         else:
-            from tests.serving import start_server
+            from quicknet.testing import start_server
 
             root = make_untrained_store(Path(tmp) / "store", [args.model])
             server = start_server(
@@ -347,7 +347,7 @@ def parse_hey_csv(out: str, n_images: int, concurrency: int) -> dict:
 
 
 def _delta_mean_batch(before: str, after: str) -> float:
-    from tests.serving import metric
+    from quicknet.testing import metric
 
     n = metric(after, "quicknet_batch_size_count") - metric(before, "quicknet_batch_size_count")
     s = metric(after, "quicknet_batch_size_sum") - metric(before, "quicknet_batch_size_sum")

@@ -132,7 +132,7 @@ def measure(server, repeat: int) -> list[dict]:
 
 
 def main() -> None:
-    from tests.serving import start_server
+    from quicknet.testing import start_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)

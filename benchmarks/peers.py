@@ -97,7 +97,7 @@ def start(server: str, model_file: Path, store: Path, model: str, threads: int, 
         }
         if server == "ours-2x1":
             env |= {"QUICKNET_THREADS": "1", "QUICKNET_INSTANCES": "2"}
-        cmd, health = [sys.executable, "-m", "quicknet_cli", "serve"], "/readyz"
+        cmd, health = [sys.executable, "-m", "quicknet", "serve"], "/readyz"
     elif server == "pytriton":
         lib = Path(sys.base_prefix) / "lib"  # the Python backend stub needs libpython3.11.so
         env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"

@@ -285,7 +285,7 @@ def main() -> None:
         if args.url:
             http, grpc = args.url.removeprefix("http://"), args.grpc
         else:
-            from tests.serving import start_server
+            from quicknet.testing import start_server
 
             root = make_untrained_store(Path(tmp) / "store", [args.model])
             server = start_server(Path(tmp), store=root, model=args.model, threads=args.threads)

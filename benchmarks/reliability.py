@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.common import save, table
 from benchmarks.cpu import tree
-from tests.serving import REPO, start_server
+from quicknet.testing import REPO, start_server
 
 FRONTS = ("rest", "grpc", "kserve-rest", "kserve-grpc")
 PIXELS = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8).tobytes()
@@ -255,7 +255,7 @@ LE = (
 def server_durations(before: str, after: str, codes: tuple[str, ...]) -> dict[str, float]:
     """The server's own request-duration histogram between two scrapes, for these status codes:
     cumulative count per bucket bound (what the server spent, without the load generator's queueing)."""
-    from tests.serving import metric
+    from quicknet.testing import metric
 
     name = "quicknet_request_duration_seconds_bucket"
     return {
@@ -434,7 +434,7 @@ async def faults(tmp: Path, args) -> dict:
         await clients.close()
     finally:
         code = srv.stop()
-    from tests.serving import metric
+    from quicknet.testing import metric
 
     failed_batches = metric(text, "quicknet_rejections_total", reason="engine_error")
     hang = _server(tmp, fault_injection="hang-every=3,hang-seconds=3", watchdog_s=1)

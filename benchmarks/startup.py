@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.common import save, table
 from benchmarks.cpu import tree
-from tests.serving import REPO, free_port
+from quicknet.testing import REPO, free_port
 
 
 def _rss_mb(pid: int) -> float:
@@ -49,9 +49,7 @@ def one_start(workers: int) -> dict:
     }
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=log
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "quicknet", "serve"], cwd=REPO, env=env, stdout=log, stderr=log)
         try:
             while True:
                 try:

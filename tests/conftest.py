@@ -22,8 +22,8 @@ def test_images(cifar: data.Dataset) -> data.Split:
 def hung_server(tmp_path_factory):
     """`quicknet serve` with two front processes whose every engine batch first sleeps (tests/hung.py):
     one for the whole session, shared by the deadline and cancellation tests of every front."""
+    from quicknet.testing import start_server
     from tests.hung import HANG_S
-    from tests.serving import start_server
 
     srv = start_server(
         tmp_path_factory.mktemp("hung"), workers=2, fault_injection=f"hang-every=1,hang-seconds={HANG_S}"

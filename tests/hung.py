@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from tests.serving import metric
+from quicknet.testing import metric
 
 HANG_S = 0.8
 RAW = {"Content-Type": "application/octet-stream"}

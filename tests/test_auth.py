@@ -20,7 +20,7 @@ from quicknet.serve.config import Settings
 from quicknet.serve.kserve import rest as kserve_rest
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import create_app
-from tests.serving import REPO
+from quicknet.testing import REPO
 
 KEY = "test-key-0123456789abcdef"
 OTHER = "other-key-0123456789abcdef"
@@ -168,7 +168,7 @@ def test_closed_health_endpoints_need_a_key_on_grpc_too(tmp_path):
 
     from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
     from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
-    from tests.serving import start_server
+    from quicknet.testing import start_server
 
     keys = _keys_file(tmp_path, KEY + "\n")
     srv = start_server(
@@ -216,7 +216,7 @@ def test_keys_are_never_logged(tmp_path, caplog):
 def _serve(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "serve", *args], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "quicknet", "serve", *args], cwd=REPO, env=env, capture_output=True, text=True
     )
 
 
@@ -240,7 +240,7 @@ def test_bad_access_settings_stop_serve_in_one_line(tmp_path, make_args, message
 def test_the_api_key_command_makes_a_key_and_its_hashed_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     made = subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "api-key"], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "quicknet", "api-key"], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert made.returncode == 0, made.stderr
     key = made.stdout.split("key:")[1].split()[0]
@@ -249,7 +249,7 @@ def test_the_api_key_command_makes_a_key_and_its_hashed_line(tmp_path):
     keys = auth.ApiKeys(_keys_file(tmp_path, line + "\n"))
     assert keys.allows(f"Bearer {key}") and not keys.allows(f"Bearer {key[:-1]}")
     again = subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "api-key", "--hash"],
+        [sys.executable, "-m", "quicknet", "api-key", "--hash"],
         input=key + "\n",
         cwd=REPO,
         env=env,

@@ -10,7 +10,7 @@ import pytest
 from quicknet import store
 from quicknet.serve.backends import BackendError, choose, load_backend, warmup_sizes
 from quicknet.serve.config import Settings
-from tests.serving import STORE
+from quicknet.testing import STORE
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

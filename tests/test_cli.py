@@ -3,12 +3,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.serving import REPO
+from quicknet.testing import REPO
 
 
 def quicknet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "quicknet", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
     )
 
 
@@ -83,7 +83,7 @@ def test_eval_of_the_shipped_model_without_torch_artifacts(tmp_path):
 def test_classify_against_a_live_server_over_rest_and_grpc(tmp_path, cifar):
     from PIL import Image
 
-    from tests.serving import start_server
+    from quicknet.testing import start_server
 
     paths = []
     for i in range(3):
@@ -107,7 +107,7 @@ def test_classify_against_a_live_server_over_rest_and_grpc(tmp_path, cifar):
 
 
 def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
-    from tests.serving import free_port
+    from quicknet.testing import free_port
 
     port = free_port()
     env = {"QUICKNET_HTTP_PORT": str(port), "QUICKNET_GRPC_PORT": str(free_port())}

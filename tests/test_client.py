@@ -28,7 +28,7 @@ from PIL import Image
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.client import AsyncClient, Client, Prediction, QuickNetClientError, Result, Retry
-from tests.serving import REPO, metric, start_server
+from quicknet.testing import REPO, metric, start_server
 
 TRANSPORTS = ("rest", "grpc")
 
@@ -222,7 +222,7 @@ def test_urls_and_the_default_from_the_environment(server, monkeypatch):
 
 
 def test_an_unreachable_server_is_retried_then_one_error():
-    from tests.serving import free_port
+    from quicknet.testing import free_port
 
     port = free_port()
     for url in (f"127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
@@ -357,7 +357,7 @@ def test_retries_are_bounded_and_keep_to_the_deadline(transport):
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "classify", *args],
+        [sys.executable, "-m", "quicknet", "classify", *args],
         cwd=REPO,
         env=env,
         input=stdin,
@@ -462,7 +462,7 @@ def test_cli_needs_only_the_client_extra(server, tmp_path):
     cat = str(REPO / "examples" / "cat.png")
     for target in (["--url", server.url], ["--grpc", server.grpc_target]):
         out = subprocess.run(
-            [sys.executable, "-m", "quicknet_cli", "classify", cat, *target],
+            [sys.executable, "-m", "quicknet", "classify", cat, *target],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -483,7 +483,7 @@ def test_cli_shows_a_progress_bar_only_on_a_terminal(server, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
-    args = [sys.executable, "-m", "quicknet_cli", "classify", str(tmp_path), "--url", server.url]
+    args = [sys.executable, "-m", "quicknet", "classify", str(tmp_path), "--url", server.url]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     seen = bytearray()

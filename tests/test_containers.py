@@ -25,7 +25,7 @@ import yaml
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import REPO, free_port, queued_images
+from quicknet.testing import REPO, free_port, queued_images
 
 ENGINE = shutil.which("podman") or shutil.which("docker")
 IMAGE = "quicknet-serving:cpu"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving import REPO, free_port, start_server
+from quicknet.testing import REPO, free_port, start_server
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
@@ -215,9 +215,9 @@ def test_probes_ports_and_paths_are_served(server, rendered, compose):
     assert checks and all(c[:2] == ["quicknet", "probe"] for c in checks), checks
     env = {**os.environ, "QUICKNET_HTTP_PORT": str(server.http_port)}
     for check in checks:  # the probes, run as the container runs them, follow the server's port
-        assert subprocess.run([sys.executable, "-m", "quicknet_cli", *check[1:]], env=env, timeout=60).returncode == 0
+        assert subprocess.run([sys.executable, "-m", "quicknet", *check[1:]], env=env, timeout=60).returncode == 0
     dead = {**env, "QUICKNET_HTTP_PORT": str(free_port())}
-    assert subprocess.run([sys.executable, "-m", "quicknet_cli", "probe"], env=dead, timeout=60).returncode == 1
+    assert subprocess.run([sys.executable, "-m", "quicknet", "probe"], env=dead, timeout=60).returncode == 1
 
 
 def _metric_names(expr: str) -> set[str]:

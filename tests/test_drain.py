@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import queued_images, start_server
+from quicknet.testing import queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
 
@@ -105,7 +105,7 @@ def test_ready_only_after_every_bucket_is_warmed(tmp_path):
                     stub = health_pb2_grpc.HealthStub(ch)
                     health = [stub.Check(health_pb2.HealthCheckRequest(service=n)).status for n in names]
                 env = {**os.environ, "QUICKNET_HTTP_PORT": str(srv.http_port)}
-                probe = subprocess.run([sys.executable, "-m", "quicknet_cli", "probe", "--ready"], env=env, timeout=30)
+                probe = subprocess.run([sys.executable, "-m", "quicknet", "probe", "--ready"], env=env, timeout=30)
                 seen_warming = (live, refused.status_code, refused.json()["error"], health, probe.returncode)
             time.sleep(0.005)
         first_ready_log = srv.log()

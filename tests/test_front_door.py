@@ -25,7 +25,7 @@ from PIL import Image
 
 from quicknet.client import Client, QuickNetClientError
 from quicknet.serve.images import Limits, decode_image
-from tests.serving import FAST_MODEL, REPO, STORE, publish_shipped, start_server
+from quicknet.testing import FAST_MODEL, REPO, STORE, publish_shipped, start_server
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
 AIRPLANE = (REPO / "examples" / "airplane.jpg").read_bytes()
@@ -351,7 +351,7 @@ def test_an_endpoint_url_or_a_wrong_path_says_what_to_give(server):
 
 def cli(server, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "classify", "--url", server.url, *args],
+        [sys.executable, "-m", "quicknet", "classify", "--url", server.url, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -367,7 +367,7 @@ def test_the_batch_tool_in_a_pipe_that_closes_early_is_quiet(server, tmp_path):
     for i in range(400):  # ~90 KB of CSV: more than a pipe holds, so the writer meets the closed end
         (folder / f"{i:03}.png").write_bytes(CAT)
     command = (
-        f"{sys.executable} -m quicknet_cli classify {folder} --url {server.url} --format csv | head -2; "
+        f"{sys.executable} -m quicknet classify {folder} --url {server.url} --format csv | head -2; "
         'echo "exit ${PIPESTATUS[0]}" >&2'
     )
     done = subprocess.run(

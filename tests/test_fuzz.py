@@ -335,7 +335,7 @@ def test_the_long_run_script_runs_and_reports(tmp_path):
     import subprocess
     import sys
 
-    from tests.serving import REPO
+    from quicknet.testing import REPO
 
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.fuzz", "--seconds", "2", "--targets", "grpc", "--no-save"],

@@ -25,7 +25,7 @@ from quicknet.build.fold import fold
 from quicknet.build.model import ArchConfig, QuickNet
 from quicknet.errors import BuildError
 from quicknet.serve.backends.pytorch import build_folded
-from tests.serving import REPO
+from quicknet.testing import REPO
 
 # The layers of quicknet at 1/16 width: every kind of fused layer (stem, plain, pooled, mean), fast
 # in the interpreter (which runs one program at a time in numpy).

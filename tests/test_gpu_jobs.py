@@ -31,7 +31,7 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     from quicknet.build.gpu_train import ARMS
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "quicknet_cli", "gpu-train", "--dry-run", "--out", str(out)]
+    cmd = [sys.executable, "-m", "quicknet", "gpu-train", "--dry-run", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     files = _results_folder_fits_the_device_limits(out)

@@ -284,7 +284,7 @@ MODEL = "quicknet-xs"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.serving import start_server
+    from quicknet.testing import start_server
 
     root = tmp_path_factory.mktemp("hardening2")
     (root / "keys").write_text(KEY + "\n")

@@ -22,8 +22,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from quicknet import store
+from quicknet.testing import metric, publish_shipped, start_server
 from tests.hung import assert_nothing_else_computed, computed_images, held_engine
-from tests.serving import metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 RAW = {"Content-Type": "application/octet-stream"}

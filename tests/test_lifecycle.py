@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from quicknet import store
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import STORE, free_port, metric, publish_shipped, start_server
+from quicknet.testing import STORE, free_port, metric, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 RAW = {"Content-Type": "application/octet-stream"}

@@ -11,7 +11,7 @@ import pytest
 
 from quicknet.errors import StoreError
 from quicknet.serve.config import Settings
-from tests.serving import FAST_MODEL, STORE, free_port, start_server
+from quicknet.testing import FAST_MODEL, STORE, free_port, start_server
 
 
 def _store(tmp_path, config: dict | str | None):
@@ -53,7 +53,7 @@ def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_lo
     import subprocess
     import sys
 
-    from tests.serving import REPO
+    from quicknet.testing import REPO
 
     root = _store(tmp_path, {"max_batch_size": 4, "max_queue_delay_ms": 3, "instances": 2})
     srv = start_server(tmp_path, store=root, max_batch_size=32)
@@ -65,7 +65,7 @@ def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_lo
     finally:
         assert srv.stop() == 0, srv.log()
 
-    from tests.serving import publish_shipped
+    from quicknet.testing import publish_shipped
 
     publish_shipped(root, "twin")  # a second model, after the default: its config is checked before any load
     (root / "twin" / "config.json").write_text('{"instances": -1}')
@@ -73,7 +73,7 @@ def test_the_server_runs_a_model_by_its_config_and_refuses_a_wrong_one_before_lo
     env = {"QUICKNET_MODEL_STORE": str(root), "QUICKNET_HTTP_PORT": str(free_port())}
     env["QUICKNET_GRPC_PORT"] = str(free_port())
     out = subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "quicknet", "serve"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "twin/config.json: instances: " in out.stderr and "loaded" not in out.stderr

@@ -21,7 +21,7 @@ from quicknet.serve.config import Settings
 from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import create_app
-from tests.serving import REPO, publish_shipped, start_server
+from quicknet.testing import REPO, publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 TWIN = "twin"

@@ -12,8 +12,8 @@ import sys
 import httpx
 import pytest
 
-import quicknet_cli
-from tests.serving import FAST_MODEL, REPO, STORE, free_port, publish_shipped, start_server
+import quicknet.cli as quicknet_cli
+from quicknet.testing import FAST_MODEL, REPO, STORE, free_port, publish_shipped, start_server
 
 USER = "user-key-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
@@ -195,7 +195,7 @@ def test_json_access_lines_carry_the_same_fields():
 
 def quicknet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "quicknet", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.perf_analyzer import BrokenInstall, InstallError, install, run
-from tests.serving import start_server
+from quicknet.testing import start_server
 
 MODEL = "quicknet-xs"
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from quicknet.build import data, progress
 from quicknet.build.ortrun import onnx_logits
-from tests.serving import STORE
+from quicknet.testing import STORE
 
 
 def _jpegs(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.serving import REPO, SHIPPED_STORE, start_server
+from quicknet.testing import REPO, SHIPPED_STORE, start_server
 
 
 def readme_curls() -> list[str]:

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tests.serving import REPO
+from quicknet.testing import REPO
 
 
 def test_the_overload_scenario_runs_and_reports():

@@ -27,7 +27,7 @@ from quicknet.serve.engine import Engine
 from quicknet.serve.kserve import rest as kserve_rest
 from quicknet.serve.runtime import RepositoryError, Runtime
 from quicknet.serve.transport.http import create_app
-from tests.serving import publish_shipped, start_server
+from quicknet.testing import publish_shipped, start_server
 
 MODEL = "quicknet-xs"
 KEY = "inference-key-0123456789"

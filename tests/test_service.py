@@ -22,8 +22,8 @@ from quicknet import store
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.build.ortrun import onnx_logits
+from quicknet.testing import STORE, metric, start_server
 from tests.hung import assert_nothing_else_computed, computed_images, held_engine
-from tests.serving import STORE, metric, start_server
 
 
 @pytest.fixture(scope="module")
@@ -650,11 +650,11 @@ def test_settings_have_flags_and_env_twins():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "quicknet_cli", "serve", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "quicknet", "serve", "--help"], capture_output=True, text=True)
     assert "--http-port" in out.stdout and "QUICKNET_HTTP_PORT" in out.stdout
     assert "--max-queue-delay-ms" in out.stdout and "--backend" in out.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "serve", "--http-port", "nope"],
+        [sys.executable, "-m", "quicknet", "serve", "--http-port", "nope"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quicknet import store
 from quicknet.build.evaluate import evaluate_artifact
-from tests.serving import SHIPPED_STORE
+from quicknet.testing import SHIPPED_STORE
 
 
 def test_shipped_model_accuracy_matches_its_metadata(cifar):

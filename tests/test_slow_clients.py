@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving import metric, start_server
+from quicknet.testing import metric, start_server
 
 LIMITS = {"http_idle_timeout_s": 1, "header_timeout_s": 1, "body_read_timeout_s": 1}
 

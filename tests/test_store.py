@@ -114,7 +114,7 @@ def test_the_tracked_tree_stays_under_30_mib_so_a_gpu_run_can_carry_it():
     import shutil
     import subprocess
 
-    from tests.serving import REPO
+    from quicknet.testing import REPO
 
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout: the tracked tree is what a clone holds")

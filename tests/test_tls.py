@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import REPO, metric, start_server
+from quicknet.testing import REPO, metric, start_server
 
 KEY = "tls-test-key-0123456789"
 CAT = (REPO / "examples" / "cat.png").read_bytes()
@@ -228,7 +228,7 @@ def test_tritonclient_grpc_over_tls_with_a_key(tls_server, pki):
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("QUICKNET_")}
     return subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", *args],
+        [sys.executable, "-m", "quicknet", *args],
         cwd=REPO,
         env={**base, **(env or {})},
         capture_output=True,

@@ -37,8 +37,8 @@ from quicknet.serve.main import TextFormatter
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import create_server
 from quicknet.serve.transport.http import create_app
+from quicknet.testing import REPO, start_server
 from tests.fuzzing import MODEL, ZeroModel
-from tests.serving import REPO, start_server
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -311,7 +311,7 @@ def test_an_otlp_endpoint_that_is_not_a_url_stops_serve_in_one_line():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "quicknet_cli", "serve", "--otlp-endpoint", "collector:4318"],
+        [sys.executable, "-m", "quicknet", "serve", "--otlp-endpoint", "collector:4318"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -26,7 +26,7 @@ from quicknet.serve.config import Settings
 from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import create_app
-from tests.serving import REPO, start_server
+from quicknet.testing import REPO, start_server
 
 KEY = "web-test-key-0123456789abcdef"
 BASE = "http://testserver"
@@ -171,7 +171,7 @@ def test_the_wheel_and_sdist_ship_the_page_and_the_docs_assets(tmp_path):
     """An installed service serves them too: pyproject's package-data puts them in both."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "quicknet_cli.py"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "quicknet/cli.py"):
         shutil.copy(REPO / name, src / name)
     for package in ("quicknet",):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))

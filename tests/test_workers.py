@@ -22,7 +22,7 @@ import pytest
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from tests.serving import Server, metric, queued_images, start_server
+from quicknet.testing import Server, metric, queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
 

@@ -2,8 +2,8 @@
 `classify` and the commands for a running server (`models`, `stats`, `load`, `unload`, `health`)
 from `quicknet.client` (the client extra alone runs them).
 
-It lives outside both packages so that neither imports the other; each command imports its
-heavy libraries only when it runs, so `quicknet serve` starts without torch.
+The top of the house: it imports the layers below it, none of them imports it. Each command
+imports its heavy libraries only when it runs, so `quicknet serve` starts without torch.
 """
 
 from __future__ import annotations

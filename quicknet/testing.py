@@ -1,4 +1,10 @@
-"""Start the real server (`quicknet serve`) as a subprocess on 127.0.0.1 with free ports."""
+"""What the tests and the benchmarks share: the real server (`quicknet serve`) started as a
+subprocess on 127.0.0.1 with free ports, a store of the small shipped model, metric readers.
+
+The top layer (nothing under `quicknet/` imports it) and meant for a checkout of the repository:
+`REPO` is the checkout, and importing this module copies its `quicknet-xs` into a temporary store
+(unless `QUICKNET_TEST_STORE` names one).
+"""
 
 from __future__ import annotations
 
@@ -110,7 +116,7 @@ def start_server(
     log_path = log_dir / f"server-{http_port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "quicknet_cli", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "quicknet", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(proc, http_port, grpc_port, log_path, "https" if tls is not None else "http")
     if not wait_ready:
