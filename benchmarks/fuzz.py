@@ -3,7 +3,7 @@
     python -m benchmarks.fuzz --seconds 300            # each target 300 s, one after another
     python -m benchmarks.fuzz --seconds 5 --targets image --no-save   # a smoke run
 
-Each target of `tests/fuzzing.py` runs in its own process (libFuzzer owns the process and ends
+Each target of `benchmarks/fuzzing.py` runs in its own process (libFuzzer owns the process and ends
 it), seeded with that target's valid inputs; the service's modules and python-multipart are
 instrumented, so inputs that reach new code are kept and mutated further. An input the service
 mishandles (a 5xx, an INTERNAL, an exception where a 4xx belongs) is not a crash here: it is
@@ -87,7 +87,7 @@ def child(target: str, seconds: float, stats_path: Path, save: bool) -> None:
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     logging.getLogger("quicknet").setLevel(logging.CRITICAL + 1)  # 500s are counted here, not logged
     with atheris.instrument_imports(include=INSTRUMENT):
-        from tests.fuzzing import SEEDS, Finding, Harness, save_finding
+        from benchmarks.fuzzing import SEEDS, Finding, Harness, save_finding
 
         harness = Harness()  # it imports the fronts: inside, so they are instrumented too
     logging.getLogger("quicknet").setLevel(logging.ERROR)  # the harness's handler reads the tracebacks

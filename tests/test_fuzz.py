@@ -1,8 +1,8 @@
-"""Fuzzing every parser a client reaches (see tests/fuzzing.py): structured hostile inputs from
+"""Fuzzing every parser a client reaches (see benchmarks/fuzzing.py): structured hostile inputs from
 hypothesis, a short deterministic run on each CI, then every input that ever failed
 (`tests/fuzz_corpus/`) replayed. The long coverage-guided run is `python -m benchmarks.fuzz`.
 
-A failure prints the input; `tests.fuzzing.save_finding(target, data)` keeps it in the corpus."""
+A failure prints the input; `benchmarks.fuzzing.save_finding(target, data)` keeps it in the corpus."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzzing import CORPUS, GRPC_METHODS, MODEL, SEEDS, Harness
+from benchmarks.fuzzing import CORPUS, GRPC_METHODS, MODEL, SEEDS, Harness
 
 EXAMPLES = 800
 FUZZ = settings(

@@ -38,7 +38,7 @@ from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import create_server
 from quicknet.serve.transport.http import create_app
 from quicknet.testing import REPO, start_server
-from tests.fuzzing import MODEL, ZeroModel
+from benchmarks.fuzzing import MODEL, ZeroModel
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -36,7 +36,7 @@ from quicknet.serve.images import InputError, Limits, decode_image
 from quicknet.serve.model import ModelHandle, ModelInfo, Statistics
 from quicknet.serve.transport.grpc import INTERNAL_ERROR
 
-CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "fuzz_corpus"
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MODEL = "quicknet-xs"
 LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=1 << 20, max_images=16)
