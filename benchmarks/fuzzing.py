@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from quicknet.serve.batcher import Batcher, Timing
-from quicknet.serve.images import InputError, Limits, decode_image
+from quicknet.serve.errors import InputError
+from quicknet.serve.images import Limits, decode_image
 from quicknet.serve.model import ModelHandle, ModelInfo, Statistics
 from quicknet.serve.transport.grpc import INTERNAL_ERROR
 

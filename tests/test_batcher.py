@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from quicknet.serve.batcher import Batcher, DeadlineExceeded, NotAccepting, QueueFull
+from quicknet.serve.batcher import Batcher
+from quicknet.serve.errors import DeadlineExceeded, NotAccepting, QueueFull
 
 
 class SlowEngine:

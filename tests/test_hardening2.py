@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from quicknet.serve import images
-from quicknet.serve.images import InputError, Limits, decode_image
+from quicknet.serve.errors import InputError
+from quicknet.serve.images import Limits, decode_image
 
 LIMITS = Limits(max_image_bytes=8 << 20, max_image_pixels=40_000_000, max_images=256)
 

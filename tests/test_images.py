@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quicknet.serve.images import InputError, Limits, decode_image, decode_images, decode_pixels
+from quicknet.serve.errors import InputError
+from quicknet.serve.images import Limits, decode_image, decode_images, decode_pixels
 
 LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000, max_images=4)
 RNG = np.random.default_rng(0)

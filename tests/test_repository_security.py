@@ -24,8 +24,9 @@ from quicknet.errors import StoreError
 from quicknet.serve import web
 from quicknet.serve.config import Settings
 from quicknet.serve.engine import Engine
+from quicknet.serve.errors import RepositoryError
 from quicknet.serve.kserve import rest as kserve_rest
-from quicknet.serve.runtime import RepositoryError, Runtime
+from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import create_app
 from quicknet.testing import publish_shipped, start_server
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from quicknet.serve.batcher import NotAccepting
 from quicknet.serve.config import Settings
-from quicknet.serve.runtime import ModelNotFound, Runtime
+from quicknet.serve.errors import ModelNotFound, NotAccepting
+from quicknet.serve.runtime import Runtime
 
 
 def test_serving_refuses_until_ready_and_while_draining():
@@ -63,7 +63,7 @@ def test_list_and_dict_settings_take_json_in_the_environment(monkeypatch):
 
 def test_serving_refuses_before_the_body_when_the_queue_is_full():
     """`serving()` is every front's first step: a full queue refuses there, before any body is read."""
-    from quicknet.serve.batcher import QueueFull
+    from quicknet.serve.errors import QueueFull
     from quicknet.serve.model import ModelHandle, ModelInfo
 
     class Full(ModelHandle):

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from benchmarks.fuzzing import MODEL, ZeroModel
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.serve import tracing
@@ -38,7 +39,6 @@ from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import create_server
 from quicknet.serve.transport.http import create_app
 from quicknet.testing import REPO, start_server
-from benchmarks.fuzzing import MODEL, ZeroModel
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -24,30 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from quicknet.serve import metrics
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue_images` already; retry after `retry_after_s`."""
-
-    def __init__(self, retry_after_s: float):
-        super().__init__("server is at capacity; retry shortly")
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before its images reached the engine."""
-
-
-class EngineFailure(Exception):
-    """The engine raised on the batch holding this request; the message carries its reason."""
-
-
-class NotAccepting(Exception):
-    """Not taking work: still loading (`not_ready`) or draining for shutdown (`draining`)."""
-
-    def __init__(self, message: str, reason: str = "draining"):
-        super().__init__(message)
-        self.reason = reason
+from quicknet.serve.errors import DeadlineExceeded, NotAccepting, QueueFull
 
 
 @dataclass

@@ -11,6 +11,25 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def parse_policy(text: str) -> tuple[str, tuple[int, ...]]:
+    """`latest:N`, `all` or `specific:1,3` -> (kind, numbers); ValueError with one line if malformed."""
+    kind, _, rest = text.strip().partition(":")
+    try:
+        if kind == "all" and not rest:
+            return "all", ()
+        if kind == "latest":
+            n = int(rest)
+            if n >= 1:
+                return "latest", (n,)
+        if kind == "specific":
+            numbers = tuple(int(x) for x in rest.split(","))
+            if numbers and all(x >= 1 for x in numbers):
+                return "specific", numbers
+    except ValueError:
+        pass
+    raise ValueError(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKNET_", protected_namespaces=())
 
@@ -139,16 +158,12 @@ class Settings(BaseSettings):
     @field_validator("version_policy")
     @classmethod
     def _policy(cls, text: str) -> str:
-        from quicknet.serve.engine import parse_policy
-
         parse_policy(text)
         return text
 
     @field_validator("version_policies")
     @classmethod
     def _policies(cls, policies: dict[str, str]) -> dict[str, str]:
-        from quicknet.serve.engine import parse_policy
-
         for text in policies.values():
             parse_policy(text)
         return policies
@@ -165,7 +180,7 @@ class Settings(BaseSettings):
     @field_validator("fault_injection")
     @classmethod
     def _fault_plan(cls, spec: str) -> str:
-        from quicknet.serve.backends.faults import FaultPlan
+        from quicknet.serve.faults import FaultPlan
 
         FaultPlan.parse(spec)
         return spec

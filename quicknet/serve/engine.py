@@ -20,10 +20,17 @@ from quicknet import store
 from quicknet.errors import QuickNetError, StoreError
 from quicknet.serve import metrics
 from quicknet.serve.backends import Backend, choose, load_backend
-from quicknet.serve.batcher import Batcher, DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
-from quicknet.serve.config import Settings
+from quicknet.serve.batcher import Batcher, Timing
+from quicknet.serve.config import Settings, parse_policy
+from quicknet.serve.errors import (
+    DeadlineExceeded,
+    EngineFailure,
+    ModelNotFound,
+    NotAccepting,
+    QueueFull,
+    RepositoryError,
+)
 from quicknet.serve.model import ModelHandle, ModelInfo, Statistics
-from quicknet.serve.runtime import RepositoryError
 
 log = logging.getLogger("quicknet.service")
 
@@ -90,25 +97,6 @@ class LocalModel(ModelHandle):
 
 
 VersionKey = tuple[str, int]
-
-
-def parse_policy(text: str) -> tuple[str, tuple[int, ...]]:
-    """`latest:N`, `all` or `specific:1,3` -> (kind, numbers); ValueError with one line if malformed."""
-    kind, _, rest = text.strip().partition(":")
-    try:
-        if kind == "all" and not rest:
-            return "all", ()
-        if kind == "latest":
-            n = int(rest)
-            if n >= 1:
-                return "latest", (n,)
-        if kind == "specific":
-            numbers = tuple(int(x) for x in rest.split(","))
-            if numbers and all(x >= 1 for x in numbers):
-                return "specific", numbers
-    except ValueError:
-        pass
-    raise ValueError(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
 
 
 def pick_versions(available: list[int], policy: str) -> list[int]:
@@ -309,7 +297,7 @@ class Engine:
         if self.settings.warmup:
             await loop.run_in_executor(None, backend.warmup)
         if self.settings.fault_injection:
-            from quicknet.serve.backends.faults import FaultPlan, FaultyBackend
+            from quicknet.serve.faults import FaultPlan, FaultyBackend
 
             spec = self.settings.fault_injection
             backend = FaultyBackend(backend, FaultPlan.parse(spec), spec)
@@ -411,7 +399,7 @@ class Engine:
         self._explicit_only()
         name = self._model_name(name)
         if not store.list_versions(self.settings.store_root, name):
-            raise StoreError(f"model {store.shown(name)} is not found in the model store")  # 404
+            raise ModelNotFound(f"model {store.shown(name)} is not found in the model store")
         self.requested.add(name)
         for key in [k for k, st in self.states.items() if k[0] == name and st.state == "UNAVAILABLE"]:
             del self.states[key]  # a repository load is a retry
@@ -437,7 +425,7 @@ class Engine:
         if name == self.default_name:
             raise RepositoryError(f"{name!r} is the default model (/classify answers with it): it stays loaded")
         if name not in self.requested and not any(k[0] == name for k in self.loaded):
-            raise ModelNotFoundError(f"model {name!r} is not loaded")
+            raise ModelNotFound(f"model {name!r} is not loaded")
         self.requested.discard(name)
         try:
             await self.reconcile()
@@ -462,10 +450,6 @@ class Engine:
             task.cancel()
         for m in [*self.loaded.values(), *self.retiring.values()]:
             await m.close()
-
-
-class ModelNotFoundError(LookupError):
-    """Load of a model the store does not have; unload of a model that is not loaded."""
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")

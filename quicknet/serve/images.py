@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
+from quicknet.serve.errors import InputError, clip
+
 try:
     import pyspng
 except ImportError:  # optional: without it every PNG takes the Pillow path
@@ -45,21 +47,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # 1 MiB a chunk (Pillow's own, which also bounds an ICC profile): past that, the image is refused.
 PngImagePlugin.MAX_TEXT_MEMORY = 4 << 20
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit is checked first
-
-
-def clip(text: str, limit: int) -> str:
-    """`text`, cut to `limit` characters with "…" when longer: what an answer echoes of a request."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class InputError(Exception):
-    """A request the client must fix; `status` is the HTTP code (gRPC maps it). The message is one
-    line of at most 300 characters, whatever the request held (a name, a shape) that it echoes."""
-
-    def __init__(self, message: str, status: int = 400, reason: str = "bad_input"):
-        super().__init__(clip(message, 300))
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)

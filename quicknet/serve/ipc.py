@@ -33,10 +33,19 @@ from collections import deque
 
 import numpy as np
 
-from quicknet.errors import QuickNetError
-from quicknet.serve.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
+from quicknet.serve.batcher import Timing
+from quicknet.serve.errors import (
+    EngineFailure,
+    ModelNotFound,
+    NotAccepting,
+    QueueFull,
+    Refusal,
+    RepositoryError,
+    from_wire,
+    to_wire,
+)
 from quicknet.serve.model import ModelHandle, ModelInfo
-from quicknet.serve.runtime import ModelNotFound, RepositoryError, Runtime
+from quicknet.serve.runtime import Runtime
 
 log = logging.getLogger("quicknet.ipc")
 
@@ -148,20 +157,6 @@ class RemoteModel(ModelHandle):
             raise QueueFull(1.0)
 
 
-def _refusal(kind: str, message: str, extra) -> Exception:
-    if kind == "repository":
-        return RepositoryError(message)
-    if kind == "queue_full":
-        return QueueFull(extra)
-    if kind == "deadline":
-        return DeadlineExceeded(message)
-    if kind == "not_accepting":
-        return NotAccepting(message, extra)
-    if kind == "not_found":
-        return ModelNotFound(message)
-    return EngineFailure(message)
-
-
 class EngineClient:
     """A front's link to the engine process; it is the front's `ModelSource`."""
 
@@ -229,7 +224,7 @@ class EngineClient:
         elif kind == "error":
             self.ring.release(blocks)
             if not future.done():
-                future.set_exception(_refusal(*rest[1:]))
+                future.set_exception(from_wire(*rest[1:]))
         elif kind in ("stats", "result") and not future.done():
             future.set_result(rest[1])
         if not self.pending:
@@ -423,7 +418,6 @@ class EngineServer:
 
     async def _repository_call(self, outbox: Outbox, request_id: int, method: str, args: tuple) -> None:
         """index / load / unload on the engine, for a front's repository API."""
-        from quicknet.serve.engine import ModelNotFoundError
 
         try:
             if method == "index":
@@ -432,20 +426,19 @@ class EngineServer:
                 result = await self.engine.load_model(*args)
             else:
                 result = await self.engine.unload_model(*args)
-        except (ModelNotFoundError, QuickNetError) as e:
-            outbox.send(("error", request_id, "not_found", str(e), None))
-        except RepositoryError as e:
-            outbox.send(("error", request_id, "repository", str(e), None))
+        except Refusal as e:
+            outbox.send(("error", request_id, *to_wire(e)))
         except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting
             log.exception("repository %s failed in the engine process", method)
-            outbox.send(("error", request_id, "repository", f"repository {method} failed; see the server log", None))
+            failed = RepositoryError(f"repository {method} failed; see the server log")
+            outbox.send(("error", request_id, *to_wire(failed)))
         else:
             outbox.send(("result", request_id, result))
 
     async def _stats(self, outbox: Outbox, request_id: int, name: str, version: int) -> None:
         model = self.engine.lookup(name, version)
         if model is None:
-            outbox.send(("error", request_id, "not_found", f"model {name!r} v{version} is not served", None))
+            outbox.send(("error", request_id, *to_wire(ModelNotFound(f"model {name!r} v{version} is not served"))))
         else:
             outbox.send(("stats", request_id, await model.statistics()))
 
@@ -462,26 +455,20 @@ class EngineServer:
         protocol: str,
     ) -> None:
         model = self.engine.lookup(name, version)  # a retiring version still serves what was routed to it
-        if model is None or not self.accepting:
-            kind, text = ("not_found", f"model {name!r} v{version} is not served") if model else ("not_accepting", "")
-            outbox.send(("error", request_id, kind, text or "engine is shutting down; retry shortly", "draining"))
-            return
         try:
+            if model is None:
+                raise ModelNotFound(f"model {name!r} v{version} is not served")
+            if not self.accepting:
+                raise NotAccepting("engine is shutting down; retry shortly", "draining")
             logits, timing = await model.submit(ring.images(blocks, n), deadline, protocol)
-        except asyncio.CancelledError:
-            outbox.send(("error", request_id, "cancelled", "cancelled", None))
+        except asyncio.CancelledError:  # the front cancelled it, or the engine is stopping: its future ends
+            outbox.send(("error", request_id, *to_wire(EngineFailure("cancelled"))))
             return
-        except QueueFull as e:
-            outbox.send(("error", request_id, "queue_full", str(e), e.retry_after_s))
-            return
-        except DeadlineExceeded as e:
-            outbox.send(("error", request_id, "deadline", str(e), None))
-            return
-        except NotAccepting as e:
-            outbox.send(("error", request_id, "not_accepting", str(e), e.reason))
+        except Refusal as e:
+            outbox.send(("error", request_id, *to_wire(e)))
             return
         except Exception as e:  # the engine failed on this request's batch: the reason travels
-            outbox.send(("error", request_id, "engine_error", str(e), None))
+            outbox.send(("error", request_id, *to_wire(EngineFailure(str(e)))))
             return
         ring.write_logits(blocks, logits)
         outbox.send(("done", request_id, (timing.queue_s, timing.infer_s, timing.input_s, timing.output_s)))

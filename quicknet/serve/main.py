@@ -36,11 +36,11 @@ from quicknet.serve.backends import BackendError
 from quicknet.serve.classifier import grpc as classifier_grpc
 from quicknet.serve.classifier import rest as classifier_rest
 from quicknet.serve.config import Settings
-from quicknet.serve.engine import Engine, ModelNotFoundError
+from quicknet.serve.engine import Engine
 from quicknet.serve.gpu import sample_forever
 from quicknet.serve.kserve import grpc as kserve_grpc
 from quicknet.serve.kserve import rest as kserve_rest
-from quicknet.serve.runtime import ModelNotFound, ModelSource, Runtime
+from quicknet.serve.runtime import ModelSource, Runtime
 from quicknet.serve.transport import grpc as grpc_transport
 from quicknet.serve.transport import http as http_transport
 from quicknet.serve.transport.connections import protocol_for
@@ -165,16 +165,10 @@ class LocalSource:
         return self.engine.index(ready_only)
 
     async def load(self, name: str) -> None:
-        try:
-            await self.engine.load_model(name)
-        except QuickNetError as e:  # the store has no such model
-            raise ModelNotFound(str(e)) from None
+        await self.engine.load_model(name)
 
     async def unload(self, name: str) -> None:
-        try:
-            await self.engine.unload_model(name)
-        except ModelNotFoundError as e:
-            raise ModelNotFound(str(e)) from None
+        await self.engine.unload_model(name)
 
     async def drain(self, timeout_s: float) -> bool:
         return await self.engine.drain(timeout_s)
@@ -438,7 +432,7 @@ def run(settings: Settings) -> int:
     if settings.front_workers > 1:
         from quicknet.serve.supervisor import supervise
 
-        return supervise(settings)
+        return supervise(settings, run_engine, run_front)
     return _run_loop(serve(settings, lambda runtime: LocalSource(settings, runtime)))
 
 

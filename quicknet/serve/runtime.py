@@ -15,31 +15,21 @@ from typing import Protocol
 from quicknet import store
 from quicknet.serve import metrics
 from quicknet.serve.auth import RepositoryGuard
-from quicknet.serve.batcher import NotAccepting
 from quicknet.serve.config import Settings
-from quicknet.serve.images import InputError, Limits
+from quicknet.serve.errors import InputError, ModelNotFound, NotAccepting
+from quicknet.serve.images import Limits
 from quicknet.serve.model import ModelHandle, Prediction, softmax, top_k
 
 __all__ = [
     "ModelHandle",
-    "ModelNotFound",
     "ModelSource",
     "Prediction",
     "Repository",
-    "RepositoryError",
     "Runtime",
     "check_model_name",
     "softmax",
     "top_k",
 ]
-
-
-class ModelNotFound(Exception):
-    """No such model or version is being served."""
-
-
-class RepositoryError(Exception):
-    """A repository request that cannot be done (wrong mode, the default model, a failed load)."""
 
 
 def check_model_name(name: object) -> str:

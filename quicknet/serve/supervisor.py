@@ -23,6 +23,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -42,18 +43,11 @@ def name_process(name: str) -> None:
         Path("/proc/self/comm").write_text(name[:15])
 
 
-def _engine_main(settings: Settings, path: str) -> None:
-    from quicknet.serve.main import run_engine
-
-    name_process("quicknet-engine")
-    raise SystemExit(run_engine(settings, path))
-
-
-def _front_main(settings: Settings, path: str) -> None:
-    from quicknet.serve.main import run_front
-
-    name_process("quicknet-front")
-    raise SystemExit(run_front(settings, path))
+def _child_main(process_name: str, entry: Callable[[Settings, str], int], settings: Settings, path: str) -> None:
+    """A child's target: `entry` is `main.run_engine` or `main.run_front`, handed in by `main.run`
+    (pickled by name, so the child imports `main` itself: this module never imports it)."""
+    name_process(process_name)
+    raise SystemExit(entry(settings, path))
 
 
 def _free_port(host: str, port: int, what: str, flag: str) -> int:
@@ -99,7 +93,9 @@ class _Child:
         return p.exitcode
 
 
-def supervise(settings: Settings) -> int:
+def supervise(
+    settings: Settings, run_engine: Callable[[Settings, str], int], run_front: Callable[[Settings, str], int]
+) -> int:
     http_port = _free_port(settings.http_host, settings.http_port, "REST", "--http-port")
     grpc_port = _free_port(settings.grpc_host, settings.grpc_port, "gRPC", "--grpc-port")
     settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port})
@@ -110,8 +106,11 @@ def supervise(settings: Settings) -> int:
     os.environ["QUICKNET_SUPERVISED"] = "1"
     path = str(workdir / "engine.sock")
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads or an event loop
-    engine = _Child(ctx, "engine", _engine_main, (settings, path))
-    fronts = [_Child(ctx, f"front-{i}", _front_main, (settings, path)) for i in range(settings.front_workers)]
+    engine = _Child(ctx, "engine", _child_main, ("quicknet-engine", run_engine, settings, path))
+    fronts = [
+        _Child(ctx, f"front-{i}", _child_main, ("quicknet-front", run_front, settings, path))
+        for i in range(settings.front_workers)
+    ]
 
     stopping = False
 

@@ -16,38 +16,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-import numpy as np
+from quicknet.serve.backends.base import Backend, BackendError, warmup_sizes
 
-from quicknet.serve.config import Settings
-from quicknet.store import ModelVersion
+if TYPE_CHECKING:
+    from quicknet.serve.config import Settings
+    from quicknet.store import ModelVersion
+
+__all__ = ["ENGINES", "Backend", "BackendError", "choose", "load_backend", "warmup_sizes"]
 
 log = logging.getLogger("quicknet.backends")
-
-
-class BackendError(Exception):
-    """The engine cannot load or run: a one-line reason and what to do."""
-
-
-class Backend(Protocol):
-    name: str
-    max_batch_size: int
-
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
-
-    def warmup(self) -> None: ...
-
-    def describe(self) -> dict: ...
-
-
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two up to the max, and the max: the batch buckets an engine will see."""
-    sizes, s = [], 1
-    while s < max_batch_size:
-        sizes.append(s)
-        s *= 2
-    return [*sizes, max_batch_size]
 
 
 # One table: engine name -> (module, class). Modules import their engine library lazily.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet.serve.backends import BackendError
+from quicknet.serve.backends.base import BackendError
 
 FOLDED_FORMAT = "quicknet-folded/1"
 # Nodes that carry no weights of their own: the uint8 cast and layout change, the PReLU form's

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quicknet.serve.backends import BackendError
+from quicknet.serve.backends.base import BackendError
 from quicknet.serve.backends.pytorch import TorchBackend
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from quicknet.serve.backends import BackendError, warmup_sizes
+from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion
 

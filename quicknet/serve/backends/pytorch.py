@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet.serve.backends import BackendError, warmup_sizes
+from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.backends.folded_onnx import FOLDED_FORMAT
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from quicknet.errors import StoreError
-from quicknet.serve.backends import BackendError, warmup_sizes
+from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion, gpu_identity, plan_filename
 

@@ -15,7 +15,8 @@ import numpy as np
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.serve import metrics, tracing
-from quicknet.serve.images import InputError, check_count, clip, decode_image, decode_pixels, image_label
+from quicknet.serve.errors import InputError, clip
+from quicknet.serve.images import check_count, decode_image, decode_pixels, image_label
 from quicknet.serve.model import ModelHandle, Prediction
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import deadline_of, to_rpc_error, unary_call

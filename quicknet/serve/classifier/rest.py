@@ -37,11 +37,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from quicknet.serve import metrics, tracing
 from quicknet.serve.classifier.schemas import ClassifyResponse, ModelsResponse, PredictionsResponse
+from quicknet.serve.errors import InputError, clip
 from quicknet.serve.images import (
     PIXELS_PER_IMAGE,
-    InputError,
     check_count,
-    clip,
     decode_image,
     decode_images,
     decode_pixels,

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quicknet.serve.images import PIXELS_PER_IMAGE, InputError, Limits, check_count, clip, decode_images
+from quicknet.serve.errors import InputError, clip
+from quicknet.serve.images import PIXELS_PER_IMAGE, Limits, check_count, decode_images
 from quicknet.serve.model import ModelHandle, softmax
 from quicknet.serve.runtime import Runtime
 

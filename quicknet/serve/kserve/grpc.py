@@ -17,7 +17,7 @@ import numpy as np
 from quicknet.api._generated import grpc_predict_v2_pb2 as pb
 from quicknet.api._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from quicknet.serve import metrics, tracing
-from quicknet.serve.images import InputError
+from quicknet.serve.errors import InputError
 from quicknet.serve.kserve import (
     EXTENSIONS,
     OUTPUT,

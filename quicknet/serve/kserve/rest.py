@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from quicknet.serve import metrics, tracing
-from quicknet.serve.images import PIXELS_PER_IMAGE, InputError, Limits
+from quicknet.serve.errors import InputError
+from quicknet.serve.images import PIXELS_PER_IMAGE, Limits
 from quicknet.serve.kserve import (
     EXTENSIONS,
     INPUT,

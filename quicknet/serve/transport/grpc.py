@@ -24,21 +24,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from quicknet.serve import metrics, tracing
 from quicknet.serve.auth import ApiKeys
-from quicknet.serve.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull
-from quicknet.serve.images import InputError, clip
-from quicknet.serve.runtime import ModelNotFound, RepositoryError, Runtime
+from quicknet.serve.errors import InputError, Refusal, clip
+from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
 
 log = logging.getLogger("quicknet.grpc")
 INTERNAL_ERROR = "internal error; the server log has the details"  # REST's 500 says the same
-HTTP_TO_GRPC = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-}
-
 
 MAX_ERROR_CHARS = 1000  # the status message travels in a header: what it echoes must stay small
 
@@ -50,23 +42,11 @@ class RpcError(Exception):
 
 
 def to_rpc_error(e: Exception) -> RpcError:
-    """Every refusal the service can make, as a gRPC status (the HTTP twin is `transport.http.refusal_to_http`)."""
+    """Any exception as a gRPC status: a refusal by its kind's table entry, anything else an internal error."""
     if isinstance(e, RpcError):
         return e
-    if isinstance(e, InputError):
-        return RpcError(HTTP_TO_GRPC.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e), e.reason)
-    if isinstance(e, QueueFull):
-        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after_s:.0f}s)", "queue_full")
-    if isinstance(e, DeadlineExceeded):
-        return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e), "deadline")
-    if isinstance(e, NotAccepting):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, str(e), e.reason)
-    if isinstance(e, ModelNotFound):
-        return RpcError(grpc.StatusCode.NOT_FOUND, str(e), "not_found")
-    if isinstance(e, RepositoryError):
-        return RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e), "repository")
-    if isinstance(e, EngineFailure):
-        return RpcError(grpc.StatusCode.INTERNAL, f"inference failed: {e}", "engine_error")
+    if isinstance(e, Refusal):  # status, message and reason come from its kind (`errors`)
+        return RpcError(grpc.StatusCode[e.grpc_code], e.rpc_message(), e.reason)
     # a bug, not a refusal: the log gets the traceback, the client one line without paths or names
     log.exception("unhandled error in a gRPC call")
     return RpcError(grpc.StatusCode.INTERNAL, INTERNAL_ERROR, "internal")
@@ -100,9 +80,10 @@ async def unary_call(protocol: str, endpoint: str, fn: Callable, request, contex
         err = to_rpc_error(e)
         code = err.code
         metrics.rejected(protocol, err.reason)
-        if isinstance(e, QueueFull):  # REST's Retry-After header, as trailing metadata
-            retry_after = ("retry-after", str(int(max(1, round(e.retry_after_s)))))
-            context.set_trailing_metadata((*(context.trailing_metadata() or ()), retry_after))
+        headers = e.headers() if isinstance(e, Refusal) else {}  # REST's Retry-After, as trailing metadata
+        if headers:
+            extra = tuple((k.lower(), v) for k, v in headers.items())
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), *extra))
         await context.abort(err.code, str(err))
     finally:
         metrics.request_done(protocol, endpoint, code.name, time.perf_counter() - start)

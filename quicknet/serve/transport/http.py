@@ -28,9 +28,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quicknet.serve import metrics, tracing
 from quicknet.serve.auth import ApiKeys
-from quicknet.serve.batcher import DeadlineExceeded, EngineFailure, NotAccepting, QueueFull, Timing
-from quicknet.serve.images import InputError, clip
-from quicknet.serve.runtime import ModelNotFound, RepositoryError, Runtime
+from quicknet.serve.batcher import Timing
+from quicknet.serve.errors import InputError, Refusal, clip
+from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
 from quicknet.serve.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
@@ -46,24 +46,9 @@ class HTTPError(Exception):
         self.status, self.reason, self.headers = status, reason, headers or {}
 
 
-REFUSALS = (QueueFull, DeadlineExceeded, NotAccepting, ModelNotFound, EngineFailure, RepositoryError)
-
-
-def refusal_to_http(e: Exception) -> HTTPError:
-    """The runtime's and batcher's refusals as HTTP answers (the gRPC twin is `transport.grpc.to_rpc_error`)."""
-    if isinstance(e, QueueFull):
-        return HTTPError(429, str(e), "queue_full", {"Retry-After": str(int(max(1, round(e.retry_after_s))))})
-    if isinstance(e, DeadlineExceeded):
-        return HTTPError(504, "deadline exceeded before the images reached the engine", "deadline")
-    if isinstance(e, NotAccepting):
-        return HTTPError(503, str(e), e.reason)
-    if isinstance(e, ModelNotFound):
-        return HTTPError(404, str(e), "not_found")
-    if isinstance(e, EngineFailure):
-        return HTTPError(500, f"inference failed: {e}", "engine_error")
-    if isinstance(e, RepositoryError):
-        return HTTPError(400, str(e), "repository")
-    raise TypeError(f"not a refusal: {e!r}")
+def refusal_to_http(e: Refusal) -> HTTPError:
+    """A refusal as its HTTP answer: status, message, reason and headers come from its kind (`errors`)."""
+    return HTTPError(e.http_status, e.http_message(), e.reason, e.headers())
 
 
 MAX_ERROR_CHARS = 1000
@@ -359,16 +344,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         rejected(request, e.reason)
         return error_response(e.status, str(e), e.headers)
 
-    async def _refusal(request: Request, e: Exception) -> JSONResponse:
+    @app.exception_handler(Refusal)
+    async def _refusal(request: Request, e: Refusal) -> JSONResponse:
         return await _http_error(request, refusal_to_http(e))
-
-    for refusal in REFUSALS:
-        app.add_exception_handler(refusal, _refusal)
-
-    @app.exception_handler(InputError)
-    async def _input_error(request: Request, e: InputError) -> JSONResponse:
-        rejected(request, e.reason)
-        return error_response(e.status, str(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
