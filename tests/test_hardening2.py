@@ -516,7 +516,7 @@ def test_grpc_bytes_contents_and_batches_are_counted_before_they_are_copied(monk
 def test_text_log_lines_escape_every_control_character():
     import logging
 
-    from quicknet.serve.main import TextFormatter
+    from quicknet.serve.logs import TextFormatter
 
     record = logging.LogRecord(
         "quicknet.access", logging.INFO, __file__, 1, "%s %s %d", ("GET", "/x\n2030 forged\r\x1b[2J\u2028", 404), None

@@ -182,7 +182,7 @@ def test_the_access_log_names_client_model_version_images_and_why(server):
 def test_json_access_lines_carry_the_same_fields():
     import logging
 
-    from quicknet.serve.main import JsonFormatter, TextFormatter
+    from quicknet.serve.logs import JsonFormatter, TextFormatter
 
     extra = {"client": "10.0.0.1:5", "model": "m", "version": "3", "images": 2, "reason": "bad\nline"}
     record = logging.LogRecord("quicknet.access", logging.INFO, __file__, 1, "POST /classify 400", (), None)

@@ -34,7 +34,7 @@ from quicknet.serve.classifier import rest as classifier_rest
 from quicknet.serve.config import Settings
 from quicknet.serve.kserve import grpc as kserve_grpc
 from quicknet.serve.kserve import rest as kserve_rest
-from quicknet.serve.main import TextFormatter
+from quicknet.serve.logs import TextFormatter
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import create_server
 from quicknet.serve.transport.http import create_app

@@ -1,7 +1,7 @@
 """The server's processes.
 
 `--workers 1`: one process, one event loop: REST (uvicorn) and gRPC (grpc.aio) over one runtime,
-the engines and their batchers in the same process (`LocalSource`).
+the engines and their batchers in the same process (`sources.local.LocalSource`).
 
 `--workers N` (N > 1): a supervisor (`quicknet.serve.supervisor`) starts one engine process
 (`serve_engine`: every model's engine and batcher) and N front processes (`serve` with an
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable, Generator
 
@@ -40,7 +38,9 @@ from quicknet.serve.engine import Engine
 from quicknet.serve.gpu import sample_forever
 from quicknet.serve.kserve import grpc as kserve_grpc
 from quicknet.serve.kserve import rest as kserve_rest
+from quicknet.serve.logs import configure_logging
 from quicknet.serve.runtime import ModelSource, Runtime
+from quicknet.serve.sources.local import LocalSource
 from quicknet.serve.transport import grpc as grpc_transport
 from quicknet.serve.transport import http as http_transport
 from quicknet.serve.transport.connections import protocol_for
@@ -50,56 +50,6 @@ log = logging.getLogger("quicknet.service")
 # The fronts, explicitly: each declares its own routes or servicers and its protocol tag.
 REST_FRONTS = (classifier_rest, kserve_rest, web)  # web: the page at / and the API docs
 GRPC_FRONTS = (classifier_grpc, kserve_grpc)
-
-
-class JsonFormatter(logging.Formatter):
-    FIELDS = ("request_id", "status", "duration_ms", "client", "model", "version", "images", "reason")
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "process": record.processName,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        doc.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def printable(text: str) -> str:
-    """`text` with every control or other non-printable character escaped (`\\x0a`, `\\u2028`): a
-    client's path or header can put no line break, carriage return or terminal escape in a log."""
-    if text.isprintable():  # the usual line: one C call
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
-
-
-class TextFormatter(logging.Formatter):
-    """Plain lines; a request's lines end with its id, so one grep finds a request in every log.
-    One record is one line (a traceback follows on lines of its own): every field is escaped
-    (`printable`), so `GET /x%0A<forged line>` cannot forge a line. JSON lines escape by themselves."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return printable(super().formatMessage(record))
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        request_id = getattr(record, "request_id", None)
-        return f"{line} request_id={printable(str(request_id))}" if request_id else line
-
-
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_json else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
 
 
 class _HttpServer(uvicorn.Server):
@@ -135,46 +85,6 @@ def _tls_options(settings: Settings) -> dict:
     if settings.tls_client_ca is not None:
         options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return options
-
-
-class LocalSource:
-    """Engines in this process: load and warm every version, hand the runtime their handles, and
-    keep them current as versions come and go (poll mode, or the repository API)."""
-
-    def __init__(self, settings: Settings, runtime: Runtime):
-        self.engine = Engine(settings)
-        self.runtime = runtime
-        runtime.repository = self
-
-    async def run(self) -> None:
-        await self.engine.load()
-        self.engine.on_change(self._install)
-        self._install()
-        jobs = [self.engine.watch(self._stalled)]
-        if self.engine.settings.model_control_mode == "poll":
-            jobs.append(self.engine.poll_forever())
-        await asyncio.gather(*jobs)
-
-    def _stalled(self, reason: str | None) -> None:
-        self.runtime.stalled = reason
-
-    def _install(self) -> None:
-        self.runtime.install(self.engine.models, self.engine.default_name)
-
-    async def index(self, ready_only: bool) -> list[dict]:
-        return self.engine.index(ready_only)
-
-    async def load(self, name: str) -> None:
-        await self.engine.load_model(name)
-
-    async def unload(self, name: str) -> None:
-        await self.engine.unload_model(name)
-
-    async def drain(self, timeout_s: float) -> bool:
-        return await self.engine.drain(timeout_s)
-
-    async def close(self) -> None:
-        await self.engine.close()
 
 
 def _cannot_serve(e: BaseException) -> None:
