@@ -118,7 +118,7 @@ def test_the_kernels_compile_for_hopper_without_a_gpu():
     script = """
 import json, triton
 from triton.backends.compiler import GPUTarget
-from quicknet import fused_kernels as k
+from quicknet.build import fused_kernels as k
 sep = {"x_ptr": "*fp16", "dw_ptr": "*fp32", "pw_ptr": "*fp16", "bias_ptr": "*fp32", "slope_ptr": "*fp32",
        "out_ptr": "*fp16", "n_images": "i32"}
 stem = {"x_ptr": "*u8", "w_ptr": "*fp16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "bias_ptr": "*fp32",
