@@ -144,19 +144,19 @@ def stage_compile(
 
 
 def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
-    from quicknet.build.evaluate import evaluate_artifact, plot_confusion
+    from quicknet.build.evaluate import evaluate_artifact, evaluate_checkpoint, plot_confusion
 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
-    artifacts = [("checkpoint", run_dir / CHECKPOINT), ("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
+    if not (run_dir / CHECKPOINT).is_file():
+        raise BuildError(f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first")
+    plain, flip_tta = evaluate_checkpoint(run_dir / CHECKPOINT, split)
+    reports = {"checkpoint": plain, "checkpoint+flip-tta": flip_tta}
+    artifacts = [("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
     artifacts += [("tensorrt", p) for p in sorted(run_dir.glob("*.plan"))]
-    reports = {}
     for kind, path in artifacts:
         if path.is_file():
             reports[kind if kind != "tensorrt" else path.name] = evaluate_artifact(kind, path, split, threads=threads)
-    if "checkpoint" not in reports:
-        raise BuildError(f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first")
-    reports["checkpoint+flip-tta"] = evaluate_artifact("checkpoint", run_dir / CHECKPOINT, split, flip_tta=True)
     if "onnx" in reports:
         # titled with the name the store will publish it under (the training config's), not the folder's
         name = _record(run_dir).get("stages", {}).get("train", {}).get("config", {}).get("model", run_dir.name)
