@@ -30,7 +30,7 @@ serve: venv-serve
 test: venv-dev test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15 -n auto --maxprocesses 2 --dist loadfile
 
 ## What the tests need besides Python: promtool (Debian's prometheus package) unit-tests the alert
 ## rules (tests/test_deploy.py). Installed when missing if we are root; otherwise one line says how.

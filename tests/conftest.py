@@ -57,6 +57,37 @@ def _isolated_service_state(monkeypatch):
     metrics.SERVED.reset(token)
 
 
+# --- two workers (`make test` runs pytest-xdist) ------------------------------------------------
+
+# The modules that keep the CPU busy on their own (training, exporting, scoring 10k images, podman
+# builds, the GPU jobs' dry runs, a saturating load test) share one worker, one test at a time:
+# two of them at once oversubscribe two cores badly (torch's thread pools spin; the tiny training
+# run went from 27 s to 300 s when they met). Every other module stays whole on one worker too
+# (its server fixtures start once). A scheduler of our own, because xdist 3.8's `xdist_group`
+# marker does nothing under pytest 9 (it renames `item._nodeid`, which pytest 9 no longer reads).
+HEAVY = {
+    "test_build_pipeline.py",
+    "test_containers.py",
+    "test_fold_export.py",
+    "test_gpu_engine.py",
+    "test_gpu_jobs.py",
+    "test_reliability.py",
+    "test_shipped_model.py",
+    "test_train.py",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class HeavyTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "heavy" if path.rsplit("/", 1)[-1] in HEAVY else path
+
+    return HeavyTogether(config, log)
+
+
 # --- a claim's test may not skip in CI ---------------------------------------------------------
 
 _SKIPPED: list[str] = []
