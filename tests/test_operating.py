@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -105,6 +106,14 @@ def test_load_needs_an_admin_key_and_the_store_config_is_in_force(server, capsys
     finally:
         code, out, err = cli(capsys, "unload", SECOND, "--url", grpc_url, "--api-key", ADMIN)
     assert code == 0 and re.fullmatch(rf"unloaded {SECOND}: v1 (UNLOADING|UNAVAILABLE)\n", out), err
+    deadline = time.monotonic() + 30  # retired once its last request is answered: the module's next test sees it so
+    while time.monotonic() < deadline:
+        _, out, _ = cli(capsys, "models", "--url", grpc_url, "--api-key", USER, "--json")
+        if {r["name"]: r for r in json.loads(out)}[SECOND]["state"] == "UNAVAILABLE":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"{SECOND} still not UNAVAILABLE 30 s after its unload")
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])

@@ -24,7 +24,7 @@ from quicknet.errors import StoreError
 from quicknet.serve import web
 from quicknet.serve.config import Settings
 from quicknet.serve.engine import Engine
-from quicknet.serve.errors import RepositoryError
+from quicknet.serve.errors import ModelNotFound, RepositoryError
 from quicknet.serve.kserve import rest as kserve_rest
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import create_app
@@ -203,7 +203,7 @@ def test_odd_names_and_folders_never_crash_the_engine(tmp_path, mode):
                 with pytest.raises(RepositoryError, match="is not a model name"):
                     await engine.unload_model(name)
             assert sorted(engine.loaded) == [(MODEL, 1)], "no second engine, nothing from outside the store"
-            with pytest.raises(StoreError) as err:
+            with pytest.raises(ModelNotFound) as err:
                 await engine.load_model("nope")
             assert "not found" in str(err.value)
             assert str(tmp_path) not in str(err.value) and "twin" not in str(err.value), "no path, no model list"
