@@ -407,6 +407,7 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
     """With front processes, an exception the engine did not expect must still answer the front:
     before, the engine's task died and the front's request waited forever."""
     from quicknet.serve.ipc import EngineServer
+    from quicknet.serve.messages import Call, Error
 
     class Broken:
         def index(self, ready_only: bool) -> list[dict]:
@@ -414,15 +415,16 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
 
     class Outbox:
         def __init__(self) -> None:
-            self.sent: list[tuple] = []
+            self.sent: list[object] = []
 
-        def send(self, message: tuple) -> None:
+        def send(self, message: object) -> None:
             self.sent.append(message)
 
     outbox = Outbox()
-    asyncio.run(EngineServer("unused", Broken())._repository_call(outbox, 7, "index", (False,)))
-    ((kind, request_id, reason, message, _),) = outbox.sent
-    assert (kind, request_id, reason) == ("error", 7, "repository")
+    asyncio.run(EngineServer("unused", Broken())._repository_call(outbox, Call(7, "index", (False,))))
+    (error,) = outbox.sent
+    assert (type(error), error.id, error.kind) == (Error, 7, "repository")
+    message = error.message
     _one_line(message)
     assert "File name too long" not in message
 

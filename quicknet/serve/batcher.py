@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -27,18 +30,60 @@ from quicknet.serve import metrics
 from quicknet.serve.errors import DeadlineExceeded, NotAccepting, QueueFull
 
 
-@dataclass
-class _Item:
+class Sink(Protocol):
+    """Where a request's answer goes when no coroutine awaits it: the engine process's link to the
+    front that sent it (`ipc.FrontLink`). Called on the loop, once per request."""
+
+    def done(self, item: Item, logits: np.ndarray, timing: Timing) -> None: ...
+
+    def fail(self, item: Item, error: BaseException) -> None: ...
+
+
+@dataclass(eq=False)
+class Item:
+    """One request, or one part of a request larger than a batch. Answered through its `future`
+    (a coroutine awaits it: `submit`) or its `sink` (the engine core's path: `enqueue`)."""
+
     images: np.ndarray
     deadline: float  # time.monotonic()
-    future: asyncio.Future
+    future: asyncio.Future | None
     protocol: str  # an opaque tag for metrics
     enqueued: float = field(default_factory=time.monotonic)
     taken: bool = False  # in a batch: past the point where a deadline can spare the engine
+    sink: Sink | None = None
+    ticket: object = None  # the sink's own reference for this request
+    finished: bool = False  # a sink item answered (or dropped): skipped if still queued
 
     @property
     def n(self) -> int:
         return len(self.images)
+
+    @property
+    def closed(self) -> bool:
+        return self.finished if self.future is None else self.future.done()
+
+    def cancel(self) -> None:
+        """Its caller is gone: never computed if still queued, and never answered."""
+        if self.future is None:
+            self.finished = True
+        else:
+            self.future.cancel()
+
+    def resolve(self, logits: np.ndarray, timing: Timing) -> None:
+        if self.future is None:
+            if not self.finished:
+                self.finished = True
+                self.sink.done(self, logits, timing)
+        elif not self.future.done():
+            self.future.set_result((logits, timing))
+
+    def reject(self, error: BaseException) -> None:
+        if self.future is None:
+            if not self.finished:
+                self.finished = True
+                self.sink.fail(self, error)
+        elif not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass(frozen=True)
@@ -65,6 +110,8 @@ class Batcher:
         preferred_batch_sizes: tuple[int, ...] = (),
         instances: int = 1,
         on_batch: Callable[[int, float, float, float], None] | None = None,
+        on_sink_batch: Callable[[list[Item], float, float, float, float], None] | None = None,
+        on_failed_batch: Callable[[list[Item], BaseException], None] | None = None,
     ):
         self._infer = infer
         self._model = model
@@ -75,7 +122,12 @@ class Batcher:
         self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
         self.instances = instances
         self._on_batch = on_batch
-        self._queue: deque[_Item] = deque()
+        self._on_sink_batch = on_sink_batch  # sink items' statistics, once a batch (their owner keeps them)
+        self._on_failed_batch = on_failed_batch
+        self._deadlines: list[tuple[float, int, Item]] = []  # sink items by deadline (`_sweep`)
+        self._sweep_at: tuple[float, asyncio.TimerHandle] | None = None
+        self._seq = itertools.count()
+        self._queue: deque[Item] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task] = []
@@ -115,9 +167,7 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
+            self._queue.popleft().reject(NotAccepting("server is shutting down; retry on another replica"))
         self._executor.shutdown(wait=True)
 
     @property
@@ -145,7 +195,7 @@ class Batcher:
             raise QueueFull(self._retry_after())
         loop = asyncio.get_running_loop()
         items = [
-            _Item(images[i : i + self.max_batch_size], deadline, loop.create_future(), protocol)
+            Item(images[i : i + self.max_batch_size], deadline, loop.create_future(), protocol)
             for i in range(0, n, self.max_batch_size)
         ]
         for item in items:
@@ -172,30 +222,81 @@ class Batcher:
             output_s=sum(r[1].output_s for r in results),
         )
 
+    def enqueue(self, items: list[Item]) -> None:
+        """The engine core's path: sink items, each at most a batch, answered through their sink.
+        Per request: a queue entry and a heap entry; per call: one depth update, one wake-up, one
+        timer check (no task, future or timer per request, as `submit` has)."""
+        if not self._accepting:
+            refusal = NotAccepting("server is not accepting work (starting up or shutting down)")
+            for item in items:
+                item.reject(refusal)
+            return
+        queued = False
+        for item in items:
+            if self._queued_images + item.n > self.max_queue_images:
+                item.reject(QueueFull(self._retry_after()))
+                continue
+            self._queue.append(item)
+            self._queued_images += item.n
+            heapq.heappush(self._deadlines, (item.deadline, next(self._seq), item))
+            queued = True
+        if len(self._deadlines) > 4 * len(self._queue) + 1024:  # answered items leave the heap lazily: compact
+            self._deadlines = [e for e in self._deadlines if not (e[2].taken or e[2].closed)]
+            heapq.heapify(self._deadlines)
+        if queued:
+            metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+            self._wakeup.set()
+            self._arm_sweep()
+
     # --- batching ---------------------------------------------------------------------------
 
     @staticmethod
-    def _expire(items: list[_Item]) -> None:
+    def _expire(items: list[Item]) -> None:
         for item in items:
-            if not item.taken and not item.future.done():
-                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+            if not item.taken:
+                item.reject(DeadlineExceeded("deadline exceeded while queued"))
+
+    def _sweep(self) -> None:
+        """The engine core's deadlines, one timer per batcher (not one per request): every queued
+        sink item whose deadline passed hears so now; then the timer is set for the next one."""
+        self._sweep_at = None
+        now = time.monotonic()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            if not item.taken:
+                item.reject(DeadlineExceeded("deadline exceeded while queued"))
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        heap = self._deadlines
+        while heap and (heap[0][2].taken or heap[0][2].closed):
+            heapq.heappop(heap)
+        if heap and (self._sweep_at is None or heap[0][0] < self._sweep_at[0]):
+            if self._sweep_at is not None:
+                self._sweep_at[1].cancel()
+            loop = asyncio.get_running_loop()
+            self._sweep_at = (
+                heap[0][0],
+                loop.call_at(loop.time() + max(0.0, heap[0][0] - time.monotonic()), self._sweep),
+            )
 
     def _retry_after(self) -> float:
         batches_ahead = self._queued_images / max(self.max_batch_size * self.instances, 1)
         return max(1.0, round(batches_ahead * self._mean_batch_s, 1))
 
-    def _take_batch(self) -> list[_Item]:
+    def _take_batch(self) -> list[Item]:
         now = time.monotonic()
-        batch: list[_Item] = []
+        batch: list[Item] = []
         size = 0
         while self._queue:
             item = self._queue[0]
-            if item.future.done():  # cancelled by its client or expired (the front counts the rejection, once)
+            if item.closed:  # cancelled by its client or expired (the front counts the rejection, once)
                 self._pop()
                 continue
             if item.deadline <= now:
                 self._pop()
-                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+                item.reject(DeadlineExceeded("deadline exceeded while queued"))
                 continue
             if size + item.n > self.max_batch_size:
                 break
@@ -213,7 +314,7 @@ class Batcher:
         metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
         return batch
 
-    def _pop(self) -> _Item:
+    def _pop(self) -> Item:
         item = self._queue.popleft()
         self._queued_images -= item.n
         return item
@@ -258,13 +359,13 @@ class Batcher:
                 logits = await loop.run_in_executor(self._executor, self._infer, images)
             except asyncio.CancelledError:  # closing with this batch in the engine: its callers hear why
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(NotAccepting("server is shutting down; retry on another replica"))
+                    item.reject(NotAccepting("server is shutting down; retry on another replica"))
                 raise
             except Exception as e:  # the engine failed: every item in the batch learns why
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                    item.reject(e)
+                if self._on_failed_batch is not None:
+                    self._on_failed_batch(batch, e)
                 continue
             finally:
                 del self._running[worker]
@@ -282,8 +383,10 @@ class Batcher:
                 offset += item.n
             output_s = time.monotonic() - returned
             for item, part in parts:
-                if not item.future.done():
-                    timing = Timing(started - item.enqueued, infer_s, input_s, output_s)
-                    item.future.set_result((part, timing))
+                item.resolve(part, Timing(started - item.enqueued, infer_s, input_s, output_s))
             if self._on_batch is not None:
                 self._on_batch(len(images), input_s, infer_s, output_s)
+            if self._on_sink_batch is not None:
+                sunk = [item for item in batch if item.future is None]
+                if sunk:
+                    self._on_sink_batch(sunk, started, input_s, infer_s, output_s)

@@ -20,7 +20,7 @@ from quicknet import store
 from quicknet.errors import QuickNetError, StoreError
 from quicknet.serve import metrics
 from quicknet.serve.backends import Backend, choose, load_backend
-from quicknet.serve.batcher import Batcher, Timing
+from quicknet.serve.batcher import Batcher, Item, Timing
 from quicknet.serve.config import Settings, parse_policy
 from quicknet.serve.errors import (
     DeadlineExceeded,
@@ -52,6 +52,8 @@ class LocalModel(ModelHandle):
             preferred_batch_sizes=tuple(settings.preferred_batch_sizes),
             instances=settings.instances,
             on_batch=self.stats.record_batch,
+            on_sink_batch=self._record_sink_batch,
+            on_failed_batch=self._log_failed_batch,
         )
         description = {
             k: (Path(v).name if k in ("file", "plan") and isinstance(v, str) else v)  # no server paths to clients
@@ -84,6 +86,33 @@ class LocalModel(ModelHandle):
         self.stats.record_request(len(images), time.perf_counter() - start, timing, int(time.time() * 1000))
         metrics.IMAGES.labels(self.name, protocol).inc(len(images))
         return logits, timing
+
+    def enqueue(self, items: list[Item]) -> None:
+        """The engine core's path (`ipc.EngineServer`): requests from a front process, each at most
+        one batch, answered through their sink; statistics and metrics are kept once per batch."""
+        self.batcher.enqueue(items)
+
+    def _record_sink_batch(self, items: list[Item], started: float, input_s: float, infer_s: float, output_s: float):
+        queued = [started - item.enqueued for item in items]
+        k = len(items)
+        self.stats.queue.add(sum(queued), k)
+        self.stats.success.add(sum(queued) + k * (input_s + infer_s + output_s), k)
+        self.stats.compute_input.add(k * input_s, k)
+        self.stats.compute_infer.add(k * infer_s, k)
+        self.stats.compute_output.add(k * output_s, k)
+        self.stats.inference_count += sum(item.n for item in items)
+        self.stats.last_inference_ms = int(time.time() * 1000)
+        images: dict[str, int] = {}
+        for item in items:
+            images[item.protocol] = images.get(item.protocol, 0) + item.n
+        for protocol, n in images.items():
+            metrics.IMAGES.labels(self.name, protocol).inc(n)
+
+    def _log_failed_batch(self, items: list[Item], error: BaseException) -> None:
+        sunk = [item for item in items if item.future is None]
+        if sunk:
+            self.stats.fail.add(sum(time.monotonic() - item.enqueued for item in sunk), len(sunk))
+            log.error("engine failed on a batch of %s v%d: %r", self.name, self.version, error)
 
     async def statistics(self) -> dict:
         return self.stats.to_dict()

@@ -2,14 +2,16 @@
 
 Pixels cross through shared memory, never through pickling: each front owns a ring of blocks
 (`BLOCK_IMAGES` images in, their logits out) in a memfd that it hands to the engine once, over
-the Unix socket, as a file descriptor. Requests, results, cancellations, deadlines and the
-engine's state cross that socket as small length-prefixed pickled tuples:
+the Unix socket, as a file descriptor. Everything else crosses that socket as the typed messages
+of `messages.py`, length-prefixed and pickled.
 
-    front → engine   ("submit", id, model, version, blocks, n, deadline, protocol)
-                     ("cancel", id)          ("stats", id, model, version)
-    engine → front   ("state", ready, [ModelInfo], default_model)     ("stalled", reason or None)
-                     ("done", id, (queue_s, infer_s, input_s, output_s))   logits are in the blocks
-                     ("error", id, kind, message, extra)                    ("stats", id, dict)
+The engine works per batch, not per request (as vLLM's engine core and Triton's batcher do): a
+front sends every request it accepted in one loop iteration for one model as one `Submits` record
+array; the engine queues each record as a batcher item with this front as its sink (no task,
+future or timer per request: deadlines are swept per batcher, cancellations looked up by id);
+when a batch returns, its logits go straight into the fronts' rings and each front hears one
+`Dones` for all of its requests in that batch. A request larger than the engine's batch takes
+the general path (`LocalModel.submit`, split across batches); it is rare and its images pay for it.
 
 The engine answers every submit exactly once (a cancelled one too), and a front reuses a
 request's blocks only after that answer, so the engine never reads or writes a block that
@@ -33,7 +35,8 @@ from collections import deque
 
 import numpy as np
 
-from quicknet.serve.batcher import Timing
+from quicknet.serve import messages as m
+from quicknet.serve.batcher import Item, Timing
 from quicknet.serve.errors import (
     EngineFailure,
     ModelNotFound,
@@ -93,8 +96,9 @@ class Ring:
             self.pixels[b, : len(part)] = part
 
     def read_logits(self, blocks: tuple[int, ...], n: int) -> np.ndarray:
-        out = self.logits[list(blocks)].reshape(-1, 10)[:n]
-        return np.array(out)
+        if len(blocks) == 1:
+            return self.logits[blocks[0], :n].copy()
+        return np.array(self.logits[list(blocks)].reshape(-1, 10)[:n])
 
     # --- engine side -------------------------------------------------------------------------
 
@@ -105,17 +109,20 @@ class Ring:
         return self.pixels[list(blocks)].reshape(-1, 32, 32, 3)[:n]
 
     def write_logits(self, blocks: tuple[int, ...], logits: np.ndarray) -> None:
+        if len(blocks) == 1:
+            self.logits[blocks[0], : len(logits)] = logits
+            return
         for i, b in enumerate(blocks):
             part = logits[i * BLOCK_IMAGES : (i + 1) * BLOCK_IMAGES]
             self.logits[b, : len(part)] = part
 
 
-def frame(message: tuple) -> bytes:
+def frame(message: object) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(body)) + body
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple:
+async def read_message(reader: asyncio.StreamReader) -> object:
     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     return pickle.loads(await reader.readexactly(length))
 
@@ -127,7 +134,7 @@ class Outbox:
         self.writer = writer
         self.frames: list[bytes] = []
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: object) -> None:
         if not self.frames:
             asyncio.get_running_loop().call_soon(self._flush)
         self.frames.append(frame(message))
@@ -172,6 +179,17 @@ class EngineClient:
         self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # this loop iteration's submits, by (model, version, protocol), and cancellations: one message each
+        self._submits: dict[tuple[str, int, str], list[tuple[int, tuple[int, ...], int, float]]] = {}
+        self._cancels: list[int] = []
+        self._flush_scheduled = False
+        self._dispatch = {
+            m.State: self._on_state,
+            m.Stalled: self._on_stalled,
+            m.Dones: self._on_dones,
+            m.Error: self._on_error,
+            m.Result: self._on_result,
+        }
 
     async def run(self) -> None:
         """Connect, follow the engine's state, reconnect whenever the engine restarts."""
@@ -189,7 +207,7 @@ class EngineClient:
             sock.setblocking(False)
             await loop.sock_connect(sock, self.path)
             sock.setblocking(True)
-            socket.send_fds(sock, [frame(("hello", os.getpid(), self.ring.blocks))], [self.ring.fd])
+            socket.send_fds(sock, [frame(m.Hello(os.getpid(), self.ring.blocks))], [self.ring.fd])
             sock.setblocking(False)
         except BaseException:
             sock.close()
@@ -198,35 +216,49 @@ class EngineClient:
         self.writer, self.outbox = writer, Outbox(writer)
         try:
             while True:
-                self._dispatch(await read_message(reader))
+                message = await read_message(reader)
+                self._dispatch[type(message)](message)
         finally:
             self.outbox = None
             writer.close()
 
-    def _dispatch(self, message: tuple) -> None:
-        kind, *rest = message
-        if kind == "state":
-            ready, infos, default_name = rest
-            self.runtime.install([RemoteModel(i, self) for i in infos], default_name, ready=ready and bool(infos))
-            return
-        if kind == "stalled":
-            self.runtime.stalled = rest[0]
-            return
-        entry = self.pending.pop(rest[0], None)
-        if entry is None:
-            return
-        future, blocks, n = entry
-        if kind == "done":
-            result = (self.ring.read_logits(blocks, n), Timing(*rest[1]))
+    # --- what the engine says ------------------------------------------------------------------
+
+    def _on_state(self, state: m.State) -> None:
+        models = [RemoteModel(i, self) for i in state.models]
+        self.runtime.install(models, state.default_model, ready=state.ready and bool(models))
+
+    def _on_stalled(self, stalled: m.Stalled) -> None:
+        self.runtime.stalled = stalled.reason
+
+    def _on_dones(self, dones: m.Dones) -> None:
+        pending, ring = self.pending, self.ring
+        for request_id, queue_s, infer_s, input_s, output_s in dones.records.tolist():
+            entry = pending.pop(request_id, None)
+            if entry is None:
+                continue
+            future, blocks, n = entry
+            logits = ring.read_logits(blocks, n)
+            ring.release(blocks)
+            if not future.done():
+                future.set_result((logits, Timing(queue_s, infer_s, input_s, output_s)))
+        if not pending:
+            self._idle.set()
+
+    def _on_error(self, error: m.Error) -> None:
+        entry = self.pending.pop(error.id, None)
+        if entry is not None:
+            future, blocks, _ = entry
             self.ring.release(blocks)
             if not future.done():
-                future.set_result(result)
-        elif kind == "error":
-            self.ring.release(blocks)
-            if not future.done():
-                future.set_exception(from_wire(*rest[1:]))
-        elif kind in ("stats", "result") and not future.done():
-            future.set_result(rest[1])
+                future.set_exception(from_wire(error.kind, error.message, error.extra))
+        if not self.pending:
+            self._idle.set()
+
+    def _on_result(self, result: m.Result) -> None:
+        entry = self.pending.pop(result.id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(result.value)
         if not self.pending:
             self._idle.set()
 
@@ -235,21 +267,46 @@ class EngineClient:
         self.runtime.set_ready(False)
         self.runtime.stalled = None  # a new engine starts with a clean watchdog
         pending, self.pending = self.pending, {}
+        self._submits.clear()
+        self._cancels.clear()
         self.ring.free = deque(range(self.ring.blocks))
         for future, _, _ in pending.values():
             if not future.done():
                 future.set_exception(NotAccepting("engine process is restarting; retry shortly", "engine_unavailable"))
         self._idle.set()
 
-    def _call(self, message_head: tuple, blocks: tuple[int, ...], n: int) -> tuple[int, asyncio.Future]:
+    # --- what this front asks ------------------------------------------------------------------
+
+    def _register(self, blocks: tuple[int, ...], n: int) -> tuple[int, asyncio.Future]:
         if self.outbox is None:
             raise NotAccepting("engine process is not connected; retry shortly", "engine_unavailable")
         request_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = (future, blocks, n)
         self._idle.clear()
-        self.outbox.send((message_head[0], request_id, *message_head[1:]))
         return request_id, future
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """This iteration's submits (one message per model version and protocol) and cancellations."""
+        self._flush_scheduled = False
+        submits, self._submits = self._submits, {}
+        cancels, self._cancels = self._cancels, []
+        if self.outbox is None:  # the engine went away meanwhile: `_lost` answered them
+            return
+        for (name, version, protocol), requests in submits.items():
+            records = np.empty(len(requests), m.SUBMIT)
+            flat: list[int] = []
+            for i, (request_id, blocks, n, deadline) in enumerate(requests):
+                records[i] = (request_id, len(flat), len(blocks), n, deadline)
+                flat.extend(blocks)
+            self.outbox.send(m.Submits(name, version, protocol, records, np.array(flat, np.int32)))
+        if cancels:
+            self.outbox.send(m.Cancels(cancels))
 
     async def submit(
         self, info: ModelInfo, images: np.ndarray, deadline: float, protocol: str
@@ -260,36 +317,39 @@ class EngineClient:
             raise QueueFull(1.0)
         self.ring.write(blocks, images)
         try:
-            request_id, future = self._call(
-                ("submit", info.name, info.version, blocks, n, deadline, protocol), blocks, n
-            )
+            request_id, future = self._register(blocks, n)
         except NotAccepting:
             self.ring.release(blocks)
             raise
+        self._submits.setdefault((info.name, info.version, protocol), []).append((request_id, blocks, n, deadline))
+        self._schedule_flush()
         try:
             return await future
         except asyncio.CancelledError:
             if request_id in self.pending and self.outbox is not None:
-                self.outbox.send(("cancel", request_id))  # the blocks come back with the engine's answer
+                self._cancels.append(request_id)  # the blocks come back with the engine's answer
+                self._schedule_flush()
             raise
 
-    async def statistics(self, info: ModelInfo) -> dict:
-        _, future = self._call(("stats", info.name, info.version), (), 0)
+    async def _ask(self, make) -> object:
+        request_id, future = self._register((), 0)
+        assert self.outbox is not None
+        self.outbox.send(make(request_id))
         return await future
+
+    async def statistics(self, info: ModelInfo) -> dict:
+        return await self._ask(lambda i: m.Stats(i, info.name, info.version))
 
     # The repository API, answered by the engine process (runtime.repository is this client).
 
     async def index(self, ready_only: bool) -> list[dict]:
-        _, future = self._call(("call", "index", (ready_only,)), (), 0)
-        return await future
+        return await self._ask(lambda i: m.Call(i, "index", (ready_only,)))
 
     async def load(self, name: str) -> None:
-        _, future = self._call(("call", "load", (name,)), (), 0)
-        await future
+        await self._ask(lambda i: m.Call(i, "load", (name,)))
 
     async def unload(self, name: str) -> None:
-        _, future = self._call(("call", "unload", (name,)), (), 0)
-        await future
+        await self._ask(lambda i: m.Call(i, "unload", (name,)))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for this front's accepted requests to be answered (the engine keeps running)."""
@@ -312,6 +372,78 @@ class EngineClient:
 
 
 # --- engine side -----------------------------------------------------------------------------
+
+
+class FrontLink:
+    """One connected front, on the engine's side: its ring, its requests in the engine, and the
+    batcher's sink for them. Whatever a batch finished for this front leaves as one `Dones`."""
+
+    def __init__(self, outbox: Outbox, ring: Ring, pid: int):
+        self.outbox = outbox
+        self.ring = ring
+        self.pid = pid
+        self.items: dict[int, Item] = {}  # queued or running, by the front's request id
+        self.tasks: dict[int, asyncio.Task] = {}  # the general path's requests and repository calls
+        self.cancelled: set[int] = set()  # running when their clients left: answered when their batch returns
+        self._done: list[tuple] = []
+        self._flush_scheduled = False
+
+    # the batcher's sink ---------------------------------------------------------------------------
+
+    def done(self, item: Item, logits: np.ndarray, timing: Timing) -> None:
+        request_id, blocks = item.ticket
+        if self.items.pop(request_id, None) is None:  # the front is gone
+            return
+        if request_id in self.cancelled:  # its client left while it ran: the blocks are free now
+            self.cancelled.discard(request_id)
+            self.error(request_id, EngineFailure("cancelled"))
+            return
+        self.ring.write_logits(blocks, logits)
+        self._done.append((request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def fail(self, item: Item, error: BaseException) -> None:
+        request_id, _ = item.ticket
+        if self.items.pop(request_id, None) is None:
+            return
+        self.cancelled.discard(request_id)
+        refusal = error if isinstance(error, Refusal) else EngineFailure(f"{type(error).__name__}: {error}")
+        self.error(request_id, refusal)
+
+    # -----------------------------------------------------------------------------------------------
+
+    def error(self, request_id: int, refusal: Refusal) -> None:
+        self.outbox.send(m.Error(request_id, *to_wire(refusal)))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        done, self._done = self._done, []
+        if done:
+            self.outbox.send(m.Dones(np.array(done, m.DONE)))
+
+    def cancel(self, request_id: int) -> None:
+        """The front's client went away. Still queued: dropped and answered now. In a batch: answered
+        when the batch returns (the engine may still be reading its blocks until then)."""
+        item = self.items.get(request_id)
+        if item is None:
+            if request_id in self.tasks:
+                self.tasks[request_id].cancel()
+        elif item.taken:
+            self.cancelled.add(request_id)
+        else:
+            del self.items[request_id]
+            item.cancel()
+            self.error(request_id, EngineFailure("cancelled"))
+
+    def drop_all(self) -> None:
+        """The front is gone: nothing of its is computed if it can be helped, nothing answered."""
+        for item in self.items.values():
+            item.cancel()
+        self.items.clear()
+        for task in list(self.tasks.values()):
+            task.cancel()
 
 
 class EngineServer:
@@ -352,10 +484,10 @@ class EngineServer:
         """The watchdog's verdict, for every front's liveness."""
         self.stalled = reason
         for outbox in self.outboxes:
-            outbox.send(("stalled", reason))
+            outbox.send(m.Stalled(reason))
 
-    def _state(self) -> tuple:
-        return ("state", self.ready, [m.info for m in self.engine.models], self.engine.default_name)
+    def _state(self) -> m.State:
+        return m.State(self.ready, [model.info for model in self.engine.models], self.engine.default_name)
 
     def _broadcast(self) -> None:
         for outbox in self.outboxes:
@@ -376,8 +508,10 @@ class EngineServer:
             raw, fds, _, _ = await asyncio.to_thread(socket.recv_fds, conn, 1 << 16, 1)
             conn.setblocking(False)
             (length,) = _LENGTH.unpack_from(raw)
-            _, pid, blocks = pickle.loads(raw[_LENGTH.size : _LENGTH.size + length])
-            ring = Ring(fds[0], blocks)
+            hello = pickle.loads(raw[_LENGTH.size : _LENGTH.size + length])
+            if not isinstance(hello, m.Hello):
+                raise ValueError(f"expected Hello, got {type(hello).__name__}")
+            ring = Ring(fds[0], hello.blocks)
             os.close(fds[0])  # the mapping keeps the memory; the descriptor is no longer needed
         except (OSError, ValueError, IndexError, pickle.UnpicklingError) as e:
             log.warning("a front failed its handshake: %s", e)
@@ -385,93 +519,109 @@ class EngineServer:
             return
         reader, writer = await asyncio.open_unix_connection(sock=conn)
         outbox = Outbox(writer)
+        link = FrontLink(outbox, ring, hello.pid)
         self.outboxes.add(outbox)
         outbox.send(self._state())
         if self.stalled:
-            outbox.send(("stalled", self.stalled))
-        tasks: dict[int, asyncio.Task] = {}
-        log.info("front process %d connected", pid)
+            outbox.send(m.Stalled(self.stalled))
+        log.info("front process %d connected", hello.pid)
         try:
             while True:
                 message = await read_message(reader)
-                kind, request_id = message[0], message[1]
-                if kind == "submit":
-                    task = asyncio.create_task(self._run(outbox, ring, *message[1:]))
-                    tasks[request_id] = task
-                    task.add_done_callback(lambda _t, rid=request_id: tasks.pop(rid, None))
-                elif kind == "cancel":
-                    if request_id in tasks:
-                        tasks[request_id].cancel()
-                elif kind == "stats":
-                    await self._stats(outbox, *message[1:])
-                elif kind == "call":
-                    task = asyncio.create_task(self._repository_call(outbox, *message[1:]))
-                    tasks[request_id] = task
-                    task.add_done_callback(lambda _t, rid=request_id: tasks.pop(rid, None))
+                if isinstance(message, m.Submits):
+                    self._submits(link, message)
+                elif isinstance(message, m.Cancels):
+                    for request_id in message.ids:
+                        link.cancel(request_id)
+                elif isinstance(message, m.Stats):
+                    await self._stats(outbox, message)
+                elif isinstance(message, m.Call):
+                    self._spawn(link, message.id, self._repository_call(outbox, message))
+                else:
+                    log.warning("front process %d sent an unknown message %s", hello.pid, type(message).__name__)
         except (OSError, asyncio.IncompleteReadError, EOFError):
-            log.info("front process %d disconnected", pid)
+            log.info("front process %d disconnected", hello.pid)
         finally:
             self.outboxes.discard(outbox)
-            for task in list(tasks.values()):
-                task.cancel()
+            link.drop_all()
             writer.close()
 
-    async def _repository_call(self, outbox: Outbox, request_id: int, method: str, args: tuple) -> None:
-        """index / load / unload on the engine, for a front's repository API."""
+    @staticmethod
+    def _spawn(link: FrontLink, request_id: int, job) -> None:
+        task = asyncio.create_task(job)
+        link.tasks[request_id] = task
+        task.add_done_callback(lambda _t: link.tasks.pop(request_id, None))
 
-        try:
-            if method == "index":
-                result = self.engine.index(*args)
-            elif method == "load":
-                result = await self.engine.load_model(*args)
-            else:
-                result = await self.engine.unload_model(*args)
-        except Refusal as e:
-            outbox.send(("error", request_id, *to_wire(e)))
-        except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting
-            log.exception("repository %s failed in the engine process", method)
-            failed = RepositoryError(f"repository {method} failed; see the server log")
-            outbox.send(("error", request_id, *to_wire(failed)))
-        else:
-            outbox.send(("result", request_id, result))
-
-    async def _stats(self, outbox: Outbox, request_id: int, name: str, version: int) -> None:
-        model = self.engine.lookup(name, version)
+    def _submits(self, link: FrontLink, submits: m.Submits) -> None:
+        """One front's requests for one model version, queued as batcher items in one pass."""
+        model = self.engine.lookup(submits.model, submits.version)  # a retiring version still serves its own
+        records = submits.records.tolist()
+        refusal: Refusal | None = None
         if model is None:
-            outbox.send(("error", request_id, *to_wire(ModelNotFound(f"model {name!r} v{version} is not served"))))
-        else:
-            outbox.send(("stats", request_id, await model.statistics()))
+            refusal = ModelNotFound(f"model {submits.model!r} v{submits.version} is not served")
+        elif not self.accepting:
+            refusal = NotAccepting("engine is shutting down; retry shortly", "draining")
+        if refusal is not None:
+            for request_id, *_ in records:
+                link.error(request_id, refusal)
+            return
+        flat = submits.blocks.tolist()
+        ring, largest, protocol = link.ring, model.batcher.max_batch_size, submits.protocol
+        items = []
+        for request_id, first, count, n, deadline in records:
+            blocks = tuple(flat[first : first + count])
+            if n > largest:  # split across batches: the general path, a task of its own
+                self._spawn(link, request_id, self._run(link, model, request_id, blocks, n, deadline, protocol))
+                continue
+            item = Item(
+                ring.images(blocks, n), deadline, None, submits.protocol, sink=link, ticket=(request_id, blocks)
+            )
+            link.items[request_id] = item
+            items.append(item)
+        if items:
+            model.enqueue(items)
 
-    async def _run(
-        self,
-        outbox: Outbox,
-        ring: Ring,
-        request_id: int,
-        name: str,
-        version: int,
-        blocks: tuple[int, ...],
-        n: int,
-        deadline: float,
-        protocol: str,
-    ) -> None:
-        model = self.engine.lookup(name, version)  # a retiring version still serves what was routed to it
+    async def _run(self, link: FrontLink, model, request_id: int, blocks, n: int, deadline: float, protocol: str):
         try:
-            if model is None:
-                raise ModelNotFound(f"model {name!r} v{version} is not served")
-            if not self.accepting:
-                raise NotAccepting("engine is shutting down; retry shortly", "draining")
-            logits, timing = await model.submit(ring.images(blocks, n), deadline, protocol)
+            logits, timing = await model.submit(link.ring.images(blocks, n), deadline, protocol)
         except asyncio.CancelledError:  # the front cancelled it, or the engine is stopping: its future ends
-            outbox.send(("error", request_id, *to_wire(EngineFailure("cancelled"))))
+            link.error(request_id, EngineFailure("cancelled"))
             return
         except Refusal as e:
-            outbox.send(("error", request_id, *to_wire(e)))
+            link.error(request_id, e)
             return
         except Exception as e:  # the engine failed on this request's batch: the reason travels
-            outbox.send(("error", request_id, *to_wire(EngineFailure(str(e)))))
+            link.error(request_id, EngineFailure(str(e)))
             return
-        ring.write_logits(blocks, logits)
-        outbox.send(("done", request_id, (timing.queue_s, timing.infer_s, timing.input_s, timing.output_s)))
+        link.ring.write_logits(blocks, logits)
+        done = (request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s)
+        link.outbox.send(m.Dones(np.array([done], m.DONE)))
+
+    async def _repository_call(self, outbox: Outbox, call: m.Call) -> None:
+        """index / load / unload on the engine, for a front's repository API."""
+        try:
+            if call.method == "index":
+                result = self.engine.index(*call.args)
+            elif call.method == "load":
+                result = await self.engine.load_model(*call.args)
+            else:
+                result = await self.engine.unload_model(*call.args)
+        except Refusal as e:
+            outbox.send(m.Error(call.id, *to_wire(e)))
+        except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting
+            log.exception("repository %s failed in the engine process", call.method)
+            failed = RepositoryError(f"repository {call.method} failed; see the server log")
+            outbox.send(m.Error(call.id, *to_wire(failed)))
+        else:
+            outbox.send(m.Result(call.id, result))
+
+    async def _stats(self, outbox: Outbox, stats: m.Stats) -> None:
+        model = self.engine.lookup(stats.model, stats.version)
+        if model is None:
+            refusal = ModelNotFound(f"model {stats.model!r} v{stats.version} is not served")
+            outbox.send(m.Error(stats.id, *to_wire(refusal)))
+        else:
+            outbox.send(m.Result(stats.id, await model.statistics()))
 
     async def close(self) -> None:
         if self._accepting_task is not None:

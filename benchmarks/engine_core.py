@@ -1,0 +1,86 @@
+"""What one request costs the engine process's event loop and the fronts, on this CPU.
+
+    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10]
+
+`quicknet serve --workers N` over the small shipped model (quicknet-xs), one 32x32 PNG per
+`POST /classify`, driven by `wrk` (C: it costs the server's cores little). Over each window, from
+/proc (`benchmarks.cpu`): the engine process's main thread (its event loop: taking the fronts'
+requests, forming batches, answering; inference runs on other threads) and the fronts' CPU,
+each divided by the requests served, in microseconds a request. The issue's goals: the engine loop
+<= 5 us a request, the fronts <= 200 us a REST request. Prints a table and writes
+benchmarks/results/engine_core.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import cpu
+from benchmarks.common import save, table
+from benchmarks.peers import run_wrk
+from quicknet.testing import start_server
+
+
+def png() -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def measure(fronts: int, concurrency: list[int], seconds: float, work: Path) -> list[dict]:
+    body, headers = png(), {"Content-Type": "image/png"}
+    srv = start_server(work, workers=fronts, access_log="false")  # the tests' store: quicknet-xs
+    rows = []
+    try:
+        run_wrk(srv.url, "/classify", headers, body, 4, 2, work)  # warm connections, caches, the engine
+        for c in concurrency:
+            before = cpu.snapshot(srv.proc.pid)
+            result = run_wrk(srv.url, "/classify", headers, body, c, seconds, work)
+            used = cpu.cores(before, cpu.snapshot(srv.proc.pid))
+            per_request_us = 1e6 / max(result["req_s"], 1e-9)  # cores busy x seconds per request
+            rows.append(
+                {
+                    "fronts": fronts,
+                    "concurrency": c,
+                    "req_s": round(result["req_s"], 1),
+                    "p99_ms": result["p99_ms"],
+                    "engine_loop_us": round(used["engine_loop_cores"] * per_request_us, 1),
+                    "engine_threads_us": round(used["engine_threads_cores"] * per_request_us, 1),
+                    "fronts_us": round(used["fronts_cores"] * per_request_us, 1),
+                    "machine_busy": used["machine_busy"],
+                    "errors": result["errors"],
+                }
+            )
+            print(rows[-1], flush=True)
+    finally:
+        srv.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fronts", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp))
+    print(table(rows, list(rows[0])))
+    if not args.no_save:
+        print("results:", save("engine_core", {"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
