@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
-import pytest
 
 from quicknet.serve import messages as m
 from quicknet.serve.batcher import Batcher, Item
+from quicknet.serve.config import Settings
+from quicknet.serve.engine import LocalModel
 from quicknet.serve.errors import DeadlineExceeded, QueueFull, from_wire
-from quicknet.serve.ipc import BLOCK_IMAGES, FrontLink, Ring
+from quicknet.serve.ipc import BLOCK_IMAGES, EngineClient, EngineServer, FrontLink, Ring
+from quicknet.serve.model import ModelInfo, Statistics
 
 
 class Outbox:
@@ -40,12 +43,14 @@ def _link(blocks: int = 64) -> tuple[FrontLink, Outbox]:
     return FrontLink(outbox, Ring.create(blocks * BLOCK_IMAGES), pid=1), outbox
 
 
-def _items(link: FrontLink, ids: range, deadline: float) -> list[Item]:
+def _items(link: FrontLink, ids: range, deadline: float, stats: Statistics | None = None) -> list[Item]:
     items = []
+    stats = stats or Statistics()
     for request_id in ids:
         block = request_id
         link.ring.pixels[block, 0] = request_id  # the image says who it is
-        item = Item(link.ring.images((block,), 1), deadline, None, "rest", sink=link, ticket=(request_id, (block,)))
+        ticket = (request_id, (block,), stats)
+        item = Item(link.ring.images((block,), 1), deadline, None, "rest", sink=link, ticket=ticket)
         link.items[request_id] = item
         items.append(item)
     return items
@@ -167,22 +172,97 @@ def test_a_full_queue_refuses_the_items_past_it_with_retry_after():
 
     refused, outbox = asyncio.run(main())
     assert [e.id for e in refused] == [4, 5]
-    assert all(isinstance(from_wire(e.kind, e.message, e.extra), QueueFull) for e in refused)
-    assert sorted(
-        outbox.of(m.Dones)[0].records["id"].tolist()
-        + [i for d in outbox.of(m.Dones)[1:] for i in d.records["id"].tolist()]
-    ) == [0, 1, 2, 3]
+    rebuilt = [from_wire(e.kind, e.message, e.extra) for e in refused]
+    assert all(isinstance(e, QueueFull) and e.retry_after_s >= 1 and "Retry-After" in e.headers() for e in rebuilt)
+    answered = [i for dones in outbox.of(m.Dones) for i in dones.records["id"].tolist()]
+    assert sorted(answered) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("count", [1, 3])
-def test_submits_and_dones_cross_the_wire_as_record_arrays(count):
-    """The typed messages pickle and come back equal (what the socket carries)."""
-    import pickle
+def _model(infer, max_batch_size: int, max_queue_images: int) -> LocalModel:
+    """A served version as the engine process holds it (`LocalModel`), over a fake engine."""
+    version = SimpleNamespace(name="m", version=1, labels=list("0123456789"), metadata={})
+    backend = SimpleNamespace(infer=infer, name="fake", max_batch_size=max_batch_size, describe=dict)
+    return LocalModel(version, backend, Settings(max_batch_size=max_batch_size, max_queue_images=max_queue_images))
 
-    records = np.zeros(count, m.SUBMIT)
-    records["id"] = range(count)
-    records["n"] = 1
-    submits = m.Submits("quicknet-xs", 3, "rest", records, np.arange(count, dtype=np.int32))
-    again = pickle.loads(pickle.dumps(submits))
-    assert (again.model, again.version, again.protocol) == ("quicknet-xs", 3, "rest")
-    assert np.array_equal(again.records, records) and again.records.dtype == m.SUBMIT
+
+class _Engine:
+    def __init__(self, model: LocalModel):
+        self.model = model
+
+    def lookup(self, name: str, version: int):
+        return self.model if (name, version) == ("m", 1) else None
+
+
+INFO = ModelInfo("m", 1, tuple("0123456789"), {}, "fake", {}, 64)
+
+
+def test_requests_cross_both_halves_as_one_message_each_way_and_come_back_with_their_logits():
+    """A front's three requests (1, 20 and 1 images: the 20 span two ring blocks) leave as one
+    Submits; the engine queues them without a task; one batch later one Dones brings every
+    request its own logits, and the version's statistics count three successes."""
+
+    async def main():
+        runtime = type("Runtime", (), {})()
+        client = EngineClient("unused", runtime, 64 * BLOCK_IMAGES)
+        to_engine, to_front = Outbox(), Outbox()
+        client.outbox = to_engine
+        model = _model(_logits, 64, 1000)
+        batcher = model.batcher
+        batcher.start()
+        server = EngineServer("unused", _Engine(model))
+        link = FrontLink(to_front, Ring(client.ring.fd, client.ring.blocks), pid=1)
+        sizes = (1, 20, 1)
+        images = [np.full((n, 32, 32, 3), 10 * (i + 1), np.uint8) for i, n in enumerate(sizes)]
+        for i, n in enumerate(sizes):
+            images[i][:, 0, 0, 0] = np.arange(n) + 100 * i  # every image says which it is
+        calls = [asyncio.create_task(client.submit(INFO, x, time.monotonic() + 30, "rest")) for x in images]
+        await asyncio.sleep(0)  # the front's iteration ends: its flush runs
+        await asyncio.sleep(0)
+        (submits,) = to_engine.of(m.Submits)
+        tasks_before = len(asyncio.all_tasks())
+        server._submits(link, submits)
+        assert len(asyncio.all_tasks()) == tasks_before, "no task per request in the engine"
+        while not to_front.of(m.Dones):
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
+        for message in to_front.sent:
+            client._dispatch[type(message)](message)
+        results = await asyncio.gather(*calls)
+        await batcher.close()
+        return submits, to_front, results, images, model
+
+    submits, to_front, results, images, model = asyncio.run(main())
+    assert submits.records["n"].tolist() == [1, 20, 1] and submits.records["count"].tolist() == [1, 2, 1]
+    (dones,) = to_front.of(m.Dones)
+    assert len(dones.records) == 3 and not to_front.of(m.Error)
+    for (logits, timing), x in zip(results, images, strict=True):
+        assert np.array_equal(logits, _logits(x)), "each request gets its own images' logits back"
+        assert timing.infer_s >= 0
+    assert model.stats.success.count == 3 and model.stats.inference_count == 22
+
+
+def test_refusals_count_as_failures_and_a_request_cancelled_while_running_not_as_a_success():
+    release = threading.Event()
+
+    def held(images: np.ndarray) -> np.ndarray:
+        release.wait(5)
+        return _logits(images)
+
+    async def main():
+        model = _model(held, 1, 2)
+        batcher = model.batcher
+        batcher.start()
+        link, _ = _link()
+        batcher.enqueue(_items(link, range(0, 1), time.monotonic() + 30, model.stats))  # taken
+        await asyncio.sleep(0.05)
+        link.cancel(0)
+        batcher.enqueue(_items(link, range(1, 5), time.monotonic() + 30, model.stats))  # 2 queue, 2 refused
+        release.set()
+        await batcher.drain(5)
+        await batcher.close()
+        return model, link
+
+    model, link = asyncio.run(main())
+    assert model.stats.fail.count == 2, "the two refused (queue full)"
+    assert model.stats.success.count == 2, "the two that queued; not the one cancelled while it ran"
+    assert not link.items and not link.cancelled

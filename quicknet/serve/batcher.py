@@ -53,6 +53,7 @@ class Item:
     sink: Sink | None = None
     ticket: object = None  # the sink's own reference for this request
     finished: bool = False  # a sink item answered (or dropped): skipped if still queued
+    answered: bool = False  # a sink item whose logits reached its caller (its sink says so)
 
     @property
     def n(self) -> int:

@@ -93,6 +93,9 @@ class LocalModel(ModelHandle):
         self.batcher.enqueue(items)
 
     def _record_sink_batch(self, items: list[Item], started: float, input_s: float, infer_s: float, output_s: float):
+        items = [item for item in items if item.answered]  # not those cancelled while they ran
+        if not items:
+            return
         queued = [started - item.enqueued for item in items]
         k = len(items)
         self.stats.queue.add(sum(queued), k)
@@ -109,9 +112,8 @@ class LocalModel(ModelHandle):
             metrics.IMAGES.labels(self.name, protocol).inc(n)
 
     def _log_failed_batch(self, items: list[Item], error: BaseException) -> None:
-        sunk = [item for item in items if item.future is None]
-        if sunk:
-            self.stats.fail.add(sum(time.monotonic() - item.enqueued for item in sunk), len(sunk))
+        """Once a batch (its front processes' requests are counted as failed by their sink)."""
+        if any(item.future is None for item in items):
             log.error("engine failed on a batch of %s v%d: %r", self.name, self.version, error)
 
     async def statistics(self) -> dict:

@@ -31,6 +31,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections import deque
 
 import numpy as np
@@ -391,7 +392,7 @@ class FrontLink:
     # the batcher's sink ---------------------------------------------------------------------------
 
     def done(self, item: Item, logits: np.ndarray, timing: Timing) -> None:
-        request_id, blocks = item.ticket
+        request_id, blocks, _ = item.ticket
         if self.items.pop(request_id, None) is None:  # the front is gone
             return
         if request_id in self.cancelled:  # its client left while it ran: the blocks are free now
@@ -399,16 +400,18 @@ class FrontLink:
             self.error(request_id, EngineFailure("cancelled"))
             return
         self.ring.write_logits(blocks, logits)
+        item.answered = True  # its model counts it a success (`LocalModel._record_sink_batch`)
         self._done.append((request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def fail(self, item: Item, error: BaseException) -> None:
-        request_id, _ = item.ticket
+        request_id, _, stats = item.ticket
         if self.items.pop(request_id, None) is None:
             return
         self.cancelled.discard(request_id)
+        stats.fail.add(time.monotonic() - item.enqueued)  # refused or failed: Triton's `fail` counts it
         refusal = error if isinstance(error, Refusal) else EngineFailure(f"{type(error).__name__}: {error}")
         self.error(request_id, refusal)
 
@@ -566,16 +569,14 @@ class EngineServer:
                 link.error(request_id, refusal)
             return
         flat = submits.blocks.tolist()
-        ring, largest, protocol = link.ring, model.batcher.max_batch_size, submits.protocol
+        ring, largest, protocol, stats = link.ring, model.batcher.max_batch_size, submits.protocol, model.stats
         items = []
         for request_id, first, count, n, deadline in records:
             blocks = tuple(flat[first : first + count])
             if n > largest:  # split across batches: the general path, a task of its own
                 self._spawn(link, request_id, self._run(link, model, request_id, blocks, n, deadline, protocol))
                 continue
-            item = Item(
-                ring.images(blocks, n), deadline, None, submits.protocol, sink=link, ticket=(request_id, blocks)
-            )
+            item = Item(ring.images(blocks, n), deadline, None, protocol, sink=link, ticket=(request_id, blocks, stats))
             link.items[request_id] = item
             items.append(item)
         if items:
