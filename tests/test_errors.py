@@ -68,6 +68,12 @@ def test_a_refusal_crosses_the_engine_wire_unchanged(refusal):
     )
 
 
+def test_every_refusal_kind_is_in_the_table():
+    """A kind left out of REFUSALS would cross the engine's wire as an engine failure."""
+    assert set(REFUSALS.values()) == set(Refusal.__subclasses__())
+    assert all(kind == cls.kind for kind, cls in REFUSALS.items())
+
+
 def test_an_unknown_kind_from_a_newer_engine_is_an_engine_failure():
     e = from_wire("brand_new", "something", None)
     assert (type(e).__name__, e.http_status, str(e)) == ("EngineFailure", 500, "something")
