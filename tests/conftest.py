@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see "two workers" below
+
 import pytest
 
 from quicknet.build import data
@@ -59,33 +61,36 @@ def _isolated_service_state(monkeypatch):
 
 # --- two workers (`make test` runs pytest-xdist) ------------------------------------------------
 
-# The modules that keep the CPU busy on their own (training, exporting, scoring 10k images, podman
-# builds, the GPU jobs' dry runs, a saturating load test) share one worker, one test at a time:
-# two of them at once oversubscribe two cores badly (torch's thread pools spin; the tiny training
-# run went from 27 s to 300 s when they met). Every other module stays whole on one worker too
-# (its server fixtures start once). A scheduler of our own, because xdist 3.8's `xdist_group`
-# marker does nothing under pytest 9 (it renames `item._nodeid`, which pytest 9 no longer reads).
-HEAVY = {
-    "test_build_pipeline.py",
-    "test_containers.py",
-    "test_fold_export.py",
-    "test_gpu_engine.py",
-    "test_gpu_jobs.py",
-    "test_reliability.py",
-    "test_shipped_model.py",
-    "test_train.py",
+# The modules that train or run torch share one worker, one test at a time: two of them at once
+# oversubscribe two cores badly. The other CPU-heavy modules (podman builds, 10k-image scoring with
+# ONNX Runtime, a saturating load test) share a second group. Every other module stays whole on one
+# worker (its server fixtures start once). A scheduler of our own, because xdist 3.8's
+# `xdist_group` marker does nothing under pytest 9 (it renames `item._nodeid`, which pytest 9 no
+# longer reads). OMP_WAIT_POLICY=PASSIVE (set at the top of this file): torch's OpenMP threads
+# sleep at a barrier instead of spinning, which on 2 shared cores took the tiny training run from
+# 87 s to 59 s beside one busy process (27 s alone).
+GROUPS = {
+    "test_build_pipeline.py": "torch",
+    "test_fold_export.py": "torch",
+    "test_gpu_engine.py": "torch",
+    "test_gpu_jobs.py": "torch",
+    "test_train.py": "torch",
+    "test_containers.py": "heavy",
+    "test_reliability.py": "heavy",
+    "test_shipped_model.py": "heavy",
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist (`-p no:xdist`) it is simply not called
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadFileScheduling
 
-    class HeavyTogether(LoadFileScheduling):
+    class Grouped(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "heavy" if path.rsplit("/", 1)[-1] in HEAVY else path
+            return GROUPS.get(path.rsplit("/", 1)[-1], path)
 
-    return HeavyTogether(config, log)
+    return Grouped(config, log)
 
 
 # --- a claim's test may not skip in CI ---------------------------------------------------------
