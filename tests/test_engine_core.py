@@ -38,6 +38,21 @@ def _logits(images: np.ndarray) -> np.ndarray:
     return np.repeat(images[:, 0, 0, :1].astype(np.float32), 10, axis=1)
 
 
+class HeldEngine:
+    """A fake engine that holds every batch until `release` is set; `computed` lists the images
+    it was given (their first pixel) and `started` is set when the first batch arrives."""
+
+    def __init__(self) -> None:
+        self.release, self.started = threading.Event(), threading.Event()
+        self.computed: list[int] = []
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.computed.extend(images[:, 0, 0, 0].tolist())
+        self.started.set()
+        self.release.wait(5)
+        return _logits(images)
+
+
 def _link(blocks: int = 64) -> tuple[FrontLink, Outbox]:
     outbox = Outbox()
     return FrontLink(outbox, Ring.create(blocks * BLOCK_IMAGES), pid=1), outbox
@@ -85,13 +100,7 @@ def test_a_batch_of_requests_is_one_dones_per_front_with_logits_in_the_ring():
 
 
 def test_a_deadline_is_answered_when_it_passes_not_when_the_next_batch_forms():
-    release = threading.Event()
-    computed: list[int] = []
-
-    def slow(images: np.ndarray) -> np.ndarray:
-        computed.extend(images[:, 0, 0, 0].tolist())
-        release.wait(5)
-        return _logits(images)
+    slow = HeldEngine()
 
     async def main():
         batcher = Batcher(slow, model="m", backend="fake", max_batch_size=1, max_queue_images=1000)
@@ -104,7 +113,7 @@ def test_a_deadline_is_answered_when_it_passes_not_when_the_next_batch_forms():
         while not outbox.of(m.Error) and time.monotonic() < t0 + 3:
             await asyncio.sleep(0.005)
         answered = time.monotonic() - t0
-        release.set()
+        slow.release.set()
         await batcher.drain(5)
         await asyncio.sleep(0.01)
         await batcher.close()
@@ -115,29 +124,23 @@ def test_a_deadline_is_answered_when_it_passes_not_when_the_next_batch_forms():
     assert sorted(e.id for e in errors) == [1, 2]
     assert all(isinstance(from_wire(e.kind, e.message, e.extra), DeadlineExceeded) for e in errors)
     assert answered < 2.0, "the sweep answered at the deadline, while the engine was still busy"
-    assert computed == [0], "expired requests were never computed"
+    assert slow.computed == [0], "expired requests were never computed"
 
 
 def test_a_cancelled_request_is_answered_at_once_if_queued_and_after_its_batch_if_running():
-    release = threading.Event()
-    started = threading.Event()
-
-    def slow(images: np.ndarray) -> np.ndarray:
-        started.set()
-        release.wait(5)
-        return _logits(images)
+    slow = HeldEngine()
 
     async def main():
         batcher = Batcher(slow, model="m", backend="fake", max_batch_size=1, max_queue_images=1000)
         batcher.start()
         link, outbox = _link()
         batcher.enqueue(_items(link, range(0, 2), time.monotonic() + 30))
-        while not started.is_set():
+        while not slow.started.is_set():
             await asyncio.sleep(0.005)
         link.cancel(0)  # running: its blocks may still be read
         link.cancel(1)  # queued
         answered_early = [e.id for e in outbox.of(m.Error)]
-        release.set()
+        slow.release.set()
         await batcher.drain(5)
         await asyncio.sleep(0.01)
         await batcher.close()
@@ -150,11 +153,7 @@ def test_a_cancelled_request_is_answered_at_once_if_queued_and_after_its_batch_i
 
 
 def test_a_full_queue_refuses_the_items_past_it_with_retry_after():
-    release = threading.Event()
-
-    def held(images: np.ndarray) -> np.ndarray:
-        release.wait(5)
-        return _logits(images)
+    held = HeldEngine()
 
     async def main():
         batcher = Batcher(held, model="m", backend="fake", max_batch_size=1, max_queue_images=3)
@@ -164,7 +163,7 @@ def test_a_full_queue_refuses_the_items_past_it_with_retry_after():
         await asyncio.sleep(0.05)
         batcher.enqueue(_items(link, range(1, 6), time.monotonic() + 30))
         refused = list(outbox.of(m.Error))
-        release.set()
+        held.release.set()
         await batcher.drain(5)
         await asyncio.sleep(0.01)
         await batcher.close()
@@ -242,11 +241,7 @@ def test_requests_cross_both_halves_as_one_message_each_way_and_come_back_with_t
 
 
 def test_refusals_count_as_failures_and_a_request_cancelled_while_running_not_as_a_success():
-    release = threading.Event()
-
-    def held(images: np.ndarray) -> np.ndarray:
-        release.wait(5)
-        return _logits(images)
+    held = HeldEngine()
 
     async def main():
         model = _model(held, 1, 2)
@@ -257,7 +252,7 @@ def test_refusals_count_as_failures_and_a_request_cancelled_while_running_not_as
         await asyncio.sleep(0.05)
         link.cancel(0)
         batcher.enqueue(_items(link, range(1, 5), time.monotonic() + 30, model.stats))  # 2 queue, 2 refused
-        release.set()
+        held.release.set()
         await batcher.drain(5)
         await batcher.close()
         return model, link
