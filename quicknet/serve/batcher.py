@@ -167,6 +167,10 @@ class Batcher:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._sweep_at is not None:
+            self._sweep_at[1].cancel()
+            self._sweep_at = None
+        self._deadlines.clear()
         while self._queue:
             self._queue.popleft().reject(NotAccepting("server is shutting down; retry on another replica"))
         self._executor.shutdown(wait=True)
