@@ -172,6 +172,22 @@ def test_one_top_level_package_and_nothing_outside_tests_imports_tests(graph):
     assert top_level <= {"quicknet", "benchmarks", "tests"}, top_level
 
 
+def test_the_server_imports_the_build_only_lazily():
+    """`quicknet serve` starts without torch: the server reaches into `quicknet.build` (the fused GPU
+    engine) only inside functions, never at a module's top (nor under `try` there)."""
+    at_top = []
+    for path in sorted((PACKAGE / "serve").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        top += [
+            n for t in tree.body if isinstance(t, ast.Try) for n in t.body if isinstance(n, ast.Import | ast.ImportFrom)
+        ]
+        for node in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            at_top += [f"{path.name}: {n}" for n in names if n == "quicknet.build" or n.startswith("quicknet.build.")]
+    assert at_top == []
+
+
 def test_the_checks_see_a_circle_and_an_upward_import(tmp_path):
     """The checker itself: a planted loop and a planted upward import are found."""
     pkg = tmp_path / "quicknet"
