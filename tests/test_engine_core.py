@@ -18,8 +18,9 @@ from quicknet.serve.batcher import Batcher, Item
 from quicknet.serve.config import Settings
 from quicknet.serve.engine import LocalModel
 from quicknet.serve.errors import DeadlineExceeded, QueueFull, from_wire
-from quicknet.serve.ipc import BLOCK_IMAGES, EngineClient, EngineServer, FrontLink, Ring
+from quicknet.serve.ipc import BLOCK_IMAGES, EngineServer, FrontLink, Ring
 from quicknet.serve.model import ModelInfo, Statistics
+from quicknet.serve.sources.remote import EngineClient
 
 
 class Outbox:

@@ -348,7 +348,7 @@ def run(settings: Settings) -> int:
 
 def run_front(settings: Settings, engine_path: str) -> int:
     """A front process's entry (the supervisor starts it)."""
-    from quicknet.serve.ipc import EngineClient
+    from quicknet.serve.sources.remote import EngineClient
 
     configure_logging(settings)
     # as many images as this front may have waiting or running: the engine's queue (capped: with 16

@@ -3,7 +3,7 @@
 `ModelInfo` is static and crosses process boundaries. A `ModelHandle` adds the one call that
 matters, `submit(images, deadline, protocol) -> (logits, Timing)`, and `statistics()`. The
 engine may live in this process (`quicknet.serve.engine.LocalModel`) or in the engine process
-(`quicknet.serve.ipc.RemoteModel`): the fronts cannot tell the difference.
+(`quicknet.serve.sources.remote.RemoteModel`): the fronts cannot tell the difference.
 """
 
 from __future__ import annotations
