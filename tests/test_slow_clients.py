@@ -190,3 +190,44 @@ def test_a_client_still_sending_after_a_408_reads_it_without_a_reset(server):
             data += chunk
     status, body = _status_and_body(data)
     assert status == 408 and body == {"error": "request body not received within 1s"}
+
+
+def test_a_response_leaves_in_one_write_and_before_a_close():
+    """uvicorn writes a response's head and body apart; the connection's transport sends what one
+    loop iteration wrote in one system call, and a close sends what is pending first."""
+    from quicknet.serve.transport.connections import _LingeringTransport
+
+    class Raw:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def can_write_eof(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def main() -> tuple[list[bytes], list[bytes], bool]:
+        raw, later = Raw(), Raw()
+        protocol = type("Protocol", (), {"loop": asyncio.get_running_loop(), "_lingering": False})()
+        protocol._in_body = protocol._timing_head = False
+        transport = _LingeringTransport(raw, protocol)
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"{}")
+        assert raw.writes == [], "nothing leaves before the loop turns"
+        await asyncio.sleep(0)
+        closing = _LingeringTransport(later, protocol)
+        closing.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        closing.close()
+        return raw.writes, later.writes, later.closed
+
+    writes, before_close, closed = asyncio.run(main())
+    assert writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+    assert before_close == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and closed
