@@ -17,7 +17,9 @@ the general path (`LocalModel.submit`, split across batches); it is rare and its
 
 The engine answers every submit exactly once (a cancelled one too), and a front reuses a
 request's blocks only after that answer, so the engine never reads or writes a block that
-was handed to another request. Deadlines are `time.monotonic()`, one clock for every process.
+was handed to another request (one exception: a batch still running when the engine closes, past
+its drain, is answered at once and its result dropped, while the engine thread may still read).
+Deadlines are `time.monotonic()`, one clock for every process.
 If the engine goes away, every waiting request is answered 503 / UNAVAILABLE at once and the
 front turns unready until a new engine is up and warm.
 """
