@@ -32,17 +32,6 @@ def score(artifact: str, logits: np.ndarray, labels: np.ndarray) -> Report:
     return Report(artifact, len(labels), float((pred == labels).mean()), per_class, confusion.tolist())
 
 
-def checkpoint_logits(checkpoint: Path, images: np.ndarray, *, flip_tta: bool = False) -> np.ndarray:
-    from quicknet.build.export import reference_logits
-    from quicknet.build.train import load_checkpoint
-
-    model, _ = load_checkpoint(checkpoint)
-    logits = reference_logits(model, images)
-    if flip_tta:
-        logits = (logits + reference_logits(model, np.ascontiguousarray(images[:, :, ::-1]))) / 2
-    return logits
-
-
 def evaluate_checkpoint(checkpoint: Path, split: Split) -> tuple[Report, Report]:
     """The checkpoint scored plain and with flip TTA in two passes over the split, not three: the
     TTA average reuses the plain pass's logits (a 10k-image pass is ~10 s of a 2-core build)."""
@@ -86,15 +75,14 @@ def tensorrt_logits(plan: Path, images: np.ndarray, batch_size: int = 256) -> np
     return np.concatenate(out)
 
 
-def evaluate_artifact(kind: str, path: Path, split: Split, *, flip_tta: bool = False, threads: int = 2) -> Report:
-    if kind == "checkpoint":
-        logits = checkpoint_logits(path, split.images, flip_tta=flip_tta)
-    elif kind == "tensorrt":
+def evaluate_artifact(kind: str, path: Path, split: Split, *, threads: int = 2) -> Report:
+    """A serving engine's file (ONNX, INT8 ONNX, a TensorRT plan) on `split`; the checkpoint is
+    `evaluate_checkpoint`'s."""
+    if kind == "tensorrt":
         logits = tensorrt_logits(path, split.images)
     else:
         logits = onnx_logits(path, split.images, threads=threads)
-    name = f"{kind}+flip-tta" if flip_tta else kind
-    return score(name, logits, split.labels)
+    return score(kind, logits, split.labels)
 
 
 def plot_confusion(report: Report, path: Path, title: str) -> None:
