@@ -97,14 +97,7 @@ class LocalModel(ModelHandle):
         if not items:
             return
         queued = [started - item.enqueued for item in items]
-        k = len(items)
-        self.stats.queue.add(sum(queued), k)
-        self.stats.success.add(sum(queued) + k * (input_s + infer_s + output_s), k)
-        self.stats.compute_input.add(k * input_s, k)
-        self.stats.compute_infer.add(k * infer_s, k)
-        self.stats.compute_output.add(k * output_s, k)
-        self.stats.inference_count += sum(item.n for item in items)
-        self.stats.last_inference_ms = int(time.time() * 1000)
+        self.stats.record_requests(queued, sum(item.n for item in items), input_s, infer_s, output_s)
         images: dict[str, int] = {}
         for item in items:
             images[item.protocol] = images.get(item.protocol, 0) + item.n

@@ -171,12 +171,8 @@ class FrontLink:
             self.cancelled.discard(request_id)
             self.error(request_id, EngineFailure("cancelled"))
             return
-        self.ring.write_logits(blocks, logits)
         item.answered = True  # its model counts it a success (`LocalModel._record_sink_batch`)
-        self._done.append((request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self.deliver(request_id, blocks, logits, timing)
 
     def fail(self, item: Item, error: BaseException) -> None:
         request_id, _, stats = item.ticket
@@ -188,6 +184,14 @@ class FrontLink:
         self.error(request_id, refusal)
 
     # -----------------------------------------------------------------------------------------------
+
+    def deliver(self, request_id: int, blocks: tuple[int, ...], logits: np.ndarray, timing: Timing) -> None:
+        """Logits into the request's blocks; its answer joins this front's `Dones` for this loop pass."""
+        self.ring.write_logits(blocks, logits)
+        self._done.append((request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def error(self, request_id: int, refusal: Refusal) -> None:
         self.outbox.send(m.Error(request_id, *to_wire(refusal)))
@@ -366,9 +370,7 @@ class EngineServer:
         except Exception as e:  # the engine failed on this request's batch: the reason travels
             link.error(request_id, EngineFailure(str(e)))
             return
-        link.ring.write_logits(blocks, logits)
-        done = (request_id, timing.queue_s, timing.infer_s, timing.input_s, timing.output_s)
-        link.outbox.send(m.Dones(np.array([done], m.DONE)))
+        link.deliver(request_id, blocks, logits, timing)
 
     async def _repository_call(self, outbox: Outbox, call: m.Call) -> None:
         """index / load / unload on the engine, for a front's repository API."""

@@ -94,6 +94,17 @@ class Statistics:
         self.inference_count += images
         self.last_inference_ms = now_ms
 
+    def record_requests(self, queued_s: list[float], images: int, input_s: float, infer_s: float, output_s: float):
+        """Many requests answered by one batch at once (`record_request`'s sums, one call a batch)."""
+        k, compute_s = len(queued_s), input_s + infer_s + output_s
+        self.queue.add(sum(queued_s), k)
+        self.success.add(sum(queued_s) + k * compute_s, k)
+        self.compute_input.add(k * input_s, k)
+        self.compute_infer.add(k * infer_s, k)
+        self.compute_output.add(k * output_s, k)
+        self.inference_count += images
+        self.last_inference_ms = int(time.time() * 1000)
+
     def record_batch(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
         self.execution_count += 1
         phases = self.batches.setdefault(size, (Duration(), Duration(), Duration()))
