@@ -14,7 +14,6 @@ benchmarks/results/engine_core.json.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,21 +22,13 @@ import numpy as np
 
 from benchmarks import cpu
 from benchmarks.common import save, table
-from benchmarks.peers import run_wrk
+from benchmarks.peers import encode_png, run_wrk
 from quicknet.testing import start_server
 
 
-def png() -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def measure(fronts: int, concurrency: list[int], seconds: float, work: Path) -> list[dict]:
-    body, headers = png(), {"Content-Type": "image/png"}
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    body, headers = encode_png(pixels), {"Content-Type": "image/png"}
     srv = start_server(work, workers=fronts, access_log="false")  # the tests' store: quicknet-xs
     rows = []
     try:

@@ -39,7 +39,7 @@ EXTRA_SERVERS = ["ours-2x1"]  # --servers only: two engine instances of one thre
 FRONTS = re.compile(r"ours-(\d+)-fronts")  # `--fronts N` adds this service with N front processes
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def encode_png(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -240,7 +240,7 @@ def main() -> None:
 
     dataset = data.load()
     pixels = dataset.test.images[0]
-    png = _png(pixels)
+    png = encode_png(pixels)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

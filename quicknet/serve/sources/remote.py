@@ -173,11 +173,11 @@ class EngineClient:
         if self.outbox is None:  # the engine went away meanwhile: `_lost` answered them
             return
         for (name, version, protocol), requests in submits.items():
-            records = np.empty(len(requests), m.SUBMIT)
-            flat: list[int] = []
-            for i, (request_id, blocks, n, deadline) in enumerate(requests):
-                records[i] = (request_id, len(flat), len(blocks), n, deadline)
+            rows, flat = [], []
+            for request_id, blocks, n, deadline in requests:
+                rows.append((request_id, len(flat), len(blocks), n, deadline))
                 flat.extend(blocks)
+            records = np.array(rows, m.SUBMIT)  # one conversion, not a structured write a request
             self.outbox.send(m.Submits(name, version, protocol, records, np.array(flat, np.int32)))
         if cancels:
             self.outbox.send(m.Cancels(cancels))
