@@ -25,7 +25,9 @@ def ort_session(path: Path, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")  # the service's settings
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.add_session_config_entry("session.dynamic_block_base", "4")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

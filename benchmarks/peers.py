@@ -5,9 +5,9 @@
     python -m benchmarks.peers --servers ours --fronts 1 2 4 8 16   # this service over front processes
 
 Every server serves the same ONNX file (the published model where the store has one, with the
-batch policy it ships with; else an untrained export) with the same ONNX Runtime settings (2
-intra-op threads, spinning off),
-and answers one 32x32 PNG per request (PyTriton: the same pixels as a KServe v2 UINT8 tensor, as
+batch policy it ships with; else an untrained export) with the same ONNX Runtime settings (the
+service's: 2 intra-op threads that spin while a run lasts and stop when it returns), and
+answers one 32x32 PNG per request (PyTriton: the same pixels as a KServe v2 UINT8 tensor, as
 its clients send them), driven by the same closed-loop load generator, `wrk`, on this machine.
 The raw engine and the raw pipeline (decode + engine + top-5 in one Python loop, no server) are
 in the same table: the ceiling. Writes benchmarks/results/peers.json and prints the table.

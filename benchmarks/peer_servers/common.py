@@ -1,4 +1,5 @@
-"""What every peer server shares: the ONNX Runtime session (same settings as the service's engine),
+"""What every peer server shares: the ONNX Runtime session (the service's engine's settings:
+`quicknet.serve.backends.onnxruntime._session`, so a comparison measures the servers),
 PNG decoding and the top-5 answer. Standard library, numpy, Pillow and onnxruntime only."""
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def session(path: str):
     opts.intra_op_num_threads = int(os.environ.get("PEER_THREADS", "2"))
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.add_session_config_entry("session.dynamic_block_base", "4")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 

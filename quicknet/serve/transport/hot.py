@@ -1,0 +1,90 @@
+"""The hot path: the REST routes that carry inference, served through only the layers they need.
+
+FastAPI wraps every request in ten ASGI layers before a handler runs (its error, telemetry,
+body-limit, exception and exit-stack middleware, the router trying each route, the route's
+request/response wrappers), and each answer passes back through their `send` wrappers. For a
+32x32 PNG on 2 cores that was ~0.2 ms of the event loop's ~0.75 ms a request, about what plain
+FastAPI spends on a whole request, which left us slower than it at one request at a time
+(benchmarks/README.md). The routes marked `fast_path` (`/classify`, `/predictions/...`) skip them:
+
+    HotPath -> our middleware (access log and metrics, CORS, API keys: the same classes, built
+               from the same list as the app's) -> `HotEndpoint` -> the handler
+
+and answer errors with the app's own exception handlers, so a client cannot tell which way a
+request went. Everything else goes to the FastAPI app unchanged: other routes, other methods, and
+traced requests (with tracing on, FastAPI names a request's span in its router; the span costs
+more than the layers). FastAPI still documents every route.
+`App.build_middleware_stack` installs it, so a test client and the server take the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class HotEndpoint:
+    """Call a fast-path handler with a `Request`; an exception the app has a handler for becomes
+    that handler's answer (as Starlette's `ExceptionMiddleware` would), any other goes up to
+    `AccessMiddleware`, which answers 500."""
+
+    def __init__(self, handlers: dict):
+        # Starlette keys handlers by exception class or status code; the fast paths raise classes
+        self.handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+
+    def handler_for(self, exc: Exception) -> Callable | None:
+        for cls in type(exc).__mro__:
+            if cls in self.handlers:
+                return self.handlers[cls]
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await scope["endpoint"](request)
+        except Exception as exc:
+            handler = self.handler_for(exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+
+class HotPath:
+    """The outermost layer of the app's stack: a POST to a fast route goes the short way."""
+
+    def __init__(self, app: ASGIApp, short: ASGIApp, routes: Sequence[Route]):
+        self.app = app
+        self.short = short
+        self.routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # a traced request goes the full way: FastAPI names its server span in the router
+        if scope["type"] == "http" and scope["method"] == "POST" and "fastapi.telemetry" not in scope:
+            for route in self.routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)  # endpoint, path_params
+                    scope["route"] = route  # metrics and the access log name it
+                    await self.short(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+class App(FastAPI):
+    """FastAPI, with `HotPath` in front of its middleware stack for the routes in `hot_routes`."""
+
+    hot_routes: Sequence[Route] = ()
+
+    def build_middleware_stack(self) -> ASGIApp:
+        full = super().build_middleware_stack()
+        if not self.hot_routes:
+            return full
+        short: ASGIApp = HotEndpoint(self.exception_handlers)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            short = cls(short, *args, **kwargs)
+        return HotPath(full, short, self.hot_routes)
