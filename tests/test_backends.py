@@ -255,54 +255,13 @@ def test_auto_picks_the_torch_engine_for_an_onnx_only_version_only_where_it_can_
     assert choose(version, Settings()) == "onnxruntime"
 
 
-def test_one_image_batches_go_to_the_session_faster_in_service_and_the_other_is_dropped(caplog):
-    """Timed at load, the rest of the server starting on the same cores made the full model's
-    one-thread session look faster one start in three (it is 1.35x slower). The choice is made on
-    the server's own one-image batches once it is warm: in turns, the faster by median."""
-    import logging
-    import time
-
-    from quicknet.serve.backends.onnxruntime import OneImageChoice
-
-    class Session:
-        def __init__(self, seconds: float):
-            self.seconds, self.calls = seconds, 0
-
-        def run(self, _outputs, _feeds):
-            self.calls += 1
-            time.sleep(self.seconds)
-            return [self.seconds]
-
-    one, every = Session(0.004), Session(0.001)
-    choice = OneImageChoice(one, every)
-    assert choice.run({}) == 0.001 and one.calls == 0, "until the warm-up is over, all threads serve"
-    assert choice.threads(2) == 2
-    choice.start()
-    assert choice.threads(2) == "deciding"
-    with caplog.at_level(logging.INFO, "quicknet.backends"):
-        for _ in range(2 * OneImageChoice.TRIALS):
-            choice.run({})
-    assert one.calls == every.calls - 1 == OneImageChoice.TRIALS, "the two took turns"
-    assert choice.chosen is every and choice.threads(2) == 2
-    assert "one-image batches run on all threads" in caplog.text
-    for _ in range(5):
-        choice.run({})
-    assert one.calls == OneImageChoice.TRIALS, "the loser is never run again"
-
-    slow_all = OneImageChoice(Session(0.001), Session(0.004))
-    slow_all.start()
-    for _ in range(2 * OneImageChoice.TRIALS):
-        slow_all.run({})
-    assert slow_all.threads(2) == 1
-
-
 def test_engine_threads_spin_only_while_a_run_lasts(version):
     """Spinning between a run's operators (a futex wake each, otherwise: 1.25x slower on one image
     here), never between runs (that CPU is the server's)."""
     from quicknet.serve.backends.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend.load(version, Settings(backend="onnxruntime", precision="fp32"))
-    for session in (backend.session, *(backend.single._sessions if backend.single else ())):
-        options = session.get_session_options()
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
-        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    options = backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert backend.describe()["threads"] == 2 and not hasattr(backend, "single"), "one session, every batch size"

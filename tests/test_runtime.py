@@ -78,3 +78,27 @@ def test_serving_refuses_before_the_body_when_the_queue_is_full():
         runtime.serving()
     with pytest.raises(QueueFull):
         runtime.serving("m", 1)
+
+
+def test_top_k_in_plain_python_agrees_with_numpy_ties_included():
+    """A few rows take the plain-Python top-k (the one-image hot path), many the numpy one: the
+    same classes in the same order (ties: the lower index first) and the same probabilities."""
+    import numpy as np
+
+    from quicknet.serve import model
+
+    labels = tuple("abcdefghij")
+    rng = np.random.default_rng(3)
+    rows = (rng.normal(size=(200, 10)) * rng.uniform(0.1, 30, size=(200, 1))).astype(np.float32)
+    rows[:20, 3] = rows[:20, 7] = rows[:20].max(axis=1) + 1  # a tie at the top
+    rows[20:40] = 0.5  # all equal
+    step = model.SMALL_BATCH
+    small = [p for i in range(0, 200, step) for p in model.top_k(rows[i : i + step], 5, labels)]
+    large = model.top_k(rows, 5, labels)
+    assert len(rows) > model.SMALL_BATCH
+    for a, b in zip(small, large, strict=True):
+        assert [p.index for p in a] == [p.index for p in b]
+        assert [p.score for p in a] == pytest.approx([p.score for p in b], rel=1e-12, abs=1e-15)
+        assert [p.label for p in a] == [labels[p.index] for p in a]
+    assert [p.index for p in small[0][:2]] == [3, 7]
+    assert [p.index for p in small[20]] == [0, 1, 2, 3, 4]

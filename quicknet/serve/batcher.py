@@ -139,6 +139,12 @@ class Batcher:
         self._idle.set()
         self._accepting = False
         self._mean_batch_s = 0.05  # running estimate for Retry-After
+        # this model's series, looked up once (`labels()` takes a lock and validates, per call)
+        self._m_depth = metrics.QUEUE_DEPTH.labels(model)
+        self._m_queued = metrics.QUEUE_SECONDS.labels(model)
+        self._m_in_flight = metrics.IN_FLIGHT.labels(model)
+        self._m_infer = metrics.INFER_SECONDS.labels(model, backend)
+        self._m_batch = metrics.BATCH_SIZE.labels(model)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -206,7 +212,7 @@ class Batcher:
         for item in items:
             self._queue.append(item)
             self._queued_images += item.n
-        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        self._m_depth.set(self._queued_images)
         self._wakeup.set()
         # The deadline is enforced when it passes, not when the next batch forms: the caller hears
         # DeadlineExceeded on time, and its queued parts are skipped (never computed).
@@ -249,7 +255,7 @@ class Batcher:
             self._deadlines = [e for e in self._deadlines if not (e[2].taken or e[2].closed)]
             heapq.heapify(self._deadlines)
         if queued:
-            metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+            self._m_depth.set(self._queued_images)
             self._wakeup.set()
             self._arm_sweep()
 
@@ -316,7 +322,7 @@ class Batcher:
                 size -= item.n
                 self._queue.appendleft(item)
                 self._queued_images += item.n
-        metrics.QUEUE_DEPTH.labels(self._model).set(self._queued_images)
+        self._m_depth.set(self._queued_images)
         return batch
 
     def _pop(self) -> Item:
@@ -354,9 +360,9 @@ class Batcher:
             started = time.monotonic()
             images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
             for item in batch:
-                metrics.QUEUE_SECONDS.labels(self._model).observe(started - item.enqueued)
+                self._m_queued.observe(started - item.enqueued)
             self._in_flight += 1
-            metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+            self._m_in_flight.set(self._in_flight)
             called = time.monotonic()
             worker = id(asyncio.current_task())
             self._running[worker] = called
@@ -375,12 +381,12 @@ class Batcher:
             finally:
                 del self._running[worker]
                 self._in_flight -= 1
-                metrics.IN_FLIGHT.labels(self._model).set(self._in_flight)
+                self._m_in_flight.set(self._in_flight)
             returned = time.monotonic()
             input_s, infer_s = called - started, returned - called
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
-            metrics.INFER_SECONDS.labels(self._model, self._backend).observe(infer_s)
-            metrics.BATCH_SIZE.labels(self._model).observe(len(images))
+            self._m_infer.observe(infer_s)
+            self._m_batch.observe(len(images))
             offset = 0
             parts = []
             for item in batch:

@@ -1,25 +1,25 @@
 """ONNX Runtime: CPU (threads set explicitly), or the CUDA provider where onnxruntime-gpu is installed.
 
-Two measured choices, made at load on the machine that serves:
 - Precision (`--precision auto`, the default): static INT8 runs 1.5x FP32 for the trained full
   quicknet on this project's CPUs but about 1x for quicknet-xs, whose narrow layers spend as long in the
   quantize/dequantize ops around each convolution as INT8 saves inside it. So where the INT8
   model costs at most 0.5 point of published accuracy, both are timed (batch 1 and the largest
-  batch, a few runs each) and the faster serves; `fp32` or `int8` force one.
-- Threads: a one-image batch may run on a single-thread session. Waking a second intra-op thread
-  (they spin only while a run lasts, so idle threads leave the CPU to the server) can cost more than it saves on
-  one image (quicknet-xs here: +5% img/s FP32, +30% INT8 on one thread), or not (the full
-  quicknet: 1.35x faster on two). Timed at load, the choice was wrong one start in three for the
-  full model (the rest of the server starting takes the second core: 110 instead of 146 req/s at
-  one request at a time, for the server's whole life). So it is made in service
-  (`OneImageChoice`): the first one-image batches take turns on both sessions, the faster by
-  median keeps serving and the other is dropped.
+  batch, a few runs each, at load on the machine that serves) and the faster serves; `fp32` or
+  `int8` force one.
+- Threads: every batch runs on `--threads` intra-op threads, which spin while a run lasts and
+  stop when it returns. One image used to run on a one-thread session where that was faster
+  (waking the second thread at each of the model's ~40 operators cost more than it saved on
+  quicknet-xs), chosen by timing both at load, which the rest of the server starting on the same
+  cores got wrong one start in three for the full model (110 instead of 146 req/s at one request
+  at a time, for the server's whole life). With spinning during a run two threads are at least as
+  fast as one on every published model here (one image: the full model 4.6 against 7.4 ms FP32,
+  2.97 against 3.8 INT8; quicknet-xs 0.80 against 0.82), and the second session is gone with
+  its ~20 MB.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 
 import numpy as np
@@ -30,14 +30,15 @@ from quicknet.store import ModelVersion
 
 INT8_MAX_ACCURACY_LOSS = 0.005
 
-log = logging.getLogger("quicknet.backends")
-
 
 def _session(ort, path: str, threads: int, providers: list[str]):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No memory patterns: ORT would keep a planned block per input shape it has seen (every warm-up
+    # bucket), 64 MB of the service's 307 at ready with both published models, for no speed here.
+    opts.enable_mem_pattern = False
     # Threads spin while a run lasts and stop when it returns: each of a model's ~40 operators wakes
     # the other thread, and a futex wake per operator made one image 1.25x slower (the full model
     # on 2 cores: 5.9 -> 4.7 ms FP32, 3.6 -> 2.9 ms INT8); spinning past the run would take the CPU
@@ -73,10 +74,8 @@ def seconds_per_image(sessions: list, input_name: str, batch: int, runs: int) ->
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, session, single, path: str, settings: Settings, provider: str, choice: dict):
+    def __init__(self, session, path: str, settings: Settings, provider: str, choice: dict):
         self.session = session
-        # one-image batches: a one-thread session or this one, chosen in service; None: this one
-        self.single = OneImageChoice(single, session) if single is not None else None
         self.path = path
         self.provider = provider
         self.threads = settings.threads
@@ -110,17 +109,13 @@ class OnnxRuntimeBackend:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and precision == "fp32" else []
             providers = providers or ["CPUExecutionProvider"]
             path = str(version.file(fname))
-            main = _session(ort, path, settings.threads, providers)
-            single = _session(ort, path, 1, providers) if settings.threads > 1 and not cuda else None
-            sessions[precision] = (main, single, path)
+            sessions[precision] = (_session(ort, path, settings.threads, providers), path)
         choice = {"precision": next(iter(sessions)), "rule": settings.precision}
         if len(sessions) == 2:  # auto: the faster of the two, timed here on this machine, in turns
-            name = next(iter(sessions.values()))[0].get_inputs()[0].name
-            # one image: each precision's faster session (one thread or all; in service the same choice is made again)
-            each = [[s for s in (single, main) if s is not None] for main, single, _ in sessions.values()]
-            timed = seconds_per_image(each[0] + each[1], name, 1, 5)
-            ones = [min(timed[: len(each[0])]), min(timed[len(each[0]) :])]
-            mosts = seconds_per_image([main for main, _, _ in sessions.values()], name, settings.max_batch_size, 2)
+            timed = [session for session, _ in sessions.values()]
+            name = timed[0].get_inputs()[0].name
+            ones = seconds_per_image(timed, name, 1, 5)
+            mosts = seconds_per_image(timed, name, settings.max_batch_size, 2)
             timings = {
                 precision: {"batch_1_ms": round(one * 1e3, 3), "max_batch_ms_per_image": round(most * 1e3, 4)}
                 for precision, one, most in zip(sessions, ones, mosts, strict=True)
@@ -129,22 +124,17 @@ class OnnxRuntimeBackend:
                 timings["fp32"]["max_batch_ms_per_image"] / timings["int8"]["max_batch_ms_per_image"]
             )
             choice = {"precision": "int8" if speedup > 1 else "fp32", "rule": "auto", "timings": timings}
-        main, single, path = sessions.pop(choice["precision"])
+        session, path = sessions.pop(choice["precision"])
         sessions.clear()
-        _return_freed_memory()  # the timed-and-dropped sessions' arenas: ~50 MB a model otherwise kept
-        return cls(main, single, path, settings, main.get_providers()[0], choice)
+        _return_freed_memory()  # the timed-and-dropped session's arena: ~50 MB a model otherwise kept
+        return cls(session, path, settings, session.get_providers()[0], choice)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        feeds = {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)}
-        if len(batch) == 1 and self.single is not None:
-            return self.single.run(feeds)
-        return self.session.run(None, feeds)[0]
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
 
     def warmup(self) -> None:
         for n in warmup_sizes(self.max_batch_size):
             self.infer(np.zeros((n, 32, 32, 3), dtype=np.uint8))
-        if self.single is not None:
-            self.single.start()  # the trials begin with traffic: start-up's load would bias them
 
     def describe(self) -> dict:
         return {
@@ -152,61 +142,9 @@ class OnnxRuntimeBackend:
             "provider": self.provider,
             "file": self.path,
             "threads": self.threads,
-            "batch_1_threads": self.single.threads(self.threads) if self.single is not None else self.threads,
             "precision": self.choice["precision"],
             "precision_choice": self.choice,
         }
-
-
-class OneImageChoice:
-    """Which session runs one-image batches: one intra-op thread or all of them, measured on the
-    server's own traffic. Until `start()` (the warm-up is over) the all-threads session serves.
-    Then one-image calls take turns on the two, `TRIALS` each (for the full model ~0.2 s of serving
-    at one request at a time; a trial on the slower session costs at most its difference); the
-    faster by median serves from then on and the other session is dropped (its memory with it).
-    Thread-safe enough for `instances > 1`: two calls racing on the tally only add a sample."""
-
-    TRIALS = 16
-
-    def __init__(self, one_thread, all_threads):
-        self._sessions = (one_thread, all_threads)
-        self._all_threads = all_threads
-        self._times: tuple[list[float], list[float]] = ([], [])
-        self.chosen = None  # the settled session
-        self._started = False
-
-    def start(self) -> None:
-        self._started = True
-
-    def threads(self, all_threads: int) -> int | str:
-        if self.chosen is None:
-            return "deciding" if self._started else all_threads
-        return all_threads if self.chosen is self._all_threads else 1
-
-    def run(self, feeds: dict) -> np.ndarray:
-        if self.chosen is not None:
-            return self.chosen.run(None, feeds)[0]
-        sessions, times = self._sessions, self._times  # read once: another instance's call may settle it
-        if not self._started or sessions[0] is None:
-            return (self.chosen or self._all_threads).run(None, feeds)[0]
-        turn = 0 if len(times[0]) <= len(times[1]) else 1
-        t0 = time.perf_counter()
-        out = sessions[turn].run(None, feeds)[0]
-        times[turn].append(time.perf_counter() - t0)
-        if self.chosen is None and min(len(times[0]), len(times[1])) >= self.TRIALS:
-            one, every = (float(np.median(t)) for t in times)
-            self.chosen = sessions[0 if one < every else 1]
-            self._sessions = (None, None)  # the loser's last reference here: its memory goes back
-            log.info(
-                "one-image batches run on %s: median %.2f ms on one thread, %.2f ms on all (%d trials each)",
-                "one thread" if one < every else "all threads",
-                one * 1e3,
-                every * 1e3,
-                self.TRIALS,
-            )
-            if one >= every:
-                _return_freed_memory()
-        return out
 
 
 def _return_freed_memory() -> None:
