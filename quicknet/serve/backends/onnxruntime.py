@@ -42,7 +42,9 @@ def _session(ort, path: str, threads: int, providers: list[str]):
     # Threads spin while a run lasts and stop when it returns: each of a model's ~40 operators wakes
     # the other thread, and a futex wake per operator made one image 1.25x slower (the full model
     # on 2 cores: 5.9 -> 4.7 ms FP32, 3.6 -> 2.9 ms INT8); spinning past the run would take the CPU
-    # from the server between batches. `dynamic_block_base` splits each operator's work into
+    # from the server between batches. Spinning wants the cores to itself: with another busy process
+    # on one of the 2 cores a batch of 64 ran 150 img/s spinning, 178 not (give the service its
+    # cores: Kubernetes requests = limits). `dynamic_block_base` splits each operator's work into
     # shrinking blocks, so one late thread does not hold up the other (2-5% more).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     opts.add_session_config_entry("session.force_spinning_stop", "1")
