@@ -78,7 +78,7 @@ def test_models_lists_versions_state_engine_and_the_config_in_force(server, caps
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     xs = rows[FAST_MODEL]
-    assert xs["state"] == "READY" and xs["config"]["max_batch_size"] == 64
+    assert xs["state"] == "READY" and xs["config"]["max_batch_size"] == 16  # its shipped config.json
     assert xs["config"]["dynamic_batching"]["max_queue_delay_microseconds"] in (0, "0")
     if protocol == "rest":  # /v1/models: the default mark, precision and published accuracy
         assert xs["default"] is True and "fp32" in xs["engine"]

@@ -68,3 +68,5 @@ def test_make_serve_answers_with_the_full_quicknet_by_default(server):
     assert answer["model"] == "quicknet" and answer["predictions"][0]["label"] == "cat"
     config = httpx.get(f"{server.url}/v2/models/quicknet/config").json()
     assert config["max_batch_size"] == 8, "its batch policy ships with it (model_store/quicknet/config.json)"
+    small = httpx.get(f"{server.url}/v2/models/quicknet-xs/config").json()
+    assert small["max_batch_size"] == 16, "and quicknet-xs's (model_store/quicknet-xs/config.json)"
