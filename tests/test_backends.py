@@ -255,7 +255,7 @@ def test_auto_picks_the_torch_engine_for_an_onnx_only_version_only_where_it_can_
     assert choose(version, Settings()) == "onnxruntime"
 
 
-def test_engine_threads_spin_only_while_a_run_lasts(version):
+def test_engine_threads_spin_only_while_a_run_lasts_one_session_no_memory_patterns(version):
     """Spinning between a run's operators (a futex wake each, otherwise: 1.25x slower on one image
     here), never between runs (that CPU is the server's)."""
     from quicknet.serve.backends.onnxruntime import OnnxRuntimeBackend
@@ -264,4 +264,6 @@ def test_engine_threads_spin_only_while_a_run_lasts(version):
     options = backend.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("session.dynamic_block_base") == "4"
+    assert options.enable_mem_pattern is False, "no planned block kept per batch size"
     assert backend.describe()["threads"] == 2 and not hasattr(backend, "single"), "one session, every batch size"

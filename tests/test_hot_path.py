@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.testclient import TestClient
 
+from quicknet.serve import metrics
 from quicknet.serve.config import Settings
 from quicknet.serve.errors import InputError, QueueFull
+from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.hot import HotPath
 from quicknet.serve.transport.http import create_app, fast_path
+from quicknet.testing import metric
 
 KEY = "hot-path-key-0123456789"
 
@@ -55,6 +58,11 @@ class Front:
         async def hot_get() -> dict:
             return {"way": "full"}
 
+        @api.post("/teapot")
+        @fast_path
+        async def teapot(request: Request) -> Response:
+            raise HTTPException(418, "short and stout")
+
         return api
 
 
@@ -92,6 +100,7 @@ def test_the_hot_path_answers_as_the_full_stack_does(tmp_path, path, body, statu
         assert by_hot.json()["way"] == "hot" and by_full.json()["way"] == "full"
         assert by_hot.json()["name"] == by_full.json()["name"] == (path.removeprefix("/hot").strip("/") or "-")
         assert by_hot.headers["x-front"] == "1"
+        assert by_hot.headers["content-type"] == by_full.headers["content-type"] == "application/json"
     else:
         assert _seen(by_hot) == _seen(by_full)
         assert by_hot.json()["error"] and "a bug" not in by_hot.text
@@ -120,3 +129,50 @@ def test_other_methods_and_routes_go_the_full_way(tmp_path):
     assert hot.get("/hot").json() == {"way": "full"}
     assert hot.put("/hot", content=b"x").status_code == 405
     assert hot.post("/nowhere", content=b"x").status_code == 404
+
+
+def test_the_service_s_inference_routes_take_the_hot_path():
+    app = create_app(Runtime(Settings()), REST_FRONTS)
+    assert {r.path for r in app.hot_routes} == {"/classify", "/predictions/{model}", "/predictions/{model}/{version}"}
+    assert all(r.methods == {"POST"} for r in app.hot_routes)
+
+
+def test_the_hot_path_records_request_metrics_and_the_access_log(tmp_path, caplog):
+    import logging
+
+    hot, _ = _clients(tmp_path, access_log=True)
+    hot.app.middleware_stack = None  # rebuilt with the access log on
+
+    def count(code: str) -> float:
+        text = metrics.exposition()[0].decode()
+        return metric(text, "quicknet_request_duration_seconds_count", endpoint="/hot/{name}", code=code)
+
+    before = count("200"), count("400")
+    with caplog.at_level(logging.INFO, "quicknet.access"):
+        assert hot.post("/hot/cat", content=b"image").status_code == 200
+        refused = hot.post("/hot/cat", content=b"bad")
+    assert (count("200"), count("400")) == (before[0] + 1, before[1] + 1)
+    lines = [r for r in caplog.records if r.name == "quicknet.access" and r.getMessage().startswith("POST /hot/cat")]
+    assert [r.status for r in lines] == [200, 400]
+    assert lines[1].request_id == refused.headers["x-request-id"] and "bad body" in lines[1].getMessage()
+
+
+def test_status_code_and_sync_error_handlers_answer_on_the_hot_path_too(tmp_path):
+    """Starlette looks an HTTPException's status code up first and runs a sync handler in its
+    thread pool; the hot path does the same."""
+    from fastapi.responses import PlainTextResponse
+
+    hot, full = _clients(tmp_path)
+    for client in (hot, full):
+        client.app.exception_handler(418)(lambda request, e: PlainTextResponse(f"teapot: {e.detail}", 418))
+        client.app.middleware_stack = None
+    assert _seen(hot.post("/teapot")) == _seen(full.post("/teapot"))
+    assert hot.post("/teapot").text == "teapot: short and stout"
+
+
+def test_fast_path_takes_async_endpoints_only():
+    def sync_endpoint(request):
+        return Response()
+
+    with pytest.raises(TypeError, match="async endpoint"):
+        fast_path(sync_endpoint)

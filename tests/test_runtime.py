@@ -92,10 +92,21 @@ def test_top_k_in_plain_python_agrees_with_numpy_ties_included():
     rows = (rng.normal(size=(200, 10)) * rng.uniform(0.1, 30, size=(200, 1))).astype(np.float32)
     rows[:20, 3] = rows[:20, 7] = rows[:20].max(axis=1) + 1  # a tie at the top
     rows[20:40] = 0.5  # all equal
-    step = model.SMALL_BATCH
-    small = [p for i in range(0, 200, step) for p in model.top_k(rows[i : i + step], 5, labels)]
-    large = model.top_k(rows, 5, labels)
-    assert len(rows) > model.SMALL_BATCH
+    step = model.SMALL_BATCH  # the largest batch that takes the plain-Python path
+    real, rows_seen = model._top_k_row, []
+
+    def counted(row, k, labels):
+        rows_seen.append(row)
+        return real(row, k, labels)
+
+    model._top_k_row = counted
+    try:
+        small = [p for i in range(0, 200, step) for p in model.top_k(rows[i : i + step], 5, labels)]
+        assert len(rows_seen) == 200, "every row of a batch of SMALL_BATCH or fewer took the plain-Python path"
+        large = model.top_k(rows, 5, labels)
+        assert len(rows_seen) == 200, "a larger batch took numpy's"
+    finally:
+        model._top_k_row = real
     for a, b in zip(small, large, strict=True):
         assert [p.index for p in a] == [p.index for p in b]
         assert [p.score for p in a] == pytest.approx([p.score for p in b], rel=1e-12, abs=1e-15)

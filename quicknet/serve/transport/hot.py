@@ -19,9 +19,12 @@ more than the layers). FastAPI still documents every route.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,17 +32,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 class HotEndpoint:
     """Call a fast-path handler with a `Request`; an exception the app has a handler for becomes
-    that handler's answer (as Starlette's `ExceptionMiddleware` would), any other goes up to
-    `AccessMiddleware`, which answers 500."""
+    that handler's answer, looked up as Starlette's `ExceptionMiddleware` does (an HTTPException's
+    status code first, then the exception's classes; a sync handler in the thread pool); any other
+    goes up to `AccessMiddleware`, which answers 500."""
 
     def __init__(self, handlers: dict):
-        # Starlette keys handlers by exception class or status code; the fast paths raise classes
-        self.handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+        self.by_class = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+        self.by_status = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
 
     def handler_for(self, exc: Exception) -> Callable | None:
+        if isinstance(exc, HTTPException) and exc.status_code in self.by_status:
+            return self.by_status[exc.status_code]
         for cls in type(exc).__mro__:
-            if cls in self.handlers:
-                return self.handlers[cls]
+            if cls in self.by_class:
+                return self.by_class[cls]
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,7 +56,10 @@ class HotEndpoint:
             handler = self.handler_for(exc)
             if handler is None:
                 raise
-            response = await handler(request, exc)
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, exc)
+            else:
+                response = await run_in_threadpool(handler, request, exc)
         await response(scope, receive, send)
 
 
@@ -61,8 +70,8 @@ class HotPath:
         self.app = app
         self.short = short
         # a fixed path is a dict lookup (Starlette's `matches` is a regex and a scope dict: ~20 us)
-        self.fixed = {r.path: r for r in routes if "{" not in r.path}
-        self.routes = tuple(r for r in routes if "{" in r.path)
+        self.fixed = {r.path: r for r in routes if "{" not in r.path and "POST" in (r.methods or ())}
+        self.routes = tuple(r for r in routes if r.path not in self.fixed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # a traced request goes the full way: FastAPI names its server span in the router
