@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from quicknet.testing import queued_images, start_server
+from quicknet.testing import FAST_MODEL, STORE, queued_images, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}
 
@@ -82,10 +82,14 @@ def test_ready_only_after_every_bucket_is_warmed(tmp_path):
     but not ready on every front: /readyz 503, /classify 503, gRPC health NOT_SERVING for every
     service, `quicknet probe --ready` fails; the first ready answer comes after the warm-up."""
     import os
+    import shutil
     import subprocess
     import sys
 
-    srv = start_server(tmp_path, max_batch_size=1024, wait_ready=False)
+    root = tmp_path / "store"  # without the model's own config.json, whose max batch of 16 would win
+    shutil.copytree(STORE, root)
+    (root / FAST_MODEL / "config.json").unlink(missing_ok=True)
+    srv = start_server(tmp_path, store=root, max_batch_size=1024, wait_ready=False)
     names = ["", "quicknet.v1.Classifier", "inference.GRPCInferenceService"]
     seen_warming = None
     try:
