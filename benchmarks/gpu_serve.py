@@ -20,7 +20,9 @@ results before the next starts, into `--out` (results.json, results.md, server.l
    with where the CPU went (the engine process's loop and threads, the fronts, the machine:
    `benchmarks/cpu.py`) and which part is saturated; then, at the best front count, the same server
    with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
-   images per request;
+   images per request; and the peer a user would run instead, on the same machine with the same
+   model and load generator: plain FastAPI + the same torch engine, one image per request, no
+   batching (`benchmarks/peer_servers/torch_fastapi.py`; LitServe and PyTriton are not carried);
 4. with the time left: torch.compile (max-autotune) and AOTInductor, each in a child process with a
    time limit (a compiler that takes too long costs its limit, not the lease; neither finished in
    50-60 s on the first run, so they come last).
@@ -55,6 +57,11 @@ HEADLINE_CASES = ((1, "rest"), (1, "grpc"), (64, "kserve-grpc"))
 MORE_CASES = ((8, "rest"), (8, "grpc"), (64, "rest"), (64, "grpc"), (1, "kserve-grpc"), (8, "kserve-grpc"))
 # The server choosing its own engine (the fused one, built for this GPU), against the torch rows.
 FUSED_CASES = ((64, "kserve-grpc"), (1, "grpc"))
+# The same model behind what a user would run instead, one image per request (module: its server).
+# LitServe and PyTriton are not carried to the GPU machine (LitServe needs pyzmq; PyTriton's wheel
+# is 53 MiB and wants CUDA 12 libraries): plain FastAPI is the peer there.
+GPU_PEERS = (("fastapi + torch, no batching", "benchmarks.peer_servers.torch_fastapi"),)
+PEER_CONCURRENCY = 256  # as the service's one-image cases
 
 
 def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) -> Path:
@@ -312,6 +319,62 @@ def service_sweep(
     return rows
 
 
+def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> list[dict]:
+    """Each of `GPU_PEERS` on this machine, serving the store's model with one image per request,
+    driven by the same load generator as the service's one-image REST case; its log's tail on error."""
+    import httpx
+
+    from benchmarks import cpu
+    from benchmarks.loadgen import run_hey, run_pool
+    from quicknet import store
+    from quicknet.build import gpu_probe
+    from quicknet.testing import free_port
+
+    hey = _hey()
+    rows = []
+    for name, module in GPU_PEERS:
+        if time.monotonic() > deadline:
+            rows.append({"server": name, "skipped": "time budget spent"})
+            continue
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(root), str(port)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                while proc.poll() is None and time.monotonic() < deadline:
+                    try:
+                        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.2)
+                else:
+                    raise RuntimeError("the peer did not start" if proc.poll() is None else "the peer exited")
+                with gpu_probe.UtilizationSampler() as util:
+                    before = cpu.snapshot(proc.pid)
+                    if hey:
+                        row = run_hey(url, 1, PEER_CONCURRENCY, seconds, hey=hey)
+                    else:
+                        row = run_pool("rest", url, 1, PEER_CONCURRENCY, seconds, store.default_model(root), clients)
+                    used = cpu.cores(before, cpu.snapshot(proc.pid))
+                row = {"server": name, **row, "machine_busy": used["machine_busy"], "gpu_util": util.mean}
+            except Exception as e:  # recorded with the peer's own words; the run goes on
+                log.seek(0)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+                row = {"server": name, "error": f"{type(e).__name__}: {e}", "log": tail}
+            finally:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _efficiency(row: dict, engine_rows: list[dict]) -> float | None:
     """served ÷ engine-alone img/s at the server's mean batch (interpolated; two lanes, as served)."""
     one = sorted((r["batch"], r["img_s"]) for r in engine_rows if r["lanes"] == 2)
@@ -401,6 +464,17 @@ def render_markdown(doc: dict) -> str:
         cpu_cols = ["engine_loop_cores", "engine_threads_cores", "fronts_cores", "front_loop_max_cores"]
         case = ["workers", "protocol", "images_per_request", "served_img_s"]
         lines += _table(doc["service"], [*case, *cpu_cols, "machine_busy", "gpu_util", "limit"])
+    if doc.get("peers"):
+        lines += ["", "## Peers on this machine: one image per request, the same load generator", ""]
+        measured = [p for p in doc["peers"] if "requests_s" in p]
+        cols = ["server", "client", "concurrency", "requests_s", "p50_ms", "p99_ms", "machine_busy", "gpu_util"]
+        lines += _table(measured, cols) if measured else []
+        lines += [f"- {p['server']}: {p.get('error') or p.get('skipped')}" for p in doc["peers"] if p not in measured]
+        service = doc.get("service", [])
+        ours = [r["requests_s"] for r in service if r.get("images_per_request") == 1 and "requests_s" in r]
+        if ours and measured:
+            ratio = max(ours) / max(p["requests_s"] for p in measured)
+            lines += ["", f"Ours, best single-image case: {max(ours):.0f} req/s, {ratio:.2f}x the best peer."]
     if "error" in doc:
         lines += ["", f"**error:** {doc['error']}"]
     return "\n".join(lines) + "\n"
@@ -475,10 +549,13 @@ def run(args) -> None:
             results.update(service=service)
 
         common = (args.service_seconds, args.clients, engine, deadline - 15)
-        # the torch sweep leaves ~45 s for the fused engine's served cases (a server start and two cases)
-        reserve = 45 if "artifact" in fused and not args.dry_run else 0
+        # the torch sweep leaves ~45 s for the fused engine's served cases (a server start and two
+        # cases) and ~30 s for the peers (a start, its CUDA graphs, one case)
+        reserve = (45 if "artifact" in fused and not args.dry_run else 0) + (0 if args.dry_run else 30)
         headline = (args.service_seconds, args.clients, engine, deadline - 15 - reserve)
         service_sweep(root, out, args.workers, args.headline, *headline, on_row=on_row)
+        peers = peer_sweep(root, args.service_seconds, args.clients, deadline - 15)
+        results.update(peers=peers)
         single = [r for r in service if r.get("images_per_request") == 1 and "served_img_s" in r]
         best = max(single, key=lambda r: r["served_img_s"])["workers"] if single else args.workers[0]
         results.update(best_workers=best)

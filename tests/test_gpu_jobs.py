@@ -113,6 +113,11 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     assert fused["bytes_per_image"]["fused"] < fused["bytes_per_image"]["torch"]
     assert "## The fused engine (issue 27)" in markdown and "Profile, fused" in markdown
     assert doc["fused_service_error"].startswith("not in a dry run")
+    # the peer on the same machine (issue 24): plain FastAPI + the same torch engine, one image a request
+    peers = doc["peers"]
+    assert [p["server"] for p in peers] == ["fastapi + torch, no batching"], peers
+    assert peers[0]["ok"] > 0 and peers[0]["requests_s"] > 0 and peers[0]["images_per_request"] == 1, peers
+    assert "## Peers on this machine" in markdown and "x the best peer" in markdown
 
 
 def test_the_cpu_account_names_the_saturated_part():
