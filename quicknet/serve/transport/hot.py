@@ -2,10 +2,10 @@
 
 FastAPI wraps every request in ten ASGI layers before a handler runs (its error, telemetry,
 body-limit, exception and exit-stack middleware, the router trying each route, the route's
-request/response wrappers), and each answer passes back through their `send` wrappers. For a
-32x32 PNG on 2 cores that was ~0.2 ms of the event loop's ~0.75 ms a request, about what plain
-FastAPI spends on a whole request, which left us slower than it at one request at a time
-(benchmarks/README.md). The routes marked `fast_path` (`/classify`, `/predictions/...`) skip them:
+request/response wrappers), and each answer passes back through their `send` wrappers: ~0.05 ms
+of the event loop's ~0.74 ms a request for a 32x32 PNG at one request at a time on 2 cores (0.74
+-> 0.69 ms skipping them, A/B in one session; benchmarks/README.md). The routes marked
+`fast_path` (`/classify`, `/predictions/...`) skip them:
 
     HotPath -> our middleware (access log and metrics, CORS, API keys: the same classes, built
                from the same list as the app's) -> `HotEndpoint` -> the handler

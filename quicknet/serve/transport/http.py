@@ -405,8 +405,9 @@ def _ops_routes(app: FastAPI, runtime: Runtime, metrics_text) -> None:
 def fast_path(endpoint):
     """Mark a hot `endpoint(request) -> Response`: served by `transport.hot.HotPath`, past
     FastAPI's middleware, routing and per-request dependency machinery (one image per request
-    here: +10% requests/s for skipping the dependency machinery, +6% more for the rest); its
-    FastAPI route stays, for the OpenAPI schema only. Async endpoints only: the hot path awaits it."""
+    here: +10% requests/s for skipping the dependency machinery; the loop's CPU a request 0.74 ->
+    0.69 ms for the rest); its FastAPI route stays, for the OpenAPI schema only. Async endpoints
+    only: the hot path awaits it."""
     if not asyncio.iscoroutinefunction(endpoint):
         raise TypeError(f"fast_path needs an async endpoint, got {endpoint.__qualname__}")
     endpoint.fast_path = True
@@ -467,7 +468,7 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
                 direct.protocol = front.PROTOCOL  # type: ignore[attr-defined]
                 fast.append(direct)
         app.include_router(api)
-    app.hot_routes = fast  # served by HotPath; the same path's APIRoute only documents it
+    app.hot_routes = fast  # served by HotPath; the same path's APIRoute documents them (and serves traced requests)
     settings = runtime.settings
     unlocked: frozenset[str] | None = None  # the paths open without a key, when keys are on
     if settings.api_keys_file is not None:
