@@ -58,8 +58,9 @@ MORE_CASES = ((8, "rest"), (8, "grpc"), (64, "rest"), (64, "grpc"), (1, "kserve-
 # The server choosing its own engine (the fused one, built for this GPU), against the torch rows.
 FUSED_CASES = ((64, "kserve-grpc"), (1, "grpc"))
 # The same model behind what a user would run instead, one image per request (module: its server).
-# LitServe and PyTriton are not carried to the GPU machine (LitServe needs pyzmq; PyTriton's wheel
-# is 53 MiB and wants CUDA 12 libraries): plain FastAPI is the peer there.
+# LitServe and PyTriton are not carried to the GPU machine: LitServe reads only JSON or form bodies
+# (the load generator sends raw pixels) and needs pyzmq's wheel; PyTriton's wheel is 53 MiB and
+# wants CUDA 12 libraries. Plain FastAPI is the peer there.
 GPU_PEERS = (("fastapi + torch, no batching", "benchmarks.peer_servers.torch_fastapi"),)
 PEER_CONCURRENCY = 256  # as the service's one-image cases
 
@@ -347,7 +348,8 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
                 start_new_session=True,
             )
             try:
-                while proc.poll() is None and time.monotonic() < deadline:
+                started_by = min(deadline, time.monotonic() + 90)  # a peer that never answers costs 90 s at most
+                while proc.poll() is None and time.monotonic() < started_by:
                     try:
                         if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                             break
