@@ -22,7 +22,8 @@ results before the next starts, into `--out` (results.json, results.md, server.l
    with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
    images per request; and the peer a user would run instead, on the same machine with the same
    model and load generator: plain FastAPI + the same torch engine, one image per request, no
-   batching (`benchmarks/peer_servers/torch_fastapi.py`; LitServe and PyTriton are not carried);
+   batching (`benchmarks/peer_servers/torch_fastapi.py`), and LitServe with its batching
+   (`litserve_torch.py`); PyTriton is not carried (53 MiB, CUDA 12 libraries);
 4. with the time left: torch.compile (max-autotune) and AOTInductor, each in a child process with a
    time limit (a compiler that takes too long costs its limit, not the lease; neither finished in
    50-60 s on the first run, so they come last).
@@ -36,6 +37,8 @@ and is part of the tests.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import os
 import shutil
@@ -57,11 +60,13 @@ HEADLINE_CASES = ((1, "rest"), (1, "grpc"), (64, "kserve-grpc"))
 MORE_CASES = ((8, "rest"), (8, "grpc"), (64, "rest"), (64, "grpc"), (1, "kserve-grpc"), (8, "kserve-grpc"))
 # The server choosing its own engine (the fused one, built for this GPU), against the torch rows.
 FUSED_CASES = ((64, "kserve-grpc"), (1, "grpc"))
-# The same model behind what a user would run instead, one image per request (module: its server).
-# LitServe and PyTriton are not carried to the GPU machine: LitServe reads only JSON or form bodies
-# (the load generator sends raw pixels) and needs pyzmq's wheel; PyTriton's wheel is 53 MiB and
-# wants CUDA 12 libraries. Plain FastAPI is the peer there.
-GPU_PEERS = (("fastapi + torch, no batching", "benchmarks.peer_servers.torch_fastapi"),)
+# The same model behind what a user would run instead, one image per request: (name, its server,
+# its body: raw pixels, or LitServe's JSON, as it reads only JSON or form bodies). PyTriton is not
+# carried to the GPU machine (its wheel is 53 MiB and wants CUDA 12 libraries).
+GPU_PEERS = (
+    ("fastapi + torch, no batching", "benchmarks.peer_servers.torch_fastapi", "raw"),
+    ("litserve + torch, its batching", "benchmarks.peer_servers.litserve_torch", "json"),
+)
 PEER_CONCURRENCY = 256  # as the service's one-image cases
 
 
@@ -333,7 +338,12 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
 
     hey = _hey()
     rows = []
-    for name, module in GPU_PEERS:
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    bodies = {  # LitServe's: benchmarks.peer_servers.litserve_torch.json_body (that module needs litserve)
+        "raw": (pixels.tobytes(), "application/octet-stream"),
+        "json": (b'{"pixels": "%s"}' % base64.b64encode(pixels.tobytes()), "application/json"),
+    }
+    for name, module, kind in GPU_PEERS:
         if time.monotonic() > deadline:
             rows.append({"server": name, "skipped": "time budget spent"})
             continue
@@ -360,9 +370,12 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
                 with gpu_probe.UtilizationSampler() as util:
                     before = cpu.snapshot(proc.pid)
                     if hey:
-                        row = run_hey(url, 1, PEER_CONCURRENCY, seconds, hey=hey)
-                    else:
+                        body, content_type = bodies[kind]
+                        row = run_hey(url, 1, PEER_CONCURRENCY, seconds, hey=hey, body=body, content_type=content_type)
+                    elif kind == "raw":
                         row = run_pool("rest", url, 1, PEER_CONCURRENCY, seconds, store.default_model(root), clients)
+                    else:
+                        raise RuntimeError("needs hey (its JSON body)")
                     used = cpu.cores(before, cpu.snapshot(proc.pid))
                 row = {"server": name, **row, "machine_busy": used["machine_busy"], "gpu_util": util.mean}
             except Exception as e:  # recorded with the peer's own words; the run goes on
@@ -370,7 +383,8 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
                 tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
                 row = {"server": name, "error": f"{type(e).__name__}: {e}", "log": tail}
             finally:
-                os.killpg(proc.pid, 9)
+                with contextlib.suppress(ProcessLookupError):  # a peer that exited took its group with it
+                    os.killpg(proc.pid, 9)
                 proc.wait()
         rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
         print(json.dumps(rows[-1]), flush=True)
@@ -552,8 +566,8 @@ def run(args) -> None:
 
         common = (args.service_seconds, args.clients, engine, deadline - 15)
         # the torch sweep leaves ~45 s for the fused engine's served cases (a server start and two
-        # cases) and ~30 s for the peers (a start, its CUDA graphs, one case)
-        reserve = (45 if "artifact" in fused and not args.dry_run else 0) + (0 if args.dry_run else 30)
+        # cases) and ~60 s for the two peers (each a start, its CUDA graphs, one case)
+        reserve = (45 if "artifact" in fused and not args.dry_run else 0) + (0 if args.dry_run else 60)
         headline = (args.service_seconds, args.clients, engine, deadline - 15 - reserve)
         service_sweep(root, out, args.workers, args.headline, *headline, on_row=on_row)
         peers = peer_sweep(root, args.service_seconds, args.clients, deadline - 15)

@@ -285,14 +285,25 @@ def main() -> None:
     print(f"\nwrote {save(args.name, {'model': args.model, 'args': vars(args), 'rows': rows})}")
 
 
-def run_hey(url: str, n_images: int, concurrency: int, seconds: float, hey: str = "hey") -> dict:
+def run_hey(
+    url: str,
+    n_images: int,
+    concurrency: int,
+    seconds: float,
+    hey: str = "hey",
+    body: bytes | None = None,
+    content_type: str = "application/octet-stream",
+) -> dict:
     """Closed-loop REST load from `hey` (Go): far less client CPU than a Python client, which
-    matters when client and server share 2 cores. Per-request times come from its CSV output."""
+    matters when client and server share 2 cores. Per-request times come from its CSV output.
+    The body is `n_images` raw images unless `body` (holding `n_images` images) is given."""
     import subprocess
 
-    pixels = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
-    with tempfile.NamedTemporaryFile(suffix=".u8") as body:
-        body.write(pixels.tobytes())
+    if body is None:
+        body = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8).tobytes()
+    data = body
+    with tempfile.NamedTemporaryFile(suffix=".body") as body:
+        body.write(data)
         body.flush()
         cmd = [
             hey,
@@ -305,7 +316,7 @@ def run_hey(url: str, n_images: int, concurrency: int, seconds: float, hey: str 
             "-m",
             "POST",
             "-T",
-            "application/octet-stream",
+            content_type,
             "-D",
             body.name,
             f"{url}/classify",
