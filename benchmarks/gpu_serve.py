@@ -2,7 +2,8 @@
 
 Runs under a GPU machine's own Python (torch, numpy, grpcio...; the serving stack from the
 wheels `make gpu-wheels` downloads, on PYTHONPATH). Within `--budget-s`, each step writing its
-results before the next starts, into `--out` (results.json, results.md, server.log):
+results before the next starts, into `--out` (results.json, results.md, server.log: every
+server's log, one after another):
 
 1. environment and ceilings: GPU, driver, versions; dense bf16 matmul TFLOP/s; host<->device GB/s;
 2. the engine alone: the service's torch engine (fp16, channels_last, one CUDA graph per bucket,
@@ -314,14 +315,20 @@ def service_sweep(
                 row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
                 row["backend"] = backend
                 row["efficiency"] = _efficiency(row, engine_rows)
+                row |= _server_side(before, after, row)
                 row["limit"] = cpu.limit(row)
+                if row["limit"].startswith("none at 90%") and (row.get("in_server_share") or 1) < 0.5:
+                    share = row["in_server_share"]
+                    row["limit"] = f"the clients: the server held {share:.0%} of the requests in flight (Little's law)"
                 rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
                 print(json.dumps(rows[-1]), flush=True)
                 if on_row is not None:
                     on_row(rows[-1])
         finally:
             srv.stop()
-            shutil.copyfile(srv.log_path, out / "server.log")
+            with (out / "server.log").open("a") as log:  # every server's log, one after another
+                log.write(f"===== quicknet serve --workers {w} --backend {backend} =====\n")
+                log.write(Path(srv.log_path).read_text(errors="replace"))
     return rows
 
 
@@ -389,6 +396,28 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
         rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _server_side(before: str, after: str, row: dict) -> dict:
+    """The server's own account of a case, from its histograms over the case: mean queue wait and
+    engine time a batch, mean time a request spent inside the server, and by Little's law the
+    requests inside it on average (served req/s x that time) as a share of the clients' concurrency.
+    A small share means the requests in flight spent their time in the clients or between: the
+    load generator, not the server, set the rate."""
+    from quicknet.testing import metric
+
+    def mean_ms(name: str) -> float | None:
+        n = metric(after, f"{name}_count") - metric(before, f"{name}_count")
+        return round(1e3 * (metric(after, f"{name}_sum") - metric(before, f"{name}_sum")) / n, 3) if n else None
+
+    request_ms = mean_ms("quicknet_request_duration_seconds")
+    inside = row["requests_s"] * request_ms / 1e3 if request_ms is not None else None
+    return {
+        "server_queue_ms": mean_ms("quicknet_queue_wait_seconds"),
+        "server_infer_ms": mean_ms("quicknet_inference_duration_seconds"),
+        "server_request_ms": request_ms,
+        "in_server_share": round(inside / row["concurrency"], 3) if inside is not None else None,
+    }
 
 
 def _efficiency(row: dict, engine_rows: list[dict]) -> float | None:
@@ -472,6 +501,9 @@ def render_markdown(doc: dict) -> str:
         cols = ["workers", "backend", "protocol", "client", "images_per_request", "concurrency", "requests_s"]
         cols.append("served_img_s")
         lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
+        lines += ["", "The server's own account (its histograms over each case; Little's law for the share):", ""]
+        server = ["server_queue_ms", "server_infer_ms", "server_request_ms", "in_server_share"]
+        lines += _table(doc["service"], ["workers", "protocol", "images_per_request", "concurrency", *server])
         lines += [
             "",
             "Where the CPU went in each case (cores busy; `benchmarks/cpu.py`) and which part is saturated:",

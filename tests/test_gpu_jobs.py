@@ -100,7 +100,12 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
         assert (row["fronts_cores"] > 0) == (row["workers"] > 1) and 0 < row["machine_busy"] <= 1, row
         assert row["processes"] == ("server" if row["workers"] == 1 else "engine front front"), row
         assert row["limit"], row
+        # the server's own account of the case (its histograms) and Little's law's share
+        assert row["server_infer_ms"] > 0 and row["server_request_ms"] > 0 and row["in_server_share"] > 0, row
     markdown = (out / "results.md").read_text()
+    assert "The server's own account" in markdown and "| in_server_share |" in markdown
+    logs = (out / "server.log").read_text()  # every server's log, not the last one's
+    assert "===== quicknet serve --workers 1 " in logs and "===== quicknet serve --workers 2 " in logs
     assert "## The service" in markdown and "| engine_loop_cores |" in markdown and service[0]["limit"] in markdown
     # the fused engine step (issue 27): built (Triton's interpreter here), kept, measured, profiled
     fused = doc["fused"]
