@@ -16,8 +16,9 @@ server's log, one after another):
    roofline rows, and the engine file itself, published into the store beside the weights;
 3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
    count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC
-   clients in several processes: 1 / 8 / 64 images per request, served img/s, p50/p99, mean
-   batch, GPU utilization, and efficiency = served / engine-alone at the server's mean batch;
+   clients in several processes over 4 connections a front process: 1 / 8 / 64 images per
+   request, served img/s, p50/p99, mean batch, GPU utilization, and efficiency = served /
+   engine-alone at the server's mean batch;
    with where the CPU went (the engine process's loop and threads, the fronts, the machine:
    `benchmarks/cpu.py`) and which part is saturated; then, at the best front count, the same server
    with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
@@ -69,6 +70,7 @@ GPU_PEERS = (
     ("litserve + torch, its batching", "benchmarks.peer_servers.litserve_torch", "json"),
 )
 PEER_CONCURRENCY = 256  # as the service's one-image cases
+GRPC_CHANNELS_PER_FRONT = 4
 
 
 def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) -> Path:
@@ -309,7 +311,9 @@ def service_sweep(
                         row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey)
                     else:
                         target = srv.url if protocol == "rest" else srv.grpc_target
-                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients)
+                        # 4 gRPC connections a front at least: a front process is reached by connection
+                        channels = GRPC_CHANNELS_PER_FRONT * w
+                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients, channels)
                     row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
                 after = httpx.get(f"{srv.url}/metrics").text
                 row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}

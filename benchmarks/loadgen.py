@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import shutil
 import tempfile
 import time
@@ -62,8 +63,11 @@ async def run_case(
     seconds: float,
     model: str,
     keep_latencies: bool = False,
+    channels: int = 1,
 ) -> dict:
-    """Closed loop when rate == 0 (each of `concurrency` workers sends back to back), else open loop."""
+    """Closed loop when rate == 0 (each of `concurrency` workers sends back to back), else open loop.
+    gRPC calls take turns over `channels` channels, each its own connection (a front process is
+    reached by connection: with several fronts, one channel would load one front)."""
     import grpc
     import httpx
 
@@ -79,22 +83,25 @@ async def run_case(
 
         def call():
             return _rest_call(client, target, body)
-    elif protocol == "grpc":
-        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
-        stub = pb_grpc.ClassifierStub(channel)
+    else:
+        # a local subchannel pool each: channels to one target would otherwise share a connection
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
+        opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+        turn = itertools.cycle(range(len(opened)))
+    if protocol == "grpc":
+        stubs = [pb_grpc.ClassifierStub(c) for c in opened]
         per_image = [p.tobytes() for p in pixels]
 
         def call():
-            return _grpc_call(stub, pb, per_image)
-    else:
+            return _grpc_call(stubs[next(turn)], pb, per_image)
+    elif protocol != "rest":
         from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
         from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc
 
-        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
-        kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        kstubs = [kpb_grpc.GRPCInferenceServiceStub(c) for c in opened]
 
         def call():
-            return _kserve_call(kstub, kpb, pixels, model)
+            return _kserve_call(kstubs[next(turn)], kpb, pixels, model)
 
     async def one() -> None:
         t0 = time.perf_counter()
@@ -127,7 +134,8 @@ async def run_case(
     if protocol == "rest":
         await client.aclose()
     else:
-        await channel.close()
+        for channel in opened:
+            await channel.close()
     ok = codes.get(200, 0)
     lat = np.asarray(latencies) * 1000
     extra = {"latencies_ms": lat.tolist(), "elapsed_s": elapsed} if keep_latencies else {}
@@ -148,19 +156,28 @@ async def run_case(
 
 
 def _pool_worker(args: tuple) -> dict:
-    return asyncio.run(run_case(*args, keep_latencies=True))
+    return asyncio.run(run_case(*args))
 
 
 def run_pool(
-    protocol: str, target: str, n_images: int, concurrency: int, seconds: float, model: str, processes: int
+    protocol: str,
+    target: str,
+    n_images: int,
+    concurrency: int,
+    seconds: float,
+    model: str,
+    processes: int,
+    channels: int = 1,
 ) -> dict:
     """Closed loop from `processes` client processes (one Python client tops out near a few thousand
-    requests/s): `concurrency` is split between them; their results are merged."""
+    requests/s): `concurrency` is split between them; their results are merged. gRPC: `channels`
+    channels (connections) in all, split between the processes."""
     import multiprocessing
 
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    jobs = [(protocol, target, n_images, share, 0.0, seconds, model) for share in shares]
+    per_process = -(-max(1, channels) // processes)
+    jobs = [(protocol, target, n_images, share, 0.0, seconds, model, True, per_process) for share in shares]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         parts = pool.map(_pool_worker, jobs)
     lat = np.concatenate([np.asarray(p["latencies_ms"]) for p in parts]) if parts else np.zeros(1)
@@ -169,6 +186,7 @@ def run_pool(
     return {
         "protocol": protocol,
         "client": f"python x{processes}",
+        "grpc_channels": per_process * processes if protocol != "rest" else None,
         "images_per_request": n_images,
         "mode": "closed",
         "concurrency": concurrency,

@@ -102,6 +102,8 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
         assert row["limit"], row
         # the server's own account of the case (its histograms) and Little's law's share
         assert row["server_infer_ms"] > 0 and row["server_request_ms"] > 0 and row["in_server_share"] > 0, row
+        if row["protocol"] != "rest":  # each front process reached over 4 connections at least
+            assert row["grpc_channels"] >= 4 * row["workers"], row
     markdown = (out / "results.md").read_text()
     assert "The server's own account" in markdown and "| in_server_share |" in markdown
     logs = (out / "server.log").read_text()  # every server's log, not the last one's
