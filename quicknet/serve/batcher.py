@@ -125,7 +125,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_sink_batch = on_sink_batch  # sink items' statistics, once a batch (their owner keeps them)
         self._on_failed_batch = on_failed_batch
-        self._deadlines: list[tuple[float, int, Item]] = []  # sink items by deadline (`_sweep`)
+        self._deadlines: list[tuple[float, int, Item]] = []  # queued items by deadline (`_sweep`)
         self._sweep_at: tuple[float, asyncio.TimerHandle] | None = None
         self._seq = itertools.count()
         self._queue: deque[Item] = deque()
@@ -209,22 +209,13 @@ class Batcher:
             Item(images[i : i + self.max_batch_size], deadline, loop.create_future(), protocol)
             for i in range(0, n, self.max_batch_size)
         ]
-        for item in items:
-            self._queue.append(item)
-            self._queued_images += item.n
-        self._m_depth.set(self._queued_images)
-        self._wakeup.set()
-        # The deadline is enforced when it passes, not when the next batch forms: the caller hears
-        # DeadlineExceeded on time, and its queued parts are skipped (never computed).
-        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, items)
+        self._put(items)
         try:  # one part (nearly every request) awaits its future alone: gather costs a future more
             results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(i.future for i in items))
         except BaseException:
             for item in items:  # a cancelled or failed request takes all its parts out of the queue
                 item.future.cancel()
             raise
-        finally:
-            expiry.cancel()
         logits = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
         return logits, Timing(
             queue_s=max(r[1].queue_s for r in results),
@@ -234,42 +225,44 @@ class Batcher:
         )
 
     def enqueue(self, items: list[Item]) -> None:
-        """The engine core's path: sink items, each at most a batch, answered through their sink.
-        Per request: a queue entry and a heap entry; per call: one depth update, one wake-up, one
-        timer check (no task, future or timer per request, as `submit` has)."""
+        """The engine core's path: sink items, each at most a batch, answered through their sink
+        (no task or future per request, as `submit` has)."""
         if not self._accepting:
             refusal = NotAccepting("server is not accepting work (starting up or shutting down)")
             for item in items:
                 item.reject(refusal)
             return
-        queued = False
+        fits, room = [], self.max_queue_images - self._queued_images
         for item in items:
-            if self._queued_images + item.n > self.max_queue_images:
+            if item.n > room:
                 item.reject(QueueFull(self._retry_after()))
-                continue
+            else:
+                fits.append(item)
+                room -= item.n
+        if fits:
+            self._put(fits)
+
+    def _put(self, items: list[Item]) -> None:
+        """Queue `items` (both paths): per item a queue entry and a deadline-heap entry; per call one
+        depth update, one wake-up, one timer check. A deadline is enforced when it passes, not when
+        the next batch forms (`_sweep`): the caller hears DeadlineExceeded on time, and queued items
+        are skipped (never computed)."""
+        for item in items:
             self._queue.append(item)
             self._queued_images += item.n
             heapq.heappush(self._deadlines, (item.deadline, next(self._seq), item))
-            queued = True
-        if len(self._deadlines) > 4 * len(self._queue) + 1024:  # answered items leave the heap lazily: compact
+        if len(self._deadlines) > 2 * len(self._queue) + 64:  # answered items leave the heap lazily: compact
             self._deadlines = [e for e in self._deadlines if not (e[2].taken or e[2].closed)]
             heapq.heapify(self._deadlines)
-        if queued:
-            self._m_depth.set(self._queued_images)
-            self._wakeup.set()
-            self._arm_sweep()
+        self._m_depth.set(self._queued_images)
+        self._wakeup.set()
+        self._arm_sweep()
 
     # --- batching ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _expire(items: list[Item]) -> None:
-        for item in items:
-            if not item.taken:
-                item.reject(DeadlineExceeded("deadline exceeded while queued"))
-
     def _sweep(self) -> None:
-        """The engine core's deadlines, one timer per batcher (not one per request): every queued
-        sink item whose deadline passed hears so now; then the timer is set for the next one."""
+        """Deadlines, one timer per batcher (not one per request): every queued item whose deadline
+        passed hears so now; then the timer is set for the next one."""
         self._sweep_at = None
         now = time.monotonic()
         heap = self._deadlines
