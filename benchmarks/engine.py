@@ -20,15 +20,12 @@ VARIANTS = ["quicknet", "quicknet-s", "quicknet-xs"]
 
 
 def ort_session(path: Path, threads: int):
+    """The service's own session on `path` (its ONNX Runtime settings) on the CPU."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")  # the service's settings
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    opts.add_session_config_entry("session.dynamic_block_base", "4")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from quicknet.serve.backends.onnxruntime import open_session
+
+    return open_session(ort, str(path), threads)
 
 
 def train_images_per_second(name: str, threads: int, steps: int = 3, batch: int = 128) -> float:

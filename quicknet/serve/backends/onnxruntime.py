@@ -31,7 +31,8 @@ from quicknet.store import ModelVersion
 INT8_MAX_ACCURACY_LOSS = 0.005
 
 
-def _session(ort, path: str, threads: int, providers: list[str]):
+def open_session(ort, path: str, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    """The engine's ONNX Runtime session (benchmarks open theirs here too, so they measure what serves)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -50,7 +51,7 @@ def _session(ort, path: str, threads: int, providers: list[str]):
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.add_session_config_entry("session.dynamic_block_base", "4")
     try:
-        return ort.InferenceSession(path, opts, providers=providers)
+        return ort.InferenceSession(path, opts, providers=list(providers))
     except Exception as e:  # ORT raises its own exception family for bad or unsupported models
         raise BackendError(f"ONNX Runtime could not load {path.rsplit('/', 1)[-1]}: {e}") from None
 
@@ -111,7 +112,7 @@ class OnnxRuntimeBackend:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and precision == "fp32" else []
             providers = providers or ["CPUExecutionProvider"]
             path = str(version.file(fname))
-            sessions[precision] = (_session(ort, path, settings.threads, providers), path)
+            sessions[precision] = (open_session(ort, path, settings.threads, tuple(providers)), path)
         choice = {"precision": next(iter(sessions)), "rule": settings.precision}
         if len(sessions) == 2:  # auto: the faster of the two, timed here on this machine, in turns
             timed = [session for session, _ in sessions.values()]
