@@ -1,37 +1,32 @@
-"""The engine core works per batch: a front's requests reach the batcher as items with the front as
-their sink (no task, future or timer per request), a batch's answers leave as one `Dones` per front,
-deadlines are swept per batcher, and a cancelled request is never answered while the engine may
-still read its blocks. End to end (front processes, drain, crashes) in tests/test_workers.py,
-tests/test_drain.py and the `engine-process` cases of the fault and lifecycle tests."""
+"""The engine core works per batch, from the fronts' shared memory: a front publishes a record in
+its ring (no message, task or timer per request), a runner thread collects, batches, answers in
+the ring and signals each front once a batch; the front rings the engine only while it is
+parked; deadlines are the front's one timer, cancellations a flag in the record, and a block is
+never reused before the engine answered it. Both halves run here for real in one process (the
+engine's runners are threads either way). End to end (front processes, drain, crashes) in
+tests/test_workers.py, tests/test_drain.py, tests/test_service.py (the hung server's deadline and
+cancel cases) and the `engine-process` cases of the fault and lifecycle tests."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
+from quicknet.serve import engine_core, ipc, metrics
 from quicknet.serve import messages as m
-from quicknet.serve.batcher import Batcher, Item
-from quicknet.serve.config import Settings
-from quicknet.serve.engine import LocalModel
-from quicknet.serve.errors import DeadlineExceeded, QueueFull, from_wire
-from quicknet.serve.ipc import BLOCK_IMAGES, EngineServer, FrontLink, Ring
+from quicknet.serve.engine_core import EngineCore, Front
+from quicknet.serve.errors import DeadlineExceeded, EngineFailure, QueueFull, from_wire, to_wire
+from quicknet.serve.ipc import BLOCK_IMAGES, Ring
 from quicknet.serve.model import ModelInfo, Statistics
-from quicknet.serve.sources.remote import EngineClient
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-
-    def send(self, message: object) -> None:
-        self.sent.append(message)
-
-    def of(self, kind: type) -> list:
-        return [x for x in self.sent if isinstance(x, kind)]
+from quicknet.serve.sources import remote
+from quicknet.serve.sources.remote import EngineClient, RemoteModel
 
 
 def _logits(images: np.ndarray) -> np.ndarray:
@@ -46,219 +41,362 @@ class HeldEngine:
     def __init__(self) -> None:
         self.release, self.started = threading.Event(), threading.Event()
         self.computed: list[int] = []
+        self.batches: list[int] = []
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         self.computed.extend(images[:, 0, 0, 0].tolist())
+        self.batches.append(len(images))
         self.started.set()
         self.release.wait(5)
         return _logits(images)
 
 
-def _link(blocks: int = 64) -> tuple[FrontLink, Outbox]:
-    outbox = Outbox()
-    return FrontLink(outbox, Ring.create(blocks * BLOCK_IMAGES), pid=1), outbox
+class Rig:
+    """One engine core with one lane and one front (an `EngineClient` over its own ring), wired as
+    the engine process wires them, minus the socket: `Failed` messages are handed over directly."""
 
+    def __init__(self, infer, *, max_batch_size=64, max_queue_images=1000, preferred=(), ring_images=1024):
+        self.core = EngineCore()
+        self.stats = Statistics()
+        self.lane = self.core.lane(
+            infer,
+            model="m",
+            backend="fake",
+            max_batch_size=max_batch_size,
+            max_queue_images=max_queue_images,
+            preferred_batch_sizes=preferred,
+            stats=self.stats,
+        )
+        self.client = EngineClient("unused", type("Runtime", (), {})(), ring_images)
+        self.client.outbox = object()  # connected (the socket is not used by requests)
+        self.signals = 0  # the engine's signals to this front (bell writes)
+        self.rung = 0  # the front's doorbell writes
+        self.failed: list[m.Failed] = []
+        info = ModelInfo("m", 1, tuple("0123456789"), {}, "fake", {}, max_batch_size)
+        self.model = RemoteModel(info, self.client, self.lane.key)
 
-def _items(link: FrontLink, ids: range, deadline: float, stats: Statistics | None = None) -> list[Item]:
-    items = []
-    stats = stats or Statistics()
-    for request_id in ids:
-        block = request_id
-        link.ring.pixels[block, 0] = request_id  # the image says who it is
-        ticket = (request_id, (block,), stats)
-        item = Item(link.ring.images((block,), 1), deadline, None, "rest", sink=link, ticket=ticket)
-        link.items[request_id] = item
-        items.append(item)
-    return items
+    async def __aenter__(self) -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = self
 
+        def fail(blocks, refusal):
+            message = m.Failed(blocks, *to_wire(refusal))
+            rig.failed.append(message)
+            loop.call_soon_threadsafe(rig.client._on_failed, message)
 
-def test_a_batch_of_requests_is_one_dones_per_front_with_logits_in_the_ring():
-    async def main():
-        batcher = Batcher(_logits, model="m", backend="fake", max_batch_size=64, max_queue_images=1000)
-        batcher.start()
-        link, outbox = _link()
-        other, other_outbox = _link()
-        tasks_before = len(asyncio.all_tasks())
-        batcher.enqueue(_items(link, range(0, 20), time.monotonic() + 30))
-        batcher.enqueue(_items(other, range(20, 30), time.monotonic() + 30))
-        assert len(asyncio.all_tasks()) == tasks_before, "no task per request"
-        for _ in range(200):
+        class CountingFront(Front):
+            def answer(self, blocks, answers):
+                rig.signals += 1
+                super().answer(blocks, answers)
+
+        ring = Ring(self.client.ring.fd, self.client.ring.blocks)
+        self.front = CountingFront(ring, self.client.doorbell, self.client.bell, os.getpid(), fail)
+        self.core.add_front(self.front)
+        loop.add_reader(self.client.bell, self.client._on_bell)
+        self.lane.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        asyncio.get_running_loop().remove_reader(self.client.bell)
+        await self.lane.close()
+
+    def submit(self, images: np.ndarray, timeout_s: float = 30) -> asyncio.Task:
+        return asyncio.ensure_future(self.model.submit(images, time.monotonic() + timeout_s, "rest"))
+
+    async def settle(self, timeout_s: float = 5) -> None:
+        """Until every block is back with the front."""
+        deadline = time.monotonic() + timeout_s
+        while self.client.owner and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-            if not link.items and not other.items:
-                break
-        await asyncio.sleep(0.01)  # the flush is scheduled after the batch
-        await batcher.close()
-        return link, outbox, other, other_outbox
-
-    link, outbox, _, other_outbox = asyncio.run(main())
-    (dones,) = outbox.of(m.Dones)
-    (other_dones,) = other_outbox.of(m.Dones)
-    assert sorted(dones.records["id"].tolist()) == list(range(20))
-    assert sorted(other_dones.records["id"].tolist()) == list(range(20, 30))
-    for request_id in range(20):
-        assert link.ring.logits[request_id, 0, 0] == request_id, "each request's logits are in its own block"
-    assert not outbox.of(m.Error) and not link.items
+        assert not self.client.owner and len(self.client.ring.free) == self.client.ring.blocks
 
 
-def test_a_deadline_is_answered_when_it_passes_not_when_the_next_batch_forms():
-    slow = HeldEngine()
-
-    async def main():
-        batcher = Batcher(slow, model="m", backend="fake", max_batch_size=1, max_queue_images=1000)
-        batcher.start()
-        link, outbox = _link()
-        batcher.enqueue(_items(link, range(0, 1), time.monotonic() + 30))  # holds the engine
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        batcher.enqueue(_items(link, range(1, 3), t0 + 0.2))
-        while not outbox.of(m.Error) and time.monotonic() < t0 + 3:
-            await asyncio.sleep(0.005)
-        answered = time.monotonic() - t0
-        slow.release.set()
-        await batcher.drain(5)
-        await asyncio.sleep(0.01)
-        await batcher.close()
-        return outbox, answered
-
-    outbox, answered = asyncio.run(main())
-    errors = outbox.of(m.Error)
-    assert sorted(e.id for e in errors) == [1, 2]
-    assert all(isinstance(from_wire(e.kind, e.message, e.extra), DeadlineExceeded) for e in errors)
-    assert answered < 2.0, "the sweep answered at the deadline, while the engine was still busy"
-    assert slow.computed == [0], "expired requests were never computed"
+def _images(*sizes: int) -> list[np.ndarray]:
+    out = []
+    for i, n in enumerate(sizes):
+        x = np.full((n, 32, 32, 3), 7, np.uint8)
+        x[:, 0, 0, 0] = (np.arange(n) + 50 * i) % 256  # every image says which it is
+        out.append(x)
+    return out
 
 
-def test_a_cancelled_request_is_answered_at_once_if_queued_and_after_its_batch_if_running():
-    slow = HeldEngine()
+@pytest.fixture
+def doorbells(monkeypatch):
+    """Counts the front's doorbell writes (the wrapped `os.eventfd_write` is the front module's)."""
+    writes: list[int] = []
+    real = os.eventfd_write
+
+    class Os:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def eventfd_write(fd, value):
+            writes.append(fd)
+            return real(fd, value)
+
+    monkeypatch.setattr(remote, "os", Os())
+    return writes
+
+
+def test_requests_cross_in_shared_memory_and_come_back_with_their_own_logits():
+    """Requests of 1, 20 (two blocks: two records), 1 and 3 images: every one gets its own
+    images' logits back, no message crosses the socket, the engine signals the front once a
+    batch, and the statistics count four requests and 25 images."""
 
     async def main():
-        batcher = Batcher(slow, model="m", backend="fake", max_batch_size=1, max_queue_images=1000)
-        batcher.start()
-        link, outbox = _link()
-        batcher.enqueue(_items(link, range(0, 2), time.monotonic() + 30))
-        while not slow.started.is_set():
-            await asyncio.sleep(0.005)
-        link.cancel(0)  # running: its blocks may still be read
-        link.cancel(1)  # queued
-        answered_early = [e.id for e in outbox.of(m.Error)]
-        slow.release.set()
-        await batcher.drain(5)
-        await asyncio.sleep(0.01)
-        await batcher.close()
-        return outbox, answered_early
+        async with Rig(_logits) as rig:
+            images = _images(1, 20, 1, 3)
+            tasks_before = len(asyncio.all_tasks())
+            calls = [rig.submit(x) for x in images]
+            assert len(asyncio.all_tasks()) == tasks_before + len(calls), "no task of the front's own per request"
+            results = await asyncio.gather(*calls)
+            await rig.settle()
+            return rig, images, results
 
-    outbox, answered_early = asyncio.run(main())
-    assert answered_early == [1]
-    assert sorted(e.id for e in outbox.of(m.Error)) == [0, 1] and not outbox.of(m.Dones)
-    assert all(e.message == "cancelled" for e in outbox.of(m.Error))
-
-
-def test_a_full_queue_refuses_the_items_past_it_with_retry_after():
-    held = HeldEngine()
-
-    async def main():
-        batcher = Batcher(held, model="m", backend="fake", max_batch_size=1, max_queue_images=3)
-        batcher.start()
-        link, outbox = _link()
-        batcher.enqueue(_items(link, range(0, 1), time.monotonic() + 30))  # taken: the engine holds it
-        await asyncio.sleep(0.05)
-        batcher.enqueue(_items(link, range(1, 6), time.monotonic() + 30))
-        refused = list(outbox.of(m.Error))
-        held.release.set()
-        await batcher.drain(5)
-        await asyncio.sleep(0.01)
-        await batcher.close()
-        return refused, outbox
-
-    refused, outbox = asyncio.run(main())
-    assert [e.id for e in refused] == [4, 5]
-    rebuilt = [from_wire(e.kind, e.message, e.extra) for e in refused]
-    assert all(isinstance(e, QueueFull) and e.retry_after_s >= 1 and "Retry-After" in e.headers() for e in rebuilt)
-    answered = [i for dones in outbox.of(m.Dones) for i in dones.records["id"].tolist()]
-    assert sorted(answered) == [0, 1, 2, 3]
-
-
-def _model(infer, max_batch_size: int, max_queue_images: int) -> LocalModel:
-    """A served version as the engine process holds it (`LocalModel`), over a fake engine."""
-    version = SimpleNamespace(name="m", version=1, labels=list("0123456789"), metadata={})
-    backend = SimpleNamespace(infer=infer, name="fake", max_batch_size=max_batch_size, describe=dict)
-    return LocalModel(version, backend, Settings(max_batch_size=max_batch_size, max_queue_images=max_queue_images))
-
-
-class _Engine:
-    def __init__(self, model: LocalModel):
-        self.model = model
-
-    def lookup(self, name: str, version: int):
-        return self.model if (name, version) == ("m", 1) else None
-
-
-INFO = ModelInfo("m", 1, tuple("0123456789"), {}, "fake", {}, 64)
-
-
-def test_requests_cross_both_halves_as_one_message_each_way_and_come_back_with_their_logits():
-    """A front's three requests (1, 20 and 1 images: the 20 span two ring blocks) leave as one
-    Submits; the engine queues them without a task; one batch later one Dones brings every
-    request its own logits, and the version's statistics count three successes."""
-
-    async def main():
-        runtime = type("Runtime", (), {})()
-        client = EngineClient("unused", runtime, 64 * BLOCK_IMAGES)
-        to_engine, to_front = Outbox(), Outbox()
-        client.outbox = to_engine
-        model = _model(_logits, 64, 1000)
-        batcher = model.batcher
-        batcher.start()
-        server = EngineServer("unused", _Engine(model))
-        link = FrontLink(to_front, Ring(client.ring.fd, client.ring.blocks), pid=1)
-        sizes = (1, 20, 1)
-        images = [np.full((n, 32, 32, 3), 10 * (i + 1), np.uint8) for i, n in enumerate(sizes)]
-        for i, n in enumerate(sizes):
-            images[i][:, 0, 0, 0] = np.arange(n) + 100 * i  # every image says which it is
-        calls = [asyncio.create_task(client.submit(INFO, x, time.monotonic() + 30, "rest")) for x in images]
-        await asyncio.sleep(0)  # the front's iteration ends: its flush runs
-        await asyncio.sleep(0)
-        (submits,) = to_engine.of(m.Submits)
-        tasks_before = len(asyncio.all_tasks())
-        server._submits(link, submits)
-        assert len(asyncio.all_tasks()) == tasks_before, "no task per request in the engine"
-        while not to_front.of(m.Dones):
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.01)
-        for message in to_front.sent:
-            client._dispatch[type(message)](message)
-        results = await asyncio.gather(*calls)
-        await batcher.close()
-        return submits, to_front, results, images, model
-
-    submits, to_front, results, images, model = asyncio.run(main())
-    assert submits.records["n"].tolist() == [1, 20, 1] and submits.records["count"].tolist() == [1, 2, 1]
-    (dones,) = to_front.of(m.Dones)
-    assert len(dones.records) == 3 and not to_front.of(m.Error)
+    rig, images, results = asyncio.run(main())
     for (logits, timing), x in zip(results, images, strict=True):
         assert np.array_equal(logits, _logits(x)), "each request gets its own images' logits back"
-        assert timing.infer_s >= 0
-    assert model.stats.success.count == 3 and model.stats.inference_count == 22
+        assert timing.infer_s >= 0 and timing.queue_s >= 0
+    assert not rig.failed
+    assert rig.signals == rig.stats.execution_count, "one signal per front per batch"
+    assert rig.stats.success.count == 4 and rig.stats.inference_count == 25, "a split request counts once"
 
 
-def test_refusals_count_as_failures_and_a_request_cancelled_while_running_not_as_a_success():
+def test_the_front_rings_the_doorbell_only_while_the_engine_is_parked(doorbells):
     held = HeldEngine()
 
     async def main():
-        model = _model(held, 1, 2)
-        batcher = model.batcher
-        batcher.start()
-        link, _ = _link()
-        batcher.enqueue(_items(link, range(0, 1), time.monotonic() + 30, model.stats))  # taken
-        await asyncio.sleep(0.05)
-        link.cancel(0)
-        batcher.enqueue(_items(link, range(1, 5), time.monotonic() + 30, model.stats))  # 2 queue, 2 refused
-        held.release.set()
-        await batcher.drain(5)
-        await batcher.close()
-        return model, link
+        async with Rig(held) as rig:
+            while rig.core.parked == 0:  # the runner parks: the front must ring for the first request
+                await asyncio.sleep(0.005)
+            first = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            rung_while_parked = doorbells.count(rig.client.doorbell)
+            more = [rig.submit(x) for x in _images(1, 1, 1, 1, 1)]  # the runner is busy: nobody rings
+            await asyncio.sleep(0.05)
+            rung_while_busy = doorbells.count(rig.client.doorbell) - rung_while_parked
+            held.release.set()
+            await asyncio.gather(first, *more)
+            await rig.settle()
+            return rung_while_parked, rung_while_busy, held.batches
 
-    model, link = asyncio.run(main())
-    assert model.stats.fail.count == 2, "the two refused (queue full)"
-    assert model.stats.success.count == 2, "the two that queued; not the one cancelled while it ran"
-    assert not link.items and not link.cancelled
+    rung_while_parked, rung_while_busy, batches = asyncio.run(main())
+    assert rung_while_parked == 1
+    assert rung_while_busy == 0, "the front rang while the engine was running a batch"
+    assert batches == [1, 5], "the busy runner found the five records itself, as one batch"
+
+
+def test_a_queued_request_hears_its_deadline_when_it_passes_and_is_never_computed():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held, max_batch_size=1) as rig:
+            first = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            t0 = time.monotonic()
+            late = rig.submit(_images(1, 1)[1], timeout_s=0.1)
+            with pytest.raises(DeadlineExceeded, match="while queued"):
+                await late
+            answered = time.monotonic() - t0
+            held.release.set()
+            await first
+            await rig.settle()
+            return answered, rig
+
+    answered, rig = asyncio.run(main())
+    assert answered < 1.0, "answered at its deadline, while the engine was still busy"
+    assert held.computed == [0], "the expired request was never computed"
+    assert rig.stats.fail.count == 0, "the front's own timer answered it; the engine saw a cancelled record"
+
+
+def test_a_request_running_at_its_deadline_is_answered_by_its_batch():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held) as rig:
+            call = rig.submit(_images(1)[0], timeout_s=0.1)
+            await asyncio.to_thread(held.started.wait, 5)
+            await asyncio.sleep(0.2)  # past its deadline, in the engine
+            held.release.set()
+            logits, _ = await call
+            await rig.settle()
+            return logits
+
+    assert asyncio.run(main()).shape == (1, 10)
+
+
+def test_a_cancelled_request_is_skipped_if_queued_and_its_blocks_return_only_with_the_answer():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held, max_batch_size=1) as rig:
+            running = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            queued = rig.submit(_images(1, 1)[1])
+            await asyncio.sleep(0.02)
+            queued.cancel()
+            running.cancel()
+            await asyncio.sleep(0.02)
+            held_blocks = len(rig.client.owner)  # both still with the engine: neither block reusable
+            held.release.set()
+            await rig.settle()
+            return held_blocks
+
+    assert asyncio.run(main()) == 2
+    assert held.computed == [0], "the queued one was skipped; the running one ran"
+
+
+def test_a_full_queue_refuses_the_records_past_it_with_retry_after():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held, max_batch_size=1, max_queue_images=2) as rig:
+            first = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            rest = [rig.submit(x) for x in _images(1, 1, 1, 1)]
+            await asyncio.sleep(0.05)
+            held.release.set()
+            outcomes = await asyncio.gather(*rest, return_exceptions=True)
+            await first
+            await rig.settle()
+            return outcomes, rig
+
+    outcomes, rig = asyncio.run(main())
+    refused = [o for o in outcomes if isinstance(o, QueueFull)]
+    assert len(refused) == 2 and all(float(r.retry_after_s) >= 1 for r in refused)
+    assert sum(isinstance(o, tuple) for o in outcomes) == 2
+    assert rig.stats.fail.count == 2 and rig.stats.success.count == 3
+
+
+def test_an_engine_failure_reaches_every_request_of_its_batch_with_its_reason():
+    def broken(images):
+        raise RuntimeError("out of device memory")
+
+    async def main():
+        async with Rig(broken) as rig:
+            outcomes = await asyncio.gather(*(rig.submit(x) for x in _images(1, 20)), return_exceptions=True)
+            await rig.settle()
+            return outcomes, rig
+
+    outcomes, rig = asyncio.run(main())
+    assert all(isinstance(o, EngineFailure) and "out of device memory" in str(o) for o in outcomes)
+    assert rig.failed and all(isinstance(from_wire(f.kind, f.message, f.extra), EngineFailure) for f in rig.failed)
+
+
+def test_batches_respect_the_maximum_and_the_preferred_sizes_with_whole_records():
+    held = HeldEngine()
+    held.release.set()
+
+    async def main():
+        async with Rig(held, max_batch_size=8, preferred=(4,)) as rig:
+            gate = threading.Event()
+            original = rig.lane._infer
+            rig.lane._infer = lambda x: (gate.wait(5), original(x))[1]  # hold the first batch
+            calls = [rig.submit(x) for x in _images(1)]
+            while not held.batches and not rig.lane.running:
+                await asyncio.sleep(0.005)
+            calls += [rig.submit(x) for x in _images(3, 2, 2, 1, 1, 5)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(*calls)
+            await rig.settle()
+
+    asyncio.run(main())
+    assert held.batches[0] == 1
+    assert all(size <= 8 for size in held.batches) and sum(held.batches) == 15
+    assert 4 in held.batches[1:], "a batch of 7 queued images was trimmed to the preferred 4"
+
+
+def test_a_gone_front_is_never_answered_and_its_queued_records_are_dropped():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held, max_batch_size=1) as rig:
+            first = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            second = rig.submit(_images(1, 1)[1])
+            await asyncio.sleep(0.02)
+            rig.core.remove_front(rig.front)
+            signals = rig.signals
+            held.release.set()
+            await asyncio.sleep(0.1)
+            first.cancel()
+            second.cancel()
+            return rig, signals
+
+    rig, signals = asyncio.run(main())
+    assert rig.lane.queued_images == 0 and not rig.core.fronts
+    assert held.computed == [0], "the gone front's queued record was not computed"
+    assert rig.signals == signals + 1 and rig.front.gone  # the running batch's answer is dropped in `answer`
+
+
+def test_without_in_order_stores_every_publication_rings_with_its_count(monkeypatch, doorbells):
+    """Where stores may be seen out of order (not x86-64), the tail travels in the doorbell."""
+    monkeypatch.setattr(remote, "TAIL_IN_MEMORY", False)
+    monkeypatch.setattr(engine_core, "TAIL_IN_MEMORY", False)
+
+    async def main():
+        async with Rig(_logits) as rig:
+            images = _images(1, 20, 2)
+            results = await asyncio.gather(*(rig.submit(x) for x in images))
+            await rig.settle()
+            return rig, images, results
+
+    rig, images, results = asyncio.run(main())
+    for (logits, _), x in zip(results, images, strict=True):
+        assert np.array_equal(logits, _logits(x))
+    assert doorbells.count(rig.client.doorbell) == 3, "one ring per publication, parked or not"
+    assert rig.client.ring.sub_tail == 0, "the tail never went through memory"
+
+
+def test_waiting_images_counts_records_not_yet_collected():
+    held = HeldEngine()
+
+    async def main():
+        async with Rig(held, max_batch_size=1) as rig:
+            first = rig.submit(_images(1)[0])
+            await asyncio.to_thread(held.started.wait, 5)
+            rest = [rig.submit(x) for x in _images(3, 2)]
+            await asyncio.sleep(0.02)
+            waiting = rig.core.waiting_images()
+            held.release.set()
+            await asyncio.gather(first, *rest)
+            await rig.settle()
+            return waiting, rig.lane.key
+
+    waiting, key = asyncio.run(main())
+    assert waiting == {key: 5}, "the busy runner has not collected them; they are still counted"
+
+
+def test_observe_many_is_observe_value_by_value():
+    registry = CollectorRegistry()
+    one = Histogram("one", "", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    many = Histogram("many", "", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    values = np.array([0.0, 0.0005, 0.0007, 0.001, 0.3, 2.5, 99.0])
+    for v in values:
+        one.observe(float(v))
+    metrics.observe_many(many, values)
+
+    def samples(histogram, name):
+        return [
+            (s.name.replace(name, "x"), s.labels, s.value)
+            for s in histogram.collect()[0].samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(one, "one") == samples(many, "many")
+    assert samples(many, "many")[-2:] == [("x_count", {}, 7.0), ("x_sum", {}, pytest.approx(values.sum()))]
+
+
+def test_a_ring_lays_out_every_part_apart_and_resets_for_a_new_engine():
+    ring = Ring.create(5 * BLOCK_IMAGES)
+    parts = [ring.control, ring.sub, ring.comp, ring.requests, ring.answers, ring.pixels, ring.logits]
+    spans = sorted((p.ctypes.data, p.ctypes.data + p.nbytes) for p in parts)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), "no two parts overlap"
+    assert spans[-1][1] - spans[0][0] <= len(ring.memory)
+    ring.sub_tail, ring.engine_idle = 7, True
+    ring.free.clear()
+    ring.reset()
+    assert (ring.sub_tail, ring.engine_idle, len(ring.free)) == (0, False, 5)
+    assert ipc.refusal_for(ipc.QUEUE_FULL, 2.0, "m", 1).retry_after_s == 2.0

@@ -406,7 +406,8 @@ def _wait_unloaded(url: str, name: str, headers: dict, timeout: float = 30) -> N
 def test_a_bug_in_a_repository_call_still_answers_the_front_process():
     """With front processes, an exception the engine did not expect must still answer the front:
     before, the engine's task died and the front's request waited forever."""
-    from quicknet.serve.ipc import EngineServer
+    from quicknet.serve.engine_core import EngineCore
+    from quicknet.serve.engine_server import EngineServer
     from quicknet.serve.messages import Call, Error
 
     class Broken:
@@ -421,7 +422,7 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
             self.sent.append(message)
 
     outbox = Outbox()
-    asyncio.run(EngineServer("unused", Broken())._repository_call(outbox, Call(7, "index", (False,))))
+    asyncio.run(EngineServer("unused", Broken(), EngineCore())._repository_call(outbox, Call(7, "index", (False,))))
     (error,) = outbox.sent
     assert (type(error), error.id, error.kind) == (Error, 7, "repository")
     message = error.message

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -30,30 +29,16 @@ from quicknet.serve import metrics
 from quicknet.serve.errors import DeadlineExceeded, NotAccepting, QueueFull
 
 
-class Sink(Protocol):
-    """Where a request's answer goes when no coroutine awaits it: the engine process's link to the
-    front that sent it (`ipc.FrontLink`). Called on the loop, once per request."""
-
-    def done(self, item: Item, logits: np.ndarray, timing: Timing) -> None: ...
-
-    def fail(self, item: Item, error: BaseException) -> None: ...
-
-
 @dataclass(eq=False)
 class Item:
-    """One request, or one part of a request larger than a batch. Answered through its `future`
-    (a coroutine awaits it: `submit`) or its `sink` (the engine core's path: `enqueue`)."""
+    """One request, or one part of a request larger than a batch, answered through its future."""
 
     images: np.ndarray
     deadline: float  # time.monotonic()
-    future: asyncio.Future | None
+    future: asyncio.Future
     protocol: str  # an opaque tag for metrics
     enqueued: float = field(default_factory=time.monotonic)
     taken: bool = False  # in a batch: past the point where a deadline can spare the engine
-    sink: Sink | None = None
-    ticket: object = None  # the sink's own reference for this request
-    finished: bool = False  # a sink item answered (or dropped): skipped if still queued
-    answered: bool = False  # a sink item whose logits reached its caller (its sink says so)
 
     @property
     def n(self) -> int:
@@ -61,29 +46,14 @@ class Item:
 
     @property
     def closed(self) -> bool:
-        return self.finished if self.future is None else self.future.done()
-
-    def cancel(self) -> None:
-        """Its caller is gone: never computed if still queued, and never answered."""
-        if self.future is None:
-            self.finished = True
-        else:
-            self.future.cancel()
+        return self.future.done()
 
     def resolve(self, logits: np.ndarray, timing: Timing) -> None:
-        if self.future is None:
-            if not self.finished:
-                self.finished = True
-                self.sink.done(self, logits, timing)
-        elif not self.future.done():
+        if not self.future.done():
             self.future.set_result((logits, timing))
 
     def reject(self, error: BaseException) -> None:
-        if self.future is None:
-            if not self.finished:
-                self.finished = True
-                self.sink.fail(self, error)
-        elif not self.future.done():
+        if not self.future.done():
             self.future.set_exception(error)
 
 
@@ -111,8 +81,6 @@ class Batcher:
         preferred_batch_sizes: tuple[int, ...] = (),
         instances: int = 1,
         on_batch: Callable[[int, float, float, float], None] | None = None,
-        on_sink_batch: Callable[[list[Item], float, float, float, float], None] | None = None,
-        on_failed_batch: Callable[[list[Item], BaseException], None] | None = None,
     ):
         self._infer = infer
         self._model = model
@@ -123,8 +91,6 @@ class Batcher:
         self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
         self.instances = instances
         self._on_batch = on_batch
-        self._on_sink_batch = on_sink_batch  # sink items' statistics, once a batch (their owner keeps them)
-        self._on_failed_batch = on_failed_batch
         self._deadlines: list[tuple[float, int, Item]] = []  # queued items by deadline (`_sweep`)
         self._sweep_at: tuple[float, asyncio.TimerHandle] | None = None
         self._seq = itertools.count()
@@ -224,27 +190,9 @@ class Batcher:
             output_s=sum(r[1].output_s for r in results),
         )
 
-    def enqueue(self, items: list[Item]) -> None:
-        """The engine core's path: sink items, each at most a batch, answered through their sink
-        (no task or future per request, as `submit` has)."""
-        if not self._accepting:
-            refusal = NotAccepting("server is not accepting work (starting up or shutting down)")
-            for item in items:
-                item.reject(refusal)
-            return
-        fits, room = [], self.max_queue_images - self._queued_images
-        for item in items:
-            if item.n > room:
-                item.reject(QueueFull(self._retry_after()))
-            else:
-                fits.append(item)
-                room -= item.n
-        if fits:
-            self._put(fits)
-
     def _put(self, items: list[Item]) -> None:
-        """Queue `items` (both paths): per item a queue entry and a deadline-heap entry; per call one
-        depth update, one wake-up, one timer check. A deadline is enforced when it passes, not when
+        """Queue `items`: per item a queue entry and a deadline-heap entry; per call one depth update,
+        one wake-up, one timer check. A deadline is enforced when it passes, not when
         the next batch forms (`_sweep`): the caller hears DeadlineExceeded on time, and queued items
         are skipped (never computed)."""
         for item in items:
@@ -368,8 +316,6 @@ class Batcher:
             except Exception as e:  # the engine failed: every item in the batch learns why
                 for item in batch:
                     item.reject(e)
-                if self._on_failed_batch is not None:
-                    self._on_failed_batch(batch, e)
                 continue
             finally:
                 del self._running[worker]
@@ -390,7 +336,3 @@ class Batcher:
                 item.resolve(part, Timing(started - item.enqueued, infer_s, input_s, output_s))
             if self._on_batch is not None:
                 self._on_batch(len(images), input_s, infer_s, output_s)
-            if self._on_sink_batch is not None:
-                sunk = [item for item in batch if item.future is None]
-                if sunk:
-                    self._on_sink_batch(sunk, started, input_s, infer_s, output_s)

@@ -1,8 +1,9 @@
 """The engine side: every served model version loaded in this process, each with its backend
 (the engine library) and its dynamic batcher.
 
-It runs inside the single server process (`--workers 1`) or alone in the engine process that N
-front processes feed (`quicknet.serve.ipc`). Either way the fronts reach it through `ModelHandle`.
+It runs inside the single server process (`--workers 1`, each version batched by `batcher.py`) or
+alone in the engine process that N front processes feed (`--workers` > 1, each version batched by
+the engine core, `engine_core.py`). Either way the fronts reach it through `ModelHandle`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from quicknet import store
 from quicknet.errors import QuickNetError, StoreError
 from quicknet.serve import metrics
 from quicknet.serve.backends import Backend, choose, load_backend
-from quicknet.serve.batcher import Batcher, Item, Timing
+from quicknet.serve.batcher import Batcher, Timing
 from quicknet.serve.config import Settings, parse_policy
+from quicknet.serve.engine_core import EngineCore, Lane
 from quicknet.serve.errors import (
     DeadlineExceeded,
     EngineFailure,
@@ -38,12 +40,13 @@ log = logging.getLogger("quicknet.service")
 class LocalModel(ModelHandle):
     """One model version in this process: its engine, its batcher, its statistics."""
 
-    def __init__(self, version: store.ModelVersion, backend: Backend, settings: Settings):
+    def __init__(
+        self, version: store.ModelVersion, backend: Backend, settings: Settings, core: EngineCore | None = None
+    ):
         self.version_record = version
         self.backend = backend
         self.stats = Statistics()
-        self.batcher = Batcher(
-            backend.infer,
+        policy = dict(
             model=version.name,
             backend=backend.name,
             max_batch_size=min(settings.max_batch_size, backend.max_batch_size),
@@ -51,9 +54,13 @@ class LocalModel(ModelHandle):
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             preferred_batch_sizes=tuple(settings.preferred_batch_sizes),
             instances=settings.instances,
-            on_batch=self.stats.record_batch,
-            on_sink_batch=self._record_sink_batch,
-            on_failed_batch=self._log_failed_batch,
+        )
+        # the engine process: the engine core's lane (requests from the fronts' shared memory);
+        # one process: the asyncio batcher. Either is this version's one dynamic batcher.
+        self.batcher: Batcher | Lane = (
+            core.lane(backend.infer, stats=self.stats, **policy)
+            if core is not None
+            else Batcher(backend.infer, on_batch=self.stats.record_batch, **policy)
         )
         description = {
             k: (Path(v).name if k in ("file", "plan") and isinstance(v, str) else v)  # no server paths to clients
@@ -87,29 +94,10 @@ class LocalModel(ModelHandle):
         metrics.IMAGES.labels(self.name, protocol).inc(len(images))
         return logits, timing
 
-    def enqueue(self, items: list[Item]) -> None:
-        """The engine core's path (`ipc.EngineServer`): requests from a front process, each at most
-        one batch, answered through their sink; statistics and metrics are kept once per batch."""
-        self.batcher.enqueue(items)
-
-    def _record_sink_batch(self, items: list[Item], started: float, input_s: float, infer_s: float, output_s: float):
-        items = [item for item in items if item.answered]  # not those cancelled while they ran
-        if not items:
-            return
-        queued = [started - item.enqueued for item in items]
-        self.stats.record_requests(queued, sum(item.n for item in items), input_s, infer_s, output_s)
-        images: dict[str, int] = {}
-        for item in items:
-            images[item.protocol] = images.get(item.protocol, 0) + item.n
-        for protocol, n in images.items():
-            metrics.IMAGES.labels(self.name, protocol).inc(n)
-
-    def _log_failed_batch(self, items: list[Item], error: BaseException) -> None:
-        """Once a batch (its front processes' requests are counted as failed by their sink)."""
-        if any(item.future is None for item in items):
-            log.error("engine failed on a batch of %s v%d: %r", self.name, self.version, error)
-
     async def statistics(self) -> dict:
+        if isinstance(self.batcher, Lane):  # its runners record on threads of their own
+            with self.batcher.core.lock:
+                return self.stats.to_dict()
         return self.stats.to_dict()
 
     def admit(self) -> None:
@@ -152,8 +140,9 @@ class Engine:
 
     RETIRE_GRACE_S = 1.0  # a front that picked the old version a moment ago still gets it served
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, core: EngineCore | None = None):
         self.settings = settings
+        self.core = core  # the engine process's engine core: every version batches there
         self.loaded: dict[VersionKey, LocalModel] = {}
         self.retiring: dict[VersionKey, LocalModel] = {}
         self.states: dict[VersionKey, VersionState] = {}
@@ -326,7 +315,7 @@ class Engine:
             spec = self.settings.fault_injection
             backend = FaultyBackend(backend, FaultPlan.parse(spec), spec)
             log.warning("fault injection on %s v%d: %s", version.name, version.version, spec)
-        model = LocalModel(version, backend, settings)
+        model = LocalModel(version, backend, settings, self.core)
         model.batcher.start()
         files = version.metadata.get("files", {})
         served_file = model.info.description.get("file") or model.info.description.get("plan") or ""

@@ -273,12 +273,14 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
 
 async def serve_engine(settings: Settings, path: str) -> int:
     """The engine process: every model's engine and batcher, fed by the fronts over `path`."""
-    from quicknet.serve.ipc import EngineServer
+    from quicknet.serve.engine_core import EngineCore
+    from quicknet.serve.engine_server import EngineServer
 
     stop = _stop_event(ignore_sigint=True)
     parent_watch = _watch_parent(stop)
-    engine = Engine(settings)
-    server = EngineServer(path, engine)
+    core = EngineCore()
+    engine = Engine(settings, core)
+    server = EngineServer(path, engine, core)
     await server.start()
     gpu_sampler = asyncio.create_task(sample_forever())
     load_task = asyncio.create_task(engine.load())
@@ -293,7 +295,7 @@ async def serve_engine(settings: Settings, path: str) -> int:
         server.publish()
         metrics.READY.set(1)  # with the fronts' own, `quicknet_ready` (min over processes) is 1 when all are
         log.info("engine ready: %d model version(s) (pid %d)", len(engine.models), os.getpid())
-        jobs = [asyncio.create_task(engine.watch(server.set_stalled))]
+        jobs = [asyncio.create_task(engine.watch(server.set_stalled)), asyncio.create_task(core.report_depth())]
         if settings.model_control_mode == "poll":
             jobs.append(asyncio.create_task(engine.poll_forever()))
         await stop_task

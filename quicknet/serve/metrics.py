@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as _values
 
@@ -110,3 +111,16 @@ def exposition() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def observe_many(histogram, values) -> None:
+    """`histogram.observe(v)` for every v of a numpy array, in one pass: the engine core observes
+    a batch's queue waits at once. Uses the child's own buckets and sum (prometheus-client is
+    pinned; tests/test_engine_core.py checks this against `observe`, value by value)."""
+    if not len(values):
+        return
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for i in np.flatnonzero(counts).tolist():
+        histogram._buckets[i].inc(int(counts[i]))
