@@ -416,7 +416,15 @@ def _server_side(before: str, after: str, row: dict) -> dict:
 
     request_ms = mean_ms("quicknet_request_duration_seconds")
     inside = row["requests_s"] * request_ms / 1e3 if request_ms is not None else None
+    requests = metric(after, "quicknet_request_duration_seconds_count") - metric(
+        before, "quicknet_request_duration_seconds_count"
+    )
+    core_s = metric(after, "quicknet_engine_core_cpu_seconds_total") - metric(
+        before, "quicknet_engine_core_cpu_seconds_total"
+    )
     return {
+        # the engine core's runners outside the engine call, a request (front processes only)
+        "engine_core_us": round(1e6 * core_s / requests, 2) if requests and core_s else None,
         "server_queue_ms": mean_ms("quicknet_queue_wait_seconds"),
         "server_infer_ms": mean_ms("quicknet_inference_duration_seconds"),
         "server_request_ms": request_ms,
@@ -513,7 +521,8 @@ def render_markdown(doc: dict) -> str:
             "Where the CPU went in each case (cores busy; `benchmarks/cpu.py`) and which part is saturated:",
             "",
         ]
-        cpu_cols = ["engine_loop_cores", "engine_threads_cores", "fronts_cores", "front_loop_max_cores"]
+        cpu_cols = ["engine_loop_cores", "engine_threads_cores", "engine_core_us", "fronts_cores"]
+        cpu_cols.append("front_loop_max_cores")
         case = ["workers", "protocol", "images_per_request", "served_img_s"]
         lines += _table(doc["service"], [*case, *cpu_cols, "machine_busy", "gpu_util", "limit"])
     if doc.get("peers"):

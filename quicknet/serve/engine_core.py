@@ -169,6 +169,7 @@ class Lane:
         self._m_infer = metrics.INFER_SECONDS.labels(model, backend)
         self._m_batch = metrics.BATCH_SIZE.labels(model)
         self._m_images = [metrics.IMAGES.labels(model, p) for p in PROTOCOLS]
+        self._m_core_cpu = metrics.ENGINE_CORE_CPU.labels(model)
 
     # --- lifecycle (the event loop's side) ---------------------------------------------------
 
@@ -309,6 +310,7 @@ class Lane:
     def _run(self) -> None:
         core, me = self.core, threading.get_ident()
         poller, polled = select.poll(), -1
+        cpu = time.thread_time()  # this runner's CPU outside the engine call, counted once a batch
         while True:
             with core.lock:
                 if self._stopping:
@@ -331,11 +333,14 @@ class Lane:
                     poller, polled = core.poller(self._wake), core.generation
             if batch:
                 try:
-                    self._execute(batch)
+                    in_engine = self._execute(batch)
                 finally:
                     with core.lock:
                         del self.running[me]
                         self._m_in_flight.set(len(self.running))
+                now = time.thread_time()
+                self._m_core_cpu.inc(max(0.0, now - cpu - in_engine))
+                cpu = now
                 continue
             timeout = PARKED_WAIT_S if wait is None else min(wait, PARKED_WAIT_S)
             for fd, _ in poller.poll(timeout * 1000):
@@ -346,13 +351,14 @@ class Lane:
                 self.parked -= 1
                 core.parked_changed(-1)
 
-    def _execute(self, batch: list[Chunk]) -> None:
+    def _execute(self, batch: list[Chunk]) -> float:
+        """Run one batch and answer it; returns this thread's CPU seconds inside the engine call."""
         started = time.monotonic()
         parts = [_Gather(chunk) for chunk in batch]
         for chunk in batch:
             chunk.front.ring.answers["status"][chunk.blocks] = RUNNING  # past its deadline's reach
         images = parts[0].pixels() if len(parts) == 1 else np.concatenate([p.pixels() for p in parts])
-        called = time.monotonic()
+        called, cpu_called = time.monotonic(), time.thread_time()
         try:
             logits = self._infer(images)
         except Exception as e:  # the engine failed: every request of the batch hears why, one line
@@ -364,8 +370,8 @@ class Lane:
                 requests = int((chunk.records["part"] == 0).sum())
                 with self.core.lock:
                     self.stats.fail.add((time.monotonic() - chunk.enqueued) * requests, requests)
-            return
-        returned = time.monotonic()
+            return time.thread_time() - cpu_called
+        returned, in_engine = time.monotonic(), time.thread_time() - cpu_called
         offset = 0
         for part in parts:
             offset = part.scatter(logits, offset)
@@ -391,6 +397,7 @@ class Lane:
         with self.core.lock:  # `statistics()` reads them on the event loop under the same lock
             self.stats.record_batch(len(images), input_s, infer_s, output_s)
             self.stats.record_requests(waits[first].tolist(), len(images), input_s, infer_s, output_s)
+        return in_engine
 
 
 class _Gather:

@@ -20,6 +20,7 @@ from quicknet.serve.ipc import Outbox, Ring, read_message, unframe
 log = logging.getLogger("quicknet.ipc")
 
 FD_CLOSE_DELAY_S = 1.0  # a runner may be polling a gone front's doorbell: close it after
+SYNC_TIMEOUT_S = 5.0  # a repository call waits at most this for every front to serve the new state
 
 
 class EngineServer:
@@ -36,6 +37,9 @@ class EngineServer:
         self._accepting_task: asyncio.Task | None = None
         self._front_tasks: set[asyncio.Task] = set()
         self._calls: set[asyncio.Task] = set()
+        self.generation = 0
+        self._seen: dict[Outbox, int] = {}  # each front's latest state served
+        self._seen_changed = asyncio.Event()
 
     async def start(self) -> None:
         if os.path.exists(self.path):
@@ -66,7 +70,21 @@ class EngineServer:
     def _state(self) -> m.State:
         models = self.engine.models
         keys = [model.batcher.key for model in models]
-        return m.State(self.ready, [model.info for model in models], self.engine.default_name, keys)
+        self.generation += 1
+        return m.State(self.ready, [model.info for model in models], self.engine.default_name, keys, self.generation)
+
+    async def _fronts_serve_current_state(self) -> None:
+        """Until every connected front has said it serves the latest state (at most SYNC_TIMEOUT_S)."""
+        target = self.generation
+        deadline = asyncio.get_running_loop().time() + SYNC_TIMEOUT_S
+        while any(self._seen.get(outbox, 0) < target for outbox in self.outboxes):
+            self._seen_changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.warning("a front did not confirm the engine's state %d in %.0fs", target, SYNC_TIMEOUT_S)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._seen_changed.wait(), remaining)
 
     def _broadcast(self) -> None:
         for outbox in self.outboxes:
@@ -116,7 +134,10 @@ class EngineServer:
         try:
             while True:
                 message = await read_message(reader)
-                if isinstance(message, m.Stats):
+                if isinstance(message, m.Seen):
+                    self._seen[outbox] = message.generation
+                    self._seen_changed.set()
+                elif isinstance(message, m.Stats):
                     await self._stats(outbox, message)
                 elif isinstance(message, m.Call):
                     task = asyncio.create_task(self._repository_call(outbox, message))
@@ -128,6 +149,8 @@ class EngineServer:
             log.info("front process %d disconnected", hello.pid)
         finally:
             self.outboxes.discard(outbox)
+            self._seen.pop(outbox, None)
+            self._seen_changed.set()
             self.core.remove_front(front)
             loop.call_later(FD_CLOSE_DELAY_S, _close, fds[1], fds[2])
             writer.close()
@@ -139,8 +162,10 @@ class EngineServer:
                 result = self.engine.index(*call.args)
             elif call.method == "load":
                 result = await self.engine.load_model(*call.args)
+                await self._fronts_serve_current_state()
             else:
                 result = await self.engine.unload_model(*call.args)
+                await self._fronts_serve_current_state()
         except Refusal as e:
             outbox.send(m.Error(call.id, *to_wire(e)))
         except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting

@@ -6,7 +6,7 @@ Requests are not among them: they travel as records in the front's shared memory
 `engine_core.py`). The socket carries what is rare: the engine's state, an engine failure's
 words, statistics and the repository API.
 
-    front -> engine   Hello (once, with the ring's memfd and two eventfds)   Stats   Call
+    front -> engine   Hello (once, with the ring's memfd and two eventfds)   Seen   Stats   Call
     engine -> front   State   Stalled   Failed   Error   Result
 """
 
@@ -29,6 +29,15 @@ class State:
     models: list[ModelInfo]
     default_model: str | None
     keys: list[int]  # each model version's key, for the records (`ipc.REQUEST["model"]`)
+    generation: int  # counts the engine's states; the front says `Seen` once it serves this one
+
+
+@dataclass(slots=True)
+class Seen:
+    """A front serves the engine's state `generation` (a repository load or unload is answered
+    only once every front does: a model loaded through one front is ready on all)."""
+
+    generation: int
 
 
 @dataclass(slots=True)

@@ -60,6 +60,12 @@ QUEUE_DEPTH = Gauge(
 IN_FLIGHT = Gauge(
     "quicknet_batches_in_flight", "Batches running on the engine.", ["model"], multiprocess_mode="livesum"
 )
+ENGINE_CORE_CPU = Counter(
+    "quicknet_engine_core_cpu_seconds",
+    "CPU the engine core's runner threads spent outside the engine call (collecting, batching, "
+    "answering), with front processes.",
+    ["model"],
+)
 READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.", multiprocess_mode="livemin")
 ENGINE_STALLED = Gauge(
     "quicknet_engine_stalled",

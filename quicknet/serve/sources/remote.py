@@ -152,6 +152,8 @@ class EngineClient:
     def _on_state(self, state: m.State) -> None:
         models = [RemoteModel(info, self, key) for info, key in zip(state.models, state.keys, strict=True)]
         self.runtime.install(models, state.default_model, ready=state.ready and bool(models))
+        if self.outbox is not None:
+            self.outbox.send(m.Seen(state.generation))
 
     def _on_stalled(self, stalled: m.Stalled) -> None:
         self.runtime.stalled = stalled.reason
