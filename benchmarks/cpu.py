@@ -116,11 +116,14 @@ def cores(before: Snapshot, after: Snapshot) -> dict:
 
 
 def limit(row: dict) -> str:
-    """Which part is saturated (at 90%), asked in this order: the GPU, the engine's event loop (the
-    one loop of a `--workers 1` server), a front's loop, all cores. An order of asking, not of
-    time: the numbers beside it say how close the others are."""
+    """Which part is saturated (at 90%), asked in this order: the GPU, the engine core (its runners'
+    work outside the engine call, under one lock: one core's worth at most), the engine's event
+    loop (the one loop of a `--workers 1` server), a front's loop, all cores. An order of asking,
+    not of time: the numbers beside it say how close the others are."""
     if (row.get("gpu_util") or 0) >= SATURATED:
         return "GPU"
+    if (row.get("engine_core_us") or 0) * (row.get("requests_s") or 0) / 1e6 >= SATURATED:
+        return "the engine core (its runners outside the engine call)"
     if row["engine_loop_cores"] >= SATURATED:
         return "the one process's event loop" if row.get("workers", 1) == 1 else "engine loop"
     if row["front_loop_max_cores"] >= SATURATED:

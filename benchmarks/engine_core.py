@@ -10,15 +10,21 @@ runners and the engine's own threads, inference included) and the fronts' CPU; a
 server's own counter `quicknet_engine_core_cpu_seconds_total`, the runners' CPU outside the
 engine call (collecting, batching, answering: what the engine process spends on a request besides
 computing it). Each divided by the requests served, in microseconds a request. The issue's goals:
-the engine loop <= 5 us a request, the fronts <= 200 us a REST request. Prints a table and writes
-benchmarks/results/engine_core.json.
+the engine loop <= 5 us a request, the fronts <= 200 us a REST request.
+
+First, the engine core alone (`core_alone`): one thread collecting, batching and answering
+records a front published in its ring, over an engine that does nothing, no server and no other
+thread: what a batch costs the core by its size, the cost a GPU's big batches divide among their
+requests. Prints both tables and writes benchmarks/results/engine_core.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -27,11 +33,62 @@ import numpy as np
 from benchmarks import cpu
 from benchmarks.common import save, table
 from benchmarks.peers import encode_png, run_wrk
+from quicknet.serve.engine_core import EngineCore, Front
+from quicknet.serve.ipc import QUEUED, Ring
+from quicknet.serve.model import Statistics
 from quicknet.testing import metric, start_server
 
 
 def core_cpu_s(url: str) -> float:
     return metric(httpx.get(f"{url}/metrics").text, "quicknet_engine_core_cpu_seconds_total")
+
+
+def core_alone(batches: list[int], rounds: int = 2000) -> list[dict]:
+    """Per batch of one-image records: publish (a front's stores, not timed), then the core's
+    collect, take and execute (gather, engine, scatter, answers, the front's signal, metrics and
+    statistics), on this thread, timed with perf_counter."""
+    core = EngineCore()
+    lane = core.lane(
+        lambda x: np.zeros((len(x), 10), np.float32),
+        model="alone",
+        backend="none",
+        max_batch_size=max(batches),
+        max_queue_images=1 << 20,
+        stats=Statistics(),
+    )
+    lane.accepting = True
+    ring = Ring.create(4 * max(batches) * 16)
+    bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    core.fronts.append(Front(Ring(ring.fd, ring.blocks), os.eventfd(0, os.EFD_NONBLOCK), bell, os.getpid(), None))
+    tail, rows = 0, []
+    for size in batches:
+        spent = {"collect": 0.0, "take": 0.0, "execute": 0.0}
+        for _ in range(rounds):
+            blocks = ring.positions(tail, size)
+            ring.requests[blocks] = np.array(
+                [(0, time.monotonic() + 30, lane.key, 1, 0, 0, 0)] * size, ring.requests.dtype
+            )
+            ring.answers["status"][blocks] = QUEUED
+            ring.sub[ring.positions(tail, size)] = blocks
+            tail += size
+            ring.sub_tail = tail
+            t0 = time.perf_counter()
+            core.collect()
+            t1 = time.perf_counter()
+            batch, _ = lane._take(time.monotonic())
+            t2 = time.perf_counter()
+            lane._execute(batch)
+            t3 = time.perf_counter()
+            spent["collect"] += t1 - t0
+            spent["take"] += t2 - t1
+            spent["execute"] += t3 - t2
+            os.eventfd_read(bell)
+        per_batch = {k: round(v / rounds * 1e6, 1) for k, v in spent.items()}
+        total = sum(spent.values()) / rounds * 1e6
+        rows.append({"batch": size, **{f"{k}_us": v for k, v in per_batch.items()}, "batch_us": round(total, 1),
+                     "request_us": round(total / size, 2)})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def measure(fronts: int, concurrency: list[int], seconds: float, work: Path) -> list[dict]:
@@ -73,15 +130,21 @@ def main() -> None:
     parser.add_argument("--fronts", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--alone-only", action="store_true", help="only the engine core alone (no server)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp))
-    print(table(rows, list(rows[0])))
+    alone = core_alone(args.batches)
+    print(table(alone, list(alone[0])))
+    rows: list[dict] = []
+    if not args.alone_only:
+        if not shutil.which("wrk"):
+            raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp))
+        print(table(rows, list(rows[0])))
     if not args.no_save:
-        print("results:", save("engine_core", {"rows": rows}))
+        print("results:", save("engine_core", {"alone": alone, "rows": rows}))
 
 
 if __name__ == "__main__":

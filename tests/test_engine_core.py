@@ -400,3 +400,12 @@ def test_a_ring_lays_out_every_part_apart_and_resets_for_a_new_engine():
     ring.reset()
     assert (ring.sub_tail, ring.engine_idle, len(ring.free)) == (0, False, 5)
     assert ipc.refusal_for(ipc.QUEUE_FULL, 2.0, "m", 1).retry_after_s == 2.0
+
+
+def test_the_engine_core_alone_benchmark_runs_and_a_batch_divides_its_cost():
+    from benchmarks.engine_core import core_alone
+
+    rows = core_alone([1, 64], rounds=30)
+    assert [r["batch"] for r in rows] == [1, 64]
+    assert all(r["collect_us"] > 0 and r["take_us"] > 0 and r["execute_us"] > 0 for r in rows)
+    assert rows[1]["request_us"] < rows[0]["request_us"], "per-batch work is shared by the batch's requests"

@@ -152,6 +152,9 @@ def test_the_cpu_account_names_the_saturated_part():
     assert limit(idle | {"workers": 1, "engine_loop_cores": 0.99}) == "the one process's event loop"
     assert limit(idle | {"engine_loop_cores": 0.99, "gpu_util": 0.93}) == "GPU"
     assert limit(idle | {"gpu_util": 0.89, "machine_busy": 0.9}).startswith("all cores")  # 90% is saturated
+    core = idle | {"engine_core_us": 40.0, "requests_s": 25_000, "engine_loop_cores": 0.99}  # one core's worth
+    assert limit(core).startswith("the engine core")
+    assert limit(core | {"requests_s": 20_000}) == "engine loop"  # 0.8 of a core: not saturated
 
 
 def test_gpu_wheels_carry_the_projects_pins():
