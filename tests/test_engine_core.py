@@ -55,7 +55,7 @@ class Rig:
     """One engine core with one lane and one front (an `EngineClient` over its own ring), wired as
     the engine process wires them, minus the socket: `Failed` messages are handed over directly."""
 
-    def __init__(self, infer, *, max_batch_size=64, max_queue_images=1000, preferred=(), ring_images=1024):
+    def __init__(self, infer, *, max_batch_size=64, max_queue_images=1000, preferred=(), ring_images=1024, instances=1):
         self.core = EngineCore()
         self.stats = Statistics()
         self.lane = self.core.lane(
@@ -65,6 +65,7 @@ class Rig:
             max_batch_size=max_batch_size,
             max_queue_images=max_queue_images,
             preferred_batch_sizes=preferred,
+            instances=instances,
             stats=self.stats,
         )
         self.client = EngineClient("unused", type("Runtime", (), {})(), ring_images)

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import typing
 
 import grpc
 import httpx
@@ -285,7 +286,10 @@ def test_rest_disconnect_drops_queued_images_and_counts_one_cancel(hung_server):
 
 
 class _Client:
-    """A request as `run_unless_disconnected` sees it: `receive()` says when the client leaves."""
+    """A request as `run_unless_disconnected` sees it off our REST protocol (a test client, another
+    server): no connection state in its scope, `receive()` says when the client leaves."""
+
+    scope: typing.ClassVar[dict] = {}
 
     def __init__(self, leaves_after_s: float | None):
         self.leaves_after_s = leaves_after_s
@@ -322,6 +326,8 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
         leave, answer = loop.create_future(), loop.create_future()
 
         class Client:
+            scope: typing.ClassVar[dict] = {}
+
             async def receive(self) -> dict:
                 await leave
                 return {"type": "http.disconnect"}
@@ -353,6 +359,83 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
     assert asyncio.run(answered_as_the_client_leaves()) == "answer"
     assert asyncio.run(client_leaves()) == 499 and seen == ["cancelled"]
     assert asyncio.run(server_stops()) == 0 and seen == ["cancelled", "cancelled"]
+
+
+def test_on_our_rest_protocol_the_connection_cancels_the_call_without_a_task_of_its_own():
+    """The connection state (`transport.connections`) does the watcher's job: the call answers with
+    no task created; the connection lost cancels it (499, no cancel left pending, reading resumed
+    so a paused connection sees the client go); a handler cancelled by the server is not a 499; a
+    client already gone is 499 before the work starts; and a body received whole needs no timer."""
+    from quicknet.serve.transport.connections import CONNECTION, ConnectionState
+    from quicknet.serve.transport.http import BodyTimeout, HTTPError, body_deadline, run_unless_disconnected
+
+    resumed = []
+    seen = []
+
+    class Request:
+        def __init__(self) -> None:
+            self.state = ConnectionState(lambda: resumed.append(1))
+            self.scope = {CONNECTION: self.state}
+
+    async def work(seconds: float):
+        try:
+            await asyncio.sleep(seconds)
+            return "answer"
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def answered():
+        before = len(asyncio.all_tasks())
+        request = Request()
+        call = run_unless_disconnected(request, work(0.01))
+        task = asyncio.ensure_future(call)
+        await asyncio.sleep(0)
+        during = len(asyncio.all_tasks()) - 1  # less the call's own
+        result = await task
+        return result, during - before, request.state.handler
+
+    async def client_leaves():
+        request = Request()
+        asyncio.get_running_loop().call_later(
+            0.01, lambda: (setattr(request.state, "lost", True), request.state.handler.cancel())
+        )
+        with pytest.raises(HTTPError) as err:
+            await run_unless_disconnected(request, work(10))
+        assert asyncio.current_task().cancelling() == 0, "the 499 left a cancel pending"
+        return err.value.status
+
+    async def server_stops():
+        handler = asyncio.ensure_future(run_unless_disconnected(Request(), work(10)))
+        await asyncio.sleep(0.01)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        return 0
+
+    async def gone_before():
+        request = Request()
+        request.state.lost = True
+        with pytest.raises(HTTPError) as err:
+            await run_unless_disconnected(request, work(10))
+        return err.value.status
+
+    async def slow_receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def read(pending: bool):
+        state = ConnectionState(lambda: None)
+        state.body_pending = pending
+        return await body_deadline(slow_receive, 0.01, state)()
+
+    assert asyncio.run(answered()) == ("answer", 0, None) and seen == [] and resumed == [1]
+    assert asyncio.run(client_leaves()) == 499 and seen == ["cancelled"]
+    assert asyncio.run(server_stops()) == 0 and seen == ["cancelled", "cancelled"]
+    assert asyncio.run(gone_before()) == 499 and seen == ["cancelled", "cancelled"], "the work never started"
+    assert asyncio.run(read(pending=False))["type"] == "http.request", "a body already in: no deadline to miss"
+    with pytest.raises(BodyTimeout):
+        asyncio.run(read(pending=True))
 
 
 def test_grpc_cancel_drops_queued_images_and_counts_one_cancel(hung_server):

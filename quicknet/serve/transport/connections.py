@@ -26,6 +26,10 @@ it was just sent. So such a close sends FIN only (write side), reads and discard
 arrives for up to `LINGER_S`, and closes when the client hangs up or that time is over.
 
 Cost: two timer handles per request head, a few microseconds.
+
+A handler also learns about its connection from here, without a task or timer of its own
+(`ConnectionState`, in the scope as `CONNECTION`): whether a body is still arriving (when not,
+the body's deadline needs no timer) and, by a cancel of its task, that the client went away.
 """
 
 from __future__ import annotations
@@ -56,6 +60,29 @@ def _refusal(status: bytes, message: str) -> bytes:
 
 
 LINGER_S = 2.0
+
+CONNECTION = "quicknet.connection"  # the scope key of a request's `ConnectionState`
+
+
+class ConnectionState:
+    """One REST connection, as its handlers see it. `body_pending`: a request body is still
+    arriving on it. `lost`: the client went away. `handler`: the task to cancel if it does (set by
+    `watch` while a request's work runs; uvicorn runs one request of a connection at a time)."""
+
+    __slots__ = ("_resume_reading", "body_pending", "handler", "lost")
+
+    def __init__(self, resume_reading) -> None:
+        self._resume_reading = resume_reading
+        self.body_pending = False
+        self.handler: asyncio.Task | None = None
+        self.lost = False
+
+    def watch(self, task: asyncio.Task | None) -> None:
+        """Cancel `task` if the client goes away (None: stop watching). Reading resumes: uvicorn
+        pauses it under a large body, and a paused connection would not see the client leave."""
+        self.handler = task
+        if task is not None:
+            self._resume_reading()
 
 
 class _LingeringTransport:
@@ -117,6 +144,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timing_head = False
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._state = ConnectionState(self.flow.resume_reading)
         self._arm(self.idle_timeout_s, self._idle, head=False)
 
     def _linger(self) -> None:
@@ -175,6 +203,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._header_count = 0
         super().on_message_begin()
+        self.scope[CONNECTION] = self._state
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -208,13 +237,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._in_body = True  # lingering close: the client may still be sending its body
             self._refuse(f"request has {self._header_count} headers; the limit is {MAX_HEADERS}")
             return
-        self._in_body = True
+        self._in_body = self._state.body_pending = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         if self._refused:
             return
-        self._in_body = False
+        self._in_body = self._state.body_pending = False
         if self._answered_early:  # the rest of an answered body is in: idle from here, as after any answer
             self._answered_early = False
             self._arm(self.idle_timeout_s, self._idle, head=False)
@@ -228,6 +257,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        state = self._state
+        state.lost = True
+        if state.handler is not None and not state.handler.done():
+            state.handler.cancel()  # its client is gone: the work it waits on is dropped
         super().connection_lost(exc)
 
 

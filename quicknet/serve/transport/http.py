@@ -33,6 +33,7 @@ from quicknet.serve.errors import InputError, Refusal, clip
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
+from quicknet.serve.transport.connections import CONNECTION, ConnectionState
 from quicknet.serve.transport.hot import App
 from quicknet.serve.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
 
@@ -94,9 +95,24 @@ async def until_disconnected(request: Request) -> None:
 
 async def run_unless_disconnected(request: Request, work: Coroutine):
     """Await `work`; if the client disconnects first, cancel it so its queued images are dropped.
-    `work` runs in the calling task and one watcher task waits for the disconnect: a second task
-    and `asyncio.wait` cost ~0.04 ms at one request at a time (benchmarks/README.md)."""
+    On our REST protocol the connection itself cancels this task when it is lost
+    (`connections.ConnectionState`): no task of the request's own. Elsewhere (a test client,
+    another server) one watcher task waits for the disconnect message."""
     task = asyncio.current_task()
+    connection = request.scope.get(CONNECTION)
+    if connection is not None:
+        if connection.lost:
+            work.close()
+            raise HTTPError(499, "client closed the request", "cancelled")
+        connection.watch(task)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if connection.lost and task.uncancel() == 0:  # the connection's cancel alone: the client left
+                raise HTTPError(499, "client closed the request", "cancelled") from None
+            raise
+        finally:
+            connection.watch(None)
     gone = finished = False
 
     def on_watched(watcher: asyncio.Task) -> None:
@@ -178,16 +194,17 @@ def parse_json(body: bytes, what: str, max_values: int | None = None) -> object:
         raise InputError(f"{what} is nested too deeply") from None
 
 
-def body_deadline(receive: Receive, seconds: float) -> Receive:
+def body_deadline(receive: Receive, seconds: float, connection: ConnectionState | None = None) -> Receive:
     """`receive`, with the whole body due `seconds` after the request head: a client that uploads
     at a byte a second is answered 408 (and the connection closed) instead of holding a handler.
-    After the body, messages (the disconnect) pass through unlimited."""
+    After the body, messages (the disconnect) pass through unlimited; so does a body already
+    received whole when it is read (the connection says so: no timer for it)."""
     due = asyncio.get_running_loop().time() + seconds
     body_done = False
 
     async def timed() -> Message:
         nonlocal body_done
-        if body_done:
+        if body_done or (connection is not None and not connection.body_pending):
             return await receive()
         try:
             async with asyncio.timeout_at(due):
@@ -226,7 +243,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         if _has_body(scope):
-            receive = body_deadline(receive, self.body_timeout_s)
+            receive = body_deadline(receive, self.body_timeout_s, scope.get(CONNECTION))
         start = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = new_request_id(incoming.decode("latin-1"))
