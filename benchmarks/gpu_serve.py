@@ -22,7 +22,9 @@ server's log, one after another):
    with where the CPU went (the engine process's loop and threads, the fronts, the machine:
    `benchmarks/cpu.py`) and which part is saturated; then, at the best front count, the same server
    with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
-   images per request; and the peer a user would run instead, on the same machine with the same
+   images per request; then one image a request at 80% of the best closed-loop rate (REST at a
+   rate from `hey -q`, gRPC open loop), for the p99 a steady load gets; and the peer a user would
+   run instead, on the same machine with the same
    model and load generator: plain FastAPI + the same torch engine, one image per request, no
    batching (`benchmarks/peer_servers/torch_fastapi.py`), and LitServe with its batching
    (`litserve_torch.py`); PyTriton is not carried (53 MiB, CUDA 12 libraries);
@@ -70,6 +72,25 @@ GPU_PEERS = (
     ("litserve + torch, its batching", "benchmarks.peer_servers.litserve_torch", "json"),
 )
 PEER_CONCURRENCY = 256  # as the service's one-image cases
+# p99 is asked at this share of the best closed-loop rate (the issue: p99 <= 20 ms at 80%): closed
+# loop at c = 256 measures capacity, not the latency a service at a steady load gives
+RATE_FRACTION = 0.8
+
+
+def _rates_at(service: list[dict], workers: int, fraction: float) -> tuple:
+    """(1, protocol, rate) cases: one image a request at `fraction` of each protocol's best rate."""
+    cases = []
+    for protocol in ("rest", "grpc"):
+        rows = [
+            r
+            for r in service
+            if r.get("workers") == workers and r.get("protocol") == protocol and r.get("images_per_request") == 1
+        ]
+        if rows:
+            cases.append((1, protocol, round(fraction * max(r["requests_s"] for r in rows), 1)))
+    return tuple(cases)
+
+
 GRPC_CHANNELS_PER_FRONT = 4
 
 
@@ -300,7 +321,8 @@ def service_sweep(
             ready_timeout=300,
         )
         try:
-            for n_images, protocol in cases:
+            for case in cases:
+                n_images, protocol, rate = (*case, 0.0)[:3]  # rate > 0: requests/s at a fixed rate
                 if time.monotonic() > deadline:
                     break
                 concurrency = 256 if n_images == 1 else 128 if n_images == 8 else 64
@@ -308,12 +330,12 @@ def service_sweep(
                 with gpu_probe.UtilizationSampler() as util:
                     cpu_before = cpu.snapshot(srv.proc.pid)
                     if protocol == "rest" and hey:
-                        row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey)
+                        row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey, rate=rate)
                     else:
                         target = srv.url if protocol == "rest" else srv.grpc_target
                         # 4 gRPC connections a front at least: a front process is reached by connection
                         channels = GRPC_CHANNELS_PER_FRONT * w
-                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients, channels)
+                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients, channels, rate)
                     row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
                 after = httpx.get(f"{srv.url}/metrics").text
                 row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
@@ -428,7 +450,10 @@ def _server_side(before: str, after: str, row: dict) -> dict:
         "server_queue_ms": mean_ms("quicknet_queue_wait_seconds"),
         "server_infer_ms": mean_ms("quicknet_inference_duration_seconds"),
         "server_request_ms": request_ms,
-        "in_server_share": round(inside / row["concurrency"], 3) if inside is not None else None,
+        # closed loop only: at a fixed rate the clients hold no fixed number of requests
+        "in_server_share": round(inside / row["concurrency"], 3)
+        if inside is not None and row.get("concurrency") and not row.get("rate_rps")
+        else None,
     }
 
 
@@ -510,9 +535,17 @@ def render_markdown(doc: dict) -> str:
             lines += _table(variant["rows"], ["engine", "batch", "img_s", "ms_per_batch", "tflops", "first_call_s"])
     if doc.get("service"):
         lines += ["", "## The service", ""]
-        cols = ["workers", "backend", "protocol", "client", "images_per_request", "concurrency", "requests_s"]
-        cols.append("served_img_s")
+        cols = ["workers", "backend", "protocol", "client", "images_per_request", "concurrency", "rate_rps"]
+        cols += ["requests_s", "served_img_s"]
         lines += _table(doc["service"], [*cols, "p50_ms", "p99_ms", "rejected", "mean_batch", "gpu_util", "efficiency"])
+        at_rate = [r for r in doc["service"] if r.get("rate_rps")]
+        if at_rate:
+            fraction = doc.get("rate_fraction", RATE_FRACTION)
+            said = "; ".join(
+                f"{r['protocol']} {r['requests_s']:.0f} req/s asked {r['rate_rps']:.0f}: p99 {r['p99_ms']:.1f} ms"
+                for r in at_rate
+            )
+            lines += ["", f"At {fraction:.0%} of the best closed-loop rate, one image a request: {said}."]
         lines += ["", "The server's own account (its histograms over each case; Little's law for the share):", ""]
         server = ["server_queue_ms", "server_infer_ms", "server_request_ms", "in_server_share"]
         lines += _table(doc["service"], ["workers", "protocol", "images_per_request", "concurrency", *server])
@@ -627,8 +660,10 @@ def run(args) -> None:
                 results.update(fused_service_error=f"{type(e).__name__}: {e}")
         elif args.dry_run:  # auto is onnxruntime on a CPU (no ONNX in this store); the interpreter is too slow
             results.update(fused_service_error="not in a dry run: a CPU serves this store with the torch engine")
-        if single:
-            service_sweep(root, out, [best], args.more, *common, on_row=on_row)
+        if single:  # single images at 80% of the best closed-loop rate (a goal), then the other cases
+            at = _rates_at(service, best, RATE_FRACTION)
+            results.update(rate_fraction=RATE_FRACTION)
+            service_sweep(root, out, [best], (*at, *args.more), *common, on_row=on_row)
         variants = []
         for variant in ("compile", "aoti"):
             limit = min(args.variant_limit_s, deadline - time.monotonic() - 5)

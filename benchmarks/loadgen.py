@@ -168,16 +168,19 @@ def run_pool(
     model: str,
     processes: int,
     channels: int = 1,
+    rate: float = 0.0,
 ) -> dict:
     """Closed loop from `processes` client processes (one Python client tops out near a few thousand
     requests/s): `concurrency` is split between them; their results are merged. gRPC: `channels`
-    channels (connections) in all, split between the processes."""
+    channels (connections) in all, split between the processes. `rate` > 0: open loop instead,
+    that many requests/s in all, split between the processes."""
     import multiprocessing
 
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     per_process = -(-max(1, channels) // processes)
-    jobs = [(protocol, target, n_images, share, 0.0, seconds, model, True, per_process) for share in shares]
+    each = rate / processes if rate > 0 else 0.0
+    jobs = [(protocol, target, n_images, share, each, seconds, model, True, per_process) for share in shares]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         parts = pool.map(_pool_worker, jobs)
     lat = np.concatenate([np.asarray(p["latencies_ms"]) for p in parts]) if parts else np.zeros(1)
@@ -188,9 +191,9 @@ def run_pool(
         "client": f"python x{processes}",
         "grpc_channels": per_process * processes if protocol != "rest" else None,
         "images_per_request": n_images,
-        "mode": "closed",
-        "concurrency": concurrency,
-        "rate_rps": None,
+        "mode": "closed" if rate <= 0 else "open",
+        "concurrency": concurrency if rate <= 0 else None,
+        "rate_rps": rate or None,
         "requests": sum(p["requests"] for p in parts),
         "ok": ok,
         "rejected": sum(p["rejected"] for p in parts),
@@ -311,10 +314,13 @@ def run_hey(
     hey: str = "hey",
     body: bytes | None = None,
     content_type: str = "application/octet-stream",
+    rate: float = 0.0,
 ) -> dict:
     """Closed-loop REST load from `hey` (Go): far less client CPU than a Python client, which
     matters when client and server share 2 cores. Per-request times come from its CSV output.
-    The body is `n_images` raw images unless `body` (holding `n_images` images) is given."""
+    The body is `n_images` raw images unless `body` (holding `n_images` images) is given.
+    `rate` > 0: each of the `concurrency` workers sends at most rate / concurrency requests/s
+    (hey's `-q`), a fixed arrival rate while a request takes less than concurrency / rate."""
     import subprocess
 
     if body is None:
@@ -329,6 +335,7 @@ def run_hey(
             f"{seconds}s",
             "-c",
             str(concurrency),
+            *(["-q", f"{rate / concurrency:.3f}"] if rate > 0 else []),
             "-o",
             "csv",
             "-m",
@@ -340,7 +347,8 @@ def run_hey(
             f"{url}/classify",
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
-    return parse_hey_csv(out, n_images, concurrency)
+    row = parse_hey_csv(out, n_images, concurrency)
+    return row | ({"mode": "rate-limited", "rate_rps": rate} if rate > 0 else {})
 
 
 def parse_hey_csv(out: str, n_images: int, concurrency: int) -> dict:

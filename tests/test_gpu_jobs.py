@@ -91,7 +91,14 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     } <= {(w, p, 1) for w in (1, 2) for p in ("rest", "grpc")}
     best = {(r["protocol"], r["images_per_request"]) for r in service if r["workers"] == doc["best_workers"]}
     assert best == {("rest", 1), ("grpc", 1), ("kserve-grpc", 8)}
-    assert len(service) == 5
+    # at the best front count, one image a request again at 80% of each protocol's best rate
+    at_rate = [r for r in service if r.get("rate_rps")]
+    assert {r["protocol"] for r in at_rate} == {"rest", "grpc"} and doc["rate_fraction"] == 0.8
+    for r in at_rate:
+        closed = [c for c in service if c["workers"] == r["workers"] and c["protocol"] == r["protocol"]]
+        assert r["rate_rps"] == round(0.8 * max(c["requests_s"] for c in closed if not c.get("rate_rps")), 1)
+        assert r["mode"] in ("rate-limited", "open") and r["ok"] > 0, r
+    assert len(service) == 7
     for row in service:
         assert row["ok"] > 0 and row["rejected"] == 0, row
         assert row["mean_batch"] >= 1 and row["efficiency"] > 0
@@ -106,7 +113,8 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
         assert row["processes"] == ("server" if row["workers"] == 1 else "engine front front"), row
         assert row["limit"], row
         # the server's own account of the case (its histograms) and Little's law's share
-        assert row["server_infer_ms"] > 0 and row["server_request_ms"] > 0 and row["in_server_share"] > 0, row
+        assert row["server_infer_ms"] > 0 and row["server_request_ms"] > 0, row
+        assert (row["in_server_share"] > 0) if not row.get("rate_rps") else row["in_server_share"] is None, row
         if row["protocol"] != "rest":  # each front process reached over 4 connections at least
             assert row["grpc_channels"] >= 4 * row["workers"], row
     markdown = (out / "results.md").read_text()
@@ -114,6 +122,7 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     logs = (out / "server.log").read_text()  # every server's log, not the last one's
     assert "===== quicknet serve --workers 1 " in logs and "===== quicknet serve --workers 2 " in logs
     assert "## The service" in markdown and "| engine_core_us |" in markdown and service[0]["limit"] in markdown
+    assert "At 80% of the best closed-loop rate, one image a request: rest" in markdown
     # the fused engine step (issue 27): built (Triton's interpreter here), kept, measured, profiled
     fused = doc["fused"]
     assert "error" not in fused, fused
