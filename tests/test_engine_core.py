@@ -410,3 +410,49 @@ def test_the_engine_core_alone_benchmark_runs_and_a_batch_divides_its_cost():
     assert [r["batch"] for r in rows] == [1, 64]
     assert all(r["collect_us"] > 0 and r["take_us"] > 0 and r["execute_us"] > 0 for r in rows)
     assert rows[1]["request_us"] < rows[0]["request_us"], "per-batch work is shared by the batch's requests"
+
+
+def test_a_repository_change_is_answered_once_every_front_serves_the_new_state():
+    """A load or unload through one front answers once every connected front has said `Seen` for
+    the state that followed it; a front that leaves meanwhile is not waited for; a new front's
+    first state is not a new generation (the others would never see it)."""
+    from quicknet.serve.engine_server import EngineServer
+
+    class Engine:
+        models: list = []
+        default_name = "m"
+
+    class Box:
+        def __init__(self) -> None:
+            self.sent: list = []
+
+        def send(self, message) -> None:
+            self.sent.append(message)
+
+    async def main():
+        server = EngineServer("unused", Engine(), EngineCore())
+        a, b = Box(), Box()
+        server.outboxes = {a, b}
+        server.publish()
+        assert [x.generation for x in a.sent + b.sent] == [1, 1]
+        waiting = asyncio.ensure_future(server._fronts_serve_current_state())
+        await asyncio.sleep(0.02)
+        server._on_seen(a, 1)
+        await asyncio.sleep(0.02)
+        first = waiting.done()
+        server._on_seen(b, 1)
+        await asyncio.sleep(0.02)
+        second = waiting.done()
+        server.publish()
+        waiting = asyncio.ensure_future(server._fronts_serve_current_state())
+        server._on_seen(a, 2)
+        await asyncio.sleep(0.02)
+        before_leaving = waiting.done()
+        server._on_gone(b)
+        await asyncio.sleep(0.02)
+        return first, second, before_leaving, waiting.done(), server._state().generation
+
+    first, second, before_leaving, after_leaving, generation = asyncio.run(main())
+    assert (first, second) == (False, True), "answered once both fronts serve the new state"
+    assert (before_leaving, after_leaving) == (False, True), "a front that left is not waited for"
+    assert generation == 2, "a new front's first state is the current generation"

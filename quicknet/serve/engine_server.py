@@ -68,10 +68,19 @@ class EngineServer:
             outbox.send(m.Stalled(reason))
 
     def _state(self) -> m.State:
+        """The engine's state now, as generation `self.generation` (a broadcast makes a new one)."""
         models = self.engine.models
         keys = [model.batcher.key for model in models]
-        self.generation += 1
         return m.State(self.ready, [model.info for model in models], self.engine.default_name, keys, self.generation)
+
+    def _on_seen(self, outbox: Outbox, generation: int) -> None:
+        self._seen[outbox] = generation
+        self._seen_changed.set()
+
+    def _on_gone(self, outbox: Outbox) -> None:
+        self.outboxes.discard(outbox)
+        self._seen.pop(outbox, None)
+        self._seen_changed.set()  # a repository call waiting on it waits no more
 
     async def _fronts_serve_current_state(self) -> None:
         """Until every connected front has said it serves the latest state (at most SYNC_TIMEOUT_S)."""
@@ -87,8 +96,10 @@ class EngineServer:
                 await asyncio.wait_for(self._seen_changed.wait(), remaining)
 
     def _broadcast(self) -> None:
+        self.generation += 1
+        state = self._state()
         for outbox in self.outboxes:
-            outbox.send(self._state())
+            outbox.send(state)
 
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,8 +146,7 @@ class EngineServer:
             while True:
                 message = await read_message(reader)
                 if isinstance(message, m.Seen):
-                    self._seen[outbox] = message.generation
-                    self._seen_changed.set()
+                    self._on_seen(outbox, message.generation)
                 elif isinstance(message, m.Stats):
                     await self._stats(outbox, message)
                 elif isinstance(message, m.Call):
@@ -148,9 +158,7 @@ class EngineServer:
         except (OSError, asyncio.IncompleteReadError, EOFError):
             log.info("front process %d disconnected", hello.pid)
         finally:
-            self.outboxes.discard(outbox)
-            self._seen.pop(outbox, None)
-            self._seen_changed.set()
+            self._on_gone(outbox)
             self.core.remove_front(front)
             loop.call_later(FD_CLOSE_DELAY_S, _close, fds[1], fds[2])
             writer.close()
