@@ -419,8 +419,9 @@ def test_a_repository_change_is_answered_once_every_front_serves_the_new_state()
     from quicknet.serve.engine_server import EngineServer
 
     class Engine:
-        models: list = []
-        default_name = "m"
+        def __init__(self) -> None:
+            self.models: list = []
+            self.default_name = "m"
 
     class Box:
         def __init__(self) -> None:
