@@ -438,6 +438,43 @@ def test_on_our_rest_protocol_the_connection_cancels_the_call_without_a_task_of_
         asyncio.run(read(pending=True))
 
 
+def test_the_rest_protocol_hands_handlers_their_connection_and_cancels_their_work_when_lost():
+    """Our uvicorn protocol puts the connection's state in every request's scope (a body received
+    whole says so before it is read) and, when the connection is lost, cancels the task watching it."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from quicknet.serve.transport.connections import CONNECTION, protocol_for
+    from tests.test_hardening2 import _Transport
+
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        state = scope[CONNECTION]
+        seen["pending_at_start"] = state.body_pending
+        seen["body"] = (await receive())["body"]
+        state.watch(asyncio.current_task())
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen["cancelled_as_lost"] = state.lost
+            raise
+
+    async def main():
+        cls = protocol_for(10, 5, 30)
+        config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None, access_log=False)
+        config.load()
+        protocol = cls(config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop())
+        protocol.connection_made(_Transport())
+        protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcd")
+        await asyncio.sleep(0.05)
+        protocol.connection_lost(None)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert seen == {"pending_at_start": False, "body": b"abcd", "cancelled_as_lost": True}
+
+
 def test_grpc_cancel_drops_queued_images_and_counts_one_cancel(hung_server):
     server = hung_server
     images_before, _, cancelled_before = _counts(server, "grpc")

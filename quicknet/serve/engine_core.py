@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections import deque
@@ -89,11 +90,15 @@ class Front:
         self.head = tail
         return blocks
 
-    def answer(self, blocks: np.ndarray, answers: np.ndarray) -> None:
-        """Answers into the records, the blocks into the completion queue, one signal (any thread)."""
+    def answer(self, blocks: np.ndarray, answers: np.ndarray, scatter: Callable[[], None] | None = None) -> None:
+        """`scatter` (the logits into the blocks), the answers into the records, the blocks into the
+        completion queue, one signal; nothing once the front is gone (its blocks may be another
+        engine's by now). Any thread."""
         with self._lock:
             if self.gone:
                 return
+            if scatter is not None:
+                scatter()
             self.ring.answers[blocks] = answers
             self.ring.comp[self.ring.positions(self._comp_tail, len(blocks))] = blocks
             self._comp_tail += len(blocks)
@@ -160,6 +165,7 @@ class Lane:
         self.parked = 0  # runners waiting on the doorbells
         self.running: dict[int, float] = {}  # runner -> when its batch's engine call began
         self._stopping = False
+        self._closed = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._mean_batch_s = 0.05  # running estimate for Retry-After
@@ -203,6 +209,9 @@ class Lane:
         return not self.busy()
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with self.core.lock:
             self._stopping = True
             self.accepting = False
@@ -213,15 +222,17 @@ class Lane:
         self.wake()
         await asyncio.to_thread(self._join)
         self.core.remove_lane(self)
-        os.close(self._wake)
+        wake, self._wake = self._wake, -1  # never written again: the number may be another file's soon
+        os.close(wake)
 
     def _join(self) -> None:
         for thread in self._threads:
             thread.join()
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
 
     # --- the queue (callers hold the core's lock) ---------------------------------------------
 
@@ -308,6 +319,14 @@ class Lane:
     # --- a runner ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._serve()
+            except Exception:  # a bug: logged; the runner goes on (a dead runner would strand its version)
+                log.exception("an engine core runner of %s failed; it goes on", self.model)
+                time.sleep(0.01)
+
+    def _serve(self) -> None:
         core, me = self.core, threading.get_ident()
         poller, polled = select.poll(), -1
         cpu = time.thread_time()  # this runner's CPU outside the engine call, counted once a batch
@@ -320,12 +339,14 @@ class Lane:
                 if not batch:  # park: the fronts ring from now on; look once more after saying so
                     self.parked += 1
                     core.parked_changed(+1)
-                    fence()
-                    core.collect(self, parking=True)
-                    batch, wait = self._take(time.monotonic())
-                    if batch:
-                        self.parked -= 1
-                        core.parked_changed(-1)
+                    try:
+                        fence()
+                        core.collect(self, parking=True)
+                        batch, wait = self._take(time.monotonic())
+                    finally:
+                        if batch or sys.exc_info()[0] is not None:
+                            self.parked -= 1
+                            core.parked_changed(-1)
                 if batch:
                     self.running[me] = time.monotonic()
                     self._m_in_flight.set(len(self.running))
@@ -343,48 +364,40 @@ class Lane:
                 cpu = now
                 continue
             timeout = PARKED_WAIT_S if wait is None else min(wait, PARKED_WAIT_S)
-            for fd, _ in poller.poll(timeout * 1000):
-                with contextlib.suppress(BlockingIOError, OSError):
-                    if fd == self._wake or TAIL_IN_MEMORY:  # elsewhere the doorbell's count is the tail
-                        os.eventfd_read(fd)
-            with core.lock:
-                self.parked -= 1
-                core.parked_changed(-1)
+            try:
+                for fd, _ in poller.poll(timeout * 1000):
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        if fd == self._wake or TAIL_IN_MEMORY:  # elsewhere the doorbell's count is the tail
+                            os.eventfd_read(fd)
+            finally:
+                with core.lock:
+                    self.parked -= 1
+                    core.parked_changed(-1)
 
     def _execute(self, batch: list[Chunk]) -> float:
-        """Run one batch and answer it; returns this thread's CPU seconds inside the engine call."""
+        """Run one batch and answer it; returns this thread's CPU seconds inside the engine call.
+        Whatever fails (the engine, or the batch's assembly) answers every request of the batch
+        with the reason, once; the runner goes on to the next batch."""
         started = time.monotonic()
-        parts = [_Gather(chunk) for chunk in batch]
-        for chunk in batch:
-            chunk.front.ring.answers["status"][chunk.blocks] = RUNNING  # past its deadline's reach
-        images = parts[0].pixels() if len(parts) == 1 else np.concatenate([p.pixels() for p in parts])
-        called, cpu_called = time.monotonic(), time.thread_time()
+        cpu_called = time.thread_time()
         try:
+            parts = [_Gather(chunk) for chunk in batch]
+            for chunk in batch:
+                chunk.front.ring.answers["status"][chunk.blocks] = RUNNING  # past its deadline's reach
+            images = parts[0].pixels() if len(parts) == 1 else np.concatenate([p.pixels() for p in parts])
+            called, cpu_called = time.monotonic(), time.thread_time()
             logits = self._infer(images)
+            returned, in_engine = time.monotonic(), time.thread_time() - cpu_called
+            if getattr(logits, "shape", None) != (len(images), 10):
+                raise ValueError(f"the engine answered {len(images)} images with logits of shape {np.shape(logits)}")
         except Exception as e:  # the engine failed: every request of the batch hears why, one line
             log.error("engine failed on a batch of %s: %r", self.model, e)
-            refusal = EngineFailure(f"{type(e).__name__}: {e}")
-            for chunk in batch:
-                if not chunk.front.gone:
-                    chunk.front.fail(chunk.blocks.tolist(), refusal)
-                requests = int((chunk.records["part"] == 0).sum())
-                with self.core.lock:
-                    self.stats.fail.add((time.monotonic() - chunk.enqueued) * requests, requests)
+            self._fail(batch, EngineFailure(f"{type(e).__name__}: {e}"))
             return time.thread_time() - cpu_called
-        returned, in_engine = time.monotonic(), time.thread_time() - cpu_called
-        offset = 0
-        for part in parts:
-            offset = part.scatter(logits, offset)
-        output_s = time.monotonic() - returned
         input_s, infer_s = called - started, returned - called
         self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
-        for chunk in batch:
-            answers = np.zeros(len(chunk.blocks), ANSWER)
-            answers["status"] = OK
-            answers["queue_s"] = started - chunk.enqueued
-            answers["infer_s"], answers["input_s"], answers["output_s"] = infer_s, input_s, output_s
-            chunk.front.answer(chunk.blocks, answers)
-        # metrics and statistics, once a batch; a request split into parts counts once (its first)
+        # metrics and statistics first (a client that reads them after its answer finds itself),
+        # once a batch; a request split into parts counts once (its first part)
         records = batch[0].records if len(batch) == 1 else np.concatenate([c.records for c in batch])
         waits = np.concatenate([np.full(len(c.blocks), started - c.enqueued) for c in batch])
         metrics.observe_many(self._m_queued, waits)
@@ -394,10 +407,41 @@ class Lane:
         for index in np.flatnonzero(per_protocol).tolist():
             self._m_images[index].inc(int(per_protocol[index]))
         first = records["part"] == 0
+        output_s = time.monotonic() - returned  # the answers' own time is not in it: they are the answer
         with self.core.lock:  # `statistics()` reads them on the event loop under the same lock
             self.stats.record_batch(len(images), input_s, infer_s, output_s)
             self.stats.record_requests(waits[first].tolist(), len(images), input_s, infer_s, output_s)
+        # one answer a front: its logits, answers and completion entries under its lock, one signal
+        by_front: dict[Front, list[tuple[Chunk, _Gather, int]]] = {}
+        offset = 0
+        for chunk, part in zip(batch, parts, strict=True):
+            by_front.setdefault(chunk.front, []).append((chunk, part, offset))
+            offset += part.count
+        for front, pieces in by_front.items():
+            blocks = pieces[0][0].blocks if len(pieces) == 1 else np.concatenate([c.blocks for c, _, _ in pieces])
+            answers = np.zeros(len(blocks), ANSWER)
+            answers["status"] = OK
+            answers["queue_s"] = np.concatenate([np.full(len(c.blocks), started - c.enqueued) for c, _, _ in pieces])
+            answers["infer_s"], answers["input_s"], answers["output_s"] = infer_s, input_s, output_s
+
+            def scatter(pieces=pieces) -> None:
+                for _, part, at in pieces:
+                    part.scatter(logits, at)
+
+            try:
+                front.answer(blocks, answers, scatter)
+            except Exception as e:  # a bug: this front's requests hear so; nothing is answered twice
+                log.exception("answering a batch of %s failed", self.model)
+                front.fail(blocks.tolist(), EngineFailure(f"{type(e).__name__}: {e}"))
         return in_engine
+
+    def _fail(self, batch: list[Chunk], refusal: EngineFailure) -> None:
+        for chunk in batch:
+            if not chunk.front.gone:
+                chunk.front.fail(chunk.blocks.tolist(), refusal)
+            requests = int((chunk.records["part"] == 0).sum())
+            with self.core.lock:
+                self.stats.fail.add((time.monotonic() - chunk.enqueued) * requests, requests)
 
 
 class _Gather:
@@ -416,9 +460,8 @@ class _Gather:
     def pixels(self) -> np.ndarray:
         return self.ring.pixels[self.where]
 
-    def scatter(self, logits: np.ndarray, offset: int) -> int:
+    def scatter(self, logits: np.ndarray, offset: int) -> None:
         self.ring.logits[self.where] = logits[offset : offset + self.count]
-        return offset + self.count
 
 
 class EngineCore:

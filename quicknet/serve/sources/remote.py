@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import socket
 import time
@@ -43,13 +44,18 @@ from quicknet.serve.model import ModelHandle, ModelInfo
 from quicknet.serve.runtime import Runtime
 
 _PROTOCOL_INDEX = {name: i for i, name in enumerate(PROTOCOLS)}
+# A request running in the engine at its deadline is let finish (its answer is moments away); this
+# much later it is answered 504 anyway (a hung engine; the watchdog reports that on its own).
+RUNNING_GRACE_S = 1.0
+log = logging.getLogger("quicknet.remote")
 
 
 class RemoteModel(ModelHandle):
-    def __init__(self, info: ModelInfo, client: EngineClient, key: int):
+    def __init__(self, info: ModelInfo, client: EngineClient, key: int, session: int):
         self.info = info
         self.client = client
-        self.key = key
+        self.key = key  # the engine's key for this version, valid in this `session` only
+        self.session = session
 
     async def submit(self, images: np.ndarray, deadline: float, protocol: str) -> tuple[np.ndarray, Timing]:
         return await self.client.submit(self, images, deadline, protocol)
@@ -65,7 +71,7 @@ class RemoteModel(ModelHandle):
 class _Request:
     """One request in the engine: its blocks (one a part), its answer as the parts come back."""
 
-    __slots__ = ("blocks", "deadline", "future", "left", "logits", "model", "n", "part", "timing")
+    __slots__ = ("blocks", "deadline", "future", "left", "logits", "model", "n", "overdue", "part", "timing")
 
     def __init__(self, future, blocks: list[int], n: int, part: int, deadline: float, model: RemoteModel):
         self.future = future
@@ -77,6 +83,7 @@ class _Request:
         self.timing = [0.0, 0.0, 0.0, 0.0]  # queue (the longest), infer, input, output (summed)
         self.deadline = deadline
         self.model = model
+        self.overdue = False  # running at its deadline: given RUNNING_GRACE_S more, once
 
 
 class EngineClient:
@@ -96,6 +103,7 @@ class EngineClient:
         self.comp_head = 0  # answers read since the engine connected
         self.outbox: Outbox | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.session = 0  # counts connections to an engine: a model's key is good for its own only
         self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -139,10 +147,15 @@ class EngineClient:
             raise
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         self.writer, self.outbox = writer, Outbox(writer)
+        self.session += 1
         try:
             while True:
                 message = await read_message(reader)
-                self._dispatch[type(message)](message)
+                handle = self._dispatch.get(type(message))
+                if handle is None:  # a newer engine's message: not ours to act on
+                    log.warning("the engine process sent an unknown message %s", type(message).__name__)
+                    continue
+                handle(message)
         finally:
             self.outbox = None
             writer.close()
@@ -150,7 +163,8 @@ class EngineClient:
     # --- what the engine says ------------------------------------------------------------------
 
     def _on_state(self, state: m.State) -> None:
-        models = [RemoteModel(info, self, key) for info, key in zip(state.models, state.keys, strict=True)]
+        pairs = zip(state.models, state.keys, strict=True)
+        models = [RemoteModel(info, self, key, self.session) for info, key in pairs]
         self.runtime.install(models, state.default_model, ready=state.ready and bool(models))
         if self.outbox is not None:
             self.outbox.send(m.Seen(state.generation))
@@ -258,9 +272,11 @@ class EngineClient:
     async def submit(
         self, model: RemoteModel, images: np.ndarray, deadline: float, protocol: str
     ) -> tuple[np.ndarray, Timing]:
-        if self.outbox is None:
+        if self.outbox is None or model.session != self.session:  # not connected, or an older engine's model
             raise NotAccepting("engine process is not connected; retry shortly", "engine_unavailable")
         n, ring = len(images), self.ring
+        if n == 0:
+            return np.empty((0, 10), np.float32), Timing(0.0, 0.0)
         part = max(1, min(BLOCK_IMAGES, model.info.max_batch_size))  # a record never exceeds a batch
         count = -(-n // part)
         if count > len(ring.free):  # this front has as many images in flight as the engine can queue
@@ -268,11 +284,16 @@ class EngineClient:
         blocks = [ring.free.popleft() for _ in range(count)]
         request = _Request(asyncio.get_running_loop().create_future(), blocks, n, part, deadline, model)
         request_id, proto = next(self.ids), _PROTOCOL_INDEX.get(protocol, len(PROTOCOLS) - 1)
-        for i, block in enumerate(blocks):
-            size = min(part, n - i * part)
-            ring.pixels[block, :size] = images[i * part : i * part + size]
-            ring.requests[block] = (request_id, deadline, model.key, size, i, proto, 0)
-            ring.answers["status"][block] = QUEUED
+        try:
+            for i, block in enumerate(blocks):
+                size = min(part, n - i * part)
+                ring.pixels[block, :size] = images[i * part : i * part + size]
+                ring.requests[block] = (request_id, deadline, model.key, size, i, proto, 0)
+                ring.answers["status"][block] = QUEUED
+        except Exception:  # not images of 32x32x3 (the fronts check before): the blocks come back
+            ring.free.extend(blocks)
+            raise
+        for block in blocks:
             self.owner[block] = request
         self._publish(blocks)
         self._idle.clear()
@@ -325,11 +346,15 @@ class EngineClient:
             if request.future.done():
                 continue
             waiting = [b for b in request.blocks if self.owner.get(b) is request]
-            if all(statuses[b] == RUNNING for b in waiting):  # in a batch now: its answer is moments away
+            running = all(statuses[b] == RUNNING for b in waiting)
+            if running and not request.overdue:  # in a batch now: its answer is moments away
+                request.overdue = True  # looked at again once RUNNING_GRACE_S more have passed
+                heapq.heappush(heap, (now + RUNNING_GRACE_S, next(self._seq), request))
                 continue
             for block in waiting:
                 self.ring.requests["cancel"][block] = 1  # the engine skips it; the block returns with its answer
-            request.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+            where = "running" if running else "queued"
+            request.future.set_exception(DeadlineExceeded(f"deadline exceeded while {where}"))
         while heap and heap[0][2].future.done():
             heapq.heappop(heap)
         if heap:
