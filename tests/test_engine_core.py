@@ -598,3 +598,18 @@ def test_the_engine_process_batches_as_the_one_process_batcher_does():
     one, engine = asyncio.run(one_process()), asyncio.run(engine_process())
     # 8: 1+3+2+2; then 1+5 = 6 trimmed to a preferred size (4): 1; 5 alone; 4+1 trimmed: 4; then 1
     assert one == engine == [1, 8, 1, 5, 4, 1]
+
+
+def test_a_model_from_an_earlier_engine_session_is_refused_not_sent_with_a_stale_key():
+    """After the engine restarted, a handler still holding the old session's model gets 503: its
+    key may name another version in the new engine."""
+    from quicknet.serve.errors import NotAccepting
+
+    async def main():
+        async with Rig(_logits) as rig:
+            rig.client.session += 1  # the front reconnected to a new engine
+            with pytest.raises(NotAccepting, match="not connected"):
+                await rig.submit(_images(1)[0])
+            return len(rig.client.ring.free) == rig.client.ring.blocks
+
+    assert asyncio.run(main()), "nothing was published"
