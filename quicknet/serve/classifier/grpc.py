@@ -22,6 +22,7 @@ from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.grpc import deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "grpc"
+_DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once
 
 
 def decode_image_msg(image: pb.Image, runtime: Runtime, index: int = 0) -> np.ndarray:
@@ -73,7 +74,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         encoded = any(im.WhichOneof("data") == "encoded" for im in images)
         with tracing.span("decode"):
             pixels = await asyncio.to_thread(decode) if encoded else decode()
-        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+        _DECODE_SECONDS.observe(time.perf_counter() - t0)
         rows, _ = await model.classify(pixels, deadline_of(context, runtime), PROTOCOL, _top_k(top_k, runtime))
         return model, rows
 

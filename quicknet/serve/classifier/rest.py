@@ -61,6 +61,7 @@ from quicknet.serve.transport.http import (
 from quicknet.serve.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "rest"
+_DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once
 
 TOP_K_PARAM = {
     "name": "top_k",
@@ -362,7 +363,7 @@ def router(runtime: Runtime) -> APIRouter:
             images, several, body_k = await parse_classify(request, runtime)
         k = _parse_top_k(request.query_params.get("top_k")) or body_k or runtime.settings.default_top_k
         decode_s = time.perf_counter() - t0
-        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(decode_s)
+        _DECODE_SECONDS.observe(decode_s)
         predictions, timing = await run_unless_disconnected(request, model.classify(images, deadline, PROTOCOL, k))
         rows = [[p.to_dict() for p in row] for row in predictions]
         body = {
