@@ -285,6 +285,16 @@ def test_rest_disconnect_drops_queued_images_and_counts_one_cancel(hung_server):
     assert re.search(r"POST /classify 499 ", server.log()), "the access log records 499"
 
 
+async def _work(seen: list, seconds: float) -> str:
+    """The engine call in the disconnect tests: answers after `seconds`, notes a cancel in `seen`."""
+    try:
+        await asyncio.sleep(seconds)
+        return "answer"
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+        raise
+
+
 class _Client:
     """A request as `run_unless_disconnected` sees it off our REST protocol (a test client, another
     server): no connection state in its scope, `receive()` says when the client leaves."""
@@ -308,13 +318,8 @@ def test_the_engine_call_ends_with_the_client_or_the_server_never_later():
 
     seen = []
 
-    async def work(seconds: float):
-        try:
-            await asyncio.sleep(seconds)
-            return "answer"
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
+    def work(seconds: float):
+        return _work(seen, seconds)
 
     async def answered():
         return await run_unless_disconnected(_Client(None), work(0.01))
@@ -377,13 +382,8 @@ def test_on_our_rest_protocol_the_connection_cancels_the_call_without_a_task_of_
             self.state = ConnectionState(lambda: resumed.append(1))
             self.scope = {CONNECTION: self.state}
 
-    async def work(seconds: float):
-        try:
-            await asyncio.sleep(seconds)
-            return "answer"
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
+    def work(seconds: float):
+        return _work(seen, seconds)
 
     async def answered():
         before = len(asyncio.all_tasks())
