@@ -225,3 +225,24 @@ def test_engine_failure_reaches_every_caller():
         await b.close()
 
     run(main())
+
+
+def test_one_batch_policy_for_both_batchers():
+    """`BatchPolicy` keeps only preferred sizes up to the maximum, names the size a batch is cut
+    back to, and the Retry-After of a full queue; both batchers read it (and refuse a setting
+    it does not have)."""
+    from quicknet.serve.batcher import BatchPolicy
+    from quicknet.serve.engine_core import EngineCore
+    from quicknet.serve.model import Statistics
+
+    policy = BatchPolicy(max_batch_size=8, max_queue_images=64, preferred_batch_sizes=(16, 8, 4), instances=2)
+    assert policy.preferred_batch_sizes == (4, 8)
+    assert policy.trim_to(6, requests=3) == 4 and policy.trim_to(8, requests=3) is None
+    assert policy.trim_to(6, requests=1) is None and policy.trim_to(3, requests=2) is None
+    assert policy.retry_after(0, 0.05) == 1.0 and policy.retry_after(1600, 0.05) == 5.0
+    batcher = make(SlowEngine(), preferred_batch_sizes=(16, 8, 4))
+    lane = EngineCore().lane(lambda x: x, model="m", backend="fake", stats=Statistics(), max_batch_size=8,
+                             max_queue_images=64, preferred_batch_sizes=(16, 8, 4))  # fmt: skip
+    assert batcher.preferred == lane.preferred == (4, 8) and batcher.max_batch_size == lane.max_batch_size == 8
+    with pytest.raises(TypeError):
+        make(SlowEngine(), max_batch=8)

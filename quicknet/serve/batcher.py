@@ -68,28 +68,76 @@ class Timing:
     output_s: float = 0.0
 
 
-class Batcher:
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When a batch forms, in Triton's words; one policy for both batchers that follow it: this
+    module's (one process) and the engine core's lane (`engine_core.Lane`, front processes)."""
+
+    max_batch_size: int
+    max_queue_images: int
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()  # kept: those up to max_batch_size, ascending
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        kept = tuple(sorted(s for s in self.preferred_batch_sizes if s <= self.max_batch_size))
+        object.__setattr__(self, "preferred_batch_sizes", kept)
+
+    def trim_to(self, size: int, requests: int) -> int | None:
+        """The size a batch of `size` images from `requests` requests is cut back to (whole
+        requests, the last ones back to the queue's head): the largest preferred size that fits,
+        when `size` is not one. None: the batch stays as it is."""
+        preferred = self.preferred_batch_sizes
+        if not preferred or size in preferred or requests < 2:
+            return None
+        return max((p for p in preferred if p <= size), default=None)
+
+    def retry_after(self, queued_images: int, mean_batch_s: float) -> float:
+        """Seconds a refused client should wait: the batches ahead of it, at the recent batch time."""
+        batches_ahead = queued_images / max(self.max_batch_size * self.instances, 1)
+        return max(1.0, round(batches_ahead * mean_batch_s, 1))
+
+
+class FollowsPolicy:
+    """The policy's values as a batcher's own attributes (what `LocalModel` and tests read)."""
+
+    policy: BatchPolicy
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.policy.max_batch_size
+
+    @property
+    def max_queue_images(self) -> int:
+        return self.policy.max_queue_images
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.policy.max_queue_delay_s
+
+    @property
+    def preferred(self) -> tuple[int, ...]:
+        return self.policy.preferred_batch_sizes
+
+    @property
+    def instances(self) -> int:
+        return self.policy.instances
+
+
+class Batcher(FollowsPolicy):
     def __init__(
         self,
         infer: Callable[[np.ndarray], np.ndarray],
         *,
         model: str,
         backend: str,
-        max_batch_size: int,
-        max_queue_images: int,
-        max_queue_delay_s: float = 0.0,
-        preferred_batch_sizes: tuple[int, ...] = (),
-        instances: int = 1,
         on_batch: Callable[[int, float, float, float], None] | None = None,
+        **policy,
     ):
+        self.policy = BatchPolicy(**policy)
         self._infer = infer
         self._model = model
         self._backend = backend
-        self.max_batch_size = max_batch_size
-        self.max_queue_images = max_queue_images
-        self.max_queue_delay_s = max_queue_delay_s
-        self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
-        self.instances = instances
         self._on_batch = on_batch
         self._deadlines: list[tuple[float, int, Item]] = []  # queued items by deadline (`_sweep`)
         self._sweep_at: tuple[float, asyncio.TimerHandle] | None = None
@@ -98,7 +146,7 @@ class Batcher:
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task] = []
-        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"engine-{model}")
+        self._executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix=f"engine-{model}")
         self._in_flight = 0
         self._running: dict[int, float] = {}  # worker -> when its engine call began (the watchdog reads it)
         self._idle = asyncio.Event()
@@ -234,8 +282,7 @@ class Batcher:
             )
 
     def _retry_after(self) -> float:
-        batches_ahead = self._queued_images / max(self.max_batch_size * self.instances, 1)
-        return max(1.0, round(batches_ahead * self._mean_batch_s, 1))
+        return self.policy.retry_after(self._queued_images, self._mean_batch_s)
 
     def _take_batch(self) -> list[Item]:
         now = time.monotonic()
@@ -255,9 +302,9 @@ class Batcher:
             batch.append(self._pop())
             item.taken = True
             size += item.n
-        if self.preferred and size not in self.preferred and len(batch) > 1:
-            target = max((p for p in self.preferred if p <= size), default=None)
-            while target is not None and size > target and len(batch) > 1:
+        target = self.policy.trim_to(size, len(batch))
+        if target is not None:
+            while size > target and len(batch) > 1:
                 item = batch.pop()
                 item.taken = False
                 size -= item.n

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quicknet.serve import metrics
+from quicknet.serve.batcher import BatchPolicy, FollowsPolicy
 from quicknet.serve.errors import EngineFailure, Refusal
 from quicknet.serve.ipc import (
     ANSWER,
@@ -129,7 +130,7 @@ class Chunk:
         return Chunk(self.front, self.blocks[keep], self.records[keep], self.enqueued)
 
 
-class Lane:
+class Lane(FollowsPolicy):
     """One model version's queue and its runner threads (`instances` of them): the engine
     process's dynamic batcher for that version. Its face to `LocalModel` is the asyncio
     `Batcher`'s (start, drain, close, admit, longest_running_s and the policy's attributes)."""
@@ -142,22 +143,14 @@ class Lane:
         *,
         model: str,
         backend: str,
-        max_batch_size: int,
-        max_queue_images: int,
-        max_queue_delay_s: float = 0.0,
-        preferred_batch_sizes: tuple[int, ...] = (),
-        instances: int = 1,
         stats: Statistics,
+        **policy,
     ):
+        self.policy = BatchPolicy(**policy)
         self.core = core
         self.key = key
         self._infer = infer
         self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_queue_images = max_queue_images
-        self.max_queue_delay_s = max_queue_delay_s
-        self.preferred = tuple(sorted(s for s in preferred_batch_sizes if s <= max_batch_size))
-        self.instances = instances
         self.stats = stats
         self.accepting = False
         self.queue: deque[Chunk] = deque()
@@ -259,8 +252,7 @@ class Lane:
         self.queued_images += total
 
     def _retry_after(self) -> float:
-        batches_ahead = self.queued_images / max(self.max_batch_size * self.instances, 1)
-        return max(1.0, round(batches_ahead * self._mean_batch_s, 1))
+        return self.policy.retry_after(self.queued_images, self._mean_batch_s)
 
     def _take(self, now: float) -> tuple[list[Chunk], float | None]:
         """The next batch's records, or ([], seconds to wait for a fuller one / None)."""
@@ -304,9 +296,9 @@ class Lane:
             self.queued_images -= size
             batch.append(taken)
         size = self.max_batch_size - room
-        if self.preferred and size not in self.preferred and sum(len(c.blocks) for c in batch) > 1:
-            target = max((p for p in self.preferred if p <= size), default=None)
-            while target is not None and size > target and sum(len(c.blocks) for c in batch) > 1:
+        target = self.policy.trim_to(size, sum(len(c.blocks) for c in batch))
+        if target is not None:
+            while size > target and sum(len(c.blocks) for c in batch) > 1:
                 last = batch.pop()  # its last record goes back to the head of the queue
                 back = last.part(slice(len(last.blocks) - 1, None))
                 self.queue.appendleft(back)
