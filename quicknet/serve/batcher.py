@@ -153,12 +153,7 @@ class Batcher(FollowsPolicy):
         self._idle.set()
         self._accepting = False
         self._mean_batch_s = 0.05  # running estimate for Retry-After
-        # this model's series, looked up once (`labels()` takes a lock and validates, per call)
-        self._m_depth = metrics.QUEUE_DEPTH.labels(model)
-        self._m_queued = metrics.QUEUE_SECONDS.labels(model)
-        self._m_in_flight = metrics.IN_FLIGHT.labels(model)
-        self._m_infer = metrics.INFER_SECONDS.labels(model, backend)
-        self._m_batch = metrics.BATCH_SIZE.labels(model)
+        self._m = metrics.BatcherSeries(model, backend)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -250,7 +245,7 @@ class Batcher(FollowsPolicy):
         if len(self._deadlines) > 2 * len(self._queue) + 64:  # answered items leave the heap lazily: compact
             self._deadlines = [e for e in self._deadlines if not (e[2].taken or e[2].closed)]
             heapq.heapify(self._deadlines)
-        self._m_depth.set(self._queued_images)
+        self._m.depth.set(self._queued_images)
         self._wakeup.set()
         self._arm_sweep()
 
@@ -310,7 +305,7 @@ class Batcher(FollowsPolicy):
                 size -= item.n
                 self._queue.appendleft(item)
                 self._queued_images += item.n
-        self._m_depth.set(self._queued_images)
+        self._m.depth.set(self._queued_images)
         return batch
 
     def _pop(self) -> Item:
@@ -348,9 +343,9 @@ class Batcher(FollowsPolicy):
             started = time.monotonic()
             images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
             for item in batch:
-                self._m_queued.observe(started - item.enqueued)
+                self._m.queued.observe(started - item.enqueued)
             self._in_flight += 1
-            self._m_in_flight.set(self._in_flight)
+            self._m.in_flight.set(self._in_flight)
             called = time.monotonic()
             worker = id(asyncio.current_task())
             self._running[worker] = called
@@ -367,12 +362,12 @@ class Batcher(FollowsPolicy):
             finally:
                 del self._running[worker]
                 self._in_flight -= 1
-                self._m_in_flight.set(self._in_flight)
+                self._m.in_flight.set(self._in_flight)
             returned = time.monotonic()
             input_s, infer_s = called - started, returned - called
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
-            self._m_infer.observe(infer_s)
-            self._m_batch.observe(len(images))
+            self._m.infer.observe(infer_s)
+            self._m.batch.observe(len(images))
             offset = 0
             parts = []
             for item in batch:

@@ -162,11 +162,7 @@ class Lane(FollowsPolicy):
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._mean_batch_s = 0.05  # running estimate for Retry-After
-        self._m_depth = metrics.QUEUE_DEPTH.labels(model)
-        self._m_queued = metrics.QUEUE_SECONDS.labels(model)
-        self._m_in_flight = metrics.IN_FLIGHT.labels(model)
-        self._m_infer = metrics.INFER_SECONDS.labels(model, backend)
-        self._m_batch = metrics.BATCH_SIZE.labels(model)
+        self._m = metrics.BatcherSeries(model, backend)
         self._m_images = [metrics.IMAGES.labels(model, p) for p in PROTOCOLS]
         self._m_core_cpu = metrics.ENGINE_CORE_CPU.labels(model)
 
@@ -188,6 +184,10 @@ class Lane(FollowsPolicy):
     def longest_running_s(self) -> float:
         running = list(self.running.values())
         return time.monotonic() - min(running) if running else 0.0
+
+    def show_depth(self, images: int) -> None:
+        """`quicknet_queue_images` for this version (sampled by `EngineCore.report_depth`)."""
+        self._m.depth.set(images)
 
     def busy(self) -> bool:
         return bool(self.queue or self.running)
@@ -341,7 +341,7 @@ class Lane(FollowsPolicy):
                             core.parked_changed(-1)
                 if batch:
                     self.running[me] = time.monotonic()
-                    self._m_in_flight.set(len(self.running))
+                    self._m.in_flight.set(len(self.running))
                 if polled != core.generation:  # fronts came or went
                     poller, polled = core.poller(self._wake), core.generation
             if batch:
@@ -350,7 +350,7 @@ class Lane(FollowsPolicy):
                 finally:
                     with core.lock:
                         del self.running[me]
-                        self._m_in_flight.set(len(self.running))
+                        self._m.in_flight.set(len(self.running))
                 now = time.thread_time()
                 self._m_core_cpu.inc(max(0.0, now - cpu - in_engine))
                 cpu = now
@@ -392,9 +392,9 @@ class Lane(FollowsPolicy):
         # once a batch; a request split into parts counts once (its first part)
         records = batch[0].records if len(batch) == 1 else np.concatenate([c.records for c in batch])
         waits = np.concatenate([np.full(len(c.blocks), started - c.enqueued) for c in batch])
-        metrics.observe_many(self._m_queued, waits)
-        self._m_infer.observe(infer_s)
-        self._m_batch.observe(len(images))
+        metrics.observe_many(self._m.queued, waits)
+        self._m.infer.observe(infer_s)
+        self._m.batch.observe(len(images))
         per_protocol = np.bincount(records["protocol"], weights=records["n"], minlength=len(PROTOCOLS))
         for index in np.flatnonzero(per_protocol).tolist():
             self._m_images[index].inc(int(per_protocol[index]))
@@ -521,7 +521,7 @@ class EngineCore:
             for key, images in self.waiting_images().items():
                 lane = self.lanes.get(key)
                 if lane is not None:
-                    lane._m_depth.set(images)
+                    lane.show_depth(images)
             await asyncio.sleep(period_s)
 
     def poller(self, wake: int) -> select.poll:

@@ -100,6 +100,20 @@ GPU_MEMORY_USED = Gauge(
 SERVED: ContextVar[tuple[str, str]] = ContextVar("served", default=("", ""))
 
 
+class BatcherSeries:
+    """A batcher's series for one model version, looked up once (`labels()` takes a lock and
+    validates its values on every call); both batchers (`batcher.py`, `engine_core.py`) keep one."""
+
+    __slots__ = ("batch", "depth", "in_flight", "infer", "queued")
+
+    def __init__(self, model: str, backend: str) -> None:
+        self.depth = QUEUE_DEPTH.labels(model)
+        self.queued = QUEUE_SECONDS.labels(model)
+        self.in_flight = IN_FLIGHT.labels(model)
+        self.infer = INFER_SECONDS.labels(model, backend)
+        self.batch = BATCH_SIZE.labels(model)
+
+
 # Per-request series, looked up once: `labels()` takes a lock and validates its values on every
 # call (~3 us, three times a request). Their labels are bounded (protocols, routes, status codes,
 # served versions), so are these.
