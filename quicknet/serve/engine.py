@@ -84,10 +84,10 @@ class LocalModel(ModelHandle):
         try:
             logits, timing = await self.batcher.submit(images, deadline, protocol)
         except (QueueFull, DeadlineExceeded, NotAccepting):
-            self.stats.fail.add(time.perf_counter() - start)
+            self.stats.record_failures(time.perf_counter() - start)
             raise
         except Exception as e:  # the engine raised on this batch: one line with its reason, the next batch runs
-            self.stats.fail.add(time.perf_counter() - start)
+            self.stats.record_failures(time.perf_counter() - start)
             log.error("engine failed on a batch of %s v%d: %r", self.name, self.version, e)
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
         self.stats.record_request(len(images), time.perf_counter() - start, timing, int(time.time() * 1000))
@@ -95,9 +95,6 @@ class LocalModel(ModelHandle):
         return logits, timing
 
     async def statistics(self) -> dict:
-        if isinstance(self.batcher, Lane):  # its runners record on threads of their own
-            with self.batcher.core.lock:
-                return self.stats.to_dict()
         return self.stats.to_dict()
 
     def admit(self) -> None:

@@ -233,7 +233,7 @@ class Lane(FollowsPolicy):
         """Answer these records with a refusal; Triton's `fail` statistics count them."""
         chunk.front.answer_all(chunk.blocks, status, retry_after)
         requests = int((chunk.records["part"] == 0).sum())  # a split request counts once
-        self.stats.fail.add(max(0.0, time.monotonic() - chunk.enqueued) * requests, requests)
+        self.stats.record_failures(max(0.0, time.monotonic() - chunk.enqueued) * requests, requests)
 
     def put(self, chunk: Chunk) -> None:
         if not self.accepting:
@@ -400,9 +400,8 @@ class Lane(FollowsPolicy):
             self._m_images[index].inc(int(per_protocol[index]))
         first = records["part"] == 0
         output_s = time.monotonic() - returned  # the answers' own time is not in it: they are the answer
-        with self.core.lock:  # `statistics()` reads them on the event loop under the same lock
-            self.stats.record_batch(len(images), input_s, infer_s, output_s)
-            self.stats.record_requests(waits[first].tolist(), len(images), input_s, infer_s, output_s)
+        self.stats.record_batch(len(images), input_s, infer_s, output_s)
+        self.stats.record_requests(waits[first].tolist(), len(images), input_s, infer_s, output_s)
         # one answer a front: its logits, answers and completion entries under its lock, one signal
         by_front: dict[Front, list[tuple[Chunk, _Gather, int]]] = {}
         offset = 0
@@ -432,8 +431,7 @@ class Lane(FollowsPolicy):
             if not chunk.front.gone:
                 chunk.front.fail(chunk.blocks.tolist(), refusal)
             requests = int((chunk.records["part"] == 0).sum())
-            with self.core.lock:
-                self.stats.fail.add((time.monotonic() - chunk.enqueued) * requests, requests)
+            self.stats.record_failures((time.monotonic() - chunk.enqueued) * requests, requests)
 
 
 class _Gather:

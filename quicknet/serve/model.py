@@ -9,6 +9,7 @@ engine may live in this process (`quicknet.serve.engine.LocalModel`) or in the e
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -90,7 +91,8 @@ class Statistics:
     """Cumulative per-version counters with Triton's semantics (what perf_analyzer checks):
     `inference_stats` count requests — success, fail, queue and the three compute phases each once
     per successful request, so their counts agree; `batch_stats` count executions per batch size;
-    `inference_count` counts images, `execution_count` engine batches."""
+    `inference_count` counts images, `execution_count` engine batches. Thread-safe: the engine
+    core records from its runner threads while the event loop reads."""
 
     inference_count: int = 0
     execution_count: int = 0
@@ -102,34 +104,47 @@ class Statistics:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record_failures(self, seconds: float, count: int = 1) -> None:
+        """`count` requests refused or failed, `seconds` between them (Triton's `fail`)."""
+        with self._lock:
+            self.fail.add(seconds, count)
 
     def record_request(self, images: int, seconds: float, timing: Timing, now_ms: int) -> None:
-        self.success.add(seconds)
-        self.queue.add(timing.queue_s)
-        self.compute_input.add(timing.input_s)
-        self.compute_infer.add(timing.infer_s)
-        self.compute_output.add(timing.output_s)
-        self.inference_count += images
-        self.last_inference_ms = now_ms
+        with self._lock:
+            self.success.add(seconds)
+            self.queue.add(timing.queue_s)
+            self.compute_input.add(timing.input_s)
+            self.compute_infer.add(timing.infer_s)
+            self.compute_output.add(timing.output_s)
+            self.inference_count += images
+            self.last_inference_ms = now_ms
 
     def record_requests(self, queued_s: list[float], images: int, input_s: float, infer_s: float, output_s: float):
         """Many requests answered by one batch at once (`record_request`'s sums, one call a batch)."""
         k, compute_s = len(queued_s), input_s + infer_s + output_s
-        self.queue.add(sum(queued_s), k)
-        self.success.add(sum(queued_s) + k * compute_s, k)
-        self.compute_input.add(k * input_s, k)
-        self.compute_infer.add(k * infer_s, k)
-        self.compute_output.add(k * output_s, k)
-        self.inference_count += images
-        self.last_inference_ms = int(time.time() * 1000)
+        with self._lock:
+            self.queue.add(sum(queued_s), k)
+            self.success.add(sum(queued_s) + k * compute_s, k)
+            self.compute_input.add(k * input_s, k)
+            self.compute_infer.add(k * infer_s, k)
+            self.compute_output.add(k * output_s, k)
+            self.inference_count += images
+            self.last_inference_ms = int(time.time() * 1000)
 
     def record_batch(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
-        self.execution_count += 1
-        phases = self.batches.setdefault(size, (Duration(), Duration(), Duration()))
-        for phase, seconds in zip(phases, (input_s, infer_s, output_s), strict=True):
-            phase.add(seconds)
+        with self._lock:
+            self.execution_count += 1
+            phases = self.batches.setdefault(size, (Duration(), Duration(), Duration()))
+            for phase, seconds in zip(phases, (input_s, infer_s, output_s), strict=True):
+                phase.add(seconds)
 
     def to_dict(self) -> dict:
+        with self._lock:
+            return self._to_dict()
+
+    def _to_dict(self) -> dict:
         return {
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
