@@ -139,13 +139,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the open head, counted as they arrive
         self._heads_done = 0  # heads read whole on this connection
         self._header_count = 0
-        self._in_body = False
+        self._state = ConnectionState(lambda: self.flow.resume_reading())
         self._answered_early = False
         self._timer: asyncio.TimerHandle | None = None
         self._timing_head = False
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
-        self._state = ConnectionState(self.flow.resume_reading)
         self._arm(self.idle_timeout_s, self._idle, head=False)
+
+    @property
+    def _in_body(self) -> bool:
+        """A request body is arriving (the handlers' `ConnectionState` says the same)."""
+        return self._state.body_pending
+
+    @_in_body.setter
+    def _in_body(self, value: bool) -> None:
+        self._state.body_pending = value
 
     def _linger(self) -> None:
         self._lingering = True
@@ -237,13 +245,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._in_body = True  # lingering close: the client may still be sending its body
             self._refuse(f"request has {self._header_count} headers; the limit is {MAX_HEADERS}")
             return
-        self._in_body = self._state.body_pending = True
+        self._in_body = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         if self._refused:
             return
-        self._in_body = self._state.body_pending = False
+        self._in_body = False
         if self._answered_early:  # the rest of an answered body is in: idle from here, as after any answer
             self._answered_early = False
             self._arm(self.idle_timeout_s, self._idle, head=False)

@@ -93,47 +93,48 @@ async def until_disconnected(request: Request) -> None:
             return
 
 
+def _client_left() -> HTTPError:
+    return HTTPError(499, "client closed the request", "cancelled")
+
+
 async def run_unless_disconnected(request: Request, work: Coroutine):
-    """Await `work`; if the client disconnects first, cancel it so its queued images are dropped.
-    On our REST protocol the connection itself cancels this task when it is lost
+    """Await `work`; if the client disconnects first, cancel it so its queued images are dropped
+    (499). On our REST protocol the connection itself cancels this task when it is lost
     (`connections.ConnectionState`): no task of the request's own. Elsewhere (a test client,
     another server) one watcher task waits for the disconnect message."""
     task = asyncio.current_task()
-    connection = request.scope.get(CONNECTION)
+    connection: ConnectionState | None = request.scope.get(CONNECTION)
+    gone = finished = False
     if connection is not None:
         if connection.lost:
             work.close()
-            raise HTTPError(499, "client closed the request", "cancelled")
+            raise _client_left()
         connection.watch(task)
-        try:
-            return await work
-        except asyncio.CancelledError:
-            if connection.lost and task.uncancel() == 0:  # the connection's cancel alone: the client left
-                raise HTTPError(499, "client closed the request", "cancelled") from None
-            raise
-        finally:
-            connection.watch(None)
-    gone = finished = False
+    else:
 
-    def on_watched(watcher: asyncio.Task) -> None:
-        nonlocal gone
-        # not after `work` is done (the handler is sending its answer); a watcher that failed only
-        # loses disconnect detection
-        if not finished and not watcher.cancelled() and watcher.exception() is None:
-            gone = True
-            task.cancel()
+        def on_watched(watcher: asyncio.Task) -> None:
+            nonlocal gone
+            # not after `work` is done (the handler is sending its answer); a watcher that failed
+            # only loses disconnect detection
+            if not finished and not watcher.cancelled() and watcher.exception() is None:
+                gone = True
+                task.cancel()
 
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    watcher.add_done_callback(on_watched)
+        watcher = asyncio.ensure_future(until_disconnected(request))
+        watcher.add_done_callback(on_watched)
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:  # our cancel alone, not a shutdown's: the client left
-            raise HTTPError(499, "client closed the request", "cancelled") from None
+        left = connection.lost if connection is not None else gone
+        if left and task.uncancel() == 0:  # that cancel alone, not a shutdown's: the client left
+            raise _client_left() from None
         raise
     finally:
         finished = True
-        watcher.cancel()
+        if connection is not None:
+            connection.watch(None)
+        else:
+            watcher.cancel()
 
 
 MAX_TIMEOUT_MS = 86_400_000.0  # a day: longer asks are clamped (timers take no infinities)
