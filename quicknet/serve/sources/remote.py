@@ -187,17 +187,24 @@ class EngineClient:
             self._answered(block, status, retry_after, timing)
         self._check_idle()
 
-    def _answered(self, block: int, status: int, retry_after: float, timing: list[float]) -> None:
+    def _release(self, block: int) -> _Request | None:
+        """The engine answered `block`: it is free again; its request, if still owned, is returned."""
         request = self.owner.pop(block, None)
+        if request is not None:
+            self.ring.free.append(block)
+            request.left -= 1
+        return request
+
+    def _answered(self, block: int, status: int, retry_after: float, timing: list[float]) -> None:
+        request = self.owner.get(block)
         if request is None:
             return
         logits = None
-        if status == OK and not request.future.done():
+        if status == OK and not request.future.done():  # read before the block is free again
             k = request.blocks.index(block) if len(request.blocks) > 1 else 0
             n = min(request.part, request.n - k * request.part)
             logits = self.ring.logits[block, :n].copy()
-        self.ring.free.append(block)
-        request.left -= 1
+        self._release(block)
         future = request.future
         if future.done():
             return
@@ -221,12 +228,8 @@ class EngineClient:
     def _on_failed(self, failed: m.Failed) -> None:
         refusal = from_wire(failed.kind, failed.message, failed.extra)
         for block in failed.blocks:
-            request = self.owner.pop(block, None)
-            if request is None:
-                continue
-            self.ring.free.append(block)
-            request.left -= 1
-            if not request.future.done():
+            request = self._release(block)
+            if request is not None and not request.future.done():
                 request.future.set_exception(refusal)
         self._check_idle()
 
@@ -250,8 +253,7 @@ class EngineClient:
         """The engine is gone: nothing it held will be answered; every waiting request hears so now."""
         self.runtime.set_ready(False)
         self.runtime.stalled = None  # a new engine starts with a clean watchdog
-        requests = {id(r): r for r in self.owner.values()}.values()
-        calls, self.calls, self.owner = self.calls, {}, {}
+        self._fail_waiting(NotAccepting("engine process is restarting; retry shortly", "engine_unavailable"))
         self.ring.reset()
         self.sub_tail = self.comp_head = 0
         for fd in (self.doorbell, self.bell):  # counts the old engine left unread
@@ -261,10 +263,14 @@ class EngineClient:
         if self._deadline_timer is not None:
             self._deadline_timer[1].cancel()
             self._deadline_timer = None
-        gone = NotAccepting("engine process is restarting; retry shortly", "engine_unavailable")
+
+    def _fail_waiting(self, refusal: NotAccepting) -> None:
+        """Every request and call still waiting hears `refusal` now; nothing is owned any more."""
+        requests = {id(r): r for r in self.owner.values()}.values()
+        calls, self.calls, self.owner = self.calls, {}, {}
         for future in [r.future for r in requests] + list(calls.values()):
             if not future.done():
-                future.set_exception(gone)
+                future.set_exception(refusal)
         self._idle.set()
 
     # --- what this front asks ------------------------------------------------------------------
@@ -395,12 +401,6 @@ class EngineClient:
     async def close(self) -> None:
         """Stop: whatever is still waiting (past the drain period) is answered 503 now."""
         self.closing = True
-        requests = {id(r): r for r in self.owner.values()}.values()
-        calls, self.calls, self.owner = self.calls, {}, {}
-        shutting = NotAccepting("server is shutting down; retry on another replica", "draining")
-        for future in [r.future for r in requests] + list(calls.values()):
-            if not future.done():
-                future.set_exception(shutting)
-        self._idle.set()
+        self._fail_waiting(NotAccepting("server is shutting down; retry on another replica", "draining"))
         if self.writer is not None:
             self.writer.close()
