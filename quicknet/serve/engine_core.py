@@ -157,8 +157,7 @@ class Lane(FollowsPolicy):
         self.queued_images = 0
         self.parked = 0  # runners waiting on the doorbells
         self.running: dict[int, float] = {}  # runner -> when its batch's engine call began
-        self._stopping = False
-        self._closed = False
+        self._stopping = False  # closing: runners leave, nothing more is queued
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._mean_batch_s = 0.05  # running estimate for Retry-After
@@ -202,9 +201,8 @@ class Lane(FollowsPolicy):
         return not self.busy()
 
     async def close(self) -> None:
-        if self._closed:
+        if self._stopping:
             return
-        self._closed = True
         with self.core.lock:
             self._stopping = True
             self.accepting = False
@@ -480,9 +478,7 @@ class EngineCore:
             front.ring.engine_idle = self.parked > 0
             self.fronts.append(front)
             self.generation += 1
-            lanes = list(self.lanes.values())
-        for lane in lanes:
-            lane.wake()
+        self._wake_lanes()
 
     def remove_front(self, front: Front) -> None:
         """The front is gone: its queued records are dropped unanswered (nobody reads them)."""
@@ -495,9 +491,7 @@ class EngineCore:
                 kept = deque(c for c in lane.queue if c.front is not front)
                 lane.queued_images = sum(int(c.n.sum()) for c in kept)
                 lane.queue = kept
-            lanes = list(self.lanes.values())
-        for lane in lanes:
-            lane.wake()
+        self._wake_lanes()
 
     def waiting_images(self) -> dict[int, int]:
         """Images waiting, by lane key: queued, and published but not yet collected (a runner
@@ -561,8 +555,11 @@ class EngineCore:
                     lane.wake()
 
     def stop_accepting(self) -> None:
-        with self.lock:
-            for lane in self.lanes.values():
-                lane.accepting = False
+        for lane in list(self.lanes.values()):
+            lane.stop_accepting()
+        self._wake_lanes()
+
+    def _wake_lanes(self) -> None:
+        """Every runner looks again now (fronts came or went, or work is refused from now on)."""
         for lane in list(self.lanes.values()):
             lane.wake()
