@@ -46,6 +46,7 @@ class LocalModel(ModelHandle):
         self.version_record = version
         self.backend = backend
         self.stats = Statistics()
+        self._images: dict[str, object] = {}  # quicknet_images_total's series, by protocol
         policy = dict(
             model=version.name,
             backend=backend.name,
@@ -91,7 +92,10 @@ class LocalModel(ModelHandle):
             log.error("engine failed on a batch of %s v%d: %r", self.name, self.version, e)
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
         self.stats.record_request(len(images), time.perf_counter() - start, timing, int(time.time() * 1000))
-        metrics.IMAGES.labels(self.name, protocol).inc(len(images))
+        series = self._images.get(protocol)
+        if series is None:  # looked up once a protocol (`labels()` locks and validates per call)
+            series = self._images[protocol] = metrics.IMAGES.labels(self.name, protocol)
+        series.inc(len(images))
         return logits, timing
 
     async def statistics(self) -> dict:
