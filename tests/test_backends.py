@@ -194,7 +194,7 @@ def test_the_torch_engine_is_derived_from_model_onnx_and_checked_before_it_serve
         return spec
 
     monkeypatch.setattr(folded_onnx, "folded_spec_from_onnx", off_by_a_little)
-    with pytest.raises(BackendError, match=r"^the torch model derived from model.onnx disagrees with it"):
+    with pytest.raises(BackendError, match=r"^the torch model derived from model.onnx disagrees with its source"):
         load_backend(mv, Settings(backend="torch"))
     monkeypatch.setattr(folded_onnx, "folded_spec_from_onnx", real)
 

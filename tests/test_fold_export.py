@@ -65,7 +65,8 @@ def test_onnx_takes_uint8_nhwc_with_dynamic_batch(onnx_path):
 
 def test_per_channel_prelu_is_exported_as_elementwise_ops(onnx_path):
     """ONNX Runtime's PRelu forces a layout change around every activation on CPUs (2/3 of the
-    time of quicknet-xs); the export uses x + (s - 1) * min(x, 0) instead, which stays blocked."""
+    time of quicknet-xs); the export uses x + (s - 1) * min(x, 0) instead, a portable form the CPU
+    engine rewrites further at load (tests/test_ort_graph.py)."""
     ops = [n.op_type for n in onnx.load(onnx_path).graph.node]
     assert "PRelu" not in ops
     assert ops.count("Min") == 9 and ops.count("Conv") == 17  # one activation per block (stem + 8)

@@ -60,11 +60,14 @@ def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
 
 def elementwise_prelu(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each per-channel `PRelu(x, s)` becomes `x + (s - 1) * Min(x, 0)`: the same function, as three
-    elementwise ops that ONNX Runtime's CPU kernels keep in their blocked (NCHWc) layout. Its PRelu
-    kernel is not blocked, so every activation forced a layout change there and back: PRelu and the
-    reorders took two thirds of quicknet-xs's time, and this form runs it 1.75x faster on one image
-    (1.4x at batch 8), logits within 1e-6. (A PReLU whose slopes are all equal folds to LeakyRelu,
-    which ORT fuses into the convolution, and is left alone.)"""
+    elementwise ops that any ONNX runtime reads (and the torch engine's reader, `folded_onnx`). ONNX
+    Runtime's PRelu kernel is not blocked (NCHWc), and this form ran quicknet-xs 1.75x faster than it
+    on one image (1.4x at batch 8), logits within 1e-6. It still leaves ORT's blocked layout at every
+    activation (ORT 1.32: a reorder out and back around the three ops, 30% of an image's time), so the
+    CPU engine rewrites it once more at load into ops that stay blocked
+    (`quicknet/serve/backends/ort_graph.py`); the published file keeps this portable form. (A PReLU
+    whose slopes are all equal folds to LeakyRelu, which ORT fuses into the convolution, and is left
+    alone.)"""
     from onnx import helper, numpy_helper
 
     initializers = {i.name: i for i in model.graph.initializer}

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from quicknet.serve.backends.base import BackendError
+from quicknet.serve.backends.derived import check_logits, probe_images, source_logits
 
 FOLDED_FORMAT = "quicknet-folded/1"
 # Nodes that carry no weights of their own: the uint8 cast and layout change, the PReLU form's
 # Min and Add (its slopes sit on the Mul), the global average pool.
 _STRUCTURAL = {"Cast", "Transpose", "Min", "Add", "ReduceMean", "GlobalAveragePool", "Flatten"}
-CHECK_IMAGES = 16
-MAX_LOGIT_DELTA = 1e-3
 
 
 def folded_spec_from_onnx(path: Path) -> dict:
@@ -108,19 +107,12 @@ def folded_spec_from_onnx(path: Path) -> dict:
 
 
 def check_against_onnx(module, path: Path, threads: int = 1) -> float:
-    """The derived module's FP32 logits against ONNX Runtime's on the same file, `CHECK_IMAGES`
-    seeded random images; returns the largest difference, or refuses with one line."""
-    import onnxruntime as ort
+    """The derived module's FP32 logits against ONNX Runtime's on the same file
+    (`derived.check_logits`); returns the largest difference, or refuses with one line."""
     import torch
 
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, 32, 32, 3), dtype=np.uint8)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    expected = session.run(None, {session.get_inputs()[0].name: images})[0]
+    images = probe_images()
+    expected = source_logits(path, images, threads)
     with torch.inference_mode():
         got = module(torch.from_numpy(images)).float().numpy()
-    delta = float(np.abs(got - expected).max())
-    if not delta <= MAX_LOGIT_DELTA * max(1.0, float(np.abs(expected).max())):
-        raise BackendError(f"the torch model derived from {path.name} disagrees with it (max |Δlogit| {delta:.2e})")
-    return delta
+    return check_logits(got, expected, f"the torch model derived from {path.name}")

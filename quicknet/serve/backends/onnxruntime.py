@@ -20,19 +20,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import numpy as np
 
 from quicknet.serve.backends.base import BackendError, warmup_sizes
+from quicknet.serve.backends.derived import check_logits, probe_images, source_logits
+from quicknet.serve.backends.ort_graph import REWRITE, blocked_prelu
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion
 
 INT8_MAX_ACCURACY_LOSS = 0.005
+log = logging.getLogger("quicknet.backends")
 
 
-def open_session(ort, path: str, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-    """The engine's ONNX Runtime session (benchmarks open theirs here too, so they measure what serves)."""
+def open_session(
+    ort, model: str | bytes, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",), name: str = ""
+):
+    """The engine's ONNX Runtime session on a file or a serialized graph (benchmarks open theirs
+    here too, so they measure what serves)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -51,9 +58,49 @@ def open_session(ort, path: str, threads: int, providers: tuple[str, ...] = ("CP
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.add_session_config_entry("session.dynamic_block_base", "4")
     try:
-        return ort.InferenceSession(path, opts, providers=list(providers))
+        return ort.InferenceSession(model, opts, providers=list(providers))
     except Exception as e:  # ORT raises its own exception family for bad or unsupported models
-        raise BackendError(f"ONNX Runtime could not load {path.rsplit('/', 1)[-1]}: {e}") from None
+        shown = name or (model.rsplit("/", 1)[-1] if isinstance(model, str) else "the graph")
+        raise BackendError(f"ONNX Runtime could not load {shown}: {e}") from None
+
+
+def open_fp32(ort, path: str, threads: int) -> tuple[object, dict]:
+    """The FP32 session on the CPU: `path`'s PReLUs rewritten for ORT's blocked kernels (`ort_graph`),
+    or `path` as published where the rewrite does not apply. Returns (session, what it runs). A
+    rewritten session serves only after `checked` (done once the load has chosen what serves: with
+    auto precision the faster INT8 model often serves instead, and its check would be wasted)."""
+    try:
+        import onnx
+    except ImportError:
+        return open_session(ort, path, threads), {"graph": "as published", "why": "no onnx package to rewrite it"}
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's decode errors have no common base; ORT's own load says it better
+        return open_session(ort, path, threads), {"graph": "as published", "why": f"onnx could not read it: {e}"}
+    rewritten = blocked_prelu(model)
+    if not rewritten:
+        return open_session(ort, path, threads), {"graph": "as published", "why": "no per-channel PReLU"}
+    name = f"{path.rsplit('/', 1)[-1]} rewritten ({REWRITE})"
+    return open_session(ort, model.SerializeToString(), threads, name=name), {
+        "graph": REWRITE,
+        "prelus_rewritten": rewritten,
+    }
+
+
+def checked(ort, session, graph: dict, path: str, threads: int) -> tuple[object, dict]:
+    """A rewritten session's logits against `path`'s (`derived.check_logits`): the session where
+    they agree, else `path` as published, with one log line."""
+    if graph["graph"] != REWRITE:
+        return session, graph
+    name = path.rsplit("/", 1)[-1]
+    images = probe_images()
+    try:
+        got = session.run(None, {session.get_inputs()[0].name: images})[0]
+        delta = check_logits(got, source_logits(path, images, threads), f"{name} rewritten ({REWRITE})")
+    except BackendError as e:
+        log.warning("%s; serving %s as published", e, name)
+        return open_session(ort, path, threads), {"graph": "as published", "why": str(e)}
+    return session, graph | {"max_logit_delta": delta}
 
 
 def seconds_per_image(sessions: list, input_name: str, batch: int, runs: int) -> list[float]:
@@ -77,8 +124,9 @@ def seconds_per_image(sessions: list, input_name: str, batch: int, runs: int) ->
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, session, path: str, settings: Settings, provider: str, choice: dict):
+    def __init__(self, session, path: str, settings: Settings, provider: str, choice: dict, graph: dict):
         self.session = session
+        self.graph = graph
         self.path = path
         self.provider = provider
         self.threads = settings.threads
@@ -112,10 +160,14 @@ class OnnxRuntimeBackend:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and precision == "fp32" else []
             providers = providers or ["CPUExecutionProvider"]
             path = str(version.file(fname))
-            sessions[precision] = (open_session(ort, path, settings.threads, tuple(providers)), path)
+            if precision == "fp32" and providers == ["CPUExecutionProvider"]:
+                sessions[precision] = (*open_fp32(ort, path, settings.threads), path)
+            else:
+                graph = {"graph": "as published"}
+                sessions[precision] = (open_session(ort, path, settings.threads, tuple(providers)), graph, path)
         choice = {"precision": next(iter(sessions)), "rule": settings.precision}
         if len(sessions) == 2:  # auto: the faster of the two, timed here on this machine, in turns
-            timed = [session for session, _ in sessions.values()]
+            timed = [session for session, _, _ in sessions.values()]
             name = timed[0].get_inputs()[0].name
             ones = seconds_per_image(timed, name, 1, 5)
             mosts = seconds_per_image(timed, name, settings.max_batch_size, 2)
@@ -127,10 +179,11 @@ class OnnxRuntimeBackend:
                 timings["fp32"]["max_batch_ms_per_image"] / timings["int8"]["max_batch_ms_per_image"]
             )
             choice = {"precision": "int8" if speedup > 1 else "fp32", "rule": "auto", "timings": timings}
-        session, path = sessions.pop(choice["precision"])
+        session, graph, path = sessions.pop(choice["precision"])
         sessions.clear()
+        session, graph = checked(ort, session, graph, path, settings.threads)
         _return_freed_memory()  # the timed-and-dropped session's arena: ~50 MB a model otherwise kept
-        return cls(session, path, settings, session.get_providers()[0], choice)
+        return cls(session, path, settings, session.get_providers()[0], choice, graph)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
@@ -147,6 +200,7 @@ class OnnxRuntimeBackend:
             "threads": self.threads,
             "precision": self.choice["precision"],
             "precision_choice": self.choice,
+            **self.graph,
         }
 
 
