@@ -3,7 +3,7 @@
     python -m benchmarks.engine [--threads 2] [--seconds 2] [--batches 1 8 64] [--no-train]
 
 FP32 twice: the published `model.onnx` as it is, and the graph the service serves from it (its
-PReLUs rewritten at load for ONNX Runtime's blocked kernels, quicknet/serve/backends/ort_graph.py).
+PReLUs rewritten at load for ONNX Runtime's blocked kernels, quicknet/ort_graph.py).
 
 The published model where the store has one (trained weights are not speed-neutral: see
 benchmarks.common.serving_store), else untrained weights with INT8 calibrated on 256 training images.
@@ -93,7 +93,7 @@ def main() -> None:
         for name in args.variants:
             train_rows.append({"model": name, "train_img_s": train_images_per_second(name, args.threads)})
     print(f"ONNX Runtime on CPU, {args.threads} threads")
-    print("fp32: the graph the service serves (model.onnx rewritten at load: quicknet/serve/backends/ort_graph.py)")
+    print("fp32: the graph the service serves (model.onnx rewritten at load: quicknet/ort_graph.py)")
     print(
         table(
             rows,

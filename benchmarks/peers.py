@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 SERVERS = ["fastapi", "litserve", "pytriton", "ours", "ours-int8", "ours-2-fronts"]
 # --servers only: two engine instances of one thread each; plain FastAPI serving the FP32 graph this
-# service's engine serves (model.onnx rewritten at load, quicknet/serve/backends/ort_graph.py), which
+# service's engine serves (model.onnx rewritten at load, quicknet/ort_graph.py), which
 # separates what the engine's rewrite gains from what serving costs
 EXTRA_SERVERS = ["ours-2x1", "fastapi-rewritten"]
 RAW = "raw engine, batch 1 / batch 8"
@@ -211,7 +211,7 @@ def served_fp32_file(onnx: Path, workdir: Path) -> Path:
     """That graph as a file, for a peer to serve (`fastapi-rewritten`)."""
     import onnx as onnx_lib
 
-    from quicknet.serve.backends.ort_graph import blocked_prelu
+    from quicknet.ort_graph import blocked_prelu
 
     model = onnx_lib.load(str(onnx))
     blocked_prelu(model)

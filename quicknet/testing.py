@@ -42,6 +42,8 @@ def _store_of(name: str) -> Path:
 
 
 STORE = Path(os.environ.get("QUICKNET_TEST_STORE") or _store_of(FAST_MODEL))
+# the newest version of it there (the shipped store keeps one: a republish replaces it)
+FAST_VERSION = max(int(p.name) for p in (STORE / FAST_MODEL).iterdir() if p.name.isdigit())
 
 
 def publish_shipped(root: Path, name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -39,6 +40,24 @@ def test_every_stage_leaves_its_artifact_and_record(run_dir):
     assert acc["onnx"]["images"] == 10000
     assert abs(acc["onnx"]["top1"] - acc["checkpoint"]["top1"]) <= 0.001
     assert len(acc["onnx"]["per_class"]) == 10
+
+
+def test_int8_is_quantized_from_the_graph_with_orts_fast_prelu_form(run_dir):
+    """Each activation as int8 1x1 depthwise convolutions and an int8 Add (quicknet/ort_graph.py), not
+    a float Min between a dequantize and a quantize: the published model.onnx keeps the portable form."""
+    import onnx
+
+    published = Counter(n.op_type for n in onnx.load(run_dir / "model.onnx").graph.node)
+    int8 = Counter(n.op_type for n in onnx.load(run_dir / "model.int8.onnx").graph.node)
+    assert published["Min"] == 9 and published["Conv"] == 17 and published["Mul"] == 9 + 1
+    # what is left of Mul and Add is the input normalization's
+    assert int8["Min"] == 0 and int8["Mul"] == 1, "no elementwise PReLU left to run in float or in int8"
+    assert int8["Conv"] == 17 + 18 and int8["Add"] == 9 + 1, "two scalings an activation"
+    graph = onnx.load(run_dir / "model.int8.onnx").graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    assert all(made_by.get(n.input[1]) == "DequantizeLinear" for n in graph.node if n.op_type == "Conv"), (
+        "every convolution, the scalings too, has int8 weights"
+    )
 
 
 def _copy(run_dir, dest):

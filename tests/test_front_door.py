@@ -4,7 +4,7 @@ bodies as people send them (data URIs, no Content-Type, a `file` field), errors 
 and count from 1, large JPEGs decoded at a reduced scale, client-side resize, the batch tool in a
 pipe, and a client pointed at the wrong port or path.
 
-One real server per module: quicknet-xs v3 and v4 (the shipped one published again) and `twin`,
+One real server per module: quicknet-xs as shipped and its next version (the shipped one published again) and `twin`,
 every version served, images over 1 MiB refused (so a "photo" is small enough to make here)."""
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from PIL import Image
 
 from quicknet.client import Client, QuickNetClientError
 from quicknet.serve.images import Limits, decode_image
-from quicknet.testing import FAST_MODEL, REPO, STORE, publish_shipped, start_server
+from quicknet.testing import FAST_MODEL, FAST_VERSION, REPO, STORE, publish_shipped, start_server
+
+FAST_V = str(FAST_VERSION)  # the shipped quicknet-xs version, as answers spell it
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()
 AIRPLANE = (REPO / "examples" / "airplane.jpg").read_bytes()
@@ -38,7 +40,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     store = root / "store"
     shutil.copytree(STORE, store)
-    publish_shipped(store, FAST_MODEL)  # v4 beside v3
+    publish_shipped(store, FAST_MODEL)  # the next version beside the shipped one
     publish_shipped(store, TWIN)
     srv = start_server(root, store=store, version_policy="all", max_image_bytes=LIMIT)
     yield srv
@@ -67,7 +69,8 @@ def test_start_up_ends_with_one_line_a_person_reads(server):
     ready = line.split("quicknet.service: ready: ", 1)[1]
     assert re.fullmatch(
         rf"http://127\.0\.0\.1:{server.http_port}/ \(web\), /docs \(API\), gRPC :{server.grpc_port}, "
-        rf"model {FAST_MODEL} v4 \(onnxruntime, cpu, (int8|fp32)\); also {FAST_MODEL} v3 \(.*\), {TWIN} v1 \(.*\)",
+        rf"model {FAST_MODEL} v{FAST_VERSION + 1} \(onnxruntime, cpu, (int8|fp32)\); "
+        rf"also {FAST_MODEL} v{FAST_V} \(.*\), {TWIN} v1 \(.*\)",
         ready,
     ), ready
     assert "{" not in ready, "no dict of backend details"
@@ -130,8 +133,9 @@ def test_model_and_version_are_chosen_by_query(server):
     assert ask("top_k=2").json()["model"] == FAST_MODEL  # the default: the store's DEFAULT
     twin = ask(f"model={TWIN}").json()
     assert (twin["model"], twin["version"], twin["predictions"][0]["label"]) == (TWIN, "1", "cat")
-    assert ask(f"model={FAST_MODEL}&version=3").json()["version"] == "3"
-    assert ask("version=3").json() | {"predictions": None} == {"model": FAST_MODEL, "version": "3", "predictions": None}
+    assert ask(f"model={FAST_MODEL}&version={FAST_V}").json()["version"] == FAST_V
+    expected = {"model": FAST_MODEL, "version": FAST_V, "predictions": None}
+    assert ask(f"version={FAST_V}").json() | {"predictions": None} == expected
     missing = ask("model=nope")
     assert missing.status_code == 404 and "'nope' is not served" in missing.json()["error"]
     assert ask(f"model={FAST_MODEL}&version=9").status_code == 404
@@ -151,13 +155,13 @@ def test_predictions_path_answers_a_list_per_image_whatever_the_form(server):
         "raw pixels, one": {"content": bytes(3072), "headers": {"Content-Type": "application/octet-stream"}},
     }
     for form, body in bodies.items():
-        for path in (f"/predictions/{TWIN}", f"/predictions/{FAST_MODEL}/3"):
+        for path in (f"/predictions/{TWIN}", f"/predictions/{FAST_MODEL}/{FAST_V}"):
             answer = post(server, path, **body)
             assert answer.status_code == 200, (form, answer.text)
             doc = answer.json()
             assert isinstance(doc["predictions"], list) and len(doc["predictions"]) == 1, form
             assert isinstance(doc["predictions"][0], list) and len(doc["predictions"][0]) == 5, form
-        assert doc["model"] == FAST_MODEL and doc["version"] == "3"
+        assert doc["model"] == FAST_MODEL and doc["version"] == FAST_V
     two = post(server, f"/predictions/{TWIN}?top_k=2", json={"images": [b64, b64]}).json()
     assert [len(row) for row in two["predictions"]] == [2, 2]
     assert post(server, "/predictions/nope", files={"image": CAT}).status_code == 404
@@ -274,10 +278,10 @@ def test_the_client_chooses_model_and_version(server, transport):
     with Client(url, model=TWIN) as client:
         result = client.classify(CAT)
     assert (result.model, result.version, result.label) == (TWIN, "1", "cat")
-    with Client(url, model=FAST_MODEL, version=3) as client:
-        assert [(r.model, r.version) for r in client.classify_batch([CAT, CAT])] == [(FAST_MODEL, "3")] * 2
-    with Client(url, version="3") as client:
-        assert client.classify(CAT).version == "3"
+    with Client(url, model=FAST_MODEL, version=FAST_VERSION) as client:
+        assert [(r.model, r.version) for r in client.classify_batch([CAT, CAT])] == [(FAST_MODEL, FAST_V)] * 2
+    with Client(url, version=FAST_V) as client:
+        assert client.classify(CAT).version == FAST_V
     with Client(url, model="nope") as client, pytest.raises(QuickNetClientError) as err:
         client.classify(CAT)
     assert err.value.status == 404 and "'nope' is not served" in err.value.message
@@ -291,7 +295,7 @@ def test_a_server_answering_with_another_model_is_an_error_not_an_answer():
     from quicknet.client.plan import Send, check_choice
 
     check_choice(Send([], None, 1.0, TWIN, "1"), TWIN, "1")
-    check_choice(Send([], None, 1.0), FAST_MODEL, "3")
+    check_choice(Send([], None, 1.0), FAST_MODEL, FAST_V)
     for model, version in ((FAST_MODEL, "1"), (TWIN, "2")):
         with pytest.raises(QuickNetClientError, match="upgrade the server"):
             check_choice(Send([], None, 1.0, TWIN, "1"), model, version)
@@ -386,8 +390,8 @@ def test_the_batch_tool_in_a_pipe_that_closes_early_is_quiet(server, tmp_path):
 def test_the_batch_tool_uses_the_servers_top_k_and_takes_model_version_resize(server, tmp_path):
     done = cli(server, "examples/cat.png", "--format", "jsonl")
     assert len(json.loads(done.stdout)["predictions"]) == 5, "the same default as REST and the page"
-    done = cli(server, "examples/cat.png", "--json", "--model", FAST_MODEL, "--version", "3")
-    assert (json.loads(done.stdout)["model"], json.loads(done.stdout)["version"]) == (FAST_MODEL, "3")
+    done = cli(server, "examples/cat.png", "--json", "--model", FAST_MODEL, "--version", FAST_V)
+    assert (json.loads(done.stdout)["model"], json.loads(done.stdout)["version"]) == (FAST_MODEL, FAST_V)
     done = cli(server, "examples/cat.png", "--json", "--model", "../x")
     assert done.returncode == 2 and "is not a model name" in done.stderr, done.stderr
     big = tmp_path / "IMG_0042.jpg"

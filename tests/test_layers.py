@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "quicknet"
 
 # Each layer and the layers it may import (itself included). The base is the package's own
-# modules that every layer shares: the model store, the errors, file helpers.
-BASE = {"quicknet", "quicknet.errors", "quicknet.fsutil", "quicknet.store"}
+# modules that every layer shares: the model store, the errors, file helpers, and the ONNX graph
+# rewrite that both the INT8 compile and the CPU engine apply.
+BASE = {"quicknet", "quicknet.errors", "quicknet.fsutil", "quicknet.store", "quicknet.ort_graph"}
 TOP = {"quicknet.cli", "quicknet.__main__", "quicknet.testing"}
 MAY_IMPORT = {
     "base": {"base"},

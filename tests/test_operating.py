@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import quicknet.cli as quicknet_cli
-from quicknet.testing import FAST_MODEL, REPO, STORE, free_port, publish_shipped, start_server
+from quicknet.testing import FAST_MODEL, FAST_VERSION, REPO, STORE, free_port, publish_shipped, start_server
 
 USER = "user-key-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
@@ -71,7 +71,7 @@ def test_models_lists_versions_state_engine_and_the_config_in_force(server, caps
     header, *lines = out.splitlines()
     assert header.split()[:4] == ["MODEL", "VERSION", "STATE", "ENGINE"]
     row = next(line for line in lines if line.startswith(FAST_MODEL))
-    assert re.search(r"\b3\s+READY\s+onnxruntime\b", row), row
+    assert re.search(rf"\b{FAST_VERSION}\s+READY\s+onnxruntime\b", row), row
     assert re.search(rf"^{SECOND}\s+1\s+UNAVAILABLE\b", "\n".join(lines), re.M), out
 
     code, out, err = cli(capsys, "models", "--url", url, "--api-key", USER, "--json")
@@ -176,14 +176,15 @@ def test_the_access_log_names_client_model_version_images_and_why(server):
         raise AssertionError(f"no access-log line for {request_id}:\n{server.log()[-3000:]}")
 
     ok = line("op-ok")
-    assert re.search(rf"POST /classify 200 \S+ms client=127\.0\.0\.1:\d+ model={FAST_MODEL} version=3 images=2 ", ok)
+    SERVED = f"model={FAST_MODEL} version={FAST_VERSION}"
+    assert re.search(rf"POST /classify 200 \S+ms client=127\.0\.0\.1:\d+ {SERVED} images=2 ", ok)
     assert "reason=" not in ok
     refused = line("op-bad")
-    assert re.search(rf"POST /classify 415 \S+ms client=127\.0\.0\.1:\d+ model={FAST_MODEL} version=3 reason=", refused)
+    assert re.search(rf"POST /classify 415 \S+ms client=127\.0\.0\.1:\d+ {SERVED} reason=", refused)
     assert "not a recognised image" in refused.split("reason=")[1], refused
     assert "GET /v1/models 401 " in line("op-nokey") and 'reason="missing or invalid API key"' in line("op-nokey")
     rpc = line("op-grpc")
-    assert re.search(rf"ClassifyBatch OK \S+ms client=127\.0\.0\.1:\d+ model={FAST_MODEL} version=3 images=3 ", rpc)
+    assert re.search(rf"ClassifyBatch OK \S+ms client=127\.0\.0\.1:\d+ {SERVED} images=3 ", rpc)
     rpc_bad = line("op-grpc-bad")
     assert "Classify INVALID_ARGUMENT" in rpc_bad and "not a recognised image" in rpc_bad.split("reason=")[1]
 

@@ -1,8 +1,11 @@
 """Compile the exported ONNX model into engines.
 
 ONNX Runtime (CPU, always): a static INT8 model (QDQ, per-channel weights) calibrated on training
-images. No graph-optimized copy is published: ONNX Runtime applies the same optimizations (and the
-layout-specific ones a saved copy could not carry) when it loads `model.onnx`.
+images, quantized from `model.onnx` with its PReLUs rewritten as per-channel 1x1 convolutions
+(`quicknet/ort_graph.py`: 1.4x faster for one image of the full quicknet, 1.6x at batch 8, at the
+same accuracy). No graph-optimized copy is published: ONNX Runtime applies the same optimizations
+(and the layout-specific ones a saved copy could not carry) when it loads `model.onnx`, and the
+engine rewrites its PReLUs the same way at load.
 
 TensorRT (NVIDIA GPUs): an FP16 plan (INT8 with an entropy calibrator optional) with one
 optimization profile, a timing cache, and a file name that says which GPU, compute capability and
@@ -22,13 +25,16 @@ from quicknet.build.ortrun import INPUT_NAME
 from quicknet.build.progress import steps
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
+from quicknet.ort_graph import blocked_prelu
 from quicknet.store import gpu_identity, plan_filename, slug
 
 ORT_INT8 = "model.int8.onnx"
 
 
 def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarray, batch_size: int = 64) -> Path:
-    """Static INT8 (QDQ): activations calibrated on `calibration_images` (uint8 NHWC, training split)."""
+    """Static INT8 (QDQ): activations calibrated on `calibration_images` (uint8 NHWC, training split),
+    quantized from the graph with its PReLUs in ORT's fast form (`ort_graph.blocked_prelu`)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -43,9 +49,13 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarra
             return None if batch is None else {INPUT_NAME: batch}
 
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        rewritten = Path(tmp) / "rewritten.onnx"
         prepped = Path(tmp) / "prepped.onnx"
         staged = Path(tmp) / out_path.name
-        quant_pre_process(str(onnx_path), str(prepped))
+        model = onnx.load(onnx_path)
+        blocked_prelu(model)
+        onnx.save(model, rewritten)
+        quant_pre_process(str(rewritten), str(prepped))
         quantize_static(
             str(prepped),
             str(staged),

@@ -65,7 +65,7 @@ def elementwise_prelu(model: onnx.ModelProto) -> onnx.ModelProto:
     on one image (1.4x at batch 8), logits within 1e-6. It still leaves ORT's blocked layout at every
     activation (ORT 1.32: a reorder out and back around the three ops, 30% of an image's time), so the
     CPU engine rewrites it once more at load into ops that stay blocked
-    (`quicknet/serve/backends/ort_graph.py`); the published file keeps this portable form. (A PReLU
+    (`quicknet/ort_graph.py`); the published file keeps this portable form. (A PReLU
     whose slopes are all equal folds to LeakyRelu, which ORT fuses into the convolution, and is left
     alone.)"""
     from onnx import helper, numpy_helper

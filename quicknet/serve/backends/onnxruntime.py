@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
+from quicknet.ort_graph import REWRITE, blocked_prelu
 from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.backends.derived import check_logits, probe_images, source_logits
-from quicknet.serve.backends.ort_graph import REWRITE, blocked_prelu
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion
 
@@ -65,41 +65,55 @@ def open_session(
 
 
 def open_fp32(ort, path: str, threads: int) -> tuple[object, dict]:
-    """The FP32 session on the CPU: `path`'s PReLUs rewritten for ORT's blocked kernels (`ort_graph`),
-    or `path` as published where the rewrite does not apply. Returns (session, what it runs). A
-    rewritten session serves only after `checked` (done once the load has chosen what serves: with
-    auto precision the faster INT8 model often serves instead, and its check would be wasted)."""
+    """The FP32 session on the CPU: `path`'s PReLUs rewritten for ORT's blocked kernels
+    (`quicknet/ort_graph.py`), or `path` as published where the rewrite does not apply or ORT
+    cannot load it (one log line). Returns (session, what it runs). A rewritten session serves only
+    after `checked` (done once the load has chosen what serves: with auto precision the faster INT8
+    model often serves instead, and its check would be wasted)."""
+    name = path.rsplit("/", 1)[-1]
+
+    def published(why: str, warn: bool = False) -> tuple[object, dict]:
+        why = why.splitlines()[0]
+        if warn:
+            log.warning("%s; serving %s as published", why, name)
+        return open_session(ort, path, threads), {"graph": "as published", "why": why}
+
     try:
         import onnx
     except ImportError:
-        return open_session(ort, path, threads), {"graph": "as published", "why": "no onnx package to rewrite it"}
+        return published("no onnx package to rewrite it")
     try:
         model = onnx.load(path)
     except Exception as e:  # protobuf's decode errors have no common base; ORT's own load says it better
-        return open_session(ort, path, threads), {"graph": "as published", "why": f"onnx could not read it: {e}"}
+        return published(f"onnx could not read it: {e}")
     rewritten = blocked_prelu(model)
     if not rewritten:
-        return open_session(ort, path, threads), {"graph": "as published", "why": "no per-channel PReLU"}
-    name = f"{path.rsplit('/', 1)[-1]} rewritten ({REWRITE})"
-    return open_session(ort, model.SerializeToString(), threads, name=name), {
-        "graph": REWRITE,
-        "prelus_rewritten": rewritten,
-    }
+        return published("no per-channel PReLU")
+    try:
+        session = open_session(ort, model.SerializeToString(), threads, name=f"{name} rewritten ({REWRITE})")
+    except BackendError as e:
+        return published(str(e), warn=True)
+    return session, {"graph": REWRITE, "prelus_rewritten": rewritten}
 
 
 def checked(ort, session, graph: dict, path: str, threads: int) -> tuple[object, dict]:
     """A rewritten session's logits against `path`'s (`derived.check_logits`): the session where
-    they agree, else `path` as published, with one log line."""
+    they agree, else `path` as published, with one log line (also where the rewritten graph fails
+    to run)."""
     if graph["graph"] != REWRITE:
         return session, graph
     name = path.rsplit("/", 1)[-1]
+    what = f"{name} rewritten ({REWRITE})"
     images = probe_images()
+    expected = source_logits(path, images, threads)  # the published file's own errors are not a fallback's
     try:
         got = session.run(None, {session.get_inputs()[0].name: images})[0]
-        delta = check_logits(got, source_logits(path, images, threads), f"{name} rewritten ({REWRITE})")
-    except BackendError as e:
-        log.warning("%s; serving %s as published", e, name)
-        return open_session(ort, path, threads), {"graph": "as published", "why": str(e)}
+        delta = check_logits(got, expected, what)
+    except Exception as e:  # BackendError from the check; ORT's own exception family from the run
+        why = str(e) if isinstance(e, BackendError) else f"{what} failed to run: {type(e).__name__}: {e}"
+        why = why.splitlines()[0]
+        log.warning("%s; serving %s as published", why, name)
+        return open_session(ort, path, threads), {"graph": "as published", "why": why}
     return session, graph | {"max_logit_delta": delta}
 
 
