@@ -53,6 +53,7 @@ from quicknet.serve.transport.http import (
     HTTPError,
     deadline_from_header,
     fast_path,
+    header,
     parse_json,
     read_body,
     run_unless_disconnected,
@@ -290,7 +291,7 @@ async def _one_image(body: bytes, limits) -> np.ndarray:
 async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
     """Returns (uint8 NHWC images, whether the answer is a list per image, top_k from the body)."""
     limits = runtime.limits
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = (header(request, b"content-type") or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         return await _parse_multipart(request, runtime)
     body = await read_body(request, runtime.settings.max_request_bytes)
@@ -340,6 +341,8 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
 def check_query(request: Request, allowed: tuple[str, ...], route: str) -> None:
     """A 400 naming every query parameter the route does not take: a misspelt `?modle=` or
     `?topk=` must not be answered as if it were not there."""
+    if not request.scope["query_string"]:  # most requests: no QueryParams to build
+        return
     unknown = list(dict.fromkeys(k for k in request.query_params if k not in allowed))
     if unknown:
         names = ", ".join(repr(clip(k, 40)) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -361,7 +364,8 @@ def router(runtime: Runtime) -> APIRouter:
         t0 = time.perf_counter()
         with tracing.span("decode"):
             images, several, body_k = await parse_classify(request, runtime)
-        k = _parse_top_k(request.query_params.get("top_k")) or body_k or runtime.settings.default_top_k
+        asked = request.query_params.get("top_k") if request.scope["query_string"] else None
+        k = _parse_top_k(asked) or body_k or runtime.settings.default_top_k
         decode_s = time.perf_counter() - t0
         _DECODE_SECONDS.observe(decode_s)
         predictions, timing = await run_unless_disconnected(request, model.classify(images, deadline, PROTOCOL, k))
@@ -389,6 +393,8 @@ def router(runtime: Runtime) -> APIRouter:
     )
     @fast_path
     async def classify(request: Request) -> Response:
+        if not request.scope["query_string"]:
+            return await answer(request, None, None, stable=False)
         check_query(request, CLASSIFY_QUERY, "/classify")
         query = request.query_params
         return await answer(request, query.get("model") or None, query.get("version") or None, stable=False)

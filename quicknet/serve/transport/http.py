@@ -67,8 +67,18 @@ def protocol_of(scope: Scope) -> str:
     return getattr(scope.get("route"), "protocol", DEFAULT_PROTOCOL)
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """One request header's value (`name` in lower case, as ASGI gives them), read from the scope's
+    raw list: Starlette's `request.headers` builds a Headers object and looks a missing name up by
+    raising KeyError, ~1.5 us of a front's ~200 us a request for each header the hot path asks."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def check_declared_length(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", "too_large")
 
@@ -141,7 +151,7 @@ MAX_TIMEOUT_MS = 86_400_000.0  # a day: longer asks are clamped (timers take no 
 
 
 def deadline_from_header(request: Request, runtime: Runtime) -> float:
-    raw = request.headers.get("x-request-timeout-ms")
+    raw = header(request, b"x-request-timeout-ms")
     if raw is None:
         return runtime.deadline_from_timeout_ms(None)
     try:
