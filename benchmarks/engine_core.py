@@ -1,16 +1,17 @@
 """What one request costs the engine process's event loop and the fronts, on this CPU.
 
-    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10]
+    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10] [--request kserve]
 
-`quicknet serve --workers N` over the small shipped model (quicknet-xs), one 32x32 PNG per
-`POST /classify`, driven by `wrk` (C: it costs the server's cores little). Over each window, from
-/proc (`benchmarks.cpu`): the engine process's main thread (its event loop: since the engine core
-reads requests from shared memory it takes no part in one), its other threads (the engine core's
-runners and the engine's own threads, inference included) and the fronts' CPU; and, from the
-server's own counter `quicknet_engine_core_cpu_seconds_total`, the runners' CPU outside the
-engine call (collecting, batching, answering: what the engine process spends on a request besides
-computing it). Each divided by the requests served, in microseconds a request. The issue's goals:
-the engine loop <= 5 us a request, the fronts <= 200 us a REST request.
+`quicknet serve --workers N` over the small shipped model (quicknet-xs), one 32x32 PNG per `POST
+/classify` (`--request kserve`: one UINT8 tensor per KServe REST `/infer`), driven by `wrk` (C: it
+costs the server's cores little). Over each window, from /proc (`benchmarks.cpu`): the engine
+process's main thread (its event loop: since the engine core reads requests from shared memory it
+takes no part in one), its other threads (the engine core's runners and the engine's own threads,
+inference included) and the fronts' CPU; and, from the server's own counter
+`quicknet_engine_core_cpu_seconds_total`, the runners' CPU outside the engine call (collecting,
+batching, answering: what the engine process spends on a request besides computing it). Each
+divided by the requests served, in microseconds a request. The issue's goals: the engine loop <= 5
+us a request, the fronts <= 200 us a REST request.
 
 First, the engine core alone (`core_alone`): one thread collecting, batching and answering
 records a front published in its ring, over an engine that does nothing, no server and no other
@@ -21,6 +22,7 @@ requests. Prints both tables and writes benchmarks/results/engine_core.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -36,7 +38,7 @@ from benchmarks.peers import encode_png, run_wrk
 from quicknet.serve.engine_core import EngineCore, Front
 from quicknet.serve.ipc import QUEUED, Ring
 from quicknet.serve.model import Statistics
-from quicknet.testing import metric, start_server
+from quicknet.testing import FAST_MODEL, metric, start_server
 
 
 def core_cpu_s(url: str) -> float:
@@ -91,22 +93,34 @@ def core_alone(batches: list[int], rounds: int = 2000) -> list[dict]:
     return rows
 
 
-def measure(fronts: int, concurrency: list[int], seconds: float, work: Path) -> list[dict]:
+def request_for(kind: str, pixels: np.ndarray) -> tuple[str, dict, bytes]:
+    """(path, headers, body): one PNG to `/classify`, or one UINT8 tensor to KServe's `/infer` in
+    the binary-data extension (as Triton's clients send it)."""
+    if kind == "classify":
+        return "/classify", {"Content-Type": "image/png"}, encode_png(pixels)
+    tensor = {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "parameters": {"binary_data_size": 3072}}
+    head = json.dumps({"inputs": [tensor], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+    return f"/v2/models/{FAST_MODEL}/infer", headers, head.encode() + pixels.tobytes()
+
+
+def measure(fronts: int, concurrency: list[int], seconds: float, work: Path, kind: str = "classify") -> list[dict]:
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    body, headers = encode_png(pixels), {"Content-Type": "image/png"}
+    path, headers, body = request_for(kind, pixels)
     srv = start_server(work, workers=fronts, access_log="false")  # the tests' store: quicknet-xs
     rows = []
     try:
-        run_wrk(srv.url, "/classify", headers, body, 4, 2, work)  # warm connections, caches, the engine
+        run_wrk(srv.url, path, headers, body, 4, 2, work)  # warm connections, caches, the engine
         for c in concurrency:
             core_before, before = core_cpu_s(srv.url), cpu.snapshot(srv.proc.pid)
-            result = run_wrk(srv.url, "/classify", headers, body, c, seconds, work)
+            result = run_wrk(srv.url, path, headers, body, c, seconds, work)
             after = cpu.snapshot(srv.proc.pid)
             used = cpu.cores(before, after)
             core_cores = (core_cpu_s(srv.url) - core_before) / max(after.at - before.at, 1e-9)
             per_request_us = 1e6 / max(result["req_s"], 1e-9)  # cores busy x seconds per request
             rows.append(
                 {
+                    "request": kind,
                     "fronts": fronts,
                     "concurrency": c,
                     "req_s": round(result["req_s"], 1),
@@ -132,6 +146,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--alone-only", action="store_true", help="only the engine core alone (no server)")
+    parser.add_argument(
+        "--request",
+        choices=["classify", "kserve"],
+        default="classify",
+        help="one PNG to /classify, or one UINT8 tensor to KServe's REST /infer (binary-data extension)",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     alone = core_alone(args.batches)
@@ -141,7 +161,7 @@ def main() -> None:
         if not shutil.which("wrk"):
             raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
         with tempfile.TemporaryDirectory() as tmp:
-            rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp))
+            rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp), args.request)
         print(table(rows, list(rows[0])))
     if not args.no_save:
         print("results:", save("engine_core", {"alone": alone, "rows": rows}))

@@ -133,8 +133,22 @@ def test_other_methods_and_routes_go_the_full_way(tmp_path):
 
 def test_the_service_s_inference_routes_take_the_hot_path():
     app = create_app(Runtime(Settings()), REST_FRONTS)
-    assert {r.path for r in app.hot_routes} == {"/classify", "/predictions/{model}", "/predictions/{model}/{version}"}
+    assert {r.path for r in app.hot_routes} == {
+        "/classify",
+        "/predictions/{model}",
+        "/predictions/{model}/{version}",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    }
     assert all(r.methods == {"POST"} for r in app.hot_routes)
+    # a hot handler takes the request alone: its path parameters are documented all the same
+    paths = app.openapi()["paths"]
+    for path, names in (
+        ("/v2/models/{name}/infer", ["name"]),
+        ("/v2/models/{name}/versions/{version}/infer", ["name", "version"]),
+    ):
+        documented = [p["name"] for p in paths[path]["post"]["parameters"] if p["in"] == "path"]
+        assert documented == names, (path, documented)
 
 
 def test_the_hot_path_records_request_metrics_and_the_access_log(tmp_path, caplog):

@@ -31,6 +31,8 @@ from quicknet.serve.runtime import Runtime, check_model_name
 from quicknet.serve.transport.http import (
     HTTPError,
     deadline_from_header,
+    fast_path,
+    header,
     parse_json,
     public,
     read_body,
@@ -39,7 +41,7 @@ from quicknet.serve.transport.http import (
 from quicknet.serve.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "kserve-rest"
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = b"inference-header-content-length"
 # Bodies the handlers read raw, documented by `openapi_extra` references; `create_app` adds their schemas.
 OPENAPI_SCHEMAS = (schemas.InferRequest, schemas.RepositoryIndexRequest)
 
@@ -83,6 +85,17 @@ INFER_OPENAPI = {
         },
     },
 }
+
+
+def infer_openapi(suffix: str) -> dict:
+    """`/infer`'s operation, its path parameters included: a `fast_path` handler takes the request
+    alone, so FastAPI cannot read them from its signature."""
+    path = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if suffix:
+        path.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
+    return INFER_OPENAPI | {"parameters": path + INFER_OPENAPI["parameters"]}
+
+
 INFER_RESPONSES = answers(
     schemas.InferResponse,
     "the outputs: JSON, or with any output in binary the JSON response then those bytes "
@@ -394,15 +407,17 @@ def router(runtime: Runtime) -> APIRouter:
             tags=["inference"],
             summary="Inference (JSON tensors or the binary-data extension)",
             responses=INFER_RESPONSES,
-            openapi_extra=INFER_OPENAPI,
+            openapi_extra=infer_openapi(suffix),
         )
-        async def infer(request: Request, name: str, version: str | None = None) -> Response:
-            mr = runtime.serving(name, version)
+        @fast_path
+        async def infer(request: Request) -> Response:
+            params = request.path_params
+            mr = runtime.serving(params["name"], params.get("version"))
             deadline = deadline_from_header(request, runtime)
             t0 = time.perf_counter()
             with tracing.span("decode"):
                 body = await read_body(request, runtime.settings.max_request_bytes)
-                doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH), max_json_values(runtime.limits))
+                doc, binary = _parse_body(body, header(request, HEADER_LENGTH), max_json_values(runtime.limits))
                 images = (
                     await asyncio.to_thread(_images, doc, binary, runtime)
                     if _encoded(doc)
@@ -416,11 +431,11 @@ def router(runtime: Runtime) -> APIRouter:
                 reply["id"] = doc["id"]
             if not blobs:
                 return JSONResponse(reply)
-            header = json.dumps(reply).encode()
+            head = json.dumps(reply).encode()
             return Response(
-                header + b"".join(blobs),
+                head + b"".join(blobs),
                 media_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(len(header))},
+                headers={"Inference-Header-Content-Length": str(len(head))},
             )
 
     return app

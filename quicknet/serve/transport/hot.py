@@ -5,7 +5,7 @@ body-limit, exception and exit-stack middleware, the router trying each route, t
 request/response wrappers), and each answer passes back through their `send` wrappers: ~0.05 ms
 of the event loop's ~0.74 ms a request for a 32x32 PNG at one request at a time on 2 cores (0.74
 -> 0.69 ms skipping them, A/B in one session; benchmarks/README.md). The routes marked
-`fast_path` (`/classify`, `/predictions/...`) skip them:
+`fast_path` (`/classify`, `/predictions/...`, KServe's `/v2/models/.../infer`) skip them:
 
     HotPath -> our middleware (access log and metrics, CORS, API keys: the same classes, built
                from the same list as the app's) -> `HotEndpoint` -> the handler
