@@ -144,10 +144,11 @@ def test_the_service_s_inference_routes_take_the_hot_path():
     # a hot handler takes the request alone: its path parameters are documented all the same
     paths = app.openapi()["paths"]
     for path, names in (
-        ("/v2/models/{name}/infer", ["name"]),
-        ("/v2/models/{name}/versions/{version}/infer", ["name", "version"]),
+        ("/v2/models/{name}/infer", [("name", "path", True), ("version", "query", False)]),
+        ("/v2/models/{name}/versions/{version}/infer", [("name", "path", True), ("version", "path", True)]),
     ):
-        documented = [p["name"] for p in paths[path]["post"]["parameters"] if p["in"] == "path"]
+        params = paths[path]["post"]["parameters"]
+        documented = [(p["name"], p["in"], p["required"]) for p in params if p["in"] in ("path", "query")]
         assert documented == names, (path, documented)
 
 

@@ -163,6 +163,20 @@ def test_versions_and_models_are_addressable(http, grpc_client, samples):
             assert result.get_response()["model_version"] == version
 
 
+def test_infer_takes_the_version_from_the_query_where_the_path_has_none(server, samples):
+    """As the model's GET routes do: `/v2/models/{name}/infer?version=N`."""
+    doc = {
+        "inputs": [
+            {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": samples.images[0].ravel().tolist()}
+        ]
+    }
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    assert httpx.post(url + "?version=1", json=doc).json()["model_version"] == "1"
+    assert httpx.post(url, json=doc).json()["model_version"] == "2", "the newest without one"
+    missing = httpx.post(url + "?version=99", json=doc)
+    assert missing.status_code == 404 and "no version 99" in missing.json()["error"]
+
+
 def test_unknown_model_and_version(server, http, grpc_client, samples):
     inp = thttp.InferInput("images", [1, 32, 32, 3], "UINT8")
     inp.set_data_from_numpy(samples.images[:1])

@@ -91,8 +91,8 @@ def infer_openapi(suffix: str) -> dict:
     """`/infer`'s operation, its path parameters included: a `fast_path` handler takes the request
     alone, so FastAPI cannot read them from its signature."""
     path = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    if suffix:
-        path.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
+    where = "path" if suffix else "query"  # without a version in the path, `?version=` picks one
+    path.append({"name": "version", "in": where, "required": bool(suffix), "schema": {"type": "string"}})
     return INFER_OPENAPI | {"parameters": path + INFER_OPENAPI["parameters"]}
 
 
@@ -411,8 +411,10 @@ def router(runtime: Runtime) -> APIRouter:
         )
         @fast_path
         async def infer(request: Request) -> Response:
-            params = request.path_params
-            mr = runtime.serving(params["name"], params.get("version"))
+            name, version = request.path_params["name"], request.path_params.get("version")
+            if version is None and request.scope["query_string"]:  # `/infer?version=N`, as the GETs take it
+                version = request.query_params.get("version")
+            mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
             t0 = time.perf_counter()
             with tracing.span("decode"):

@@ -79,7 +79,7 @@ def header(request: Request, name: bytes) -> str | None:
 
 def check_declared_length(request: Request, limit: int) -> None:
     declared = header(request, b"content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", "too_large")
 
 
