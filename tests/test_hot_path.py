@@ -191,3 +191,28 @@ def test_fast_path_takes_async_endpoints_only():
 
     with pytest.raises(TypeError, match="async endpoint"):
         fast_path(sync_endpoint)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/classify",
+        "/classify?model=nope",
+        "/classify?version=abc",
+        "/classify?modle=x",
+        "/predictions/nope",
+        "/v2/models/nope/infer",
+        "/v2/models/nope/infer?version=abc",
+        "/v2/models/nope/versions/abc/infer",
+    ],
+)
+def test_the_service_s_hot_routes_refuse_as_the_full_stack_does(path):
+    """The real fronts, no model loaded: each refusal (400 for the request, 503 for the model) is the
+    same both ways."""
+    apps = [create_app(Runtime(Settings()), REST_FRONTS) for _ in range(2)]
+    apps[1].hot_routes = ()
+    hot, full = (TestClient(app, raise_server_exceptions=False) for app in apps)
+    body, headers = b"\x89PNG\r\n\x1a\n", {"Content-Type": "image/png"}
+    got = _seen(hot.post(path, content=body, headers=headers))
+    assert got == _seen(full.post(path, content=body, headers=headers))
+    assert 400 <= got[0] < 600 and got[0] != 500, got
