@@ -1,7 +1,13 @@
 """ONNX Runtime: CPU (threads set explicitly), or the CUDA provider where onnxruntime-gpu is installed.
 
-- Precision (`--precision auto`, the default): static INT8 runs 1.5x FP32 for the trained full
-  quicknet on this project's CPUs but about 1x for quicknet-xs, whose narrow layers spend as long in the
+- The FP32 graph (`open_fp32`, `checked`): `model.onnx` with its PReLUs rewritten at load into
+  operators ORT's blocked CPU kernels keep (`quicknet/ort_graph.py`: 1.22x the published graph
+  for one image of the full quicknet, 1.71x for quicknet-xs at batch 8), served only once its
+  logits match the file's; the file as published where the rewrite does not apply, or disagrees,
+  or ORT cannot load or run it (one log line).
+- Precision (`--precision auto`, the default): static INT8 (quantized from the same rewritten
+  form) runs 1.7x FP32 for one image of the trained full quicknet on this project's CPUs, 2.2x at
+  batch 8, but about 1x for quicknet-xs, whose narrow layers spend as long in the
   quantize/dequantize ops around each convolution as INT8 saves inside it. So where the INT8
   model costs at most 0.5 point of published accuracy, both are timed (batch 1 and the largest
   batch, a few runs each, at load on the machine that serves) and the faster serves; `fp32` or
