@@ -209,14 +209,11 @@ def run_wrk(url: str, path: str, headers: dict, body: bytes, concurrency: int, s
 
 def served_fp32_file(onnx: Path, workdir: Path) -> Path:
     """That graph as a file, for a peer to serve (`fastapi-rewritten`)."""
-    import onnx as onnx_lib
+    from quicknet.ort_graph import rewrite_file
 
-    from quicknet.ort_graph import blocked_prelu
-
-    model = onnx_lib.load(str(onnx))
-    blocked_prelu(model)
     path = workdir / f"{onnx.parent.parent.name}-rewritten.onnx"
-    onnx_lib.save(model, str(path))
+    if not rewrite_file(onnx, path):
+        raise RuntimeError(f"{onnx} has no PReLU to rewrite: fastapi-rewritten would serve it as published")
     return path
 
 

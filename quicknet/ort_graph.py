@@ -96,6 +96,16 @@ def blocked_prelu(model) -> int:
     return rewritten
 
 
+def rewrite_file(source, target) -> int:
+    """`source` (an ONNX file) rewritten into `target`; returns how many PReLUs were rewritten."""
+    import onnx
+
+    model = onnx.load(source)
+    rewritten = blocked_prelu(model)
+    onnx.save(model, target)
+    return rewritten
+
+
 def _match(nodes: list, i: int, constant, consumers: dict[str, int]):
     """`(x, y, slope - 1, constants used)` where `nodes[i:i+3]` are one exporter PReLU, else None."""
     if i + 2 >= len(nodes):

@@ -25,7 +25,7 @@ from quicknet.build.ortrun import INPUT_NAME
 from quicknet.build.progress import steps
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
-from quicknet.ort_graph import blocked_prelu
+from quicknet.ort_graph import rewrite_file
 from quicknet.store import gpu_identity, plan_filename, slug
 
 ORT_INT8 = "model.int8.onnx"
@@ -33,8 +33,7 @@ ORT_INT8 = "model.int8.onnx"
 
 def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarray, batch_size: int = 64) -> Path:
     """Static INT8 (QDQ): activations calibrated on `calibration_images` (uint8 NHWC, training split),
-    quantized from the graph with its PReLUs in ORT's fast form (`ort_graph.blocked_prelu`)."""
-    import onnx
+    quantized from the graph with its PReLUs in ORT's fast form (`ort_graph.rewrite_file`)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -52,9 +51,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: np.ndarra
         rewritten = Path(tmp) / "rewritten.onnx"
         prepped = Path(tmp) / "prepped.onnx"
         staged = Path(tmp) / out_path.name
-        model = onnx.load(onnx_path)
-        blocked_prelu(model)
-        onnx.save(model, rewritten)
+        rewrite_file(onnx_path, rewritten)
         quant_pre_process(str(rewritten), str(prepped))
         quantize_static(
             str(prepped),

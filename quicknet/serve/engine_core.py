@@ -369,7 +369,7 @@ class Lane(FollowsPolicy):
         Whatever fails (the engine, or the batch's assembly) answers every request of the batch
         with the reason, once; the runner goes on to the next batch."""
         started = time.monotonic()
-        cpu_called = time.thread_time()
+        cpu_called = None  # read just before the engine call: a failed assembly spent nothing inside it
         try:
             parts = [_Gather(chunk) for chunk in batch]
             for chunk in batch:
@@ -383,7 +383,7 @@ class Lane(FollowsPolicy):
         except Exception as e:  # the engine failed: every request of the batch hears why, one line
             log.error("engine failed on a batch of %s: %r", self.model, e)
             self._fail(batch, EngineFailure(f"{type(e).__name__}: {e}"))
-            return time.thread_time() - cpu_called
+            return 0.0 if cpu_called is None else time.thread_time() - cpu_called
         input_s, infer_s = called - started, returned - called
         self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * infer_s
         # metrics and statistics first (a client that reads them after its answer finds itself),
@@ -410,7 +410,11 @@ class Lane(FollowsPolicy):
             blocks = pieces[0][0].blocks if len(pieces) == 1 else np.concatenate([c.blocks for c, _, _ in pieces])
             answers = np.zeros(len(blocks), ANSWER)
             answers["status"] = OK
-            answers["queue_s"] = np.concatenate([np.full(len(c.blocks), started - c.enqueued) for c, _, _ in pieces])
+            if len(by_front) == 1:  # its blocks are the batch's, in `waits`' order
+                answers["queue_s"] = waits
+            else:
+                waited = [np.full(len(c.blocks), started - c.enqueued) for c, _, _ in pieces]
+                answers["queue_s"] = np.concatenate(waited)
             answers["infer_s"], answers["input_s"], answers["output_s"] = infer_s, input_s, output_s
 
             def scatter(pieces=pieces) -> None:

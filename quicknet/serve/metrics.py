@@ -121,20 +121,19 @@ _REQUEST_SERIES: dict[tuple[str, ...], object] = {}
 _REJECTION_SERIES: dict[tuple[str, ...], object] = {}
 
 
-def request_done(protocol: str, endpoint: str, code: str, seconds: float) -> None:
-    key = (protocol, endpoint, code, *SERVED.get())
-    series = _REQUEST_SERIES.get(key)
+def _series(cache: dict, metric, key: tuple[str, ...]):
+    series = cache.get(key)
     if series is None:
-        series = _REQUEST_SERIES[key] = REQUEST_SECONDS.labels(*key)
-    series.observe(seconds)
+        series = cache[key] = metric.labels(*key)
+    return series
+
+
+def request_done(protocol: str, endpoint: str, code: str, seconds: float) -> None:
+    _series(_REQUEST_SERIES, REQUEST_SECONDS, (protocol, endpoint, code, *SERVED.get())).observe(seconds)
 
 
 def rejected(protocol: str, reason: str) -> None:
-    key = (protocol, reason, *SERVED.get())
-    series = _REJECTION_SERIES.get(key)
-    if series is None:
-        series = _REJECTION_SERIES[key] = REJECTIONS.labels(*key)
-    series.inc()
+    _series(_REJECTION_SERIES, REJECTIONS, (protocol, reason, *SERVED.get())).inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -79,10 +79,7 @@ def open_fp32(ort, path: str, threads: int) -> tuple[object, dict]:
     name = path.rsplit("/", 1)[-1]
 
     def published(why: str, warn: bool = False) -> tuple[object, dict]:
-        why = why.splitlines()[0]
-        if warn:
-            log.warning("%s; serving %s as published", why, name)
-        return open_session(ort, path, threads), {"graph": "as published", "why": why}
+        return _published(ort, path, threads, why, warn)
 
     try:
         import onnx
@@ -117,10 +114,16 @@ def checked(ort, session, graph: dict, path: str, threads: int) -> tuple[object,
         delta = check_logits(got, expected, what)
     except Exception as e:  # BackendError from the check; ORT's own exception family from the run
         why = str(e) if isinstance(e, BackendError) else f"{what} failed to run: {type(e).__name__}: {e}"
-        why = why.splitlines()[0]
-        log.warning("%s; serving %s as published", why, name)
-        return open_session(ort, path, threads), {"graph": "as published", "why": why}
+        return _published(ort, path, threads, why, warn=True)
     return session, graph | {"max_logit_delta": delta}
+
+
+def _published(ort, path: str, threads: int, why: str, warn: bool) -> tuple[object, dict]:
+    """`path` as published, and why (its first line; logged where something went wrong)."""
+    why = why.splitlines()[0]
+    if warn:
+        log.warning("%s; serving %s as published", why, path.rsplit("/", 1)[-1])
+    return open_session(ort, path, threads), {"graph": "as published", "why": why}
 
 
 def seconds_per_image(sessions: list, input_name: str, batch: int, runs: int) -> list[float]:

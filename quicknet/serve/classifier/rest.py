@@ -291,7 +291,7 @@ async def _one_image(body: bytes, limits) -> np.ndarray:
 async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray, bool, int | None]:
     """Returns (uint8 NHWC images, whether the answer is a list per image, top_k from the body)."""
     limits = runtime.limits
-    ctype = (header(request, b"content-type") or "").split(";")[0].strip().lower()
+    ctype = (header(request.scope, b"content-type") or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         return await _parse_multipart(request, runtime)
     body = await read_body(request, runtime.settings.max_request_bytes)

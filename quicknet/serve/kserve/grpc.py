@@ -35,6 +35,7 @@ from quicknet.serve.runtime import Runtime, check_model_name
 from quicknet.serve.transport.grpc import RpcError, deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
+_DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once, not a request
 PROTO_FILE = pb.DESCRIPTOR
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,)
 PUBLIC_METHODS = tuple(f"/{SERVICE_NAMES[0]}/{m}" for m in ("ServerLive", "ServerReady"))  # health: no API key
@@ -206,7 +207,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         encoded = any(t.datatype == "BYTES" for t in request.inputs)
         with tracing.span("decode"):
             images = await asyncio.to_thread(_images, request, runtime) if encoded else _images(request, runtime)
-        metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+        _DECODE_SECONDS.observe(time.perf_counter() - t0)
         logits, _ = await mr.run(images, deadline_of(context, runtime), PROTOCOL)
         return _response(request, mr, logits)
 

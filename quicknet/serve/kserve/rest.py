@@ -41,6 +41,7 @@ from quicknet.serve.transport.http import (
 from quicknet.serve.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "kserve-rest"
+_DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once, not a request
 HEADER_LENGTH = b"inference-header-content-length"
 # Bodies the handlers read raw, documented by `openapi_extra` references; `create_app` adds their schemas.
 OPENAPI_SCHEMAS = (schemas.InferRequest, schemas.RepositoryIndexRequest)
@@ -419,13 +420,13 @@ def router(runtime: Runtime) -> APIRouter:
             t0 = time.perf_counter()
             with tracing.span("decode"):
                 body = await read_body(request, runtime.settings.max_request_bytes)
-                doc, binary = _parse_body(body, header(request, HEADER_LENGTH), max_json_values(runtime.limits))
+                doc, binary = _parse_body(body, header(request.scope, HEADER_LENGTH), max_json_values(runtime.limits))
                 images = (
                     await asyncio.to_thread(_images, doc, binary, runtime)
                     if _encoded(doc)
                     else _images(doc, binary, runtime)
                 )
-            metrics.DECODE_SECONDS.labels(PROTOCOL).observe(time.perf_counter() - t0)
+            _DECODE_SECONDS.observe(time.perf_counter() - t0)
             logits, _ = await run_unless_disconnected(request, mr.run(images, deadline, PROTOCOL))
             tensors, blobs = _outputs(doc, logits, mr.labels)
             reply = {"model_name": mr.name, "model_version": str(mr.version), "outputs": tensors}

@@ -196,15 +196,16 @@ class EngineClient:
         return request
 
     def _answered(self, block: int, status: int, retry_after: float, timing: list[float]) -> None:
-        request = self.owner.get(block)
+        request = self._release(block)
         if request is None:
             return
         logits = None
-        if status == OK and not request.future.done():  # read before the block is free again
+        if status == OK and not request.future.done():
+            # the block is free again, but only this loop hands it to another request (in `submit`),
+            # and nothing between here and the copy awaits: its logits are still this request's
             k = request.blocks.index(block) if len(request.blocks) > 1 else 0
             n = min(request.part, request.n - k * request.part)
             logits = self.ring.logits[block, :n].copy()
-        self._release(block)
         future = request.future
         if future.done():
             return
@@ -281,8 +282,6 @@ class EngineClient:
         if self.outbox is None or model.session != self.session:  # not connected, or an older engine's model
             raise NotAccepting("engine process is not connected; retry shortly", "engine_unavailable")
         n, ring = len(images), self.ring
-        if n == 0:
-            return np.empty((0, 10), np.float32), Timing(0.0, 0.0)
         part = max(1, min(BLOCK_IMAGES, model.info.max_batch_size))  # a record never exceeds a batch
         count = -(-n // part)
         if count > len(ring.free):  # this front has as many images in flight as the engine can queue
