@@ -111,4 +111,4 @@ gpu-rehearse: gpu-data gpu-wheels
 ## The serving proof on this machine's GPU within 420 s; results in gpu-results/serve/.
 gpu-serve:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --out gpu-results/serve
+	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data data/cifar10_jpeg.npz --out gpu-results/serve

@@ -124,7 +124,7 @@ def run(args) -> None:
     from quicknet.fsutil import write_text_atomic
     from quicknet.serve.backends import choose
     from quicknet.serve.backends.fused import FusedBackend
-    from quicknet.serve.backends.pytorch import TorchBackend, load_module
+    from quicknet.serve.backends.pytorch import TorchBackend, build_folded, load_spec, model_file
     from quicknet.serve.config import Settings
 
     t0 = time.monotonic()
@@ -140,24 +140,19 @@ def run(args) -> None:
     root = Path(args.store)
     name = store.default_model(root)
     mv = store.get_version(root, name)
-    fname = mv.metadata["artifacts"].get("onnx") or mv.metadata["artifacts"]["torch"]
+    fname = model_file(mv)  # what the eager engine serves, and what the service packs the weights from
     source = {"model": name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
-    if fname.endswith(".onnx"):
-        from quicknet.serve.backends.folded_onnx import folded_spec_from_onnx
-
-        source["onnx_sha256"] = source["sha256"]
-        spec = folded_spec_from_onnx(mv.file(fname))
-    else:
-        spec = torch.load(mv.file(fname), map_location="cpu", weights_only=True)
+    spec = load_spec(str(mv.file(fname)))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    reference = load_module(str(mv.file(fname)))[0].to(device).eval()  # fp32: what the gate compares with
+    reference = build_folded(spec).to(device).eval()  # fp32: what the gate compares with
     test_split = None
     if args.data:
         from quicknet.build import data
 
         test = data.load(Path(args.data)).test
-        test_split = (test.images, test.labels)
+        keep = 8 if args.dry_run else len(test.labels)  # Triton's interpreter: the gate's path, not its score
+        test_split = (test.images[:keep], test.labels[:keep])
     save(source=source)
 
     # 1. build
@@ -216,17 +211,11 @@ def run(args) -> None:
     batch = max(args.batches)
     x = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8, device=device)
     eager = TorchBackend.load(engine_mv, settings)
-    fused_net = fused_engine.FusedNet(*_plan(path), device)
+    plan = fused_engine.read_artifact(path, None)
+    fused_net = fused_engine.FusedNet(plan["layers"], fused_engine.weights_for(plan, spec), plan["configs"], device)
     profiles = {"batch": batch, "torch": _profile(eager._forward, x), "fused": _profile(fused_net, x)}
     save(profile=profiles, bytes_per_image=bytes_per_image, flops_per_image=flops)
     print(f"gpu-engine step done in {time.monotonic() - t0:.0f} s", flush=True)
-
-
-def _plan(path: Path) -> tuple[list[dict], dict, dict]:
-    from quicknet.build import fused_engine
-
-    doc, arrays = fused_engine.read_artifact(path, None)
-    return doc["layers"], arrays, doc["configs"]
 
 
 def estimate_flops(layers: list[dict]) -> float:

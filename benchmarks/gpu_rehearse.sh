@@ -6,7 +6,8 @@
 #     numpy 2.5.2, onnx 1.23.1 and onnxruntime 1.30.0; its other packages at their newest, in a
 #     venv outside the repo;
 #   - each run's copy of the repo as the device tool sends it: tracked and untracked-not-ignored
-#     files, plus that run's carried folders only (train: data/; serve: .whl/ and .gpu/);
+#     files, plus that run's carried folders only (train: data/; serve: data/, .whl/ and .gpu/),
+#     within the 64 MiB a run carries;
 #   - the serve run's environment: the wheels installed by `pip install --no-index --no-deps
 #     --target`, then PYTHONPATH (the train run has neither, as on the lease).
 # It does not reproduce a GPU: the CUDA-only lines (CUDA graphs, bf16 autocast, NVML) and the
@@ -44,6 +45,9 @@ copy_repo() {  # $1: destination; the rest: the folders that run carries
     shift
     mkdir -p "$dest"
     (cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 cp -d --parents -t "$dest" && cp -r "$@" "$dest/")
+    local bytes
+    bytes=$(du -sb "$dest" | cut -f1)  # what the device tool sends: at most 64 MiB
+    ((bytes <= 64 << 20)) || { echo "gpu-rehearse: $dest is $bytes bytes, over the 64 MiB a run carries" >&2; exit 1; }
 }
 export PATH="$venv/bin:$PATH" PYTHONUNBUFFERED=1
 python3 -c 'import sys, torch; print(f"rehearsing under Python {sys.version.split()[0]}, torch {torch.__version__}")'
@@ -63,16 +67,21 @@ problems += [f"arm {n}: {a.get('state')} {a.get('error', '')}" for n, a in doc["
 sys.exit(f"gpu-rehearse: train dry run: {problems}" if problems else 0)
 EOF
 
-copy_repo "$work/serve-repo" .whl .gpu
+copy_repo "$work/serve-repo" data .whl .gpu
 cd "$work/serve-repo"
 python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$work/site" .whl/*.whl
-PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --out "$work/OUT/serve"
-# A compiled variant that failed is recorded, not raised (on the lease it must not cost the rest):
-# here it must fail the rehearsal.
+PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/serve"
+# A compiled variant or a fused engine step that failed is recorded, not raised (on the lease it must
+# not cost the rest): here it must fail the rehearsal. The fused engine is gated from the carried data
+# (on 8 test images here) and names the published file it was built from.
 python3 - "$work/OUT/serve/results.json" <<'EOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
-failed = [v for v in doc["variants"] if "error" in v]
-sys.exit(f"gpu-rehearse: compiled variants failed: {failed}" if failed else 0)
+problems = [v for v in doc["variants"] if "error" in v]
+fused = doc.get("fused", {})
+gate = fused.get("build", {}).get("gate", {})
+if "error" in fused or gate.get("images") != 8 or fused.get("source", {}).get("file") != "model.onnx":
+    problems.append({"fused": fused.get("error"), "gate": gate, "source": fused.get("source")})
+sys.exit(f"gpu-rehearse: serve dry run: {problems}" if problems else 0)
 EOF
 echo "gpu-rehearse: both dry runs passed; results in $work/OUT"

@@ -32,10 +32,11 @@ server's log, one after another):
    time limit (a compiler that takes too long costs its limit, not the lease; neither finished in
    50-60 s on the first run, so they come last).
 
-The model is the full `quicknet` with untrained weights (speed does not depend on them) unless
-`--checkpoint` names trained ones. `--dry-run` runs every step on the CPU in about two minutes
-(quicknet-xs, tiny loads, the torch engine on the CPU, the fused engine in Triton's interpreter)
-and is part of the tests.
+The model is `--model`'s latest version in `model_store/` as published (the default: `quicknet`):
+the fused engine built from its `model.onnx` comes back attachable to that version (gated when
+`--data` is given); `--checkpoint` serves a run folder's trained weights instead. `--dry-run`
+runs every step on the CPU in about two minutes (the published quicknet-xs, tiny loads, the torch
+engine on the CPU, the fused engine in Triton's interpreter) and is part of the tests.
 """
 
 from __future__ import annotations
@@ -94,31 +95,37 @@ def _rates_at(service: list[dict], workers: int, fraction: float) -> tuple:
 GRPC_CHANNELS_PER_FRONT = 4
 
 
-def make_folded_store(root: Path, model: str, checkpoint: Path | None = None) -> Path:
-    """A model store holding `model` as the torch engine's portable folded weights."""
-    import torch
+def copy_published(root: Path, model: str, source: Path = REPO / "model_store") -> str:
+    """A model store holding `model`'s latest version from `source` as it was published (its folder,
+    byte for byte, and the model's batch policy): the torch engine serves its `model.onnx`, and the
+    fused engine built from that file can be attached to that version afterwards
+    (`quicknet.build.gpu_engine.attach`). Returns "<model> v<version>"."""
+    from quicknet import store
 
+    mv = store.get_version(source, model)
+    shutil.copytree(mv.path, root / model / str(mv.version))
+    if (mv.path.parent / "config.json").is_file():
+        shutil.copy2(mv.path.parent / "config.json", root / model / "config.json")
+    store.set_default(root, model)
+    return f"{model} v{mv.version}"
+
+
+def make_folded_store(root: Path, checkpoint: Path) -> str:
+    """A model store holding a run folder's trained weights as the torch engine's folded weights."""
     from quicknet import store
     from quicknet.build import data
     from quicknet.build.export import export_folded_weights
     from quicknet.build.fold import fold
-    from quicknet.build.model import build_model
     from quicknet.build.train import load_checkpoint
 
-    torch.manual_seed(0)
-    net = load_checkpoint(checkpoint)[0] if checkpoint else build_model(model).eval()
+    net = load_checkpoint(checkpoint)[0]
     work = root / ".work"
     work.mkdir(parents=True, exist_ok=True)
     weights = export_folded_weights(fold(net), work / "model.folded.pt")
-    meta = {
-        "labels": list(data.LABELS),
-        "artifacts": {"torch": weights.name},
-        "accuracy": {},
-        "note": "trained" if checkpoint else "untrained: for speed only",
-    }
+    meta = {"labels": list(data.LABELS), "artifacts": {"torch": weights.name}, "accuracy": {}, "note": "trained"}
     store.publish(root, net.cfg.name, [weights], meta)
     store.set_default(root, net.cfg.name)
-    return root
+    return net.cfg.name
 
 
 def forward_flops(model: str) -> float:
@@ -191,10 +198,10 @@ def compiled_variant(root: Path, variant: str, batches: list[int], seconds: floa
     import torch
 
     from quicknet import store
-    from quicknet.serve.backends.pytorch import load_module
+    from quicknet.serve.backends.pytorch import load_module, model_file
 
     mv = store.get_version(root, store.default_model(root))
-    module, _ = load_module(str(mv.file(mv.metadata["artifacts"]["torch"])))
+    module, _ = load_module(str(mv.file(model_file(mv))))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     module = module.to(device, memory_format=torch.channels_last)
@@ -628,8 +635,11 @@ def run(args) -> None:
         results.update(environment=gpu_probe.environment())
         results.update(matmul=gpu_probe.matmul_tflops(0.2 if args.dry_run else 2.0), copy=gpu_probe.copy_bandwidth())
         root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
-        make_folded_store(root, args.model, Path(args.checkpoint) if args.checkpoint else None)
-        results.update(weights="trained" if args.checkpoint else "untrained (speed only)")
+        if args.checkpoint:
+            args.model = make_folded_store(root, Path(args.checkpoint))
+            results.update(weights=f"trained: {args.checkpoint}", model=args.model)
+        else:
+            results.update(weights=f"published: {copy_published(root, args.model)}")
         flops = forward_flops(args.model)
         engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
@@ -658,8 +668,8 @@ def run(args) -> None:
                 service_sweep(root, out, [best], FUSED_CASES, *common, on_row=on_row, backend="auto")
             except Exception as e:  # recorded; the torch cases after it still run
                 results.update(fused_service_error=f"{type(e).__name__}: {e}")
-        elif args.dry_run:  # auto is onnxruntime on a CPU (no ONNX in this store); the interpreter is too slow
-            results.update(fused_service_error="not in a dry run: a CPU serves this store with the torch engine")
+        elif args.dry_run:  # on a CPU auto picks ONNX Runtime, and the interpreter is too slow to serve
+            results.update(fused_service_error="not in a dry run: on a CPU auto serves with ONNX Runtime")
         if single:  # single images at 80% of the best closed-loop rate (a goal), then the other cases
             at = _rates_at(service, best, RATE_FRACTION)
             results.update(rate_fraction=RATE_FRACTION)

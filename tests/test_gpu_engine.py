@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -162,16 +163,13 @@ def _store_with_engine(tmp_path, identity: dict | None = None):
     path, doc = gpu_engine.build(
         spec,
         work,
-        source={"file": weights.name},
+        source={"file": weights.name, "sha256": store.sha256_file(weights)},
         reference=build_folded(spec),
         tune_batches={"small": 1},
         check_images=2,
     )
     if identity is not None:
-        _, arrays = fe.read_artifact(path, None)
-        fe.write_artifact(
-            path, {k: v for k, v in doc.items() if k != "format"} | {"built_for": identity}, arrays, None, set()
-        )
+        fe.write_artifact(path, {k: v for k, v in doc.items() if k != "format"} | {"built_for": identity}, None, set())
     meta = {"labels": [str(i) for i in range(10)], "artifacts": {"torch": weights.name, "fused-gpu": path.name}}
     root = tmp_path / "store"
     mv = store.publish(root, "tiny", [weights, path], meta)
@@ -186,6 +184,8 @@ def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp
 
     mv, spec, doc = _store_with_engine(tmp_path)
     store.verify_files(mv)  # the engine is a hashed file of the version like every artifact
+    with zipfile.ZipFile(mv.file(mv.metadata["artifacts"]["fused-gpu"])) as zf:  # its weights are the version's
+        assert zf.namelist() == ["engine.json"]  # (the interpreter compiles no kernels)
     assert set(fe.IDENTITY_KEYS) <= set(doc["built_for"]) and doc["built_for"]["kernels_sha256"] == fe.kernels_digest()
     assert doc["check"]["top1_agreement"] == 1.0 and doc["configs"]["small"][0]["BLOCK_M"] == 1024
     assert fe.mismatch(doc["built_for"], fe.current_identity()) == []
@@ -219,7 +219,37 @@ def test_an_engine_built_for_another_machine_is_refused_in_one_line(tmp_path, mo
         FusedBackend.load(mv, settings)
 
 
-def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path):
+def test_an_engine_beside_other_weights_is_refused_in_one_line(tmp_path, monkeypatch, caplog):
+    """The engine carries no weights: beside another model file (other bytes under the name it was
+    built from) it is refused, and packing weights of another layer plan into it refuses too."""
+    from quicknet.build.export import export_folded_weights
+    from quicknet.serve import gpu
+    from quicknet.serve.backends import BackendError, choose
+    from quicknet.serve.backends.fused import FusedBackend
+    from quicknet.serve.config import Settings
+
+    mv, _, doc = _store_with_engine(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    weights = export_folded_weights(fold(_trained_looking(seed=1)), other / "model.folded.pt")
+    engine = mv.file(mv.metadata["artifacts"]["fused-gpu"])
+    meta = {k: v for k, v in mv.metadata.items() if k not in ("name", "version", "files")}
+    beside_other = store.publish(tmp_path / "store", "tiny", [weights, engine], meta)
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    settings = Settings(backend="auto", max_batch_size=4, threads=1)
+    with caplog.at_level(logging.WARNING, logger="quicknet.backends"):
+        assert choose(beside_other, settings) != "fused"
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "quicknet.backends"]
+    assert "was built from another model file than this version's 'model.folded.pt'" in line and "\n" not in line
+    with pytest.raises(BackendError, match="built from another model file"):
+        FusedBackend.load(beside_other, settings)
+    wider = ArchConfig(name="quicknet-tiny2", stem=16, stages=((16, 16), (32, 32), (32, 128)))
+    with pytest.raises(BuildError, match="not the ones the fused engine was built for"):
+        fe.weights_for(doc, folded_spec(fold(_trained_looking(wider))))
+    assert fe.weights_for(doc, folded_spec(fold(_trained_looking(seed=1))))  # same plan, other values: packs
+
+
+def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path, capsys):
     root = tmp_path / "store"
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"stands in for the version's model.onnx")
@@ -227,11 +257,11 @@ def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path):
     source = store.publish(root, "quicknet", [onnx], meta)
     digest = source.metadata["files"]["model.onnx"]["sha256"]
 
-    def engine(name: str, onnx_sha256: str, top1: float, images: int = 10000):
+    def engine(name: str, sha256: str, top1: float, images: int = 10000, file: str = "model.onnx"):
         gate = {"images": images, "top1": top1, "checkpoint_top1": 0.94, "max_loss": 0.001}
         gate["passed"] = images >= 10000 and top1 >= 0.939
-        doc = {"built_for": {"gpu": "NVIDIA H200"}, "source": {"onnx_sha256": onnx_sha256}, "gate": gate}
-        return fe.write_artifact(tmp_path / name, doc, {"w": np.zeros(2, np.float16)}, None, set())
+        doc = {"built_for": {"gpu": "NVIDIA H200"}, "source": {"file": file, "sha256": sha256}, "gate": gate}
+        return fe.write_artifact(tmp_path / name, doc, None, set())
 
     published = gpu_engine.attach(root, "quicknet", None, engine("model.fused.a.sm90.zip", digest, 0.9395))
     assert published.version == 2 and published.metadata["artifacts"]["fused-gpu"] == "model.fused.a.sm90.zip"
@@ -242,12 +272,23 @@ def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path):
         "checkpoint_top1": 0.94,
     }
     store.verify_files(store.get_version(root, "quicknet", 2))
-    with pytest.raises(BuildError, match="not built from quicknet v1's model.onnx"):
+    with pytest.raises(BuildError, match="not built from quicknet v1 \\(it names 'model.onnx'\\)"):
         gpu_engine.attach(root, "quicknet", 1, engine("b.zip", "0" * 64, 0.9395))
+    with pytest.raises(BuildError, match="not built from quicknet v1 \\(it names 'model.folded.pt'\\)"):
+        gpu_engine.attach(root, "quicknet", 1, engine("b2.zip", digest, 0.9395, file="model.folded.pt"))
     with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
         gpu_engine.attach(root, "quicknet", 1, engine("c.zip", digest, 0.9380))
     with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
         gpu_engine.attach(root, "quicknet", 1, engine("d.zip", digest, 0.95, images=2000))
+    # the command a user runs after the GPU run: the same, refusals in one line and exit 2
+    from quicknet.cli import main
+
+    flags = ["--store", str(root), "--store-model", "quicknet", "--version", "1"]
+    assert main(["attach-engine", str(engine("e.zip", digest, 0.9380)), *flags]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["attach-engine", str(engine("model.fused.f.sm90.zip", digest, 0.9401)), *flags]) == 0
+    assert "published quicknet version 3" in capsys.readouterr().out
+    assert store.get_version(root, "quicknet").metadata["artifacts"]["fused-gpu"] == "model.fused.f.sm90.zip"
 
 
 def test_the_roofline_estimates_for_the_full_quicknet():
@@ -274,13 +315,11 @@ def test_the_compiled_kernels_travel_in_the_file_and_hit_tritons_cache(tmp_path,
     (built / "separable_kernel.cubin").write_bytes(b"\x7fELF machine code")
     (built / "separable_kernel.llir").write_text("; LLVM IR, large, not kept")
     (built / "__grp__separable_kernel.json").write_text('{"child_paths": {}}')
-    path = fe.write_artifact(
-        tmp_path / "e.zip", {"built_for": {}}, {"w": np.ones(2, np.float16)}, built.parent, {"KEY1"}
-    )
+    path = fe.write_artifact(tmp_path / "e.zip", {"built_for": {}}, built.parent, {"KEY1"})
     serving = tmp_path / "serving-cache"
     monkeypatch.setattr(knobs.cache, "dir", str(serving))
-    doc, arrays = fe.read_artifact(path, fe.triton_cache_dir())
-    assert arrays["w"].dtype == np.float16 and doc["format"] == fe.FORMAT
+    doc = fe.read_artifact(path, fe.triton_cache_dir())
+    assert doc["format"] == fe.FORMAT
     group = FileCacheManager("KEY1").get_group("separable_kernel.json")
     assert set(group) == {"separable_kernel.json", "separable_kernel.cubin"}
     assert (serving / "KEY1" / "separable_kernel.cubin").read_bytes() == b"\x7fELF machine code"

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from quicknet import store
+from quicknet.build import gpu_engine
 from quicknet.build.export import reference_logits
 from quicknet.build.fold import fold
 from quicknet.build.train import load_checkpoint
+from quicknet.errors import BuildError
+from quicknet.testing import FAST_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +33,6 @@ def _results_folder_fits_the_device_limits(out: Path) -> list[Path]:
 
 
 def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_continues_from(tmp_path):
-    import pytest
-
     from quicknet.build.gpu_train import ARMS
 
     out = tmp_path / "out"
@@ -134,6 +139,16 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     assert fused["bytes_per_image"]["fused"] < fused["bytes_per_image"]["torch"]
     assert "## The fused engine (issue 27)" in markdown and "Profile, fused" in markdown
     assert doc["fused_service_error"].startswith("not in a dry run")
+    # built from the published model's own file, so it attaches to that version (here only the
+    # gate refuses: 2 images, not the 10k split), and it carries no second copy of the weights
+    published = store.get_version(REPO / "model_store", FAST_MODEL)
+    assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}"
+    assert fused["source"]["sha256"] == published.metadata["files"]["model.onnx"]["sha256"]
+    shutil.copytree(published.path, tmp_path / "store" / FAST_MODEL / str(published.version))
+    with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
+        gpu_engine.attach(tmp_path / "store", FAST_MODEL, published.version, out / fused["artifact"]["file"])
+    with zipfile.ZipFile(out / fused["artifact"]["file"]) as zf:
+        assert "weights.npz" not in zf.namelist()
     # the peers on the same machine (issue 24), the same torch engine, one image a request: plain
     # FastAPI; LitServe where it is installed (the GPU machine, from the carried wheels: `make
     # gpu-rehearse` runs it there), else its row says why

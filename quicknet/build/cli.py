@@ -1,4 +1,5 @@
-"""`quicknet data|train|export|compile|eval|publish|build|info`: the offline build's commands."""
+"""`quicknet data|train|export|compile|eval|publish|build|plan|republish|attach-engine|gpu-train|info`: the offline
+build's commands."""
 
 from __future__ import annotations
 
@@ -163,6 +164,16 @@ def cmd_republish(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_attach_engine(args: argparse.Namespace) -> None:
+    from quicknet import store
+    from quicknet.build.gpu_engine import attach
+
+    root = Path(args.store) if args.store else store.default_root()
+    mv = attach(root, args.store_model or store.default_model(root), args.version, Path(args.engine))
+    source = mv.metadata["derived_from"]["version"]
+    print(f"published {mv.name} version {mv.version} at {mv.path}: version {source}'s files and the engine")
+
+
 def cmd_gpu_train(args: argparse.Namespace) -> None:
     from quicknet.build.gpu_train import main
 
@@ -289,6 +300,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="why, recorded in the new version's metadata (default: %(default)s)",
     )
     rep.set_defaults(func=cmd_republish)
+
+    attach = sub.add_parser(
+        "attach-engine",
+        parents=[store_flags],
+        help="publish a fused GPU engine (a GPU run's model.fused.*.zip) beside the version it was built from",
+        description="The next version of the model: the version's files plus the engine, as artifact fused-gpu. "
+        "Refused unless the engine was built from that version's model file and passed its gate on the 10k "
+        "test split (python -m benchmarks.gpu_engine --data, or the serve run with --data).",
+    )
+    attach.add_argument("engine", help="the engine file, model.fused.<gpu>.sm<cc>.zip")
+    attach.add_argument("--store-model", metavar="NAME", help="model (default: the store's DEFAULT)")
+    attach.add_argument("--version", type=int, help="the version it was built from (default newest)")
+    attach.set_defaults(func=cmd_attach_engine)
 
     gpu_train = sub.add_parser(
         "gpu-train",

@@ -5,14 +5,18 @@ stage), and is one zip file, `model.fused.<gpu>.sm<cc>.zip`:
 
 - `engine.json`: the layer plan, the tile configuration chosen on that GPU for each layer (one set
   for small batches, one for large), what it was built for (GPU name, compute capability, driver,
-  torch, CUDA, Triton, and a digest of the kernels' source), the model it came from, and its
-  accuracy check;
-- `weights.npz`: the weights in the kernels' layouts (fp16 matmul operands, fp32 bias, slopes,
-  depthwise taps and normalization), read with `allow_pickle=False`;
+  torch, CUDA, Triton, and a digest of the kernels' source), the model file it came from (name and
+  SHA-256), and its accuracy check;
 - `triton-cache/<key>/...`: the kernels Triton compiled for those configurations on that GPU. Put
   back into Triton's cache before the first launch, they make loading a lookup instead of a
   ~20 s compile; if they do not match (they are keyed on Triton, the source and the GPU), Triton
   compiles again and nothing else changes.
+
+No weights: like the torch engine, the fused one packs them at load from the version's own model
+file (`pack`, the file the engine names, checked by its hash, the layer plan compared with the
+one it was tuned for). The store keeps a model's weights once, and an engine is its kernels and
+their plan: for the full quicknet ~1 MB (18 kernels compiled for sm_90, deflated) instead of ~8 MB
+with a second copy of the weights in the kernels' layouts (7.1 MB).
 
 A machine that differs in any recorded field gets the engine refused (`mismatch`): the service
 says so in one line and serves the eager torch engine instead.
@@ -36,7 +40,7 @@ from quicknet.build.gpu_probe import driver_version
 from quicknet.errors import BuildError
 from quicknet.store import slug
 
-FORMAT = "quicknet-fused/1"
+FORMAT = "quicknet-fused/2"  # /1 carried a copy of the weights
 KERNELS_SOURCE = Path(__file__).with_name("fused_kernels.py")
 SMALL_BATCH = 16  # batches up to this use the "small" configs (more, smaller tiles), larger the "large"
 IDENTITY_KEYS = ("gpu", "compute_capability", "driver", "torch", "cuda", "triton", "kernels_sha256")
@@ -280,18 +284,13 @@ def artifact_name(identity: dict) -> str:
 # --- the file ------------------------------------------------------------------------------------------
 
 
-def write_artifact(
-    path: Path, doc: dict, arrays: dict[str, np.ndarray], cache_dir: Path | None, keys: set[str]
-) -> Path:
+def write_artifact(path: Path, doc: dict, cache_dir: Path | None, keys: set[str]) -> Path:
     """The engine as one zip (see the module docstring); `keys` are the Triton cache entries to keep."""
     from quicknet.fsutil import atomic_write
 
-    weights = io.BytesIO()
-    np.savez(weights, **arrays)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("engine.json", json.dumps({"format": FORMAT, **doc}, indent=2, default=str))
-        zf.writestr("weights.npz", weights.getvalue())
         for key in sorted(keys):
             entry = (cache_dir / key) if cache_dir else None
             if entry is None or not entry.is_dir():
@@ -318,15 +317,22 @@ def read_doc(path: Path) -> dict:
     return doc
 
 
-def read_artifact(path: Path, cache_dir: Path | None) -> tuple[dict, dict[str, np.ndarray]]:
-    """(engine.json, arrays); the compiled kernels go into `cache_dir` (Triton's cache) first."""
+def read_artifact(path: Path, cache_dir: Path | None) -> dict:
+    """`engine.json`; the compiled kernels go into `cache_dir` (Triton's cache) first."""
     doc = read_doc(path)
-    with zipfile.ZipFile(path) as zf:
-        with np.load(io.BytesIO(zf.read("weights.npz")), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        if cache_dir is not None:
+    if cache_dir is not None:
+        with zipfile.ZipFile(path) as zf:
             install_kernels(zf, cache_dir)
-    return doc, arrays
+    return doc
+
+
+def weights_for(doc: dict, spec: dict) -> dict[str, np.ndarray]:
+    """The engine's arrays, packed from `spec` (the folded model read from the file the engine names);
+    BuildError unless they make the layer plan the engine was tuned and compiled for."""
+    layers, arrays = pack(spec)
+    if json.loads(json.dumps(layers)) != doc.get("layers"):
+        raise BuildError("the model's layers are not the ones the fused engine was built for; rebuild it on the GPU")
+    return arrays
 
 
 def install_kernels(zf: zipfile.ZipFile, cache_dir: Path) -> int:

@@ -57,11 +57,15 @@ def build(
 ) -> tuple[Path, dict]:
     """(artifact path, engine.json) for `spec` on this machine's GPU (the interpreter on a CPU).
 
+    `source`: the model file `spec` was read from, `{"file", "sha256"}` and whatever else names it:
+    the engine carries no weights, a server packs them from that file of the version at load;
     `reference`: the folded model in fp32 on this device (uint8 NHWC → logits), for the check;
     `test_split`: (images, labels) to score the engine on; `reference_top1`: the checkpoint's top-1
     on that split (else the reference's own score on it is used)."""
     import torch
 
+    if not {"file", "sha256"} <= set(source):
+        raise ValueError(f"source names the model file and its SHA-256, not {source}")
     started = time.monotonic()
     deadline = started + time_limit_s
     here = fe.current_identity()
@@ -101,10 +105,10 @@ def build(
         with torch.inference_mode():
             for size, batch in (("small", 1), ("large", fe.SMALL_BATCH + 1)):
                 net(torch.zeros((batch, 32, 32, 3), dtype=torch.uint8, device=device), configs[size])
-    path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, arrays, _cache_dir_or_none(), net.compiled)
+    path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, _cache_dir_or_none(), net.compiled)
     if path.stat().st_size > MAX_FILE_BYTES:  # what a GPU run can bring back; without kernels it compiles at load
         doc["kernels_dropped"] = f"{path.stat().st_size} bytes with them"
-        path = fe.write_artifact(path, doc, arrays, None, set())
+        path = fe.write_artifact(path, doc, None, set())
     log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, {len(net.compiled)} kernels)")
     return path, doc
 
@@ -250,18 +254,20 @@ def gate(net, reference, split: tuple[np.ndarray, np.ndarray], reference_top1: f
 
 def attach(root: Path, name: str, version: int | None, engine: Path) -> store.ModelVersion:
     """The next version of `name`: `version`'s files and metadata plus `engine`, as artifact `fused-gpu`.
-    Refused (one line) unless the engine was built from that version's `model.onnx` and passed its
-    gate on the full 10k test split within 0.1 point of that version's checkpoint."""
+    Refused (one line) unless the engine was built from that version's model file (the one it names,
+    by SHA-256: a server packs its weights from it) and passed its gate on the full 10k test split
+    within 0.1 point of that version's checkpoint."""
     source = store.get_version(root, name, version)
     store.verify_files(source)
     meta = source.metadata
     doc = fe.read_doc(engine)
-    onnx_name = meta.get("artifacts", {}).get("onnx")
-    want = meta["files"].get(onnx_name, {}).get("sha256") if onnx_name else None
-    if not want or doc.get("source", {}).get("onnx_sha256") != want:
+    built_from = doc.get("source", {})
+    have = meta["files"].get(built_from.get("file") or "", {}).get("sha256")
+    if not have or have != built_from.get("sha256"):
         raise BuildError(
-            f"refusing to publish {engine.name}: it was not built from {name} v{source.version}'s {onnx_name} "
-            "(build it with `python -m benchmarks.gpu_engine --store-model` on the GPU)"
+            f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
+            f"(it names {built_from.get('file')!r}); build it on the GPU with "
+            "`python -m benchmarks.gpu_engine --store <a store whose default is that version>`"
         )
     g = doc.get("gate") or {}
     ckpt = meta.get("accuracy", {}).get("checkpoint", {}).get("top1")

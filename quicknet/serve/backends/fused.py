@@ -2,9 +2,11 @@
 
 A version lists it as the artifact `fused-gpu` (hashed like every artifact). It loads only on the
 machine it was built for: same GPU, compute capability, driver, torch, CUDA, Triton and kernel
-source. Anywhere else `choose()` logs one line saying what differs and serves the eager torch
-engine. Loaded, it runs inside the torch engine's machinery (lanes, pinned buffers, one CUDA graph
-per batch bucket): only the module differs, ~10 kernels a batch instead of ~31.
+source, and only beside the model file it was built from (the engine names it and its SHA-256; the
+weights are packed from it at load). Anywhere else `choose()` logs one line saying what differs
+and serves the eager torch engine. Loaded, it runs inside the torch engine's machinery (lanes,
+pinned buffers, one CUDA graph per batch bucket): only the module differs, ~10 kernels a batch
+instead of ~31.
 
 torch, triton and `quicknet.build.fused_engine` are imported here only, and only on a GPU machine that has
 them: the CPU service never imports this module.
@@ -15,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quicknet.serve.backends.base import BackendError
-from quicknet.serve.backends.pytorch import TorchBackend
+from quicknet.serve.backends.pytorch import TorchBackend, load_spec
 from quicknet.serve.config import Settings
 from quicknet.store import ModelVersion
 
@@ -39,6 +41,9 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
         return None, f"{where} cannot be used here ({type(e).__name__}: {e})"
     if differs:
         return None, f"{where} was built for another machine: {'; '.join(differs)}"
+    built_from = doc.get("source", {})
+    if version.metadata["files"].get(built_from.get("file") or "", {}).get("sha256") != built_from.get("sha256"):
+        return None, f"{where} was built from another model file than this version's {built_from.get('file')!r}"
     return path, None
 
 
@@ -57,7 +62,8 @@ class FusedBackend(TorchBackend):
         if path is None:
             raise BackendError(f"{refused or 'this version has no fused engine'}; serve with --backend torch")
         try:
-            doc, arrays = fe.read_artifact(path, fe.triton_cache_dir())
+            doc = fe.read_artifact(path, fe.triton_cache_dir())
+            arrays = fe.weights_for(doc, load_spec(str(version.file(doc["source"]["file"]))))
         except Exception as e:  # a damaged zip passes no hash check in the first place; say what it was
             raise BackendError(f"cannot read {path.name} ({type(e).__name__}: {e}); rebuild the engine") from None
         device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (tests)

@@ -89,11 +89,24 @@ def load_module(path: str):
 
     if path.endswith(".pt2"):
         return torch.export.load(path).module(), False
+    return build_folded(load_spec(path)), True
+
+
+def model_file(version: ModelVersion) -> str | None:
+    """The file of `version` the torch engine (and the fused one) loads its model from."""
+    artifacts = version.metadata.get("artifacts", {})
+    return artifacts.get("torch") or artifacts.get("onnx")
+
+
+def load_spec(path: str) -> dict:
+    """The folded spec (layers and state dict) in `model.onnx` or `model.folded.pt`."""
     if path.endswith(".onnx"):
         from quicknet.serve.backends.folded_onnx import folded_spec_from_onnx
 
-        return build_folded(folded_spec_from_onnx(Path(path))), True
-    return build_folded(torch.load(path, map_location="cpu", weights_only=True)), True
+        return folded_spec_from_onnx(Path(path))
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @dataclass
@@ -128,8 +141,7 @@ class TorchBackend:
             import torch
         except ImportError:
             raise BackendError("torch is not installed: the torch backend needs the build or gpu extra") from None
-        artifacts = version.metadata.get("artifacts", {})
-        fname = artifacts.get("torch") or artifacts.get("onnx")
+        fname = model_file(version)
         if not fname or not version.file(fname).is_file():
             raise BackendError(f"{version.name} v{version.version} has no torch or ONNX artifact; republish it")
         try:
