@@ -152,8 +152,8 @@ class Harness:
         from quicknet.serve.kserve import grpc as kserve_grpc
         from quicknet.serve.kserve import rest as kserve_rest
         from quicknet.serve.runtime import Runtime
+        from quicknet.serve.transport.app import create_app
         from quicknet.serve.transport.grpc import Registrar
-        from quicknet.serve.transport.http import create_app
 
         settings = Settings(
             max_image_bytes=LIMITS.max_image_bytes,

@@ -17,7 +17,7 @@ from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.serve.config import Settings
 from quicknet.serve.runtime import Runtime
-from quicknet.serve.transport.http import create_app
+from quicknet.serve.transport.app import create_app
 from quicknet.testing import metric, start_server
 
 RAW = {"Content-Type": "application/octet-stream"}

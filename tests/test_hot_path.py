@@ -14,8 +14,9 @@ from quicknet.serve.config import Settings
 from quicknet.serve.errors import InputError, QueueFull
 from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.app import create_app
 from quicknet.serve.transport.hot import HotPath
-from quicknet.serve.transport.http import create_app, fast_path
+from quicknet.serve.transport.http import fast_path
 from quicknet.testing import metric
 
 KEY = "hot-path-key-0123456789"

@@ -20,7 +20,7 @@ from quicknet import store
 from quicknet.serve.config import Settings
 from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
-from quicknet.serve.transport.http import create_app
+from quicknet.serve.transport.app import create_app
 from quicknet.testing import REPO, publish_shipped, start_server
 
 MODEL = "quicknet-xs"

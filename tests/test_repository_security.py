@@ -27,7 +27,7 @@ from quicknet.serve.engine import Engine
 from quicknet.serve.errors import ModelNotFound, RepositoryError
 from quicknet.serve.kserve import rest as kserve_rest
 from quicknet.serve.runtime import Runtime
-from quicknet.serve.transport.http import create_app
+from quicknet.serve.transport.app import create_app
 from quicknet.testing import publish_shipped, start_server
 
 MODEL = "quicknet-xs"

@@ -372,7 +372,8 @@ def test_on_our_rest_protocol_the_connection_cancels_the_call_without_a_task_of_
     so a paused connection sees the client go); a handler cancelled by the server is not a 499; a
     client already gone is 499 before the work starts; and a body received whole needs no timer."""
     from quicknet.serve.transport.connections import CONNECTION, ConnectionState
-    from quicknet.serve.transport.http import BodyTimeout, HTTPError, body_deadline, run_unless_disconnected
+    from quicknet.serve.transport.http import HTTPError, run_unless_disconnected
+    from quicknet.serve.transport.middleware import BodyTimeout, body_deadline
 
     resumed = []
     seen = []

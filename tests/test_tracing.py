@@ -36,8 +36,8 @@ from quicknet.serve.kserve import grpc as kserve_grpc
 from quicknet.serve.kserve import rest as kserve_rest
 from quicknet.serve.logs import TextFormatter
 from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.app import create_app
 from quicknet.serve.transport.grpc import create_server
-from quicknet.serve.transport.http import create_app
 from quicknet.testing import REPO, start_server
 
 CAT = (REPO / "examples" / "cat.png").read_bytes()

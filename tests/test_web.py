@@ -25,7 +25,7 @@ from quicknet.serve.classifier import rest as classifier_rest
 from quicknet.serve.config import Settings
 from quicknet.serve.main import REST_FRONTS
 from quicknet.serve.runtime import Runtime
-from quicknet.serve.transport.http import create_app
+from quicknet.serve.transport.app import create_app
 from quicknet.testing import REPO, start_server
 
 KEY = "web-test-key-0123456789abcdef"

@@ -42,7 +42,7 @@ from quicknet.serve.logs import configure_logging
 from quicknet.serve.runtime import ModelSource, Runtime
 from quicknet.serve.sources.local import LocalSource
 from quicknet.serve.transport import grpc as grpc_transport
-from quicknet.serve.transport import http as http_transport
+from quicknet.serve.transport.app import create_app
 from quicknet.serve.transport.connections import protocol_for
 
 log = logging.getLogger("quicknet.service")
@@ -186,7 +186,7 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
         raise QuickNetError(
             f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); pick another --grpc-port"
         ) from None
-    app = http_transport.create_app(runtime, REST_FRONTS)
+    app = create_app(runtime, REST_FRONTS)
     http = _HttpServer(
         uvicorn.Config(
             app,

@@ -13,7 +13,7 @@ header) and in header count (`MAX_HEADERS`): past either, the client gets 431 an
 closes. The size is counted as bytes arrive, before the parser sees them: httptools joins a header
 split over several reads chunk by chunk (quadratic: a 64 MiB header stalled the loop for seconds),
 and the head is refused before any middleware, so before the API key check too.
-The body has its own deadline (`body_read_timeout_s`, in `transport.http`). And a request answered
+The body has its own deadline (`body_read_timeout_s`, in `transport.middleware`). And a request answered
 before its body arrived (401 without a key, 413 by declared length, 429 at capacity) gets that same
 limit for the rest of its body, after the answer: otherwise the remainder is read under no timer at
 all (uvicorn drops its keep-alive timer on the next byte, and the head timer is done), so a client
