@@ -27,6 +27,13 @@ log = logging.getLogger("quicknet.http")
 _INTERNAL_ERROR = json.dumps({"error": "internal error; the server log has the details"}).encode()
 
 
+async def send_json(send: Send, status: int, body: bytes, headers: list | None = None) -> None:
+    """A whole JSON answer from the middleware, where no framework response exists."""
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *(headers or ())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodyTimeout(HTTPError):
     def __init__(self, seconds: float):
         super().__init__(408, f"request body not received within {seconds:g}s", "slow_client", {"Connection": "close"})
@@ -114,17 +121,7 @@ class AccessMiddleware:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"], extra={"request_id": request_id})
             if started:
                 raise
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", b"%d" % len(_INTERNAL_ERROR)),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
+            await send_json(send_with_id, 500, _INTERNAL_ERROR)
         finally:
             elapsed = time.perf_counter() - start
             endpoint = getattr(scope.get("route"), "path", None) or (
@@ -172,15 +169,4 @@ class AuthMiddleware:
             scope["route"] = route
         metrics.rejected(protocol_of(scope), "unauthenticated")
         access.note(reason="missing or invalid API key")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(_UNAUTHENTICATED)),
-                    (b"www-authenticate", b'Bearer realm="quicknet"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": _UNAUTHENTICATED})
+        await send_json(send, 401, _UNAUTHENTICATED, [(b"www-authenticate", b'Bearer realm="quicknet"')])
