@@ -9,6 +9,7 @@ every version served, images over 1 MiB refused (so a "photo" is small enough to
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,7 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quicknet.client import Client, QuickNetClientError
+from quicknet.cli import main as cli_main
+from quicknet.client import AsyncClient, Client, QuickNetClientError
+from quicknet.client.rest import _transport_error
 from quicknet.serve.images import Limits, decode_image
 from quicknet.testing import FAST_MODEL, FAST_VERSION, REPO, STORE, publish_shipped, start_server
 
@@ -335,11 +338,31 @@ def test_the_clients_resize_gives_the_servers_pixels():
     assert to_model_pixels(Image.open(io.BytesIO(CAT))).shape == (32, 32, 3)
 
 
-def test_the_client_at_the_grpc_port_says_so(server):
-    with Client(f"http://127.0.0.1:{server.grpc_port}", timeout=5) as client, pytest.raises(QuickNetClientError) as e:
+def test_the_client_at_the_grpc_port_says_so(server, capsys):
+    """Sync, async and the CLI alike: the gRPC server closes after its HTTP/2 answer, and whether the
+    client reads garbage (RemoteProtocolError) or the close (an empty ReadError) is a race."""
+    url = f"http://127.0.0.1:{server.grpc_port}"
+
+    def says_so(message: str) -> None:
+        assert "gRPC port" in message and "grpc://" in message and not message.rstrip().endswith(":"), message
+
+    with Client(url, timeout=5) as client, pytest.raises(QuickNetClientError) as e:
         client.classify(CAT)
-    message = str(e.value)
-    assert "gRPC port" in message and "grpc://" in message and not message.rstrip().endswith(":"), message
+    says_so(str(e.value))
+
+    async def from_async() -> str:
+        async with AsyncClient(url, timeout=5) as client:
+            with pytest.raises(QuickNetClientError) as e:
+                await client.classify(CAT)
+        return str(e.value)
+
+    for _ in range(3):
+        says_so(asyncio.run(from_async()))
+    assert cli_main(["classify", str(REPO / "examples" / "cat.png"), "--url", url]) == 2
+    says_so(capsys.readouterr().err)
+    for error in (httpx.ReadError(""), httpx.RemoteProtocolError("illegal request line")):
+        says_so(str(_transport_error(url, error, 5.0)))
+    assert "gRPC port" not in str(_transport_error(url, httpx.ReadError("connection reset by peer"), 5.0))
 
 
 def test_an_endpoint_url_or_a_wrong_path_says_what_to_give(server):

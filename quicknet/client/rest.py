@@ -124,11 +124,14 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
         else:
             why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
         message = f"cannot reach {url}: {why}"
-    elif isinstance(error, httpx.RemoteProtocolError):
-        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames, or closes at once
+    elif isinstance(error, httpx.RemoteProtocolError) or (
+        isinstance(error, httpx.ReadError | httpx.WriteError) and not str(error).strip()
+    ):
+        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames and closes: which of the two
+        # errors the client meets depends on the race between its read and that close
         message = (
-            f"{url} did not answer in HTTP/1.1 ({_words(error, 'closed the connection')}): if that is the gRPC "
-            "port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
+            f"{url} did not answer in HTTP/1.1 ({_words(error, 'it closed the connection')}): if that is the "
+            "gRPC port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
         )
     else:
         message = f"lost the connection to {url}: {_words(error, 'the connection closed before the answer')}"
