@@ -156,16 +156,19 @@ def test_a_rewritten_graph_ort_cannot_load_or_run_falls_back_to_the_published_on
     assert np.abs(backend.infer(images) - _logits(source, images)).max() < 1e-5
 
 
-@pytest.mark.parametrize("faster", ["fp32", "int8"])
-def test_with_auto_precision_only_what_serves_is_checked(version, monkeypatch, faster):
-    """The timings decide (fixed here: on quicknet-xs FP32 and INT8 are within a few percent)."""
+@pytest.mark.parametrize(
+    ("int8_s", "faster"),
+    [(0.002, "fp32"), (0.0005, "int8"), (0.00092, "fp32")],  # the last: INT8 8% faster, within noise
+)
+def test_with_auto_precision_only_what_serves_is_checked(version, monkeypatch, int8_s, faster):
+    """The timings decide (fixed here: on quicknet-xs FP32 and INT8 are within a few percent, and
+    INT8 serves only where it is at least 10% faster, so a start does not flip a coin)."""
     import quicknet.serve.backends.onnxruntime as backend_module
 
     calls = []
     real = backend_module.source_logits
     monkeypatch.setattr(backend_module, "source_logits", lambda *a, **k: calls.append(a) or real(*a, **k))
-    # sessions are timed in the order FP32, INT8
-    times = [0.001, 0.002] if faster == "fp32" else [0.002, 0.001]
+    times = [0.001, int8_s]  # sessions are timed in the order FP32, INT8
     monkeypatch.setattr(backend_module, "seconds_per_image", lambda sessions, *a: times)
     described = load_backend(version, Settings(backend="onnxruntime")).describe()
     assert described["precision"] == faster
