@@ -140,6 +140,12 @@ def test_request_id_is_echoed(server, samples):
         ({"Content-Type": "image/png"}, b"", 400, "empty request body"),
         ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported Content-Type"),
         ({}, b"hello", 415, "has no Content-Type and its body is not a PNG"),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded"},  # curl --data-binary's own
+            b"hello",
+            415,
+            "says only application/x-www-form-urlencoded (curl's default for --data-binary) and its body is not a PNG",
+        ),
         ({"Content-Type": "application/json"}, b"{not json", 400, "not valid JSON"),
         ({"Content-Type": "application/json"}, b'{"image": "***"}', 400, "not valid base64"),
         ({"Content-Type": "application/json"}, b'{"x": 1}', 400, "exactly one of"),
@@ -800,7 +806,8 @@ def test_framework_errors_share_the_error_shape(server):
     r = httpx.get(f"{server.url}/nope")
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
     r = httpx.get(f"{server.url}/classify")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and r.json() == {"error": "GET is not allowed on /classify: use POST"}
+    assert r.headers["allow"] == "POST"
     r = httpx.post(f"{server.url}/classify", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data"})
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{server.url}/classify", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})

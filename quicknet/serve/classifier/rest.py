@@ -323,10 +323,11 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
         check_count(len(doc["images"]), limits)  # before decoding any: the one rule, the exact count
         blobs = [_b64(v, image_label(i)) for i, v in enumerate(doc["images"])]
         return await off_loop(decode_images, blobs, limits, nbytes=sum(map(len, blobs))), True, top
-    if not ctype:
+    if ctype in _UNTYPED:
+        said = "has no Content-Type" if not ctype else f"says only {ctype} (curl's default for --data-binary)"
         raise HTTPError(
             415,
-            "the request has no Content-Type and its body is not a PNG, JPEG, GIF, WebP or BMP file: "
+            f"the request {said} and its body is not a PNG, JPEG, GIF, WebP or BMP file: "
             "set Content-Type (multipart/form-data, image/*, application/json or application/octet-stream)",
             "bad_content_type",
         )

@@ -48,7 +48,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         """Unknown paths, wrong methods, malformed multipart: the same one-line error shape."""
         if e.status_code < 500:
             rejected(request, "bad_request")
-        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
+        headers = getattr(e, "headers", None)
+        message = str(e.detail)
+        if e.status_code == 405 and headers and headers.get("Allow"):
+            message = f"{request.method} is not allowed on {request.url.path}: use {headers['Allow']}"
+        return error_response(e.status_code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
