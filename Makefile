@@ -11,11 +11,17 @@ $(BIN)/python:
 
 # The lock files pin every transitive version (pyproject.toml pins only direct ones); `make lock`
 # rewrites them after a pin changes (tests/test_packaging.py fails while they disagree).
-venv-serve: $(BIN)/python
+# Each install leaves a stamp in the venv: `make serve` and `make test` run pip again only when the
+# lock or pyproject.toml changed since (otherwise every start re-ran it, seconds of pip's output).
+venv-serve: $(VENV)/.installed-serve
+$(VENV)/.installed-serve: requirements/serve.lock pyproject.toml | $(BIN)/python
 	$(PIP) -c requirements/serve.lock -e '.[serve]'
+	touch $@
 
-venv-dev: $(BIN)/python
+venv-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: requirements/dev.lock pyproject.toml | $(BIN)/python
 	$(PIP) -c requirements/dev.lock -e '.[serve,client,build,dev]'
+	touch $@
 
 LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url
 lock: venv-dev
