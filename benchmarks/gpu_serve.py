@@ -11,8 +11,8 @@ server's log, one after another):
    and with two (two batches in flight), GPU utilization while it runs, and FLOP/s as a fraction of
    the matmul ceiling;
    then the fused engine (`benchmarks/gpu_engine.py`, issue 27) in a child process under
-   `--engine-limit-s`: built for this GPU from the same folded weights (gated on the 10k test split
-   with `--data`), img/s against the eager engine at batch 1/64/256/1024, per-kernel profiles, the
+   `--engine-limit-s`: built for this GPU from the model file the torch engine serves (gated on
+   the 10k test split with `--data`), img/s against the eager engine at batch 1/64/256/1024, per-kernel profiles, the
    roofline rows, and the engine file itself, published into the store beside the weights;
 3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
    count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC

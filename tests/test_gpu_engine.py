@@ -117,28 +117,20 @@ def test_the_kernels_compile_for_hopper_without_a_gpu():
     """Triton's own ptxas builds the kernels for sm_90 here: the largest tiles use wgmma (Hopper's
     tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue)."""
     script = """
-import json, triton
-from triton.backends.compiler import GPUTarget
-from quicknet.build import fused_kernels as k
-sep = {"x_ptr": "*fp16", "dw_ptr": "*fp32", "pw_ptr": "*fp16", "bias_ptr": "*fp32", "slope_ptr": "*fp32",
-       "out_ptr": "*fp16", "n_images": "i32"}
-stem = {"x_ptr": "*u8", "w_ptr": "*fp16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "bias_ptr": "*fp32",
-        "slope_ptr": "*fp32", "out_ptr": "*fp16", "n_images": "i32"}
-def build(fn, sig, consts, warps, stages):
-    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"])}
-tiles = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
-def block(cin, side, pool, mean, sig=sep):
-    shape = {"CIN": cin, "COUT": cin, "H": side, "W": side, "POOL": pool, "MEAN": mean}
-    return build(k.separable_kernel, sig, shape | tiles, 8, 3)
-out = {
+import json
+from benchmarks.fused_size import compile_layer
+tiles = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+def block(cin, side, pool, mean):
+    layer = {"kind": "separable", "cin": cin, "cout": cin, "h": side, "w": side, "pool": pool, "mean": mean}
+    return compile_layer(layer, tiles)
+stem = {"kind": "stem", "cout": 256, "h": 32, "w": 32}
+built = {
     "plain": block(256, 32, False, False),
     "pool": block(512, 16, True, False),
-    "mean": block(1024, 8, False, True, dict(sep, out_ptr="*fp32")),
-    "stem": build(k.stem_kernel, stem, {"COUT": 256, "H": 32, "W": 32, "BLOCK_M": 128, "BLOCK_N": 128, "K": 32}, 8, 2),
+    "mean": block(1024, 8, False, True),
+    "stem": compile_layer(stem, dict(tiles, BLOCK_N=128, num_stages=2)),
 }
-print(json.dumps(out))
+print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"])} for k, c in built.items()}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -243,6 +235,12 @@ def test_an_engine_beside_other_weights_is_refused_in_one_line(tmp_path, monkeyp
     assert "was built from another model file than this version's 'model.folded.pt'" in line and "\n" not in line
     with pytest.raises(BackendError, match="built from another model file"):
         FusedBackend.load(beside_other, settings)
+    no_source = {k: v for k, v in doc.items() if k not in ("format", "source")}  # a hand-made file
+    unnamed = fe.write_artifact(other / "model.fused.x.smcpu.zip", no_source, None, set())
+    meta["artifacts"] = {**meta["artifacts"], "fused-gpu": unnamed.name}
+    nameless = store.publish(tmp_path / "store", "tiny", [mv.file("model.folded.pt"), unnamed], meta)
+    with pytest.raises(BackendError, match="does not name the model file it was built from"):
+        FusedBackend.load(nameless, settings)
     wider = ArchConfig(name="quicknet-tiny2", stem=16, stages=((16, 16), (32, 32), (32, 128)))
     with pytest.raises(BuildError, match="not the ones the fused engine was built for"):
         fe.weights_for(doc, folded_spec(fold(_trained_looking(wider))))

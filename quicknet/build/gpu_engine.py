@@ -14,7 +14,8 @@ the 10k test split within 0.1 point of the checkpoint. Steps, each bounded by `t
 5. write `model.fused.<gpu>.sm<cc>.zip` (`fused_engine`'s format) with the compiled kernels.
 
 `attach` publishes a built engine into the next version of the model it was built from (tied by
-the SHA-256 of that version's `model.onnx`), refusing one whose gate did not pass.
+the name and SHA-256 of the version's model file it was packed from: `model.onnx` for a published
+version), refusing one whose gate did not pass.
 
 On a CPU (the tests, the dry runs) the same steps run with Triton's interpreter
 (`TRITON_INTERPRET=1`): nothing to compile, timings meaningless, arithmetic exact.

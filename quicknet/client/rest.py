@@ -109,6 +109,11 @@ def _is_tls(error: BaseException) -> bool:
     return False
 
 
+_GRPC_PORT = (
+    "if that is the gRPC port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
+)
+
+
 def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> QuickNetClientError:
     if isinstance(error, httpx.TimeoutException):
         return QuickNetClientError(
@@ -124,15 +129,12 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
         else:
             why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
         message = f"cannot reach {url}: {why}"
-    elif isinstance(error, httpx.RemoteProtocolError) or (
-        isinstance(error, httpx.ReadError | httpx.WriteError) and not str(error).strip()
-    ):
-        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames and closes: which of the two
-        # errors the client meets depends on the race between its read and that close
-        message = (
-            f"{url} did not answer in HTTP/1.1 ({_words(error, 'it closed the connection')}): if that is the "
-            "gRPC port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
-        )
+    elif isinstance(error, httpx.RemoteProtocolError):
+        message = f"{url} did not answer in HTTP/1.1 ({_words(error, 'it closed the connection')}): {_GRPC_PORT}"
+    elif isinstance(error, httpx.ReadError | httpx.WriteError) and not str(error).strip():
+        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames and closes: whether the client
+        # reads the frames (above) or meets the close (here) is a race
+        message = f"{url} closed the connection without an answer: {_GRPC_PORT}"
     else:
         message = f"lost the connection to {url}: {_words(error, 'the connection closed before the answer')}"
     # a refused or dropped connection is worth another try; a certificate that fails never heals

@@ -42,8 +42,10 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
     if differs:
         return None, f"{where} was built for another machine: {'; '.join(differs)}"
     built_from = doc.get("source", {})
-    if version.metadata["files"].get(built_from.get("file") or "", {}).get("sha256") != built_from.get("sha256"):
-        return None, f"{where} was built from another model file than this version's {built_from.get('file')!r}"
+    if not built_from.get("file") or not built_from.get("sha256"):
+        return None, f"{where} does not name the model file it was built from"
+    if version.metadata["files"].get(built_from["file"], {}).get("sha256") != built_from["sha256"]:
+        return None, f"{where} was built from another model file than this version's {built_from['file']!r}"
     return path, None
 
 
