@@ -240,7 +240,15 @@ def _repository_action(runtime: Runtime, request: Request, name: str) -> str:
 
 
 def router(runtime: Runtime) -> APIRouter:
+    """The Open Inference Protocol's routes: the server's, the repository's, each model's."""
     app = APIRouter()
+    _server_routes(app, runtime)
+    _repository_routes(app, runtime)
+    _model_routes(app, runtime)
+    return app
+
+
+def _server_routes(app: APIRouter, runtime: Runtime) -> None:
 
     @app.get(
         "/v2",
@@ -276,6 +284,8 @@ def router(runtime: Runtime) -> APIRouter:
             return JSONResponse({"ready": True})
         return JSONResponse({"error": "not ready"}, status_code=400)
 
+
+def _repository_routes(app: APIRouter, runtime: Runtime) -> None:
     @app.post(
         "/v2/repository/index",
         tags=["repository"],
@@ -344,6 +354,8 @@ def router(runtime: Runtime) -> APIRouter:
         await runtime.repository.unload(_repository_action(runtime, request, name))
         return {}
 
+
+def _model_routes(app: APIRouter, runtime: Runtime) -> None:
     @app.get(
         "/v2/models/stats",
         tags=["models"],
@@ -440,5 +452,3 @@ def router(runtime: Runtime) -> APIRouter:
                 media_type="application/octet-stream",
                 headers={"Inference-Header-Content-Length": str(len(head))},
             )
-
-    return app
