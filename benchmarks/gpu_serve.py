@@ -581,7 +581,7 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu-results/serve")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job")
@@ -599,8 +599,11 @@ def main() -> None:
     parser.add_argument("--variant", choices=["compile", "aoti"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out-json", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.variant:  # a child process measuring one compiled variant
         rows = compiled_variant(
             Path(args.store), args.variant, args.batches, args.seconds, forward_flops(_model_of(args.store))

@@ -272,3 +272,41 @@ def test_gpu_wheels_and_the_machines_own_packages_cover_what_serve_imports():
     optional = {"grpcio-tools", "watchfiles", "sniffio"}
     missing = imported - _closure(GPU_MACHINE_OWN) - wheels - optional
     assert not missing, f"add to benchmarks/gpu-wheels.txt (at pyproject's pins): {sorted(missing)}"
+
+
+def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
+    """README "GPU runs" is what a session with a GPU runs as written: its two device-tool calls carry
+    what `make gpu-rehearse` carries (git-ignored folders, so they travel only when named), pass
+    flags the jobs accept (the rehearsal's serve run the same data flag), and their budgets, the
+    machine's start and Python's included, fit one 15-minute draw, each inside its call's limit."""
+    import re
+    import shlex
+
+    from benchmarks.gpu_serve import build_parser as serve_parser
+    from quicknet.cli import build_parser
+
+    readme = (REPO / "README.md").read_text().split("\n## GPU runs\n", 1)[1].split("\n## ", 1)[0]
+    runs = re.findall(r"run  carry=(\[[^\]]*\])  timeout_s=(\d+)\n((?:         .*\n)+)", readme)
+    assert len(runs) == 2 and "give_back" in readme
+    rehearsal = (REPO / "benchmarks" / "gpu_rehearse.sh").read_text()
+    budgets = []
+    for (carry, timeout_s, command), repo in zip(runs, ("train-repo", "serve-repo"), strict=True):
+        folders = json.loads(carry)
+        assert f'copy_repo "$work/{repo}" {" ".join(folders)}\n' in rehearsal, (repo, folders)
+        query = ["git", "check-ignore", "--no-index", *(f"{f}/" for f in folders)]  # "/": folders, there or not
+        ignored = subprocess.run(query, cwd=REPO, capture_output=True, text=True).stdout.split()
+        assert ignored == [f"{f}/" for f in folders], (folders, ignored)
+        words = shlex.split(" ".join(command.split()).split("&& ")[-1].replace("PYTHONUNBUFFERED=1 ", ""))
+        assert words[:2] == ["python3", "-m"], words
+        if words[2] == "quicknet":
+            args = build_parser().parse_args(words[3:])
+            assert args.command == "gpu-train" and args.data == "data/cifar10_jpeg.npz"
+        else:
+            assert words[2] == "benchmarks.gpu_serve", words
+            args = serve_parser().parse_args(words[3:])
+            assert f"--dry-run --data {args.data} " in rehearsal, "the rehearsal gates as the run does"
+        assert args.data.split("/")[0] in folders, "its data travels with it"
+        budgets.append(args.budget_s)
+        assert args.budget_s + 30 <= int(timeout_s) <= 600, (args.budget_s, timeout_s)
+    start_s = 120  # a machine's start, 1-2 minutes of the draw; each call's Python and pip ~20 s more
+    assert start_s + sum(b + 20 for b in budgets) <= 900, budgets
