@@ -34,7 +34,8 @@ server's log, one after another):
 
 The model is `--model`'s latest version in `model_store/` as published (the default: `quicknet`):
 the fused engine built from its `model.onnx` comes back attachable to that version (gated when
-`--data` is given); `--checkpoint` serves a run folder's trained weights instead. `--dry-run`
+`--data` is given); `--checkpoint` serves a run folder's trained weights instead, and a `--model`
+the store does not publish is served untrained (speed only). `--dry-run`
 runs every step on the CPU in about two minutes (the published quicknet-xs, tiny loads, the torch
 engine on the CPU, the fused engine in Triton's interpreter) and is part of the tests.
 """
@@ -110,19 +111,25 @@ def copy_published(root: Path, model: str, source: Path = REPO / "model_store") 
     return f"{model} v{mv.version}"
 
 
-def make_folded_store(root: Path, checkpoint: Path) -> str:
-    """A model store holding a run folder's trained weights as the torch engine's folded weights."""
+def make_folded_store(root: Path, checkpoint: Path | None, model: str) -> str:
+    """A model store holding a run folder's trained weights (or, without one, `model` untrained: for
+    speed only) as the torch engine's folded weights. Returns the model's name."""
+    import torch
+
     from quicknet import store
     from quicknet.build import data
     from quicknet.build.export import export_folded_weights
     from quicknet.build.fold import fold
+    from quicknet.build.model import build_model
     from quicknet.build.train import load_checkpoint
 
-    net = load_checkpoint(checkpoint)[0]
+    torch.manual_seed(0)
+    net = load_checkpoint(checkpoint)[0] if checkpoint else build_model(model).eval()
     work = root / ".work"
     work.mkdir(parents=True, exist_ok=True)
     weights = export_folded_weights(fold(net), work / "model.folded.pt")
-    meta = {"labels": list(data.LABELS), "artifacts": {"torch": weights.name}, "accuracy": {}, "note": "trained"}
+    note = "trained" if checkpoint else "untrained: for speed only"
+    meta = {"labels": list(data.LABELS), "artifacts": {"torch": weights.name}, "accuracy": {}, "note": note}
     store.publish(root, net.cfg.name, [weights], meta)
     store.set_default(root, net.cfg.name)
     return net.cfg.name
@@ -626,6 +633,7 @@ def _model_of(store_path: str) -> str:
 
 
 def run(args) -> None:
+    from quicknet import store
     from quicknet.build import gpu_probe
 
     t0 = time.monotonic()
@@ -639,10 +647,13 @@ def run(args) -> None:
         results.update(matmul=gpu_probe.matmul_tflops(0.2 if args.dry_run else 2.0), copy=gpu_probe.copy_bandwidth())
         root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
         if args.checkpoint:
-            args.model = make_folded_store(root, Path(args.checkpoint))
+            args.model = make_folded_store(root, Path(args.checkpoint), args.model)
             results.update(weights=f"trained: {args.checkpoint}", model=args.model)
-        else:
+        elif store.list_versions(REPO / "model_store", args.model):
             results.update(weights=f"published: {copy_published(root, args.model)}")
+        else:  # a width the store does not publish: its speed, on untrained weights
+            make_folded_store(root, None, args.model)
+            results.update(weights="untrained (speed only)")
         flops = forward_flops(args.model)
         engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
