@@ -181,6 +181,30 @@ def test_a_failed_load_says_why_and_the_repository_keeps_working(tmp_path, break
     asyncio.run(scenario())
 
 
+def test_a_load_where_one_version_fails_says_so_and_the_rest_serve(tmp_path):
+    """Every version the policy asks for (`all`) must load: one that does not makes the load answer
+    its reason (400 / FAILED_PRECONDITION, via the CLI exit 2), naming what does serve."""
+    root = _store(tmp_path, MODEL, "twin")
+    publish_shipped(root, "twin")  # twin v2
+    _sha_mismatch(root / "twin" / "2")
+
+    async def scenario() -> None:
+        engine = Engine(_settings(root, model_control_mode="explicit", version_policy="all"))
+        await engine.load()
+        try:
+            with pytest.raises(RepositoryError) as err:
+                await engine.load_model("twin")
+            message = str(err.value)
+            _one_line(message)
+            assert message.startswith("failed to load 'twin': twin v2: model.int8.onnx is missing or altered"), message
+            assert message.endswith("(v1 serving)"), message
+            assert ("twin", 1) in engine.loaded and "twin" in engine.requested, "what did load serves"
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("mode", ["none", "explicit"])
 def test_odd_names_and_folders_never_crash_the_engine(tmp_path, mode):
     root = _store(tmp_path, MODEL, "twin")

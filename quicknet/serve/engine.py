@@ -424,14 +424,19 @@ class Engine:
             if not any(k[0] == name for k in self.loaded):
                 self.requested.discard(name)
             raise RepositoryError(f"failed to load {store.shown(name)}; see the server log") from e
-        if not any(k[0] == name for k in self.loaded):
+        failed = [  # what failed in this load (the states of earlier failures were cleared above)
+            reason if reason.startswith(f"{n} v{v}") else f"v{v}: {reason}"
+            for n, v in sorted(self.states)
+            if n == name and self.states[(n, v)].state == "UNAVAILABLE"
+            for reason in [self.states[(n, v)].reason]
+        ]
+        serving = sorted(v for n, v in self.loaded if n == name)
+        if not serving:
             self.requested.discard(name)  # nothing of it serves: the next plan does not retry it
-            failed = [
-                f"v{v}: {self.states[(n, v)].reason}"
-                for n, v in sorted(self.states)
-                if n == name and self.states[(n, v)].state == "UNAVAILABLE"
-            ]
             raise RepositoryError(f"failed to load {store.shown(name)}: {'; '.join(failed) or 'no version loaded'}")
+        if failed:  # a version the policy asks for did not load: the load failed, what did load serves
+            also = ", ".join(f"v{v}" for v in serving)
+            raise RepositoryError(f"failed to load {store.shown(name)}: {'; '.join(failed)} ({also} serving)")
 
     async def unload_model(self, name: str) -> None:
         self._explicit_only()
