@@ -261,3 +261,6 @@ def test_probe_says_why_and_takes_a_url(server):
     assert refused.stderr == f"probe http://127.0.0.1:{port}/healthz: cannot reach it: Connection refused\n"
     missing = quicknet("probe", "--url", f"{server.url}/nowhere")
     assert missing.returncode == 1 and "answered 40" in missing.stderr, missing.stderr
+    grpc_port = quicknet("probe", "--url", f"127.0.0.1:{server.grpc_port}")  # HTTP/2 frames, then a close
+    assert grpc_port.returncode == 1 and grpc_port.stderr.count("\n") == 1, grpc_port.stderr
+    assert "did not answer in HTTP/1.1" in grpc_port.stderr and "REST port" in grpc_port.stderr, grpc_port.stderr

@@ -81,6 +81,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     mutual TLS it presents the server's certificate, which must then be one the client CA signed)
     and, when health endpoints are closed, sends QUICKNET_API_KEY. With --url, that server
     (http(s)://host:port); https is not verified either: liveness, not identity."""
+    import http.client
     import ssl
     import urllib.error
     import urllib.request
@@ -118,6 +119,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
         ok, why = False, f"cannot reach it: {getattr(e.reason, 'strerror', None) or e.reason}"
     except TimeoutError:
         ok, why = False, f"no answer within {args.timeout:g}s"
+    except http.client.HTTPException as e:  # an answer that is not HTTP/1.1: the gRPC port, say
+        why = f"it did not answer in HTTP/1.1 ({type(e).__name__}): if that is the gRPC port, probe the REST port"
+        ok = False
     except (OSError, ValueError) as e:
         ok, why = False, f"cannot ask it: {e}"
     if not ok:
