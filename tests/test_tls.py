@@ -263,6 +263,20 @@ def test_the_python_client_over_tls_with_a_key(tls_server, mtls_server, pki, mon
     for url in (mtls_server.url, f"grpc://{mtls_server.grpc_target}"):
         with Client(url, cacert=pki["ca"], cert=pki["client_cert"], key=pki["client_key"]) as client:
             assert client.classify(cat).label == "cat"
+    # what a user gets wrong first says what to do: plain HTTP to the TLS port, no client certificate
+    wrong = [
+        (f"http://127.0.0.1:{tls_server.http_port}", {}, "https://"),
+        (mtls_server.url, {"cacert": pki["ca"]}, "--cert and --key"),
+    ]
+    wrong += [
+        (f"grpc://{tls_server.grpc_target}", {}, "grpcs://"),
+        (f"grpc://{mtls_server.grpc_target}", {}, "grpcs://"),
+    ]
+    wrong += [(f"grpcs://{mtls_server.grpc_target}", {"cacert": pki["ca"]}, "--cert and --key")]
+    for url, options, hint in wrong:
+        with Client(url, api_key=KEY, timeout=5, **options) as client, pytest.raises(QuickNetClientError) as err:
+            client.classify(cat)
+        assert hint in err.value.message and "\n" not in err.value.message, (url, err.value.message)
 
 
 def _probe_env(srv, pki, **extra: str) -> dict[str, str]:

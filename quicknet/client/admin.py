@@ -152,6 +152,7 @@ class GrpcAdmin:
         self.pb = pb
         self._grpc = grpc
         self._metadata = endpoint.metadata()
+        self.tls = endpoint.tls
         if endpoint.tls:
             self._channel = grpc.secure_channel(endpoint.url, endpoint.grpc_credentials(), OPTIONS)
         else:
@@ -164,7 +165,7 @@ class GrpcAdmin:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
         except self._grpc.RpcError as e:
-            raise _error(self.target, e) from None
+            raise _error(self.target, e, self.tls) from None
 
     @staticmethod
     def _dict(message) -> dict:

@@ -109,9 +109,19 @@ def _is_tls(error: BaseException) -> bool:
     return False
 
 
-_GRPC_PORT = (
-    "if that is the gRPC port (8001 by default), use the REST port (8000 by default), or grpc://host:port for gRPC"
-)
+def _no_answer_hint(url: str) -> str:
+    """What a connection closed without an HTTP/1.1 answer most often means, by the URL's scheme: the
+    gRPC port answers HTTP/2 frames and closes; a TLS port closes on plain HTTP; a server asking for
+    a client certificate closes when none comes."""
+    if url.startswith("https://"):
+        return (
+            "if the server asks for a client certificate (mutual TLS), give one with --cert and --key; if that "
+            "is the gRPC port (8001 by default), use the REST port (8000 by default), or grpcs://host:port for gRPC"
+        )
+    return (
+        "if that is the gRPC port (8001 by default), use the REST port (8000 by default), or grpc://host:port for "
+        "gRPC; if the server uses TLS, https://host:port"
+    )
 
 
 def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> QuickNetClientError:
@@ -130,11 +140,14 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
             why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
         message = f"cannot reach {url}: {why}"
     elif isinstance(error, httpx.RemoteProtocolError):
-        message = f"{url} did not answer in HTTP/1.1 ({_words(error, 'it closed the connection')}): {_GRPC_PORT}"
+        message = (
+            f"{url} did not answer in HTTP/1.1 ({_words(error, 'it closed the connection')}): {_no_answer_hint(url)}"
+        )
     elif isinstance(error, httpx.ReadError | httpx.WriteError) and not str(error).strip():
-        # a gRPC port answers an HTTP/1.1 request with HTTP/2 frames and closes: whether the client
-        # reads the frames (above) or meets the close (here) is a race
-        message = f"{url} closed the connection without an answer: {_GRPC_PORT}"
+        # whether the client reads what such a port sends (above) or meets its close (here) is a race
+        message = f"{url} closed the connection without an answer: {_no_answer_hint(url)}"
+    elif tls:  # the handshake passed, then the server refused: most often a client certificate it wanted
+        message = f"{url} ended the TLS connection ({_words(error, 'no reason given')}): {_no_answer_hint(url)}"
     else:
         message = f"lost the connection to {url}: {_words(error, 'the connection closed before the answer')}"
     # a refused or dropped connection is worth another try; a certificate that fails never heals

@@ -57,7 +57,7 @@ def _results(reply: pb.ClassifyBatchResponse, step: Send) -> list[Result]:
     ]
 
 
-def _error(target: str, error: grpc.RpcError) -> QuickNetClientError:
+def _error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClientError:
     code = error.code()
     details = " ".join((error.details() or "").split())
     retry_after = None
@@ -68,7 +68,14 @@ def _error(target: str, error: grpc.RpcError) -> QuickNetClientError:
     if code == C.RESOURCE_EXHAUSTED and "larger than max" in details:  # a message over a size limit
         return QuickNetClientError(413, details, grpc_code=code.name)
     if code == C.UNAVAILABLE and "connect" in details.lower():  # nobody answered, as REST's ConnectError
-        return QuickNetClientError(None, f"cannot reach {target}: {details}", grpc_code=code.name, retryable=True)
+        message = f"cannot reach {target}: {details}"
+        if details.endswith("Socket closed"):  # it accepted, then closed: it wanted (or spoke) something else
+            message += (
+                ": if the server asks for a client certificate (mutual TLS), give one with --cert and --key"
+                if tls
+                else ": if the server uses TLS, grpcs://host:port"
+            )
+        return QuickNetClientError(None, message, grpc_code=code.name, retryable=True)
     return QuickNetClientError(
         HTTP_STATUS.get(code, 500),
         details or code.name,
@@ -81,6 +88,7 @@ def _error(target: str, error: grpc.RpcError) -> QuickNetClientError:
 class GrpcTransport:
     def __init__(self, endpoint: Endpoint):
         self.target = endpoint.url
+        self.tls = endpoint.tls
         self._metadata = endpoint.metadata()
         if endpoint.tls:
             self._channel = grpc.secure_channel(endpoint.url, endpoint.grpc_credentials(), OPTIONS)
@@ -92,7 +100,7 @@ class GrpcTransport:
         try:
             reply = self._stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(self.target, e) from None
+            raise _error(self.target, e, self.tls) from None
         return _results(reply, step)
 
     def close(self) -> None:
@@ -125,7 +133,7 @@ class AsyncGrpcTransport:
         try:
             reply = await stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self.endpoint.metadata())
         except grpc.RpcError as e:
-            raise _error(self.target, e) from None
+            raise _error(self.target, e, self.endpoint.tls) from None
         return _results(reply, step)
 
     async def close(self) -> None:
