@@ -116,6 +116,18 @@ def test_load_needs_an_admin_key_and_the_store_config_is_in_force(server, capsys
         raise AssertionError(f"{SECOND} still not UNAVAILABLE 30 s after its unload")
 
 
+def test_a_path_for_a_model_name_gets_the_servers_own_refusal_on_both_protocols(server, capsys):
+    """`../x` cannot reach a REST route as one path segment (the URL resolves it, or the server
+    decodes its `%2F`): the client refuses it as the server does over gRPC, in the same words."""
+    answers = []
+    for url in (server.url, f"grpc://{server.grpc_target}"):
+        code, out, err = cli(capsys, "load", "../x", "--url", url, "--api-key", ADMIN)
+        assert (code, out) == (2, "") and err.count("\n") == 1, err
+        answers.append(err.split(" is not a model name: ", 1))
+    rest, grpc = answers
+    assert rest[0] == "error: '../x'" and grpc[0].endswith("'../x'") and rest[1] == grpc[1], answers
+
+
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_stats_show_images_batches_and_the_mean_batch(server, capsys, protocol):
     files = [("images", (f"cat{i}.png", CAT, "image/png")) for i in range(3)]

@@ -21,12 +21,28 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from quicknet.client.endpoint import Endpoint
 from quicknet.client.results import QuickNetClientError
 from quicknet.errors import QuickNetError
 
 PLATFORM_ENGINES = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_torchexport": "torch"}
+
+
+def _segment(value: str) -> str:
+    """One URL path segment, percent-encoded (a `?` or `#` in a name stays in the name)."""
+    return quote(str(value), safe="")
+
+
+def _model_name(name: str) -> str:
+    """`name`, or the server's own one-line refusal (400) before any request: a name holding `/`
+    (`../x`) cannot reach the server's routes as one path segment, whatever the encoding."""
+    from quicknet import store
+
+    if not store.valid_name(name):
+        raise QuickNetClientError(400, f"{store.shown(name)} is not a model name: {store.NAME_RULE}", from_server=False)
+    return name
 
 
 @dataclass
@@ -124,16 +140,16 @@ class RestAdmin:
         return {(m["name"], m["version"]): m for m in self._call("GET", "/v1/models").json()["models"]}
 
     def config(self, name: str, version: str) -> dict:
-        return self._call("GET", f"/v2/models/{name}/versions/{version}/config").json()
+        return self._call("GET", f"/v2/models/{_segment(name)}/versions/{_segment(version)}/config").json()
 
     def stats(self) -> list[dict]:
         return self._call("GET", "/v2/models/stats").json()["model_stats"]
 
     def load(self, name: str) -> None:
-        self._call("POST", f"/v2/repository/models/{name}/load", json={})
+        self._call("POST", f"/v2/repository/models/{_segment(_model_name(name))}/load", json={})
 
     def unload(self, name: str) -> None:
-        self._call("POST", f"/v2/repository/models/{name}/unload", json={})
+        self._call("POST", f"/v2/repository/models/{_segment(_model_name(name))}/unload", json={})
 
     def close(self) -> None:
         self._http.close()
