@@ -91,6 +91,21 @@ def test_version_policies_flag_wins_over_a_model_config_which_is_checked_anyway(
         Engine(flags).policy_for(FAST_MODEL)
 
 
+def test_a_version_policy_that_picks_nothing_says_what_there_is(tmp_path):
+    import asyncio
+
+    from quicknet.serve.engine import Engine
+
+    root = _store(tmp_path, {})
+    version = max(int(p.name) for p in (root / FAST_MODEL).iterdir() if p.name.isdigit())
+    engine = Engine(Settings(model_store=root, version_policy=f"specific:{version + 1}", warmup=False))
+    with pytest.raises(StoreError) as err:
+        asyncio.run(engine.load())
+    assert str(err.value) == (
+        f"version policy 'specific:{version + 1}' picks no version of '{FAST_MODEL}' (it has v{version})"
+    )
+
+
 def test_an_engine_section_applies_only_when_that_engine_serves_the_model(tmp_path):
     """A batch policy tuned for ONNX Runtime on 2 cores must not cap the same model on a GPU."""
     root = _store(tmp_path, {"max_queue_delay_ms": 1, "onnxruntime": {"max_batch_size": 8}, "torch": {"instances": 2}})

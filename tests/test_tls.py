@@ -244,6 +244,7 @@ def test_the_cli_client_over_tls_with_a_key(tls_server, pki):
         assert ok.returncode == 0 and ": cat " in ok.stdout, ok.stderr
         refused = _cli("classify", *target, "--cacert", str(pki["ca"]), cat)
         assert refused.returncode == 2 and ("401" in refused.stderr or "UNAUTHENTICATED" in refused.stderr)
+        assert refused.stderr.endswith("(pass --api-key or set QUICKNET_API_KEY)\n"), refused.stderr
 
 
 def test_the_python_client_over_tls_with_a_key(tls_server, mtls_server, pki, monkeypatch):

@@ -355,17 +355,17 @@ def _run(args: argparse.Namespace, work) -> None:
     try:
         work(admin)
     except QuickNetClientError as e:
-        raise QuickNetError(_explain(e, args)) from None
+        raise QuickNetError(explain(e, args.command)) from None
     finally:
         admin.close()
 
 
-def _explain(e: QuickNetClientError, args: argparse.Namespace) -> str:
-    """The client's message, with what to do for the refusals an operator meets first."""
+def explain(e: QuickNetClientError, command: str) -> str:
+    """The client's message, with what to do for the refusals a user of `quicknet <command>` meets first."""
     text = str(e)
     if e.status == 401:
         return f"{text} (pass --api-key or set QUICKNET_API_KEY)"
-    if e.status == 403 and args.command in ("load", "unload"):
+    if e.status == 403 and command in ("load", "unload"):
         return f"{text} (load and unload need a key from the server's --admin-api-keys-file)"
     return text
 

@@ -190,7 +190,9 @@ async def _classify(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            raise QuickNetError(str(e)) from None
+            from quicknet.client.admin import explain
+
+            raise QuickNetError(explain(e, "classify")) from None
     return failures
 
 

@@ -240,7 +240,8 @@ class Engine:
                 store.get_version(root, default_name, s.version)  # raises "no version N (have: ...)"
             picked = sorted({*picked, s.version})
         if not picked and len(usable) == len(versions):
-            raise StoreError(f"version policy {self.policy_for(name)!r} picks none of {name!r}'s {usable}")
+            have = ", ".join(f"v{v}" for v in usable)
+            raise StoreError(f"version policy {self.policy_for(name)!r} picks no version of {name!r} (it has {have})")
         return picked  # empty: every candidate failed to load (UNAVAILABLE, with the reason, in the index)
 
     async def load(self) -> list[LocalModel]:
