@@ -425,12 +425,11 @@ class Engine:
             if not any(k[0] == name for k in self.loaded):
                 self.requested.discard(name)
             raise RepositoryError(f"failed to load {store.shown(name)}; see the server log") from e
-        failed = [  # what failed in this load (the states of earlier failures were cleared above)
-            reason if reason.startswith(f"{n} v{v}") else f"v{v}: {reason}"
-            for n, v in sorted(self.states)
-            if n == name and self.states[(n, v)].state == "UNAVAILABLE"
-            for reason in [self.states[(n, v)].reason]
-        ]
+        failed = []  # what failed in this load (the states of earlier failures were cleared above)
+        for n, v in sorted(self.states):
+            if n == name and self.states[(n, v)].state == "UNAVAILABLE":
+                reason = self.states[(n, v)].reason  # the store's reasons name the version already
+                failed.append(reason if reason.startswith(f"{n} v{v}") else f"v{v}: {reason}")
         serving = sorted(v for n, v in self.loaded if n == name)
         if not serving:
             self.requested.discard(name)  # nothing of it serves: the next plan does not retry it
