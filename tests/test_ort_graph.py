@@ -158,11 +158,11 @@ def test_a_rewritten_graph_ort_cannot_load_or_run_falls_back_to_the_published_on
 
 @pytest.mark.parametrize(
     ("int8_s", "faster"),
-    [(0.002, "fp32"), (0.0005, "int8"), (0.00092, "fp32")],  # the last: INT8 8% faster, within noise
+    [(0.002, "fp32"), (0.0005, "int8"), (0.00085, "fp32")],  # the last: INT8 1.18x, within noise
 )
 def test_with_auto_precision_only_what_serves_is_checked(version, monkeypatch, int8_s, faster):
     """The timings decide (fixed here: on quicknet-xs FP32 and INT8 are within a few percent, and
-    INT8 serves only where it is at least 10% faster, so a start does not flip a coin)."""
+    INT8 serves only where it is at least 1.25x faster, so a start does not flip a coin)."""
     import quicknet.serve.backends.onnxruntime as backend_module
 
     calls = []
