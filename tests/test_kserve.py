@@ -352,13 +352,20 @@ def test_kserve_grpc_deadline_passing_in_the_queue(hung_server, samples):
     """The engine is held busy for HANG_S (tests/hung.py), so a 0.1 s deadline passes in the queue
     on any CPU; the server answers DEADLINE_EXCEEDED itself and never computes the request."""
     server = hung_server
-    before = httpx.get(f"{server.url}/metrics").text
-    computed = computed_images(server)
     inp = tgrpc.InferInput("images", [1, 32, 32, 3], "UINT8")
     inp.set_data_from_numpy(samples.images[:1])
-    with held_engine(server), pytest.raises(InferenceServerException) as err:
-        tgrpc.InferenceServerClient(server.grpc_target).infer(MODEL, [inp], client_timeout=0.1)
-    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "while queued" in err.value.message()
+    for _ in range(3):
+        before = httpx.get(f"{server.url}/metrics").text
+        computed = computed_images(server)
+        with held_engine(server), pytest.raises(InferenceServerException) as err:
+            tgrpc.InferenceServerClient(server.grpc_target).infer(MODEL, [inp], client_timeout=0.1)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
+        if "while queued" in err.value.message():
+            break
+        # The server answers 10 ms before the deadline it reads at receipt; on a host slowed enough
+        # that the call reached the handler later than that, the client's own timer wins: again.
+    else:
+        pytest.fail("in 3 tries the server never answered DEADLINE_EXCEEDED itself before the client gave up")
     after = httpx.get(f"{server.url}/metrics").text
     assert (
         metric(after, "quicknet_rejections_total", protocol="kserve-grpc", reason="deadline")
