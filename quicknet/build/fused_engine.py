@@ -276,6 +276,17 @@ def mismatch(built_for: dict, here: dict) -> list[str]:
     ]
 
 
+def not_built_from(doc: dict, files: dict) -> str | None:
+    """Why the engine `doc` cannot take its weights from a version whose metadata lists `files`
+    (name -> {"sha256"}), or None when it names one of them by name and SHA-256."""
+    built_from = doc.get("source", {})
+    if not built_from.get("file") or not built_from.get("sha256"):
+        return "does not name the model file it was built from"
+    if files.get(built_from["file"], {}).get("sha256") != built_from["sha256"]:
+        return f"was built from another model file than this version's {built_from['file']!r}"
+    return None
+
+
 def artifact_name(identity: dict) -> str:
     cc = (identity.get("compute_capability") or "cpu").replace(".", "")
     return f"model.fused.{slug(identity.get('gpu') or 'cpu')}.sm{cc}.zip"

@@ -262,12 +262,10 @@ def attach(root: Path, name: str, version: int | None, engine: Path) -> store.Mo
     store.verify_files(source)
     meta = source.metadata
     doc = fe.read_doc(engine)
-    built_from = doc.get("source", {})
-    have = meta["files"].get(built_from.get("file") or "", {}).get("sha256")
-    if not have or have != built_from.get("sha256"):
+    if fe.not_built_from(doc, meta["files"]):
         raise BuildError(
             f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
-            f"(it names {built_from.get('file')!r}); build it on the GPU with "
+            f"(it names {doc.get('source', {}).get('file')!r}); build it on the GPU with "
             "`python -m benchmarks.gpu_engine --store <a store whose default is that version>`"
         )
     g = doc.get("gate") or {}

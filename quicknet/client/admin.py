@@ -39,10 +39,12 @@ def _model_name(name: str) -> str:
     """`name`, or the server's own one-line refusal (400) before any request: a name holding `/`
     (`../x`) cannot reach the server's routes as one path segment, whatever the encoding."""
     from quicknet import store
+    from quicknet.errors import StoreError
 
-    if not store.valid_name(name):
-        raise QuickNetClientError(400, f"{store.shown(name)} is not a model name: {store.NAME_RULE}", from_server=False)
-    return name
+    try:
+        return store.check_name(name)
+    except StoreError as e:
+        raise QuickNetClientError(400, str(e), from_server=False) from None
 
 
 @dataclass

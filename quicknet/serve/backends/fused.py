@@ -41,11 +41,8 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
         return None, f"{where} cannot be used here ({type(e).__name__}: {e})"
     if differs:
         return None, f"{where} was built for another machine: {'; '.join(differs)}"
-    built_from = doc.get("source", {})
-    if not built_from.get("file") or not built_from.get("sha256"):
-        return None, f"{where} does not name the model file it was built from"
-    if version.metadata["files"].get(built_from["file"], {}).get("sha256") != built_from["sha256"]:
-        return None, f"{where} was built from another model file than this version's {built_from['file']!r}"
+    if why := fe.not_built_from(doc, version.metadata["files"]):
+        return None, f"{where} {why}"
     return path, None
 
 
