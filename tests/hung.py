@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
+import pytest
 
 from quicknet.testing import metric
 
 HANG_S = 0.8
 RAW = {"Content-Type": "application/octet-stream"}
+T = TypeVar("T")
 
 
 def computed_images(server) -> float:
@@ -35,7 +39,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 @contextlib.contextmanager
 def held_engine(server):
     """Yields while the engine sleeps in a one-image batch (HANG_S from its start); on the way out,
-    that request must have succeeded. Sent over REST: hold the queue for any protocol's test."""
+    that request must have succeeded. Sent over REST: hold the queue for any protocol's test. What it
+    yields is the thread waiting on that request: alive while the held request is unanswered."""
     results: list[int] = []
 
     def fill() -> None:
@@ -50,7 +55,7 @@ def held_engine(server):
         "the held batch to start",
     )
     try:
-        yield
+        yield thread
     finally:
         thread.join(60)
     assert results == [200], "the request holding the engine failed"
@@ -63,3 +68,16 @@ def assert_nothing_else_computed(server, computed_before: float) -> None:
     probe = httpx.post(f"{server.url}/classify", content=bytes(3072), headers=RAW, timeout=60)
     assert probe.status_code == 200, probe.text
     assert computed_images(server) - computed_before == 2, "images past their deadline or cancelled were computed"
+
+
+def the_server_gives_up_first(attempt: Callable[[], tuple[str, T]], tries: int = 3) -> T:
+    """Runs `attempt` (one gRPC call held in the queue past its deadline; it returns the error's
+    message and what it measured before sending) until the server's own DEADLINE_EXCEEDED ended the
+    call, and returns that attempt's measure. The server answers 20 ms before the deadline it reads
+    at receipt (transport/grpc.py `deadline_of`); a host slowed enough to spend those 20 ms on the
+    way back lets the client's own timer win the race, which says nothing of the server: try again."""
+    for _ in range(tries):
+        message, measured = attempt()
+        if "while queued" in message:
+            return measured
+    pytest.fail(f"in {tries} tries the server never answered DEADLINE_EXCEEDED itself before the client gave up")
