@@ -48,7 +48,7 @@ def test_onnx_evaluation_shows_progress_and_is_quiet_when_asked(monkeypatch, cap
     onnx = next((STORE / "quicknet-xs").glob("*/model.onnx"))
     images = np.zeros((1000, 32, 32, 3), np.uint8)
     monkeypatch.setenv("QUICKNET_PROGRESS", "1")
-    assert onnx_logits(onnx, images).shape == (1000, 10)
+    assert onnx_logits(onnx, images, batch_size=500).shape == (1000, 10)
     assert "model.onnx" in (err := capfd.readouterr().err) and "/2 " in err, err
     monkeypatch.setenv("QUICKNET_PROGRESS", "0")
     onnx_logits(onnx, images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,16 +137,19 @@ def export_folded_weights(folded: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def reference_logits(model: QuickNet, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """The eval-mode, unfolded PyTorch model on the same pixels, normalized outside the graph."""
+def reference_logits(model: QuickNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The eval-mode, unfolded PyTorch model on the same pixels, normalized outside the graph.
+    Channels-last batches of 64: on 2 cores that scores quicknet-xs at ~1,000 img/s against ~380 in
+    NCHW batches of 500 (the full model ~80 against ~66), with the same logits."""
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # the caller's stays as it is
     out = []
     starts = range(0, len(images), batch_size)
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in steps(starts, len(starts), "pytorch reference"):
             x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float()
-            out.append(model.eval()((x - mean) / std).numpy())
+            out.append(model(((x - mean) / std).contiguous(memory_format=torch.channels_last)).numpy())
     return np.concatenate(out)
 
 

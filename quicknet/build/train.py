@@ -1,8 +1,9 @@
 """Training: SGD + Nesterov, warmup then linear decay, label smoothing, EMA of weights.
 
 Weight decay skips BN parameters, PReLU slopes and depthwise filters (all small, per-channel
-tensors whose decay only hurts). On CUDA it trains in bf16 autocast with channels_last, and
-keeps loss/accuracy sums on the device so a step never waits for the host.
+tensors whose decay only hurts). It trains channels_last (on 2 CPU cores quicknet-xs steps ~15%
+faster than in NCHW); on CUDA in bf16 autocast, keeping loss/accuracy sums on the device so a step
+never waits for the host.
 
 Checkpoints are resumable at any step, not only at epoch ends: a stop (time limit, `stop_at_step`,
 Ctrl-C between saves) records the epoch's shuffle order, the step reached, the loader's and the
@@ -137,7 +138,7 @@ def evaluate(model: nn.Module, loader: TensorLoader, device: str) -> tuple[float
     total = 0
     for x, y in loader:
         with _autocast(device):
-            logits = model(x.to(memory_format=torch.channels_last) if device == "cuda" else x)
+            logits = model(x.to(memory_format=torch.channels_last))
         correct += (logits.argmax(1) == y).sum()
         loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         total += len(y)
@@ -223,9 +224,7 @@ def train(
     if steps_per_epoch == 0:
         raise BuildError(f"batch size {cfg.batch_size} is larger than the {len(train_split.labels)} training images")
 
-    model = build_model(cfg.model).to(device)
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     lr = cfg.lr * cfg.batch_size / 256
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum, nesterov=True)
     schedule = _Schedule(max(1, int(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch)
@@ -295,8 +294,7 @@ def train(
         )
         step = start_step
         for x, y in bar:
-            if device == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
             with _autocast(device):
                 logits = step_model(x)
                 loss = criterion(logits, y)
