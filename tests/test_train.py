@@ -54,6 +54,17 @@ def test_tiny_run_overfits_128_images(cifar: Dataset, tmp_path):
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_training_draws_its_bar_only_where_progress_is_wanted(cifar: Dataset, tmp_path, monkeypatch, capfd, setting):
+    """`progress` prints each epoch's record; the bar's frames go to stderr only on a terminal or
+    with QUICKNET_PROGRESS=1 (a log file of `quicknet build` had them with 0, and off a terminal)."""
+    monkeypatch.setenv("QUICKNET_PROGRESS", setting)
+    train(TrainConfig(**TINY, epochs=1, train_subset=64), cifar, tmp_path, progress=True)
+    out, err = capfd.readouterr()
+    assert '"epoch": 1' in out, out
+    assert ("epoch 1/1" in err) == (setting == "1"), err
+
+
 def test_fixed_seed_reproduces(cifar: Dataset, tmp_path):
     cfg = TrainConfig(**RESUME)
     a = train(cfg, cifar, tmp_path / "a", progress=False)

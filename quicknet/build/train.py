@@ -38,6 +38,7 @@ from torch import nn
 from quicknet.build.config import TrainConfig
 from quicknet.build.data import Dataset, TensorLoader
 from quicknet.build.model import ArchConfig, QuickNet, build_model, get_config
+from quicknet.build.progress import wanted as bar_wanted
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 
@@ -269,6 +270,9 @@ def train(
             planned_epochs=planned_epochs,
         )
 
+    # `progress` prints each epoch's record; the bar as well only on a terminal or where
+    # QUICKNET_PROGRESS=1 asks for it (quicknet/build/progress.py): logs stay free of bar frames
+    show_bar = progress and bar_wanted()
     stopped_early = False
     t_start = time.perf_counter() - elapsed
     last_save = time.perf_counter()
@@ -289,7 +293,7 @@ def train(
             total=steps_per_epoch,
             initial=start_step,
             desc=f"epoch {epoch + 1}/{planned_epochs}",
-            disable=not progress,
+            disable=not show_bar,
             leave=False,
         )
         step = start_step
@@ -311,7 +315,7 @@ def train(
             if step == half and epoch == 0 and cfg.time_budget_s:
                 _sync(device)
                 t_half = time.perf_counter()
-            if progress and step % 20 == 0:  # the only mid-epoch host sync, and only with a progress bar
+            if show_bar and step % 20 == 0:  # the only mid-epoch host sync, and only with a progress bar
                 rate = seen / (time.perf_counter() - t_epoch)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{rate:.0f}")
             global_step = epoch * steps_per_epoch + step
