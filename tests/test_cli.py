@@ -116,7 +116,11 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     assert unknown.stderr.strip().startswith("error: model 'nope' not found"), unknown.stderr
     assert "loaded" not in unknown.stderr and "REST on" not in unknown.stderr, "nothing loads or binds first"
     missing = quicknet("serve", "--model-store", str(tmp_path / "absent"), env=env)
-    assert missing.returncode == 2 and "error:" in missing.stderr and missing.stderr.count("\n") == 1
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith(f"error: model store {tmp_path / 'absent'} is not a folder"), missing.stderr
+    empty = quicknet("serve", "--model-store", str(tmp_path), env=env)
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1, empty.stderr
+    assert "holds no published model" in empty.stderr, empty.stderr
     not_json = quicknet("serve", env=env | {"QUICKNET_MODELS": "[quicknet]"})
     assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1, not_json.stderr
     assert 'error parsing value for field "models"' in not_json.stderr and "Traceback" not in not_json.stderr
