@@ -147,7 +147,7 @@ def default_model(root: Path) -> str:
     if len(models) == 1:
         return models[0]
     if not root.is_dir():
-        raise StoreError(f"model store {root} is not a folder: point --model-store at one that `quicknet publish` wrote")
+        raise StoreError(f"model store {root} is not a folder: point --model-store at one `quicknet publish` wrote")
     if not models:
         raise StoreError(f"model store {root} holds no published model: publish one into it with `quicknet publish`")
     raise StoreError(f"no default model in {root}: name one with --model (have: {', '.join(models)})")

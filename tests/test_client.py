@@ -230,6 +230,9 @@ def test_an_unreachable_server_is_retried_then_one_error():
             client.classify(REPO / "examples" / "cat.png")
         assert err.value.status is None and err.value.retryable
         assert "cannot reach" in str(err.value), err.value
+        assert str(err.value).endswith("is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"), (
+            err.value
+        )
 
 
 def test_inputs_are_checked_before_anything_is_sent():

@@ -21,6 +21,10 @@ def default_url() -> str:
     return os.environ.get("QUICKNET_URL") or f"http://127.0.0.1:{os.environ.get('QUICKNET_HTTP_PORT') or 8000}"
 
 
+# What "nothing listens there" means to do, for both transports' refused connections.
+NOBODY_LISTENS = "is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"
+
+
 # The server's own paths: a URL ending in one names an endpoint, not the server (the client adds
 # /classify itself; a path before these, as behind a reverse proxy, is kept).
 API_PATHS = re.compile(

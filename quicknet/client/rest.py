@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from quicknet.client.endpoint import Endpoint
+from quicknet.client.endpoint import NOBODY_LISTENS, Endpoint
 from quicknet.client.inputs import Payload, pixels_to_png
 from quicknet.client.plan import Send, check_choice
 from quicknet.client.results import Prediction, QuickNetClientError, Result
@@ -137,7 +137,11 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
                 "give its CA with --cacert"
             )
         else:
-            why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
+            why = (
+                "the TLS handshake failed (is --cacert the server's CA?)"
+                if tls
+                else f"{_words(error, 'refused')}: {NOBODY_LISTENS}"
+            )
         message = f"cannot reach {url}: {why}"
     elif isinstance(error, httpx.RemoteProtocolError):
         message = (

@@ -11,7 +11,7 @@ import grpc
 
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
-from quicknet.client.endpoint import Endpoint
+from quicknet.client.endpoint import NOBODY_LISTENS, Endpoint
 from quicknet.client.plan import Send, check_choice
 from quicknet.client.results import Prediction, QuickNetClientError, Result
 
@@ -75,6 +75,8 @@ def _error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClie
                 if tls
                 else ": if the server uses TLS, grpcs://host:port"
             )
+        elif "refused" in details.lower():
+            message += f": {NOBODY_LISTENS}"
         return QuickNetClientError(None, message, grpc_code=code.name, retryable=True)
     return QuickNetClientError(
         HTTP_STATUS.get(code, 500),
