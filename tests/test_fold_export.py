@@ -94,3 +94,16 @@ def test_equal_prelu_slopes_fold_to_leaky_relu():
     folded = fold(build_model("quicknet-xs").eval())  # fresh: every slope is PReLU's init, 0.25
     acts = [m for m in folded.features if not isinstance(m, (nn.Conv2d, nn.MaxPool2d))]
     assert acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.25 for m in acts)
+
+
+def test_export_says_nothing_a_user_cannot_act_on(tmp_path, capfd):
+    """torch 2.13's exporter logs four lines on every export that torchvision is not installed, and
+    warns about its own use of pytree's LeafSpec: a new user's build log had them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(fold(build_model("quicknet-xs").eval()), tmp_path / "model.onnx")
+    out, err = capfd.readouterr()
+    assert "torchvision" not in out + err, err
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

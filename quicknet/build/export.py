@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +37,27 @@ class Equivalence:
         return self.max_abs_logit_delta <= MAX_LOGIT_DELTA and self.top1_agreement >= MIN_TOP1_AGREEMENT
 
 
+@contextlib.contextmanager
+def _exporter_noise_off():
+    """What torch 2.13's exporter says on every export and a user can do nothing about: four lines
+    that torchvision (never needed here) is not installed, and a FutureWarning about its own use of
+    pytree's `LeafSpec`. Anything else it warns about still shows."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
     example = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
     buf = io.BytesIO()
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
+    with contextlib.redirect_stdout(io.StringIO()), _exporter_noise_off():  # it narrates every pass
         program = torch.onnx.export(
             folded.eval(),
             (example,),
