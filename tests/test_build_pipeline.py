@@ -186,9 +186,16 @@ def test_publish_gates_every_servable_artifact(run_dir, tmp_path, artifact, loss
     for f in ("model.onnx", "model.int8.onnx"):
         (bad / f).write_bytes((run_dir / f).read_bytes())
     (bad / "build.json").write_text(json.dumps(rec))
-    with pytest.raises(BuildError, match=f"refusing to publish: {message}"):
+    with pytest.raises(BuildError, match=f"refusing to publish: {message}") as refused:
         build.stage_publish(bad, tmp_path / "store")
     assert not (tmp_path / "store").exists() or store.list_models(tmp_path / "store") == []
+    if artifact == "onnx-int8" and loss is not None:  # the refusal says how to publish the run without it
+        gate = f"{100 * loss:.2f} points below the checkpoint's {acc['checkpoint']['top1']:.2%} (its gate: 0.5 point)"
+        assert gate in str(refused.value), refused.value
+        assert str(refused.value).endswith(f"rm {bad / 'model.int8.onnx'} && quicknet publish --run-dir {bad}")
+        (bad / "model.int8.onnx").unlink()
+        meta = build.stage_publish(bad, tmp_path / "store").metadata
+        assert meta["artifacts"] == {"onnx": "model.onnx", "onnx-int8": None} and "model.int8.onnx" not in meta["files"]
 
 
 def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, tmp_path):
