@@ -37,20 +37,25 @@ class Equivalence:
         return self.max_abs_logit_delta <= MAX_LOGIT_DELTA and self.top1_agreement >= MIN_TOP1_AGREEMENT
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
 @contextlib.contextmanager
 def _exporter_noise_off():
     """What torch 2.13's exporter says on every export and a user can do nothing about: four lines
     that torchvision (never needed here) is not installed, and a FutureWarning about its own use of
-    pytree's `LeafSpec`. Anything else it warns about still shows."""
+    pytree's `LeafSpec`. Only those two are dropped; anything else it logs or warns about shows."""
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    quiet = _NoTorchvisionNotice()
+    registration.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
             yield
     finally:
-        registration.setLevel(level)
+        registration.removeFilter(quiet)
 
 
 def export_onnx(folded: torch.nn.Module, path: Path) -> Path:
