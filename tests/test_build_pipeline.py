@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -181,21 +184,30 @@ def test_publish_gates_every_servable_artifact(run_dir, tmp_path, artifact, loss
         acc[artifact]["images"] = 500
     else:
         acc[artifact]["top1"] = acc["checkpoint"]["top1"] - loss
-    bad = tmp_path / "bad-run"
+    bad = tmp_path / "a bad run"  # a space: the offered command quotes it
     bad.mkdir()
     for f in ("model.onnx", "model.int8.onnx"):
         (bad / f).write_bytes((run_dir / f).read_bytes())
     (bad / "build.json").write_text(json.dumps(rec))
+    root = tmp_path / "my store"
     with pytest.raises(BuildError, match=f"refusing to publish: {message}") as refused:
-        build.stage_publish(bad, tmp_path / "store")
-    assert not (tmp_path / "store").exists() or store.list_models(tmp_path / "store") == []
-    if artifact == "onnx-int8" and loss is not None:  # the refusal says how to publish the run without it
+        build.stage_publish(bad, root, make_default=True)
+    assert not root.exists() or store.list_models(root) == []
+    if artifact == "onnx-int8" and loss is not None:  # the refusal offers the command that publishes without it
         gate = f"{100 * loss:.2f} points below the checkpoint's {acc['checkpoint']['top1']:.2%} (its gate: 0.5 point)"
         assert gate in str(refused.value), refused.value
-        assert str(refused.value).endswith(f"rm {bad / 'model.int8.onnx'} && quicknet publish --run-dir {bad}")
-        (bad / "model.int8.onnx").unlink()
-        meta = build.stage_publish(bad, tmp_path / "store").metadata
-        assert meta["artifacts"] == {"onnx": "model.onnx", "onnx-int8": None} and "model.int8.onnx" not in meta["files"]
+        offered = str(refused.value).split("publish without it (FP32 serves): ", 1)[1]
+        assert offered.startswith(f"rm '{bad / 'model.int8.onnx'}' && quicknet publish --run-dir '{bad}'"), offered
+        done = subprocess.run(
+            ["bash", "-c", offered.replace("&& quicknet ", f"&& {shlex.quote(sys.executable)} -m quicknet ")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        mv = store.get_version(root, store.default_model(root))  # into the store it was refused for, as default
+        assert mv.metadata["artifacts"] == {"onnx": "model.onnx", "onnx-int8": None}
+        assert "model.int8.onnx" not in mv.metadata["files"]
 
 
 def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, tmp_path):
