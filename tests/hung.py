@@ -39,8 +39,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 @contextlib.contextmanager
 def held_engine(server):
     """Yields while the engine sleeps in a one-image batch (HANG_S from its start); on the way out,
-    that request must have succeeded. Sent over REST: hold the queue for any protocol's test. What it
-    yields is the thread waiting on that request: alive while the held request is unanswered."""
+    that request must have succeeded. Sent over REST: hold the queue for any protocol's test."""
     results: list[int] = []
 
     def fill() -> None:
@@ -55,7 +54,7 @@ def held_engine(server):
         "the held batch to start",
     )
     try:
-        yield thread
+        yield
     finally:
         thread.join(60)
     assert results == [200], "the request holding the engine failed"
