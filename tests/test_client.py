@@ -233,6 +233,10 @@ def test_an_unreachable_server_is_retried_then_one_error():
         assert str(err.value).endswith("is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"), (
             err.value
         )
+    unresolved = Client("http://nonexistent.invalid:8000", retry=Retry(attempts=1))  # not a refusal: no such hint
+    with unresolved as client, pytest.raises(QuickNetClientError) as err:
+        client.classify(REPO / "examples" / "cat.png")
+    assert "cannot reach" in str(err.value) and "quicknet serve" not in str(err.value), err.value
 
 
 def test_inputs_are_checked_before_anything_is_sent():

@@ -137,11 +137,8 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
                 "give its CA with --cacert"
             )
         else:
-            why = (
-                "the TLS handshake failed (is --cacert the server's CA?)"
-                if tls
-                else f"{_words(error, 'refused')}: {NOBODY_LISTENS}"
-            )
+            why = "the TLS handshake failed (is --cacert the server's CA?)" if tls else _words(error, "refused")
+            why += f": {NOBODY_LISTENS}" if _refused(error) else ""
         message = f"cannot reach {url}: {why}"
     elif isinstance(error, httpx.RemoteProtocolError):
         message = (
@@ -156,6 +153,18 @@ def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> Q
         message = f"lost the connection to {url}: {_words(error, 'the connection closed before the answer')}"
     # a refused or dropped connection is worth another try; a certificate that fails never heals
     return QuickNetClientError(None, message, retryable=not tls)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether nothing listened at the address (a refused connection somewhere in the chain: the
+    async client says only "All connection attempts failed"), rather than a name that did not
+    resolve or a network that could not be reached."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _words(error: BaseException, otherwise: str) -> str:
