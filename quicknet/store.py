@@ -139,6 +139,20 @@ def model_config(root: Path, name: str) -> dict:
     return config
 
 
+def _why_no_models(root: Path) -> str:
+    where = "point --model-store (or QUICKNET_MODEL_STORE) at a store `quicknet publish` wrote"
+    try:
+        with os.scandir(root):
+            pass
+    except FileNotFoundError:
+        return f"does not exist: {where}"
+    except NotADirectoryError:
+        return f"is a file, not a folder: {where}"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return "holds no published model: publish one into it with `quicknet publish`"
+
+
 def default_model(root: Path) -> str:
     marker = root / DEFAULT_FILE
     if marker.is_file():
@@ -146,10 +160,8 @@ def default_model(root: Path) -> str:
     models = list_models(root)
     if len(models) == 1:
         return models[0]
-    if not root.is_dir():
-        raise StoreError(f"model store {root} is not a folder: point --model-store at one `quicknet publish` wrote")
     if not models:
-        raise StoreError(f"model store {root} holds no published model: publish one into it with `quicknet publish`")
+        raise StoreError(f"model store {root} {_why_no_models(root)}")
     raise StoreError(f"no default model in {root}: name one with --model (have: {', '.join(models)})")
 
 

@@ -117,7 +117,10 @@ def test_serve_checks_models_and_store_before_loading_anything(tmp_path):
     assert "loaded" not in unknown.stderr and "REST on" not in unknown.stderr, "nothing loads or binds first"
     missing = quicknet("serve", "--model-store", str(tmp_path / "absent"), env=env)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
-    assert missing.stderr.startswith(f"error: model store {tmp_path / 'absent'} is not a folder"), missing.stderr
+    assert missing.stderr.startswith(f"error: model store {tmp_path / 'absent'} does not exist"), missing.stderr
+    (tmp_path / "a-file").write_text("")
+    a_file = quicknet("serve", "--model-store", str(tmp_path / "a-file"), env=env)
+    assert a_file.returncode == 2 and "is a file, not a folder" in a_file.stderr, a_file.stderr
     empty = quicknet("serve", "--model-store", str(tmp_path), env=env)
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1, empty.stderr
     assert "holds no published model" in empty.stderr, empty.stderr
