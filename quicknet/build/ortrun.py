@@ -21,7 +21,7 @@ def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 64, threads: i
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     # no spinning between ops: it would take the CPU from anything else running (a server beside an
-    # evaluation, the second test worker), and waking the threads costs little next to an op
+    # evaluation, the second test worker); the batch-64 figures above were measured without it
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     starts = range(0, len(images), batch_size)
