@@ -106,7 +106,8 @@ def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_p
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "engine-process"])
 def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, workers):
     """The watchdog: a batch running past --watchdog-s turns liveness (what an orchestrator restarts
-    on) false on every front, with the reason; it turns true again if the batch returns."""
+    on) and readiness (what it routes by) false on every front, with the reason; both turn true
+    again if the batch returns."""
     srv = start_server(tmp_path, workers=workers, fault_injection="hang-every=2,hang-seconds=5", watchdog_s=1)
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -124,12 +125,17 @@ def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, wor
                 assert "engine stalled: a batch of quicknet-xs" in live.json()["error"]
                 assert probe.get("/v2/health/live").status_code == 400, "KServe liveness agrees"
                 assert metric(probe.get("/metrics").text, "quicknet_engine_stalled") == 1
+                ready = probe.get("/readyz")  # no traffic routed to a replica that would only time it out
+                assert ready.status_code == 503 and "engine stalled" in ready.json()["error"], ready.text
+                assert probe.get("/v2/health/ready").status_code == 400, "KServe readiness agrees"
+                assert metric(probe.get("/metrics").text, "quicknet_ready") == 0
                 hung.join(30)
                 for _ in range(40):
                     if probe.get("/healthz").status_code == 200:
                         break
                     threading.Event().wait(0.1)
                 assert probe.get("/healthz").status_code == 200, "live again once the batch returned"
+                assert probe.get("/readyz").status_code == 200, "and ready again"
         assert "watchdog: engine stalled" in srv.log()
     finally:
         assert srv.stop() == 0, srv.log()

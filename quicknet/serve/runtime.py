@@ -75,7 +75,7 @@ class Runtime:
         self.draining = False
         self.repository: Repository | None = None  # set by the model source
         self.repository_guard = RepositoryGuard(settings.api_keys_file, settings.admin_api_keys_file)
-        self.stalled: str | None = None  # the engine watchdog's reason: not live while set
+        self.stalled: str | None = None  # the engine watchdog's reason: neither live nor ready while set
         self._ready_listeners: list[Callable[[bool], None]] = []
 
     def install(self, handles: list[ModelHandle], default_name: str, ready: bool = True) -> None:
@@ -108,7 +108,10 @@ class Runtime:
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        """Readiness: warmed up, not draining, and no batch stalled past the watchdog (requests sent
+        to a stalled engine would only wait out their deadlines: the orchestrator routes them to
+        other replicas until the batch returns or liveness has the process restarted)."""
+        return self.ready and not self.draining and self.stalled is None
 
     def get(self, name: str, version: str | int | None = None) -> ModelHandle:
         versions = self.models.get(check_model_name(name))
@@ -141,16 +144,27 @@ class Runtime:
         self._ready_listeners.append(listener)
 
     def set_ready(self, ready: bool) -> None:
-        changed = ready != self.ready
+        was = self.accepting
         self.ready = ready
-        metrics.READY.set(1 if self.accepting else 0)
-        if changed:
-            for listener in self._ready_listeners:
-                listener(self.accepting)
+        self._readiness_set(was)
+
+    def set_stalled(self, reason: str | None) -> None:
+        """The engine watchdog's reason (None: no batch is stalled): liveness and readiness follow."""
+        was = self.accepting
+        self.stalled = reason
+        self._readiness_set(was)
 
     def start_draining(self) -> None:
+        was = self.accepting
         self.draining = True
-        self.set_ready(False)
+        self.ready = False
+        self._readiness_set(was)
+
+    def _readiness_set(self, was: bool) -> None:
+        metrics.READY.set(1 if self.accepting else 0)
+        if self.accepting != was:
+            for listener in self._ready_listeners:
+                listener(self.accepting)
 
     def deadline_from_timeout_ms(self, timeout_ms: float | None) -> float:
         ms = self.settings.default_timeout_ms if timeout_ms is None else timeout_ms

@@ -28,7 +28,7 @@ class LocalSource:
         await asyncio.gather(*jobs)
 
     def _stalled(self, reason: str | None) -> None:
-        self.runtime.stalled = reason
+        self.runtime.set_stalled(reason)
 
     def _install(self) -> None:
         self.runtime.install(self.engine.models, self.engine.default_name)

@@ -170,7 +170,7 @@ class EngineClient:
             self.outbox.send(m.Seen(state.generation))
 
     def _on_stalled(self, stalled: m.Stalled) -> None:
-        self.runtime.stalled = stalled.reason
+        self.runtime.set_stalled(stalled.reason)
 
     def _on_bell(self) -> None:
         """The engine answered a batch (or several): every answered block, in one pass."""
@@ -253,7 +253,7 @@ class EngineClient:
     def _lost(self) -> None:
         """The engine is gone: nothing it held will be answered; every waiting request hears so now."""
         self.runtime.set_ready(False)
-        self.runtime.stalled = None  # a new engine starts with a clean watchdog
+        self.runtime.set_stalled(None)  # a new engine starts with a clean watchdog
         self._fail_waiting(NotAccepting("engine process is restarting; retry shortly", "engine_unavailable"))
         self.ring.reset()
         self.sub_tail = self.comp_head = 0

@@ -78,14 +78,16 @@ def _ops_routes(app: FastAPI, runtime: Runtime, metrics_text) -> None:
     @app.get(
         "/readyz",
         tags=["health"],
-        summary="Readiness: model loaded, warmed up, not draining",
-        responses=answers(Readiness, "ready", (503, "not ready: loading, warming up, or draining")),
+        summary="Readiness: model loaded, warmed up, not draining, engine not stalled",
+        responses=answers(Readiness, "ready", (503, "not ready: loading, warming up, draining, or the engine stalled")),
     )
     @public
     async def readyz() -> JSONResponse:
         if runtime.accepting:
             return JSONResponse({"status": "ready"})
-        return error_response(503, "draining" if runtime.draining else "not ready: loading or warming up")
+        if runtime.draining:
+            return error_response(503, "draining")
+        return error_response(503, runtime.stalled or "not ready: loading or warming up")
 
     @app.get(
         "/metrics",
