@@ -95,6 +95,23 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_does_not(rendered):
     assert gpu["limits"]["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in cpu.get("limits", {})
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_process_count_fits_the_cpus_asked_for_and_the_autoscaler_owns_the_replicas(overlay, rendered):
+    """`QUICKNET_WORKERS` auto counts the node's cores, all of which a pod without a CPU limit sees:
+    every manifest names the count for the CPUs it requests (the engine process and N fronts above
+    1). With an autoscaler, a Deployment's `replicas` would reset its count on every apply."""
+    docs = rendered[overlay]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    deployment = _deployment(docs)
+    cpus = float(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+    workers = int(config["QUICKNET_WORKERS"])
+    assert workers >= 1 and (1 if workers == 1 else workers + 1) <= max(cpus, 2), (overlay, workers, cpus)
+    assert any(d["kind"] == "HorizontalPodAutoscaler" for d in docs)
+    assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns the count"
+    container = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]
+    assert {e["name"]: e["value"] for e in container["env"]}["QUICKNET_WORKERS"] == "1"
+
+
 def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
     docs = rendered["cpu-secure"]
     spec = _deployment(docs)["spec"]["template"]["spec"]

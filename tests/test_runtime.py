@@ -25,13 +25,28 @@ def test_select_and_get_name_what_is_missing():
         runtime.select("nope")
 
 
-def test_the_workers_default_follows_the_cores(monkeypatch):
+def test_the_workers_default_follows_the_cores(monkeypatch, tmp_path):
     import os
 
+    from quicknet.serve import config
+
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "cpu" / "cpu.cfs_quota_us"
+    monkeypatch.setattr(config, "CPU_LIMIT_FILES", (v2, v1))  # neither exists: no cgroup limit
     for cores, expected in ((2, 1), (4, 1), (8, 4), (16, 8), (64, 16)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert Settings().front_workers == expected, cores
     assert Settings(workers=3).front_workers == 3
+    # a container limited to fewer cores than the host shows it (`docker run --cpus`, a pod's limit)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    for cpu_max, expected in (("200000 100000", 1), ("850000 100000", 4), ("max 100000", 16)):
+        v2.write_text(cpu_max + "\n")
+        assert Settings().front_workers == expected, cpu_max
+    v2.unlink()
+    v1.parent.mkdir()
+    (v1.parent / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, expected in (("400000", 1), ("-1", 16)):  # cgroup v1: -1 is no limit
+        v1.write_text(quota + "\n")
+        assert Settings().front_workers == expected, quota
 
 
 def test_a_gpu_is_found_without_torch(monkeypatch):

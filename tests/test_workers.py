@@ -222,7 +222,10 @@ def test_auto_workers_on_a_machine_reporting_many_cores_binds_grpc_in_every_fron
     the gRPC port (SO_REUSEPORT followed the literal `workers`, so fronts 2..N could not bind it)."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import os\nos.sched_getaffinity = lambda pid: set(range(6))\n")
+    (site / "sitecustomize.py").write_text(  # 6 cores, and no cgroup CPU limit whatever the host has
+        "import os\nos.sched_getaffinity = lambda pid: set(range(6))\n"
+        "import quicknet.serve.config as c\nc.CPU_LIMIT_FILES = (c.Path('/nonexistent/a'), c.Path('/nonexistent/b'))\n"
+    )
     srv = start_server(tmp_path, workers=0, env={"PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"})
     try:
         _wait(lambda: len([k for k in _pids(srv) if k.startswith("front")]) == 3, what="three fronts (6 cores / 2)")

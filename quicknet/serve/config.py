@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from pathlib import Path
@@ -28,6 +29,34 @@ def parse_policy(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         pass
     raise ValueError(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
+
+
+# A cgroup's CPU limit (v2, then v1): a container's `--cpus`, a pod's CPU limit.
+CPU_LIMIT_FILES = (Path("/sys/fs/cgroup/cpu.max"), Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+
+
+def cpu_limit() -> float | None:
+    """The CPUs a cgroup limit allows this process, None where none is set."""
+    v2, v1 = CPU_LIMIT_FILES
+    try:
+        quota, period = v2.read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(v1.read_text())
+        return None if quota_us <= 0 else quota_us / int((v1.parent / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU limit. Affinity
+    alone reports every core of the host to a container limited to two of them, and sixteen front
+    processes there would share two cores and hold sixteen times a front's memory."""
+    cores = len(os.sched_getaffinity(0))
+    limit = cpu_limit()
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
 class Settings(BaseSettings):
@@ -70,7 +99,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="front processes (REST + gRPC on shared ports) feeding one engine process; "
-        "0: auto (1 — everything in one process — on up to 4 cores, else half the cores, at most 16)",
+        "0: auto (1 — everything in one process — on up to 4 cores, else half the cores, at most 16; "
+        "the cores a cgroup CPU limit allows, where one is set)",
     )
 
     http_host: str = Field("0.0.0.0", description="REST bind address")
@@ -218,7 +248,7 @@ class Settings(BaseSettings):
         """`workers`, with 0 resolved for this machine (see the field's description)."""
         if self.workers:
             return self.workers
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         return 1 if cores <= 4 else min(16, cores // 2)
 
     @property
