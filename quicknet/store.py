@@ -153,6 +153,18 @@ def _why_no_models(root: Path) -> str:
     return "holds no published model: publish one into it with `quicknet publish`"
 
 
+def version_stamp(root: Path, name: str, version: int) -> tuple:
+    """What a version's folder holds now: each file's name, size and modification time. A published
+    version's never changes (publishing renames a complete folder into place); a copy still arriving
+    (`kubectl cp`, rsync) changes it. Empty where the folder cannot be read."""
+    try:
+        with os.scandir(root / name / str(version)) as entries:
+            files = [(e.name, e.stat()) for e in entries]
+    except OSError:
+        return ()
+    return tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in files))
+
+
 def default_model(root: Path) -> str:
     marker = root / DEFAULT_FILE
     if marker.is_file():

@@ -208,6 +208,33 @@ def test_a_broken_version_is_never_served_and_says_why(tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+def test_a_version_copied_in_file_by_file_goes_live_once_complete(tmp_path):
+    """`kubectl cp` of a version folder (deploy/README.md) is not atomic: a poll can find its
+    metadata before its model. That load fails, with why; once the rest of the files are there
+    the next poll tries the version again and it goes live (a failed version was never retried)."""
+    root = _store(tmp_path, MODEL)
+    _publish(tmp_path / "elsewhere", MODEL)
+    complete = _publish(tmp_path / "elsewhere", MODEL)  # a v2 folder, complete, for the user to copy in
+    srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3)
+    try:
+        arriving = root / MODEL / "2"
+        arriving.mkdir()
+        shutil.copy(complete.path / "metadata.json", arriving)  # the first file of the copy
+        _wait(lambda: "cannot load quicknet-xs v2" in srv.log(), what="the load of the half-copied version")
+        index = {e["version"]: e for e in httpx.post(f"{srv.url}/v2/repository/index", json={}).json()}
+        assert index["2"]["state"] == "UNAVAILABLE" and index["1"]["state"] == "READY", index
+        time.sleep(1.0)  # three polls: a folder as it was when it failed is not tried again
+        assert srv.log().count("cannot load quicknet-xs v2") == 1, srv.log()
+        for f in complete.path.iterdir():
+            shutil.copy(f, arriving)  # the rest arrives
+        _wait(
+            lambda: httpx.post(f"{srv.url}/classify", content=bytes(3072), headers=RAW).json()["version"] == "2",
+            what="the completed version to serve",
+        )
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 def test_default_changes_are_followed(tmp_path):
     root = _store(tmp_path, MODEL, "twin")
     srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3)

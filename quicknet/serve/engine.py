@@ -147,6 +147,7 @@ class Engine:
         self.loaded: dict[VersionKey, LocalModel] = {}
         self.retiring: dict[VersionKey, LocalModel] = {}
         self.states: dict[VersionKey, VersionState] = {}
+        self._failed_stamps: dict[VersionKey, tuple] = {}  # a failed version's folder when it failed
         self.requested: set[str] = set()  # explicit mode: models the repository API loaded
         self.default_name: str | None = None
         self._lock = asyncio.Lock()
@@ -233,7 +234,7 @@ class Engine:
         if not versions:
             store.get_version(root, name)  # raises the one-line "not found" error
         # a version that failed to load is not a candidate: the policy falls back to older ones
-        usable = [v for v in versions if self.states.get((name, v), VersionState("")).state != "UNAVAILABLE"]
+        usable = [v for v in versions if not self._failed_as_it_is((name, v))]
         picked = pick_versions(usable, self.policy_for(name))
         if name == default_name and s.version is not None:
             if s.version not in versions:
@@ -283,9 +284,17 @@ class Engine:
                 self._notify()
             return changed
 
+    def _failed_as_it_is(self, key: VersionKey) -> bool:
+        """A version whose load failed, its folder unchanged since: not tried again (a published
+        version never changes; a repository load retries it). A copy that was still arriving when a
+        poll found it (`kubectl cp` of a version folder) is tried again once its files change."""
+        if self.states.get(key, VersionState("")).state != "UNAVAILABLE":
+            return False
+        return self._failed_stamps.get(key) == store.version_stamp(self.settings.store_root, *key)
+
     async def _try_load(self, key: VersionKey) -> bool:
-        if self.states.get(key, VersionState("")).state == "UNAVAILABLE":
-            return False  # tried and failed; published versions never change (a repository load retries)
+        if self._failed_as_it_is(key):
+            return False
         self._set_state(key, "LOADING")
         self._notify()
         try:
@@ -293,6 +302,7 @@ class Engine:
         except Exception as e:  # any failure: the reason goes to the index and the log, nothing else moves
             reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("cannot load %s v%d: %s", key[0], key[1], reason)
+            self._failed_stamps[key] = store.version_stamp(self.settings.store_root, *key)
             self._set_state(key, "UNAVAILABLE", self.client_reason(reason))
             metrics.MODEL_LOADS.labels(key[0], "failed").inc()
             return True
