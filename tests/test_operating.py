@@ -209,8 +209,10 @@ def test_json_access_lines_carry_the_same_fields():
     extra = {"client": "10.0.0.1:5", "model": "m", "version": "3", "images": 2, "reason": "bad\nline"}
     record = logging.LogRecord("quicknet.access", logging.INFO, __file__, 1, "POST /classify 400", (), None)
     record.__dict__.update(extra)
+    record.created = 1764936000.25  # 2025-12-05 12:00:00.250 UTC
     doc = json.loads(JsonFormatter().format(record))
     assert {k: doc[k] for k in extra} == extra
+    assert doc["ts"] == "2025-12-05T12:00:00.250Z", "UTC to the millisecond, zone written, whatever TZ the host has"
     text = logging.LogRecord("quicknet.access", logging.INFO, __file__, 1, 'x reason="%s"', ("a\nforged",), None)
     assert "\n" not in TextFormatter().format(text), "a reason cannot forge a line (escaped as before)"
 
