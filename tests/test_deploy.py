@@ -275,6 +275,20 @@ def test_make_test_installs_promtool_or_says_how(tmp_path):
     assert again.returncode == 0 and calls.read_text().count("prometheus") == 1, "installed once, then found"
 
 
+def test_the_rejection_ratio_counts_calls_as_the_dashboard_does():
+    """Probes are not calls: KServe probes /v2/health/*, and counting them diluted the ratio the
+    QuickNetRejecting alert reads, while the dashboard left them out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dashboard", DEPLOY / "grafana" / "make_dashboard.py")
+    dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard)
+    probes = re.search(r'endpoint!~"([^"]+)"', dashboard.CALLS).group(1)
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    (ratio,) = [r for g in rules["groups"] for r in g["rules"] if r.get("record") == "quicknet:rejections:ratio_rate5m"]
+    assert f'quicknet_request_duration_seconds_count{{endpoint!~"{probes}"}}' in ratio["expr"], ratio["expr"]
+
+
 def test_prometheus_rules(exported_metrics):
     rules = DEPLOY / "prometheus" / "rules.yml"
     assert shutil.which("promtool"), "promtool is missing: `make test` installs it (Debian's prometheus)"
