@@ -235,6 +235,44 @@ def test_a_version_copied_in_file_by_file_goes_live_once_complete(tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+def test_a_copy_that_completes_while_its_load_fails_is_tried_again_and_nothing_stops_serving(tmp_path):
+    """The folder a failed load is compared with later is the folder as that load found it: a copy
+    that finished while the load was failing is tried again at the next poll. Until then the
+    version it would replace keeps serving (the plan after a failure does not count on it)."""
+    import asyncio
+
+    from quicknet.errors import StoreError
+    from quicknet.serve.config import Settings
+    from quicknet.serve.engine import Engine
+
+    root = _store(tmp_path, MODEL)
+    _publish(tmp_path / "elsewhere", MODEL)
+    complete = _publish(tmp_path / "elsewhere", MODEL)
+    engine = Engine(Settings(model_store=root, model_control_mode="poll", warmup=False))
+    tries: list[int] = []
+
+    async def load_version(version):  # stands in for the load: the copy completes while v2's first one fails
+        tries.append(version.version)
+        if tries.count(2) == 1 and version.version == 2:
+            for f in complete.path.iterdir():
+                shutil.copy(f, version.path)
+            raise StoreError("model.onnx is missing")
+        return f"model v{version.version}"
+
+    engine._load_version = load_version
+
+    async def scenario() -> None:
+        await engine.load()
+        (root / MODEL / "2").mkdir()
+        shutil.copy(complete.path / "metadata.json", root / MODEL / "2")  # a poll finds the copy begun
+        await engine.reconcile()
+        assert engine.states[(MODEL, 2)].state == "UNAVAILABLE" and list(engine.loaded) == [(MODEL, 1)]
+        await engine.reconcile()  # the next poll: the folder differs from what the failed load found
+        assert list(engine.loaded) == [(MODEL, 2)] and tries == [1, 2, 2]
+
+    asyncio.run(scenario())
+
+
 def test_default_changes_are_followed(tmp_path):
     root = _store(tmp_path, MODEL, "twin")
     srv = start_server(tmp_path, store=root, model_control_mode="poll", poll_interval_s=0.3)

@@ -147,7 +147,8 @@ class Engine:
         self.loaded: dict[VersionKey, LocalModel] = {}
         self.retiring: dict[VersionKey, LocalModel] = {}
         self.states: dict[VersionKey, VersionState] = {}
-        self._failed_stamps: dict[VersionKey, tuple] = {}  # a failed version's folder when it failed
+        self._failed_stamps: dict[VersionKey, tuple] = {}  # a failed version's folder as its load found it
+        self._failed_this_pass: set[VersionKey] = set()  # versions whose load failed in this reconcile
         self.requested: set[str] = set()  # explicit mode: models the repository API loaded
         self.default_name: str | None = None
         self._lock = asyncio.Lock()
@@ -258,6 +259,7 @@ class Engine:
         """Move the loaded set toward what the store and the policies want now; True if it changed.
         Failures are reported in the index and the log; what serves keeps serving."""
         async with self._lock:
+            self._failed_this_pass.clear()
             try:
                 default_name, wanted = self.plan(strict=False)
             except (QuickNetError, ValueError, OSError) as e:
@@ -290,11 +292,15 @@ class Engine:
         poll found it (`kubectl cp` of a version folder) is tried again once its files change."""
         if self.states.get(key, VersionState("")).state != "UNAVAILABLE":
             return False
+        if key in self._failed_this_pass:  # the plan after a failure must not count on it: what it
+            return True  # would replace keeps serving until a later pass loads it
         return self._failed_stamps.get(key) == store.version_stamp(self.settings.store_root, *key)
 
     async def _try_load(self, key: VersionKey) -> bool:
         if self._failed_as_it_is(key):
             return False
+        # the folder as this load finds it: a copy that completes while the load fails then differs
+        stamp = store.version_stamp(self.settings.store_root, *key)
         self._set_state(key, "LOADING")
         self._notify()
         try:
@@ -302,7 +308,8 @@ class Engine:
         except Exception as e:  # any failure: the reason goes to the index and the log, nothing else moves
             reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("cannot load %s v%d: %s", key[0], key[1], reason)
-            self._failed_stamps[key] = store.version_stamp(self.settings.store_root, *key)
+            self._failed_stamps[key] = stamp
+            self._failed_this_pass.add(key)
             self._set_state(key, "UNAVAILABLE", self.client_reason(reason))
             metrics.MODEL_LOADS.labels(key[0], "failed").inc()
             return True
