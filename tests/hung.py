@@ -71,10 +71,11 @@ def assert_nothing_else_computed(server, computed_before: float) -> None:
 
 def the_server_gives_up_first(attempt: Callable[[], tuple[str, T]], tries: int = 3) -> T:
     """Runs `attempt` (one gRPC call held in the queue past its deadline; it returns the error's
-    message and what it measured before sending) until the server's own DEADLINE_EXCEEDED ended the
-    call, and returns that attempt's measure. The server answers 20 ms before the deadline it reads
-    at receipt (transport/grpc.py `deadline_of`); a host slowed enough to spend those 20 ms on the
-    way back lets the client's own timer win the race, which says nothing of the server: try again."""
+    message, or a line saying the call was answered, and what it measured before sending) until the
+    server's own DEADLINE_EXCEEDED ended the call, and returns that attempt's measure. The server
+    answers 20 ms before the deadline it reads at receipt (transport/grpc.py `deadline_of`); a host
+    slowed enough to spend those 20 ms on the way back lets the client's own timer win the race, and
+    one slowed for most of HANG_S lets the hold end first: neither says anything of the server."""
     for _ in range(tries):
         message, measured = attempt()
         if "while queued" in message:

@@ -221,18 +221,33 @@ def test_urls_and_the_default_from_the_environment(server, monkeypatch):
         Client("ftp://127.0.0.1:8000")
 
 
-def test_an_unreachable_server_is_retried_then_one_error():
+def test_an_unreachable_server_is_retried_then_one_error(monkeypatch):
+    import socket
+
     from quicknet.testing import free_port
 
+    hint = "is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"
     port = free_port()
     for url in (f"127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
         with Client(url, retry=Retry(attempts=3, backoff_s=0.05)) as client, pytest.raises(QuickNetClientError) as err:
             client.classify(REPO / "examples" / "cat.png")
         assert err.value.status is None and err.value.retryable
-        assert "cannot reach" in str(err.value), err.value
-        assert str(err.value).endswith("is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"), (
-            err.value
-        )
+        assert "cannot reach" in str(err.value) and str(err.value).endswith(hint), err.value
+
+    async def refused_async() -> str:  # its error says only "All connection attempts failed"
+        async with AsyncClient(f"127.0.0.1:{port}", retry=Retry(attempts=1)) as client:
+            with pytest.raises(QuickNetClientError) as err:
+                await client.classify(REPO / "examples" / "cat.png")
+        return str(err.value)
+
+    assert asyncio.run(refused_async()).endswith(hint)
+
+    def no_such_name(host, *args, **kwargs):  # a name that does not resolve, without asking the host's DNS
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    for proxy in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     unresolved = Client("http://nonexistent.invalid:8000", retry=Retry(attempts=1))  # not a refusal: no such hint
     with unresolved as client, pytest.raises(QuickNetClientError) as err:
         client.classify(REPO / "examples" / "cat.png")

@@ -108,7 +108,7 @@ def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, wor
     """The watchdog: a batch running past --watchdog-s turns liveness (what an orchestrator restarts
     on) and readiness (what it routes by) false on every front, with the reason; both turn true
     again if the batch returns."""
-    srv = start_server(tmp_path, workers=workers, fault_injection="hang-every=2,hang-seconds=5", watchdog_s=1)
+    srv = start_server(tmp_path, workers=workers, fault_injection="hang-every=2,hang-seconds=6", watchdog_s=1)
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             assert client.post("/classify", content=bytes(3072), headers=RAW).status_code == 200

@@ -223,6 +223,7 @@ def test_a_version_copied_in_file_by_file_goes_live_once_complete(tmp_path):
         _wait(lambda: "cannot load quicknet-xs v2" in srv.log(), what="the load of the half-copied version")
         index = {e["version"]: e for e in httpx.post(f"{srv.url}/v2/repository/index", json={}).json()}
         assert index["2"]["state"] == "UNAVAILABLE" and index["1"]["state"] == "READY", index
+        assert index["2"]["reason"], "the index says why"
         time.sleep(1.0)  # three polls: a folder as it was when it failed is not tried again
         assert srv.log().count("cannot load quicknet-xs v2") == 1, srv.log()
         for f in complete.path.iterdir():

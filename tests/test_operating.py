@@ -201,8 +201,9 @@ def test_the_access_log_names_client_model_version_images_and_why(server):
     assert "Classify INVALID_ARGUMENT" in rpc_bad and "not a recognised image" in rpc_bad.split("reason=")[1]
 
 
-def test_json_access_lines_carry_the_same_fields():
+def test_json_access_lines_carry_the_same_fields(monkeypatch):
     import logging
+    import time
 
     from quicknet.serve.logs import JsonFormatter, TextFormatter
 
@@ -210,7 +211,13 @@ def test_json_access_lines_carry_the_same_fields():
     record = logging.LogRecord("quicknet.access", logging.INFO, __file__, 1, "POST /classify 400", (), None)
     record.__dict__.update(extra)
     record.created = 1764936000.25  # 2025-12-05 12:00:00.250 UTC
-    doc = json.loads(JsonFormatter().format(record))
+    monkeypatch.setenv("TZ", "America/New_York")  # a host not on UTC: the line's time must not follow it
+    time.tzset()
+    try:
+        doc = json.loads(JsonFormatter().format(record))
+    finally:
+        monkeypatch.undo()
+        time.tzset()  # the rest of this worker's tests keep the host's zone
     assert {k: doc[k] for k in extra} == extra
     assert doc["ts"] == "2025-12-05T12:00:00.250Z", "UTC to the millisecond, zone written, whatever TZ the host has"
     text = logging.LogRecord("quicknet.access", logging.INFO, __file__, 1, 'x reason="%s"', ("a\nforged",), None)

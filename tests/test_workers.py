@@ -235,5 +235,6 @@ def test_auto_workers_on_a_machine_reporting_many_cores_binds_grpc_in_every_fron
                 answer = stub.Classify(pb.ClassifyRequest(image=pb.Image(pixels=bytes(3072))), timeout=30)
                 assert answer.predictions
         assert "restarting it" not in srv.log() and "Failed to bind" not in srv.log(), srv.log()
+        assert "Error in sitecustomize" not in srv.log(), "the fake machine was not set up"
     finally:
         assert srv.stop() == 0, srv.log()
