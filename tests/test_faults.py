@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 
@@ -137,6 +138,10 @@ def test_a_hung_engine_marks_the_service_not_live_until_it_returns(tmp_path, wor
                 assert probe.get("/healthz").status_code == 200, "live again once the batch returned"
                 assert probe.get("/readyz").status_code == 200, "and ready again"
         assert "watchdog: engine stalled" in srv.log()
+        # probes and scrapes are logged only when they fail: the 503s are there, none of the 200s
+        assert re.search(r"GET /healthz 503 ", srv.log()) and re.search(r"GET /readyz 503 ", srv.log()), srv.log()
+        assert not re.search(r"GET /(healthz|readyz|metrics|v2/health/\w+) 200 ", srv.log()), srv.log()
+        assert re.search(r"POST /classify 200 ", srv.log()), "other requests are logged as before"
     finally:
         assert srv.stop() == 0, srv.log()
 

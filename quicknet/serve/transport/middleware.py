@@ -72,6 +72,12 @@ def body_deadline(receive: Receive, seconds: float, connection: ConnectionState 
     return timed
 
 
+# Probes and scrapes: every few seconds from the orchestrator and Prometheus. Their answers are
+# logged only when they fail (a 503 is when an operator reads the log), as gRPC's health methods
+# are never logged; their metrics still count every one.
+QUIET_WHEN_OK = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
 class AccessMiddleware:
     """Request id, request-duration metric and access log, the body's deadline, and the last line
     of defence: an exception no handler took becomes a one-line JSON 500 here, so the connection
@@ -130,6 +136,7 @@ class AccessMiddleware:
             metrics.request_done(protocol_of(scope), endpoint, str(status), elapsed)
             if record is not None:
                 access.end(token)
+            if record is not None and not (status < 400 and scope["path"] in QUIET_WHEN_OK):
                 tail = access.fields(record, access.rest_client(scope), status >= 400)
                 access_log.info(
                     "%s %s %d %.1fms %s",
