@@ -127,6 +127,7 @@ class VersionState:
 
     state: str  # LOADING, READY, UNLOADING, UNAVAILABLE
     reason: str = ""
+    stamp: tuple = ()  # UNAVAILABLE: the version's folder as the failed load found it (store.version_stamp)
 
 
 class Engine:
@@ -147,7 +148,6 @@ class Engine:
         self.loaded: dict[VersionKey, LocalModel] = {}
         self.retiring: dict[VersionKey, LocalModel] = {}
         self.states: dict[VersionKey, VersionState] = {}
-        self._failed_stamps: dict[VersionKey, tuple] = {}  # a failed version's folder as its load found it
         self._failed_this_pass: set[VersionKey] = set()  # versions whose load failed in this reconcile
         self.requested: set[str] = set()  # explicit mode: models the repository API loaded
         self.default_name: str | None = None
@@ -290,11 +290,12 @@ class Engine:
         """A version whose load failed, its folder unchanged since: not tried again (a published
         version never changes; a repository load retries it). A copy that was still arriving when a
         poll found it (`kubectl cp` of a version folder) is tried again once its files change."""
-        if self.states.get(key, VersionState("")).state != "UNAVAILABLE":
+        st = self.states.get(key)
+        if st is None or st.state != "UNAVAILABLE":
             return False
         if key in self._failed_this_pass:  # the plan after a failure must not count on it: what it
             return True  # would replace keeps serving until a later pass loads it
-        return self._failed_stamps.get(key) == store.version_stamp(self.settings.store_root, *key)
+        return st.stamp == store.version_stamp(self.settings.store_root, *key)
 
     async def _try_load(self, key: VersionKey) -> bool:
         if self._failed_as_it_is(key):
@@ -308,9 +309,8 @@ class Engine:
         except Exception as e:  # any failure: the reason goes to the index and the log, nothing else moves
             reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("cannot load %s v%d: %s", key[0], key[1], reason)
-            self._failed_stamps[key] = stamp
             self._failed_this_pass.add(key)
-            self._set_state(key, "UNAVAILABLE", self.client_reason(reason))
+            self._set_state(key, "UNAVAILABLE", self.client_reason(reason), stamp)
             metrics.MODEL_LOADS.labels(key[0], "failed").inc()
             return True
         self.loaded[key] = model
@@ -374,8 +374,8 @@ class Engine:
         log.info("unloaded %s v%d%s", key[0], key[1], "" if finished else " (drain period ended: rest answered 503)")
         self._notify()
 
-    def _set_state(self, key: VersionKey, state: str, reason: str = "") -> None:
-        self.states[key] = VersionState(state, reason)
+    def _set_state(self, key: VersionKey, state: str, reason: str = "", stamp: tuple = ()) -> None:
+        self.states[key] = VersionState(state, reason, stamp)
         for known in metrics.MODEL_STATES:
             metrics.MODEL_STATE.labels(key[0], str(key[1]), known).set(1 if known == state else 0)
 

@@ -77,6 +77,7 @@ class Runtime:
         self.repository_guard = RepositoryGuard(settings.api_keys_file, settings.admin_api_keys_file)
         self.stalled: str | None = None  # the engine watchdog's reason: neither live nor ready while set
         self._ready_listeners: list[Callable[[bool], None]] = []
+        self._told_ready = False  # what the listeners last heard
 
     def install(self, handles: list[ModelHandle], default_name: str, ready: bool = True) -> None:
         """Serve exactly these versions; `/classify` answers with `default_name` (at `--version`)."""
@@ -144,27 +145,26 @@ class Runtime:
         self._ready_listeners.append(listener)
 
     def set_ready(self, ready: bool) -> None:
-        was = self.accepting
         self.ready = ready
-        self._readiness_set(was)
+        self._tell_readiness()
 
     def set_stalled(self, reason: str | None) -> None:
         """The engine watchdog's reason (None: no batch is stalled): liveness and readiness follow."""
-        was = self.accepting
         self.stalled = reason
-        self._readiness_set(was)
+        self._tell_readiness()
 
     def start_draining(self) -> None:
-        was = self.accepting
         self.draining = True
-        self.ready = False
-        self._readiness_set(was)
+        self.set_ready(False)
 
-    def _readiness_set(self, was: bool) -> None:
-        metrics.READY.set(1 if self.accepting else 0)
-        if self.accepting != was:
+    def _tell_readiness(self) -> None:
+        """`accepting` to the ready gauge, and to the listeners when it changed."""
+        ready = self.accepting
+        metrics.READY.set(1 if ready else 0)
+        if ready != self._told_ready:
+            self._told_ready = ready
             for listener in self._ready_listeners:
-                listener(self.accepting)
+                listener(ready)
 
     def deadline_from_timeout_ms(self, timeout_ms: float | None) -> float:
         ms = self.settings.default_timeout_ms if timeout_ms is None else timeout_ms

@@ -26,7 +26,7 @@ from quicknet.serve.errors import Refusal
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.hot import App
 from quicknet.serve.transport.http import HTTPError, error_response, protocol_of, public, refusal_to_http
-from quicknet.serve.transport.middleware import AccessMiddleware, AuthMiddleware
+from quicknet.serve.transport.middleware import PROBES, AccessMiddleware, AuthMiddleware
 from quicknet.serve.transport.schemas import ERRORS, TAGS, ErrorBody, Liveness, Readiness, answers
 
 
@@ -104,7 +104,7 @@ def _ops_routes(app: FastAPI, runtime: Runtime, metrics_text) -> None:
 
 _KSERVE_LENGTH = "inference-header-content-length"  # KServe's binary-data extension, read and sent by /v2
 # probes, scrapes and the web page's static files: noise in a trace store, no inference in them
-_UNTRACED = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/favicon.ico"})
+_UNTRACED = PROBES | {"/", "/favicon.ico"}
 
 
 _UNTRACED_PREFIXES = ("/static/", "/docs", "/redoc", "/openapi.json")

@@ -74,8 +74,8 @@ def body_deadline(receive: Receive, seconds: float, connection: ConnectionState 
 
 # Probes and scrapes: every few seconds from the orchestrator and Prometheus. Their answers are
 # logged only when they fail (a 503 is when an operator reads the log), as gRPC's health methods
-# are never logged; their metrics still count every one.
-QUIET_WHEN_OK = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# are never logged, and never traced (app.py); their metrics still count every one.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class AccessMiddleware:
@@ -136,17 +136,22 @@ class AccessMiddleware:
             metrics.request_done(protocol_of(scope), endpoint, str(status), elapsed)
             if record is not None:
                 access.end(token)
-            if record is not None and not (status < 400 and scope["path"] in QUIET_WHEN_OK):
-                tail = access.fields(record, access.rest_client(scope), status >= 400)
-                access_log.info(
-                    "%s %s %d %.1fms %s",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    elapsed * 1000,
-                    access.describe(tail),
-                    extra={"request_id": request_id, "status": status, "duration_ms": round(elapsed * 1000, 2), **tail},
-                )
+                if status >= 400 or scope["path"] not in PROBES:
+                    tail = access.fields(record, access.rest_client(scope), status >= 400)
+                    access_log.info(
+                        "%s %s %d %.1fms %s",
+                        scope["method"],
+                        scope["path"],
+                        status,
+                        elapsed * 1000,
+                        access.describe(tail),
+                        extra={
+                            "request_id": request_id,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 2),
+                            **tail,
+                        },
+                    )
 
 
 _UNAUTHENTICATED = json.dumps({"error": "missing or invalid API key (send Authorization: Bearer <key>)"}).encode()
