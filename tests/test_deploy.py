@@ -160,6 +160,91 @@ def test_grafanas_admin_password_is_a_secret_not_admin(compose):
     assert ignored.returncode == 0, f"{source} must be git-ignored: a password is never committed"
 
 
+def test_the_operators_pages_listen_on_loopback_and_the_service_everywhere(compose):
+    """Prometheus and Jaeger have no sign-in: published on every address they would be anyone's
+    on the network. The service is what the box is for."""
+    for name in ("prometheus", "grafana", "jaeger"):
+        assert all(port.startswith("127.0.0.1:") for port in compose["services"][name]["ports"]), name
+    for name in ("quicknet", "quicknet-gpu"):
+        assert not any(port.startswith("127.") for port in compose["services"][name]["ports"]), name
+
+
+def _queue_bounds() -> dict[str, int]:
+    """QUICKNET_MAX_QUEUE_IMAGES as every manifest sets it."""
+    out = {}
+    for overlay in OVERLAYS:
+        text = run(str(BIN / "kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)).stdout
+        config = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "ConfigMap")["data"]
+        out[overlay] = int(config["QUICKNET_MAX_QUEUE_IMAGES"])
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("quicknet", "quicknet-gpu"):
+        out[f"compose {name}"] = int(services[name]["environment"]["QUICKNET_MAX_QUEUE_IMAGES"])
+    env = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]["env"]
+    out["kserve"] = int(next(e["value"] for e in env if e["name"] == "QUICKNET_MAX_QUEUE_IMAGES"))
+    return out
+
+
+def test_the_queue_is_bounded_by_time_not_left_at_seconds_of_work():
+    """A CPU pod's queue holds about the half second the p99 alert allows (2,048 images was 3-7 s
+    of the default model's work on 2 CPUs), a GPU pod's more; and every queue takes the largest
+    request the server accepts, which a smaller queue would answer 429 forever."""
+    from quicknet.serve.config import Settings
+
+    bounds = _queue_bounds()
+    largest = Settings.model_fields["max_images_per_request"].default
+    assert all(bound >= largest for bound in bounds.values()), (bounds, largest)
+    cpu = {k: v for k, v in bounds.items() if "gpu" not in k}
+    assert set(cpu.values()) == {256}, cpu
+    assert bounds["gpu"] == bounds["compose quicknet-gpu"] > 256
+
+
+def test_pods_hold_no_api_token_and_take_traffic_only_on_the_serving_ports(rendered):
+    """The server never calls the Kubernetes API; a NetworkPolicy admits the serving ports alone and
+    lets out only DNS and OTLP."""
+    for overlay, docs in rendered.items():
+        template = _deployment(docs)["spec"]["template"]
+        assert template["spec"]["automountServiceAccountToken"] is False, overlay
+        (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        assert selected.items() <= template["metadata"]["labels"].items(), overlay
+        assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        served = {p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]}
+        (ingress,) = policy["spec"]["ingress"]
+        assert "from" not in ingress and {p["port"] for p in ingress["ports"]} == served, overlay
+        allowed_out = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert allowed_out == {53, 4317, 4318} and not any("to" in rule for rule in policy["spec"]["egress"])
+    assert yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["automountServiceAccountToken"] is False
+
+
+def test_the_queue_autoscaling_metric_is_opt_in(rendered, tmp_path):
+    """Base scales on CPU alone: a Pods metric no adapter serves would stop every scale-down. The
+    component adds it, and the result is valid Kubernetes."""
+    for docs in rendered.values():
+        (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+        assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource"]
+    k8s = DEPLOY / "k8s"
+    overlay = tmp_path / "with-queue"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(k8s / "overlays" / "cpu", overlay)],
+                "components": [os.path.relpath(k8s / "components" / "queue-autoscaling", overlay)],
+            }
+        )
+    )
+    res = run(str(BIN / "kubectl"), "kustomize", str(overlay))
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert [p["metric"]["name"] for p in pods] == ["quicknet_queue_images"]
+    path = tmp_path / "with-queue.yaml"
+    path.write_text(res.stdout)
+    res = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_the_store_overlay_and_kserve_read_the_store_from_a_volume(rendered):
     docs = rendered["cpu-store"]
     spec = _deployment(docs)["spec"]["template"]["spec"]
@@ -311,6 +396,25 @@ def test_prometheus_rules(exported_metrics):
             assert _exported(name, exported_metrics), f"rules use {name}, which the server does not export"
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_its_runbook_section():
+    """Each alert's runbook_url names a section of deploy/RUNBOOK.md written for it, and the
+    runbook has no section for an alert that no longer exists."""
+    doc = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    alerts = {r["alert"]: r["annotations"].get("runbook_url") for r in rules}
+    sections = dict(re.findall(r"^## (\S+)\n(.*?)(?=^## |\Z)", (DEPLOY / "RUNBOOK.md").read_text(), re.M | re.S))
+    assert set(sections) == set(alerts)
+    for alert, url in alerts.items():
+        assert url == f"deploy/RUNBOOK.md#{_anchor(alert)}", (alert, url)
+        assert all(f"**{part}.**" in sections[alert] for part in ("What fired", "Look first")), alert
+        assert (REPO / url.split("#")[0]).is_file()
+
+
 def _dashboard() -> dict:
     return json.loads((DEPLOY / "grafana" / "dashboards" / "quicknet.json").read_text())
 
@@ -430,6 +534,7 @@ def test_the_kserve_predictor_is_a_valid_pod(tmp_path):
     """The predictor's pod fields, as the Pod KServe makes of them, pass Kubernetes' strict schema."""
     predictor = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]
     pod_fields = {"containers", "securityContext", "volumes", "terminationGracePeriodSeconds"}
+    pod_fields |= {"automountServiceAccountToken"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "quicknet-predictor"}}
     pod["spec"] = {k: v for k, v in predictor.items() if k in pod_fields}
     path = tmp_path / "pod.yaml"
