@@ -92,7 +92,12 @@ class Settings(BaseSettings):
         description="onnxruntime: auto times FP32 and INT8 at load and serves the faster (INT8 only if it costs"
         " at most 0.5 point of published accuracy); fp32 or int8 force one",
     )
-    threads: int = Field(2, ge=1, description="CPU threads per engine instance (ONNX Runtime / torch intra-op)")
+    threads: int = Field(
+        2,
+        ge=1,
+        description="CPU threads per engine instance (ONNX Runtime / torch intra-op); the CPU runs of every model"
+        " in the process take turns on its cores, first come first served",
+    )
     plan_dir: Path | None = Field(None, description="where TensorRT plans live (default: the model version folder)")
 
     workers: int = Field(

@@ -20,7 +20,8 @@
   at a time, for the server's whole life). With spinning during a run two threads are at least as
   fast as one on every published model here (one image: the full model 4.6 against 7.4 ms FP32,
   2.97 against 3.8 INT8; quicknet-xs 0.80 against 0.82), and the second session is gone with
-  its ~20 MB.
+  its ~20 MB. Every model's runs in a process take turns on its cores (`cores.py`): two models'
+  threads spinning on the same cores at once lost a quarter of their joint throughput.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 import numpy as np
 
 from quicknet.ort_graph import REWRITE, blocked_prelu
+from quicknet.serve.backends import cores
 from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.backends.derived import check_logits, probe_images, source_logits
 from quicknet.serve.config import Settings
@@ -171,6 +173,7 @@ class OnnxRuntimeBackend:
         self.max_batch_size = settings.max_batch_size
         self.input_name = session.get_inputs()[0].name
         self.choice = choice
+        self.gate = cores.gate() if provider == "CPUExecutionProvider" else None
 
     @classmethod
     def load(cls, version: ModelVersion, settings: Settings) -> OnnxRuntimeBackend:
@@ -223,7 +226,11 @@ class OnnxRuntimeBackend:
         return cls(session, path, settings, session.get_providers()[0], choice, graph)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)}
+        if self.gate is None:
+            return self.session.run(None, feed)[0]
+        with self.gate.hold(self.threads):  # the process's cores, shared with its other models (cores.py)
+            return self.session.run(None, feed)[0]
 
     def warmup(self) -> None:
         for n in warmup_sizes(self.max_batch_size):
