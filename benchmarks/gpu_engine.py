@@ -107,6 +107,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     parser.add_argument("--ceiling-tflops", type=float, default=0.0)
     parser.add_argument("--ceiling-gb-s", type=float, default=0.0)
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["torch", "fused"],
+        default=["torch", "fused"],
+        help="the engines to time (gpu_serve times the eager one itself, and asks for the fused one alone)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="the CPU and Triton's interpreter, batch 1 and 2")
     args = parser.parse_args()
     if args.dry_run:
@@ -143,16 +150,16 @@ def run(args) -> None:
     fname = model_file(mv)  # what the eager engine serves, and what the service packs the weights from
     source = {"model": name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
     spec = load_spec(str(mv.file(fname)))
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    reference = build_folded(spec).to(device).eval()  # fp32: what the gate compares with
     test_split = None
-    if args.data:
+    if args.data:  # first: its JPEG decoders are forked processes, and a fork after CUDA starts is unsafe
         from quicknet.build import data
 
         test = data.load(Path(args.data)).test
         keep = 8 if args.dry_run else len(test.labels)  # Triton's interpreter: the gate's path, not its score
         test_split = (test.images[:keep], test.labels[:keep])
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    reference = build_folded(spec).to(device).eval()  # fp32: what the gate compares with
     save(source=source)
 
     # 1. build
@@ -185,8 +192,11 @@ def run(args) -> None:
     bytes_per_image = {"torch": estimate_bytes(layers, fused=False), "fused": estimate_bytes(layers, fused=True)}
     rows: list[dict] = []
     ceiling_gb_s = args.ceiling_gb_s or device_copy_gb_s() or 0.0
-    save(ceilings={"tflops": args.ceiling_tflops, "gb_s": ceiling_gb_s})
+    save(ceilings={"tflops": args.ceiling_tflops, "gb_s": ceiling_gb_s}, bytes_per_image=bytes_per_image)
+    save(flops_per_image=flops)
     for engine, cls in (("torch", TorchBackend), ("fused", FusedBackend)):
+        if engine not in args.engines:
+            continue
         for lanes in (1,) if args.dry_run else (1, 2):
             if time.monotonic() > deadline - 10:
                 break

@@ -10,27 +10,33 @@ server's log, one after another):
    uint8 NHWC in, logits out, host<->device copies included) at each batch size, with one lane
    and with two (two batches in flight), GPU utilization while it runs, and FLOP/s as a fraction of
    the matmul ceiling;
-   then the fused engine (`benchmarks/gpu_engine.py`, issue 27) in a child process under
-   `--engine-limit-s`: built for this GPU from the model file the torch engine serves (gated on
-   the 10k test split with `--data`), img/s against the eager engine at batch 1/64/256/1024, per-kernel profiles, the
-   roofline rows, and the engine file itself, published into the store beside the weights;
-3. the service: `quicknet serve --backend torch` (buckets up to 1024) for each front-process
-   count in `--workers`, driven on the same machine by `hey` (REST, when there) and Python gRPC
-   clients in several processes over 4 connections a front process: 1 / 8 / 64 images per
-   request, served img/s, p50/p99, mean batch, GPU utilization, and efficiency = served /
-   engine-alone at the server's mean batch;
-   with where the CPU went (the engine process's loop and threads, the fronts, the machine:
-   `benchmarks/cpu.py`) and which part is saturated; then, at the best front count, the same server
-   with `--backend auto` (which picks the fused engine where it was built for this GPU) at 64 and 1
-   images per request; then one image a request at 80% of the best closed-loop rate (REST at a
-   rate from `hey -q`, gRPC open loop), for the p99 a steady load gets; and the peer a user would
-   run instead, on the same machine with the same
-   model and load generator: plain FastAPI + the same torch engine, one image per request, no
-   batching (`benchmarks/peer_servers/torch_fastapi.py`), and LitServe with its batching
+3. the service at the first front count of `--workers` (16 by default): `quicknet serve --backend
+   torch` (buckets up to 1024), driven on the same machine by `hey` (REST, when there) and Python
+   gRPC clients in several processes over 4 connections a front process: one image a request
+   over REST and gRPC, 64 over KServe gRPC; served img/s, p50/p99, mean batch, GPU utilization,
+   efficiency = served / engine-alone at the server's mean batch; where the CPU went (the engine
+   process's loop and threads, the fronts, the machine: `benchmarks/cpu.py`) and which part is
+   saturated; the server's own account from its histograms;
+4. the peers a user would run instead, on the same machine with the same model and load
+   generator, one image per request: plain FastAPI + the same torch engine, no batching
+   (`benchmarks/peer_servers/torch_fastapi.py`), and LitServe with its batching
    (`litserve_torch.py`); PyTriton is not carried (53 MiB, CUDA 12 libraries);
-4. with the time left: torch.compile (max-autotune) and AOTInductor, each in a child process with a
-   time limit (a compiler that takes too long costs its limit, not the lease; neither finished in
-   50-60 s on the first run, so they come last).
+5. the fused engine (`benchmarks/gpu_engine.py`, issue 27) in a child process under
+   `--engine-limit-s`: built for this GPU from the model file the torch engine serves (gated on
+   the 10k test split with `--data`), timed at each batch size (the eager engine's rows are step
+   2's), the roofline rows, per-kernel profiles, and the engine file itself, published into the
+   store beside the weights;
+6. with the time left: the other front counts' cases; at the best one the same server with
+   `--backend auto` (the fused engine where it was built for this GPU) at 64 and 1 images per
+   request, one image a request at 80% of the best closed-loop rate (REST at a rate from `hey
+   -q`, gRPC open loop), for the p99 a steady load gets, and the other sizes and protocols; then
+   torch.compile (max-autotune) and AOTInductor, each in a child process with a time limit
+   (neither finished in 50-60 s on the first run).
+
+Steps 3 and 4 stop in time to leave step 5 `FUSED_MIN_S`, step 3 to leave step 4 its share:
+the first run, in sweep order, reached 2 of its 5 front counts and spent a third of its budget
+on the compiled variants. A server starts only with time for its start and a case, and a failed start or case
+is a row with its error, not the end of the run.
 
 The model is `--model`'s latest version in `model_store/` as published (the default: `quicknet`):
 the fused engine built from its `model.onnx` comes back attachable to that version (gated when
@@ -94,6 +100,17 @@ def _rates_at(service: list[dict], workers: int, fraction: float) -> tuple:
 
 
 GRPC_CHANNELS_PER_FRONT = 4
+
+# The serve run's plan, from the first run's server log (2026-12-04, one H200, 16 fronts): a server
+# took ~19 s to start (a CUDA graph per bucket and lane) and ~6 s to drain and stop, and each case
+# ~6 s besides its measuring (the clients' processes, the metrics before and after). A server is
+# started only with time for that and a case, a peer only with time for its start and its case.
+SERVER_START_S = 25.0
+CASE_OVERHEAD_S = 6.0
+PEER_S = 30.0
+# The fused engine step's share of the budget (issue 27): build ~30-45 s, gate on 10k images, time
+# it at 5 batch sizes and 2 lanes, profile; the steps before it stop in time to leave it this.
+FUSED_MIN_S = 100.0
 
 
 def copy_published(root: Path, model: str, source: Path = REPO / "model_store") -> str:
@@ -272,6 +289,7 @@ def fused_engine_in_child(root: Path, out: Path, args, ceiling_tflops: float, li
     """`benchmarks.gpu_engine` under a hard limit; its `engine.json` (what it measured so far) either way."""
     cmd = [sys.executable, "-m", "benchmarks.gpu_engine", "--store", str(root), "--out", str(out)]
     cmd += ["--limit-s", str(max(limit_s - 10, 10)), "--ceiling-tflops", str(ceiling_tflops)]
+    cmd += ["--engines", "fused"]  # the eager engine's rows are the engine-alone step's
     cmd += ["--dry-run"] if args.dry_run else []
     cmd += ["--data", args.data] if args.data else []
     try:
@@ -305,65 +323,55 @@ def service_sweep(
     on_row=None,
     backend: str = "torch",
 ) -> list[dict]:
-    import httpx
-
-    from benchmarks import cpu
-    from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
+    """`quicknet serve` at each front count in `workers`, each of `cases` against it. A server is
+    started only with time before `deadline` for its start and a case, a case only with time for
+    it; a server that fails to start, or a case that fails, is a row with its error."""
     from quicknet import store
-    from quicknet.build import gpu_probe
     from quicknet.testing import start_server
 
     model = store.default_model(root)
     hey = _hey()
     max_batch = max(r["batch"] for r in engine_rows)
+    case_s = seconds + CASE_OVERHEAD_S
     rows = []
+
+    def record(row: dict) -> None:
+        rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
+        print(json.dumps(rows[-1]), flush=True)
+        if on_row is not None:
+            on_row(rows[-1])
+
     for w in workers:
-        if time.monotonic() > deadline:
+        if deadline - time.monotonic() < SERVER_START_S + case_s:  # a start with no case after it is waste
             rows.append({"workers": w, "skipped": "time budget spent"})
             continue
         logs = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
-        srv = start_server(
-            logs,
-            store=root,
-            backend=backend,
-            max_batch_size=max_batch,
-            instances=2,
-            workers=w,
-            max_queue_images=65536,
-            max_images_per_request=1024,
-            access_log=False,  # a log line per request would measure the logging
-            ready_timeout=300,
-        )
+        try:
+            srv = start_server(
+                logs,
+                store=root,
+                backend=backend,
+                max_batch_size=max_batch,
+                instances=2,
+                workers=w,
+                max_queue_images=65536,
+                max_images_per_request=1024,
+                access_log=False,  # a log line per request would measure the logging
+                ready_timeout=max(deadline - time.monotonic() - case_s, 10),
+            )
+        except Exception as e:  # recorded; the other front counts and steps still run
+            record({"workers": w, "backend": backend, "error": f"server start: {type(e).__name__}: {e}"})
+            continue
         try:
             for case in cases:
                 n_images, protocol, rate = (*case, 0.0)[:3]  # rate > 0: requests/s at a fixed rate
-                if time.monotonic() > deadline:
+                if deadline - time.monotonic() < case_s:
                     break
-                concurrency = 256 if n_images == 1 else 128 if n_images == 8 else 64
-                before = httpx.get(f"{srv.url}/metrics").text
-                with gpu_probe.UtilizationSampler() as util:
-                    cpu_before = cpu.snapshot(srv.proc.pid)
-                    if protocol == "rest" and hey:
-                        row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey, rate=rate)
-                    else:
-                        target = srv.url if protocol == "rest" else srv.grpc_target
-                        # 4 gRPC connections a front at least: a front process is reached by connection
-                        channels = GRPC_CHANNELS_PER_FRONT * w
-                        row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients, channels, rate)
-                    row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
-                after = httpx.get(f"{srv.url}/metrics").text
-                row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
-                row["backend"] = backend
-                row["efficiency"] = _efficiency(row, engine_rows)
-                row |= _server_side(before, after, row)
-                row["limit"] = cpu.limit(row)
-                if row["limit"].startswith("none at 90%") and (row.get("in_server_share") or 1) < 0.5:
-                    share = row["in_server_share"]
-                    row["limit"] = f"the clients: the server held {share:.0%} of the requests in flight (Little's law)"
-                rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
-                print(json.dumps(rows[-1]), flush=True)
-                if on_row is not None:
-                    on_row(rows[-1])
+                try:
+                    record(_case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows))
+                except Exception as e:  # one case's failure (a client, hey) is its row; the next case runs
+                    failed = {"workers": w, "backend": backend, "protocol": protocol, "images_per_request": n_images}
+                    record(failed | {"error": f"{type(e).__name__}: {e}"})
         finally:
             srv.stop()
             with (out / "server.log").open("a") as log:  # every server's log, one after another
@@ -372,9 +380,42 @@ def service_sweep(
     return rows
 
 
-def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> list[dict]:
+def _case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows) -> dict:
+    """One load case against a running server: the clients' view, the server's, the CPU's."""
+    import httpx
+
+    from benchmarks import cpu
+    from benchmarks.loadgen import _delta_mean_batch, run_hey, run_pool
+    from quicknet.build import gpu_probe
+
+    concurrency = 256 if n_images == 1 else 128 if n_images == 8 else 64
+    before = httpx.get(f"{srv.url}/metrics").text
+    with gpu_probe.UtilizationSampler() as util:
+        cpu_before = cpu.snapshot(srv.proc.pid)
+        if protocol == "rest" and hey:
+            row = run_hey(srv.url, n_images, concurrency, seconds, hey=hey, rate=rate)
+        else:
+            target = srv.url if protocol == "rest" else srv.grpc_target
+            # 4 gRPC connections a front at least: a front process is reached by connection
+            channels = GRPC_CHANNELS_PER_FRONT * w
+            row = run_pool(protocol, target, n_images, concurrency, seconds, model, clients, channels, rate)
+        row |= cpu.cores(cpu_before, cpu.snapshot(srv.proc.pid))
+    after = httpx.get(f"{srv.url}/metrics").text
+    row |= {"workers": w, "mean_batch": round(_delta_mean_batch(before, after), 1), "gpu_util": util.mean}
+    row["backend"] = backend
+    row["efficiency"] = _efficiency(row, engine_rows)
+    row |= _server_side(before, after, row)
+    row["limit"] = cpu.limit(row)
+    if row["limit"].startswith("none at 90%") and (row.get("in_server_share") or 1) < 0.5:
+        share = row["in_server_share"]
+        row["limit"] = f"the clients: the server held {share:.0%} of the requests in flight (Little's law)"
+    return row
+
+
+def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row=None) -> list[dict]:
     """Each of `GPU_PEERS` on this machine, serving the store's model with one image per request,
-    driven by the same load generator as the service's one-image REST case; its log's tail on error."""
+    driven by the same load generator as the service's one-image REST case; its log's tail on error.
+    A peer starts only with `PEER_S` left before `deadline`; each row is reported as it is made."""
     import httpx
 
     from benchmarks import cpu
@@ -391,8 +432,10 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
         "json": (b'{"pixels": "%s"}' % base64.b64encode(pixels.tobytes()), "application/json"),
     }
     for name, module, kind in GPU_PEERS:
-        if time.monotonic() > deadline:
+        if deadline - time.monotonic() < PEER_S:
             rows.append({"server": name, "skipped": "time budget spent"})
+            if on_row is not None:
+                on_row(rows[-1])
             continue
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -435,6 +478,8 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float) -> lis
                 proc.wait()
         rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
         print(json.dumps(rows[-1]), flush=True)
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -491,7 +536,7 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
     return lines
 
 
-def _fused_markdown(fused: dict) -> list[str]:
+def _fused_markdown(fused: dict, eager: list[dict]) -> list[str]:
     lines = ["", "## The fused engine (issue 27)", ""]
     build = fused.get("build", {})
     if build:
@@ -508,9 +553,10 @@ def _fused_markdown(fused: dict) -> list[str]:
     if "ceilings" in fused:
         lines.append(f"- ceilings: {fused['ceilings']}; bytes per image (estimate) {fused.get('bytes_per_image')}")
     if fused.get("rows"):
-        lines += ["", "Roofline (img/s as served: host copies and CUDA graphs included):", ""]
+        said = "Roofline (img/s as served, host copies and CUDA graphs included; eager rows: the engine-alone step):"
+        lines += ["", said, ""]
         cols = ["engine", "lanes", "batch", "img_s", "ms_per_batch", "tflops", "fraction_of_matmul", "gb_s"]
-        lines += _table(fused["rows"], [*cols, "fraction_of_bandwidth"])
+        lines += _table([*(r for r in eager if "gb_s" in r), *fused["rows"]], [*cols, "fraction_of_bandwidth"])
     profile = fused.get("profile") or {}
     for engine in ("torch", "fused"):
         if engine in profile:
@@ -540,7 +586,7 @@ def render_markdown(doc: dict) -> str:
             ["engine", "lanes", "batch", "img_s", "ms_per_batch", "gpu_util", "tflops", "fraction_of_ceiling"],
         )
     if doc.get("fused"):
-        lines += _fused_markdown(doc["fused"])
+        lines += _fused_markdown(doc["fused"], doc.get("engine", []))
     for variant in doc.get("variants", []):
         lines += ["", f"### {variant['variant']}", ""]
         if "error" in variant:
@@ -597,7 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--seconds", type=float, default=2.0, help="per engine measurement")
     parser.add_argument("--service-seconds", type=float, default=4.0, help="per service case")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="front processes to sweep")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[16, 4, 1, 8, 2],
+        help="front processes to sweep, the first one first (its cases and the peers come before the fused engine)",
+    )
     parser.add_argument("--clients", type=int, default=6, help="client processes for the Python load generator")
     parser.add_argument("--variant-limit-s", type=float, default=60.0, help="time limit per compiled variant")
     parser.add_argument("--engine-limit-s", type=float, default=130.0, help="time limit for the fused engine step")
@@ -620,7 +672,7 @@ def main() -> None:
     args.headline, args.more = HEADLINE_CASES, MORE_CASES
     if args.dry_run:
         args.model, args.batches, args.seconds, args.service_seconds = "quicknet-xs", [1, 8], 0.3, 0.7
-        args.workers, args.clients, args.variant_limit_s, args.engine_limit_s = [1, 2], 2, 90.0, 150.0
+        args.workers, args.clients, args.variant_limit_s, args.engine_limit_s = [2, 1], 2, 90.0, 150.0
         args.headline, args.more = ((1, "rest"), (1, "grpc")), ((8, "kserve-grpc"),)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     run(args)
@@ -657,37 +709,57 @@ def run(args) -> None:
         flops = forward_flops(args.model)
         engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
-        limit = min(args.engine_limit_s, deadline - time.monotonic() - 90)
-        fused = fused_engine_in_child(root, out, args, results.doc["matmul"]["tflops"], limit)
-        results.update(fused=fused)
         service: list[dict] = []
 
         def on_row(row: dict) -> None:
             service.append(row)
             results.update(service=service)
 
-        common = (args.service_seconds, args.clients, engine, deadline - 15)
-        # the torch sweep leaves ~45 s for the fused engine's served cases (a server start and two
-        # cases) and ~60 s for the two peers (each a start, its CUDA graphs, one case)
-        reserve = (45 if "artifact" in fused and not args.dry_run else 0) + (0 if args.dry_run else 60)
-        headline = (args.service_seconds, args.clients, engine, deadline - 15 - reserve)
-        service_sweep(root, out, args.workers, args.headline, *headline, on_row=on_row)
-        peers = peer_sweep(root, args.service_seconds, args.clients, deadline - 15)
-        results.update(peers=peers)
+        peers: list[dict] = []
+
+        def on_peer(row: dict) -> None:
+            peers.append(row)
+            results.update(peers=peers)
+
+        # In order of what the run is for, each step stopping in time to leave the next its share
+        # (the first run, in sweep order, reached 2 of its 5 front counts): the
+        # first front count's headline cases (16 by default: how far the engine core now goes),
+        # the peers beside it (the ratio), the fused engine (the artifact that comes back); then,
+        # with the time left, the other front counts, the fused engine served, the cases at a
+        # steady rate and the rest, torch.compile and AOTInductor.
+        end = deadline - 15
+        fused_share = 0.0 if args.dry_run else FUSED_MIN_S
+        peers_share = 0.0 if args.dry_run else PEER_S * len(GPU_PEERS)
+        first, others = args.workers[:1], args.workers[1:]
+        sweep = (args.service_seconds, args.clients, engine)
+        service_sweep(root, out, first, args.headline, *sweep, end - fused_share - peers_share, on_row=on_row)
+        peer_sweep(root, args.service_seconds, args.clients, end - fused_share, on_row=on_peer)
+        limit = min(args.engine_limit_s, end - time.monotonic())
+        if limit >= 40:
+            fused = fused_engine_in_child(root, out, args, results.doc["matmul"]["tflops"], limit)
+        else:
+            fused = {"error": f"time budget spent ({limit:.0f} s left)"}
+        if fused.get("bytes_per_image"):  # the eager engine's roofline from its own rows above
+            from benchmarks.gpu_engine import roofline
+
+            ceiling_gb_s = fused.get("ceilings", {}).get("gb_s") or 0.0
+            for row in engine:
+                bytes_per_image = fused["bytes_per_image"]["torch"]
+                row |= roofline(row["img_s"], flops, bytes_per_image, results.doc["matmul"]["tflops"], ceiling_gb_s)
+            results.update(engine=engine)
+        results.update(fused=fused)
+        service_sweep(root, out, others, args.headline, *sweep, end, on_row=on_row)
         single = [r for r in service if r.get("images_per_request") == 1 and "served_img_s" in r]
         best = max(single, key=lambda r: r["served_img_s"])["workers"] if single else args.workers[0]
         results.update(best_workers=best)
         if "artifact" in fused and not args.dry_run:  # the server choosing its engine: fused where it fits
-            try:
-                service_sweep(root, out, [best], FUSED_CASES, *common, on_row=on_row, backend="auto")
-            except Exception as e:  # recorded; the torch cases after it still run
-                results.update(fused_service_error=f"{type(e).__name__}: {e}")
+            service_sweep(root, out, [best], FUSED_CASES, *sweep, end, on_row=on_row, backend="auto")
         elif args.dry_run:  # on a CPU auto picks ONNX Runtime, and the interpreter is too slow to serve
             results.update(fused_service_error="not in a dry run: on a CPU auto serves with ONNX Runtime")
         if single:  # single images at 80% of the best closed-loop rate (a goal), then the other cases
             at = _rates_at(service, best, RATE_FRACTION)
             results.update(rate_fraction=RATE_FRACTION)
-            service_sweep(root, out, [best], (*at, *args.more), *common, on_row=on_row)
+            service_sweep(root, out, [best], (*at, *args.more), *sweep, end, on_row=on_row)
         variants = []
         for variant in ("compile", "aoti"):
             limit = min(args.variant_limit_s, deadline - time.monotonic() - 5)

@@ -170,7 +170,7 @@ def _store_with_engine(tmp_path, identity: dict | None = None):
 
 def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp_path, monkeypatch):
     from quicknet.serve import gpu
-    from quicknet.serve.backends import choose
+    from quicknet.serve.backends import BackendError, choose
     from quicknet.serve.backends.fused import FusedBackend
     from quicknet.serve.config import Settings
 
@@ -190,6 +190,11 @@ def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp
     with torch.inference_mode():
         want = build_folded(spec)(x)
     _close(torch.from_numpy(backend.infer(x.numpy())), want)
+    # past the batch its kernels' grids and int32 offsets allow: the eager engine, in one line
+    huge = settings.model_copy(update={"max_batch_size": fe.MAX_BATCH * 2})
+    assert choose(mv, huge) != "fused"
+    with pytest.raises(BackendError, match=f"batches of up to {fe.MAX_BATCH} images.*serve with --backend torch"):
+        FusedBackend.load(mv, huge)
 
 
 def test_an_engine_built_for_another_machine_is_refused_in_one_line(tmp_path, monkeypatch, caplog):

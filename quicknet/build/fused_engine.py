@@ -43,6 +43,10 @@ from quicknet.store import slug
 FORMAT = "quicknet-fused/2"  # /1 carried a copy of the weights
 KERNELS_SOURCE = Path(__file__).with_name("fused_kernels.py")
 SMALL_BATCH = 16  # batches up to this use the "small" configs (more, smaller tiles), larger the "large"
+# The kernels' grids put row tiles on CUDA's second axis (at most 65,535 programs: the stem's 1,024
+# rows an image in 64-row tiles reach it at 4,096 images) and index in int32 (past 2**31 elements at
+# ~8,192 images of the widest layer): the engine takes batches up to this, and the service is told.
+MAX_BATCH = 2048
 IDENTITY_KEYS = ("gpu", "compute_capability", "driver", "torch", "cuda", "triton", "kernels_sha256")
 
 

@@ -1,7 +1,7 @@
 """`quicknet gpu-train`: train several QuickNet recipes ("arms") at once on one GPU, time-boxed.
 
 Written for a GPU machine lent for minutes, with no network and its own Python (torch, numpy,
-pillow, tqdm; no matplotlib, no project extras): everything it needs is the repo and the data
+pillow, tqdm, matplotlib, which the arms leave alone; no project extras): everything it needs is the repo and the data
 file inside it. One command; each arm is its own process (its own CUDA context: one arm's crash
 or compiler failure costs only that arm) and saves as it goes. What comes back fits the device
 tool's limit of 8 files of at most 16 MiB, two folders deep:
@@ -240,31 +240,50 @@ def arm_main(spec_path: str) -> None:
         left = spec["deadline"] - time.time() - ARM_FINISH_S
         return dataclasses.replace(cfg, time_budget_s=left, time_limit_s=left + HARD_STOP_MARGIN_S)
 
-    cfg = plan(cfg)
-    status.update(state="training", recipe=asdict(cfg), train_started=time.time())
-    _write_json(status_path, status)
-    try:
-        summary = stage_train(cfg, dataset, run_dir, progress=False, on_epoch=on_epoch)
-    except Exception as e:
-        if not cfg.compile:
-            raise
-        # A compiler failure must not cost the arm: train eagerly on what is left.
+    def _train_eagerly(e: Exception) -> dict:
+        """A compiler failure in the first epoch must not cost the arm: train eagerly on what is left."""
         log.error("arm %s: training with torch.compile failed (%s); retrying without it", name, e)
         status["compile_error"] = "".join(traceback.format_exception_only(e)).strip()
         shutil.rmtree(run_dir, ignore_errors=True)
         (barrier / f"{name}.ready").touch()
         status["epochs"].clear()
-        cfg = plan(dataclasses.replace(cfg, compile=False))
-        status.update(recipe=asdict(cfg), train_started=time.time())
+        eager = plan(dataclasses.replace(cfg, compile=False))
+        status.update(recipe=asdict(eager), train_started=time.time())
         _write_json(status_path, status)
-        summary = stage_train(cfg, dataset, run_dir, progress=False, on_epoch=on_epoch)
+        return stage_train(eager, dataset, run_dir, progress=False, on_epoch=on_epoch, plot=False)
+
+    cfg = plan(cfg)
+    status.update(state="training", recipe=asdict(cfg), train_started=time.time())
+    _write_json(status_path, status)
+    summary = None
+    try:
+        summary = stage_train(cfg, dataset, run_dir, progress=False, on_epoch=on_epoch, plot=False)
+    except Exception as e:
+        if status["epochs"]:
+            # Failed after training began (a CUDA error at epoch 80, a full disk): what it saved and
+            # mirrored stands; retraining over it with the seconds left would replace trained
+            # weights with barely trained ones.
+            done = len(status["epochs"])
+            log.error("arm %s failed after epoch %d (%s); its last saved checkpoint stands", name, done, e)
+            status["error"] = "".join(traceback.format_exception_only(e)).strip()
+        elif not cfg.compile:
+            raise
+        else:
+            summary = _train_eagerly(e)
     status.update(state="evaluating", train_ended=time.time())
     _write_json(status_path, status)
     mirror()
-    _copy_out(run_dir / "build.json", out / "build.json")
+    if (run_dir / "build.json").is_file():
+        _copy_out(run_dir / "build.json", out / "build.json")
     history = status["epochs"]
     test_split = dataset.test.sample(cfg.eval_subset) if cfg.eval_subset else dataset.test  # as training scored
-    tta = tta_accuracies(out / "checkpoint.pt", test_split, cfg.device) if history else {}
+    saved = (out / "checkpoint.pt").is_file()
+    tta = tta_accuracies(out / "checkpoint.pt", test_split, cfg.device) if history and saved else {}
+    if summary is None:  # failed late: the checkpoint holds the epochs up to its last save
+        from quicknet.build.train import load_checkpoint
+
+        epochs = len(load_checkpoint(out / "checkpoint.pt")[1]["history"]) if saved else 0
+        summary = {"epochs_run": epochs, "planned_epochs": None, "stopped_early": True, "train_seconds": None}
     steady = [h["images_per_s"] for h in history[1:]] or [h["images_per_s"] for h in history]
     img_s = statistics.median(steady) if steady else 0.0
     status["final"] = {
@@ -281,7 +300,7 @@ def arm_main(spec_path: str) -> None:
         "tflops": round(img_s * train_flops_per_image(cfg.model) / 1e12, 2),
         "time_to": {f"{t:.1%}": time_to(history, t) for t in THRESHOLDS},
     }
-    status.update(state="done", ended=time.time())
+    status.update(state="failed" if "error" in status else "done", ended=time.time())
     _write_json(status_path, status)
 
 

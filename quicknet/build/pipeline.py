@@ -64,12 +64,13 @@ def stage_train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    plot: bool = True,
 ) -> dict:
     import torch
 
     from quicknet.build.train import train
 
-    result = train(cfg, dataset, run_dir, resume=resume, progress=progress, on_epoch=on_epoch)
+    result = train(cfg, dataset, run_dir, resume=resume, progress=progress, on_epoch=on_epoch, plot=plot)
     last = result.history[-1] if result.history else None
     summary = {
         "config": asdict(cfg),

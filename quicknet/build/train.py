@@ -191,9 +191,12 @@ def train(
     progress: bool = True,
     stop_at_step: int | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    plot: bool = True,
 ) -> TrainResult:
     """Train (or resume) into `out_dir`. `stop_at_step` stops after that global step as the time
-    limit would, checkpointing the exact position; `on_epoch` sees each epoch's record."""
+    limit would, checkpointing the exact position; `on_epoch` sees each epoch's record; `plot`
+    draws the curves at the end (gpu-train's arms do not: matplotlib's first import there builds
+    its font cache, seconds of the arms' 20 s to finish)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -402,7 +405,8 @@ def train(
         if on_epoch is not None:
             on_epoch(record)
 
-    plot_curves(history, out_dir / "training_curves.png", title=f"{cfg.model} on {device}")
+    if plot:
+        plot_curves(history, out_dir / "training_curves.png", title=f"{cfg.model} on {device}")
     return TrainResult(ckpt_path, history, time.perf_counter() - t_start, device, stopped_early, planned_epochs)
 
 
@@ -440,7 +444,7 @@ def _save_checkpoint(out_dir: Path, step: int, *, model, ema, opt, sched, loader
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss (train and test), accuracy and learning rate per epoch. Skipped where matplotlib is
-    missing (the GPU machine's own Python has none)."""
+    missing (a serve-only install)."""
     try:
         import matplotlib
     except ImportError:

@@ -52,10 +52,10 @@ def choose(version: ModelVersion, settings: Settings) -> str:
             return "tensorrt"
     artifacts = version.metadata.get("artifacts", {})
     if artifacts.get("fused-gpu") and all(importlib.util.find_spec(m) for m in ("torch", "triton")):
-        from quicknet.serve.backends.fused import engine_fits
+        from quicknet.serve.backends.fused import batch_too_big, engine_fits
 
         path, refused = engine_fits(version)
-        if path is not None:
+        if path is not None and not (refused := batch_too_big(settings)):
             return "fused"
         log.warning("%s: serving the eager torch engine", refused)
     # the torch engine reads its own file, or derives its model from model.onnx with the onnx package

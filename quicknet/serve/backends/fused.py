@@ -46,6 +46,16 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
     return path, None
 
 
+def batch_too_big(settings: Settings) -> str | None:
+    """Why the fused engine cannot serve batches this large, or None (`fused_engine.MAX_BATCH`)."""
+    from quicknet.build.fused_engine import MAX_BATCH
+
+    if settings.max_batch_size > MAX_BATCH:
+        asked = settings.max_batch_size
+        return f"the fused engine runs batches of up to {MAX_BATCH} images, and --max-batch-size is {asked}"
+    return None
+
+
 class FusedBackend(TorchBackend):
     name = "fused"
 
@@ -60,6 +70,8 @@ class FusedBackend(TorchBackend):
         path, refused = engine_fits(version)
         if path is None:
             raise BackendError(f"{refused or 'this version has no fused engine'}; serve with --backend torch")
+        if why := batch_too_big(settings):
+            raise BackendError(f"{why}: lower it, or serve with --backend torch")
         try:
             doc = fe.read_artifact(path, fe.triton_cache_dir())
             arrays = fe.weights_for(doc, load_spec(str(version.file(doc["source"]["file"]))))
