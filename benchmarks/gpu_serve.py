@@ -577,6 +577,9 @@ def render_markdown(doc: dict) -> str:
     lines.append(f"- command: `{doc.get('command', '')}`; model: {doc.get('model')} ({doc.get('weights')})")
     if "matmul" in doc:
         lines.append(f"- dense {doc['matmul']['dtype']} matmul ceiling: {doc['matmul']['tflops']} TFLOP/s")
+    if doc.get("steps"):
+        said = ", ".join(f"{s['step']} at {s['started_s']:g} s ({s.get('seconds', '?')} s)" for s in doc["steps"])
+        lines.append(f"- steps: {said}; budget {doc.get('budget_s')} s")
     if "copy" in doc:
         lines.append("- copies: " + ", ".join(f"{k} {v}" for k, v in doc["copy"].items()))
     if doc.get("engine"):
@@ -706,8 +709,23 @@ def run(args) -> None:
         else:  # a width the store does not publish: its speed, on untrained weights
             make_folded_store(root, None, args.model)
             results.update(weights="untrained (speed only)")
+        steps: list[dict] = []
+
+        @contextlib.contextmanager
+        def step(name: str):
+            """Each step's start and length in the results: where the budget went, in order."""
+            row = {"step": name, "started_s": round(time.monotonic() - t0, 1)}
+            steps.append(row)
+            results.update(steps=steps)
+            try:
+                yield
+            finally:
+                row["seconds"] = round(time.monotonic() - t0 - row["started_s"], 1)
+                results.update(steps=steps)
+
         flops = forward_flops(args.model)
-        engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
+        with step("engine alone"):
+            engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
         service: list[dict] = []
 
@@ -732,13 +750,16 @@ def run(args) -> None:
         peers_share = 0.0 if args.dry_run else PEER_S * len(GPU_PEERS)
         first, others = args.workers[:1], args.workers[1:]
         sweep = (args.service_seconds, args.clients, engine)
-        service_sweep(root, out, first, args.headline, *sweep, end - fused_share - peers_share, on_row=on_row)
-        peer_sweep(root, args.service_seconds, args.clients, end - fused_share, on_row=on_peer)
+        with step(f"service, {first[0]} front processes"):
+            service_sweep(root, out, first, args.headline, *sweep, end - fused_share - peers_share, on_row=on_row)
+        with step("peers"):
+            peer_sweep(root, args.service_seconds, args.clients, end - fused_share, on_row=on_peer)
         limit = min(args.engine_limit_s, end - time.monotonic())
-        if limit >= 40:
-            fused = fused_engine_in_child(root, out, args, results.doc["matmul"]["tflops"], limit)
-        else:
-            fused = {"error": f"time budget spent ({limit:.0f} s left)"}
+        with step("fused engine"):
+            if limit >= 40:
+                fused = fused_engine_in_child(root, out, args, results.doc["matmul"]["tflops"], limit)
+            else:
+                fused = {"error": f"time budget spent ({limit:.0f} s left)"}
         if fused.get("bytes_per_image"):  # the eager engine's roofline from its own rows above
             from benchmarks.gpu_engine import roofline
 
@@ -748,18 +769,21 @@ def run(args) -> None:
                 row |= roofline(row["img_s"], flops, bytes_per_image, results.doc["matmul"]["tflops"], ceiling_gb_s)
             results.update(engine=engine)
         results.update(fused=fused)
-        service_sweep(root, out, others, args.headline, *sweep, end, on_row=on_row)
+        with step("service, the other front counts"):
+            service_sweep(root, out, others, args.headline, *sweep, end, on_row=on_row)
         single = [r for r in service if r.get("images_per_request") == 1 and "served_img_s" in r]
         best = max(single, key=lambda r: r["served_img_s"])["workers"] if single else args.workers[0]
         results.update(best_workers=best)
         if "artifact" in fused and not args.dry_run:  # the server choosing its engine: fused where it fits
-            service_sweep(root, out, [best], FUSED_CASES, *sweep, end, on_row=on_row, backend="auto")
+            with step("service, the fused engine"):
+                service_sweep(root, out, [best], FUSED_CASES, *sweep, end, on_row=on_row, backend="auto")
         elif args.dry_run:  # on a CPU auto picks ONNX Runtime, and the interpreter is too slow to serve
             results.update(fused_service_error="not in a dry run: on a CPU auto serves with ONNX Runtime")
         if single:  # single images at 80% of the best closed-loop rate (a goal), then the other cases
             at = _rates_at(service, best, RATE_FRACTION)
             results.update(rate_fraction=RATE_FRACTION)
-            service_sweep(root, out, [best], (*at, *args.more), *sweep, end, on_row=on_row)
+            with step("service, a steady rate and the other cases"):
+                service_sweep(root, out, [best], (*at, *args.more), *sweep, end, on_row=on_row)
         variants = []
         for variant in ("compile", "aoti"):
             limit = min(args.variant_limit_s, deadline - time.monotonic() - 5)
@@ -767,7 +791,8 @@ def run(args) -> None:
                 variants.append({"variant": variant, "error": "time budget spent"})
                 continue
             batches = args.batches[-2:] if not args.dry_run else args.batches[-1:]
-            variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
+            with step(f"torch {variant}"):
+                variants.append(run_variant_in_child(root, variant, batches, args.seconds, limit))
             results.update(variants=variants)
         results.update(variants=variants, service=service, job_seconds=round(time.monotonic() - t0, 1))
     except Exception as e:

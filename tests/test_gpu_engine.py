@@ -168,7 +168,7 @@ def _store_with_engine(tmp_path, identity: dict | None = None):
     return mv, spec, doc
 
 
-def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp_path, monkeypatch):
+def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp_path, monkeypatch, caplog):
     from quicknet.serve import gpu
     from quicknet.serve.backends import BackendError, choose
     from quicknet.serve.backends.fused import FusedBackend
@@ -190,9 +190,15 @@ def test_the_engine_file_records_its_machine_and_the_service_serves_it_there(tmp
     with torch.inference_mode():
         want = build_folded(spec)(x)
     _close(torch.from_numpy(backend.infer(x.numpy())), want)
-    # past the batch its kernels' grids and int32 offsets allow: the eager engine, in one line
-    huge = settings.model_copy(update={"max_batch_size": fe.MAX_BATCH * 2})
-    assert choose(mv, huge) != "fused"
+    # past the batch its kernels' grids and int32 offsets allow: the eager engine, said in one line
+    largest = settings.model_copy(update={"max_batch_size": fe.MAX_BATCH})
+    huge = settings.model_copy(update={"max_batch_size": fe.MAX_BATCH + 1})
+    with caplog.at_level(logging.WARNING, logger="quicknet.backends"):
+        assert choose(mv, largest) == "fused" and not caplog.records
+        assert choose(mv, huge) != "fused"  # the eager engine's branch decides (no CUDA here)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert f"batches of up to {fe.MAX_BATCH} images, and --max-batch-size is {fe.MAX_BATCH + 1}" in line
+    assert line.endswith("serving the eager torch engine")
     with pytest.raises(BackendError, match=f"batches of up to {fe.MAX_BATCH} images.*serve with --backend torch"):
         FusedBackend.load(mv, huge)
 

@@ -131,7 +131,20 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     for variant in doc["variants"]:  # each compiled, loaded and ran: an error here would be the GPU run's first
         assert "error" not in variant and variant["rows"][0]["img_s"] > 0, variant
     service = doc["service"]
-    assert service[0]["workers"] == 2, "the first front count first (its cases, then the peers, then the fused engine)"
+    # in order of what the run is for: the first front count, the peers, the fused engine, then the rest
+    assert [s["step"] for s in doc["steps"]] == [
+        "engine alone",
+        "service, 2 front processes",
+        "peers",
+        "fused engine",
+        "service, the other front counts",
+        "service, a steady rate and the other cases",
+        "torch compile",
+        "torch aoti",
+    ]
+    assert all(s["seconds"] >= 0 for s in doc["steps"])
+    assert "- steps: engine alone at " in (out / "results.md").read_text()
+    assert service[0]["workers"] == 2 and {r["workers"] for r in service} == {1, 2}
     assert {
         (r["workers"], r["protocol"], r["images_per_request"]) for r in service if r["workers"] != doc["best_workers"]
     } <= {(w, p, 1) for w in (1, 2) for p in ("rest", "grpc")}

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     threads: int = Field(
         2,
         ge=1,
-        description="CPU threads per engine instance (ONNX Runtime / torch intra-op); the CPU runs of every model"
-        " in the process take turns on its cores, first come first served",
+        description="CPU threads per engine instance (ONNX Runtime / torch intra-op); the ONNX Runtime CPU runs of"
+        " every model in the process take turns on its cores, first come first served",
     )
     plan_dir: Path | None = Field(None, description="where TensorRT plans live (default: the model version folder)")
 
