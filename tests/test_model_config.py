@@ -121,3 +121,11 @@ def test_an_engine_section_applies_only_when_that_engine_serves_the_model(tmp_pa
         (root / FAST_MODEL / "config.json").write_text(json.dumps(bad))
         with pytest.raises(StoreError, match=f"^{message}"):
             flags.for_model(FAST_MODEL, "onnxruntime")  # every section is checked, whichever applies
+
+
+def test_settings_that_work_against_each_other_are_said_once_at_start():
+    from quicknet.serve.config import Settings
+
+    assert Settings(max_queue_images=256, max_images_per_request=256).doubts() == []
+    (doubt,) = Settings(max_queue_images=64, max_images_per_request=256).doubts()
+    assert doubt.startswith("--max-images-per-request 256 is more than --max-queue-images 64") and "\n" not in doubt

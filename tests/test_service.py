@@ -700,6 +700,9 @@ def test_burst_beyond_the_queue_gets_429_then_recovers(tmp_path, samples):
         rejected = next(r for r in responses if r.status_code == 429)
         assert int(rejected.headers["Retry-After"]) >= 1 and "capacity" in rejected.json()["error"]
         assert httpx.get(f"{srv.url}/readyz").status_code == 200
+        # the default 256 images a request is more than this queue holds: said once at start
+        (doubt,) = [line for line in srv.log().splitlines() if "--max-images-per-request" in line]
+        assert "is more than --max-queue-images 64" in doubt and "429 every time" in doubt
         ok = httpx.post(f"{srv.url}/classify", content=body, headers={"Content-Type": "application/octet-stream"})
         assert ok.status_code == 200
         text = httpx.get(f"{srv.url}/metrics").text

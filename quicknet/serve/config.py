@@ -244,6 +244,16 @@ class Settings(BaseSettings):
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
 
+    def doubts(self) -> list[str]:
+        """Settings that are valid but work against each other: logged once at start, one line each."""
+        out = []
+        if self.max_images_per_request > self.max_queue_images:
+            out.append(
+                f"--max-images-per-request {self.max_images_per_request} is more than --max-queue-images "
+                f"{self.max_queue_images}: a request of more images than the queue holds gets 429 every time"
+            )
+        return out
+
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None

@@ -340,6 +340,8 @@ def raise_open_files_limit() -> None:
 def run(settings: Settings) -> int:
     configure_logging(settings)
     raise_open_files_limit()  # children (--workers) inherit it
+    for doubt in settings.doubts():
+        log.warning("%s", doubt)
     Engine(settings).plan()  # a wrong model, version or store fails here, before any port or engine
     if settings.front_workers > 1:
         from quicknet.serve.supervisor import supervise
