@@ -216,6 +216,28 @@ def test_pods_hold_no_api_token_and_take_traffic_only_on_the_serving_ports(rende
     assert yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["automountServiceAccountToken"] is False
 
 
+def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendered, compose):
+    """pydantic-settings ignores a QUICKNET_* variable it has no field for: a misspelt one in a
+    manifest would be silently without effect."""
+    from quicknet.serve.config import Settings
+
+    known = {f"QUICKNET_{name.upper()}" for name in Settings.model_fields}
+    named = {}
+    for overlay, docs in rendered.items():
+        for key in next(d for d in docs if d["kind"] == "ConfigMap")["data"]:
+            named[key] = overlay
+    for name, service in compose["services"].items():
+        for key in service.get("environment") or {}:
+            named[key] = f"compose {name}"
+    for env in yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]["env"]:
+        named[env["name"]] = "kserve"
+    for dockerfile in DEPLOY.glob("docker/Dockerfile.*"):
+        for key in re.findall(r"\b(QUICKNET_[A-Z0-9_]+)=", dockerfile.read_text()):
+            named[key] = dockerfile.name
+    unknown = {k: where for k, where in named.items() if k.startswith("QUICKNET_") and k not in known}
+    assert not unknown, unknown
+
+
 def test_the_queue_autoscaling_metric_is_opt_in(rendered, tmp_path):
     """Base scales on CPU alone: a Pods metric no adapter serves would stop every scale-down. The
     component adds it, and the result is valid Kubernetes."""

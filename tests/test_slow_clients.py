@@ -231,3 +231,53 @@ def test_a_response_leaves_in_one_write_and_before_a_close():
     writes, before_close, closed = asyncio.run(main())
     assert writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
     assert before_close == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and closed
+
+
+def _grpc_call_ports(srv, calls: int, pause_s: float) -> tuple[list[str], list]:
+    """Classify one image `calls` times over one channel, `pause_s` apart: the client addresses the
+    server's access log saw, and the channel's connectivity states in order."""
+    import re
+
+    import grpc
+
+    from quicknet.api._generated import classifier_pb2 as pb
+    from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
+
+    states = []
+    with grpc.insecure_channel(srv.grpc_target) as channel:
+        channel.subscribe(states.append, try_to_connect=False)
+        stub = pb_grpc.ClassifierStub(channel)
+        for i in range(calls):
+            if i:
+                time.sleep(pause_s)
+            stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=bytes(3072))]), timeout=10)
+        time.sleep(0.2)
+        channel.unsubscribe(states.append)
+    lines = [line for line in srv.log().splitlines() if "ClassifyBatch" in line]
+    return [m.group(1) for line in lines if (m := re.search(r"client=(\S+)", line))], states
+
+
+def test_an_idle_grpc_connection_is_closed_and_the_client_reconnects(tmp_path):
+    """gRPC core keeps a connection as long as its client does; `--grpc-idle-timeout-s` ends one
+    with no call in flight (GOAWAY), and the channel reconnects for its next call."""
+    import grpc
+
+    srv = start_server(tmp_path, grpc_idle_timeout_s=1)
+    try:
+        ports, states = _grpc_call_ports(srv, calls=2, pause_s=2.5)
+        assert len(ports) == 2 and ports[0] != ports[1], ports  # a new connection for the second call
+        ready = states.index(grpc.ChannelConnectivity.READY)
+        assert grpc.ChannelConnectivity.IDLE in states[ready:], states  # the server closed the first
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_an_old_grpc_connection_is_renewed_while_it_is_busy(tmp_path):
+    """`--grpc-max-connection-age-s`: a busy client is asked to reconnect (so that a new replica
+    behind a load balancer gets its share); every call still succeeds."""
+    srv = start_server(tmp_path, grpc_idle_timeout_s=0, grpc_max_connection_age_s=1)
+    try:
+        ports, _ = _grpc_call_ports(srv, calls=16, pause_s=0.2)
+        assert len(ports) == 16 and len(set(ports)) >= 2, ports
+    finally:
+        assert srv.stop() == 0, srv.log()

@@ -113,6 +113,18 @@ class Settings(BaseSettings):
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port")
     grpc_max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC max message size, both ways")
+    grpc_idle_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="gRPC: close a connection with no call in flight for this many seconds (a client's channel "
+        "reconnects on its next call); 0: never",
+    )
+    grpc_max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="gRPC: ask a client to reconnect after this many seconds (calls in flight get their default "
+        "deadline to finish), so that replicas added behind a load balancer get their share; 0: never",
+    )
 
     max_batch_size: int = Field(64, ge=1, description="largest batch the engine runs")
     max_queue_delay_ms: float = Field(

@@ -369,16 +369,28 @@ def credentials(settings) -> grpc.ServerCredentials | None:
     )
 
 
+def server_options(settings) -> list[tuple[str, int]]:
+    """The grpc.aio server's channel arguments: message limits, shared ports, connection lifetimes."""
+    limit = settings.grpc_max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1 if settings.front_workers > 1 else 0),  # auto resolves here too
+    ]
+    # gRPC core keeps a connection as long as the client does: an idle one holds a front's memory
+    # and file descriptor for ever, and a busy one pins its client to this replica (a client
+    # re-resolves and spreads its calls only when it reconnects: deploy/README.md, gRPC and load
+    # balancing). Both limits end a connection with GOAWAY, which a channel follows by reconnecting.
+    if settings.grpc_idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(settings.grpc_idle_timeout_s * 1000)))
+    if settings.grpc_max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(settings.default_timeout_ms)))
+    return options
+
+
 def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.aio.Server, Health]:
-    limit = runtime.settings.grpc_max_message_bytes
-    server = grpc.aio.server(
-        interceptors=_interceptors(runtime, fronts),
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1 if runtime.settings.front_workers > 1 else 0),  # auto resolves here too
-        ],
-    )
+    server = grpc.aio.server(interceptors=_interceptors(runtime, fronts), options=server_options(runtime.settings))
     names = []
     for front in fronts:
         quiet = frozenset(getattr(front, "PUBLIC_METHODS", ()))
