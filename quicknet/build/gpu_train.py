@@ -1,10 +1,10 @@
 """`quicknet gpu-train`: train several QuickNet recipes ("arms") at once on one GPU, time-boxed.
 
 Written for a GPU machine lent for minutes, with no network and its own Python (torch, numpy,
-pillow, tqdm, matplotlib, which the arms leave alone; no project extras): everything it needs is the repo and the data
-file inside it. One command; each arm is its own process (its own CUDA context: one arm's crash
-or compiler failure costs only that arm) and saves as it goes. What comes back fits the device
-tool's limit of 8 files of at most 16 MiB, two folders deep:
+pillow, tqdm; matplotlib too, which the arms leave alone; no project extras): everything it
+needs is the repo and the data file inside it. One command; each arm is its own process (its
+own CUDA context: one arm's crash or compiler failure costs only that arm) and saves as it goes.
+What comes back fits the device tool's limit of 8 files of at most 16 MiB, two folders deep:
 
     <out>/results.json            environment, probes, every arm's recipe, epochs, final numbers,
                                   and what sharing the GPU cost each arm
