@@ -4,9 +4,9 @@
 
 The server's engines for the two published models (`model_store/`: the precision each serves,
 `--threads` intra-op threads each), each driven by its own thread calling `infer` back to back:
-first each model alone, then both at once with the process's core gate
-(`quicknet/serve/backends/cores.py`) and with a gate as wide as their threads together (what ran
-before it: 4 threads on 2 cores), alternating for `--rounds`. `together` is the two rates'
+first each model alone (with the gate, then without it: what it costs one model), then both at
+once with the process's core gate (`quicknet/serve/backends/cores.py`) and with a gate as wide
+as their threads together (what ran before it: 4 threads on 2 cores), alternating for `--rounds`. `together` is the two rates'
 fractions of their rates alone, summed: 1.0 means sharing lost nothing. The p99 is of one `infer`
 call. Prints one table and writes benchmarks/results/shared_cores.json.
 """
@@ -74,6 +74,11 @@ def main() -> None:
         alone = {name: drive({name: engine}, batch, args.seconds)[name] for name, engine in engines.items()}
         for name, (img_s, p99) in alone.items():
             rows.append({"batch": batch, "how": "alone", "model": name, "img_s": img_s, "p99_ms": p99})
+        for name, engine in engines.items():  # what the gate costs one model alone: none of it
+            engine.gate = None
+            img_s, p99 = drive({name: engine}, batch, args.seconds)[name]
+            engine.gate = cores.gate()
+            rows.append({"batch": batch, "how": "alone, no gate", "model": name, "img_s": img_s, "p99_ms": p99})
         for _ in range(args.rounds):
             for how, gate in gates.items():
                 for engine in engines.values():
