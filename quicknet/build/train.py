@@ -182,6 +182,166 @@ class _Schedule:
         return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
 
 
+@dataclass
+class _Parts:
+    """What a run trains with, built from its config: the data, the model and its optimization."""
+
+    loader: TensorLoader
+    test_loader: TensorLoader
+    steps_per_epoch: int
+    model: QuickNet
+    step_model: nn.Module  # the model as each step calls it: compiled, or the model itself
+    opt: torch.optim.Optimizer
+    schedule: _Schedule
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    criterion: nn.Module
+
+
+def _build(cfg: TrainConfig, data: Dataset, device: str) -> _Parts:
+    train_split = data.train.sample(cfg.train_subset, cfg.seed) if cfg.train_subset else data.train
+    test_split = data.test.sample(cfg.eval_subset) if cfg.eval_subset else data.test
+    loader = TensorLoader(
+        train_split,
+        cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        translate=cfg.translate,
+        cutout=cfg.cutout,
+    )
+    test_loader = TensorLoader(test_split, 1000, train=False, device=device)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise BuildError(f"batch size {cfg.batch_size} is larger than the {len(train_split.labels)} training images")
+
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    lr = cfg.lr * cfg.batch_size / 256
+    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum, nesterov=True)
+    schedule = _Schedule(max(1, int(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step_model = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
+    return _Parts(loader, test_loader, steps_per_epoch, model, step_model, opt, schedule, sched, ema, criterion)
+
+
+def _restore(parts: _Parts, out_dir: Path, ckpt_path: Path, device: str) -> tuple[int, dict, list[dict], float]:
+    """A stopped run's state as its last save left it, into `parts`; returns its planned epochs,
+    position, history and seconds spent."""
+    ckpt = _load(ckpt_path, device)
+    parts.model.load_state_dict(_load(out_dir / ckpt["files"]["model"], device)["model"])
+    parts.opt.load_state_dict(_load(out_dir / ckpt["files"]["optimizer"], device)["optimizer"])
+    parts.sched.load_state_dict(ckpt["scheduler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(ckpt["ema_state"], ckpt["ema"])
+    parts.loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["planned_epochs"], ckpt["position"], ckpt["history"], ckpt["seconds"]
+
+
+@dataclass
+class _Pass:
+    """One epoch's pass over the training set, as far as it got (all of it unless `stopped`)."""
+
+    order: object  # the epoch's shuffle order, kept for a resume mid-epoch
+    step: int
+    seen: int
+    correct: torch.Tensor  # running sums stay on the device: a step never waits for the host
+    loss_sum: torch.Tensor
+    t_epoch: float  # perf_counter() when the epoch began, less what a resumed epoch had spent
+    t_half: float | None  # when the first epoch's second half began (a planned run only)
+    stopped: bool
+
+
+def _train_pass(
+    parts: _Parts,
+    cfg: TrainConfig,
+    epoch: int,
+    position: dict,
+    planned_epochs: int,
+    t_start: float,
+    stop_at_step: int | None,
+    show_bar: bool,
+    device: str,
+) -> _Pass:
+    """Epoch `epoch` from `position` (its start, or where a stopped run left it) to its end, or to
+    the time limit or `stop_at_step`."""
+    from tqdm import tqdm
+
+    steps_per_epoch = parts.steps_per_epoch
+    parts.model.train()
+    start_step = position["step"]
+    order = position["order"] if start_step else parts.loader.epoch_order()
+    partial = position["partial"] or {"seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
+    seen = partial["seen"]
+    correct = torch.as_tensor(partial["correct"], device=device)
+    loss_sum = torch.as_tensor(partial["loss_sum"], device=device, dtype=torch.float32)
+    t_epoch = time.perf_counter() - partial["seconds"]
+    half = steps_per_epoch // 2
+    t_half = None
+    bar = tqdm(
+        parts.loader.batches(order, start_step),
+        total=steps_per_epoch,
+        initial=start_step,
+        desc=f"epoch {epoch + 1}/{planned_epochs}",
+        disable=not show_bar,
+        leave=False,
+    )
+    step = start_step
+    stopped = False
+    for x, y in bar:
+        x = x.to(memory_format=torch.channels_last)
+        with _autocast(device):
+            logits = parts.step_model(x)
+            loss = parts.criterion(logits, y)
+        parts.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt.step()
+        parts.sched.step()
+        if parts.ema is not None:
+            parts.ema.update(parts.model)
+        step += 1
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum()
+        loss_sum += loss.detach().float() * len(y)
+        if step == half and epoch == 0 and cfg.time_budget_s:
+            _sync(device)
+            t_half = time.perf_counter()
+        if show_bar and step % 20 == 0:  # the only mid-epoch host sync, and only with a progress bar
+            rate = seen / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{rate:.0f}")
+        global_step = epoch * steps_per_epoch + step
+        out_of_time = cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s
+        if step < steps_per_epoch and (out_of_time or global_step == stop_at_step):
+            stopped = True
+            break
+    bar.close()
+    return _Pass(order, step, seen, correct, loss_sum, t_epoch, t_half, stopped)
+
+
+def _score(record: dict, parts: _Parts, history: list[dict], device: str, plan_now: bool) -> float:
+    """Test accuracy and loss, the raw weights' and the EMA's, into `record`; returns what a warm
+    evaluation takes (for the planner: the first one of a process is cold, so it is not that)."""
+    cold = not any("test_acc" in h for h in history)  # the first evaluation of this process
+    t_eval = time.perf_counter()
+    record["test_acc"], record["test_loss"] = (round(v, 5) for v in evaluate(parts.model, parts.test_loader, device))
+    warm_eval = time.perf_counter() - t_eval  # when cold: replaced below
+    if parts.ema is not None:
+        t_ema = time.perf_counter()
+        acc, loss_value = evaluate(parts.ema.module, parts.test_loader, device)
+        record["test_acc_ema"], record["test_loss_ema"] = round(acc, 5), round(loss_value, 5)
+        ema_seconds = time.perf_counter() - t_ema  # the same shapes a second time: warm
+        warm_eval = 2 * ema_seconds if cold else warm_eval + ema_seconds
+    elif cold and plan_now:
+        t_again = time.perf_counter()
+        evaluate(parts.model, parts.test_loader, device)  # only to time a warm evaluation
+        warm_eval = time.perf_counter() - t_again
+    return warm_eval
+
+
 def train(
     cfg: TrainConfig,
     data: Dataset,
@@ -212,49 +372,15 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    train_split = data.train.sample(cfg.train_subset, cfg.seed) if cfg.train_subset else data.train
-    test_split = data.test.sample(cfg.eval_subset) if cfg.eval_subset else data.test
-    loader = TensorLoader(
-        train_split,
-        cfg.batch_size,
-        train=True,
-        device=device,
-        seed=cfg.seed,
-        translate=cfg.translate,
-        cutout=cfg.cutout,
-    )
-    test_loader = TensorLoader(test_split, 1000, train=False, device=device)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise BuildError(f"batch size {cfg.batch_size} is larger than the {len(train_split.labels)} training images")
-
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-    lr = cfg.lr * cfg.batch_size / 256
-    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum, nesterov=True)
-    schedule = _Schedule(max(1, int(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
-
+    parts = _build(cfg, data, device)
+    steps_per_epoch = parts.steps_per_epoch
     planned_epochs = cfg.epochs
     position = {"epoch": 0, "step": 0, "order": None, "partial": None}
     history: list[dict] = []
     elapsed = 0.0
     if resume and ckpt_path.is_file():
-        ckpt = _load(ckpt_path, device)
-        model.load_state_dict(_load(out_dir / ckpt["files"]["model"], device)["model"])
-        opt.load_state_dict(_load(out_dir / ckpt["files"]["optimizer"], device)["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema_state"], ckpt["ema"])
-        loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        planned_epochs = ckpt["planned_epochs"]
-        position, history, elapsed = ckpt["position"], ckpt["history"], ckpt["seconds"]
-    schedule.total_steps = planned_epochs * steps_per_epoch
+        planned_epochs, position, history, elapsed = _restore(parts, out_dir, ckpt_path, device)
+    parts.schedule.total_steps = planned_epochs * steps_per_epoch
 
     def save(global_step: int) -> None:
         _save_checkpoint(
@@ -262,11 +388,11 @@ def train(
             global_step,
             arch=get_config(cfg.model).to_dict(),
             train_config=asdict(cfg),
-            model=model,
-            ema=ema,
-            opt=opt,
-            sched=sched,
-            loader=loader,
+            model=parts.model,
+            ema=parts.ema,
+            opt=parts.opt,
+            sched=parts.sched,
+            loader=parts.loader,
             position=position,
             history=history,
             seconds=time.perf_counter() - t_start,
@@ -281,98 +407,41 @@ def train(
     last_save = time.perf_counter()
     epoch = position["epoch"]
     while epoch < planned_epochs and not stopped_early:
-        model.train()
-        start_step = position["step"]
-        order = position["order"] if start_step else loader.epoch_order()
-        partial = position["partial"] or {"seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
-        seen = partial["seen"]
-        correct = torch.as_tensor(partial["correct"], device=device)
-        loss_sum = torch.as_tensor(partial["loss_sum"], device=device, dtype=torch.float32)
-        t_epoch = time.perf_counter() - partial["seconds"]
-        half = steps_per_epoch // 2
-        t_half = None
-        bar = tqdm(
-            loader.batches(order, start_step),
-            total=steps_per_epoch,
-            initial=start_step,
-            desc=f"epoch {epoch + 1}/{planned_epochs}",
-            disable=not show_bar,
-            leave=False,
-        )
-        step = start_step
-        for x, y in bar:
-            x = x.to(memory_format=torch.channels_last)
-            with _autocast(device):
-                logits = step_model(x)
-                loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum()
-            loss_sum += loss.detach().float() * len(y)
-            if step == half and epoch == 0 and cfg.time_budget_s:
-                _sync(device)
-                t_half = time.perf_counter()
-            if show_bar and step % 20 == 0:  # the only mid-epoch host sync, and only with a progress bar
-                rate = seen / (time.perf_counter() - t_epoch)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{rate:.0f}")
-            global_step = epoch * steps_per_epoch + step
-            out_of_time = cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s
-            if step < steps_per_epoch and (out_of_time or global_step == stop_at_step):
-                stopped_early = True
-                break
-        bar.close()
-        if stopped_early:  # mid-epoch: keep the exact position, record no epoch
+        run = _train_pass(parts, cfg, epoch, position, planned_epochs, t_start, stop_at_step, show_bar, device)
+        if run.stopped:  # mid-epoch: keep the exact position, record no epoch
+            stopped_early = True
             position = {
                 "epoch": epoch,
-                "step": step,
-                "order": order,
+                "step": run.step,
+                "order": run.order,
                 "partial": {
-                    "seen": seen,
-                    "correct": correct,
-                    "loss_sum": loss_sum,
-                    "seconds": time.perf_counter() - t_epoch,
+                    "seen": run.seen,
+                    "correct": run.correct,
+                    "loss_sum": run.loss_sum,
+                    "seconds": time.perf_counter() - run.t_epoch,
                 },
             }
-            save(epoch * steps_per_epoch + step)
+            save(epoch * steps_per_epoch + run.step)
             break
         _sync(device)
         t_trained = time.perf_counter()
-        train_seconds = t_trained - t_epoch
+        train_seconds = t_trained - run.t_epoch
         record = {
             "epoch": epoch + 1,
-            "train_loss": round(loss_sum.item() / max(seen, 1), 5),
-            "train_acc": round(correct.item() / max(seen, 1), 5),
-            "lr": round(sched.get_last_lr()[0], 6),
-            "images_per_s": round(seen / train_seconds, 1),
+            "train_loss": round(run.loss_sum.item() / max(run.seen, 1), 5),
+            "train_acc": round(run.correct.item() / max(run.seen, 1), 5),
+            "lr": round(parts.sched.get_last_lr()[0], 6),
+            "images_per_s": round(run.seen / train_seconds, 1),
             "epoch_seconds": round(train_seconds, 2),
         }
         last = epoch + 1 == planned_epochs
         plan_now = bool(cfg.time_budget_s) and not last and epoch + 1 == max(1, cfg.plan_after_epochs)
         warm_eval = 0.0
         if last or plan_now or (epoch + 1) % cfg.eval_every == 0:
-            cold = not any("test_acc" in h for h in history)  # the first evaluation of this process
-            t_eval = time.perf_counter()
-            record["test_acc"], record["test_loss"] = (round(v, 5) for v in evaluate(model, test_loader, device))
-            warm_eval = time.perf_counter() - t_eval  # when cold: replaced below
-            if ema is not None:
-                t_ema = time.perf_counter()
-                acc, loss_value = evaluate(ema.module, test_loader, device)
-                record["test_acc_ema"], record["test_loss_ema"] = round(acc, 5), round(loss_value, 5)
-                ema_seconds = time.perf_counter() - t_ema  # the same shapes a second time: warm
-                warm_eval = 2 * ema_seconds if cold else warm_eval + ema_seconds
-            elif cold and plan_now:
-                t_again = time.perf_counter()
-                evaluate(model, test_loader, device)  # only to time a warm evaluation
-                warm_eval = time.perf_counter() - t_again
+            warm_eval = _score(record, parts, history, device, plan_now)
         if plan_now:
             # epoch 1: its second half (compiled, warm); later: the whole epoch
-            steady = 2 * (t_trained - t_half) if epoch == 0 and t_half else train_seconds
+            steady = 2 * (t_trained - run.t_half) if epoch == 0 and run.t_half else train_seconds
             planned_epochs = plan_epochs(
                 budget_s=cfg.time_budget_s,
                 elapsed_s=time.perf_counter() - t_start,
@@ -382,7 +451,7 @@ def train(
                 eval_every=cfg.eval_every,
                 max_epochs=cfg.epochs,
             )
-            schedule.total_steps = planned_epochs * steps_per_epoch
+            parts.schedule.total_steps = planned_epochs * steps_per_epoch
             record["planned_epochs"] = planned_epochs
             record["steady_epoch_seconds"] = round(steady, 2)
             record["eval_seconds"] = round(warm_eval, 3)
