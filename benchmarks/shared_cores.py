@@ -6,9 +6,10 @@ The server's engines for the two published models (`model_store/`: the precision
 `--threads` intra-op threads each), each driven by its own thread calling `infer` back to back:
 first each model alone (with the gate, then without it: what it costs one model), then both at
 once with the process's core gate (`quicknet/serve/backends/cores.py`) and with a gate as wide
-as their threads together (what ran before it: 4 threads on 2 cores), alternating for `--rounds`. `together` is the two rates'
-fractions of their rates alone, summed: 1.0 means sharing lost nothing. The p99 is of one `infer`
-call. Prints one table and writes benchmarks/results/shared_cores.json.
+as their threads together (what ran before it: 4 threads on 2 cores), alternating for
+`--rounds`. `together` is the two rates' fractions of their rates alone, summed: 1.0 means
+sharing lost nothing. The p99 is of one `infer` call. Prints one table and writes
+benchmarks/results/shared_cores.json.
 """
 
 from __future__ import annotations

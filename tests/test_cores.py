@@ -97,6 +97,8 @@ def test_a_release_serves_the_head_of_the_line_not_whoever_fits():
     assert order[2:] == [], "the freed core went past the head of the line"
     x_done.set()
     _wait(lambda: order[2:3] == ["b"])
+    time.sleep(0.05)
+    assert order[2:] == ["b"] and gate.waiting == 1, "c ran beside b: b's cores were not taken"
     go.set()
     for t in (x, b, c):
         t.join(5)

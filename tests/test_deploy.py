@@ -224,15 +224,22 @@ def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendere
     known = {f"QUICKNET_{name.upper()}" for name in Settings.model_fields}
     named = {}
     for overlay, docs in rendered.items():
-        for key in next(d for d in docs if d["kind"] == "ConfigMap")["data"]:
+        data = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        for key in data:
             named[key] = overlay
+        for container in _deployment(docs)["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env", []):
+                named[env["name"]] = f"{overlay} Deployment"
+        values = {k.removeprefix("QUICKNET_").lower(): v for k, v in data.items() if k in known}
+        files = {k for k in values if k.endswith("_file") or k.startswith("tls_")}  # mounted in the pod only
+        Settings.model_validate({k: v for k, v in values.items() if k not in files})  # each value parses
     for name, service in compose["services"].items():
         for key in service.get("environment") or {}:
             named[key] = f"compose {name}"
     for env in yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]["env"]:
         named[env["name"]] = "kserve"
     for dockerfile in DEPLOY.glob("docker/Dockerfile.*"):
-        for key in re.findall(r"\b(QUICKNET_[A-Z0-9_]+)=", dockerfile.read_text()):
+        for key in re.findall(r"\b(QUICKNET_[A-Z0-9_]+)[= ]", dockerfile.read_text()):
             named[key] = dockerfile.name
     unknown = {k: where for k, where in named.items() if k.startswith("QUICKNET_") and k not in known}
     assert not unknown, unknown

@@ -262,7 +262,9 @@ def test_an_idle_grpc_connection_is_closed_and_the_client_reconnects(tmp_path):
     with no call in flight (GOAWAY), and the channel reconnects for its next call."""
     import grpc
 
-    srv = start_server(tmp_path, grpc_idle_timeout_s=1)
+    # gRPC core checks idleness on a timer of that period (jittered +-10%): a connection closes
+    # between 1 and ~2.2 periods after its last call, here well inside the pause
+    srv = start_server(tmp_path, grpc_idle_timeout_s=0.5)
     try:
         ports, states = _grpc_call_ports(srv, calls=2, pause_s=2.5)
         assert len(ports) == 2 and ports[0] != ports[1], ports  # a new connection for the second call
@@ -281,3 +283,20 @@ def test_an_old_grpc_connection_is_renewed_while_it_is_busy(tmp_path):
         assert len(ports) == 16 and len(set(ports)) >= 2, ports
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_the_grpc_lifetimes_are_the_channel_arguments_grpc_core_reads():
+    """Each setting goes to its own argument (idle is not age), in milliseconds, and 0 sets none;
+    calls in flight at an age's GOAWAY get the default deadline to finish."""
+    from quicknet.serve.config import Settings
+    from quicknet.serve.transport.grpc import server_options
+
+    def lifetimes(**settings) -> dict:
+        return {k: v for k, v in server_options(Settings(**settings)) if "connection" in k}
+
+    assert lifetimes() == {"grpc.max_connection_idle_ms": 300_000}
+    assert lifetimes(grpc_idle_timeout_s=0.5, grpc_max_connection_age_s=0) == {"grpc.max_connection_idle_ms": 500}
+    assert lifetimes(grpc_idle_timeout_s=0, grpc_max_connection_age_s=300, default_timeout_ms=20_000) == {
+        "grpc.max_connection_age_ms": 300_000,
+        "grpc.max_connection_age_grace_ms": 20_000,
+    }

@@ -122,8 +122,9 @@ class Settings(BaseSettings):
     grpc_max_connection_age_s: float = Field(
         0.0,
         ge=0,
-        description="gRPC: ask a client to reconnect after this many seconds (calls in flight get their default "
-        "deadline to finish), so that replicas added behind a load balancer get their share; 0: never",
+        description="gRPC: ask a client to reconnect after this many seconds, so that replicas added behind a load "
+        "balancer get their share (calls in flight get --default-timeout-ms to finish; a longer one or an open "
+        "stream is ended, UNAVAILABLE); 0: never",
     )
 
     max_batch_size: int = Field(64, ge=1, description="largest batch the engine runs")
