@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from quicknet import store
+from quicknet.serve import metrics
 from quicknet.serve.backends import cores, load_backend
 from quicknet.serve.backends.cores import CoreGate
 from quicknet.serve.config import Settings
@@ -190,8 +191,10 @@ def test_two_models_in_one_process_never_run_more_threads_than_its_cores(monkeyp
     images = cifar.test.images[:4]
     expected = [e.session.session.run(None, {e.input_name: images})[0] for e in engines]
     tally["most"] = 0
+    waited = metrics.CPU_WAIT._value.get()
     assert _serve_both(engines, images, expected) == []
     assert tally["most"] == 1, "2 + 2 threads on 2 cores ran at once"
+    assert metrics.CPU_WAIT._value.get() > waited, "the turns' waits are counted (quicknet_cpu_wait_seconds)"
 
     for engine in engines:
         engine.threads = 1

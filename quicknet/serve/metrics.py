@@ -66,6 +66,11 @@ ENGINE_CORE_CPU = Counter(
     "answering), with front processes.",
     ["model"],
 )
+CPU_WAIT = Counter(
+    "quicknet_cpu_wait_seconds",
+    "Time ONNX Runtime CPU runs waited for the process's cores while another model's run held them "
+    "(counted in that batch's engine time too).",
+)
 READY = Gauge("quicknet_ready", "1 when the service is warmed up and accepting work.", multiprocess_mode="livemin")
 ENGINE_STALLED = Gauge(
     "quicknet_engine_stalled",

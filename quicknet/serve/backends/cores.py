@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from quicknet.serve import metrics
 from quicknet.serve.config import usable_cores
 
 
@@ -55,7 +57,9 @@ class CoreGate:
                 turn.acquire()
                 self._waiting.append((need, turn))
         if turn is not None:
+            waited = time.perf_counter()
             turn.acquire()  # released by the run that hands us its cores
+            metrics.CPU_WAIT.inc(time.perf_counter() - waited)  # an operator's sign of models contending
         try:
             yield
         finally:
