@@ -282,6 +282,13 @@ def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVe
     return ModelVersion(name, version, final, meta)
 
 
+def plan_folder(plan_dir: Path | None, mv: ModelVersion) -> Path:
+    """Where a version's TensorRT plans live: its own folder, or under `plan_dir` by model and
+    version. A plan holds its weights: one folder for every version and model, as `--plan-dir`
+    once was, served one model's weights under another's name, and a new version the old one's."""
+    return mv.path if plan_dir is None else Path(plan_dir) / mv.name / str(mv.version)
+
+
 def plan_filename(gpu_name: str, compute_capability: tuple[int, int], trt_version: str, precision: str) -> str:
     """TensorRT plans run only on the GPU model, compute capability and TensorRT version that built them."""
     major, minor = compute_capability

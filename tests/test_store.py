@@ -89,6 +89,67 @@ def test_plan_names_carry_gpu_and_versions():
     assert name == "model.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.fp16.plan"
 
 
+def _fake_tensorrt(monkeypatch) -> None:
+    """What the plan code asks of TensorRT and of the GPU, where neither exists (here, CI)."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.16.1.11"))
+    monkeypatch.setattr(store, "gpu_identity", lambda: ("NVIDIA H200", (9, 0)))
+
+
+def test_a_plan_folder_holds_one_version_of_one_model(tmp_path, artifact, monkeypatch):
+    """With --plan-dir (the GPU image's /plans) every version's plan has a folder of its own: one
+    folder for all, as before, served the first plan built (one model's weights) as every model
+    and every later version."""
+    from quicknet.serve.backends import tensorrt
+    from quicknet.serve.config import Settings
+
+    _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(tensorrt, "gpu_identity", store.gpu_identity)
+    root, plans = tmp_path / "store", tmp_path / "plans"
+    a1 = store.publish(root, "a", [artifact], {"labels": []})
+    a2 = store.publish(root, "a", [artifact], {"labels": []})
+    b1 = store.publish(root, "b", [artifact], {"labels": []})
+    assert store.plan_folder(None, a1) == a1.path and store.plan_folder(plans, a2) == plans / "a" / "2"
+    settings = Settings(plan_dir=plans)
+    built = store.plan_folder(plans, a1) / store.plan_filename("NVIDIA H200", (9, 0), "10.16.1.11", "fp16")
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"plan")
+    assert tensorrt.find_plan(a1, settings) == built
+    assert tensorrt.find_plan(a2, settings) is None and tensorrt.find_plan(b1, settings) is None
+
+
+def test_quicknet_plan_all_builds_each_models_latest_version_once(tmp_path, artifact, monkeypatch, capsys):
+    """The GPU image's start: `quicknet plan --all --plan-dir /plans` builds what is missing, each
+    version into its own folder, and a restart builds nothing again."""
+    from quicknet.build import compile as compile_mod
+    from quicknet.cli import main
+
+    _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(compile_mod, "import_tensorrt", lambda: __import__("tensorrt"))
+    built = []
+
+    def fake_build(onnx_path, out_dir, options):
+        path = out_dir / store.plan_filename("NVIDIA H200", (9, 0), "10.16.1.11", "fp16")
+        path.write_bytes(onnx_path.read_bytes())
+        built.append(path)
+        return path
+
+    monkeypatch.setattr(compile_mod, "build_tensorrt_plan", fake_build)
+    root, plans = tmp_path / "store", tmp_path / "plans"
+    onnx = tmp_path / "model.onnx"
+    for name in ("a", "a", "b"):
+        onnx.write_bytes(name.encode())
+        store.publish(root, name, [onnx], {"labels": []})
+    store.set_default(root, "a")
+    main(["plan", "--all", "--model-store", str(root), "--plan-dir", str(plans)])
+    assert sorted(p.relative_to(plans).parts[:2] for p in built) == [("a", "2"), ("b", "1")]
+    built.clear()
+    main(["plan", "--all", "--model-store", str(root), "--plan-dir", str(plans)])
+    assert built == [] and capsys.readouterr().out.count("nothing to build") == 2
+
+
 @pytest.mark.parametrize(
     ("edit", "fragment"),
     [

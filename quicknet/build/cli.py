@@ -123,16 +123,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     trt = import_tensorrt()
     root = Path(args.store) if args.store else store.default_root()
-    mv = store.get_version(root, args.store_model or store.default_model(root), args.version)
-    out = Path(args.plan_dir) if args.plan_dir else mv.path
-    out.mkdir(parents=True, exist_ok=True)
+    if args.all:  # every model's latest version: what the server loads with the default policy
+        versions = [store.get_version(root, name) for name in store.list_models(root)]
+    else:
+        versions = [store.get_version(root, args.store_model or store.default_model(root), args.version)]
     gpu, cc = store.gpu_identity()
-    existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
-    if existing.is_file():
-        print(f"{existing} exists; nothing to build")
-        return
     options = TensorRTOptions(opt_batch=args.trt_opt_batch, max_batch=args.trt_max_batch)
-    print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
+    for mv in versions:
+        out = store.plan_folder(Path(args.plan_dir) if args.plan_dir else None, mv)
+        out.mkdir(parents=True, exist_ok=True)
+        existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
+        if existing.is_file():
+            print(f"{existing} exists; nothing to build")
+            continue
+        print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -276,10 +280,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     plan = sub.add_parser("plan", parents=[store_flags], help="build a published model's TensorRT plan on this GPU")
     plan.add_argument("--store-model", metavar="NAME", help="model (default: the store's DEFAULT)")
+    plan.add_argument("--all", action="store_true", help="every model's latest version instead")
     plan.add_argument("--version", type=int)
     plan.add_argument(
         "--plan-dir",
-        help="where to write the plan (env QUICKNET_PLAN_DIR; default the version folder)",
+        help="where to write the plan, in <model>/<version>/ below it (env QUICKNET_PLAN_DIR; default the version "
+        "folder)",
         default=os.environ.get("QUICKNET_PLAN_DIR"),
     )
     plan.add_argument("--trt-opt-batch", type=int, default=64)

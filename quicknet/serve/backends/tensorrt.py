@@ -17,7 +17,7 @@ import numpy as np
 from quicknet.errors import StoreError
 from quicknet.serve.backends.base import BackendError, warmup_sizes
 from quicknet.serve.config import Settings
-from quicknet.store import ModelVersion, gpu_identity, plan_filename
+from quicknet.store import ModelVersion, gpu_identity, plan_filename, plan_folder
 
 NUM_CLASSES = 10
 IMAGE_BYTES = 32 * 32 * 3
@@ -31,7 +31,7 @@ def find_plan(version: ModelVersion, settings: Settings) -> Path | None:
     except (ImportError, StoreError):
         return None
     precision = "int8" if settings.precision == "int8" else "fp16"  # auto: the FP16 plan
-    path = (settings.plan_dir or version.path) / plan_filename(gpu, cc, trt.__version__, precision)
+    path = plan_folder(settings.plan_dir, version) / plan_filename(gpu, cc, trt.__version__, precision)
     return path if path.is_file() else None
 
 
@@ -80,9 +80,10 @@ class TensorRTBackend:
             raise BackendError("TensorRT is not installed: pip install -e '.[gpu]' on an NVIDIA GPU machine") from None
         plan = find_plan(version, settings)
         if plan is None:
+            where = f" --plan-dir {settings.plan_dir}" if settings.plan_dir else ""
             raise BackendError(
-                f"no TensorRT plan for this GPU in {settings.plan_dir or version.path}: "
-                "run `quicknet compile --tensorrt` on this machine"
+                f"no TensorRT plan for this GPU in {plan_folder(settings.plan_dir, version)}: run "
+                f"`quicknet plan --store-model {version.name} --version {version.version}{where}` on this machine"
             )
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
