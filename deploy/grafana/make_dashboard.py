@@ -222,9 +222,18 @@ def dashboard() -> dict:
         panel(
             "Ready instances",
             "short",
-            [(f"sum(quicknet_ready{{{INSTANCE}}})", "ready"), ('count(up{job="quicknet"} == 1)', "scraped")],
+            # "scraped": instances whose gauge arrived, whatever the scrape job is named
+            [(f"sum(quicknet_ready{{{INSTANCE}}})", "ready"), (f"count(quicknet_ready{{{INSTANCE}}})", "scraped")],
             0,
             48,
+        ),
+        panel(
+            "CPU wait: ONNX Runtime runs waiting for another model's (s/s)",
+            "short",
+            [(f"sum by (instance) (rate(quicknet_cpu_wait_seconds_total{{{INSTANCE}}}{RATE}))", "{{instance}}")],
+            12,
+            48,
+            min=0,
         ),
     ]
     # GPU panels: in a row that is collapsed, so a CPU-only service shows one closed header, not
