@@ -6,7 +6,7 @@
 #     numpy 2.5.2, onnx 1.23.1 and onnxruntime 1.30.0; its other packages at their newest, in a
 #     venv outside the repo;
 #   - each run's copy of the repo as the device tool sends it: tracked and untracked-not-ignored
-#     files, plus that run's carried folders only (train: data/; serve: data/, .whl/ and .gpu/),
+#     files, plus that run's carried folders only (train: data/; serve: data-test/, .whl/ and .gpu/),
 #     within the 64 MiB a run carries;
 #   - the serve run's environment: the wheels installed by `pip install --no-index --no-deps
 #     --target`, then PYTHONPATH (the train run has neither, as on the lease).
@@ -26,7 +26,7 @@ for candidate in "${GPU_REHEARSE_PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null
     if [[ -n "$candidate" ]] && is_312 "$candidate"; then python=$candidate; break; fi
 done
 [[ -n "$python" ]] || { echo "gpu-rehearse: no working Python 3.12 (set GPU_REHEARSE_PYTHON)" >&2; exit 2; }
-for need in data/cifar10_jpeg.npz .whl .gpu/bin/hey; do
+for need in data/cifar10_jpeg.npz data-test/cifar10_test_jpeg.npz .whl .gpu/bin/hey; do
     [[ -e "$repo/$need" ]] || { echo "gpu-rehearse: $need is missing: run make gpu-data gpu-wheels" >&2; exit 2; }
 done
 
@@ -67,10 +67,10 @@ problems += [f"arm {n}: {a.get('state')} {a.get('error', '')}" for n, a in doc["
 sys.exit(f"gpu-rehearse: train dry run: {problems}" if problems else 0)
 EOF
 
-copy_repo "$work/serve-repo" data .whl .gpu
+copy_repo "$work/serve-repo" data-test .whl .gpu
 cd "$work/serve-repo"
 python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$work/site" .whl/*.whl
-PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/serve"
+PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --data data-test/cifar10_test_jpeg.npz --out "$work/OUT/serve"
 # A compiled variant or a fused engine step that failed is recorded, not raised (on the lease it must
 # not cost the rest): here it must fail the rehearsal. The fused engine is gated from the carried data
 # (on 8 test images here) and names the published file it was built from.

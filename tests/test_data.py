@@ -177,3 +177,22 @@ def test_parallel_jpeg_decoding_matches_serial(cifar):
     parallel = data._decode_jpegs(blob, offsets, jobs=3)
     assert serial.shape == (1000, 32, 32, 3) and np.array_equal(serial, parallel)
     assert np.array_equal(serial, cifar.test.images[:1000])
+
+
+def test_the_test_split_alone_is_the_copys_test_split_and_is_checked(cifar, tmp_path):
+    """What the GPU serve run carries to gate on (3 MiB against 18): the copy's 10k test split,
+    identical once decoded, its content's SHA-256 checked, with an empty train split."""
+    path = data.write_test_split(data.default_data_path(), tmp_path / "test.npz")
+    assert path.stat().st_size < 4 << 20
+    alone = data.load(path)
+    assert alone.train.images.shape == (0, 32, 32, 3) and len(alone.train.labels) == 0
+    np.testing.assert_array_equal(alone.test.images, cifar.test.images)
+    np.testing.assert_array_equal(alone.test.labels, cifar.test.labels)
+    assert alone.source == cifar.source and alone.checksum == data.TEST_SPLIT_SHA256
+    with np.load(path) as z:
+        arrays = {key: z[key] for key in data.TEST_SPLIT_KEYS}
+    arrays["test_labels"] = arrays["test_labels"].copy()
+    arrays["test_labels"][0] = (arrays["test_labels"][0] + 1) % 10  # one label changed
+    np.savez_compressed(tmp_path / "changed.npz", **arrays)
+    with pytest.raises(DataError, match="not the CIFAR-10 JPEG copy's; make it again: make gpu-data"):
+        data.load(tmp_path / "changed.npz")

@@ -12,6 +12,7 @@ import itertools
 import os
 import pickle
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ NPZ_SHA256 = "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8"
 NPZ_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
 NPZ_IN_REPO = Path(__file__).resolve().parents[2] / "data" / "cifar10_jpeg.npz"  # `make gpu-data` copies it here
 NPZ_DESCRIPTION = "CIFAR-10 (JPEG-q75 copy), standard 10k test split"
+# The same copy's 10k test split alone (`write_test_split`), for a GPU serve run that gates engines
+# on it and carries ~3 MiB instead of 18 (the run carries at most 64 MiB, the repo included). Its
+# digest is of its content (JPEG bytes, offsets, labels), not of the file, which numpy's zip writes
+# with a time stamp.
+TEST_SPLIT_SHA256 = "8226f779e2979fb223c3be244b3fc9fc7c23a0f019d264ed8acc2a4c6b20392a"
+TEST_SPLIT_KEYS = ("test_jpeg", "test_offsets", "test_labels")
 
 TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -92,9 +99,58 @@ def load(path: Path | None = None, *, expected_digest: str | None = None) -> Dat
     return load_npz(path, expected_sha256=NPZ_SHA256 if expected_digest is None else expected_digest)
 
 
+def _split_digest(jpeg: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for array, dtype in ((jpeg, np.uint8), (offsets, "<i8"), (labels, np.uint8)):
+        h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return h.hexdigest()
+
+
+def write_test_split(src: Path, dest: Path) -> Path:
+    """`src`'s test split alone into `dest` (a compressed npz of `TEST_SPLIT_KEYS`), checked
+    against `TEST_SPLIT_SHA256`: what `load` reads as a dataset with an empty train split."""
+    src, dest = Path(src), Path(dest)
+    _check_exists(src)
+    with np.load(src) as z:
+        arrays = {key: z[key] for key in TEST_SPLIT_KEYS}
+    if (digest := _split_digest(*arrays.values())) != TEST_SPLIT_SHA256:
+        raise DataError(f"{src}'s test split has SHA-256 {digest[:12]}…, expected {TEST_SPLIT_SHA256[:12]}…")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest) as f:
+        np.savez_compressed(f, **arrays)
+    return dest
+
+
+def _is_test_split(path: Path) -> bool:
+    try:
+        with np.load(path) as z:
+            return "train_jpeg" not in z.files and set(TEST_SPLIT_KEYS) <= set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # not a whole npz: the copy's own check says so
+        return False
+
+
+def _load_test_split(path: Path) -> Dataset:
+    try:
+        with np.load(path) as z:
+            jpeg, offsets, labels = (z[key] for key in TEST_SPLIT_KEYS)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 test split ({e}); make it again: make gpu-data") from None
+    if (digest := _split_digest(jpeg, offsets, labels)) != TEST_SPLIT_SHA256:
+        raise DataError(
+            f"{path} holds a test split with SHA-256 {digest[:12]}…, expected {TEST_SPLIT_SHA256[:12]}…: "
+            "it is not the CIFAR-10 JPEG copy's; make it again: make gpu-data"
+        )
+    empty = Split(np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.uint8))
+    return Dataset(empty, Split(_decode_jpegs(jpeg, offsets), labels.astype(np.uint8)), NPZ_DESCRIPTION, digest)
+
+
 def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset:
+    """The npz copy (its SHA-256 checked), or its test split alone (`write_test_split`: its
+    content's SHA-256 checked, and an empty train split)."""
     path = Path(path)
     _check_exists(path)
+    if _is_test_split(path):
+        return _load_test_split(path)
     digest = _file_digest(path, "sha256")
     if expected_sha256 and digest != expected_sha256:
         raise DataError(
