@@ -95,7 +95,7 @@ gpu-data: venv-dev
 	test -f data/cifar10_jpeg.npz || cp $(SHARED_NPZ) data/cifar10_jpeg.npz
 	echo "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8  data/cifar10_jpeg.npz" | sha256sum -c -
 	$(BIN)/python -c 'from quicknet.build import data; data.load(data.write_test_split( \
-		"data/cifar10_jpeg.npz", "data-test/cifar10_test_jpeg.npz"))'
+		"data/cifar10_jpeg.npz", "data-test/cifar10_test_jpeg.npz"), test_only=True)'
 
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
 ## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).

@@ -2,7 +2,7 @@
 engine, profile both, and keep the engine file. Run by `benchmarks.gpu_serve` in a child process
 under a hard time limit (a compile that runs long costs its limit, not the lease), or alone:
 
-    python -m benchmarks.gpu_engine --store STORE --out OUT [--data data/cifar10_jpeg.npz]
+    python -m benchmarks.gpu_engine --store STORE --out OUT [--data data-test/cifar10_test_jpeg.npz]
 
 Within `--limit-s`, writing `engine.json` (rows so far) after every step:
 
@@ -154,7 +154,7 @@ def run(args) -> None:
     if args.data:  # first: its JPEG decoders are forked processes, and a fork after CUDA starts is unsafe
         from quicknet.build import data
 
-        test = data.load(Path(args.data)).test
+        test = data.load(Path(args.data), test_only=True).test  # the whole copy, or its test split alone
         keep = 8 if args.dry_run else len(test.labels)  # Triton's interpreter: the gate's path, not its score
         test_split = (test.images[:keep], test.labels[:keep])
     cuda = torch.cuda.is_available()

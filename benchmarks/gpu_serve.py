@@ -658,7 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=6, help="client processes for the Python load generator")
     parser.add_argument("--variant-limit-s", type=float, default=60.0, help="time limit per compiled variant")
     parser.add_argument("--engine-limit-s", type=float, default=130.0, help="time limit for the fused engine step")
-    parser.add_argument("--data", help="CIFAR-10 copy (data/cifar10_jpeg.npz): gate the fused engine on its test split")
+    parser.add_argument(
+        "--data",
+        help="CIFAR-10 copy, or its test split alone (data-test/cifar10_test_jpeg.npz, as `make gpu-data` writes "
+        "it): gate the fused engine on the 10k test split",
+    )
     parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny")
     parser.add_argument("--variant", choices=["compile", "aoti"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)

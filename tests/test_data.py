@@ -184,15 +184,24 @@ def test_the_test_split_alone_is_the_copys_test_split_and_is_checked(cifar, tmp_
     identical once decoded, its content's SHA-256 checked, with an empty train split."""
     path = data.write_test_split(data.default_data_path(), tmp_path / "test.npz")
     assert path.stat().st_size < 4 << 20
-    alone = data.load(path)
+    with pytest.raises(DataError, match="holds the test split alone.*need the whole copy"):
+        data.load(path)  # training, the build: never a dataset without training images
+    alone = data.load(path, test_only=True)
     assert alone.train.images.shape == (0, 32, 32, 3) and len(alone.train.labels) == 0
     np.testing.assert_array_equal(alone.test.images, cifar.test.images)
     np.testing.assert_array_equal(alone.test.labels, cifar.test.labels)
     assert alone.source == cifar.source and alone.checksum == data.TEST_SPLIT_SHA256
     with np.load(path) as z:
         arrays = {key: z[key] for key in data.TEST_SPLIT_KEYS}
-    arrays["test_labels"] = arrays["test_labels"].copy()
-    arrays["test_labels"][0] = (arrays["test_labels"][0] + 1) % 10  # one label changed
-    np.savez_compressed(tmp_path / "changed.npz", **arrays)
-    with pytest.raises(DataError, match="not the CIFAR-10 JPEG copy's; make it again: make gpu-data"):
-        data.load(tmp_path / "changed.npz")
+    labels = arrays["test_labels"].copy()
+    labels[0] = (labels[0] + 1) % 10
+    jpeg, offsets = arrays["test_jpeg"], arrays["test_offsets"]
+    changed = {
+        "a label": arrays | {"test_labels": labels},
+        "the JPEG bytes' type": arrays | {"test_jpeg": jpeg.astype(np.int16)},  # the same bytes' digest otherwise
+        "bytes moved into an offset": arrays | {"test_offsets": np.concatenate([[0], offsets])},
+    }
+    for edited in changed.values():
+        np.savez_compressed(tmp_path / "changed.npz", **edited)
+        with pytest.raises(DataError, match="not the CIFAR-10 JPEG copy's; make it again: make gpu-data"):
+            data.load(tmp_path / "changed.npz", test_only=True)

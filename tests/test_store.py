@@ -139,12 +139,14 @@ def test_quicknet_plan_all_builds_each_models_latest_version_once(tmp_path, arti
     monkeypatch.setattr(compile_mod, "build_tensorrt_plan", fake_build)
     root, plans = tmp_path / "store", tmp_path / "plans"
     onnx = tmp_path / "model.onnx"
-    for name in ("a", "a", "b"):
-        onnx.write_bytes(name.encode())
+    for name, weights in (("a", b"a v1"), ("a", b"a v2"), ("b", b"b v1"), ("c", b"c v1")):
+        onnx.write_bytes(weights)  # each version's own bytes: its plan must be built from them
         store.publish(root, name, [onnx], {"labels": []})
     store.set_default(root, "a")
+    (root / "c" / "1" / "model.onnx").unlink()  # a broken version: said and skipped, the others built
     main(["plan", "--all", "--model-store", str(root), "--plan-dir", str(plans)])
-    assert sorted(p.relative_to(plans).parts[:2] for p in built) == [("a", "2"), ("b", "1")]
+    assert {p.relative_to(plans).parts[:2]: p.read_bytes() for p in built} == {("a", "2"): b"a v2", ("b", "1"): b"b v1"}
+    assert "error: c: no plan built" in capsys.readouterr().err
     built.clear()
     main(["plan", "--all", "--model-store", str(root), "--plan-dir", str(plans)])
     assert built == [] and capsys.readouterr().out.count("nothing to build") == 2

@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
 
 from quicknet.build.config import TrainConfig
+from quicknet.errors import QuickNetError
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -123,20 +125,29 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     trt = import_tensorrt()
     root = Path(args.store) if args.store else store.default_root()
-    if args.all:  # every model's latest version: what the server loads with the default policy
-        versions = [store.get_version(root, name) for name in store.list_models(root)]
-    else:
-        versions = [store.get_version(root, args.store_model or store.default_model(root), args.version)]
     gpu, cc = store.gpu_identity()
     options = TensorRTOptions(opt_batch=args.trt_opt_batch, max_batch=args.trt_max_batch)
-    for mv in versions:
+
+    def build(mv: store.ModelVersion) -> None:
         out = store.plan_folder(Path(args.plan_dir) if args.plan_dir else None, mv)
         out.mkdir(parents=True, exist_ok=True)
         existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
         if existing.is_file():
             print(f"{existing} exists; nothing to build")
-            continue
+            return
         print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
+
+    if not args.all:
+        build(store.get_version(root, args.store_model or store.default_model(root), args.version))
+        return
+    # Every model's latest version (what the server loads by default). One that cannot be built is
+    # said and skipped: the server then refuses that version alone, where stopping here would keep
+    # the whole pod from starting (the GPU image runs this first, under `set -e`).
+    for name in store.list_models(root):
+        try:
+            build(store.get_version(root, name))
+        except (QuickNetError, OSError) as e:
+            print(f"error: {name}: no plan built: {e}", file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> None:

@@ -90,12 +90,21 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("QUICKNET_CACHE", Path.home() / ".cache" / "quicknet"))
 
 
-def load(path: Path | None = None, *, expected_digest: str | None = None) -> Dataset:
-    """Load CIFAR-10 from the npz copy or the official tarball, chosen by file name."""
+def load(path: Path | None = None, *, expected_digest: str | None = None, test_only: bool = False) -> Dataset:
+    """Load CIFAR-10 from the npz copy or the official tarball, chosen by file name. The copy's
+    test split alone (`write_test_split`) is read only where `test_only` says the caller needs no
+    training images (a gate); elsewhere it is refused in one line."""
     path = Path(path) if path else default_data_path()
     _check_exists(path)
     if path.name.endswith((".tar.gz", ".tgz")):
         return load_tarball(path, expected_md5=TARBALL_MD5 if expected_digest is None else expected_digest)
+    if _is_test_split(path):
+        if not test_only:
+            raise DataError(
+                f"{path} holds the test split alone (for a GPU serve run's gate); training and the build "
+                "need the whole copy: data/cifar10_jpeg.npz, or shared/data/cifar10"
+            )
+        return _load_test_split(path)
     return load_npz(path, expected_sha256=NPZ_SHA256 if expected_digest is None else expected_digest)
 
 
@@ -122,10 +131,11 @@ def write_test_split(src: Path, dest: Path) -> Path:
 
 
 def _is_test_split(path: Path) -> bool:
+    """A zip holding exactly the test split's arrays (anything else: the whole copy's own checks)."""
     try:
-        with np.load(path) as z:
-            return "train_jpeg" not in z.files and set(TEST_SPLIT_KEYS) <= set(z.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # not a whole npz: the copy's own check says so
+        with zipfile.ZipFile(path) as zf:
+            return sorted(zf.namelist()) == sorted(f"{key}.npy" for key in TEST_SPLIT_KEYS)
+    except (OSError, zipfile.BadZipFile):
         return False
 
 
@@ -133,11 +143,16 @@ def _load_test_split(path: Path) -> Dataset:
     try:
         with np.load(path) as z:
             jpeg, offsets, labels = (z[key] for key in TEST_SPLIT_KEYS)
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable CIFAR-10 test split ({e}); make it again: make gpu-data") from None
-    if (digest := _split_digest(jpeg, offsets, labels)) != TEST_SPLIT_SHA256:
+    # the digest is of the arrays' bytes, so their form is checked first
+    shapes_ok = jpeg.ndim == 1 and offsets.shape == (10001,) and labels.shape == (10000,)
+    types_ok = (jpeg.dtype, offsets.dtype, labels.dtype) == (np.uint8, np.int64, np.uint8)
+    digest = _split_digest(jpeg, offsets, labels) if shapes_ok and types_ok else ""
+    if digest != TEST_SPLIT_SHA256:
+        found = f"SHA-256 {digest[:12]}…" if digest else "arrays of another shape or type"
         raise DataError(
-            f"{path} holds a test split with SHA-256 {digest[:12]}…, expected {TEST_SPLIT_SHA256[:12]}…: "
+            f"{path} holds a test split with {found}, expected SHA-256 {TEST_SPLIT_SHA256[:12]}…: "
             "it is not the CIFAR-10 JPEG copy's; make it again: make gpu-data"
         )
     empty = Split(np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.uint8))
@@ -145,12 +160,8 @@ def _load_test_split(path: Path) -> Dataset:
 
 
 def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset:
-    """The npz copy (its SHA-256 checked), or its test split alone (`write_test_split`: its
-    content's SHA-256 checked, and an empty train split)."""
     path = Path(path)
     _check_exists(path)
-    if _is_test_split(path):
-        return _load_test_split(path)
     digest = _file_digest(path, "sha256")
     if expected_sha256 and digest != expected_sha256:
         raise DataError(
