@@ -87,6 +87,7 @@ clean:
 ## GPU jobs. They run under the GPU machine's own Python (GPU_PYTHON), not the venv: see README, "GPU runs".
 GPU_PYTHON ?= python3
 SHARED_NPZ ?= ../shared/data/cifar10/cifar10_jpeg.npz
+TEST_NPZ := data-test/cifar10_test_jpeg.npz
 
 ## Copy the CIFAR-10 copy into data/ (git-ignored), checksum-verified: a GPU machine receives only the repo.
 ## Its test split alone goes to data-test/ (3 MiB, content-checked): what the serve run carries to gate on.
@@ -94,8 +95,7 @@ gpu-data: venv-dev
 	mkdir -p data
 	test -f data/cifar10_jpeg.npz || cp $(SHARED_NPZ) data/cifar10_jpeg.npz
 	echo "a04e5bfc645b3eb3b4fd8ddbd152438b2f41e8d178c4a1ff27682bbfa52b21a8  data/cifar10_jpeg.npz" | sha256sum -c -
-	$(BIN)/python -c 'from quicknet.build import data; data.load(data.write_test_split( \
-		"data/cifar10_jpeg.npz", "data-test/cifar10_test_jpeg.npz"), test_only=True)'
+	$(BIN)/python -c 'from quicknet.build import data; data.write_test_split("data/cifar10_jpeg.npz", "$(TEST_NPZ)")'
 
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
 ## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).
@@ -120,4 +120,4 @@ gpu-rehearse: gpu-data gpu-wheels
 ## The serving proof on this machine's GPU within 420 s; results in gpu-results/serve/.
 gpu-serve:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data data-test/cifar10_test_jpeg.npz --out gpu-results/serve
+	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data $(TEST_NPZ) --out gpu-results/serve

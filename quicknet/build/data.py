@@ -115,15 +115,34 @@ def _split_digest(jpeg: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> 
     return h.hexdigest()
 
 
+def _read_test_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The test split's arrays from `path` (the whole copy, or the split alone) and their digest,
+    checked against `TEST_SPLIT_SHA256`: a one-line `DataError` for anything else."""
+    try:
+        with np.load(path) as z:
+            jpeg, offsets, labels = (z[key] for key in TEST_SPLIT_KEYS)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 test split ({e}); make it again: make gpu-data") from None
+    # the digest is of the arrays' bytes, so their form is checked first
+    shapes_ok = jpeg.ndim == 1 and offsets.shape == (10001,) and labels.shape == (10000,)
+    types_ok = (jpeg.dtype, offsets.dtype, labels.dtype) == (np.uint8, np.int64, np.uint8)
+    digest = _split_digest(jpeg, offsets, labels) if shapes_ok and types_ok else ""
+    if digest != TEST_SPLIT_SHA256:
+        found = f"SHA-256 {digest[:12]}…" if digest else "arrays of another shape or type"
+        raise DataError(
+            f"{path} holds a test split with {found}, expected SHA-256 {TEST_SPLIT_SHA256[:12]}…: "
+            "it is not the CIFAR-10 JPEG copy's; make it again: make gpu-data"
+        )
+    return jpeg, offsets, labels, digest
+
+
 def write_test_split(src: Path, dest: Path) -> Path:
     """`src`'s test split alone into `dest` (a compressed npz of `TEST_SPLIT_KEYS`), checked
-    against `TEST_SPLIT_SHA256`: what `load` reads as a dataset with an empty train split."""
+    against `TEST_SPLIT_SHA256`: what `load(test_only=True)` reads as a dataset with an empty
+    train split."""
     src, dest = Path(src), Path(dest)
     _check_exists(src)
-    with np.load(src) as z:
-        arrays = {key: z[key] for key in TEST_SPLIT_KEYS}
-    if (digest := _split_digest(*arrays.values())) != TEST_SPLIT_SHA256:
-        raise DataError(f"{src}'s test split has SHA-256 {digest[:12]}…, expected {TEST_SPLIT_SHA256[:12]}…")
+    arrays = dict(zip(TEST_SPLIT_KEYS, _read_test_split(src)[:3], strict=True))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dest) as f:
         np.savez_compressed(f, **arrays)
@@ -140,21 +159,7 @@ def _is_test_split(path: Path) -> bool:
 
 
 def _load_test_split(path: Path) -> Dataset:
-    try:
-        with np.load(path) as z:
-            jpeg, offsets, labels = (z[key] for key in TEST_SPLIT_KEYS)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path} is not a readable CIFAR-10 test split ({e}); make it again: make gpu-data") from None
-    # the digest is of the arrays' bytes, so their form is checked first
-    shapes_ok = jpeg.ndim == 1 and offsets.shape == (10001,) and labels.shape == (10000,)
-    types_ok = (jpeg.dtype, offsets.dtype, labels.dtype) == (np.uint8, np.int64, np.uint8)
-    digest = _split_digest(jpeg, offsets, labels) if shapes_ok and types_ok else ""
-    if digest != TEST_SPLIT_SHA256:
-        found = f"SHA-256 {digest[:12]}…" if digest else "arrays of another shape or type"
-        raise DataError(
-            f"{path} holds a test split with {found}, expected SHA-256 {TEST_SPLIT_SHA256[:12]}…: "
-            "it is not the CIFAR-10 JPEG copy's; make it again: make gpu-data"
-        )
+    jpeg, offsets, labels, digest = _read_test_split(path)
     empty = Split(np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.uint8))
     return Dataset(empty, Split(_decode_jpegs(jpeg, offsets), labels.astype(np.uint8)), NPZ_DESCRIPTION, digest)
 
