@@ -192,8 +192,8 @@ def run(args) -> None:
     bytes_per_image = {"torch": estimate_bytes(layers, fused=False), "fused": estimate_bytes(layers, fused=True)}
     rows: list[dict] = []
     ceiling_gb_s = args.ceiling_gb_s or device_copy_gb_s() or 0.0
-    save(ceilings={"tflops": args.ceiling_tflops, "gb_s": ceiling_gb_s}, bytes_per_image=bytes_per_image)
-    save(flops_per_image=flops)
+    ceilings = {"tflops": args.ceiling_tflops, "gb_s": ceiling_gb_s}
+    save(ceilings=ceilings, bytes_per_image=bytes_per_image, flops_per_image=flops)
     for engine, cls in (("torch", TorchBackend), ("fused", FusedBackend)):
         if engine not in args.engines:
             continue
@@ -224,7 +224,7 @@ def run(args) -> None:
     plan = fused_engine.read_artifact(path, None)
     fused_net = fused_engine.FusedNet(plan["layers"], fused_engine.weights_for(plan, spec), plan["configs"], device)
     profiles = {"batch": batch, "torch": _profile(eager._forward, x), "fused": _profile(fused_net, x)}
-    save(profile=profiles, bytes_per_image=bytes_per_image, flops_per_image=flops)
+    save(profile=profiles)
     print(f"gpu-engine step done in {time.monotonic() - t0:.0f} s", flush=True)
 
 

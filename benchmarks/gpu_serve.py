@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -322,12 +323,13 @@ def service_sweep(
     clients: int,
     engine_rows: list[dict],
     deadline: float,
-    on_row=None,
+    on_row: Callable[[dict], None],
     backend: str = "torch",
-) -> list[dict]:
-    """`quicknet serve` at each front count in `workers`, each of `cases` against it. A server is
-    started only with time before `deadline` for its start and a case, a case only with time for
-    it; a server that fails to start, or a case that fails, is a row with its error."""
+) -> None:
+    """`quicknet serve` at each front count in `workers`, each of `cases` against it, each row to
+    `on_row` as it is made. A server is started only with time before `deadline` for its start and
+    a case, a case only with time for it; a skipped front count, a server that fails to start and
+    a case that fails are rows too, saying so."""
     from quicknet import store
     from quicknet.testing import start_server
 
@@ -335,17 +337,13 @@ def service_sweep(
     hey = _hey()
     max_batch = max(r["batch"] for r in engine_rows)
     case_s = seconds + CASE_OVERHEAD_S
-    rows = []
 
     def record(row: dict) -> None:
-        rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
-        print(json.dumps(rows[-1]), flush=True)
-        if on_row is not None:
-            on_row(rows[-1])
+        _report(row, on_row)
 
     for w in workers:
         if deadline - time.monotonic() < SERVER_START_S + case_s:  # a start with no case after it is waste
-            rows.append({"workers": w, "skipped": "time budget spent"})
+            record({"workers": w, "backend": backend, "skipped": "time budget spent"})
             continue
         logs = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
         try:
@@ -379,7 +377,13 @@ def service_sweep(
             with (out / "server.log").open("a") as log:  # every server's log, one after another
                 log.write(f"===== quicknet serve --workers {w} --backend {backend} =====\n")
                 log.write(Path(srv.log_path).read_text(errors="replace"))
-    return rows
+
+
+def _report(row: dict, on_row: Callable[[dict], None]) -> None:
+    """A result row, as it is made: printed (the run's log) and handed on (results.json)."""
+    row = {k: v for k, v in row.items() if k != "latencies_ms"}
+    print(json.dumps(row), flush=True)
+    on_row(row)
 
 
 def _case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows) -> dict:
@@ -414,7 +418,7 @@ def _case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, he
     return row
 
 
-def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row=None) -> list[dict]:
+def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row: Callable[[dict], None]) -> None:
     """Each of `GPU_PEERS` on this machine, serving the store's model with one image per request,
     driven by the same load generator as the service's one-image REST case; its log's tail on error.
     A peer starts only with `PEER_S` left before `deadline`; each row is reported as it is made."""
@@ -427,7 +431,6 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row
     from quicknet.testing import free_port
 
     hey = _hey()
-    rows = []
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     bodies = {  # LitServe's: benchmarks.peer_servers.litserve_torch.json_body (that module needs litserve)
         "raw": (pixels.tobytes(), "application/octet-stream"),
@@ -435,9 +438,7 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row
     }
     for name, module, kind in GPU_PEERS:
         if deadline - time.monotonic() < PEER_S:
-            rows.append({"server": name, "skipped": "time budget spent"})
-            if on_row is not None:
-                on_row(rows[-1])
+            _report({"server": name, "skipped": "time budget spent"}, on_row)
             continue
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -478,11 +479,7 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row
                 with contextlib.suppress(ProcessLookupError):  # a peer that exited took its group with it
                     os.killpg(proc.pid, 9)
                 proc.wait()
-        rows.append({k: v for k, v in row.items() if k != "latencies_ms"})
-        print(json.dumps(rows[-1]), flush=True)
-        if on_row is not None:
-            on_row(rows[-1])
-    return rows
+        _report(row, on_row)
 
 
 def _server_side(before: str, after: str, row: dict) -> dict:
@@ -770,9 +767,10 @@ def run(args) -> None:
             from benchmarks.gpu_engine import roofline
 
             ceiling_gb_s = fused.get("ceilings", {}).get("gb_s") or 0.0
+            # the fused rows' own counts, so that both engines' rows rest on the same estimate
+            per_image = (fused.get("flops_per_image", flops), fused["bytes_per_image"]["torch"])
             for row in engine:
-                bytes_per_image = fused["bytes_per_image"]["torch"]
-                row |= roofline(row["img_s"], flops, bytes_per_image, results.doc["matmul"]["tflops"], ceiling_gb_s)
+                row |= roofline(row["img_s"], *per_image, results.doc["matmul"]["tflops"], ceiling_gb_s)
             results.update(engine=engine)
         results.update(fused=fused)
         with step("service, the other front counts"):

@@ -240,7 +240,7 @@ def arm_main(spec_path: str) -> None:
         left = spec["deadline"] - time.time() - ARM_FINISH_S
         return dataclasses.replace(cfg, time_budget_s=left, time_limit_s=left + HARD_STOP_MARGIN_S)
 
-    def _train_eagerly(e: Exception) -> dict:
+    def _train_eagerly(cfg: TrainConfig, e: Exception) -> dict:
         """A compiler failure in the first epoch must not cost the arm: train eagerly on what is left."""
         log.error("arm %s: training with torch.compile failed (%s); retrying without it", name, e)
         status["compile_error"] = "".join(traceback.format_exception_only(e)).strip()
@@ -269,7 +269,7 @@ def arm_main(spec_path: str) -> None:
         elif not cfg.compile:
             raise
         else:
-            summary = _train_eagerly(e)
+            summary = _train_eagerly(cfg, e)
     status.update(state="evaluating", train_ended=time.time())
     _write_json(status_path, status)
     mirror()
