@@ -190,3 +190,23 @@ def test_the_tracked_tree_stays_under_30_mib_so_a_gpu_run_can_carry_it():
         meta = json.loads(version.read_text())
         engines = [f for f in meta["files"] if f.endswith((".onnx", ".pt", ".pt2"))]
         assert sorted(engines) == ["model.int8.onnx", "model.onnx"], (version, engines)
+
+
+def test_quicknet_plan_says_in_one_line_what_it_cannot_do(tmp_path, artifact, monkeypatch, capsys):
+    from quicknet.build import compile as compile_mod
+    from quicknet.cli import main
+
+    _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(compile_mod, "import_tensorrt", lambda: __import__("tensorrt"))
+    root = tmp_path / "store"
+    store.publish(root, "a", [artifact], {"labels": []})
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    for argv, said in (
+        (["--all", "--model-store", str(tmp_path / "none")], "does not exist"),
+        (["--all", "--store-model", "a", "--model-store", str(root)], "--all builds every model's latest version"),
+        (["--model-store", str(root), "--plan-dir", str(blocked)], "a v1: no plan built in"),
+    ):
+        assert main(["plan", *argv]) != 0
+        err = capsys.readouterr().err.strip()
+        assert said in err and err.startswith("error: ") and "\n" not in err, err

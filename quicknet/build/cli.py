@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from quicknet.build.config import TrainConfig
-from quicknet.errors import QuickNetError
+from quicknet.errors import QuickNetError, StoreError
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -130,23 +130,29 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     def build(mv: store.ModelVersion) -> None:
         out = store.plan_folder(Path(args.plan_dir) if args.plan_dir else None, mv)
-        out.mkdir(parents=True, exist_ok=True)
-        existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
-        if existing.is_file():
-            print(f"{existing} exists; nothing to build")
-            return
-        print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            existing = out / store.plan_filename(gpu, cc, trt.__version__, "fp16")
+            if existing.is_file():
+                print(f"{existing} exists; nothing to build")
+                return
+            print(f"built {build_tensorrt_plan(mv.file('model.onnx'), out, options)}")
+        except OSError as e:  # an unwritable plan folder, a version missing its model.onnx: one line
+            raise StoreError(f"{mv.name} v{mv.version}: no plan built in {out}: {e}") from None
 
     if not args.all:
         build(store.get_version(root, args.store_model or store.default_model(root), args.version))
         return
+    if args.store_model or args.version is not None:
+        raise QuickNetError("--all builds every model's latest version: drop --store-model and --version")
     # Every model's latest version (what the server loads by default). One that cannot be built is
     # said and skipped: the server then refuses that version alone, where stopping here would keep
-    # the whole pod from starting (the GPU image runs this first, under `set -e`).
-    for name in store.list_models(root):
+    # the whole pod from starting (the GPU image runs this first, under `set -e`). A store with no
+    # model at all is an error: default_model says why (missing, a file, empty).
+    for name in store.list_models(root) or [store.default_model(root)]:
         try:
             build(store.get_version(root, name))
-        except (QuickNetError, OSError) as e:
+        except QuickNetError as e:
             print(f"error: {name}: no plan built: {e}", file=sys.stderr)
 
 
