@@ -7,7 +7,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from quicknet import store
 from quicknet.serve import metrics
@@ -15,6 +14,7 @@ from quicknet.serve.backends import cores, load_backend
 from quicknet.serve.backends.cores import CoreGate
 from quicknet.serve.config import Settings
 from quicknet.testing import REPO
+from tests.hung import _wait as wait_for
 
 
 def _holder(gate: CoreGate, threads: int, order: list, name: str, release: threading.Event) -> threading.Thread:
@@ -28,11 +28,8 @@ def _holder(gate: CoreGate, threads: int, order: list, name: str, release: threa
     return t
 
 
-def _wait(predicate, seconds=5.0):
-    end = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.002)
+def _wait(predicate) -> None:
+    wait_for(predicate, 5.0, "the gate's state")
 
 
 def test_the_cores_go_to_the_waiters_in_the_order_they_came():
@@ -203,13 +200,12 @@ def test_two_models_in_one_process_never_run_more_threads_than_its_cores(monkeyp
     assert tally["most"] == 2, "1 + 1 threads fit 2 cores: side by side"
 
 
-@pytest.mark.parametrize("provider", ["CUDAExecutionProvider"])
-def test_an_engine_off_the_cpu_takes_no_cores(provider):
+def test_an_engine_off_the_cpu_takes_no_cores():
     from quicknet.serve.backends.onnxruntime import OnnxRuntimeBackend
 
     class Session:
         def get_inputs(self):
             return [type("Input", (), {"name": "images"})()]
 
-    engine = OnnxRuntimeBackend(Session(), "m.onnx", Settings(), provider, {"precision": "fp32"}, {})
+    engine = OnnxRuntimeBackend(Session(), "m.onnx", Settings(), "CUDAExecutionProvider", {"precision": "fp32"}, {})
     assert engine.gate is None

@@ -20,6 +20,7 @@ from quicknet.testing import REPO, free_port, start_server
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
 OVERLAYS = ["cpu", "gpu", "cpu-secure", "cpu-store"]
+KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -89,6 +90,15 @@ def _deployment(docs: list[dict]) -> dict:
     return next(d for d in docs if d["kind"] == "Deployment")
 
 
+def _config(docs: list[dict]) -> dict:
+    """A rendered overlay's ConfigMap data: the QUICKNET_* settings its pods get."""
+    return next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+
+
+def _kserve_predictor() -> dict:
+    return yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_does_not(rendered):
     gpu = _deployment(rendered["gpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
     cpu = _deployment(rendered["cpu"])["spec"]["template"]["spec"]["containers"][0]["resources"]
@@ -101,14 +111,14 @@ def test_the_process_count_fits_the_cpus_asked_for_and_the_autoscaler_owns_the_r
     every manifest names the count for the CPUs it requests (the engine process and N fronts above
     1). With an autoscaler, a Deployment's `replicas` would reset its count on every apply."""
     docs = rendered[overlay]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = _config(docs)
     deployment = _deployment(docs)
     cpus = float(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
     workers = int(config["QUICKNET_WORKERS"])
     assert workers >= 1 and (1 if workers == 1 else workers + 1) <= max(cpus, 2), (overlay, workers, cpus)
     assert any(d["kind"] == "HorizontalPodAutoscaler" for d in docs)
     assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns the count"
-    container = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]
+    container = _kserve_predictor()["containers"][0]
     assert {e["name"]: e["value"] for e in container["env"]}["QUICKNET_WORKERS"] == "1"
 
 
@@ -116,7 +126,7 @@ def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
     docs = rendered["cpu-secure"]
     spec = _deployment(docs)["spec"]["template"]["spec"]
     container = spec["containers"][0]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = _config(docs)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
     assert secrets == {"tls": "quicknet-tls", "api-keys": "quicknet-api-keys"}
@@ -169,28 +179,23 @@ def test_the_operators_pages_listen_on_loopback_and_the_service_everywhere(compo
         assert not any(port.startswith("127.") for port in compose["services"][name]["ports"]), name
 
 
-def _queue_bounds() -> dict[str, int]:
+def _queue_bounds(rendered: dict[str, list[dict]], compose: dict) -> dict[str, int]:
     """QUICKNET_MAX_QUEUE_IMAGES as every manifest sets it."""
-    out = {}
-    for overlay in OVERLAYS:
-        text = run(str(BIN / "kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)).stdout
-        config = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "ConfigMap")["data"]
-        out[overlay] = int(config["QUICKNET_MAX_QUEUE_IMAGES"])
-    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    out = {overlay: int(_config(docs)["QUICKNET_MAX_QUEUE_IMAGES"]) for overlay, docs in rendered.items()}
     for name in ("quicknet", "quicknet-gpu"):
-        out[f"compose {name}"] = int(services[name]["environment"]["QUICKNET_MAX_QUEUE_IMAGES"])
-    env = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]["env"]
+        out[f"compose {name}"] = int(compose["services"][name]["environment"]["QUICKNET_MAX_QUEUE_IMAGES"])
+    env = _kserve_predictor()["containers"][0]["env"]
     out["kserve"] = int(next(e["value"] for e in env if e["name"] == "QUICKNET_MAX_QUEUE_IMAGES"))
     return out
 
 
-def test_the_queue_is_bounded_by_time_not_left_at_seconds_of_work():
+def test_the_queue_is_bounded_by_time_not_left_at_seconds_of_work(rendered, compose):
     """A CPU pod's queue holds about the half second the p99 alert allows (2,048 images was 3-7 s
     of the default model's work on 2 CPUs), a GPU pod's more; and every queue takes the largest
     request the server accepts, which a smaller queue would answer 429 forever."""
     from quicknet.serve.config import Settings
 
-    bounds = _queue_bounds()
+    bounds = _queue_bounds(rendered, compose)
     largest = Settings.model_fields["max_images_per_request"].default
     assert all(bound >= largest for bound in bounds.values()), (bounds, largest)
     cpu = {k: v for k, v in bounds.items() if "gpu" not in k}
@@ -213,7 +218,7 @@ def test_pods_hold_no_api_token_and_take_traffic_only_on_the_serving_ports(rende
         assert "from" not in ingress and {p["port"] for p in ingress["ports"]} == served, overlay
         allowed_out = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
         assert allowed_out == {53, 4317, 4318} and not any("to" in rule for rule in policy["spec"]["egress"])
-    assert yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["automountServiceAccountToken"] is False
+    assert _kserve_predictor()["automountServiceAccountToken"] is False
 
 
 def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendered, compose):
@@ -224,7 +229,7 @@ def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendere
     known = {f"QUICKNET_{name.upper()}" for name in Settings.model_fields}
     named = {}
     for overlay, docs in rendered.items():
-        data = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        data = _config(docs)
         for key in data:
             named[key] = overlay
         for container in _deployment(docs)["spec"]["template"]["spec"]["containers"]:
@@ -236,7 +241,7 @@ def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendere
     for name, service in compose["services"].items():
         for key in service.get("environment") or {}:
             named[key] = f"compose {name}"
-    for env in yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]["env"]:
+    for env in _kserve_predictor()["containers"][0]["env"]:
         named[env["name"]] = "kserve"
     for dockerfile in DEPLOY.glob("docker/Dockerfile.*"):
         for key in re.findall(r"\b(QUICKNET_[A-Z0-9_]+)[= ]", dockerfile.read_text()):
@@ -277,7 +282,7 @@ def test_the_queue_autoscaling_metric_is_opt_in(rendered, tmp_path):
 def test_the_store_overlay_and_kserve_read_the_store_from_a_volume(rendered):
     docs = rendered["cpu-store"]
     spec = _deployment(docs)["spec"]["template"]["spec"]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = _config(docs)
     assert config["QUICKNET_MODEL_CONTROL_MODE"] == "poll" and config["QUICKNET_MODEL_STORE"] == _image_store()
     (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == _image_store()]
     assert mount["readOnly"] is True
@@ -291,7 +296,7 @@ def test_the_store_overlay_and_kserve_read_the_store_from_a_volume(rendered):
     assert script.index("cp -R") < script.index("/store/DEFAULT\n"), "DEFAULT is written last"
     assert job_spec["containers"][0]["image"] == spec["containers"][0]["image"], "seeds from the served image"
 
-    container = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]["containers"][0]
+    container = _kserve_predictor()["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["STORAGE_URI"] == f"pvc://{claim}/", "the same claim, mounted by KServe at /mnt/models"
     assert env["QUICKNET_MODEL_STORE"] == "/mnt/models" and env["QUICKNET_MODEL_CONTROL_MODE"] == "poll"
@@ -313,7 +318,7 @@ def test_the_registry_steps_name_the_image_every_overlay_uses(rendered):
 def test_grace_period_exceeds_the_drain(rendered):
     for docs in rendered.values():
         spec = _deployment(docs)["spec"]["template"]["spec"]
-        config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        config = _config(docs)
         pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert spec["terminationGracePeriodSeconds"] > float(config["QUICKNET_DRAIN_SECONDS"]) + pre_stop
         assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -535,9 +540,6 @@ def test_the_dashboard_filters_by_instance_and_model_and_keeps_units_apart():
     assert any("Error rate" in p["title"] for p in _panels(dash))
 
 
-KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
-
-
 def _unknown_fields(isvc: dict) -> list[str]:
     res = subprocess.run(
         [sys.executable, "-m", "tests.kserve_fields"],
@@ -561,7 +563,7 @@ def test_the_kserve_inference_service_uses_only_kserve_fields():
 
 def test_the_kserve_predictor_is_a_valid_pod(tmp_path):
     """The predictor's pod fields, as the Pod KServe makes of them, pass Kubernetes' strict schema."""
-    predictor = yaml.safe_load(KSERVE.read_text())["spec"]["predictor"]
+    predictor = _kserve_predictor()
     pod_fields = {"containers", "securityContext", "volumes", "terminationGracePeriodSeconds"}
     pod_fields |= {"automountServiceAccountToken"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "quicknet-predictor"}}
