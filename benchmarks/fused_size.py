@@ -38,7 +38,8 @@ def compile_layer(layer: dict, cfg: dict, capability: int = 90):
         out = "*fp32" if layer["mean"] else "*fp16"
         fn, signature = k.separable_kernel, {**SEPARABLE, "out_ptr": out, "n_images": "i32"}
         consts = {"CIN": layer["cin"], "COUT": layer["cout"], "H": layer["h"], "W": layer["w"]}
-        consts |= {"POOL": layer["pool"], "MEAN": layer["mean"], "BLOCK_K": cfg["BLOCK_K"], **tiles}
+        consts |= {"POOL": layer["pool"], "MEAN": layer["mean"], "RESIDUAL": layer.get("residual", False)}
+        consts |= {"BLOCK_K": cfg["BLOCK_K"], **tiles}
     source = triton.compiler.ASTSource(
         fn=fn, signature={**signature, **dict.fromkeys(consts, "constexpr")}, constexprs=consts
     )

@@ -37,7 +37,8 @@ ENGINE_JSON = "engine.json"
 def estimate_bytes(layers: list[dict], fused: bool) -> int:
     """Activation bytes read and written per image (fp16, 1-byte pixels in). Eager: every op reads
     its input and writes its output (normalize as 3 elementwise ops, conv, bias+PReLU as one op, each
-    pool); fused: each kernel reads its input once and writes its (pooled) output once."""
+    pool, each shortcut's add); fused: each kernel reads its input once (twice with a shortcut) and
+    writes its (pooled) output once."""
     total = 0
     for layer in layers:
         if layer["kind"] == "stem":
@@ -50,10 +51,12 @@ def estimate_bytes(layers: list[dict], fused: bool) -> int:
             hw = layer["h"] * layer["w"]
             x, y = layer["cin"] * hw * 2, layer["cout"] * hw * 2
             pooled = y // 4 if layer["pool"] else layer["cout"] * 4 if layer["mean"] else y
-            if fused:
-                total += x + pooled
-            else:
+            shortcut = layer.get("residual", False)  # quicknet-res's `x + block(x)`
+            if fused:  # the shortcut reads the input again in the epilogue (mostly cache hits; counted)
+                total += x + pooled + (x if shortcut else 0)
+            else:  # the shortcut is one more op: two reads, one write
                 total += 2 * x + x + y + 2 * y + (y + y // 4 if layer["pool"] else 0) + (y if layer["mean"] else 0)
+                total += 3 * y if shortcut else 0
     return total
 
 

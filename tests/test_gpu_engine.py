@@ -31,6 +31,8 @@ from quicknet.testing import REPO
 # The layers of quicknet at 1/16 width: every kind of fused layer (stem, plain, pooled, mean), fast
 # in the interpreter (which runs one program at a time in numpy).
 TINY = ArchConfig(name="quicknet-tiny", stem=16, stages=((16, 16), (32, 32), (32, 64)))
+# quicknet-res at 1/16 width: shortcuts on plain, pooled and mean (last) blocks, as in the full one.
+TINY_RES = ArchConfig(name="quicknet-res-tiny", stem=16, stages=((16, 16), (32, 32), (64, 64)), residual=True)
 
 
 def _trained_looking(cfg: ArchConfig = TINY, seed: int = 0) -> QuickNet:
@@ -103,6 +105,26 @@ def test_the_kernels_compute_the_folded_model():
         _close(net(x, _gpu_configs(layers, "large")), want)
 
 
+def test_the_kernels_add_quicknet_res_shortcuts():
+    """A shortcut around a separable block is the block's input added in its epilogue, before the
+    pool or the global mean; without it the logits are another model's."""
+    spec = folded_spec(fold(_trained_looking(TINY_RES)))
+    layers, arrays = fe.pack(spec)
+    blocks = layers[1:-1]
+    assert [la["residual"] for la in blocks] == [True, True, False, True, False, True]
+    assert [la["pool"] for la in blocks] == [False, True, False, True, False, False] and blocks[-1]["mean"]
+    reference = build_folded(spec)
+    x = _images(3)
+    with torch.inference_mode():
+        want = reference(x)
+        net = fe.FusedNet(layers, arrays, fe.default_configs(layers), "cpu")
+        _close(net(x), want)
+        _close(net(x, _gpu_configs(layers, "large")), want)
+        plain = [dict(la, residual=False) if la["kind"] == "separable" else la for la in layers]
+        dropped = fe.FusedNet(plain, arrays, fe.default_configs(plain), "cpu")(x)
+    assert float((dropped - want).abs().max()) > 0.1 * float(want.abs().max())
+
+
 def test_the_packer_refuses_what_it_cannot_fuse():
     spec = _spec()
     residual = dict(spec, layers=[*spec["layers"], {"op": "maxpool", "kernel": 2}])
@@ -111,23 +133,34 @@ def test_the_packer_refuses_what_it_cannot_fuse():
     odd = dict(spec, layers=[dict(spec["layers"][0], kernel=5), *spec["layers"][1:]])
     with pytest.raises(BuildError, match="cannot run layer 0"):
         fe.pack(odd)
+    res = folded_spec(fold(_trained_looking(TINY_RES)))
+    first = res["layers"][2]
+    assert first["op"] == "residual"
+    pooled_inside = dict(first, layers=[*first["layers"], {"op": "maxpool", "kernel": 2}])
+    with pytest.raises(BuildError, match="shortcuts around one separable block, not layer 2"):
+        fe.pack(dict(res, layers=[*res["layers"][:2], pooled_inside, *res["layers"][3:]]))
+    widening = dict(first, layers=[first["layers"][0], dict(first["layers"][1], out=32), first["layers"][2]])
+    with pytest.raises(BuildError, match=r"cannot run layer 2\.body\.1"):
+        fe.pack(dict(res, layers=[*res["layers"][:2], widening, *res["layers"][3:]]))
 
 
 def test_the_kernels_compile_for_hopper_without_a_gpu():
     """Triton's own ptxas builds the kernels for sm_90 here: the largest tiles use wgmma (Hopper's
-    tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue)."""
+    tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue), the
+    mean one with quicknet-res's shortcut too."""
     script = """
 import json
 from benchmarks.fused_size import compile_layer
 tiles = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-def block(cin, side, pool, mean):
+def block(cin, side, pool, mean, residual=False):
     layer = {"kind": "separable", "cin": cin, "cout": cin, "h": side, "w": side, "pool": pool, "mean": mean}
-    return compile_layer(layer, tiles)
+    return compile_layer(layer | {"residual": residual}, tiles)
 stem = {"kind": "stem", "cout": 256, "h": 32, "w": 32}
 built = {
     "plain": block(256, 32, False, False),
     "pool": block(512, 16, True, False),
     "mean": block(1024, 8, False, True),
+    "residual mean": block(1024, 8, False, True, residual=True),
     "stem": compile_layer(stem, dict(tiles, BLOCK_N=128, num_stages=2)),
 }
 print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"])} for k, c in built.items()}))

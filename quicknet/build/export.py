@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from quicknet.build.data import MEAN, STD, Split
+from quicknet.build.fold import FoldedResidual
 from quicknet.build.model import INPUT_SIZE, QuickNet
 from quicknet.build.ortrun import INPUT_NAME, OUTPUT_NAME, onnx_logits
 from quicknet.build.progress import steps
@@ -127,31 +128,38 @@ def folded_spec(folded: torch.nn.Module) -> dict:
 
     What the service's torch engine rebuilds the model from. Unlike a `torch.export` program, a
     state dict with a layer list loads under any torch version (`weights_only=True`, no code),
-    so a GPU machine with another torch than the build's can serve it.
+    so a GPU machine with another torch than the build's can serve it. A shortcut is
+    `{"op": "residual", "layers": [...]}`, its layers' weights under `features.<i>.body.<j>`.
     """
-    layers: list[dict] = []
-    for layer in folded.features:
+    head = folded.classifier
+    return {
+        "format": FOLDED_FORMAT,
+        "layers": _describe(folded.features),
+        "classifier": {"in": head.in_features, "out": head.out_features},
+        "state_dict": {k: v.detach().clone() for k, v in folded.state_dict().items()},
+    }
+
+
+def _describe(layers: torch.nn.Sequential) -> list[dict]:
+    out: list[dict] = []
+    for layer in layers:
         if isinstance(layer, torch.nn.Conv2d):
             k, p = layer.kernel_size[0], layer.padding[0]
-            layers.append(
+            out.append(
                 {"op": "conv", "in": layer.in_channels, "out": layer.out_channels, "kernel": k, "padding": p}
                 | {"groups": layer.groups, "bias": layer.bias is not None}
             )
         elif isinstance(layer, torch.nn.PReLU):
-            layers.append({"op": "prelu", "channels": layer.num_parameters})
+            out.append({"op": "prelu", "channels": layer.num_parameters})
         elif isinstance(layer, torch.nn.LeakyReLU):
-            layers.append({"op": "leaky_relu", "slope": layer.negative_slope})
+            out.append({"op": "leaky_relu", "slope": layer.negative_slope})
         elif isinstance(layer, torch.nn.MaxPool2d):
-            layers.append({"op": "maxpool", "kernel": layer.kernel_size})
+            out.append({"op": "maxpool", "kernel": layer.kernel_size})
+        elif isinstance(layer, FoldedResidual):
+            out.append({"op": "residual", "layers": _describe(layer.body)})
         else:
             raise BuildError(f"cannot describe folded layer {type(layer).__name__}")
-    head = folded.classifier
-    return {
-        "format": FOLDED_FORMAT,
-        "layers": layers,
-        "classifier": {"in": head.in_features, "out": head.out_features},
-        "state_dict": {k: v.detach().clone() for k, v in folded.state_dict().items()},
-    }
+    return out
 
 
 def export_folded_weights(folded: torch.nn.Module, path: Path) -> Path:

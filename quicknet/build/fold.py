@@ -5,6 +5,8 @@
   slope per channel (ONNX `PRelu` with an initializer, TensorRT's parametric-ReLU layer).
 - Dropout disappears; the 1x1 classifier moves after global average pooling (both are linear, so
   the order is free, and pooling first costs 64x fewer multiply-adds).
+- A shortcut (quicknet-res) stays a shortcut: `FoldedResidual`, `x + body(x)` around the block's
+  folded layers, an `Add` in ONNX.
 - Input normalization moves into the graph: the folded model takes uint8 NHWC [N,32,32,3] and
   returns float32 logits [N,10]. It stays one affine op before the stem rather than being folded
   into the stem's filters, because the stem pads with zeros in *normalized* space and folding
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from quicknet.build.data import MEAN, STD
-from quicknet.build.model import ConvBNPReLU, QuickNet, SeparableBlock
+from quicknet.build.model import ConvBNPReLU, QuickNet, ResidualSeparableBlock, SeparableBlock
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -58,6 +60,17 @@ class InputNormalize(nn.Module):
         return (x.float() * self.scale + self.shift).permute(0, 3, 1, 2)
 
 
+class FoldedResidual(nn.Module):
+    """`x + body(x)`: a shortcut around folded layers that keep the width (quicknet-res)."""
+
+    def __init__(self, body: nn.Sequential):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class FoldedQuickNet(nn.Module):
     def __init__(self, normalize: InputNormalize, features: nn.Sequential, classifier: nn.Linear):
         super().__init__()
@@ -70,19 +83,22 @@ class FoldedQuickNet(nn.Module):
         return self.classifier(x.mean(dim=(2, 3)))
 
 
+def _fold_layer(layer: nn.Module) -> list[nn.Module]:
+    if isinstance(layer, ConvBNPReLU):
+        return [_fold_bn(layer.conv, layer.bn), _inference_prelu(layer.act)]
+    if isinstance(layer, SeparableBlock):
+        return [layer.depthwise, _fold_bn(layer.pointwise, layer.bn), _inference_prelu(layer.act)]
+    if isinstance(layer, ResidualSeparableBlock):
+        return [FoldedResidual(nn.Sequential(*_fold_layer(layer.block)))]
+    if isinstance(layer, nn.MaxPool2d):
+        return [layer]
+    raise TypeError(f"fold does not know {type(layer).__name__}")
+
+
 @torch.no_grad()
 def fold(model: QuickNet) -> FoldedQuickNet:
     model = model.eval()
-    layers: list[nn.Module] = []
-    for layer in model.features:
-        if isinstance(layer, ConvBNPReLU):
-            layers += [_fold_bn(layer.conv, layer.bn), _inference_prelu(layer.act)]
-        elif isinstance(layer, SeparableBlock):
-            layers += [layer.depthwise, _fold_bn(layer.pointwise, layer.bn), _inference_prelu(layer.act)]
-        elif isinstance(layer, nn.MaxPool2d):
-            layers.append(layer)
-        else:
-            raise TypeError(f"fold does not know {type(layer).__name__}")
+    layers = [folded for layer in model.features for folded in _fold_layer(layer)]
     head = model.classifier
     linear = nn.Linear(head.in_channels, head.out_channels)
     linear.weight.data.copy_(head.weight.view(head.out_channels, head.in_channels))

@@ -56,19 +56,20 @@ IDENTITY_KEYS = ("gpu", "compute_capability", "driver", "torch", "cuda", "triton
 def pack(spec: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
     """(layers, arrays) from a folded spec (`quicknet.build.export.folded_spec`, or one read back from
     `model.onnx`): stem conv + activation, then separable blocks (depthwise 3x3, pointwise 1x1,
-    activation, optionally a 2x2 max-pool), then global pooling and the classifier. Anything else
-    raises BuildError in one line: this packs QuickNet, not convolutional networks in general."""
+    activation, optionally an identity shortcut around the three, optionally a 2x2 max-pool), then
+    global pooling and the classifier. Anything else raises BuildError in one line: this packs
+    QuickNet and quicknet-res, not convolutional networks in general."""
     state = {
         k: np.asarray(v.float().numpy() if hasattr(v, "numpy") else v, dtype=np.float32)
         for k, v in spec["state_dict"].items()
     }
-    specs = list(enumerate(spec["layers"]))
+    specs = [(str(i), layer) for i, layer in enumerate(spec["layers"])]  # (state key under features., spec)
     arrays: dict[str, np.ndarray] = {
         "stem.scale": state["normalize.scale"].reshape(3),
         "stem.shift": state["normalize.shift"].reshape(3),
     }
 
-    def take(op: str, **want) -> tuple[int, dict]:
+    def take(op: str, **want) -> tuple[str, dict]:
         if not specs:
             raise BuildError(f"the folded graph ends where the fused engine expects {op}")
         i, layer = specs.pop(0)
@@ -99,10 +100,18 @@ def pack(spec: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
     cin = cout
     while specs:
         b = len(layers) - 1
+        residual = specs[0][1]["op"] == "residual"
+        if residual:  # quicknet-res: `x + block(x)`, the block's three layers in its place
+            key, shortcut = specs.pop(0)
+            inner = [(f"{key}.body.{j}", layer) for j, layer in enumerate(shortcut["layers"])]
+            if len(inner) != 3:
+                raise BuildError(f"the fused engine runs shortcuts around one separable block, not layer {key}")
+            specs[:0] = inner
         i, _ = take("conv", **{"in": cin, "out": cin, "kernel": 3, "padding": 1, "groups": cin})
         dw = state[f"features.{i}.weight"].reshape(cin, 9)
         dw_bias = state.get(f"features.{i}.bias")
-        j, pw_layer = take("conv", **{"in": cin, "kernel": 1, "padding": 0, "groups": 1})
+        pointwise = {"in": cin, "kernel": 1, "padding": 0, "groups": 1} | ({"out": cin} if residual else {})
+        j, pw_layer = take("conv", **pointwise)
         cout = pw_layer["out"]
         pw = state[f"features.{j}.weight"].reshape(cout, cin)
         bias = state.get(f"features.{j}.bias", np.zeros(cout, np.float32)).copy()
@@ -121,6 +130,7 @@ def pack(spec: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
                 raise BuildError(f"the fused engine pools even sizes only, not {size}")
         layers.append(
             {"kind": "separable", "cin": cin, "cout": cout, "h": size, "w": size, "pool": pool, "mean": False}
+            | {"residual": residual}
         )
         size //= 2 if pool else 1
         cin = cout
@@ -242,6 +252,7 @@ class FusedNet:
                 out = torch.empty((n, side, side, cout), dtype=torch.float16, device=x.device)
             args = (x, w[f"{b}.dw"], w[f"{b}.pw"], w[f"{b}.bias"], w[f"{b}.slope"], out, n)
             shape = {"CIN": layer["cin"], "COUT": cout, "H": h, "W": h, "POOL": layer["pool"], "MEAN": layer["mean"]}
+            shape["RESIDUAL"] = layer["residual"]
             compiled = k.separable_kernel[grid](*args, **shape, BLOCK_K=cfg["BLOCK_K"], **launch)
         key = getattr(compiled, "hash", None)  # None in the interpreter
         if key:

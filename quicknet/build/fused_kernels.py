@@ -9,10 +9,11 @@ reading them back (the first GPU run: ~100k img/s on an H200, 14% of the matmul 
 - `separable_kernel`: one separable block. Each program computes the depthwise 3x3 of a
   [BLOCK_M pixels, BLOCK_K channels] tile in registers (9 shifted loads, fp32 sums) and feeds it
   straight to the pointwise 1x1 as the matmul's A operand; the folded BN bias and the fixed-slope
-  PReLU are the epilogue. The depthwise output never touches memory. With `POOL` the block's rows
-  are ordered by 2x2 window so the following max-pool is a reduction in the epilogue (the pooled
-  tensor is what is written); with `MEAN` (the last block) the global average pool is, and the
-  block writes [N, C] fp32 for the classifier.
+  PReLU are the epilogue, then with `RESIDUAL` (quicknet-res) the block's input added back. The
+  depthwise output never touches memory. With `POOL` the block's rows are ordered by 2x2 window so
+  the following max-pool is a reduction in the epilogue (the pooled tensor is what is written);
+  with `MEAN` (the last block) the global average pool is, and the block writes [N, C] fp32 for
+  the classifier.
 
 What it costs: the depthwise is recomputed once per BLOCK_N column tile (COUT / BLOCK_N times; its
 9 MACs a channel against the pointwise's COUT, so a few percent of the FLOPs, on CUDA cores), and
@@ -100,6 +101,7 @@ def separable_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -133,6 +135,10 @@ def separable_kernel(
         wt = tl.load(pw_ptr + offs_k[:, None] * COUT + offs_n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a.to(tl.float16), wt, acc)
     y = _prelu(acc, bias_ptr, slope_ptr, offs_n, nmask)
+    if RESIDUAL:  # quicknet-res's `x + block(x)` (CIN == COUT): the centre tap's pixel, mostly in cache
+        src = ((n * H + h) * W + w) * CIN
+        shortcut = tl.load(x_ptr + src[:, None] + offs_n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        y += shortcut.to(tl.float32)
     if POOL:
         pooled = tl.max(tl.reshape(y, [BLOCK_M // 4, 4, BLOCK_N]), axis=1)
         rows = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)

@@ -16,8 +16,8 @@ twice as wide. It is *not* the author's code; its numbers are ours.
 `quicknet-res` departs from the paper: the same layers with an identity shortcut around every
 separable block whose input and output widths agree (6 of the 8; `y = x + block(x)`), as Xception
 does around its separable modules and airbench96 around its last two convolutions a stage. Same
-parameters and multiply-adds (the shortcuts are additions). `fold.py` and the exporter's
-`folded_spec` do not know the shortcut yet: fold raises on it rather than drop it.
+parameters and multiply-adds (the shortcuts are additions). Folded, each shortcut stays one
+(`fold.FoldedResidual`, an `Add` in ONNX).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class SeparableBlock(nn.Module):
 
 class ResidualSeparableBlock(nn.Module):
     """`x + block(x)` around a separable block of equal widths (quicknet-res). Not a subclass of
-    SeparableBlock, so that code folding separable blocks fails on it instead of dropping the `x`."""
+    SeparableBlock, so that code handling separable blocks fails on it instead of dropping the `x`."""
 
     def __init__(self, channels: int, prelu_init: float):
         super().__init__()

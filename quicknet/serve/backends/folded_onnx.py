@@ -5,8 +5,11 @@ layer list and state dict are derived from that graph at load instead of travell
 copy of the weights (14 MB for the full quicknet). The folded graph has one known shape:
 
     Cast → Mul(normalize.scale) → Add(normalize.shift) → Transpose
-    (Conv | PReLU as `x + (s-1)·Min(x, 0)` or `PRelu` | LeakyRelu | MaxPool)*
+    (Conv | PReLU as `x + (s-1)·Min(x, 0)` or `PRelu` | LeakyRelu | MaxPool | Add(x, y))*
     ReduceMean → Gemm(classifier)
+
+where `Add(x, y)` of two activations is a shortcut (quicknet-res): `x` an earlier layer's output,
+`y` the last one's, read back as `{"op": "residual", "layers": [what lies between]}`.
 
 Anything else is refused with one line: this reads our exporter's graphs, not ONNX in general.
 The result is `build_folded`'s input, and the caller checks its logits against ONNX Runtime on
@@ -39,8 +42,12 @@ def folded_spec_from_onnx(path: Path) -> dict:
     except Exception as e:  # protobuf's decode errors have no common base worth naming
         raise BackendError(f"cannot read {path.name} as ONNX ({e}); republish the model") from None
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    layers: list[dict] = []
+    # One entry a layer: (its spec, its weights by suffix), or ("residual", entries) for a shortcut;
+    # keys ("features.<i>[.body.<j>].<suffix>") are given once the nesting is known.
+    entries: list[tuple] = []
     state: dict[str, np.ndarray] = {}
+    made_at: dict[str, int] = {}  # an activation -> how many entries existed once it was made
+    prelu_scaled: set[str] = set()  # the PReLU form's `(s-1)·Min(x, 0)`, which its own Add takes
 
     def attr(node, name: str, default=None):
         found = next((a for a in node.attribute if a.name == name), None)
@@ -50,7 +57,7 @@ def folded_spec_from_onnx(path: Path) -> dict:
         return BackendError(f"{path.name} is not a folded QuickNet graph ({node.op_type} {node.name}: {why})")
 
     for node in model.graph.node:
-        op, key = node.op_type, f"features.{len(layers)}"
+        op = node.op_type
         if op == "Mul" and node.input[1] == "normalize.scale":
             state["normalize.scale"] = weights["normalize.scale"]
         elif op == "Add" and node.input[1] == "normalize.shift":
@@ -66,28 +73,29 @@ def folded_spec_from_onnx(path: Path) -> dict:
                 raise bad(node, f"uneven padding {pads}")
             groups = int(attr(node, "group", 1))
             bias = len(node.input) > 2 and bool(node.input[2])
-            layers.append(
-                {"op": "conv", "in": w.shape[1] * groups, "out": w.shape[0], "kernel": w.shape[2], "padding": pads[0]}
-                | {"groups": groups, "bias": bias}
-            )
-            state[f"{key}.weight"] = w
-            if bias:
-                state[f"{key}.bias"] = weights[node.input[2]]
+            layer = {"op": "conv", "in": w.shape[1] * groups, "out": w.shape[0], "kernel": w.shape[2]}
+            layer |= {"padding": pads[0], "groups": groups, "bias": bias}
+            entries.append((layer, {"weight": w} | ({"bias": weights[node.input[2]]} if bias else {})))
         elif op == "Mul" and node.input[1].endswith("_slope_minus_1"):  # export.elementwise_prelu's form
             slopes = weights[node.input[1]].reshape(-1) + 1
-            layers.append({"op": "prelu", "channels": len(slopes)})
-            state[f"{key}.weight"] = slopes
+            entries.append(({"op": "prelu", "channels": len(slopes)}, {"weight": slopes}))
+            prelu_scaled.add(node.output[0])
         elif op == "PRelu" and node.input[1] in weights:  # versions exported before that rewrite
             slopes = weights[node.input[1]].reshape(-1)
-            layers.append({"op": "prelu", "channels": len(slopes)})
-            state[f"{key}.weight"] = slopes
+            entries.append(({"op": "prelu", "channels": len(slopes)}, {"weight": slopes}))
         elif op == "LeakyRelu":
-            layers.append({"op": "leaky_relu", "slope": float(attr(node, "alpha", 0.01))})
+            entries.append(({"op": "leaky_relu", "slope": float(attr(node, "alpha", 0.01))}, {}))
         elif op == "MaxPool":
             kernel = list(attr(node, "kernel_shape"))
             if kernel != list(attr(node, "strides", kernel)) or len(set(kernel)) != 1:
                 raise bad(node, "only square pools with stride = kernel")
-            layers.append({"op": "maxpool", "kernel": kernel[0]})
+            entries.append(({"op": "maxpool", "kernel": kernel[0]}, {}))
+        elif op == "Add" and all(i in made_at for i in node.input) and not prelu_scaled & set(node.input):
+            # two activations added: a shortcut (quicknet-res) from the earlier one around what followed it
+            start, end = sorted(made_at[i] for i in node.input)
+            if end != len(entries) or start == end:
+                raise bad(node, "a shortcut must add a block's input to its last layer's output")
+            entries[start:] = [("residual", entries[start:])]
         elif op == "Gemm":
             w, b = weights.get(node.input[1]), weights.get(node.input[2]) if len(node.input) > 2 else None
             if w is None or b is None or attr(node, "transB", 0) != 1:
@@ -95,6 +103,19 @@ def folded_spec_from_onnx(path: Path) -> dict:
             state["classifier.weight"], state["classifier.bias"] = w, b
         elif op not in _STRUCTURAL:
             raise bad(node, "unexpected operator")
+        made_at |= dict.fromkeys(node.output, len(entries))
+
+    def nest(entries: list[tuple], prefix: str) -> list[dict]:
+        layers = []
+        for i, (layer, inner) in enumerate(entries):
+            if layer == "residual":
+                layers.append({"op": "residual", "layers": nest(inner, f"{prefix}.{i}.body")})
+                continue
+            layers.append(layer)
+            state.update({f"{prefix}.{i}.{suffix}": array for suffix, array in inner.items()})
+        return layers
+
+    layers = nest(entries, "features")
     if "classifier.weight" not in state or "normalize.scale" not in state or "normalize.shift" not in state:
         raise BackendError(f"{path.name} is not a folded QuickNet graph (no normalization or classifier)")
     head = state["classifier.weight"].shape

@@ -52,32 +52,45 @@ def build_folded(spec: dict):
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return self.classifier(self.features(self.normalize(images)).mean(dim=(2, 3)))
 
+    class Residual(nn.Module):  # `x + body(x)`, quicknet-res's shortcut
+        def __init__(self, body: nn.Sequential) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.body(x)
+
+    def build(specs: list[dict]) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for layer in specs:
+            op = layer["op"]
+            if op == "conv":
+                layers.append(
+                    nn.Conv2d(
+                        layer["in"],
+                        layer["out"],
+                        layer["kernel"],
+                        padding=layer["padding"],
+                        groups=layer["groups"],
+                        bias=layer["bias"],
+                    )
+                )
+            elif op == "prelu":
+                layers.append(nn.PReLU(layer["channels"]))
+            elif op == "leaky_relu":
+                layers.append(nn.LeakyReLU(layer["slope"]))
+            elif op == "maxpool":
+                layers.append(nn.MaxPool2d(layer["kernel"]))
+            elif op == "residual":
+                layers.append(Residual(build(layer["layers"])))
+            else:
+                raise BackendError(f"folded model has an unknown layer {op!r}; republish with this version")
+        return nn.Sequential(*layers)
+
     if spec.get("format") != FOLDED_FORMAT:
         raise BackendError(f"unknown folded-model format {spec.get('format')!r}; republish with this version")
-    layers: list[nn.Module] = []
-    for layer in spec["layers"]:
-        op = layer["op"]
-        if op == "conv":
-            layers.append(
-                nn.Conv2d(
-                    layer["in"],
-                    layer["out"],
-                    layer["kernel"],
-                    padding=layer["padding"],
-                    groups=layer["groups"],
-                    bias=layer["bias"],
-                )
-            )
-        elif op == "prelu":
-            layers.append(nn.PReLU(layer["channels"]))
-        elif op == "leaky_relu":
-            layers.append(nn.LeakyReLU(layer["slope"]))
-        elif op == "maxpool":
-            layers.append(nn.MaxPool2d(layer["kernel"]))
-        else:
-            raise BackendError(f"folded model has an unknown layer {op!r}; republish with this version")
     head = spec["classifier"]
-    model = Folded(nn.Sequential(*layers), nn.Linear(head["in"], head["out"]))
+    model = Folded(build(spec["layers"]), nn.Linear(head["in"], head["out"]))
     model.load_state_dict(spec["state_dict"])
     return model.eval()
 
