@@ -250,33 +250,60 @@ def test_every_setting_the_deployment_files_name_is_one_the_server_reads(rendere
     assert not unknown, unknown
 
 
+def _with_component(tmp_path, overlay: str, component: str) -> list[dict]:
+    """An overlay of `overlay` with `component`, as a user writes it: rendered, and checked to be
+    valid Kubernetes."""
+    k8s = DEPLOY / "k8s"
+    folder = tmp_path / f"{overlay}-with-{component}"
+    folder.mkdir()
+    (folder / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(k8s / "overlays" / overlay, folder)],
+                "components": [os.path.relpath(k8s / "components" / component, folder)],
+            }
+        )
+    )
+    res = run(str(BIN / "kubectl"), "kustomize", str(folder))
+    assert res.returncode == 0, res.stderr
+    path = tmp_path / f"{folder.name}.yaml"
+    path.write_text(res.stdout)
+    valid = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
 def test_the_queue_autoscaling_metric_is_opt_in(rendered, tmp_path):
     """Base scales on CPU alone: a Pods metric no adapter serves would stop every scale-down. The
     component adds it, and the result is valid Kubernetes."""
     for docs in rendered.values():
         (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
         assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource"]
-    k8s = DEPLOY / "k8s"
-    overlay = tmp_path / "with-queue"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "resources": [os.path.relpath(k8s / "overlays" / "cpu", overlay)],
-                "components": [os.path.relpath(k8s / "components" / "queue-autoscaling", overlay)],
-            }
-        )
-    )
-    res = run(str(BIN / "kubectl"), "kustomize", str(overlay))
-    assert res.returncode == 0, res.stderr
-    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    docs = _with_component(tmp_path, "cpu", "queue-autoscaling")
     (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
     pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     assert [p["metric"]["name"] for p in pods] == ["quicknet_queue_images"]
-    path = tmp_path / "with-queue.yaml"
-    path.write_text(res.stdout)
-    res = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
-    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _plans_volume(docs: list[dict]) -> dict:
+    spec = _deployment(docs)["spec"]["template"]["spec"]
+    (mount,) = [
+        m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == _config(docs)["QUICKNET_PLAN_DIR"]
+    ]
+    return next(v for v in spec["volumes"] if v["name"] == mount["name"])
+
+
+def test_the_gpu_plan_cache_is_a_shared_volume_when_opted_in(rendered, tmp_path):
+    """The GPU overlay builds its TensorRT plans into the pod's emptyDir (each start builds them);
+    the plan-cache component puts QUICKNET_PLAN_DIR on a ReadWriteMany claim instead, nothing else
+    of the volume left behind."""
+    assert set(_plans_volume(rendered["gpu"])) == {"name", "emptyDir"}
+    docs = _with_component(tmp_path, "gpu", "plan-cache")
+    volume = _plans_volume(docs)
+    assert set(volume) == {"name", "persistentVolumeClaim"}, volume
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_the_store_overlay_and_kserve_read_the_store_from_a_volume(rendered):
