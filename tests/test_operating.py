@@ -271,6 +271,13 @@ def test_info_needs_no_torch_and_its_table_is_torchs(tmp_path):
     assert {n: (count_params(build_model(n)), count_macs(c)) for n, c in VARIANTS.items()} == SIZES, (
         "regenerate the table: python -m quicknet.build.sizes"
     )
+    rows = re.findall(
+        r"^\| `(quicknet[\w-]*)` \| [\d.]+ \| ([\d.]+) M \| ([\d.]+) G \|$", (REPO / "README.md").read_text(), re.M
+    )
+    readme = {name: (params, macs) for name, params, macs in rows}
+    assert readme == {n: (f"{p / 1e6:.3f}", f"{m / 1e9:.3f}") for n, (p, m) in SIZES.items()}, (
+        "the README's variant table"
+    )
 
 
 def test_probe_says_why_and_takes_a_url(server):
