@@ -120,6 +120,9 @@ def test_the_kernels_add_quicknet_res_shortcuts():
         net = fe.FusedNet(layers, arrays, fe.default_configs(layers), "cpu")
         _close(net(x), want)
         _close(net(x, _gpu_configs(layers, "large")), want)
+        # 16-channel column tiles: each program adds its own channels of the shortcut (offs_n)
+        narrow = [dict(cfg, BLOCK_N=16) if cfg else None for cfg in _gpu_configs(layers, "small")]
+        _close(net(x, narrow), want)
         plain = [dict(la, residual=False) if la["kind"] == "separable" else la for la in layers]
         dropped = fe.FusedNet(plain, arrays, fe.default_configs(plain), "cpu")(x)
     assert float((dropped - want).abs().max()) > 0.1 * float(want.abs().max())
@@ -146,8 +149,8 @@ def test_the_packer_refuses_what_it_cannot_fuse():
 
 def test_the_kernels_compile_for_hopper_without_a_gpu():
     """Triton's own ptxas builds the kernels for sm_90 here: the largest tiles use wgmma (Hopper's
-    tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue), the
-    mean one with quicknet-res's shortcut too."""
+    tensor-core instruction), and a pooled and a mean block compile (the reshapes in the epilogue), with
+    quicknet-res's shortcut too."""
     script = """
 import json
 from benchmarks.fused_size import compile_layer
@@ -160,6 +163,7 @@ built = {
     "plain": block(256, 32, False, False),
     "pool": block(512, 16, True, False),
     "mean": block(1024, 8, False, True),
+    "residual pool": block(512, 16, True, False, residual=True),
     "residual mean": block(1024, 8, False, True, residual=True),
     "stem": compile_layer(stem, dict(tiles, BLOCK_N=128, num_stages=2)),
 }

@@ -19,7 +19,7 @@ from torch import nn
 from quicknet import store
 from quicknet.build.export import export_onnx, folded_spec, reference_logits, verify
 from quicknet.build.fold import FoldedResidual, fold
-from quicknet.build.model import QuickNet, get_config
+from quicknet.build.model import QuickNet, ResidualSeparableBlock, get_config
 from quicknet.serve.backends import load_backend
 from quicknet.serve.backends.folded_onnx import check_against_onnx, folded_spec_from_onnx
 from quicknet.serve.backends.pytorch import build_folded
@@ -32,7 +32,8 @@ SHORTCUTS = 6  # 2 of stage 1's blocks, 2 of stage 2's, 2 of stage 3's: the ones
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     """Trained-looking: BN statistics, per-channel slopes and a classifier that spread the logits (an
-    untrained model's are near-constant, and a dropped shortcut could pass a comparison of them)."""
+    untrained model's are near-constant, and a dropped shortcut could pass a comparison of them).
+    One shortcut's block has equal slopes, which fold to a LeakyReLU (every block of a fresh model)."""
     torch.manual_seed(1)
     net = QuickNet(RES_XS).eval()
     for m in net.modules():
@@ -44,6 +45,8 @@ def model() -> nn.Module:
         elif isinstance(m, nn.PReLU):
             m.weight.data.uniform_(0.05, 0.4)
     net.classifier.weight.data.normal_(0, 0.5)
+    shortcuts = [m for m in net.features if isinstance(m, ResidualSeparableBlock)]
+    shortcuts[1].block.act.weight.data.fill_(0.25)
     return net
 
 
@@ -86,7 +89,9 @@ def test_the_torch_engines_model_is_read_back_from_model_onnx_with_its_shortcuts
     weights land under the same keys as fold's; the rebuilt model agrees with ONNX Runtime."""
     spec, back = folded_spec(fold(model)), folded_spec_from_onnx(onnx_path)
     assert back["layers"] == spec["layers"]
-    assert [la["op"] for la in back["layers"]].count("residual") == SHORTCUTS
+    residuals = [la for la in back["layers"] if la["op"] == "residual"]
+    assert len(residuals) == SHORTCUTS
+    assert [[inner["op"] for inner in la["layers"]][-1] for la in residuals].count("leaky_relu") == 1
     assert set(back["state_dict"]) == set(spec["state_dict"])
     assert all(torch.allclose(back["state_dict"][k], spec["state_dict"][k].float()) for k in spec["state_dict"])
     assert check_against_onnx(build_folded(back), onnx_path) < 1e-4
@@ -120,7 +125,7 @@ def test_orts_fast_prelu_form_and_int8_keep_the_shortcuts(onnx_path, tmp_path, c
     from quicknet.build.ortrun import onnx_logits
 
     rewritten = onnx.load(onnx_path)
-    assert ort_graph.blocked_prelu(rewritten) == 9
+    assert ort_graph.blocked_prelu(rewritten) == 8  # the 9 activations but the LeakyRelu
     onnx.save(rewritten, tmp_path / "rewritten.onnx")
     images = test_images.images[:256]
     fp32 = onnx_logits(onnx_path, images)
@@ -128,8 +133,11 @@ def test_orts_fast_prelu_form_and_int8_keep_the_shortcuts(onnx_path, tmp_path, c
     int8_path = quantize_int8(onnx_path, tmp_path / "model.int8.onnx", cifar.train.images[:256])
     int8 = onnx_logits(int8_path, images)
     assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.8
-    ops = Counter(n.op_type for n in onnx.load(int8_path).graph.node)
-    assert ops["Min"] == 0 and ops["Add"] == 9 + SHORTCUTS + 1  # PReLUs, shortcuts, the normalization
+    graph = onnx.load(int8_path).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["Min"] == 0 and ops["Add"] == 8 + SHORTCUTS + 1  # PReLUs, shortcuts, the normalization
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    assert all(made_by.get(i) == "DequantizeLinear" for n in graph.node if n.op_type == "Add" for i in n.input)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
@@ -142,4 +150,4 @@ def test_a_published_quicknet_res_serves_on_the_cpu_engines(model, onnx_path, tm
         want = fold(model)(torch.from_numpy(images)).numpy()
     assert np.abs(engine.infer(images) - want).max() < 1e-4
     if backend == "onnxruntime":  # served through the rewrite, checked against the file at load
-        assert engine.describe()["prelus_rewritten"] == 9
+        assert engine.describe()["prelus_rewritten"] == 8

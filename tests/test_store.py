@@ -85,8 +85,33 @@ def test_default_marker_wins(tmp_path, artifact):
 
 
 def test_plan_names_carry_gpu_and_versions():
+    """And the caches the build keeps beside them, so that a plan folder shared by pods on other GPUs
+    or TensorRT versions (deploy/k8s/components/plan-cache) never hands one another's files."""
+    from quicknet.build.compile import cache_filenames
+
     name = store.plan_filename("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11", "fp16")
     assert name == "model.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.fp16.plan"
+    timing, calibration = cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11")
+    assert timing == "timing.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.cache"
+    assert calibration == "int8-calibration.trt10.16.1.11.cache"
+    other_trt = cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.8.0.43")
+    other_gpu = cache_filenames("NVIDIA H200", (9, 0), "10.16.1.11")
+    assert other_trt[0] != timing and other_trt[1] != calibration and other_gpu[0] != timing
+
+
+def test_a_file_written_atomically_is_whole_or_absent(tmp_path):
+    """How plans and their caches are written (`fsutil.atomic_write`): a reader meanwhile, a pod
+    sharing the plan folder, sees the old file whole, and a failed write leaves nothing behind."""
+    from quicknet.fsutil import atomic_write
+
+    target = tmp_path / "plans" / "model.plan"
+    with atomic_write(target) as f:
+        f.write(b"first")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"half of the second")
+        assert target.read_bytes() == b"first"
+        raise RuntimeError("the build failed")
+    assert target.read_bytes() == b"first" and [p.name for p in target.parent.iterdir()] == ["model.plan"]
 
 
 def _fake_tensorrt(monkeypatch) -> None:

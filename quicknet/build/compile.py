@@ -88,6 +88,18 @@ def import_tensorrt():
     return tensorrt
 
 
+def cache_filenames(gpu_name: str, compute_capability: tuple[int, int], trt_version: str) -> tuple[str, str]:
+    """(timing cache, INT8 calibration cache) kept beside a version's plans, named like the plans
+    (`store.plan_filename`) by what they are valid for: a plan folder shared by pods on other GPUs
+    or TensorRT versions (deploy/k8s/components/plan-cache) never hands one another's cache (the
+    timing cache is loaded with `ignore_mismatch=False`)."""
+    major, minor = compute_capability
+    return (
+        f"timing.{slug(gpu_name)}.sm{major}{minor}.trt{trt_version}.cache",
+        f"int8-calibration.trt{trt_version}.cache",
+    )
+
+
 def build_tensorrt_plan(
     onnx_path: Path, out_dir: Path, options: TensorRTOptions, calibration_images: np.ndarray | None = None
 ) -> Path:
@@ -115,9 +127,10 @@ def build_tensorrt_plan(
             raise BuildError("INT8 TensorRT plans need calibration images")
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_calibration_profile(profile)
-        config.int8_calibrator = _entropy_calibrator(trt, calibration_images, options.opt_batch, out_dir)
+        calibration_cache = out_dir / cache_filenames(gpu_name, cc, trt.__version__)[1]
+        config.int8_calibrator = _entropy_calibrator(trt, calibration_images, options.opt_batch, calibration_cache)
 
-    cache_path = out_dir / f"timing-{slug(gpu_name)}-sm{cc[0]}{cc[1]}.cache"
+    cache_path = out_dir / cache_filenames(gpu_name, cc, trt.__version__)[0]
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
@@ -132,7 +145,7 @@ def build_tensorrt_plan(
     return plan_path
 
 
-def _entropy_calibrator(trt, images: np.ndarray, batch_size: int, cache_dir: Path):
+def _entropy_calibrator(trt, images: np.ndarray, batch_size: int, cache_path: Path):
     from cuda.bindings import runtime as cudart
 
     def check(result):
@@ -149,7 +162,7 @@ def _entropy_calibrator(trt, images: np.ndarray, batch_size: int, cache_dir: Pat
                 for i in range(0, len(images) - batch_size + 1, batch_size)
             ]
             self.device_buffer = check(cudart.cudaMalloc(batch_size * 32 * 32 * 3))
-            self.cache_path = cache_dir / "int8-calibration.cache"
+            self.cache_path = cache_path
 
         def get_batch_size(self) -> int:
             return batch_size
