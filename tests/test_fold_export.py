@@ -11,22 +11,14 @@ from quicknet.build.fold import fold, graph_nodes
 from quicknet.build.model import build_model
 from quicknet.build.ortrun import onnx_logits
 from quicknet.errors import BuildError
+from tests.trained import trained_looking
 
 
 @pytest.fixture(scope="module")
 def trained_like_model() -> nn.Module:
     """A model with non-trivial BN statistics and per-channel PReLU slopes, as training leaves them."""
     torch.manual_seed(0)
-    model = build_model("quicknet-xs").eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-        elif isinstance(m, nn.PReLU):
-            m.weight.data.uniform_(0.0, 0.5)
-    return model
+    return trained_looking(build_model("quicknet-xs"), bn_mean=0.5, slopes=(0.0, 0.5))
 
 
 @pytest.fixture(scope="module")

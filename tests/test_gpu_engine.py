@@ -27,6 +27,7 @@ from quicknet.build.model import ArchConfig, QuickNet
 from quicknet.errors import BuildError
 from quicknet.serve.backends.pytorch import build_folded
 from quicknet.testing import REPO
+from tests.trained import trained_looking
 
 # The layers of quicknet at 1/16 width: every kind of fused layer (stem, plain, pooled, mean), fast
 # in the interpreter (which runs one program at a time in numpy).
@@ -39,17 +40,7 @@ def _trained_looking(cfg: ArchConfig = TINY, seed: int = 0) -> QuickNet:
     """Untrained weights give near-constant logits (the check would pass on anything): random BN
     statistics, PReLU slopes and a classifier that spreads the logits."""
     torch.manual_seed(seed)
-    model = QuickNet(cfg).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-        elif isinstance(m, torch.nn.PReLU):
-            m.weight.data.uniform_(0.05, 0.4)
-    model.classifier.weight.data.normal_(0, 1.0)
-    return model
+    return trained_looking(QuickNet(cfg), classifier_std=1.0)
 
 
 def _spec(depthwise_bias: bool = False, equal_slopes_at: int | None = None) -> dict:

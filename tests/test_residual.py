@@ -24,6 +24,7 @@ from quicknet.serve.backends import load_backend
 from quicknet.serve.backends.folded_onnx import check_against_onnx, folded_spec_from_onnx
 from quicknet.serve.backends.pytorch import build_folded
 from quicknet.serve.config import Settings
+from tests.trained import trained_looking
 
 RES_XS = dataclasses.replace(get_config("quicknet-xs"), name="quicknet-res-xs", residual=True)
 SHORTCUTS = 6  # 2 of stage 1's blocks, 2 of stage 2's, 2 of stage 3's: the ones that keep their width
@@ -35,16 +36,7 @@ def model() -> nn.Module:
     untrained model's are near-constant, and a dropped shortcut could pass a comparison of them).
     One shortcut's block has equal slopes, which fold to a LeakyReLU (every block of a fresh model)."""
     torch.manual_seed(1)
-    net = QuickNet(RES_XS).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.3, 0.8)
-            m.bias.data.uniform_(-0.3, 0.3)
-        elif isinstance(m, nn.PReLU):
-            m.weight.data.uniform_(0.05, 0.4)
-    net.classifier.weight.data.normal_(0, 0.5)
+    net = trained_looking(QuickNet(RES_XS), bn_weight=(0.3, 0.8), classifier_std=0.5)  # (0.3, 0.8): 6 sums stay small
     shortcuts = [m for m in net.features if isinstance(m, ResidualSeparableBlock)]
     shortcuts[1].block.act.weight.data.fill_(0.25)
     return net
