@@ -114,6 +114,7 @@ def build_tensorrt_plan(
         raise BuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
 
     config = builder.create_builder_config()
+    timing_name, calibration_name = cache_filenames(gpu_name, cc, trt.__version__)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     profile = builder.create_optimization_profile()
     shape = (32, 32, 3)
@@ -127,10 +128,10 @@ def build_tensorrt_plan(
             raise BuildError("INT8 TensorRT plans need calibration images")
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_calibration_profile(profile)
-        calibration_cache = out_dir / cache_filenames(gpu_name, cc, trt.__version__)[1]
+        calibration_cache = out_dir / calibration_name
         config.int8_calibrator = _entropy_calibrator(trt, calibration_images, options.opt_batch, calibration_cache)
 
-    cache_path = out_dir / cache_filenames(gpu_name, cc, trt.__version__)[0]
+    cache_path = out_dir / timing_name
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 

@@ -96,6 +96,7 @@ def folded_spec_from_onnx(path: Path) -> dict:
             if end != len(entries) or start == end:
                 raise bad(node, "a shortcut must add a block's input to its last layer's output")
             entries[start:] = [("residual", entries[start:])]
+            made_at = {name: at for name, at in made_at.items() if at <= start}  # what was inside is gone
         elif op == "Gemm":
             w, b = weights.get(node.input[1]), weights.get(node.input[2]) if len(node.input) > 2 else None
             if w is None or b is None or attr(node, "transB", 0) != 1:
