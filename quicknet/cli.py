@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as e:  # a build-only or client-only install has no [serve] extra
         serve = sub.add_parser("serve", help="run the service (needs the serve extra)")
         serve.set_defaults(func=lambda _a, e=e: _missing_serve(e))
+    parser.set_defaults(commands=sub.choices)  # main() reports a misspelt flag with its command's usage
     return parser
 
 
@@ -64,7 +65,9 @@ EXTRA_MODULES = GPU_MODULES | {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would answer with the top-level usage, all the commands, not this one's
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except QuickNetError as e:
@@ -75,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         if module not in EXTRA_MODULES:
             raise  # not a missing extra: a bug, with its traceback
         extra = "gpu" if module in GPU_MODULES else COMMAND_EXTRA.get(args.command, "build")
+        # The build extra's torch is pinned to its CPU build, which PyPI does not serve: the Makefile
+        # installs it the way the README's "Offline build" says (pip alone would fetch a CUDA build).
+        how = "make venv-dev (README: Offline build)" if extra == "build" else f"pip install -e '.[{extra}]'"
         print(
-            f"error: `quicknet {args.command}` needs the {extra} extra ({e.name} is not installed): "
-            f"pip install -e '.[{extra}]'",
+            f"error: `quicknet {args.command}` needs the {extra} extra ({e.name} is not installed): {how}",
             file=sys.stderr,
         )
         return 2

@@ -28,6 +28,16 @@ def test_stage_without_input_is_one_line(tmp_path):
     out = quicknet("export", "--run-dir", str(tmp_path))
     assert out.returncode == 2
     assert "run `quicknet train`" in out.stderr and "Traceback" not in out.stderr
+    out = quicknet("eval", "--run-dir", str(tmp_path))  # a user of the service means a published model
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.rstrip().endswith("or re-score a published model with `quicknet eval --store-model NAME`")
+
+
+def test_a_misspelt_flag_is_answered_with_its_commands_usage():
+    out = quicknet("classify", "examples/cat.png", "--formt", "csv")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("usage: quicknet classify ") and "{data,train" not in out.stderr, out.stderr
+    assert out.stderr.endswith("quicknet classify: error: unrecognized arguments: --formt csv\n")
 
 
 def test_unknown_store_model(tmp_path):
@@ -160,5 +170,5 @@ def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path):
     for command in (["train", "--run-dir", str(tmp_path / "run"), "--epochs", "1"],):
         out = quicknet(*command, env=env)
         assert out.returncode == 2, out.stderr
-        hint = "needs the build extra (torch is not installed): pip install -e '.[build]'\n"
+        hint = "needs the build extra (torch is not installed): make venv-dev (README: Offline build)\n"
         assert out.stderr == f"error: `quicknet {command[0]}` {hint}"

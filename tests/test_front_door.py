@@ -365,6 +365,18 @@ def test_the_client_at_the_grpc_port_says_so(server, capsys):
     assert "gRPC port" not in str(_transport_error(url, httpx.ReadError("connection reset by peer"), 5.0))
 
 
+def test_the_grpc_client_at_the_rest_port_says_so(server, capsys):
+    """The mistake the other way round: grpc-core's own words for an HTTP/1.1 answer ("Failed
+    parsing HTTP/2 ... http1.x server") end with what to do instead."""
+    target = f"grpc://127.0.0.1:{server.http_port}"
+    with Client(target, timeout=5) as client, pytest.raises(QuickNetClientError) as e:
+        client.classify(CAT)
+    assert "it answers HTTP/1.1, not gRPC" in str(e.value) and "gRPC port (8001" in str(e.value), str(e.value)
+    assert cli_main(["classify", str(REPO / "examples" / "cat.png"), "--grpc", f"127.0.0.1:{server.http_port}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and line.endswith("or http://host:port for REST"), line
+
+
 def test_an_endpoint_url_or_a_wrong_path_says_what_to_give(server):
     with pytest.raises(ValueError, match=rf"give the server's, http://127\.0\.0\.1:{server.http_port} "):
         Client(f"{server.url}/classify")

@@ -231,6 +231,15 @@ def test_multipart_without_image_field(server):
     assert r.status_code == 400 and "`image`, `images` or `file`" in r.json()["error"]
 
 
+def test_a_text_field_where_the_file_should_be_says_so(server):
+    """`curl -F image=examples/cat.png` (the @ forgotten) sends the path as text: said as such, not
+    as an unrecognised image."""
+    r = httpx.post(f"{server.url}/classify", files={"image": (None, "examples/cat.png")})  # no file name: text
+    assert r.status_code == 400 and r.json()["error"] == (
+        "form field `image` is text ('examples/cat.png'), not a file: send the file (curl: -F image=@path)"
+    )
+
+
 # --- deadlines, cancellation: each counted once, never computed ----------------------------
 
 

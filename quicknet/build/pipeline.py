@@ -151,7 +151,10 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
     if not (run_dir / CHECKPOINT).is_file():
-        raise BuildError(f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first")
+        raise BuildError(
+            f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first, or re-score a "
+            "published model with `quicknet eval --store-model NAME`"
+        )
     plain, flip_tta = evaluate_checkpoint(run_dir / CHECKPOINT, split)
     reports = {"checkpoint": plain, "checkpoint+flip-tta": flip_tta}
     artifacts = [("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]

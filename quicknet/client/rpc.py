@@ -77,6 +77,11 @@ def _error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClie
             )
         elif "refused" in details.lower():
             message += f": {NOBODY_LISTENS}"
+        elif "http1.x server" in details or "Failed parsing HTTP/2" in details:  # grpc-core's words for it
+            message += (
+                ": it answers HTTP/1.1, not gRPC: if that is the REST port (8000 by default), use the gRPC "
+                "port (8001 by default), or http://host:port for REST"
+            )
         return QuickNetClientError(None, message, grpc_code=code.name, retryable=True)
     return QuickNetClientError(
         HTTP_STATUS.get(code, 500),

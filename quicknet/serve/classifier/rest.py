@@ -270,7 +270,12 @@ async def _parse_multipart(request: Request, runtime: Runtime) -> tuple[np.ndarr
     if not fields:
         raise InputError("multipart body has no `image`, `images` or `file` file field")
     check_count(len(fields), limits)
-    blobs = [await v.read() if hasattr(v, "read") else str(v).encode() for _, v in fields]
+    text = next(((k, v) for k, v in fields if isinstance(v, str)), None)
+    if text is not None:  # `curl -F image=cat.png`, the @ forgotten: the path itself was sent
+        raise InputError(
+            f"form field `{text[0]}` is text ({text[1][:60]!r}), not a file: send the file (curl: -F {text[0]}=@path)"
+        )
+    blobs = [await v.read() for _, v in fields]
     names = [getattr(v, "filename", None) for _, v in fields]
     top = _parse_top_k(form.get("top_k"))
     images = await off_loop(decode_images, blobs, limits, names, nbytes=sum(map(len, blobs)))
