@@ -65,9 +65,15 @@ EXTRA_MODULES = GPU_MODULES | {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage, all the commands, not this one's
-        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        given = sys.argv[1:] if argv is None else argv
+        after = given[given.index(args.command) + 1 :]
+        blamed = (
+            args.commands[args.command] if all(u in after for u in unknown) else parser
+        )  # `quicknet --json classify`
+        blamed.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except QuickNetError as e:

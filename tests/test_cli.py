@@ -19,7 +19,7 @@ def test_info_prints_params_and_macs():
 
 
 def test_missing_data_is_one_line_exit_2(tmp_path):
-    out = quicknet("eval", "--data", str(tmp_path / "none.npz"), "--run-dir", str(tmp_path))
+    out = quicknet("eval", "--data", str(tmp_path / "none.npz"), "--store-model", "quicknet-xs")
     assert out.returncode == 2
     assert out.stderr.startswith("error: dataset not found") and out.stderr.count("\n") == 1
 
@@ -28,7 +28,7 @@ def test_stage_without_input_is_one_line(tmp_path):
     out = quicknet("export", "--run-dir", str(tmp_path))
     assert out.returncode == 2
     assert "run `quicknet train`" in out.stderr and "Traceback" not in out.stderr
-    out = quicknet("eval", "--run-dir", str(tmp_path))  # a user of the service means a published model
+    out = quicknet("eval", "--run-dir", str(tmp_path), "--data", str(tmp_path / "none.npz"))  # said before the data
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.rstrip().endswith("or re-score a published model with `quicknet eval --store-model NAME`")
 
@@ -38,6 +38,8 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("usage: quicknet classify ") and "{data,train" not in out.stderr, out.stderr
     assert out.stderr.endswith("quicknet classify: error: unrecognized arguments: --formt csv\n")
+    before = quicknet("--json", "classify", "examples/cat.png")  # classify's flag, before its name
+    assert before.returncode == 2 and before.stderr.endswith("quicknet: error: unrecognized arguments: --json\n")
 
 
 def test_unknown_store_model(tmp_path):

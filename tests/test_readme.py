@@ -45,7 +45,7 @@ def test_readme_curl_runs_as_written(server, command):
         return
     answer = json.loads(out)
     if "/v2/models/" in command and '"classification"' in command:  # KServe v2, the classification extension
-        assert answer["outputs"][0]["data"][0].endswith(":3:cat"), answer
+        assert answer["outputs"][0]["shape"] == [1, 3] and answer["outputs"][0]["data"][0].endswith(":3:cat"), answer
         return
     if "/classify" in command or "/predictions/" in command:
         assert "error" not in answer, answer
@@ -57,6 +57,16 @@ def test_readme_curl_runs_as_written(server, command):
             assert predictions[0]["label"] == "cat", "the README's cat is classified a cat"
         if "top_k=3" in command:
             assert len(predictions) == 2 and all(len(p) == 3 for p in predictions)
+
+
+def test_the_readme_names_the_classes_the_models_answer_with():
+    from quicknet import store
+
+    named = re.search(r"CIFAR-10's ten classes \(([^)]*)\)", (REPO / "README.md").read_text())
+    assert named, "the README's opening says what the model answers"
+    classes = [c.strip() for c in named.group(1).replace("\n", " ").split(",")]
+    for model in ("quicknet", "quicknet-xs"):
+        assert store.get_version(SHIPPED_STORE, model).metadata["labels"] == classes, model
 
 
 def test_make_serve_answers_with_the_full_quicknet_by_default(server):

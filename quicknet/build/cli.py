@@ -80,11 +80,12 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quicknet.build.pipeline import stage_eval
+    from quicknet.build.pipeline import require_checkpoint, stage_eval
 
     if args.store_model:
         _print(_eval_published(args))
         return
+    require_checkpoint(_run_dir(args))  # before the data: a missing run is said at once, data or not
     results = stage_eval(_run_dir(args), _dataset(args), limit=args.limit, threads=args.threads)
     _print({k: v["top1"] for k, v in results["accuracy"].items()})
 

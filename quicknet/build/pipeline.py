@@ -145,16 +145,22 @@ def stage_compile(
     return results
 
 
-def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
-    from quicknet.build.evaluate import evaluate_artifact, evaluate_checkpoint, plot_confusion
-
-    t0 = time.perf_counter()
-    split = dataset.test.sample(limit) if limit else dataset.test
+def require_checkpoint(run_dir: Path) -> Path:
+    """The run folder's checkpoint, or the one-line refusal `quicknet eval` gives before loading data."""
     if not (run_dir / CHECKPOINT).is_file():
         raise BuildError(
             f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first, or re-score a "
             "published model with `quicknet eval --store-model NAME`"
         )
+    return run_dir / CHECKPOINT
+
+
+def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
+    from quicknet.build.evaluate import evaluate_artifact, evaluate_checkpoint, plot_confusion
+
+    t0 = time.perf_counter()
+    split = dataset.test.sample(limit) if limit else dataset.test
+    require_checkpoint(run_dir)
     plain, flip_tta = evaluate_checkpoint(run_dir / CHECKPOINT, split)
     reports = {"checkpoint": plain, "checkpoint+flip-tta": flip_tta}
     artifacts = [("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
