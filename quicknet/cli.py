@@ -43,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as e:  # a build-only or client-only install has no [serve] extra
         serve = sub.add_parser("serve", help="run the service (needs the serve extra)")
         serve.set_defaults(func=lambda _a, e=e: _missing_serve(e))
-    parser.set_defaults(commands=sub.choices)  # main() reports a misspelt flag with its command's usage
+    _each_knows_its_parser(parser)
     return parser
+
+
+def _each_knows_its_parser(parser: argparse.ArgumentParser) -> None:
+    """`usage_parser` in the namespace: the innermost command's parser (`data fetch`'s, not `data`'s),
+    which main() reports a misspelt flag with (argparse would print the top level's usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(usage_parser=command)
+                _each_knows_its_parser(command)
 
 
 def _missing_serve(error: ImportError) -> None:
@@ -69,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage, all the commands, not this one's
         given = sys.argv[1:] if argv is None else argv
-        after = given[given.index(args.command) + 1 :]
-        blamed = (
-            args.commands[args.command] if all(u in after for u in unknown) else parser
-        )  # `quicknet --json classify`
+        before_command = given[: given.index(args.command)]  # `quicknet --json classify`: not classify's fault
+        blamed = parser if any(u in before_command for u in unknown) else args.usage_parser
         blamed.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
@@ -84,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if module not in EXTRA_MODULES:
             raise  # not a missing extra: a bug, with its traceback
         extra = "gpu" if module in GPU_MODULES else COMMAND_EXTRA.get(args.command, "build")
-        # The build extra's torch is pinned to its CPU build, which PyPI does not serve: the Makefile
-        # installs it the way the README's "Offline build" says (pip alone would fetch a CUDA build).
+        # The lock pins torch's CPU build (+cpu), which PyPI lacks (pip alone would fetch the multi-GB
+        # CUDA build): `make venv-dev` installs from the lock, and README "Offline build" says how.
         how = "make venv-dev (README: Offline build)" if extra == "build" else f"pip install -e '.[{extra}]'"
         print(
             f"error: `quicknet {args.command}` needs the {extra} extra ({e.name} is not installed): {how}",

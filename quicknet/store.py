@@ -291,8 +291,23 @@ def plan_folder(plan_dir: Path | None, mv: ModelVersion) -> Path:
 
 def plan_filename(gpu_name: str, compute_capability: tuple[int, int], trt_version: str, precision: str) -> str:
     """TensorRT plans run only on the GPU model, compute capability and TensorRT version that built them."""
+    return f"model.{_built_for(gpu_name, compute_capability, trt_version)}.{precision}.plan"
+
+
+def plan_cache_filenames(gpu_name: str, compute_capability: tuple[int, int], trt_version: str) -> tuple[str, str]:
+    """(timing cache, INT8 calibration cache) the build keeps beside a version's plans, named by what
+    they are valid for as the plans are: a plan folder shared by pods on other GPUs or TensorRT
+    versions (deploy/k8s/components/plan-cache) never hands one another's cache (the timing cache
+    is loaded with `ignore_mismatch=False`; calibration depends on the TensorRT version)."""
+    return (
+        f"timing.{_built_for(gpu_name, compute_capability, trt_version)}.cache",
+        f"int8-calibration.trt{trt_version}.cache",
+    )
+
+
+def _built_for(gpu_name: str, compute_capability: tuple[int, int], trt_version: str) -> str:
     major, minor = compute_capability
-    return f"model.{slug(gpu_name)}.sm{major}{minor}.trt{trt_version}.{precision}.plan"
+    return f"{slug(gpu_name)}.sm{major}{minor}.trt{trt_version}"
 
 
 def slug(text: str) -> str:

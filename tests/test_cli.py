@@ -40,6 +40,8 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
     assert out.stderr.endswith("quicknet classify: error: unrecognized arguments: --formt csv\n")
     before = quicknet("--json", "classify", "examples/cat.png")  # classify's flag, before its name
     assert before.returncode == 2 and before.stderr.endswith("quicknet: error: unrecognized arguments: --json\n")
+    nested = quicknet("data", "fetch", "--dset", "x")
+    assert nested.returncode == 2 and nested.stderr.startswith("usage: quicknet data fetch "), nested.stderr
 
 
 def test_unknown_store_model(tmp_path):

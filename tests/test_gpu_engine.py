@@ -121,9 +121,9 @@ def test_the_kernels_add_quicknet_res_shortcuts():
 
 def test_the_packer_refuses_what_it_cannot_fuse():
     spec = _spec()
-    residual = dict(spec, layers=[*spec["layers"], {"op": "maxpool", "kernel": 2}])
+    pooled_last = dict(spec, layers=[*spec["layers"], {"op": "maxpool", "kernel": 2}])
     with pytest.raises(BuildError, match="last separable block, unpooled"):
-        fe.pack(residual)
+        fe.pack(pooled_last)
     odd = dict(spec, layers=[dict(spec["layers"][0], kernel=5), *spec["layers"][1:]])
     with pytest.raises(BuildError, match="cannot run layer 0"):
         fe.pack(odd)

@@ -84,18 +84,16 @@ def test_default_marker_wins(tmp_path, artifact):
     assert store.default_model(root) == "b"
 
 
-def test_plan_names_carry_gpu_and_versions():
-    """And the caches the build keeps beside them, so that a plan folder shared by pods on other GPUs
-    or TensorRT versions (deploy/k8s/components/plan-cache) never hands one another's files."""
-    from quicknet.build.compile import cache_filenames
-
+def test_plan_and_cache_names_carry_gpu_and_versions():
+    """The plans and the caches the build keeps beside them, so that a plan folder shared by pods on
+    other GPUs or TensorRT versions (deploy/k8s/components/plan-cache) never hands one another's files."""
     name = store.plan_filename("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11", "fp16")
     assert name == "model.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.fp16.plan"
-    timing, calibration = cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11")
+    timing, calibration = store.plan_cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11")
     assert timing == "timing.nvidia-h100-80gb-hbm3.sm90.trt10.16.1.11.cache"
     assert calibration == "int8-calibration.trt10.16.1.11.cache"
-    other_trt = cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.8.0.43")
-    other_gpu = cache_filenames("NVIDIA H200", (9, 0), "10.16.1.11")
+    other_trt = store.plan_cache_filenames("NVIDIA H100 80GB HBM3", (9, 0), "10.8.0.43")
+    other_gpu = store.plan_cache_filenames("NVIDIA H200", (9, 0), "10.16.1.11")
     assert other_trt[0] != timing and other_trt[1] != calibration and other_gpu[0] != timing
 
 

@@ -26,7 +26,7 @@ from quicknet.build.progress import steps
 from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 from quicknet.ort_graph import rewrite_file
-from quicknet.store import gpu_identity, plan_filename, slug
+from quicknet.store import gpu_identity, plan_cache_filenames, plan_filename
 
 ORT_INT8 = "model.int8.onnx"
 
@@ -88,18 +88,6 @@ def import_tensorrt():
     return tensorrt
 
 
-def cache_filenames(gpu_name: str, compute_capability: tuple[int, int], trt_version: str) -> tuple[str, str]:
-    """(timing cache, INT8 calibration cache) kept beside a version's plans, named like the plans
-    (`store.plan_filename`) by what they are valid for: a plan folder shared by pods on other GPUs
-    or TensorRT versions (deploy/k8s/components/plan-cache) never hands one another's cache (the
-    timing cache is loaded with `ignore_mismatch=False`)."""
-    major, minor = compute_capability
-    return (
-        f"timing.{slug(gpu_name)}.sm{major}{minor}.trt{trt_version}.cache",
-        f"int8-calibration.trt{trt_version}.cache",
-    )
-
-
 def build_tensorrt_plan(
     onnx_path: Path, out_dir: Path, options: TensorRTOptions, calibration_images: np.ndarray | None = None
 ) -> Path:
@@ -114,7 +102,7 @@ def build_tensorrt_plan(
         raise BuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
 
     config = builder.create_builder_config()
-    timing_name, calibration_name = cache_filenames(gpu_name, cc, trt.__version__)
+    timing_name, calibration_name = plan_cache_filenames(gpu_name, cc, trt.__version__)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     profile = builder.create_optimization_profile()
     shape = (32, 32, 3)

@@ -61,7 +61,8 @@ class InputNormalize(nn.Module):
 
 
 class FoldedResidual(nn.Module):
-    """`x + body(x)`: a shortcut around folded layers that keep the width (quicknet-res)."""
+    """`x + body(x)`: a shortcut around folded layers that keep the width (quicknet-res). `body` names
+    its weights `features.<i>.body.<j>`, the keys every reader of a folded spec expects."""
 
     def __init__(self, body: nn.Sequential):
         super().__init__()

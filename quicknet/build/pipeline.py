@@ -160,8 +160,7 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
-    require_checkpoint(run_dir)
-    plain, flip_tta = evaluate_checkpoint(run_dir / CHECKPOINT, split)
+    plain, flip_tta = evaluate_checkpoint(require_checkpoint(run_dir), split)
     reports = {"checkpoint": plain, "checkpoint+flip-tta": flip_tta}
     artifacts = [("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
     artifacts += [("tensorrt", p) for p in sorted(run_dir.glob("*.plan"))]

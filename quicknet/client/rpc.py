@@ -82,6 +82,7 @@ def _error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClie
                 ": it answers HTTP/1.1, not gRPC: if that is the REST port (8000 by default), use the gRPC "
                 "port (8001 by default), or http://host:port for REST"
             )
+            return QuickNetClientError(None, message, grpc_code=code.name)  # another try meets the same port
         return QuickNetClientError(None, message, grpc_code=code.name, retryable=True)
     return QuickNetClientError(
         HTTP_STATUS.get(code, 500),

@@ -42,11 +42,12 @@ def folded_spec_from_onnx(path: Path) -> dict:
     except Exception as e:  # protobuf's decode errors have no common base worth naming
         raise BackendError(f"cannot read {path.name} as ONNX ({e}); republish the model") from None
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    # One entry a layer: (its spec, its weights by suffix), or ("residual", entries) for a shortcut;
-    # keys ("features.<i>[.body.<j>].<suffix>") are given once the nesting is known.
+    # One entry a layer: (its spec, its weights by suffix), or ({"op": "residual"}, the entries it
+    # holds) for a shortcut; keys ("features.<i>[.body.<j>].<suffix>") are given once the nesting is
+    # known (`body`: fold.FoldedResidual's and build_folded's attribute).
     entries: list[tuple] = []
     state: dict[str, np.ndarray] = {}
-    made_at: dict[str, int] = {}  # an activation -> how many entries existed once it was made
+    position: dict[str, int] = {}  # an activation -> len(entries) once it was made: `Add(x, y)` spans entries[x:y]
     prelu_scaled: set[str] = set()  # the PReLU form's `(s-1)·Min(x, 0)`, which its own Add takes
 
     def attr(node, name: str, default=None):
@@ -90,13 +91,13 @@ def folded_spec_from_onnx(path: Path) -> dict:
             if kernel != list(attr(node, "strides", kernel)) or len(set(kernel)) != 1:
                 raise bad(node, "only square pools with stride = kernel")
             entries.append(({"op": "maxpool", "kernel": kernel[0]}, {}))
-        elif op == "Add" and all(i in made_at for i in node.input) and not prelu_scaled & set(node.input):
+        elif op == "Add" and all(i in position for i in node.input) and not prelu_scaled & set(node.input):
             # two activations added: a shortcut (quicknet-res) from the earlier one around what followed it
-            start, end = sorted(made_at[i] for i in node.input)
+            start, end = sorted(position[i] for i in node.input)
             if end != len(entries) or start == end:
                 raise bad(node, "a shortcut must add a block's input to its last layer's output")
-            entries[start:] = [("residual", entries[start:])]
-            made_at = {name: at for name, at in made_at.items() if at <= start}  # what was inside is gone
+            entries[start:] = [({"op": "residual"}, entries[start:])]
+            position = {name: at for name, at in position.items() if at <= start}  # what was inside is gone
         elif op == "Gemm":
             w, b = weights.get(node.input[1]), weights.get(node.input[2]) if len(node.input) > 2 else None
             if w is None or b is None or attr(node, "transB", 0) != 1:
@@ -104,12 +105,12 @@ def folded_spec_from_onnx(path: Path) -> dict:
             state["classifier.weight"], state["classifier.bias"] = w, b
         elif op not in _STRUCTURAL:
             raise bad(node, "unexpected operator")
-        made_at |= dict.fromkeys(node.output, len(entries))
+        position |= dict.fromkeys(node.output, len(entries))
 
     def nest(entries: list[tuple], prefix: str) -> list[dict]:
         layers = []
         for i, (layer, inner) in enumerate(entries):
-            if layer == "residual":
+            if layer["op"] == "residual":
                 layers.append({"op": "residual", "layers": nest(inner, f"{prefix}.{i}.body")})
                 continue
             layers.append(layer)

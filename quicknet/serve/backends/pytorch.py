@@ -52,7 +52,7 @@ def build_folded(spec: dict):
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return self.classifier(self.features(self.normalize(images)).mean(dim=(2, 3)))
 
-    class Residual(nn.Module):  # `x + body(x)`, quicknet-res's shortcut
+    class Residual(nn.Module):  # `x + body(x)`, quicknet-res's shortcut (`body`: fold.FoldedResidual's keys)
         def __init__(self, body: nn.Sequential) -> None:
             super().__init__()
             self.body = body

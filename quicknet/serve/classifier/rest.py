@@ -272,8 +272,9 @@ async def _parse_multipart(request: Request, runtime: Runtime) -> tuple[np.ndarr
     check_count(len(fields), limits)
     text = next(((k, v) for k, v in fields if isinstance(v, str)), None)
     if text is not None:  # `curl -F image=cat.png`, the @ forgotten: the path itself was sent
+        name, value = text
         raise InputError(
-            f"form field `{text[0]}` is text ({text[1][:60]!r}), not a file: send the file (curl: -F {text[0]}=@path)"
+            f"form field `{name}` is text ({clip(value, 60)!r}), not a file: send the file (curl: -F {name}=@path)"
         )
     blobs = [await v.read() for _, v in fields]
     names = [getattr(v, "filename", None) for _, v in fields]
