@@ -50,9 +50,9 @@ def _save_stage(run_dir: Path, stage: str, seconds: float, **results: object) ->
     write_text_atomic(run_dir / BUILD_RECORD, json.dumps(rec, indent=2) + "\n")
 
 
-def _require(path: Path, stage: str) -> Path:
+def _require(path: Path, stage: str, otherwise: str = "") -> Path:
     if not path.is_file():
-        raise BuildError(f"{path} not found: run `quicknet {stage}` for this run folder first")
+        raise BuildError(f"{path} not found: run `quicknet {stage}` for this run folder first{otherwise}")
     return path
 
 
@@ -147,12 +147,9 @@ def stage_compile(
 
 def require_checkpoint(run_dir: Path) -> Path:
     """The run folder's checkpoint, or the one-line refusal `quicknet eval` gives before loading data."""
-    if not (run_dir / CHECKPOINT).is_file():
-        raise BuildError(
-            f"{run_dir / CHECKPOINT} not found: run `quicknet train` for this run folder first, or re-score a "
-            "published model with `quicknet eval --store-model NAME`"
-        )
-    return run_dir / CHECKPOINT
+    return _require(
+        run_dir / CHECKPOINT, "train", ", or re-score a published model with `quicknet eval --store-model NAME`"
+    )
 
 
 def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = None, threads: int = 2) -> dict:
