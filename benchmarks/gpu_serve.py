@@ -338,12 +338,9 @@ def service_sweep(
     max_batch = max(r["batch"] for r in engine_rows)
     case_s = seconds + CASE_OVERHEAD_S
 
-    def record(row: dict) -> None:
-        _report(row, on_row)
-
     for w in workers:
         if deadline - time.monotonic() < SERVER_START_S + case_s:  # a start with no case after it is waste
-            record({"workers": w, "backend": backend, "skipped": "time budget spent"})
+            on_row({"workers": w, "backend": backend, "skipped": "time budget spent"})
             continue
         logs = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
         try:
@@ -360,7 +357,7 @@ def service_sweep(
                 ready_timeout=max(deadline - time.monotonic() - case_s, 10),
             )
         except Exception as e:  # recorded; the other front counts and steps still run
-            record({"workers": w, "backend": backend, "error": f"server start: {type(e).__name__}: {e}"})
+            on_row({"workers": w, "backend": backend, "error": f"server start: {type(e).__name__}: {e}"})
             continue
         try:
             for case in cases:
@@ -368,10 +365,10 @@ def service_sweep(
                 if deadline - time.monotonic() < case_s:
                     break
                 try:
-                    record(_case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows))
+                    on_row(_case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows))
                 except Exception as e:  # one case's failure (a client, hey) is its row; the next case runs
                     failed = {"workers": w, "backend": backend, "protocol": protocol, "images_per_request": n_images}
-                    record(failed | {"error": f"{type(e).__name__}: {e}"})
+                    on_row(failed | {"error": f"{type(e).__name__}: {e}"})
         finally:
             srv.stop()
             with (out / "server.log").open("a") as log:  # every server's log, one after another
@@ -379,11 +376,18 @@ def service_sweep(
                 log.write(Path(srv.log_path).read_text(errors="replace"))
 
 
-def _report(row: dict, on_row: Callable[[dict], None]) -> None:
-    """A result row, as it is made: printed (the run's log) and handed on (results.json)."""
-    row = {k: v for k, v in row.items() if k != "latencies_ms"}
-    print(json.dumps(row), flush=True)
-    on_row(row)
+def _collector(results, key: str) -> tuple[list[dict], Callable[[dict], None]]:
+    """(rows, report): `report(row)` prints a result row as it is made (the run's log) and keeps it
+    in `results[key]` (results.json), without its per-request latencies."""
+    rows: list[dict] = []
+
+    def report(row: dict) -> None:
+        row = {k: v for k, v in row.items() if k != "latencies_ms"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        results.update(**{key: rows})
+
+    return rows, report
 
 
 def _case(srv, w, backend, n_images, protocol, rate, seconds, clients, model, hey, engine_rows) -> dict:
@@ -438,7 +442,7 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row
     }
     for name, module, kind in GPU_PEERS:
         if deadline - time.monotonic() < PEER_S:
-            _report({"server": name, "skipped": "time budget spent"}, on_row)
+            on_row({"server": name, "skipped": "time budget spent"})
             continue
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -479,7 +483,7 @@ def peer_sweep(root: Path, seconds: float, clients: int, deadline: float, on_row
                 with contextlib.suppress(ProcessLookupError):  # a peer that exited took its group with it
                     os.killpg(proc.pid, 9)
                 proc.wait()
-        _report(row, on_row)
+        on_row(row)
 
 
 def _server_side(before: str, after: str, row: dict) -> dict:
@@ -730,17 +734,8 @@ def run(args) -> None:
         with step("engine alone"):
             engine = engine_alone(root, args.batches, args.seconds, results.doc["matmul"]["tflops"], flops)
         results.update(engine=engine)
-        service: list[dict] = []
-
-        def on_row(row: dict) -> None:
-            service.append(row)
-            results.update(service=service)
-
-        peers: list[dict] = []
-
-        def on_peer(row: dict) -> None:
-            peers.append(row)
-            results.update(peers=peers)
+        service, on_row = _collector(results, "service")
+        _, on_peer = _collector(results, "peers")
 
         # In order of what the run is for, each step stopping in time to leave the next its share
         # (the first run, in sweep order, reached 2 of its 5 front counts): the
