@@ -154,19 +154,13 @@ def test_portable_folded_weights_rebuild_the_same_model(tmp_path, cifar):
 def _trained_like_xs():
     """A folded quicknet-xs with per-channel PReLU slopes and BN statistics, as training leaves them."""
     import torch
-    from torch import nn
 
     from quicknet.build.fold import fold
     from quicknet.build.model import build_model
+    from tests.trained import trained_looking
 
     torch.manual_seed(0)
-    model = build_model("quicknet-xs").eval()
-    for m in model.modules():
-        if isinstance(m, nn.PReLU):
-            m.weight.data.uniform_(0.0, 0.5)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-    return fold(model)
+    return fold(trained_looking(build_model("quicknet-xs"), slopes=(0.0, 0.5)))
 
 
 def test_the_torch_engine_is_derived_from_model_onnx_and_checked_before_it_serves(tmp_path, cifar, monkeypatch):
