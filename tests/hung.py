@@ -29,7 +29,8 @@ def computed_images(server) -> float:
     return metric(httpx.get(f"{server.url}/metrics").text, "quicknet_batch_size_sum")
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float = 5.0, what: str = "the condition") -> None:
+    """Poll `predicate` until it holds; fail the test, naming `what`, after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -48,7 +49,7 @@ def held_engine(server):
     before = metric(httpx.get(f"{server.url}/metrics").text, "quicknet_batches_in_flight")
     thread = threading.Thread(target=fill)
     thread.start()
-    _wait(
+    wait_for(
         lambda: metric(httpx.get(f"{server.url}/metrics").text, "quicknet_batches_in_flight") > before,
         10,
         "the held batch to start",

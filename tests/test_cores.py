@@ -14,7 +14,7 @@ from quicknet.serve.backends import cores, load_backend
 from quicknet.serve.backends.cores import CoreGate
 from quicknet.serve.config import Settings
 from quicknet.testing import REPO
-from tests.hung import _wait as wait_for
+from tests.hung import wait_for
 
 
 def _holder(gate: CoreGate, threads: int, order: list, name: str, release: threading.Event) -> threading.Thread:
@@ -28,10 +28,6 @@ def _holder(gate: CoreGate, threads: int, order: list, name: str, release: threa
     return t
 
 
-def _wait(predicate) -> None:
-    wait_for(predicate, 5.0, "the gate's state")
-
-
 def test_the_cores_go_to_the_waiters_in_the_order_they_came():
     """A release hands the cores to the head waiter: a thread that arrives while others wait queues
     behind them, even when it could have taken what was just freed (a plain lock let the faster
@@ -39,15 +35,15 @@ def test_the_cores_go_to_the_waiters_in_the_order_they_came():
     gate, order = CoreGate(2), []
     first = threading.Event()
     a = _holder(gate, 2, order, "a", first)
-    _wait(lambda: order == ["a"])
+    wait_for(lambda: order == ["a"])
     go = threading.Event()
     b = _holder(gate, 2, order, "b", go)
-    _wait(lambda: gate.waiting == 1)
+    wait_for(lambda: gate.waiting == 1)
     c = _holder(gate, 1, order, "c", go)  # one core would do, but b came first
-    _wait(lambda: gate.waiting == 2)
+    wait_for(lambda: gate.waiting == 2)
     first.set()
     a.join(5)
-    _wait(lambda: order[:2] == ["a", "b"])
+    wait_for(lambda: order[:2] == ["a", "b"])
     assert order == ["a", "b"] and gate.waiting == 1, "c waits for b: the head of the line is served first"
     go.set()
     for t in (b, c):
@@ -62,15 +58,15 @@ def test_a_run_that_arrives_while_others_wait_queues_even_with_cores_free():
     gate, order = CoreGate(2), []
     first, go = threading.Event(), threading.Event()
     a = _holder(gate, 1, order, "a", first)
-    _wait(lambda: order == ["a"])
+    wait_for(lambda: order == ["a"])
     b = _holder(gate, 2, order, "b", go)
-    _wait(lambda: gate.waiting == 1)
+    wait_for(lambda: gate.waiting == 1)
     c = _holder(gate, 1, order, "c", go)
-    _wait(lambda: gate.waiting == 2)
+    wait_for(lambda: gate.waiting == 2)
     time.sleep(0.05)
     assert order == ["a"], "c took the free core ahead of b"
     first.set()
-    _wait(lambda: order[:2] == ["a", "b"])
+    wait_for(lambda: order[:2] == ["a", "b"])
     go.set()
     for t in (a, b, c):
         t.join(5)
@@ -84,17 +80,17 @@ def test_a_release_serves_the_head_of_the_line_not_whoever_fits():
     a_done, x_done, go = threading.Event(), threading.Event(), threading.Event()
     a = _holder(gate, 1, order, "a", a_done)
     x = _holder(gate, 1, order, "x", x_done)
-    _wait(lambda: sorted(order) == ["a", "x"])
+    wait_for(lambda: sorted(order) == ["a", "x"])
     b = _holder(gate, 2, order, "b", go)
-    _wait(lambda: gate.waiting == 1)
+    wait_for(lambda: gate.waiting == 1)
     c = _holder(gate, 1, order, "c", go)
-    _wait(lambda: gate.waiting == 2)
+    wait_for(lambda: gate.waiting == 2)
     a_done.set()
     a.join(5)
     time.sleep(0.05)
     assert order[2:] == [], "the freed core went past the head of the line"
     x_done.set()
-    _wait(lambda: order[2:3] == ["b"])
+    wait_for(lambda: order[2:3] == ["b"])
     time.sleep(0.05)
     assert order[2:] == ["b"] and gate.waiting == 1, "c ran beside b: b's cores were not taken"
     go.set()
@@ -107,7 +103,7 @@ def test_runs_within_the_cores_go_side_by_side_and_more_threads_than_cores_still
     gate, order = CoreGate(2), []
     go = threading.Event()
     ts = [_holder(gate, 1, order, name, go) for name in ("a", "b")]
-    _wait(lambda: len(order) == 2)  # 2 x 1 thread on 2 cores: both at once
+    wait_for(lambda: len(order) == 2)  # 2 x 1 thread on 2 cores: both at once
     go.set()
     for t in ts:
         t.join(5)
