@@ -100,7 +100,7 @@ gpu-data: venv-dev
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
 ## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).
 gpu-train:
-	$(GPU_PYTHON) -m quicknet gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420
+	$(GPU_PYTHON) -m quicknet gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420 --handoff .gpu-handoff
 
 ## The serving stack as Python 3.12 wheels in .whl/ and `hey` (a static-enough Go binary, libc only)
 ## in .gpu/bin/, both git-ignored: what a GPU machine without a package index needs to run gpu-serve.
@@ -120,4 +120,4 @@ gpu-rehearse: gpu-data gpu-wheels
 ## The serving proof on this machine's GPU within 420 s; results in gpu-results/serve/.
 gpu-serve:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data $(TEST_NPZ) --out gpu-results/serve
+	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data $(TEST_NPZ) --out gpu-results/serve --from-train .gpu-handoff

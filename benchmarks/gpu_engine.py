@@ -125,6 +125,17 @@ def main() -> None:
     run(args)
 
 
+def engine_source(mv) -> dict:
+    """What the engine names as built from: the version's weights file (what the eager engine serves
+    and the service packs the fused engine's weights from) and, where the version records it, the
+    checkpoint behind that file (`gpu_engine.attach` takes either)."""
+    fname = mv.weights_file
+    source = {"model": mv.name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
+    if "exported_from" in mv.metadata:
+        source["checkpoint_sha256"] = mv.metadata["exported_from"]["sha256"]
+    return source
+
+
 def run(args) -> None:
     import torch
 
@@ -134,7 +145,7 @@ def run(args) -> None:
     from quicknet.fsutil import write_text_atomic
     from quicknet.serve.backends import choose
     from quicknet.serve.backends.fused import FusedBackend
-    from quicknet.serve.backends.pytorch import TorchBackend, build_folded, load_spec, model_file
+    from quicknet.serve.backends.pytorch import TorchBackend, build_folded, load_spec
     from quicknet.serve.config import Settings
 
     t0 = time.monotonic()
@@ -150,9 +161,8 @@ def run(args) -> None:
     root = Path(args.store)
     name = store.default_model(root)
     mv = store.get_version(root, name)
-    fname = model_file(mv)  # what the eager engine serves, and what the service packs the weights from
-    source = {"model": name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
-    spec = load_spec(str(mv.file(fname)))
+    source = engine_source(mv)
+    spec = load_spec(str(mv.file(source["file"])))
     test_split = None
     if args.data:  # first: its JPEG decoders are forked processes, and a fork after CUDA starts is unsafe
         from quicknet.build import data

@@ -9,11 +9,14 @@
 #     files, plus that run's carried folders only (train: data/; serve: data-test/, .whl/ and .gpu/),
 #     within the 64 MiB a run carries;
 #   - the serve run's environment: the wheels installed by `pip install --no-index --no-deps
-#     --target`, then PYTHONPATH (the train run has neither, as on the lease).
+#     --target`, then PYTHONPATH (the train run has neither, as on the lease);
+#   - both machines the serve run can find: a fresh one (no hand-off: the published model) and the
+#     warm one the train run left its best arm on (`--handoff` / `--from-train`: a git-ignored folder
+#     that a warm machine keeps between calls), the second run with that folder copied across.
 # It does not reproduce a GPU: the CUDA-only lines (CUDA graphs, bf16 autocast, NVML) and the
 # Triton kernels torch.compile generates there still run first on the lease (the train dry run
 # compiles its first arm with inductor for the CPU and only traces the others). Cost: ~4 GB of downloads into the venv the first time (torch's CUDA
-# libraries), then about 2.5 minutes on 2 cores. Run nothing heavy beside it.
+# libraries), then about 5 minutes on 2 cores. Run nothing heavy beside it.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +58,7 @@ python3 -c 'import sys, torch; print(f"rehearsing under Python {sys.version.spli
 copy_repo "$work/train-repo" data
 # Every arm at once, each its own process started by `python -m quicknet.build.gpu_train` (so the repo
 # must be importable from the arms too); the job exits non-zero unless every arm ends "done".
-(cd "$work/train-repo" && python3 -m quicknet gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train")
+(cd "$work/train-repo" && python3 -m quicknet gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train" --handoff .gpu-handoff)
 python3 - "$work/OUT/train" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -70,18 +73,28 @@ EOF
 copy_repo "$work/serve-repo" data-test .whl .gpu
 cd "$work/serve-repo"
 python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$work/site" .whl/*.whl
-PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --data data-test/cifar10_test_jpeg.npz --out "$work/OUT/serve"
+serve() {  # $1: where its results go; the README's serve run, dry
+    PYTHONPATH="$work/site" python3 -m benchmarks.gpu_serve --dry-run --data data-test/cifar10_test_jpeg.npz --out "$1" --from-train .gpu-handoff
+}
 # A compiled variant or a fused engine step that failed is recorded, not raised (on the lease it must
 # not cost the rest): here it must fail the rehearsal. The fused engine is gated from the carried data
-# (on 8 test images here) and names the published file it was built from.
-python3 - "$work/OUT/serve/results.json" <<'EOF'
+# (on 8 test images here) and names what it was built from: the published model.onnx on a fresh
+# machine; on the warm one the folded weights of the train run's best arm, and that arm's checkpoint.
+check() {  # $1: results.json; $2: the model file the engine names; $3: the checkpoint's SHA-256 or ""
+    python3 - "$@" <<'EOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 problems = [v for v in doc["variants"] if "error" in v]
 fused = doc.get("fused", {})
-gate = fused.get("build", {}).get("gate", {})
-if "error" in fused or gate.get("images") != 8 or fused.get("source", {}).get("file") != "model.onnx":
-    problems.append({"fused": fused.get("error"), "gate": gate, "source": fused.get("source")})
-sys.exit(f"gpu-rehearse: serve dry run: {problems}" if problems else 0)
+gate, source = fused.get("build", {}).get("gate", {}), fused.get("source", {})
+if "error" in fused or gate.get("images") != 8 or source.get("file") != sys.argv[2] or source.get("checkpoint_sha256", "") != sys.argv[3]:
+    problems.append({"fused": fused.get("error"), "gate": gate, "source": source, "weights": doc.get("weights")})
+sys.exit(f"gpu-rehearse: serve dry run ({sys.argv[1]}): {problems}" if problems else 0)
 EOF
+}
+serve "$work/OUT/serve-fresh"
+check "$work/OUT/serve-fresh/results.json" model.onnx ""
+cp -r "$work/train-repo/.gpu-handoff" .  # what the warm machine kept from the train run
+serve "$work/OUT/serve"
+check "$work/OUT/serve/results.json" model.folded.pt "$(python3 -c 'import json; print(json.load(open(".gpu-handoff/handoff.json"))["checkpoint_sha256"])')"
 echo "gpu-rehearse: both dry runs passed; results in $work/OUT"

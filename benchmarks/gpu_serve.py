@@ -41,8 +41,13 @@ when each step started and how long it took.
 
 The model is `--model`'s latest version in `model_store/` as published (the default: `quicknet`):
 the fused engine built from its `model.onnx` comes back attachable to that version (gated when
-`--data` is given); `--checkpoint` serves a run folder's trained weights instead, and a `--model`
-the store does not publish is served untrained (speed only). `--dry-run`
+`--data` is given). `--from-train DIR` takes the train run's best arm instead when the train run of
+the same draw left it there (`quicknet gpu-train --handoff DIR`; the machine, still warm, kept the
+git-ignored folder): the engine then names that checkpoint's SHA-256 and attaches to the version
+published from it back on the CPU, so a new default ships with its engine from the same draw; on a
+fresh machine the folder is not there and the published model is served, as the results say.
+`--checkpoint` serves a run folder's trained weights (its engine for measuring only), and a
+`--model` the store does not publish is served untrained (speed only). `--dry-run`
 runs every step on the CPU in about two minutes (the published quicknet-xs, tiny loads, the torch
 engine on the CPU, the fused engine in Triton's interpreter) and is part of the tests.
 """
@@ -133,7 +138,8 @@ def copy_published(root: Path, model: str, source: Path = REPO / "model_store") 
 
 def make_folded_store(root: Path, checkpoint: Path | None, model: str) -> str:
     """A model store holding a run folder's trained weights (or, without one, `model` untrained: for
-    speed only) as the torch engine's folded weights. Returns the model's name."""
+    speed only) as the torch engine's folded weights, naming the checkpoint they were folded from
+    (`exported_from`, as a published version does). Returns the model's name."""
     import torch
 
     from quicknet import store
@@ -150,9 +156,58 @@ def make_folded_store(root: Path, checkpoint: Path | None, model: str) -> str:
     weights = export_folded_weights(fold(net), work / "model.folded.pt")
     note = "trained" if checkpoint else "untrained: for speed only"
     meta = {"labels": list(data.LABELS), "artifacts": {"torch": weights.name}, "accuracy": {}, "note": note}
+    if checkpoint:
+        meta["exported_from"] = {"file": checkpoint.name, "sha256": store.sha256_file(checkpoint)}
     store.publish(root, net.cfg.name, [weights], meta)
     store.set_default(root, net.cfg.name)
     return net.cfg.name
+
+
+def handed_off(folder: Path) -> tuple[Path | None, dict | str]:
+    """(the checkpoint, its `handoff.json`) that `quicknet gpu-train --handoff` left in `folder`, or
+    (None, why not): not there (a fresh machine), or not whole (its SHA-256 is not the one named)."""
+    from quicknet import store
+    from quicknet.build.gpu_train import HANDOFF_JSON
+
+    marker, checkpoint = folder / HANDOFF_JSON, folder / "checkpoint.pt"
+    if not marker.is_file():
+        return None, f"no hand-off in {folder} (a fresh machine, or the train run left none)"
+    try:
+        doc = json.loads(marker.read_text())
+        whole = checkpoint.is_file() and store.sha256_file(checkpoint) == doc["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{marker} is unreadable ({type(e).__name__})"
+    if not whole:
+        return None, f"{checkpoint} is not the checkpoint {marker.name} names"
+    return checkpoint, doc
+
+
+def choose_weights(root: Path, args) -> dict:
+    """Fill the empty store `root` with what the run serves (`args.model` follows it); returns the
+    results' fields that say which: `--checkpoint`'s weights; else the train run's hand-off when
+    `--from-train` finds it (a failure to read it is a line in `handoff`, and the run goes on with the
+    published model); else `--model` as published, or untrained where the store has none."""
+    from quicknet import store
+
+    fields: dict = {}
+    if args.from_train and not args.checkpoint:
+        checkpoint, about = handed_off(Path(args.from_train))
+        fields["handoff"] = about
+        if checkpoint:
+            try:
+                args.model = make_folded_store(root, checkpoint, args.model)
+                return fields | {"weights": f"trained: {about['arm']} from this draw's train run", "model": args.model}
+            except Exception as e:
+                fields["handoff"] = {**about, "error": f"{type(e).__name__}: {e}"}
+                shutil.rmtree(root)
+                root.mkdir()
+    if args.checkpoint:
+        args.model = make_folded_store(root, Path(args.checkpoint), args.model)
+        return fields | {"weights": f"trained: {args.checkpoint}", "model": args.model}
+    if store.list_versions(REPO / "model_store", args.model):
+        return fields | {"weights": f"published: {copy_published(root, args.model)}"}
+    make_folded_store(root, None, args.model)  # a width the store does not publish: its speed
+    return fields | {"weights": "untrained (speed only)"}
 
 
 def forward_flops(model: str) -> float:
@@ -225,10 +280,10 @@ def compiled_variant(root: Path, variant: str, batches: list[int], seconds: floa
     import torch
 
     from quicknet import store
-    from quicknet.serve.backends.pytorch import load_module, model_file
+    from quicknet.serve.backends.pytorch import load_module
 
     mv = store.get_version(root, store.default_model(root))
-    module, _ = load_module(str(mv.file(model_file(mv))))
+    module, _ = load_module(str(mv.file(mv.weights_file)))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     module = module.to(device, memory_format=torch.channels_last)
@@ -646,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job")
     parser.add_argument("--model", default="quicknet")
     parser.add_argument("--checkpoint", help="trained weights to serve (a run folder's checkpoint.pt)")
+    parser.add_argument(
+        "--from-train",
+        metavar="DIR",
+        help="serve and build the fused engine from the best arm `quicknet gpu-train --handoff DIR` left here, "
+        "when it is there (a warm machine); else the published model",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--seconds", type=float, default=2.0, help="per engine measurement")
     parser.add_argument("--service-seconds", type=float, default=4.0, help="per service case")
@@ -695,7 +756,6 @@ def _model_of(store_path: str) -> str:
 
 
 def run(args) -> None:
-    from quicknet import store
     from quicknet.build import gpu_probe
 
     t0 = time.monotonic()
@@ -708,14 +768,7 @@ def run(args) -> None:
         results.update(environment=gpu_probe.environment())
         results.update(matmul=gpu_probe.matmul_tflops(0.2 if args.dry_run else 2.0), copy=gpu_probe.copy_bandwidth())
         root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
-        if args.checkpoint:
-            args.model = make_folded_store(root, Path(args.checkpoint), args.model)
-            results.update(weights=f"trained: {args.checkpoint}", model=args.model)
-        elif store.list_versions(REPO / "model_store", args.model):
-            results.update(weights=f"published: {copy_published(root, args.model)}")
-        else:  # a width the store does not publish: its speed, on untrained weights
-            make_folded_store(root, None, args.model)
-            results.update(weights="untrained (speed only)")
+        results.update(**choose_weights(root, args))
         steps: list[dict] = []
 
         @contextlib.contextmanager

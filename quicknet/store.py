@@ -53,6 +53,12 @@ class ModelVersion:
     def labels(self) -> list[str]:
         return list(self.metadata["labels"])
 
+    @property
+    def weights_file(self) -> str | None:
+        """The file the torch engine and the fused GPU engine read the folded model from."""
+        artifacts = self.metadata.get("artifacts", {})
+        return artifacts.get("torch") or artifacts.get("onnx")
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

@@ -108,6 +108,8 @@ def test_publish_writes_complete_metadata(run_dir, tmp_path):
         "confusion_matrix.png"
     }
     assert meta["artifacts"] == {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+    # the weights model.onnx was exported from: a GPU engine built from that checkpoint attaches here
+    assert meta["exported_from"] == {"file": "checkpoint.pt", "sha256": store.sha256_file(run_dir / "checkpoint.pt")}
 
 
 def test_publish_records_the_gpu_run_that_trained_the_weights(run_dir, tmp_path):

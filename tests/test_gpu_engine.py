@@ -169,9 +169,9 @@ print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubi
     assert all(b["wgmma"] and b["cubin"] > 0 for b in built.values()), built
 
 
-def _store_with_engine(tmp_path, identity: dict | None = None):
+def _store_with_engine(tmp_path, identity: dict | None = None, checkpoint_sha256: str | None = None):
     """A version holding the folded weights and an engine built here (interpreter), optionally
-    recorded as built for another machine."""
+    recorded as built for another machine, or from a checkpoint (as the serve run's `--from-train`)."""
     from quicknet.build.export import export_folded_weights
 
     model = _trained_looking()
@@ -183,7 +183,8 @@ def _store_with_engine(tmp_path, identity: dict | None = None):
     path, doc = gpu_engine.build(
         spec,
         work,
-        source={"file": weights.name, "sha256": store.sha256_file(weights)},
+        source={"file": weights.name, "sha256": store.sha256_file(weights)}
+        | ({"checkpoint_sha256": checkpoint_sha256} if checkpoint_sha256 else {}),
         reference=build_folded(spec),
         tune_batches={"small": 1},
         check_images=2,
@@ -326,6 +327,81 @@ def test_attach_publishes_a_gated_engine_built_from_the_versions_onnx(tmp_path, 
     assert main(["attach-engine", str(engine("model.fused.f.sm90.zip", digest, 0.9401)), *flags]) == 0
     assert "published quicknet version 3" in capsys.readouterr().out
     assert store.get_version(root, "quicknet").metadata["artifacts"]["fused-gpu"] == "model.fused.f.sm90.zip"
+
+
+def test_an_engine_built_from_a_checkpoint_serves_the_version_exported_from_it(tmp_path, monkeypatch, capsys):
+    """The same draw's serve run builds the engine from the train run's best checkpoint (folded
+    there); back here that checkpoint is exported and published. The engine attaches to that version
+    by the checkpoint's SHA-256 (`exported_from`), names the version's model.onnx (what a server packs
+    its weights from) and keeps what it was gated with; a server then serves it with those weights."""
+    from quicknet.build.export import export_onnx
+    from quicknet.cli import main
+    from quicknet.serve import gpu
+    from quicknet.serve.backends import choose
+    from quicknet.serve.backends.fused import FusedBackend
+    from quicknet.serve.config import Settings
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"stands in for the arm's EMA weights")
+    trained = store.sha256_file(checkpoint)
+    (tmp_path / "gpu").mkdir()
+    built, spec, doc = _store_with_engine(tmp_path / "gpu", checkpoint_sha256=trained)
+    gate = {"images": 10000, "top1": 0.9402, "checkpoint_top1": 0.9401, "max_loss": 0.001, "passed": True}
+    name = built.metadata["artifacts"]["fused-gpu"]
+    engine = fe.write_artifact(tmp_path / name, {**doc, "gate": gate}, None, set())  # as a 10k gate records it
+    assert doc["source"]["file"] == "model.folded.pt" and doc["source"]["checkpoint_sha256"] == trained
+
+    root = tmp_path / "store"
+    onnx = export_onnx(fold(_trained_looking()), tmp_path / "model.onnx")  # the same weights, exported here
+
+    def publish(exported_from: str | None) -> int:
+        meta = {"labels": [str(i) for i in range(10)], "artifacts": {"onnx": "model.onnx"}}
+        meta["accuracy"] = {"checkpoint": {"top1": 0.9400, "images": 10000}}
+        meta |= {"exported_from": {"file": "checkpoint.pt", "sha256": exported_from}} if exported_from else {}
+        return store.publish(root, "tiny", [onnx], meta).version
+
+    flags = ["--store", str(root), "--store-model", "tiny", "--version"]
+    for other in (None, "0" * 64):  # published before versions named their checkpoint; another checkpoint
+        version = publish(other)
+        assert main(["attach-engine", str(engine), *flags, str(version)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"not built from tiny v{version} (it names 'model.folded.pt')" in err
+    version = publish(trained)
+    assert main(["attach-engine", str(engine), *flags, str(version)]) == 0
+    published = store.get_version(root, "tiny")
+    assert published.version == version + 1
+    attached = fe.read_doc(published.file(published.metadata["artifacts"]["fused-gpu"]))
+    onnx_sha = published.metadata["files"]["model.onnx"]["sha256"]
+    assert attached["source"] == {"model": "tiny", "version": version, "file": "model.onnx", "sha256": onnx_sha} | {
+        "checkpoint_sha256": trained
+    }
+    assert attached["gated_with"] == doc["source"] and attached["layers"] == doc["layers"]
+    assert published.metadata["gpu_engine"]["built_from"] == doc["source"]
+    assert published.metadata["accuracy_gates"]["fused-gpu"]["top1"] == 0.9402
+    store.verify_files(published)
+
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    settings = Settings(backend="auto", max_batch_size=4, threads=1)
+    assert choose(published, settings) == "fused"
+    x = _images(2, seed=4)
+    with torch.inference_mode():
+        want = build_folded(spec)(x)
+    _close(torch.from_numpy(FusedBackend.load(published, settings).infer(x.numpy())), want)
+
+
+def test_rebinding_an_engine_keeps_its_compiled_kernels(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "k1").mkdir(parents=True)
+    (cache / "k1" / "separable.json").write_text("{}")
+    (cache / "k1" / "separable.cubin").write_bytes(bytes(range(256)))
+    doc = {"built_for": {"gpu": "NVIDIA H200"}, "source": {"file": "model.folded.pt", "sha256": "a" * 64}}
+    path = fe.write_artifact(tmp_path / "model.fused.h200.sm90.zip", doc, cache, {"k1"})
+    source = {"file": "model.onnx", "sha256": "b" * 64}
+    again = fe.rebound(path, tmp_path / "rebound.zip", source)
+    with zipfile.ZipFile(path) as a, zipfile.ZipFile(again) as b:
+        assert a.namelist() == b.namelist()
+        assert all(a.read(n) == b.read(n) for n in a.namelist() if n != "engine.json")
+    assert fe.read_doc(again) == {**fe.read_doc(path), "source": source, "gated_with": doc["source"]}
 
 
 def test_the_roofline_estimates_for_the_full_quicknet():

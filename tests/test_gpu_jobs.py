@@ -35,11 +35,11 @@ def _results_folder_fits_the_device_limits(out: Path) -> list[Path]:
 def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_continues_from(tmp_path):
     from quicknet.build.gpu_train import ARMS
 
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "quicknet", "gpu-train", "--dry-run", "--out", str(out)]
+    out, handoff = tmp_path / "out", tmp_path / "handoff"
+    cmd = [sys.executable, "-m", "quicknet", "gpu-train", "--dry-run", "--out", str(out), "--handoff", str(handoff)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    files = _results_folder_fits_the_device_limits(out)
+    files = _results_folder_fits_the_device_limits(out)  # the hand-off stays on the machine, outside them
     expected = {"results.json", "results.md"} | {f"{arm}/{f}" for arm in ARMS for f in ("checkpoint.pt", "build.json")}
     assert {str(p.relative_to(out)) for p in files} == expected, "EMA checkpoints only: no optimizer, no step files"
     doc = json.loads((out / "results.json").read_text())
@@ -70,6 +70,49 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["arms"]["quicknet-ls02"]["recipe"]["label_smoothing"] == 0.2
     markdown = (out / "results.md").read_text()
     assert "| arm |" in markdown and "flip+translate TTA" in markdown and "### quicknet-res" in markdown
+    # the best arm (the first of equals) left for the serve run of the same draw, its checkpoint whole
+    scores = [(arm["final"]["top1"], -i, name) for i, (name, arm) in enumerate(doc["arms"].items())]
+    best = max(scores)[2]
+    assert doc["handoff"] == json.loads((handoff / "handoff.json").read_text())
+    assert doc["handoff"]["arm"] == best and doc["handoff"]["model"] == ARMS[best][1]["model"]
+    assert (handoff / "checkpoint.pt").read_bytes() == (out / best / "checkpoint.pt").read_bytes()
+    assert doc["handoff"]["checkpoint_sha256"] == store.sha256_file(handoff / "checkpoint.pt")
+    assert f"left {best} (top-1 " in done.stdout
+
+    # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
+    from benchmarks.gpu_serve import build_parser, choose_weights
+
+    args = build_parser().parse_args(["--from-train", str(handoff)])
+    chosen = choose_weights(tmp_path / "served", args)
+    assert chosen["weights"] == f"trained: {best} from this draw's train run" and chosen["handoff"] == doc["handoff"]
+    served = store.get_version(tmp_path / "served", store.default_model(tmp_path / "served"))
+    assert served.name == args.model == ARMS[best][1]["model"]
+    assert served.metadata["exported_from"]["sha256"] == doc["handoff"]["checkpoint_sha256"]
+    from benchmarks.gpu_engine import engine_source  # what the engine built from it will name
+
+    assert engine_source(served)["checkpoint_sha256"] == doc["handoff"]["checkpoint_sha256"]
+    # a copy that is not whole is not taken: the published model is served, and the results say why
+    (handoff / "checkpoint.pt").write_bytes(b"cut short")
+    args = build_parser().parse_args(["--from-train", str(handoff), "--model", FAST_MODEL])
+    chosen = choose_weights(tmp_path / "fallback", args)
+    assert chosen["handoff"].endswith("is not the checkpoint handoff.json names")
+    assert chosen["weights"].startswith(f"published: {FAST_MODEL} v") and args.model == FAST_MODEL
+
+
+def test_a_train_run_with_no_finished_arm_hands_nothing_off(tmp_path):
+    """An earlier hand-off in the folder must not pass for this run's best arm."""
+    from quicknet.build.gpu_train import hand_off
+
+    dest = tmp_path / "handoff"
+    dest.mkdir()
+    (dest / "handoff.json").write_text('{"arm": "quicknet", "checkpoint_sha256": "an earlier run"}')
+    (tmp_path / "quicknet").mkdir()
+    (tmp_path / "quicknet" / "checkpoint.pt").write_bytes(b"weights")
+    arms = {"quicknet": {"state": "failed", "final": {"top1": 0.9}}, "quicknet-res": {"state": "done", "final": {}}}
+    assert hand_off(tmp_path, arms, dest) is None and not (dest / "handoff.json").exists()
+    from benchmarks.gpu_serve import handed_off
+
+    assert handed_off(dest) == (None, f"no hand-off in {dest} (a fresh machine, or the train run left none)")
 
 
 def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, monkeypatch):
@@ -114,7 +157,8 @@ def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, mo
 
 def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_serve", "--dry-run", "--out", str(out)]
+    # no hand-off from a train run (a fresh machine): the published model, as the README's run finds it
+    cmd = [sys.executable, "-m", "benchmarks.gpu_serve", "--dry-run", "--out", str(out), "--from-train", "nowhere"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _results_folder_fits_the_device_limits(out)
@@ -193,7 +237,9 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     # built from the published model's own file, so it attaches to that version (here only the
     # gate refuses: 2 images, not the 10k split), and it carries no second copy of the weights
     published = store.get_version(REPO / "model_store", FAST_MODEL)
-    assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}"
+    assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}" and doc["handoff"].startswith(
+        "no hand-off"
+    )
     assert fused["source"]["sha256"] == published.metadata["files"]["model.onnx"]["sha256"]
     shutil.copytree(published.path, tmp_path / "store" / FAST_MODEL / str(published.version))
     with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
@@ -340,7 +386,7 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
     runs = re.findall(r"run  carry=(\[[^\]]*\])  timeout_s=(\d+)\n((?:         .*\n)+)", readme)
     assert len(runs) == 2 and "give_back" in readme
     rehearsal = (REPO / "benchmarks" / "gpu_rehearse.sh").read_text()
-    budgets = []
+    budgets, handoff = [], {}
     for (carry, timeout_s, command), repo in zip(runs, ("train-repo", "serve-repo"), strict=True):
         folders = json.loads(carry)
         assert f'copy_repo "$work/{repo}" {" ".join(folders)}\n' in rehearsal, (repo, folders)
@@ -352,12 +398,20 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
         if words[2] == "quicknet":
             args = build_parser().parse_args(words[3:])
             assert args.command == "gpu-train" and args.data == "data/cifar10_jpeg.npz"
+            handoff["left"] = args.handoff
         else:
             assert words[2] == "benchmarks.gpu_serve", words
             args = serve_parser().parse_args(words[3:])
             assert f"--dry-run --data {args.data} " in rehearsal, "the rehearsal gates as the run does"
+            handoff["taken"] = args.from_train
+        # the best arm waits on the warm machine in a git-ignored folder that neither call carries
+        # (a carried path missing here is removed there)
+        assert not set(handoff.values()) & set(folders), (handoff, folders)
         assert args.data.split("/")[0] in folders, "its data travels with it"
         budgets.append(args.budget_s)
         assert args.budget_s + 30 <= int(timeout_s) <= 600, (args.budget_s, timeout_s)
+    assert handoff["left"] == handoff["taken"] and handoff["left"] in rehearsal, handoff
+    query = ["git", "check-ignore", "--no-index", f"{handoff['left']}/"]
+    assert subprocess.run(query, cwd=REPO, capture_output=True, text=True).stdout.split() == [f"{handoff['left']}/"]
     start_s = 120  # a machine's start, 1-2 minutes of the draw; each call's Python and pip ~20 s more
     assert start_s + sum(b + 20 for b in budgets) <= 900, budgets

@@ -359,6 +359,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gpu_train.add_argument(
         "--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job (default: %(default)s)"
     )
+    gpu_train.add_argument(
+        "--handoff",
+        metavar="DIR",
+        help="leave the best arm's checkpoint here (git-ignored, on the GPU machine) for the serve run's --from-train",
+    )
     gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
 
     info = sub.add_parser("info", help="parameters and multiply-adds of every variant (no torch needed)")

@@ -331,6 +331,25 @@ def write_artifact(path: Path, doc: dict, cache_dir: Path | None, keys: set[str]
     return path
 
 
+def rebound(path: Path, dest: Path, source: dict) -> Path:
+    """A copy of the engine file `path` at `dest` naming `source` as the model file a server packs its
+    weights from, the file it was built and gated with kept as `gated_with` (`gpu_engine.attach`:
+    the same trained weights, exported as another file). Kernels and plan unchanged."""
+    from quicknet.fsutil import atomic_write
+
+    doc = read_doc(path)
+    doc = {**doc, "source": source, "gated_with": doc.get("source")}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(path) as old, zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("engine.json", json.dumps(doc, indent=2, default=str))
+        for item in old.infolist():
+            if item.filename != "engine.json":
+                zf.writestr(item, old.read(item))
+    with atomic_write(dest) as f:
+        f.write(buffer.getvalue())
+    return dest
+
+
 def read_doc(path: Path) -> dict:
     """`engine.json` alone (cheap: what the service reads to decide whether the engine fits here)."""
     try:

@@ -13,9 +13,14 @@ the 10k test split within 0.1 point of the checkpoint. Steps, each bounded by `t
    |Δlogit|, top-1 agreement), and, given the labelled test split, score it (the gate);
 5. write `model.fused.<gpu>.sm<cc>.zip` (`fused_engine`'s format) with the compiled kernels.
 
-`attach` publishes a built engine into the next version of the model it was built from (tied by
-the name and SHA-256 of the version's model file it was packed from: `model.onnx` for a published
-version), refusing one whose gate did not pass.
+`attach` publishes a built engine into the next version of the model it was built from, refusing
+one whose gate did not pass. Tied by the name and SHA-256 of the version's model file it was
+packed from (`model.onnx` for a published version), or by the trained weights behind both: an
+engine built on the GPU from a training checkpoint (the serve run's `--from-train`) names that
+checkpoint's SHA-256, and attaches to the version whose `model.onnx` was exported from it
+(`exported_from` in its metadata; the export checked it against that checkpoint), the engine file
+then naming that `model.onnx` (the file a server packs the weights from) and keeping what it was
+gated with.
 
 On a CPU (the tests, the dry runs) the same steps run with Triton's interpreter
 (`TRITON_INTERPRET=1`): nothing to compile, timings meaningless, arithmetic exact.
@@ -256,18 +261,27 @@ def gate(net, reference, split: tuple[np.ndarray, np.ndarray], reference_top1: f
 def attach(root: Path, name: str, version: int | None, engine: Path) -> store.ModelVersion:
     """The next version of `name`: `version`'s files and metadata plus `engine`, as artifact `fused-gpu`.
     Refused (one line) unless the engine was built from that version's model file (the one it names,
-    by SHA-256: a server packs its weights from it) and passed its gate on the full 10k test split
-    within 0.1 point of that version's checkpoint."""
+    by SHA-256: a server packs its weights from it) or from the checkpoint that file was exported
+    from (then the published copy names the version's file), and passed its gate on the full 10k
+    test split within 0.1 point of that version's checkpoint."""
     source = store.get_version(root, name, version)
     store.verify_files(source)
     meta = source.metadata
     doc = fe.read_doc(engine)
+    weights_from = doc.get("source", {})
+    rebind = None  # the version's own model file, when the engine was built from the checkpoint behind it
     if fe.not_built_from(doc, meta["files"]):
-        raise BuildError(
-            f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
-            f"(it names {doc.get('source', {}).get('file')!r}); build it on the GPU with "
-            "`python -m benchmarks.gpu_engine --store <a store whose default is that version>`"
-        )
+        exported_from = meta.get("exported_from", {}).get("sha256")
+        fname = source.weights_file
+        if not exported_from or weights_from.get("checkpoint_sha256") != exported_from or fname not in meta["files"]:
+            raise BuildError(
+                f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
+                f"(it names {weights_from.get('file')!r}); build it on the GPU with `python -m "
+                "benchmarks.gpu_engine --store <a store whose default is that version>`, or from the "
+                "checkpoint that version was exported from"
+            )
+        rebind = {"model": name, "version": source.version, "file": fname, "sha256": meta["files"][fname]["sha256"]}
+        rebind["checkpoint_sha256"] = exported_from
     g = doc.get("gate") or {}
     ckpt = meta.get("accuracy", {}).get("checkpoint", {}).get("top1")
     if not g.get("passed") or g.get("images", 0) < 10000 or ckpt is None or g["top1"] < ckpt - MAX_TOP1_LOSS:
@@ -278,13 +292,20 @@ def attach(root: Path, name: str, version: int | None, engine: Path) -> store.Mo
     with tempfile.TemporaryDirectory() as tmp:
         files = [source.file(f) for f in meta["files"]]
         staged = Path(tmp) / engine.name
-        staged.write_bytes(engine.read_bytes())
+        if rebind:
+            fe.rebound(engine, staged, rebind)
+        else:
+            staged.write_bytes(engine.read_bytes())
         fresh = {k: v for k, v in meta.items() if k not in ("name", "version", "files")}
         fresh["artifacts"] = {**meta.get("artifacts", {}), KIND: engine.name}
         fresh["accuracy"] = {**meta.get("accuracy", {}), KIND: {"top1": g["top1"], "images": g["images"]}}
         gates = {**meta.get("accuracy_gates", {})}
         gates[KIND] = {"max_loss": MAX_TOP1_LOSS, "top1": g["top1"], "checkpoint_top1": ckpt}
         fresh["accuracy_gates"] = gates
-        fresh["gpu_engine"] = {"built_for": doc["built_for"], "compile_seconds": doc.get("compile_seconds")}
+        fresh["gpu_engine"] = {
+            "built_for": doc["built_for"],
+            "built_from": weights_from,
+            "compile_seconds": doc.get("compile_seconds"),
+        }
         fresh["derived_from"] = {"version": source.version, "why": "the fused GPU engine built for it"}
         return store.publish(root, name, [*files, staged], fresh)

@@ -17,6 +17,13 @@ What comes back fits the device tool's limit of 8 files of at most 16 MiB, two f
 At most 3 arms (2 + 2 x 3 = 8 files). Each arm trains in a scratch folder under /tmp; only the
 two files above are copied out.
 
+`--handoff DIR` leaves the best arm (EMA top-1 without TTA) for the serve run of the same draw,
+outside what comes back: `DIR/checkpoint.pt` (a copy of that arm's) and, written last,
+`DIR/handoff.json` (the arm, its model, its top-1, the checkpoint's SHA-256). The device machine
+keeps git-ignored folders between calls while it is warm, so `benchmarks.gpu_serve --from-train
+DIR` finds them there and builds the fused engine from the weights that will be published; on a
+fresh machine the folder is simply not there.
+
 The recipe and why (evidence: the first run, ../shared/gpu-runs/2026-12-04/train/, 91.14% EMA top-1
 after 58 epochs on CIFAR-10 (JPEG-q75 copy), standard 10k test split; airbench's
 legacy/airbench94.py and airbench96.py, KellerJordan/cifar10-airbench; tysam-code/hlb-CIFAR10):
@@ -128,6 +135,7 @@ ARM_FINISH_S = 20.0  # after an arm's training: last save, three TTA passes, cop
 HARD_STOP_MARGIN_S = 15.0  # an arm's time limit sits this far past its planned end
 BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to finish compiling
 RESULT_FILES = ("checkpoint.pt", "build.json")
+HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
 
 
 def train_flops_per_image(model: str) -> float:
@@ -414,8 +422,10 @@ def run(
     arm_names: list[str],
     *,
     dry_run: bool = False,
+    handoff: Path | None = None,
 ) -> dict:
-    """The whole job. Writes results as it goes; returns the final results document."""
+    """The whole job. Writes results as it goes; returns the final results document. With
+    `handoff`, the best arm is left there for the serve run (`hand_off`)."""
     from quicknet.build import data as data_mod
     from quicknet.build import gpu_probe
 
@@ -507,8 +517,41 @@ def run(
                 procs[name].kill()
         time.sleep(0.5 if dry_run else 2.0)
     shutil.rmtree(work, ignore_errors=True)
+    if handoff is not None:
+        results.update(handoff=hand_off(out, arms, handoff) or "no arm finished with a checkpoint and a score")
     results.update(arms=arms, sharing=sharing(arms), job_seconds=round(time.perf_counter() - t0, 1))
     return results.doc
+
+
+def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
+    """The best finished arm (EMA top-1 without TTA; the first listed on a tie) into `dest` for the
+    serve run of the same draw: its checkpoint, then `handoff.json` naming it. None when no arm
+    finished with a score and a checkpoint: nothing is written then, and an older hand-off's
+    `handoff.json` is removed first, so the serve run never takes another run's weights for these."""
+    from quicknet import store
+
+    (dest / HANDOFF_JSON).unlink(missing_ok=True)
+    scored = [
+        (arm["final"]["top1"], name)
+        for name, arm in arms.items()
+        if arm.get("state") == "done"
+        and arm.get("final", {}).get("top1") is not None
+        and (out / name / "checkpoint.pt").is_file()
+    ]
+    if not scored:
+        return None
+    top1, name = max(scored, key=lambda t: t[0])  # max keeps the first of equals
+    dest.mkdir(parents=True, exist_ok=True)
+    _copy_out(out / name / "checkpoint.pt", dest / "checkpoint.pt")
+    doc = {
+        "arm": name,
+        "model": arms[name].get("recipe", {}).get("model"),
+        "top1": top1,
+        "checkpoint_sha256": store.sha256_file(dest / "checkpoint.pt"),
+        "dataset": DATASET,
+    }
+    _write_json(dest / HANDOFF_JSON, doc)
+    return doc
 
 
 def _read_status(path: Path) -> dict | None:
@@ -537,7 +580,9 @@ def main(args) -> None:
     out = Path(args.out)
     names = [n.strip() for n in args.arms.split(",") if n.strip()]
     try:
-        doc = run(out, Path(args.data) if args.data else None, cfg, args.budget_s, names, dry_run=args.dry_run)
+        data = Path(args.data) if args.data else None
+        handoff = Path(args.handoff) if args.handoff else None
+        doc = run(out, data, cfg, args.budget_s, names, dry_run=args.dry_run, handoff=handoff)
     except Exception as e:
         results = ResultsFile(out, "gpu-train", render_markdown)
         results.doc = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
@@ -552,6 +597,9 @@ def main(args) -> None:
             )
         else:
             print(f"{name}: {arm.get('state')} {arm.get('error', '')}")
+    if isinstance(doc.get("handoff"), dict):
+        h = doc["handoff"]
+        print(f"left {h['arm']} (top-1 {h['top1']}) in {args.handoff} for the serve run (--from-train)")
     print(f"results in {out} ({doc['job_seconds']} s)")
     if not all(arm.get("state") == "done" for arm in doc["arms"].values()):
         raise SystemExit(1)

@@ -94,11 +94,15 @@ def stage_export(run_dir: Path, dataset: data_mod.Dataset) -> dict:
     from quicknet.build.train import load_checkpoint
 
     t0 = time.perf_counter()
-    model, _ = load_checkpoint(_require(run_dir / CHECKPOINT, "train"))
+    checkpoint = _require(run_dir / CHECKPOINT, "train")
+    model, _ = load_checkpoint(checkpoint)
     folded = fold(model)
     onnx_path = export_onnx(folded, run_dir / ONNX)
     eq = verify(model, onnx_path, dataset.test.sample(EXPORT_CHECK_IMAGES))
     results = {
+        # which weights model.onnx holds: an engine built on a GPU from this checkpoint attaches to the
+        # version published from here (`gpu_engine.attach`)
+        "checkpoint_sha256": store.sha256_file(checkpoint),
         "graph_nodes_before_fold": graph_nodes(model),
         "graph_nodes_after_fold": graph_nodes(folded),
         "onnx_nodes": _onnx_node_count(onnx_path),
@@ -228,6 +232,8 @@ def stage_publish(
         },
         "export_equivalence": rec["stages"]["export"]["equivalence"],
     }
+    if "checkpoint_sha256" in rec["stages"]["export"]:
+        metadata["exported_from"] = {"file": CHECKPOINT, "sha256": rec["stages"]["export"]["checkpoint_sha256"]}
     mv = store.publish(root, model_name, files, metadata)
     if make_default:
         store.set_default(root, model_name)

@@ -105,12 +105,6 @@ def load_module(path: str):
     return build_folded(load_spec(path)), True
 
 
-def model_file(version: ModelVersion) -> str | None:
-    """The file of `version` the torch engine (and the fused one) loads its model from."""
-    artifacts = version.metadata.get("artifacts", {})
-    return artifacts.get("torch") or artifacts.get("onnx")
-
-
 def load_spec(path: str) -> dict:
     """The folded spec (layers and state dict) in `model.onnx` or `model.folded.pt`."""
     if path.endswith(".onnx"):
@@ -154,7 +148,7 @@ class TorchBackend:
             import torch
         except ImportError:
             raise BackendError("torch is not installed: the torch backend needs the build or gpu extra") from None
-        fname = model_file(version)
+        fname = version.weights_file
         if not fname or not version.file(fname).is_file():
             raise BackendError(f"{version.name} v{version.version} has no torch or ONNX artifact; republish it")
         try:
