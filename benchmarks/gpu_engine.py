@@ -130,8 +130,10 @@ def engine_source(mv) -> dict:
     and the service packs the fused engine's weights from) and, where the version records it, the
     checkpoint behind that file (`gpu_engine.attach` takes either)."""
     fname = mv.weights_file
+    if fname not in mv.metadata["files"]:
+        raise SystemExit(f"{mv.name} v{mv.version} has no model file the engines read (artifact 'torch' or 'onnx')")
     source = {"model": mv.name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
-    if "exported_from" in mv.metadata:
+    if mv.metadata.get("exported_from", {}).get("sha256"):
         source["checkpoint_sha256"] = mv.metadata["exported_from"]["sha256"]
     return source
 

@@ -183,14 +183,15 @@ def handed_off(folder: Path) -> tuple[Path | None, dict | str]:
 
 
 def choose_weights(root: Path, args) -> dict:
-    """Fill the empty store `root` with what the run serves (`args.model` follows it); returns the
-    results' fields that say which: `--checkpoint`'s weights; else the train run's hand-off when
-    `--from-train` finds it (a failure to read it is a line in `handoff`, and the run goes on with the
-    published model); else `--model` as published, or untrained where the store has none."""
+    """Fill the store `root` (empty, or not there yet) with what the run serves (`args.model` follows
+    it); returns the results' fields that say which: `--checkpoint`'s weights, or the train run's
+    hand-off when `--from-train` finds it (a failure to load it is a line in `handoff`, and the run
+    goes on with the published model); else `--model` as published, or untrained where the store
+    has none."""
     from quicknet import store
 
     fields: dict = {}
-    if args.from_train and not args.checkpoint:
+    if args.from_train:
         checkpoint, about = handed_off(Path(args.from_train))
         fields["handoff"] = about
         if checkpoint:
@@ -199,8 +200,8 @@ def choose_weights(root: Path, args) -> dict:
                 return fields | {"weights": f"trained: {about['arm']} from this draw's train run", "model": args.model}
             except Exception as e:
                 fields["handoff"] = {**about, "error": f"{type(e).__name__}: {e}"}
-                shutil.rmtree(root)
-                root.mkdir()
+                shutil.rmtree(root, ignore_errors=True)  # what the attempt left
+                root.mkdir(parents=True)
     if args.checkpoint:
         args.model = make_folded_store(root, Path(args.checkpoint), args.model)
         return fields | {"weights": f"trained: {args.checkpoint}", "model": args.model}
@@ -633,6 +634,14 @@ def render_markdown(doc: dict) -> str:
     lines.append(f"- machine: {env.get('gpu') or env.get('cpu')}, driver {env.get('driver')}, {env.get('cpus')} CPUs")
     lines.append(f"- torch {env.get('torch')}, CUDA {env.get('cuda_runtime')}, Python {env.get('python')}")
     lines.append(f"- command: `{doc.get('command', '')}`; model: {doc.get('model')} ({doc.get('weights')})")
+    handoff = doc.get("handoff")
+    if isinstance(handoff, dict):
+        lines.append(
+            f"- the train run's hand-off: {handoff['arm']}, checkpoint SHA-256 {handoff['checkpoint_sha256'][:12]}"
+            + (f"; not served: {handoff['error']}" if "error" in handoff else "")
+        )
+    elif handoff:
+        lines.append(f"- the train run's hand-off: none taken ({handoff})")
     if "matmul" in doc:
         lines.append(f"- dense {doc['matmul']['dtype']} matmul ceiling: {doc['matmul']['tflops']} TFLOP/s")
     if doc.get("steps"):
@@ -700,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="gpu-results/serve")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job")
     parser.add_argument("--model", default="quicknet")
-    parser.add_argument("--checkpoint", help="trained weights to serve (a run folder's checkpoint.pt)")
-    parser.add_argument(
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", help="trained weights to serve (a run folder's checkpoint.pt)")
+    weights.add_argument(
         "--from-train",
         metavar="DIR",
         help="serve and build the fused engine from the best arm `quicknet gpu-train --handoff DIR` left here, "

@@ -77,7 +77,7 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["handoff"]["arm"] == best and doc["handoff"]["model"] == ARMS[best][1]["model"]
     assert (handoff / "checkpoint.pt").read_bytes() == (out / best / "checkpoint.pt").read_bytes()
     assert doc["handoff"]["checkpoint_sha256"] == store.sha256_file(handoff / "checkpoint.pt")
-    assert f"left {best} (top-1 " in done.stdout
+    assert f"left {best} (top-1 " in done.stdout and f"- handed to the serve run: {best} (top-1 " in markdown
 
     # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
     from benchmarks.gpu_serve import build_parser, choose_weights
@@ -99,20 +99,58 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert chosen["weights"].startswith(f"published: {FAST_MODEL} v") and args.model == FAST_MODEL
 
 
-def test_a_train_run_with_no_finished_arm_hands_nothing_off(tmp_path):
-    """An earlier hand-off in the folder must not pass for this run's best arm."""
-    from quicknet.build.gpu_train import hand_off
+def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_path):
+    """The best EMA top-1 (not the first arm, nor the best flip-TTA score; the first of equals), among
+    arms that finished with a score and a checkpoint; an earlier run's hand-off is withdrawn first,
+    also by a run that fails before any arm trained."""
+    from benchmarks.gpu_serve import handed_off
+    from quicknet.build.gpu_train import hand_off, run
+
+    dest = tmp_path / "handoff"
+
+    def arm(state: str, top1: float | None, flip: float = 0.5) -> dict:
+        return {"state": state, "final": {"top1": top1, "top1_flip_tta": flip}, "recipe": {"model": "quicknet"}}
+
+    for name, weights in (("a", b"a"), ("b", b"b"), ("c", b"c"), ("failed", b"f")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(weights)
+    arms = {
+        "a": arm("done", 0.90, flip=0.99),
+        "b": arm("done", 0.93),
+        "c": arm("done", 0.93),
+        "failed": arm("failed", 0.99),
+        "no-checkpoint": arm("done", 0.99),
+    }
+    left = hand_off(tmp_path, arms, dest)
+    assert left["arm"] == "b" and left["top1"] == 0.93 and (dest / "checkpoint.pt").read_bytes() == b"b"
+    assert handed_off(dest) == (dest / "checkpoint.pt", left)
+
+    assert hand_off(tmp_path, {"failed": arms["failed"], "no-checkpoint": arms["no-checkpoint"]}, dest) is None
+    assert handed_off(dest) == (None, f"no hand-off in {dest} (a fresh machine, or the train run left none)")
+    hand_off(tmp_path, arms, dest)
+    with pytest.raises(SystemExit, match="--arms"):  # fails before any arm starts
+        run(tmp_path / "out", None, None, 60.0, ["no-such-arm"], handoff=dest)
+    assert not (dest / "handoff.json").exists()
+    (dest / "handoff.json").write_text("{cut short")
+    assert handed_off(dest) == (None, f"{dest / 'handoff.json'} is unreadable (JSONDecodeError)")
+
+
+def test_a_hand_off_the_serve_run_cannot_load_leaves_it_the_published_model(tmp_path):
+    """A whole file that is no checkpoint: a line in the results, and the run goes on."""
+    from benchmarks.gpu_serve import build_parser, choose_weights
 
     dest = tmp_path / "handoff"
     dest.mkdir()
-    (dest / "handoff.json").write_text('{"arm": "quicknet", "checkpoint_sha256": "an earlier run"}')
-    (tmp_path / "quicknet").mkdir()
-    (tmp_path / "quicknet" / "checkpoint.pt").write_bytes(b"weights")
-    arms = {"quicknet": {"state": "failed", "final": {"top1": 0.9}}, "quicknet-res": {"state": "done", "final": {}}}
-    assert hand_off(tmp_path, arms, dest) is None and not (dest / "handoff.json").exists()
-    from benchmarks.gpu_serve import handed_off
-
-    assert handed_off(dest) == (None, f"no hand-off in {dest} (a fresh machine, or the train run left none)")
+    (dest / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    about = {"arm": "quicknet", "top1": 0.94, "checkpoint_sha256": store.sha256_file(dest / "checkpoint.pt")}
+    (dest / "handoff.json").write_text(json.dumps(about))
+    args = build_parser().parse_args(["--from-train", str(dest), "--model", FAST_MODEL])
+    chosen = choose_weights(tmp_path / "store", args)
+    assert chosen["weights"].startswith(f"published: {FAST_MODEL} v") and args.model == FAST_MODEL
+    assert chosen["handoff"]["arm"] == "quicknet" and chosen["handoff"]["error"], chosen
+    assert store.list_models(tmp_path / "store") == [FAST_MODEL], "nothing of the failed attempt is left"
+    with pytest.raises(SystemExit):  # which weights: one or the other
+        build_parser().parse_args(["--from-train", str(dest), "--checkpoint", "runs/x/checkpoint.pt"])
 
 
 def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, monkeypatch):
@@ -237,9 +275,9 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     # built from the published model's own file, so it attaches to that version (here only the
     # gate refuses: 2 images, not the 10k split), and it carries no second copy of the weights
     published = store.get_version(REPO / "model_store", FAST_MODEL)
-    assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}" and doc["handoff"].startswith(
-        "no hand-off"
-    )
+    assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}"
+    assert doc["handoff"].startswith("no hand-off")
+    assert "- the train run's hand-off: none taken (no hand-off in nowhere" in markdown
     assert fused["source"]["sha256"] == published.metadata["files"]["model.onnx"]["sha256"]
     shutil.copytree(published.path, tmp_path / "store" / FAST_MODEL / str(published.version))
     with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
@@ -410,7 +448,8 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
         assert args.data.split("/")[0] in folders, "its data travels with it"
         budgets.append(args.budget_s)
         assert args.budget_s + 30 <= int(timeout_s) <= 600, (args.budget_s, timeout_s)
-    assert handoff["left"] == handoff["taken"] and handoff["left"] in rehearsal, handoff
+    assert handoff["left"] == handoff["taken"], handoff
+    assert f"--handoff {handoff['left']}" in rehearsal and f"--from-train {handoff['left']}" in rehearsal
     query = ["git", "check-ignore", "--no-index", f"{handoff['left']}/"]
     assert subprocess.run(query, cwd=REPO, capture_output=True, text=True).stdout.split() == [f"{handoff['left']}/"]
     start_s = 120  # a machine's start, 1-2 minutes of the draw; each call's Python and pip ~20 s more

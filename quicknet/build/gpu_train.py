@@ -355,6 +355,14 @@ def render_markdown(doc: dict) -> str:
         r = doc["recipe"]
         keys = ("batch_size", "lr", "warmup_epochs", "label_smoothing", "ema_decay", "translate", "cutout")
         lines.append("- base recipe: " + ", ".join(f"{k}={r[k]}" for k in keys) + f", eval_every={r['eval_every']}")
+    handoff = doc.get("handoff")
+    if isinstance(handoff, dict):
+        lines.append(
+            f"- handed to the serve run: {handoff['arm']} (top-1 {handoff['top1']}), checkpoint "
+            f"SHA-256 {handoff['checkpoint_sha256'][:12]}"
+        )
+    elif handoff:
+        lines.append(f"- handed to the serve run: nothing ({handoff})")
     arms = doc.get("arms", {})
     share = doc.get("sharing", {})
     if arms:
@@ -431,6 +439,8 @@ def run(
 
     t0 = time.perf_counter()
     deadline = time.time() + budget_s - PARENT_FINISH_S
+    if handoff is not None:  # first: a run that fails or is killed must not leave an earlier run's best arm
+        _withdraw(handoff)
     arms_cfg = _arm_configs(base, arm_names)
     if dry_run:
         arms_cfg = {
@@ -518,9 +528,18 @@ def run(
         time.sleep(0.5 if dry_run else 2.0)
     shutil.rmtree(work, ignore_errors=True)
     if handoff is not None:
-        results.update(handoff=hand_off(out, arms, handoff) or "no arm finished with a checkpoint and a score")
+        try:
+            results.update(handoff=hand_off(out, arms, handoff) or "no arm finished with a checkpoint and a score")
+        except OSError as e:  # the arms' results stand; the serve run then serves the published model
+            results.update(handoff=f"not left in {handoff}: {type(e).__name__}: {e}")
     results.update(arms=arms, sharing=sharing(arms), job_seconds=round(time.perf_counter() - t0, 1))
     return results.doc
+
+
+def _withdraw(dest: Path) -> None:
+    """Remove an earlier hand-off's `handoff.json` (what makes the serve run take the folder)."""
+    if dest.is_dir():
+        (dest / HANDOFF_JSON).unlink(missing_ok=True)
 
 
 def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
@@ -530,7 +549,7 @@ def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
     `handoff.json` is removed first, so the serve run never takes another run's weights for these."""
     from quicknet import store
 
-    (dest / HANDOFF_JSON).unlink(missing_ok=True)
+    _withdraw(dest)
     scored = [
         (arm["final"]["top1"], name)
         for name, arm in arms.items()
