@@ -119,6 +119,36 @@ def test_the_kernels_add_quicknet_res_shortcuts():
     assert float((dropped - want).abs().max()) > 0.1 * float(want.abs().max())
 
 
+def test_a_tile_the_gpu_cannot_launch_is_passed_over_not_the_end_of_the_build(monkeypatch):
+    """A candidate past the GPU's shared memory fails at launch (Triton's OutOfResources, raised before
+    anything runs): it is recorded and not chosen; the first candidate (every layer's fallback)
+    failing is a failed build."""
+    from triton.runtime.errors import OutOfResources
+
+    layers, arrays = fe.pack(_spec())
+    net = fe.FusedNet(layers, arrays, fe.default_configs(layers), "cpu")
+    real_candidates, real_run = fe.candidate_configs, net.run_layer
+
+    def launch(index, layer, cfg, x, n):
+        if cfg.get("too_big"):
+            raise OutOfResources(262144, 232448, "shared memory")
+        return real_run(index, layer, cfg, x, n)
+
+    def candidates(layer, small, first_fails=False):
+        good = real_candidates(layer, small)[0]
+        return [dict(good, too_big=True), good] if first_fails else [good, dict(good, too_big=True)]
+
+    monkeypatch.setattr(net, "run_layer", launch)
+    monkeypatch.setattr(fe, "candidate_configs", candidates)
+    tuning = gpu_engine.tune(net, {"small": 1}, deadline=float("inf"), device="cpu")
+    for row in tuning["small"][:-1]:  # the head has no candidates
+        assert row["ms"][0] > 0 and row["ms"][1] is None and "too_big" not in row["chosen"], row
+        assert list(row["errors"]) == [1] and "shared memory" in row["errors"][1], row
+    monkeypatch.setattr(fe, "candidate_configs", lambda layer, small: candidates(layer, small, first_fails=True))
+    with pytest.raises(OutOfResources):
+        gpu_engine.tune(net, {"small": 1}, deadline=float("inf"), device="cpu")
+
+
 def test_the_packer_refuses_what_it_cannot_fuse():
     spec = _spec()
     pooled_last = dict(spec, layers=[*spec["layers"], {"op": "maxpool", "kernel": 2}])
@@ -158,7 +188,15 @@ built = {
     "residual mean": block(1024, 8, False, True, residual=True),
     "stem": compile_layer(stem, dict(tiles, BLOCK_N=128, num_stages=2)),
 }
-print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"])} for k, c in built.items()}))
+# what the engine file keeps of each: the cache folder its cubin sits in (named in base32, not by c.hash)
+import tempfile, zipfile
+from pathlib import Path
+from quicknet.build import fused_engine as fe
+keys = {k: fe.cache_key(c) for k, c in built.items()}
+packed = fe.write_artifact(Path(tempfile.mkdtemp()) / "e.zip", {}, fe.triton_cache_dir(), set(keys.values()))
+cubins = {n.split("/")[1] for n in zipfile.ZipFile(packed).namelist() if n.endswith(".cubin")}
+print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubin"]), "packed": keys[k] in cubins}
+                  for k, c in built.items()}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -167,6 +205,7 @@ print(json.dumps({k: {"wgmma": "wgmma" in c.asm["ptx"], "cubin": len(c.asm["cubi
     assert done.returncode == 0, done.stderr[-3000:]
     built = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(b["wgmma"] and b["cubin"] > 0 for b in built.values()), built
+    assert all(b["packed"] for b in built.values()), "the engine file carries each compiled kernel"
 
 
 def _store_with_engine(tmp_path, identity: dict | None = None, checkpoint_sha256: str | None = None):

@@ -135,6 +135,18 @@ def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_pat
     assert handed_off(dest) == (None, f"{dest / 'handoff.json'} is unreadable (JSONDecodeError)")
 
 
+def test_a_killed_arms_half_written_copy_does_not_come_back(tmp_path):
+    """atomic_write removes its temporary file on an exception, but not under SIGKILL (the parent
+    ending an overrunning arm): the parent sweeps what is left."""
+    from quicknet.build.gpu_train import _sweep_temporaries
+
+    (tmp_path / "arm").mkdir()
+    (tmp_path / "arm" / ".checkpoint.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")  # atomic_write's name
+    (tmp_path / "arm" / "build.json").write_text("{}")
+    _sweep_temporaries(tmp_path, ["arm", "never-started"])
+    assert [p.name for p in (tmp_path / "arm").iterdir()] == ["build.json"]
+
+
 def test_a_hand_off_the_serve_run_cannot_load_leaves_it_the_published_model(tmp_path):
     """A whole file that is no checkpoint: a line in the results, and the run goes on."""
     from benchmarks.gpu_serve import build_parser, choose_weights
@@ -418,6 +430,7 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
     import shlex
 
     from benchmarks.gpu_serve import build_parser as serve_parser
+    from quicknet.build.gpu_train import MAX_OVERRUN_S
     from quicknet.cli import build_parser
 
     readme = (REPO / "README.md").read_text().split("\n## GPU runs\n", 1)[1].split("\n## ", 1)[0]
@@ -446,8 +459,10 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
         # (a carried path missing here is removed there)
         assert not set(handoff.values()) & set(folders), (handoff, folders)
         assert args.data.split("/")[0] in folders, "its data travels with it"
-        budgets.append(args.budget_s)
-        assert args.budget_s + 30 <= int(timeout_s) <= 600, (args.budget_s, timeout_s)
+        # the train job can end MAX_OVERRUN_S past its budget (an arm at its hard stop, then finishing)
+        longest = args.budget_s + (MAX_OVERRUN_S if words[2] == "quicknet" else 0)
+        budgets.append(longest)
+        assert longest + 30 <= int(timeout_s) <= 600, (longest, timeout_s)
     assert handoff["left"] == handoff["taken"], handoff
     assert f"--handoff {handoff['left']}" in rehearsal and f"--from-train {handoff['left']}" in rehearsal
     query = ["git", "check-ignore", "--no-index", f"{handoff['left']}/"]

@@ -254,10 +254,17 @@ class FusedNet:
             shape = {"CIN": layer["cin"], "COUT": cout, "H": h, "W": h, "POOL": layer["pool"], "MEAN": layer["mean"]}
             shape["RESIDUAL"] = layer["residual"]
             compiled = k.separable_kernel[grid](*args, **shape, BLOCK_K=cfg["BLOCK_K"], **launch)
-        key = getattr(compiled, "hash", None)  # None in the interpreter
-        if key:
+        if key := cache_key(compiled):
             self.compiled.add(key)
         return out
+
+
+def cache_key(compiled) -> str | None:
+    """The folder of Triton's file cache that holds a compiled kernel (its metadata and machine code),
+    or None in the interpreter. Not `compiled.hash`: Triton 3.6 names the folder by that hash in
+    base32, and the hex name matched no folder, so engine files carried no kernels."""
+    group = getattr(compiled, "metadata_group", None)
+    return Path(next(iter(group.values()))).parent.name if group else None
 
 
 # --- what it was built for -----------------------------------------------------------------------

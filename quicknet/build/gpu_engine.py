@@ -107,15 +107,19 @@ def build(
         log(f"gpu-engine: gate {doc['gate']}")
     doc["compile_seconds"] = round(time.monotonic() - started, 1)
     doc["stages"] = stages
-    if device == "cuda":  # every configuration the engine will run, so its kernels are in the cache
+    if device == "cuda":  # the kernels of the configurations the engine runs, not every candidate tuned
+        net.compiled.clear()
         with torch.inference_mode():
             for size, batch in (("small", 1), ("large", fe.SMALL_BATCH + 1)):
                 net(torch.zeros((batch, 32, 32, 3), dtype=torch.uint8, device=device), configs[size])
-    path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, _cache_dir_or_none(), net.compiled)
+    cache_dir = _cache_dir_or_none()
+    kept = {key for key in net.compiled if cache_dir and (cache_dir / key).is_dir()}
+    doc["kernels"] = {"compiled": len(net.compiled), "packed": len(kept)}  # a shortfall is a lookup gone wrong
+    path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, cache_dir, kept)
     if path.stat().st_size > MAX_FILE_BYTES:  # what a GPU run can bring back; without kernels it compiles at load
         doc["kernels_dropped"] = f"{path.stat().st_size} bytes with them"
         path = fe.write_artifact(path, doc, None, set())
-    log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, {len(net.compiled)} kernels)")
+    log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, kernels {doc['kernels']})")
     return path, doc
 
 
@@ -202,15 +206,23 @@ def tune(net: fe.FusedNet, batches: dict[str, int], deadline: float, device: str
                 continue
             candidates = fe.candidate_configs(layer, size == "small")
             x = _layer_input(net.layers, i, batch, device)
-            times = []
-            for cfg in candidates:
+            times, errors = [], {}
+            for j, cfg in enumerate(candidates):
                 if time.monotonic() > deadline and times:
                     break
                 run = functools.partial(net.run_layer, i, layer, cfg, x, batch)
-                with torch.inference_mode():
-                    times.append(_time_ms(run, device))
+                try:
+                    with torch.inference_mode():
+                        times.append(_time_ms(run, device))
+                except Exception as e:  # a tile this GPU cannot launch (shared memory, registers): not chosen
+                    if j == 0:
+                        raise  # the first candidate is every layer's fallback: without it there is no engine
+                    times.append(float("inf"))
+                    errors[j] = f"{type(e).__name__}: {e}"[:200]
             best = int(np.argmin(times))
-            rows.append({"layer": i, "kind": layer["kind"], "batch": batch, "ms": [round(t, 4) for t in times]})
+            ms = [round(t, 4) if np.isfinite(t) else None for t in times]
+            rows.append({"layer": i, "kind": layer["kind"], "batch": batch, "ms": ms})
+            rows[-1] |= {"errors": errors} if errors else {}
             rows[-1]["chosen"] = candidates[best]
         out[size] = rows
     return out

@@ -65,7 +65,9 @@ epoch 1 with torch.compile 46 s, a warm epoch 1.32 s of training + 0.2 s of eval
          epoch for quicknet, so ~80-100 epochs each; results.json says what it was;
   ARM_FINISH_S  each arm's last save, three TTA passes over 10k images, copying out;
   PARENT_FINISH_S  the parent's last results.
-Each arm plans against the same deadline and has a hard stop HARD_STOP_MARGIN_S past its plan.
+Each arm plans against the same deadline and has a hard stop HARD_STOP_MARGIN_S past its plan; the
+parent ends an arm still running ARM_FINISH_S after that, so the job ends at most MAX_OVERRUN_S
+(25 s) past its budget, and only when an arm overran its plan.
 
 What sharing cost: each epoch record carries its wall-clock end, so the parent counts how many arms
 were training during it; results give each arm's median img/s by that count against a solo
@@ -134,6 +136,9 @@ PARENT_FINISH_S = 10.0  # after the arms: the last results files
 ARM_FINISH_S = 20.0  # after an arm's training: last save, three TTA passes, copies
 HARD_STOP_MARGIN_S = 15.0  # an arm's time limit sits this far past its planned end
 BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to finish compiling
+# How far past --budget-s the job can end: the parent ends an arm only this long after the deadline
+# every arm plans against (the hard stop's margin and a finish after it), then writes its last results.
+MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
 RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
 
@@ -522,11 +527,16 @@ def run(
         results.update(arms=arms, sharing=sharing(arms))
         if not running:
             break
-        if time.time() > deadline + ARM_FINISH_S:  # past every arm's hard stop and finish: end it
+        # An arm's plan ends ARM_FINISH_S before the deadline and its hard stop comes HARD_STOP_MARGIN_S
+        # later, a few seconds more since its clock starts after its data reached the GPU; then it
+        # finishes (last save, TTA, copies) in ARM_FINISH_S. Past all that, with as much again to spare,
+        # it is ended (MAX_OVERRUN_S past the budget at most, inside the call's margin).
+        if time.time() > deadline + HARD_STOP_MARGIN_S + ARM_FINISH_S:
             for name in running:
                 procs[name].kill()
         time.sleep(0.5 if dry_run else 2.0)
     shutil.rmtree(work, ignore_errors=True)
+    _sweep_temporaries(out, list(arms))
     if handoff is not None:
         try:
             results.update(handoff=hand_off(out, arms, handoff) or "no arm finished with a checkpoint and a score")
@@ -534,6 +544,14 @@ def run(
             results.update(handoff=f"not left in {handoff}: {type(e).__name__}: {e}")
     results.update(arms=arms, sharing=sharing(arms), job_seconds=round(time.perf_counter() - t0, 1))
     return results.doc
+
+
+def _sweep_temporaries(out: Path, names: list[str]) -> None:
+    """What a killed arm was still writing (atomic_write's `.<name>.*.tmp`): it must not come back
+    as a ninth file, nor hide that the arm's last copy did not finish."""
+    for name in names:
+        for tmp in (out / name).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _withdraw(dest: Path) -> None:
