@@ -66,8 +66,8 @@ epoch 1 with torch.compile 46 s, a warm epoch 1.32 s of training + 0.2 s of eval
   ARM_FINISH_S  each arm's last save, three TTA passes over 10k images, copying out;
   PARENT_FINISH_S  the parent's last results.
 Each arm plans against the same deadline and has a hard stop HARD_STOP_MARGIN_S past its plan; the
-parent ends an arm still running ARM_FINISH_S after that, so the job ends at most MAX_OVERRUN_S
-(25 s) past its budget, and only when an arm overran its plan.
+parent ends an arm still running ARM_FINISH_S after that hard stop's finish should have ended, so
+the job ends at most MAX_OVERRUN_S (25 s) past its budget, and only when an arm overran its plan.
 
 What sharing cost: each epoch record carries its wall-clock end, so the parent counts how many arms
 were training during it; results give each arm's median img/s by that count against a solo
@@ -136,8 +136,9 @@ PARENT_FINISH_S = 10.0  # after the arms: the last results files
 ARM_FINISH_S = 20.0  # after an arm's training: last save, three TTA passes, copies
 HARD_STOP_MARGIN_S = 15.0  # an arm's time limit sits this far past its planned end
 BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to finish compiling
-# How far past --budget-s the job can end: the parent ends an arm only this long after the deadline
-# every arm plans against (the hard stop's margin and a finish after it), then writes its last results.
+# How far past --budget-s the parent may end an overrunning arm: the deadline every arm plans against
+# is PARENT_FINISH_S before the budget's end, and an arm still running HARD_STOP_MARGIN_S + ARM_FINISH_S
+# after it is ended (then the parent writes its last results).
 MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
 RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
