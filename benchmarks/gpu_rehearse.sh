@@ -97,4 +97,13 @@ check "$work/OUT/serve-fresh/results.json" model.onnx ""
 cp -r "$work/train-repo/.gpu-handoff" .  # what the warm machine kept from the train run
 serve "$work/OUT/serve"
 check "$work/OUT/serve/results.json" model.folded.pt "$(python3 -c 'import json; print(json.load(open(".gpu-handoff/handoff.json"))["checkpoint_sha256"])')"
+# ... and brought back the train run's torch.compile artifacts, within the device tool's 8 files
+python3 - "$work/OUT/serve" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+cache = json.loads((out / "results.json").read_text()).get("compile_cache")
+files = [p for p in out.rglob("*") if p.is_file()]
+if not isinstance(cache, dict) or not (out / cache["file"]).is_file() or len(files) > 8:
+    sys.exit(f"gpu-rehearse: serve dry run: compile cache {cache}, {len(files)} files")
+EOF
 echo "gpu-rehearse: both dry runs passed; results in $work/OUT"

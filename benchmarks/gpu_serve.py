@@ -182,6 +182,28 @@ def handed_off(folder: Path) -> tuple[Path | None, dict | str]:
     return checkpoint, doc
 
 
+def bring_back_compile_cache(folder: Path, out: Path, limit: int = 16 << 20) -> dict | str:
+    """The train run's torch.compile artifacts (`gpu_train.save_compile_cache`, one blob an arm, left
+    beside its hand-off) as one zip in `out`, the train run's own 8 files being taken: for a later
+    train run to start warm. What came back, or why nothing did."""
+    import zipfile
+
+    from quicknet.build.gpu_train import COMPILE_CACHE
+
+    blobs = sorted((folder / COMPILE_CACHE).glob("*.bin"))
+    if not blobs:
+        return f"none in {folder / COMPILE_CACHE}"
+    path = out / "torch-compile-cache.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for blob in blobs:
+            zf.write(blob, blob.name)
+    size = path.stat().st_size
+    if size > limit:  # more than the device tool brings back: nothing, rather than a failed transfer
+        path.unlink()
+        return f"{size} bytes zipped, over the {limit} a file may have: not brought back"
+    return {"file": path.name, "bytes": size, "arms": {b.stem: b.stat().st_size for b in blobs}}
+
+
 def choose_weights(root: Path, args) -> dict:
     """Fill the store `root` (empty, or not there yet) with what the run serves (`args.model` follows
     it); returns the results' fields that say which: `--checkpoint`'s weights, or the train run's
@@ -779,6 +801,8 @@ def run(args) -> None:
         results.update(matmul=gpu_probe.matmul_tflops(0.2 if args.dry_run else 2.0), copy=gpu_probe.copy_bandwidth())
         root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
         results.update(**choose_weights(root, args))
+        if args.from_train:
+            results.update(compile_cache=bring_back_compile_cache(Path(args.from_train), out))
         steps: list[dict] = []
 
         @contextlib.contextmanager

@@ -79,8 +79,25 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["handoff"]["checkpoint_sha256"] == store.sha256_file(handoff / "checkpoint.pt")
     assert f"left {best} (top-1 " in done.stdout and f"- handed to the serve run: {best} (top-1 " in markdown
 
+    # what torch.compile built in the arm compiled with inductor, saved for a later run to load
+    assert (
+        doc["arms"]["quicknet"]["compile_cache"]["bytes"] == (handoff / "compile-cache" / "quicknet.bin").stat().st_size
+    )
+    assert doc["arms"]["quicknet"]["compile_cache"]["artifacts"]["inductor"] > 0
+    assert all("bytes" in a["compile_cache"] or "error" in a["compile_cache"] for a in doc["arms"].values())
+
     # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
-    from benchmarks.gpu_serve import build_parser, choose_weights
+    from benchmarks.gpu_serve import bring_back_compile_cache, build_parser, choose_weights
+
+    (tmp_path / "serve").mkdir()
+    back = bring_back_compile_cache(handoff, tmp_path / "serve")
+    with zipfile.ZipFile(tmp_path / "serve" / back["file"]) as zf:
+        assert (
+            "quicknet.bin" in zf.namelist()
+            and zf.read("quicknet.bin") == (handoff / "compile-cache" / "quicknet.bin").read_bytes()
+        )
+    too_small = bring_back_compile_cache(handoff, tmp_path / "serve", limit=100)
+    assert "over the 100" in too_small and not (tmp_path / "serve" / back["file"]).exists()
 
     args = build_parser().parse_args(["--from-train", str(handoff)])
     chosen = choose_weights(tmp_path / "served", args)
@@ -128,9 +145,11 @@ def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_pat
     assert hand_off(tmp_path, {"failed": arms["failed"], "no-checkpoint": arms["no-checkpoint"]}, dest) is None
     assert handed_off(dest) == (None, f"no hand-off in {dest} (a fresh machine, or the train run left none)")
     hand_off(tmp_path, arms, dest)
+    (dest / "compile-cache").mkdir()
+    (dest / "compile-cache" / "quicknet.bin").write_bytes(b"an earlier run's")
     with pytest.raises(SystemExit, match="--arms"):  # fails before any arm starts
         run(tmp_path / "out", None, None, 60.0, ["no-such-arm"], handoff=dest)
-    assert not (dest / "handoff.json").exists()
+    assert not (dest / "handoff.json").exists() and not (dest / "compile-cache").exists()
     (dest / "handoff.json").write_text("{cut short")
     assert handed_off(dest) == (None, f"{dest / 'handoff.json'} is unreadable (JSONDecodeError)")
 

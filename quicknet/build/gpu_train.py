@@ -19,7 +19,9 @@ two files above are copied out.
 
 `--handoff DIR` leaves the best arm (EMA top-1 without TTA) for the serve run of the same draw,
 outside what comes back: `DIR/checkpoint.pt` (a copy of that arm's) and, written last,
-`DIR/handoff.json` (the arm, its model, its top-1, the checkpoint's SHA-256). The device machine
+`DIR/handoff.json` (the arm, its model, its top-1, the checkpoint's SHA-256); and beside them
+`DIR/compile-cache/<arm>.bin`, what torch.compile built in each arm (`save_compile_cache`), which
+the serve run brings back (the 8 files here are taken). The device machine
 keeps git-ignored folders between calls while it is warm, so `benchmarks.gpu_serve --from-train
 DIR` finds them there and builds the fused engine from the weights that will be published; on a
 fresh machine the folder is simply not there.
@@ -142,6 +144,7 @@ BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to fin
 MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
 RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
+COMPILE_CACHE = "compile-cache"  # beside it: each arm's torch.compile artifacts, <arm>.bin (save_compile_cache)
 
 
 def train_flops_per_image(model: str) -> float:
@@ -314,8 +317,32 @@ def arm_main(spec_path: str) -> None:
         "tflops": round(img_s * train_flops_per_image(cfg.model) / 1e12, 2),
         "time_to": {f"{t:.1%}": time_to(history, t) for t in THRESHOLDS},
     }
+    if spec.get("compile_cache") and cfg.compile:
+        status["compile_cache"] = save_compile_cache(Path(spec["compile_cache"]) / f"{name}.bin")
     status.update(state="failed" if "error" in status else "done", ended=time.time())
     _write_json(status_path, status)
+
+
+def save_compile_cache(path: Path) -> dict:
+    """What torch.compile built in this process, as PyTorch's portable "Mega-Cache" (Inductor, Triton,
+    AOTAutograd and autotuning artifacts in one blob, `torch.compiler.save_cache_artifacts`: instant,
+    it serializes what is in memory), into `path`. The serve run brings it back; a later train run
+    loading it (`load_cache_artifacts`, same GPU model, torch and Triton) is not built yet: README
+    notes. Never fails the arm: what went wrong is the result."""
+    from quicknet.fsutil import atomic_write
+
+    try:
+        import torch
+
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return {"error": "torch.compile left nothing to save"}
+        blob, info = saved
+        with atomic_write(path) as f:
+            f.write(blob)
+        return {"bytes": len(blob), "artifacts": {kind: len(keys) for kind, keys in info.artifacts.items()}}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -489,6 +516,7 @@ def run(
             "barrier_s": BARRIER_S,
             "arms": list(arms_cfg),
             "deadline": deadline,
+            "compile_cache": str(handoff / COMPILE_CACHE) if handoff is not None else None,
         }
         (work / name / "spec.json").write_text(json.dumps(spec))
         logf = (work / name / "arm.log").open("w")
@@ -556,9 +584,11 @@ def _sweep_temporaries(out: Path, names: list[str]) -> None:
 
 
 def _withdraw(dest: Path) -> None:
-    """Remove an earlier hand-off's `handoff.json` (what makes the serve run take the folder)."""
+    """Remove an earlier hand-off's `handoff.json` (what makes the serve run take the folder) and its
+    compile caches."""
     if dest.is_dir():
         (dest / HANDOFF_JSON).unlink(missing_ok=True)
+        shutil.rmtree(dest / COMPILE_CACHE, ignore_errors=True)
 
 
 def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
@@ -568,7 +598,7 @@ def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
     `handoff.json` is removed first, so the serve run never takes another run's weights for these."""
     from quicknet import store
 
-    _withdraw(dest)
+    (dest / HANDOFF_JSON).unlink(missing_ok=True)
     scored = [
         (arm["final"]["top1"], name)
         for name, arm in arms.items()
