@@ -194,9 +194,13 @@ def bring_back_compile_cache(folder: Path, out: Path, limit: int = 16 << 20) -> 
     if not blobs:
         return f"none in {folder / COMPILE_CACHE}"
     path = out / "torch-compile-cache.zip"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for blob in blobs:
-            zf.write(blob, blob.name)
+    try:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for blob in blobs:
+                zf.write(blob, blob.name)
+    except OSError as e:  # not worth the rest of the run
+        path.unlink(missing_ok=True)
+        return f"not brought back: {type(e).__name__}: {e}"
     size = path.stat().st_size
     if size > limit:  # more than the device tool brings back: nothing, rather than a failed transfer
         path.unlink()

@@ -214,10 +214,12 @@ def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, mo
         folder.mkdir()
     spec = {"name": "arm", "cfg": dataclasses.asdict(cfg), "data": None, "work": str(work), "out": str(out)}
     spec |= {"barrier": str(barrier), "barrier_s": 5, "arms": ["arm"], "deadline": time.time() + 120}
+    spec["compile_cache"] = str(tmp_path / "compile-cache")  # a failed arm's compile is not kept
     (work / "spec.json").write_text(json.dumps(spec))
     gpu_train.arm_main(str(work / "spec.json"))
     status = json.loads((work / "status.json").read_text())
     assert status["state"] == "failed" and "illegal memory access" in status["error"], status
+    assert "compile_cache" not in status and not (tmp_path / "compile-cache").exists()
     assert "compile_error" not in status, "retrained over the trained arm"
     _, ckpt = load_checkpoint(out / "checkpoint.pt")
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2]

@@ -118,6 +118,7 @@ def build(
     path = fe.write_artifact(out_dir / fe.artifact_name(here), doc, cache_dir, kept)
     if path.stat().st_size > MAX_FILE_BYTES:  # what a GPU run can bring back; without kernels it compiles at load
         doc["kernels_dropped"] = f"{path.stat().st_size} bytes with them"
+        doc["kernels"]["packed"] = 0
         path = fe.write_artifact(path, doc, None, set())
     log(f"gpu-engine: wrote {path.name} ({path.stat().st_size / 2**20:.1f} MiB, kernels {doc['kernels']})")
     return path, doc

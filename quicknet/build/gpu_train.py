@@ -317,10 +317,13 @@ def arm_main(spec_path: str) -> None:
         "tflops": round(img_s * train_flops_per_image(cfg.model) / 1e12, 2),
         "time_to": {f"{t:.1%}": time_to(history, t) for t in THRESHOLDS},
     }
-    if spec.get("compile_cache") and cfg.compile:
-        status["compile_cache"] = save_compile_cache(Path(spec["compile_cache"]) / f"{name}.bin")
     status.update(state="failed" if "error" in status else "done", ended=time.time())
     _write_json(status_path, status)
+    # After the results are written (a slow save must not cost them), and only from a compile that
+    # trained the arm to its end (not the eager fallback's, nor a failed arm's).
+    if spec.get("compile_cache") and cfg.compile and status["state"] == "done" and "compile_error" not in status:
+        status["compile_cache"] = save_compile_cache(Path(spec["compile_cache"]) / f"{name}.bin")
+        _write_json(status_path, status)
 
 
 def save_compile_cache(path: Path) -> dict:
@@ -560,7 +563,7 @@ def run(
         # later, a few seconds more since its clock starts after its data reached the GPU; then it
         # finishes (last save, TTA, copies) in ARM_FINISH_S. Past all that, with as much again to spare,
         # it is ended (MAX_OVERRUN_S past the budget at most, inside the call's margin).
-        if time.time() > deadline + HARD_STOP_MARGIN_S + ARM_FINISH_S:
+        if time.time() > deadline + PARENT_FINISH_S + MAX_OVERRUN_S:  # = deadline + HARD_STOP_MARGIN_S + ARM_FINISH_S
             for name in running:
                 procs[name].kill()
         time.sleep(0.5 if dry_run else 2.0)
