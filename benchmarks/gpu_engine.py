@@ -186,11 +186,8 @@ def run(args) -> None:
     path, built = gpu_engine.build(
         spec, out, source=source, reference=reference, test_split=test_split, time_limit_s=limit, **dry
     )
-    save(
-        build={
-            k: built[k] for k in ("compile_seconds", "stages", "check", "gate", "configs", "built_for") if k in built
-        }
-    )
+    kept = ("compile_seconds", "stages", "check", "gate", "configs", "built_for", "kernels", "kernels_dropped")
+    save(build={k: built[k] for k in kept if k in built})
     save(artifact={"file": path.name, "bytes": path.stat().st_size, "sha256": store.sha256_file(path)})
 
     # 2. publish beside the weights; the service's own choice must be the fused engine here

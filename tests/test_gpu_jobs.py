@@ -301,6 +301,7 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     assert all(r["img_s"] > 0 and r["gb_s"] >= 0 for r in [*fused["rows"], *engine])
     assert fused["artifact"]["file"].startswith("model.fused.") and (out / fused["artifact"]["file"]).is_file()
     assert fused["build"]["check"]["top1_agreement"] == 1.0 and fused["build"]["gate"]["passed"] is False  # 2 images
+    assert fused["build"]["kernels"] == {"compiled": 0, "packed": 0}, "the interpreter compiles nothing"
     assert fused["profile"]["fused"]["kernels_per_call"] > 0 and fused["profile"]["torch"]["top"]
     assert fused["bytes_per_image"]["fused"] < fused["bytes_per_image"]["torch"]
     assert "## The fused engine (issue 27)" in markdown and "Profile, fused" in markdown
