@@ -125,19 +125,6 @@ def main() -> None:
     run(args)
 
 
-def engine_source(mv) -> dict:
-    """What the engine names as built from: the version's weights file (what the eager engine serves
-    and the service packs the fused engine's weights from) and, where the version records it, the
-    checkpoint behind that file (`gpu_engine.attach` takes either)."""
-    fname = mv.weights_file
-    if fname not in mv.metadata["files"]:
-        raise SystemExit(f"{mv.name} v{mv.version} has no model file the engines read (artifact 'torch' or 'onnx')")
-    source = {"model": mv.name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
-    if mv.metadata.get("exported_from", {}).get("sha256"):
-        source["checkpoint_sha256"] = mv.metadata["exported_from"]["sha256"]
-    return source
-
-
 def run(args) -> None:
     import torch
 
@@ -163,7 +150,7 @@ def run(args) -> None:
     root = Path(args.store)
     name = store.default_model(root)
     mv = store.get_version(root, name)
-    source = engine_source(mv)
+    source = gpu_engine.engine_source(mv)
     spec = load_spec(str(mv.file(source["file"])))
     test_split = None
     if args.data:  # first: its JPEG decoders are forked processes, and a fork after CUDA starts is unsafe

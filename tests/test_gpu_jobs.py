@@ -105,7 +105,7 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     served = store.get_version(tmp_path / "served", store.default_model(tmp_path / "served"))
     assert served.name == args.model == ARMS[best][1]["model"]
     assert served.metadata["exported_from"]["sha256"] == doc["handoff"]["checkpoint_sha256"]
-    from benchmarks.gpu_engine import engine_source  # what the engine built from it will name
+    from quicknet.build.gpu_engine import engine_source  # what the engine built from it will name
 
     assert engine_source(served)["checkpoint_sha256"] == doc["handoff"]["checkpoint_sha256"]
     # a copy that is not whole is not taken: the published model is served, and the results say why

@@ -271,6 +271,19 @@ def gate(net, reference, split: tuple[np.ndarray, np.ndarray], reference_top1: f
 # --- publishing ----------------------------------------------------------------------------------------
 
 
+def engine_source(mv: store.ModelVersion) -> dict:
+    """What an engine built from `mv` names as its source: the version's weights file (what the eager
+    engine serves and a server packs the fused engine's weights from) and, where the version records
+    it, the checkpoint behind that file (`attach` takes either)."""
+    fname = mv.weights_file
+    if fname not in mv.metadata["files"]:
+        raise BuildError(f"{mv.name} v{mv.version} has no model file the engines read (artifact 'torch' or 'onnx')")
+    source = {"model": mv.name, "version": mv.version, "file": fname, "sha256": mv.metadata["files"][fname]["sha256"]}
+    if mv.metadata.get("exported_from", {}).get("sha256"):
+        source["checkpoint_sha256"] = mv.metadata["exported_from"]["sha256"]
+    return source
+
+
 def attach(root: Path, name: str, version: int | None, engine: Path) -> store.ModelVersion:
     """The next version of `name`: `version`'s files and metadata plus `engine`, as artifact `fused-gpu`.
     Refused (one line) unless the engine was built from that version's model file (the one it names,
@@ -285,16 +298,14 @@ def attach(root: Path, name: str, version: int | None, engine: Path) -> store.Mo
     rebind = None  # the version's own model file, when the engine was built from the checkpoint behind it
     if fe.not_built_from(doc, meta["files"]):
         exported_from = meta.get("exported_from", {}).get("sha256")
-        fname = source.weights_file
-        if not exported_from or weights_from.get("checkpoint_sha256") != exported_from or fname not in meta["files"]:
+        if not exported_from or weights_from.get("checkpoint_sha256") != exported_from:
             raise BuildError(
                 f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
                 f"(it names {weights_from.get('file')!r}); build it on the GPU with `python -m "
                 "benchmarks.gpu_engine --store <a store whose default is that version>`, or from the "
                 "checkpoint that version was exported from"
             )
-        rebind = {"model": name, "version": source.version, "file": fname, "sha256": meta["files"][fname]["sha256"]}
-        rebind["checkpoint_sha256"] = exported_from
+        rebind = engine_source(source)
     g = doc.get("gate") or {}
     ckpt = meta.get("accuracy", {}).get("checkpoint", {}).get("top1")
     if not g.get("passed") or g.get("images", 0) < 10000 or ckpt is None or g["top1"] < ckpt - MAX_TOP1_LOSS:
