@@ -98,9 +98,11 @@ gpu-data: venv-dev
 	$(BIN)/python -c 'from quicknet.build import data; data.write_test_split("data/cifar10_jpeg.npz", "$(TEST_NPZ)")'
 
 ## Train the three arms (quicknet, quicknet-res, quicknet-ls02) at once on this machine's GPU within
-## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs).
+## 420 s; results in gpu-results/train/ (quicknet/build/gpu_train.py says why each arm and what it costs),
+## starting warm from an earlier draw's torch.compile artifacts in gpu-cache/ where one was built for this GPU.
 gpu-train:
-	$(GPU_PYTHON) -m quicknet gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420 --handoff .gpu-handoff
+	$(GPU_PYTHON) -m quicknet gpu-train --data data/cifar10_jpeg.npz --out gpu-results/train --budget-s 420 \
+		--handoff .gpu-handoff --compile-cache gpu-cache
 
 ## The serving stack as Python 3.12 wheels in .whl/ and `hey` (a static-enough Go binary, libc only)
 ## in .gpu/bin/, both git-ignored: what a GPU machine without a package index needs to run gpu-serve.

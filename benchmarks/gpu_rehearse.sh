@@ -12,7 +12,9 @@
 #     --target`, then PYTHONPATH (the train run has neither, as on the lease);
 #   - both machines the serve run can find: a fresh one (no hand-off: the published model) and the
 #     warm one the train run left its best arm on (`--handoff` / `--from-train`: a git-ignored folder
-#     that a warm machine keeps between calls), the second run with that folder copied across.
+#     that a warm machine keeps between calls), the second run with that folder copied across;
+#   - the next draw: the train run again (one arm), on empty torch.compile caches, starting warm from
+#     the compile cache the serve run brought back, as gpu-cache/ will hold it.
 # It does not reproduce a GPU: the CUDA-only lines (CUDA graphs, bf16 autocast, NVML) and the
 # Triton kernels torch.compile generates there still run first on the lease (the train dry run
 # compiles its first arm with inductor for the CPU and only traces the others). Cost: ~4 GB of downloads into the venv the first time (torch's CUDA
@@ -42,7 +44,7 @@ fi
     onnxruntime==1.30.0 pillow tqdm matplotlib grpcio protobuf prometheus-client httpx uvloop nvidia-ml-py
 
 work=$(mktemp -d /tmp/gpu-rehearse-XXXXXX)
-trap 'rm -rf "$work/train-repo" "$work/serve-repo" "$work/site"' EXIT
+trap 'rm -rf "$work/train-repo" "$work/serve-repo" "$work/site" "$work"/inductor-*' EXIT
 copy_repo() {  # $1: destination; the rest: the folders that run carries
     local dest=$1
     shift
@@ -58,7 +60,9 @@ python3 -c 'import sys, torch; print(f"rehearsing under Python {sys.version.spli
 copy_repo "$work/train-repo" data
 # Every arm at once, each its own process started by `python -m quicknet.build.gpu_train` (so the repo
 # must be importable from the arms too); the job exits non-zero unless every arm ends "done".
-(cd "$work/train-repo" && python3 -m quicknet gpu-train --dry-run --data data/cifar10_jpeg.npz --out "$work/OUT/train" --handoff .gpu-handoff)
+# torch.compile's on-disk caches as on a fresh machine (TORCHINDUCTOR_CACHE_DIR: this one's own are warm).
+(cd "$work/train-repo" && TORCHINDUCTOR_CACHE_DIR="$work/inductor-cold" python3 -m quicknet gpu-train --dry-run \
+    --data data/cifar10_jpeg.npz --out "$work/OUT/train" --handoff .gpu-handoff --compile-cache gpu-cache)
 python3 - "$work/OUT/train" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -105,5 +109,17 @@ cache = json.loads((out / "results.json").read_text()).get("compile_cache")
 files = [p for p in out.rglob("*") if p.is_file()]
 if not isinstance(cache, dict) or not (out / cache["file"]).is_file() or len(files) > 8:
     sys.exit(f"gpu-rehearse: serve dry run: compile cache {cache}, {len(files)} files")
+EOF
+# ... which the next draw's train run, kept in gpu-cache/, starts warm from: on a machine whose caches
+# are empty, every graph its first arm compiles comes from that zip (one arm: ~40 s more here).
+cp "$work"/OUT/serve/torch-compile-cache.*.zip "$work/train-repo/gpu-cache/"
+(cd "$work/train-repo" && TORCHINDUCTOR_CACHE_DIR="$work/inductor-warm" python3 -m quicknet gpu-train --dry-run \
+    --arms quicknet --data data/cifar10_jpeg.npz --out "$work/OUT/train-warm" --compile-cache gpu-cache)
+python3 - "$work/OUT/train-warm" <<'EOF'
+import json, pathlib, sys
+doc = json.loads((pathlib.Path(sys.argv[1]) / "results.json").read_text())
+counters = doc["arms"]["quicknet"].get("compile_counters", {})
+if not isinstance(doc.get("compile_cache_loaded"), dict) or not counters.get("inductor_hits") or counters.get("inductor_misses"):
+    sys.exit(f"gpu-rehearse: warm train dry run: {doc.get('compile_cache_loaded')}, {counters}")
 EOF
 echo "gpu-rehearse: both dry runs passed; results in $work/OUT"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,10 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
 
     out, handoff = tmp_path / "out", tmp_path / "handoff"
     cmd = [sys.executable, "-m", "quicknet", "gpu-train", "--dry-run", "--out", str(out), "--handoff", str(handoff)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd += ["--compile-cache", str(tmp_path / "no-cache-yet")]  # as on the first draw: compiles cold, says so
+    # torch.compile's on-disk caches of a machine that never compiled (a lent GPU machine is fresh)
+    cold = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cold"))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=cold)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     files = _results_folder_fits_the_device_limits(out)  # the hand-off stays on the machine, outside them
     expected = {"results.json", "results.md"} | {f"{arm}/{f}" for arm in ARMS for f in ("checkpoint.pt", "build.json")}
@@ -85,9 +89,12 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     )
     assert doc["arms"]["quicknet"]["compile_cache"]["artifacts"]["inductor"] > 0
     assert all("bytes" in a["compile_cache"] or "error" in a["compile_cache"] for a in doc["arms"].values())
+    assert doc["compile_cache_loaded"] == f"none in {tmp_path / 'no-cache-yet'}: compiling cold"
+    assert doc["arms"]["quicknet"]["compile_counters"]["inductor_misses"] > 0, "compiled cold"
 
     # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
     from benchmarks.gpu_serve import bring_back_compile_cache, build_parser, choose_weights
+    from quicknet.build.gpu_train import compile_identity
 
     (tmp_path / "serve").mkdir()
     back = bring_back_compile_cache(handoff, tmp_path / "serve")
@@ -96,6 +103,23 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
             "quicknet.bin" in zf.namelist()
             and zf.read("quicknet.bin") == (handoff / "compile-cache" / "quicknet.bin").read_bytes()
         )
+    assert back["file"] == "torch-compile-cache.cpu.zip" and back["built_for"] == compile_identity(doc["environment"])
+
+    # ... and a later train run, on a machine whose caches are empty, starts warm from that zip: every
+    # graph the arm compiled before comes from the cache (a GPU's cubins and autotuning with them)
+    warm = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-warm"))
+    cmd = [sys.executable, "-m", "quicknet", "gpu-train", "--dry-run", "--arms", "quicknet"]
+    cmd += ["--out", str(tmp_path / "again"), "--compile-cache", str(tmp_path / "serve")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=warm)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["compile_cache_loaded"]["file"] == back["file"]
+    assert again["compile_cache_loaded"]["arms"]["quicknet"]["inductor"] > 0
+    counters = again["arms"]["quicknet"]["compile_counters"]
+    assert counters["inductor_hits"] > 0 and counters["inductor_misses"] == 0, counters
+    assert counters["aot_autograd_hits"] > 0 and counters["aot_autograd_misses"] == 0, counters
+    assert "- warm start: torch-compile-cache.cpu.zip loaded in" in (tmp_path / "again" / "results.md").read_text()
+
     too_small = bring_back_compile_cache(handoff, tmp_path / "serve", limit=100)
     assert "over the 100" in too_small and not (tmp_path / "serve" / back["file"]).exists()
 
@@ -114,6 +138,40 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     chosen = choose_weights(tmp_path / "fallback", args)
     assert chosen["handoff"].endswith("is not the checkpoint handoff.json names")
     assert chosen["weights"].startswith(f"published: {FAST_MODEL} v") and args.model == FAST_MODEL
+
+
+def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path):
+    """torch.compile's artifacts are keyed by GPU model, torch and Triton: a cache from anywhere else
+    would only miss, so it is not loaded, and the run says why in one line; from a folder, the zip
+    built for this machine is taken; a blob torch cannot read is that arm's line, not the run's end."""
+    from quicknet.build.gpu_train import BUILT_FOR, compile_identity, load_compile_cache
+
+    here = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "cuda_runtime": "13.0"}
+    here["python"] = "3.12.3"
+    h200 = dict(here, gpu="NVIDIA H200")
+
+    def cache(path: Path, env: dict, blobs: dict[str, bytes]) -> Path:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(BUILT_FOR, json.dumps(compile_identity(env)))
+            for arm, blob in blobs.items():
+                zf.writestr(f"{arm}.bin", blob)
+        return path
+
+    assert load_compile_cache(tmp_path / "nothing", here) == f"none in {tmp_path / 'nothing'}: compiling cold"
+    other = cache(tmp_path / "torch-compile-cache.nvidia-h200.zip", h200, {"quicknet": b"h200 kernels"})
+    said = load_compile_cache(other, here)
+    assert said.startswith("none built for this machine (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130) among")
+    assert "torch-compile-cache.nvidia-h200.zip (NVIDIA H200, torch 2.11.0+cu130)" in said
+    assert load_compile_cache(other, dict(h200, torch="2.12.0+cu130")).startswith("none built for this machine")
+    (tmp_path / "torch-compile-cache.broken.zip").write_bytes(b"not a zip")
+    mine = cache(tmp_path / "torch-compile-cache.nvidia-h100-80gb-hbm3.zip", dict(here, python="3.12.9"), {})
+    with zipfile.ZipFile(mine, "a") as zf:
+        zf.writestr("quicknet.bin", b"cut short")
+    loaded = load_compile_cache(tmp_path, here)  # the folder: the H100's, past the broken one and the H200's
+    assert loaded["file"] == mine.name and loaded["built_for"] == compile_identity(here)
+    assert loaded["arms"] == {"quicknet": "unreadable"}
+    alone = load_compile_cache(tmp_path / "torch-compile-cache.broken.zip", here)
+    assert alone.startswith("none built for this machine") and "broken.zip (unreadable: BadZipFile" in alone
 
 
 def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_path):
@@ -472,6 +530,11 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
             args = build_parser().parse_args(words[3:])
             assert args.command == "gpu-train" and args.data == "data/cifar10_jpeg.npz"
             handoff["left"] = args.handoff
+            # an earlier draw's torch.compile artifacts travel in the tracked tree: no carry needed
+            cache = args.compile_cache
+            assert (REPO / cache).is_dir() and f"--compile-cache {cache}" in rehearsal, cache
+            query = ["git", "check-ignore", "--no-index", f"{cache}/"]
+            assert not subprocess.run(query, cwd=REPO, capture_output=True, text=True).stdout.strip(), cache
         else:
             assert words[2] == "benchmarks.gpu_serve", words
             args = serve_parser().parse_args(words[3:])

@@ -364,6 +364,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="leave the best arm's checkpoint here (git-ignored, on the GPU machine) for the serve run's --from-train",
     )
+    gpu_train.add_argument(
+        "--compile-cache",
+        metavar="PATH",
+        help="an earlier draw's torch-compile-cache.<gpu>.zip, or a folder of them (gpu-cache/): the one built "
+        "for this GPU, torch and Triton is loaded before the arms compile; none is a line in the results",
+    )
     gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
 
     info = sub.add_parser("info", help="parameters and multiply-adds of every variant (no torch needed)")

@@ -26,6 +26,9 @@ keeps git-ignored folders between calls while it is warm, so `benchmarks.gpu_ser
 DIR` finds them there and builds the fused engine from the weights that will be published; on a
 fresh machine the folder is simply not there.
 
+`--compile-cache gpu-cache` starts the arms warm from an earlier draw's compile cache, the zip built
+for this GPU, torch and Triton (`load_compile_cache`; "the warm start" below says what it saves).
+
 The recipe and why (evidence: the first run, ../shared/gpu-runs/2026-12-04/train/, 91.14% EMA top-1
 after 58 epochs on CIFAR-10 (JPEG-q75 copy), standard 10k test split; airbench's
 legacy/airbench94.py and airbench96.py, KellerJordan/cifar10-airbench; tysam-code/hlb-CIFAR10):
@@ -145,6 +148,7 @@ MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
 RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
 COMPILE_CACHE = "compile-cache"  # beside it: each arm's torch.compile artifacts, <arm>.bin (save_compile_cache)
+BUILT_FOR = "built-for.json"  # in it: the machine those artifacts are for (compile_identity)
 
 
 def train_flops_per_image(model: str) -> float:
@@ -288,6 +292,8 @@ def arm_main(spec_path: str) -> None:
         else:
             summary = _train_eagerly(cfg, e)
     status.update(state="evaluating", train_ended=time.time())
+    if cfg.compile:
+        status["compile_counters"] = compile_counters()
     _write_json(status_path, status)
     mirror()
     if (run_dir / "build.json").is_file():
@@ -329,9 +335,9 @@ def arm_main(spec_path: str) -> None:
 def save_compile_cache(path: Path) -> dict:
     """What torch.compile built in this process, as PyTorch's portable "Mega-Cache" (Inductor, Triton,
     AOTAutograd and autotuning artifacts in one blob, `torch.compiler.save_cache_artifacts`: instant,
-    it serializes what is in memory), into `path`. The serve run brings it back; a later train run
-    loading it (`load_cache_artifacts`, same GPU model, torch and Triton) is not built yet: README
-    notes. Never fails the arm: what went wrong is the result."""
+    it serializes what is in memory, what was read from the cache included), into `path`. The serve
+    run brings it back; a later train run loads it (`load_compile_cache`). Never fails the arm: what
+    went wrong is the result."""
     from quicknet.fsutil import atomic_write
 
     try:
@@ -346,6 +352,81 @@ def save_compile_cache(path: Path) -> dict:
         return {"bytes": len(blob), "artifacts": {kind: len(keys) for kind, keys in info.artifacts.items()}}
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def compile_counters() -> dict:
+    """How this process's torch.compile went: graphs Inductor took from its cache or compiled, and
+    the same for AOTAutograd's (forward + backward) cache. A warm start shows as hits, no misses."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "inductor_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "inductor_misses": counters["inductor"]["fxgraph_cache_miss"],
+        "aot_autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+        "aot_autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
+# --- the warm start ------------------------------------------------------------------------------
+# Each arm's first epoch spent ~46-60 s of its 420 compiling (2026-12-04: 46 s, one arm alone). The
+# artifacts an earlier draw saved (`save_compile_cache`, brought back by the serve run as
+# torch-compile-cache.<gpu>.zip, kept in the tracked gpu-cache/) are loaded by the parent before the
+# arms start: `torch.compiler.load_cache_artifacts` writes them into this machine's on-disk caches
+# (Inductor's FX graph cache with its Triton kernels bundled, AOTAutograd's, autotuning), which the
+# arms, started after, read like their own. Dynamo still traces (seconds); Inductor's code
+# generation, Triton's compiles and the autotuning are what a hit skips. They are keyed by, among
+# other things, the GPU model and the torch and Triton versions, so a cache built anywhere else only
+# misses: it is not loaded then, and the results say why.
+
+
+def compile_identity(env: dict) -> dict:
+    """What compiled artifacts are specific to, from `gpu_probe.environment()`."""
+    return {
+        "gpu": env.get("gpu"),
+        "torch": env.get("torch"),
+        "triton": env.get("triton"),
+        "cuda_runtime": env.get("cuda_runtime"),
+        "python": ".".join(str(env.get("python", "")).split(".")[:2]),
+    }
+
+
+def load_compile_cache(source: Path, env: dict) -> dict | str:
+    """Load the artifacts in `source` (a torch-compile-cache zip, or a folder of them: the first built
+    for this machine) into this machine's torch.compile caches. What was loaded, or why nothing was:
+    a cache that is missing, built for another machine or unreadable means compiling cold, never
+    a failed run."""
+    import zipfile
+
+    import torch
+
+    zips = sorted(source.glob("torch-compile-cache*.zip")) if source.is_dir() else [source]
+    zips = [z for z in zips if z.is_file()]
+    if not zips:
+        return f"none in {source}: compiling cold"
+    here = compile_identity(env)
+    others = []
+    for path in zips:
+        t = time.perf_counter()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                built_for = json.loads(zf.read(BUILT_FOR))
+                if built_for != here:
+                    others.append(f"{path.name} ({built_for.get('gpu')}, torch {built_for.get('torch')})")
+                    continue
+                loaded: dict[str, dict | str] = {}
+                for name in sorted(n for n in zf.namelist() if n.endswith(".bin")):
+                    arm = name[: -len(".bin")]
+                    try:  # torch logs and returns None for a blob it cannot read
+                        info = torch.compiler.load_cache_artifacts(zf.read(name))
+                        loaded[arm] = {k: len(v) for k, v in info.artifacts.items()} if info else "unreadable"
+                    except Exception as e:  # one arm's blob: the others still load
+                        loaded[arm] = f"{type(e).__name__}: {e}"[:300]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            others.append(f"{path.name} (unreadable: {type(e).__name__}: {e})"[:300])
+            continue
+        return {"file": path.name, "built_for": built_for, "arms": loaded, "seconds": round(time.perf_counter() - t, 2)}
+    machine = f"{here['gpu']}, torch {here['torch']}"
+    return f"none built for this machine ({machine}) among {'; '.join(others)}: compiling cold"
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -391,6 +472,16 @@ def render_markdown(doc: dict) -> str:
         r = doc["recipe"]
         keys = ("batch_size", "lr", "warmup_epochs", "label_smoothing", "ema_decay", "translate", "cutout")
         lines.append("- base recipe: " + ", ".join(f"{k}={r[k]}" for k in keys) + f", eval_every={r['eval_every']}")
+    loaded = doc.get("compile_cache_loaded")
+    if isinstance(loaded, dict):
+        blobs = [a for a in loaded["arms"].values() if isinstance(a, dict)]
+        kinds = {k: sum(a.get(k, 0) for a in blobs) for k in ("inductor", "aot_autograd")}
+        lines.append(
+            f"- warm start: {loaded['file']} loaded in {loaded['seconds']} s "
+            f"({kinds['inductor']} Inductor and {kinds['aot_autograd']} AOTAutograd artifacts)"
+        )
+    elif loaded:
+        lines.append(f"- warm start: {loaded}")
     handoff = doc.get("handoff")
     if isinstance(handoff, dict):
         lines.append(
@@ -434,10 +525,16 @@ def render_markdown(doc: dict) -> str:
         history = arm.get("epochs", [])
         if not history:
             continue
+        lines += ["", f"### {name}", ""]
+        c = arm.get("compile_counters")
+        if c:
+            lines += [
+                f"torch.compile: {c['inductor_hits']} graphs from the cache, {c['inductor_misses']} compiled "
+                f"(AOTAutograd: {c['aot_autograd_hits']} from the cache, {c['aot_autograd_misses']} traced); "
+                f"epoch 1 took {history[0]['epoch_seconds']} s.",
+                "",
+            ]
         lines += [
-            "",
-            f"### {name}",
-            "",
             "| epoch | elapsed s | img/s | train loss | train top-1 | test top-1 | EMA top-1 | EMA test loss | LR |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -467,9 +564,11 @@ def run(
     *,
     dry_run: bool = False,
     handoff: Path | None = None,
+    compile_cache: Path | None = None,
 ) -> dict:
     """The whole job. Writes results as it goes; returns the final results document. With
-    `handoff`, the best arm is left there for the serve run (`hand_off`)."""
+    `handoff`, the best arm is left there for the serve run (`hand_off`), and what the arms compiled
+    beside it; with `compile_cache`, an earlier draw's is loaded before they start (`load_compile_cache`)."""
     from quicknet.build import data as data_mod
     from quicknet.build import gpu_probe
 
@@ -493,7 +592,13 @@ def run(
         data={"source": dataset.source, "sha256": dataset.checksum, "seconds": round(time.perf_counter() - t0, 1)}
     )
     del dataset
-    results.update(environment=gpu_probe.environment(), matmul=gpu_probe.matmul_tflops(0.2 if dry_run else 2.0))
+    env_doc = gpu_probe.environment()
+    results.update(environment=env_doc, matmul=gpu_probe.matmul_tflops(0.2 if dry_run else 2.0))
+    if compile_cache is not None:  # before the arms start: they read what it writes into the caches
+        results.update(compile_cache_loaded=load_compile_cache(compile_cache, env_doc))
+    if handoff is not None:  # what the arms will save there is for this machine
+        (handoff / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
+        _write_json(handoff / COMPILE_CACHE / BUILT_FOR, compile_identity(env_doc))
     _release_gpu()
 
     work = Path(tempfile.mkdtemp(prefix="quicknet-gpu-train-"))
@@ -653,7 +758,8 @@ def main(args) -> None:
     try:
         data = Path(args.data) if args.data else None
         handoff = Path(args.handoff) if args.handoff else None
-        doc = run(out, data, cfg, args.budget_s, names, dry_run=args.dry_run, handoff=handoff)
+        cache = Path(args.compile_cache) if args.compile_cache else None
+        doc = run(out, data, cfg, args.budget_s, names, dry_run=args.dry_run, handoff=handoff, compile_cache=cache)
     except Exception as e:
         results = ResultsFile(out, "gpu-train", render_markdown)
         results.doc = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
