@@ -182,39 +182,6 @@ def handed_off(folder: Path) -> tuple[Path | None, dict | str]:
     return checkpoint, doc
 
 
-def bring_back_compile_cache(folder: Path, out: Path, limit: int = 16 << 20) -> dict | str:
-    """The train run's torch.compile artifacts (`gpu_train.save_compile_cache`, one blob an arm, left
-    beside its hand-off with the machine they are for) as one zip in `out`, named for its GPU, the
-    train run's own 8 files being taken: for a later train run to start warm (kept in gpu-cache/).
-    What came back, or why nothing did."""
-    import zipfile
-
-    from quicknet.build.gpu_train import BUILT_FOR, COMPILE_CACHE
-    from quicknet.store import slug
-
-    blobs = sorted((folder / COMPILE_CACHE).glob("*.bin"))
-    if not blobs:
-        return f"none in {folder / COMPILE_CACHE}"
-    try:
-        built_for = json.loads((folder / COMPILE_CACHE / BUILT_FOR).read_text())
-    except (OSError, ValueError) as e:  # a later run could not tell whether they are for it
-        return f"not brought back: {BUILT_FOR} unreadable ({type(e).__name__})"
-    path = out / f"torch-compile-cache.{slug(built_for.get('gpu') or 'cpu')}.zip"
-    try:
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(BUILT_FOR, json.dumps(built_for, indent=2) + "\n")
-            for blob in blobs:
-                zf.write(blob, blob.name)
-    except OSError as e:  # not worth the rest of the run
-        path.unlink(missing_ok=True)
-        return f"not brought back: {type(e).__name__}: {e}"
-    size = path.stat().st_size
-    if size > limit:  # more than the device tool brings back: nothing, rather than a failed transfer
-        path.unlink()
-        return f"{size} bytes zipped, over the {limit} a file may have: not brought back"
-    return {"file": path.name, "bytes": size, "built_for": built_for, "arms": {b.stem: b.stat().st_size for b in blobs}}
-
-
 def choose_weights(root: Path, args) -> dict:
     """Fill the store `root` (empty, or not there yet) with what the run serves (`args.model` follows
     it); returns the results' fields that say which: `--checkpoint`'s weights, or the train run's
@@ -813,7 +780,10 @@ def run(args) -> None:
         root = Path(tempfile.mkdtemp(prefix="gpu-serve-store-"))
         results.update(**choose_weights(root, args))
         if args.from_train:
-            results.update(compile_cache=bring_back_compile_cache(Path(args.from_train), out))
+            from quicknet.build import compile_cache
+
+            # what the train run's arms compiled, for the next draw's warm start (the 8 files there are taken)
+            results.update(compile_cache=compile_cache.bundle(Path(args.from_train) / compile_cache.FOLDER, out))
         steps: list[dict] = []
 
         @contextlib.contextmanager

@@ -93,17 +93,18 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["arms"]["quicknet"]["compile_counters"]["inductor_misses"] > 0, "compiled cold"
 
     # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
-    from benchmarks.gpu_serve import bring_back_compile_cache, build_parser, choose_weights
-    from quicknet.build.gpu_train import compile_identity
+    from benchmarks.gpu_serve import build_parser, choose_weights
+    from quicknet.build import compile_cache
 
     (tmp_path / "serve").mkdir()
-    back = bring_back_compile_cache(handoff, tmp_path / "serve")
+    back = compile_cache.bundle(handoff / "compile-cache", tmp_path / "serve")
     with zipfile.ZipFile(tmp_path / "serve" / back["file"]) as zf:
         assert (
             "quicknet.bin" in zf.namelist()
             and zf.read("quicknet.bin") == (handoff / "compile-cache" / "quicknet.bin").read_bytes()
         )
-    assert back["file"] == "torch-compile-cache.cpu.zip" and back["built_for"] == compile_identity(doc["environment"])
+    assert back["file"] == "torch-compile-cache.cpu.zip"
+    assert back["built_for"] == compile_cache.identity(doc["environment"])
 
     # ... and a later train run, on a machine whose caches are empty, starts warm from that zip: every
     # graph the arm compiled before comes from the cache (a GPU's cubins and autotuning with them)
@@ -120,7 +121,7 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert counters["aot_autograd_hits"] > 0 and counters["aot_autograd_misses"] == 0, counters
     assert "- warm start: torch-compile-cache.cpu.zip loaded in" in (tmp_path / "again" / "results.md").read_text()
 
-    too_small = bring_back_compile_cache(handoff, tmp_path / "serve", limit=100)
+    too_small = compile_cache.bundle(handoff / "compile-cache", tmp_path / "serve", limit=100)
     assert "over the 100" in too_small and not (tmp_path / "serve" / back["file"]).exists()
 
     args = build_parser().parse_args(["--from-train", str(handoff)])
@@ -144,7 +145,7 @@ def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path
     """torch.compile's artifacts are keyed by GPU model, torch and Triton: a cache from anywhere else
     would only miss, so it is not loaded, and the run says why in one line; from a folder, the zip
     built for this machine is taken; a blob torch cannot read is that arm's line, not the run's end."""
-    from quicknet.build.gpu_train import BUILT_FOR, compile_identity, load_compile_cache
+    from quicknet.build.compile_cache import BUILT_FOR, identity, load
 
     here = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "cuda_runtime": "13.0"}
     here["python"] = "3.12.3"
@@ -152,25 +153,25 @@ def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path
 
     def cache(path: Path, env: dict, blobs: dict[str, bytes]) -> Path:
         with zipfile.ZipFile(path, "w") as zf:
-            zf.writestr(BUILT_FOR, json.dumps(compile_identity(env)))
+            zf.writestr(BUILT_FOR, json.dumps(identity(env)))
             for arm, blob in blobs.items():
                 zf.writestr(f"{arm}.bin", blob)
         return path
 
-    assert load_compile_cache(tmp_path / "nothing", here) == f"none in {tmp_path / 'nothing'}: compiling cold"
+    assert load(tmp_path / "nothing", here) == f"none in {tmp_path / 'nothing'}: compiling cold"
     other = cache(tmp_path / "torch-compile-cache.nvidia-h200.zip", h200, {"quicknet": b"h200 kernels"})
-    said = load_compile_cache(other, here)
+    said = load(other, here)
     assert said.startswith("none built for this machine (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130) among")
     assert "torch-compile-cache.nvidia-h200.zip (NVIDIA H200, torch 2.11.0+cu130)" in said
-    assert load_compile_cache(other, dict(h200, torch="2.12.0+cu130")).startswith("none built for this machine")
+    assert load(other, dict(h200, torch="2.12.0+cu130")).startswith("none built for this machine")
     (tmp_path / "torch-compile-cache.broken.zip").write_bytes(b"not a zip")
     mine = cache(tmp_path / "torch-compile-cache.nvidia-h100-80gb-hbm3.zip", dict(here, python="3.12.9"), {})
     with zipfile.ZipFile(mine, "a") as zf:
         zf.writestr("quicknet.bin", b"cut short")
-    loaded = load_compile_cache(tmp_path, here)  # the folder: the H100's, past the broken one and the H200's
-    assert loaded["file"] == mine.name and loaded["built_for"] == compile_identity(here)
+    loaded = load(tmp_path, here)  # the folder: the H100's, past the broken one and the H200's
+    assert loaded["file"] == mine.name and loaded["built_for"] == identity(here)
     assert loaded["arms"] == {"quicknet": "unreadable"}
-    alone = load_compile_cache(tmp_path / "torch-compile-cache.broken.zip", here)
+    alone = load(tmp_path / "torch-compile-cache.broken.zip", here)
     assert alone.startswith("none built for this machine") and "broken.zip (unreadable: BadZipFile" in alone
 
 
@@ -240,6 +241,51 @@ def test_a_hand_off_the_serve_run_cannot_load_leaves_it_the_published_model(tmp_
     assert store.list_models(tmp_path / "store") == [FAST_MODEL], "nothing of the failed attempt is left"
     with pytest.raises(SystemExit):  # which weights: one or the other
         build_parser().parse_args(["--from-train", str(dest), "--checkpoint", "runs/x/checkpoint.pt"])
+
+
+def test_an_arm_whose_compile_fails_trains_eagerly_after_freeing_the_attempt(tmp_path, monkeypatch):
+    """torch.compile failing in the first epoch costs the arm its compile, not its training: it
+    trains eagerly on the time left, says why, saves no compile cache, and the failed attempt (its
+    model, optimizer and batches, on a GPU) is gone before the eager one starts, not held by the
+    exception's traceback beside it."""
+    import dataclasses
+    import time
+    import weakref
+
+    from quicknet.build import gpu_train, pipeline
+
+    real = pipeline.stage_train
+    attempts: list[weakref.ref] = []
+
+    class Weights:  # what the failed attempt had allocated
+        pass
+
+    def compile_fails(cfg, dataset, run_dir, **kw):
+        if cfg.compile:
+            attempt = Weights()
+            attempts.append(weakref.ref(attempt))
+            raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: CompilationError")
+        assert attempts and attempts[0]() is None, "the failed attempt is still held"
+        return real(cfg, dataset, run_dir, **kw)
+
+    monkeypatch.setattr(pipeline, "stage_train", compile_fails)
+    cfg = dataclasses.replace(
+        gpu_train.GPU_RECIPE, **gpu_train.DRY_RUN, **gpu_train.DRY_RUN_OTHER_ARMS, model=FAST_MODEL, save_every_s=0.0
+    )
+    work, out, barrier = tmp_path / "work", tmp_path / "out", tmp_path / "barrier"
+    for folder in (work, out, barrier):
+        folder.mkdir()
+    spec = {"name": "arm", "cfg": dataclasses.asdict(cfg), "data": None, "work": str(work), "out": str(out)}
+    spec |= {"barrier": str(barrier), "barrier_s": 5, "arms": ["arm"], "deadline": time.time() + 120}
+    spec["compile_cache"] = str(tmp_path / "compile-cache")
+    (work / "spec.json").write_text(json.dumps(spec))
+    gpu_train.arm_main(str(work / "spec.json"))
+    status = json.loads((work / "status.json").read_text())
+    assert status["state"] == "done" and "CompilationError" in status["compile_error"], status
+    assert status["recipe"]["compile"] is False and [e["epoch"] for e in status["epochs"]] == [1, 2, 3]
+    assert (barrier / "arm.ready").exists(), "the other arms are not held up"
+    assert "compile_cache" not in status and not (tmp_path / "compile-cache").exists(), "nothing compiled to keep"
+    assert 0 <= status["final"]["top1"] <= 1
 
 
 def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, monkeypatch):

@@ -20,14 +20,14 @@ two files above are copied out.
 `--handoff DIR` leaves the best arm (EMA top-1 without TTA) for the serve run of the same draw,
 outside what comes back: `DIR/checkpoint.pt` (a copy of that arm's) and, written last,
 `DIR/handoff.json` (the arm, its model, its top-1, the checkpoint's SHA-256); and beside them
-`DIR/compile-cache/<arm>.bin`, what torch.compile built in each arm (`save_compile_cache`), which
+`DIR/compile-cache/<arm>.bin`, what torch.compile built in each arm (`compile_cache.save`), which
 the serve run brings back (the 8 files here are taken). The device machine
 keeps git-ignored folders between calls while it is warm, so `benchmarks.gpu_serve --from-train
 DIR` finds them there and builds the fused engine from the weights that will be published; on a
 fresh machine the folder is simply not there.
 
 `--compile-cache gpu-cache` starts the arms warm from an earlier draw's compile cache, the zip built
-for this GPU, torch and Triton (`load_compile_cache`; "the warm start" below says what it saves).
+for this GPU, torch and Triton (`quicknet/build/compile_cache.py` says what it saves and how).
 
 The recipe and why (evidence: the first run, ../shared/gpu-runs/2026-12-04/train/, 91.14% EMA top-1
 after 58 epochs on CIFAR-10 (JPEG-q75 copy), standard 10k test split; airbench's
@@ -87,6 +87,7 @@ measures the solo rate).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -100,6 +101,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from quicknet.build import compile_cache
 from quicknet.build.config import TrainConfig
 
 log = logging.getLogger("quicknet.build.gpu_train")
@@ -147,8 +149,6 @@ BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to fin
 MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
 RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
-COMPILE_CACHE = "compile-cache"  # beside it: each arm's torch.compile artifacts, <arm>.bin (save_compile_cache)
-BUILT_FOR = "built-for.json"  # in it: the machine those artifacts are for (compile_identity)
 
 
 def train_flops_per_image(model: str) -> float:
@@ -261,10 +261,11 @@ def arm_main(spec_path: str) -> None:
         left = spec["deadline"] - time.time() - ARM_FINISH_S
         return dataclasses.replace(cfg, time_budget_s=left, time_limit_s=left + HARD_STOP_MARGIN_S)
 
-    def _train_eagerly(cfg: TrainConfig, e: Exception) -> dict:
+    def _train_eagerly(cfg: TrainConfig, why: str) -> dict:
         """A compiler failure in the first epoch must not cost the arm: train eagerly on what is left."""
-        log.error("arm %s: training with torch.compile failed (%s); retrying without it", name, e)
-        status["compile_error"] = "".join(traceback.format_exception_only(e)).strip()
+        log.error("arm %s: training with torch.compile failed (%s); retrying without it", name, why)
+        status["compile_error"] = why
+        gc.collect()  # the failed attempt's model, optimizer and batches (on the GPU) go before the next's
         shutil.rmtree(run_dir, ignore_errors=True)
         (barrier / f"{name}.ready").touch()
         status["epochs"].clear()
@@ -276,7 +277,7 @@ def arm_main(spec_path: str) -> None:
     cfg = plan(cfg)
     status.update(state="training", recipe=asdict(cfg), train_started=time.time())
     _write_json(status_path, status)
-    summary = None
+    summary, compile_failed = None, None
     try:
         summary = stage_train(cfg, dataset, run_dir, progress=False, on_epoch=on_epoch, plot=False)
     except Exception as e:
@@ -289,11 +290,13 @@ def arm_main(spec_path: str) -> None:
             status["error"] = "".join(traceback.format_exception_only(e)).strip()
         elif not cfg.compile:
             raise
-        else:
-            summary = _train_eagerly(cfg, e)
+        else:  # retried after this block: the exception's traceback holds the failed attempt's frames
+            compile_failed = "".join(traceback.format_exception_only(e)).strip()
+    if compile_failed:
+        summary = _train_eagerly(cfg, compile_failed)
     status.update(state="evaluating", train_ended=time.time())
     if cfg.compile:
-        status["compile_counters"] = compile_counters()
+        status["compile_counters"] = compile_cache.counters()
     _write_json(status_path, status)
     mirror()
     if (run_dir / "build.json").is_file():
@@ -328,105 +331,8 @@ def arm_main(spec_path: str) -> None:
     # After the results are written (a slow save must not cost them), and only from a compile that
     # trained the arm to its end (not the eager fallback's, nor a failed arm's).
     if spec.get("compile_cache") and cfg.compile and status["state"] == "done" and "compile_error" not in status:
-        status["compile_cache"] = save_compile_cache(Path(spec["compile_cache"]) / f"{name}.bin")
+        status["compile_cache"] = compile_cache.save(Path(spec["compile_cache"]) / f"{name}.bin")
         _write_json(status_path, status)
-
-
-def save_compile_cache(path: Path) -> dict:
-    """What torch.compile built in this process, as PyTorch's portable "Mega-Cache" (Inductor, Triton,
-    AOTAutograd and autotuning artifacts in one blob, `torch.compiler.save_cache_artifacts`: instant,
-    it serializes what is in memory, what was read from the cache included), into `path`. The serve
-    run brings it back; a later train run loads it (`load_compile_cache`). Never fails the arm: what
-    went wrong is the result."""
-    from quicknet.fsutil import atomic_write
-
-    try:
-        import torch
-
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            return {"error": "torch.compile left nothing to save"}
-        blob, info = saved
-        with atomic_write(path) as f:
-            f.write(blob)
-        return {"bytes": len(blob), "artifacts": {kind: len(keys) for kind, keys in info.artifacts.items()}}
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"[:300]}
-
-
-def compile_counters() -> dict:
-    """How this process's torch.compile went: graphs Inductor took from its cache or compiled, and
-    the same for AOTAutograd's (forward + backward) cache. A warm start shows as hits, no misses."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "inductor_hits": counters["inductor"]["fxgraph_cache_hit"],
-        "inductor_misses": counters["inductor"]["fxgraph_cache_miss"],
-        "aot_autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
-        "aot_autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
-    }
-
-
-# --- the warm start ------------------------------------------------------------------------------
-# Each arm's first epoch spent ~46-60 s of its 420 compiling (2026-12-04: 46 s, one arm alone). The
-# artifacts an earlier draw saved (`save_compile_cache`, brought back by the serve run as
-# torch-compile-cache.<gpu>.zip, kept in the tracked gpu-cache/) are loaded by the parent before the
-# arms start: `torch.compiler.load_cache_artifacts` writes them into this machine's on-disk caches
-# (Inductor's FX graph cache with its Triton kernels bundled, AOTAutograd's, autotuning), which the
-# arms, started after, read like their own. Dynamo still traces (seconds); Inductor's code
-# generation, Triton's compiles and the autotuning are what a hit skips. They are keyed by, among
-# other things, the GPU model and the torch and Triton versions, so a cache built anywhere else only
-# misses: it is not loaded then, and the results say why.
-
-
-def compile_identity(env: dict) -> dict:
-    """What compiled artifacts are specific to, from `gpu_probe.environment()`."""
-    return {
-        "gpu": env.get("gpu"),
-        "torch": env.get("torch"),
-        "triton": env.get("triton"),
-        "cuda_runtime": env.get("cuda_runtime"),
-        "python": ".".join(str(env.get("python", "")).split(".")[:2]),
-    }
-
-
-def load_compile_cache(source: Path, env: dict) -> dict | str:
-    """Load the artifacts in `source` (a torch-compile-cache zip, or a folder of them: the first built
-    for this machine) into this machine's torch.compile caches. What was loaded, or why nothing was:
-    a cache that is missing, built for another machine or unreadable means compiling cold, never
-    a failed run."""
-    import zipfile
-
-    import torch
-
-    zips = sorted(source.glob("torch-compile-cache*.zip")) if source.is_dir() else [source]
-    zips = [z for z in zips if z.is_file()]
-    if not zips:
-        return f"none in {source}: compiling cold"
-    here = compile_identity(env)
-    others = []
-    for path in zips:
-        t = time.perf_counter()
-        try:
-            with zipfile.ZipFile(path) as zf:
-                built_for = json.loads(zf.read(BUILT_FOR))
-                if built_for != here:
-                    others.append(f"{path.name} ({built_for.get('gpu')}, torch {built_for.get('torch')})")
-                    continue
-                loaded: dict[str, dict | str] = {}
-                for name in sorted(n for n in zf.namelist() if n.endswith(".bin")):
-                    arm = name[: -len(".bin")]
-                    try:  # torch logs and returns None for a blob it cannot read
-                        info = torch.compiler.load_cache_artifacts(zf.read(name))
-                        loaded[arm] = {k: len(v) for k, v in info.artifacts.items()} if info else "unreadable"
-                    except Exception as e:  # one arm's blob: the others still load
-                        loaded[arm] = f"{type(e).__name__}: {e}"[:300]
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            others.append(f"{path.name} (unreadable: {type(e).__name__}: {e})"[:300])
-            continue
-        return {"file": path.name, "built_for": built_for, "arms": loaded, "seconds": round(time.perf_counter() - t, 2)}
-    machine = f"{here['gpu']}, torch {here['torch']}"
-    return f"none built for this machine ({machine}) among {'; '.join(others)}: compiling cold"
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -564,11 +470,11 @@ def run(
     *,
     dry_run: bool = False,
     handoff: Path | None = None,
-    compile_cache: Path | None = None,
+    warm_from: Path | None = None,
 ) -> dict:
     """The whole job. Writes results as it goes; returns the final results document. With
     `handoff`, the best arm is left there for the serve run (`hand_off`), and what the arms compiled
-    beside it; with `compile_cache`, an earlier draw's is loaded before they start (`load_compile_cache`)."""
+    beside it; with `warm_from`, an earlier draw's is loaded before they start (`compile_cache.load`)."""
     from quicknet.build import data as data_mod
     from quicknet.build import gpu_probe
 
@@ -594,11 +500,10 @@ def run(
     del dataset
     env_doc = gpu_probe.environment()
     results.update(environment=env_doc, matmul=gpu_probe.matmul_tflops(0.2 if dry_run else 2.0))
-    if compile_cache is not None:  # before the arms start: they read what it writes into the caches
-        results.update(compile_cache_loaded=load_compile_cache(compile_cache, env_doc))
+    if warm_from is not None:  # before the arms start: they read what it writes into the caches
+        results.update(compile_cache_loaded=compile_cache.load(warm_from, env_doc))
     if handoff is not None:  # what the arms will save there is for this machine
-        (handoff / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
-        _write_json(handoff / COMPILE_CACHE / BUILT_FOR, compile_identity(env_doc))
+        compile_cache.mark(handoff / compile_cache.FOLDER, env_doc)
     _release_gpu()
 
     work = Path(tempfile.mkdtemp(prefix="quicknet-gpu-train-"))
@@ -624,7 +529,7 @@ def run(
             "barrier_s": BARRIER_S,
             "arms": list(arms_cfg),
             "deadline": deadline,
-            "compile_cache": str(handoff / COMPILE_CACHE) if handoff is not None else None,
+            "compile_cache": str(handoff / compile_cache.FOLDER) if handoff is not None else None,
         }
         (work / name / "spec.json").write_text(json.dumps(spec))
         logf = (work / name / "arm.log").open("w")
@@ -696,7 +601,7 @@ def _withdraw(dest: Path) -> None:
     compile caches."""
     if dest.is_dir():
         (dest / HANDOFF_JSON).unlink(missing_ok=True)
-        shutil.rmtree(dest / COMPILE_CACHE, ignore_errors=True)
+        shutil.rmtree(dest / compile_cache.FOLDER, ignore_errors=True)
 
 
 def hand_off(out: Path, arms: dict[str, dict], dest: Path) -> dict | None:
@@ -758,8 +663,8 @@ def main(args) -> None:
     try:
         data = Path(args.data) if args.data else None
         handoff = Path(args.handoff) if args.handoff else None
-        cache = Path(args.compile_cache) if args.compile_cache else None
-        doc = run(out, data, cfg, args.budget_s, names, dry_run=args.dry_run, handoff=handoff, compile_cache=cache)
+        warm = Path(args.compile_cache) if args.compile_cache else None
+        doc = run(out, data, cfg, args.budget_s, names, dry_run=args.dry_run, handoff=handoff, warm_from=warm)
     except Exception as e:
         results = ResultsFile(out, "gpu-train", render_markdown)
         results.doc = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
