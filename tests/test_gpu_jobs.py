@@ -90,6 +90,9 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["arms"]["quicknet"]["compile_cache"]["artifacts"]["inductor"] > 0
     assert all("bytes" in a["compile_cache"] or "error" in a["compile_cache"] for a in doc["arms"].values())
     assert doc["compile_cache_loaded"] == f"none in {tmp_path / 'no-cache-yet'}: compiling cold"
+    ls02 = doc["arms"]["quicknet-ls02"]["compile_cache"]  # the same model as quicknet: one blob for both
+    assert "error" in ls02 or ls02["dropped"] == "the same graphs as quicknet's", ls02
+    assert not (handoff / "compile-cache" / "quicknet-ls02.bin").exists()
     assert doc["arms"]["quicknet"]["compile_counters"]["inductor_misses"] > 0, "compiled cold"
 
     # the serve run on the same (warm) machine takes it: its store names the checkpoint it was folded from
@@ -145,7 +148,7 @@ def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path
     """torch.compile's artifacts are keyed by GPU model, torch and Triton: a cache from anywhere else
     would only miss, so it is not loaded, and the run says why in one line; from a folder, the zip
     built for this machine is taken; a blob torch cannot read is that arm's line, not the run's end."""
-    from quicknet.build.compile_cache import BUILT_FOR, identity, load
+    from quicknet.build.compile_cache import BUILT_FOR, identity, load, mark
 
     here = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "cuda_runtime": "13.0"}
     here["python"] = "3.12.3"
@@ -159,20 +162,32 @@ def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path
         return path
 
     assert load(tmp_path / "nothing", here) == f"none in {tmp_path / 'nothing'}: compiling cold"
-    other = cache(tmp_path / "torch-compile-cache.nvidia-h200.zip", h200, {"quicknet": b"h200 kernels"})
+    other = cache(tmp_path / "torch-compile-cache.1-nvidia-h200.zip", h200, {"quicknet": b"h200 kernels"})
     said = load(other, here)
     assert said.startswith("none built for this machine (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130) among")
-    assert "torch-compile-cache.nvidia-h200.zip (NVIDIA H200, torch 2.11.0+cu130)" in said
+    assert "torch-compile-cache.1-nvidia-h200.zip (NVIDIA H200, torch 2.11.0+cu130)" in said
     assert load(other, dict(h200, torch="2.12.0+cu130")).startswith("none built for this machine")
-    (tmp_path / "torch-compile-cache.broken.zip").write_bytes(b"not a zip")
-    mine = cache(tmp_path / "torch-compile-cache.nvidia-h100-80gb-hbm3.zip", dict(here, python="3.12.9"), {})
+    (tmp_path / "torch-compile-cache.0-broken.zip").write_bytes(b"not a zip")
+    mine = cache(tmp_path / "torch-compile-cache.2-nvidia-h100.zip", dict(here, python="3.12.9"), {})
     with zipfile.ZipFile(mine, "a") as zf:
         zf.writestr("quicknet.bin", b"cut short")
-    loaded = load(tmp_path, here)  # the folder: the H100's, past the broken one and the H200's
+    loaded = load(tmp_path, here)  # the folder, in name order: past the broken one and the H200's, the H100's
     assert loaded["file"] == mine.name and loaded["built_for"] == identity(here)
     assert loaded["arms"] == {"quicknet": "unreadable"}
-    alone = load(tmp_path / "torch-compile-cache.broken.zip", here)
+    alone = load(tmp_path / "torch-compile-cache.0-broken.zip", here)
     assert alone.startswith("none built for this machine") and "broken.zip (unreadable: BadZipFile" in alone
+    # damaged inside: its compressed bytes cut into (zlib's error, or zipfile's CRC check)
+    damaged = tmp_path / "damaged" / "torch-compile-cache.x.zip"
+    damaged.parent.mkdir()
+    with zipfile.ZipFile(damaged, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(BUILT_FOR, json.dumps(identity(here)) * 50)
+    raw = bytearray(damaged.read_bytes())
+    raw[60:90] = bytes(30)
+    damaged.write_bytes(bytes(raw))
+    assert load(damaged.parent, here).startswith("none built for this machine"), "a line, not the run's end"
+    # and the folder the arms save into cannot be marked: a line, and nothing is saved there
+    (tmp_path / "a-file").write_text("")
+    assert mark(tmp_path / "a-file" / "compile-cache", here).startswith("not saved: ")
 
 
 def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_path):
@@ -285,6 +300,7 @@ def test_an_arm_whose_compile_fails_trains_eagerly_after_freeing_the_attempt(tmp
     assert status["recipe"]["compile"] is False and [e["epoch"] for e in status["epochs"]] == [1, 2, 3]
     assert (barrier / "arm.ready").exists(), "the other arms are not held up"
     assert "compile_cache" not in status and not (tmp_path / "compile-cache").exists(), "nothing compiled to keep"
+    assert "compile_counters" not in status, "the eager epochs compiled nothing"
     assert 0 <= status["final"]["top1"] <= 1
 
 
@@ -416,6 +432,7 @@ def test_gpu_serve_dry_run_measures_every_step(tmp_path):
     assert doc["weights"] == f"published: {FAST_MODEL} v{published.version}"
     assert doc["handoff"].startswith("no hand-off")
     assert "- the train run's hand-off: none taken (no hand-off in nowhere" in markdown
+    assert doc["compile_cache"] == "none in nowhere/compile-cache", "where the train run's arms save theirs"
     assert fused["source"]["sha256"] == published.metadata["files"]["model.onnx"]["sha256"]
     shutil.copytree(published.path, tmp_path / "store" / FAST_MODEL / str(published.version))
     with pytest.raises(BuildError, match="gate on the 10k test split did not pass"):
@@ -579,7 +596,7 @@ def test_the_readme_gpu_runs_are_what_the_rehearsal_runs_and_fit_one_draw():
             # an earlier draw's torch.compile artifacts travel in the tracked tree: no carry needed
             cache = args.compile_cache
             assert (REPO / cache).is_dir() and f"--compile-cache {cache}" in rehearsal, cache
-            query = ["git", "check-ignore", "--no-index", f"{cache}/"]
+            query = ["git", "check-ignore", "--no-index", f"{cache}/", f"{cache}/torch-compile-cache.nvidia-h100.zip"]
             assert not subprocess.run(query, cwd=REPO, capture_output=True, text=True).stdout.strip(), cache
         else:
             assert words[2] == "benchmarks.gpu_serve", words

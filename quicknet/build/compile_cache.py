@@ -1,15 +1,15 @@
 """torch.compile's work carried from one GPU draw to the next: the train run's warm start.
 
-Each gpu-train arm's first epoch spent ~46-60 s of its 420 compiling (2026-12-04: 46 s, one arm
-alone). What an arm compiled is saved at its end (`save`: PyTorch's portable "Mega-Cache",
-`torch.compiler.save_cache_artifacts`, Inductor's graphs with their Triton kernels bundled,
-AOTAutograd's graphs, autotuning results; instant, it serializes what is in memory, what was read
-from the cache included) into a folder beside the train run's hand-off, with `built-for.json`
-(`mark`): the machine it is for. The serve run of the same draw zips that folder (`bundle`:
-`torch-compile-cache.<gpu>.zip`, the train run's own 8 files being taken), it is kept in the
-tracked `gpu-cache/`, and the next draw's parent loads the zip built for its machine before the
-arms start (`load`: `torch.compiler.load_cache_artifacts` writes the artifacts into this machine's
-on-disk caches, which the arms, started after, read like their own). Dynamo still traces (seconds);
+The first draw's one gpu-train arm spent 46 s of its first epoch compiling (2026-12-04; three arms
+compile at once now, sharing the cores). What an arm compiled is saved at its end (`save`:
+PyTorch's portable "Mega-Cache", `torch.compiler.save_cache_artifacts`: Inductor's graphs with
+their Triton kernels bundled, AOTAutograd's graphs, autotuning results; instant, it serializes what
+is in memory, what was read from the cache included) into a folder beside the train run's hand-off,
+with `built-for.json` (`mark`): the machine it is for. The serve run of the same draw zips that
+folder (`bundle`: `torch-compile-cache.<gpu>.zip`, the train run's own 8 files being taken), it is
+kept in the tracked `gpu-cache/`, and the next draw's parent loads the zip built for its machine
+before the arms start (`load`: `torch.compiler.load_cache_artifacts` writes the artifacts into this
+machine's on-disk caches, which the arms, started after, read like their own). Dynamo still traces;
 Inductor's code generation, Triton's compiles and the autotuning are what a hit skips. The caches
 are keyed by, among other things, the GPU model and the torch and Triton versions, so a zip built
 anywhere else would only miss: it is not loaded, and the results say why.
@@ -40,12 +40,17 @@ def identity(env: dict) -> dict:
     }
 
 
-def mark(folder: Path, env: dict) -> None:
-    """Say which machine the artifacts saved into `folder` are for (before the arms save them)."""
+def mark(folder: Path, env: dict) -> str | None:
+    """Say which machine the artifacts saved into `folder` are for (before the arms save them).
+    None when done, else why not (then nothing should be saved there: no run could tell it is its)."""
     from quicknet.fsutil import write_text_atomic
 
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / BUILT_FOR, json.dumps(identity(env), indent=2) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / BUILT_FOR, json.dumps(identity(env), indent=2) + "\n")
+    except OSError as e:
+        return f"not saved: {folder / BUILT_FOR}: {type(e).__name__}: {e}"[:300]
+    return None
 
 
 def save(path: Path) -> dict:
@@ -138,7 +143,7 @@ def load(source: Path, env: dict) -> dict | str:
                         loaded[arm] = {k: len(v) for k, v in info.artifacts.items()} if info else "unreadable"
                     except Exception as e:  # one arm's blob: the others still load
                         loaded[arm] = f"{type(e).__name__}: {e}"[:300]
-        except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+        except Exception as e:  # a zip damaged in any way zipfile or zlib can say: compiling cold
             others.append(f"{path.name} (unreadable: {type(e).__name__}: {e})"[:300])
             continue
         return {"file": path.name, "built_for": built_for, "arms": loaded, "seconds": round(time.perf_counter() - t, 2)}

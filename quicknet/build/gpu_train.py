@@ -265,7 +265,7 @@ def arm_main(spec_path: str) -> None:
         """A compiler failure in the first epoch must not cost the arm: train eagerly on what is left."""
         log.error("arm %s: training with torch.compile failed (%s); retrying without it", name, why)
         status["compile_error"] = why
-        gc.collect()  # the failed attempt's model, optimizer and batches (on the GPU) go before the next's
+        _free_failed_attempt()
         shutil.rmtree(run_dir, ignore_errors=True)
         (barrier / f"{name}.ready").touch()
         status["epochs"].clear()
@@ -295,7 +295,7 @@ def arm_main(spec_path: str) -> None:
     if compile_failed:
         summary = _train_eagerly(cfg, compile_failed)
     status.update(state="evaluating", train_ended=time.time())
-    if cfg.compile:
+    if cfg.compile and not compile_failed:
         status["compile_counters"] = compile_cache.counters()
     _write_json(status_path, status)
     mirror()
@@ -502,8 +502,12 @@ def run(
     results.update(environment=env_doc, matmul=gpu_probe.matmul_tflops(0.2 if dry_run else 2.0))
     if warm_from is not None:  # before the arms start: they read what it writes into the caches
         results.update(compile_cache_loaded=compile_cache.load(warm_from, env_doc))
+    saved_into = None
     if handoff is not None:  # what the arms will save there is for this machine
-        compile_cache.mark(handoff / compile_cache.FOLDER, env_doc)
+        marked = compile_cache.mark(handoff / compile_cache.FOLDER, env_doc)
+        saved_into = handoff / compile_cache.FOLDER if marked is None else None
+        if marked is not None:
+            results.update(compile_cache_saved=marked)
     _release_gpu()
 
     work = Path(tempfile.mkdtemp(prefix="quicknet-gpu-train-"))
@@ -529,7 +533,7 @@ def run(
             "barrier_s": BARRIER_S,
             "arms": list(arms_cfg),
             "deadline": deadline,
-            "compile_cache": str(handoff / compile_cache.FOLDER) if handoff is not None else None,
+            "compile_cache": str(saved_into) if saved_into is not None else None,
         }
         (work / name / "spec.json").write_text(json.dumps(spec))
         logf = (work / name / "arm.log").open("w")
@@ -579,6 +583,8 @@ def run(
         time.sleep(0.5 if dry_run else 2.0)
     shutil.rmtree(work, ignore_errors=True)
     _sweep_temporaries(out, list(arms))
+    if saved_into is not None:
+        _one_compile_cache_per_model(arms, saved_into)
     if handoff is not None:
         try:
             results.update(handoff=hand_off(out, arms, handoff) or "no arm finished with a checkpoint and a score")
@@ -586,6 +592,22 @@ def run(
             results.update(handoff=f"not left in {handoff}: {type(e).__name__}: {e}")
     results.update(arms=arms, sharing=sharing(arms), job_seconds=round(time.perf_counter() - t0, 1))
     return results.doc
+
+
+def _one_compile_cache_per_model(arms: dict[str, dict], folder: Path) -> None:
+    """Arms that train the same model compile the same graphs (only the model is compiled, not its
+    loss: quicknet-ls02's artifacts are quicknet's); the first arm's blob is kept, the others' would
+    only double the zip that comes back and is committed."""
+    kept: dict[str, str] = {}
+    for name, arm in arms.items():
+        model, saved = arm.get("recipe", {}).get("model"), arm.get("compile_cache")
+        if not isinstance(saved, dict) or "bytes" not in saved:
+            continue
+        if model in kept:
+            (folder / f"{name}.bin").unlink(missing_ok=True)
+            saved["dropped"] = f"the same graphs as {kept[model]}'s"
+        else:
+            kept[model] = name
 
 
 def _sweep_temporaries(out: Path, names: list[str]) -> None:
@@ -640,6 +662,17 @@ def _read_status(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _free_failed_attempt() -> None:
+    """Before an arm retrains eagerly: the failed compile's model, optimizer and batches are freed,
+    their GPU memory handed back to the driver (the other arms share the GPU), dynamo's state reset."""
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _release_gpu() -> None:
