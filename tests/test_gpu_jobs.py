@@ -258,16 +258,37 @@ def test_a_hand_off_the_serve_run_cannot_load_leaves_it_the_published_model(tmp_
         build_parser().parse_args(["--from-train", str(dest), "--checkpoint", "runs/x/checkpoint.pt"])
 
 
+def _one_arm(tmp_path: Path) -> tuple[dict, Path]:
+    """One gpu-train arm in this process (`arm_main`, as the parent starts it), quicknet-xs, the dry
+    run's recipe, saving its compile cache into tmp_path/compile-cache: its last status and its
+    results folder."""
+    import dataclasses
+    import time
+
+    from quicknet.build import gpu_train
+
+    cfg = dataclasses.replace(
+        gpu_train.GPU_RECIPE, **gpu_train.DRY_RUN, **gpu_train.DRY_RUN_OTHER_ARMS, model=FAST_MODEL, save_every_s=0.0
+    )
+    work, out, barrier = tmp_path / "work", tmp_path / "out", tmp_path / "barrier"
+    for folder in (work, out, barrier):
+        folder.mkdir()
+    spec = {"name": "arm", "cfg": dataclasses.asdict(cfg), "data": None, "work": str(work), "out": str(out)}
+    spec |= {"barrier": str(barrier), "barrier_s": 5, "arms": ["arm"], "deadline": time.time() + 120}
+    spec["compile_cache"] = str(tmp_path / "compile-cache")
+    (work / "spec.json").write_text(json.dumps(spec))
+    gpu_train.arm_main(str(work / "spec.json"))
+    return json.loads((work / "status.json").read_text()), out
+
+
 def test_an_arm_whose_compile_fails_trains_eagerly_after_freeing_the_attempt(tmp_path, monkeypatch):
     """torch.compile failing in the first epoch costs the arm its compile, not its training: it
     trains eagerly on the time left, says why, saves no compile cache, and the failed attempt (its
     model, optimizer and batches, on a GPU) is gone before the eager one starts, not held by the
     exception's traceback beside it."""
-    import dataclasses
-    import time
     import weakref
 
-    from quicknet.build import gpu_train, pipeline
+    from quicknet.build import pipeline
 
     real = pipeline.stage_train
     attempts: list[weakref.ref] = []
@@ -284,21 +305,10 @@ def test_an_arm_whose_compile_fails_trains_eagerly_after_freeing_the_attempt(tmp
         return real(cfg, dataset, run_dir, **kw)
 
     monkeypatch.setattr(pipeline, "stage_train", compile_fails)
-    cfg = dataclasses.replace(
-        gpu_train.GPU_RECIPE, **gpu_train.DRY_RUN, **gpu_train.DRY_RUN_OTHER_ARMS, model=FAST_MODEL, save_every_s=0.0
-    )
-    work, out, barrier = tmp_path / "work", tmp_path / "out", tmp_path / "barrier"
-    for folder in (work, out, barrier):
-        folder.mkdir()
-    spec = {"name": "arm", "cfg": dataclasses.asdict(cfg), "data": None, "work": str(work), "out": str(out)}
-    spec |= {"barrier": str(barrier), "barrier_s": 5, "arms": ["arm"], "deadline": time.time() + 120}
-    spec["compile_cache"] = str(tmp_path / "compile-cache")
-    (work / "spec.json").write_text(json.dumps(spec))
-    gpu_train.arm_main(str(work / "spec.json"))
-    status = json.loads((work / "status.json").read_text())
+    status, _ = _one_arm(tmp_path)
     assert status["state"] == "done" and "CompilationError" in status["compile_error"], status
     assert status["recipe"]["compile"] is False and [e["epoch"] for e in status["epochs"]] == [1, 2, 3]
-    assert (barrier / "arm.ready").exists(), "the other arms are not held up"
+    assert (tmp_path / "barrier" / "arm.ready").exists(), "the other arms are not held up"
     assert "compile_cache" not in status and not (tmp_path / "compile-cache").exists(), "nothing compiled to keep"
     assert "compile_counters" not in status, "the eager epochs compiled nothing"
     assert 0 <= status["final"]["top1"] <= 1
@@ -308,10 +318,8 @@ def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, mo
     """A failure at epoch 2 (a CUDA error, a full disk) must not retrain over the arm's checkpoint
     with the seconds left, as the compiler-failure fallback once did for any failure: the
     mirrored checkpoint stands, is scored, and the arm says why it stopped."""
-    import dataclasses
-    import time
 
-    from quicknet.build import gpu_train, pipeline
+    from quicknet.build import pipeline
 
     real = pipeline.stage_train
 
@@ -326,18 +334,7 @@ def test_an_arm_that_fails_after_training_began_keeps_what_it_saved(tmp_path, mo
         return real(cfg, dataset, run_dir, on_epoch=on_epoch, **kw)
 
     monkeypatch.setattr(pipeline, "stage_train", failing_at_epoch_2)
-    cfg = dataclasses.replace(
-        gpu_train.GPU_RECIPE, **gpu_train.DRY_RUN, **gpu_train.DRY_RUN_OTHER_ARMS, model=FAST_MODEL, save_every_s=0.0
-    )
-    work, out, barrier = tmp_path / "work", tmp_path / "out", tmp_path / "barrier"
-    for folder in (work, out, barrier):
-        folder.mkdir()
-    spec = {"name": "arm", "cfg": dataclasses.asdict(cfg), "data": None, "work": str(work), "out": str(out)}
-    spec |= {"barrier": str(barrier), "barrier_s": 5, "arms": ["arm"], "deadline": time.time() + 120}
-    spec["compile_cache"] = str(tmp_path / "compile-cache")  # a failed arm's compile is not kept
-    (work / "spec.json").write_text(json.dumps(spec))
-    gpu_train.arm_main(str(work / "spec.json"))
-    status = json.loads((work / "status.json").read_text())
+    status, out = _one_arm(tmp_path)  # a failed arm's compile is not kept
     assert status["state"] == "failed" and "illegal memory access" in status["error"], status
     assert "compile_cache" not in status and not (tmp_path / "compile-cache").exists()
     assert "compile_error" not in status, "retrained over the trained arm"
