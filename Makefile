@@ -28,7 +28,7 @@ lock: venv-dev
 	$(LOCK) --extra serve -o requirements/serve.lock pyproject.toml
 	$(LOCK) --extra serve --extra client --extra build --extra dev -o requirements/dev.lock pyproject.toml
 
-## Serve the default model from model_store/ on CPU with ONNX Runtime (REST :8000, gRPC :8001).
+## Serve the published models in model_store/ (the default, quicknet, at /classify) on CPU with ONNX Runtime (REST :8000, gRPC :8001).
 serve: venv-serve
 	$(BIN)/quicknet serve
 

@@ -66,6 +66,8 @@ def test_busy_port_is_one_line():
         out = quicknet("serve", "--http-host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0")
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port} for REST" in out.stderr and "Traceback" not in out.stderr
+    # `make serve` takes no flags: the hint names the variable too
+    assert out.stderr.rstrip().endswith("pick another with --http-port or QUICKNET_HTTP_PORT"), out.stderr
 
 
 def test_unknown_variant_is_one_line(tmp_path):

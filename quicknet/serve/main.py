@@ -33,7 +33,7 @@ from quicknet.serve import metrics, tracing, web
 from quicknet.serve.backends import BackendError
 from quicknet.serve.classifier import grpc as classifier_grpc
 from quicknet.serve.classifier import rest as classifier_rest
-from quicknet.serve.config import Settings
+from quicknet.serve.config import Settings, pick_another
 from quicknet.serve.engine import Engine
 from quicknet.serve.gpu import sample_forever
 from quicknet.serve.kserve import grpc as kserve_grpc
@@ -72,7 +72,7 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     except OSError as e:
         sock.close()
         raise QuickNetError(
-            f"cannot listen on {host}:{port} for REST ({e.strerror}); pick another --http-port"
+            f"cannot listen on {host}:{port} for REST ({e.strerror}); {pick_another('http_port')}"
         ) from None
     sock.set_inheritable(True)
     return sock
@@ -184,7 +184,8 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     except RuntimeError:
         http_socket.close()
         raise QuickNetError(
-            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); pick another --grpc-port"
+            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); "
+            + pick_another("grpc_port")
         ) from None
     app = create_app(runtime, REST_FRONTS)
     http = _HttpServer(
