@@ -123,6 +123,9 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert counters["inductor_hits"] > 0 and counters["inductor_misses"] == 0, counters
     assert counters["aot_autograd_hits"] > 0 and counters["aot_autograd_misses"] == 0, counters
     assert "- warm start: torch-compile-cache.cpu.zip loaded in" in (tmp_path / "again" / "results.md").read_text()
+    assert "warm start: torch-compile-cache.cpu.zip\n" in done.stdout
+    hits = counters["inductor_hits"]
+    assert f"quicknet: torch.compile {hits} graphs from the cache, 0 compiled; epoch 1 " in done.stdout, done.stdout
 
     too_small = compile_cache.bundle(handoff / "compile-cache", tmp_path / "serve", limit=100)
     assert "over the 100" in too_small and not (tmp_path / "serve" / back["file"]).exists()

@@ -712,6 +712,15 @@ def main(args) -> None:
             )
         else:
             print(f"{name}: {arm.get('state')} {arm.get('error', '')}")
+        c = arm.get("compile_counters")
+        if c and arm.get("epochs"):  # what the warm start saved, in the lines the device tool returns
+            print(
+                f"{name}: torch.compile {c['inductor_hits']} graphs from the cache, {c['inductor_misses']} compiled; "
+                f"epoch 1 {arm['epochs'][0]['epoch_seconds']} s"
+            )
+    loaded = doc.get("compile_cache_loaded")
+    if loaded:
+        print(f"warm start: {loaded['file'] if isinstance(loaded, dict) else loaded}")
     if isinstance(doc.get("handoff"), dict):
         h = doc["handoff"]
         print(f"left {h['arm']} (top-1 {h['top1']}) in {args.handoff} for the serve run (--from-train)")
