@@ -1,17 +1,19 @@
 """What one request costs the engine process's event loop and the fronts, on this CPU.
 
-    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10] [--request kserve]
+    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10] [--request kserve|grpc]
 
 `quicknet serve --workers N` over the small shipped model (quicknet-xs), one 32x32 PNG per `POST
 /classify` (`--request kserve`: one UINT8 tensor per KServe REST `/infer`), driven by `wrk` (C: it
-costs the server's cores little). Over each window, from /proc (`benchmarks.cpu`): the engine
-process's main thread (its event loop: since the engine core reads requests from shared memory it
-takes no part in one), its other threads (the engine core's runners and the engine's own threads,
-inference included) and the fronts' CPU; and, from the server's own counter
-`quicknet_engine_core_cpu_seconds_total`, the runners' CPU outside the engine call (collecting,
-batching, answering: what the engine process spends on a request besides computing it). Each
-divided by the requests served, in microseconds a request. The issue's goals: the engine loop <= 5
-us a request, the fronts <= 200 us a REST request.
+costs the server's cores little); `--request grpc`: one PNG per gRPC `ClassifyBatch`, as the
+Python client sends a file, driven by one process of `benchmarks.loadgen` (Python, 4 channels: it
+takes CPU the server then lacks, so compare gRPC rows with each other, not with wrk's). Over each
+window, from /proc (`benchmarks.cpu`): the engine process's main thread (its event loop: since the
+engine core reads requests from shared memory it takes no part in one), its other threads (the
+engine core's runners and the engine's own threads, inference included) and the fronts' CPU;
+and, from the server's own counter `quicknet_engine_core_cpu_seconds_total`, the runners' CPU
+outside the engine call (collecting, batching, answering: what the engine process spends on a
+request besides computing it). Each divided by the requests served, in microseconds a request.
+The issue's goals: the engine loop <= 5 us a request, the fronts <= 200 us a REST request.
 
 First, the engine core alone (`core_alone`): one thread collecting, batching and answering
 records a front published in its ring, over an engine that does nothing, no server and no other
@@ -34,6 +36,7 @@ import numpy as np
 
 from benchmarks import cpu
 from benchmarks.common import save, table
+from benchmarks.loadgen import run_pool
 from benchmarks.peers import encode_png, run_wrk
 from quicknet.serve.engine_core import EngineCore, Front
 from quicknet.serve.ipc import QUEUED, Ring
@@ -104,16 +107,24 @@ def request_for(kind: str, pixels: np.ndarray) -> tuple[str, dict, bytes]:
     return f"/v2/models/{FAST_MODEL}/infer", headers, head.encode() + pixels.tobytes()
 
 
-def measure(fronts: int, concurrency: list[int], seconds: float, work: Path, kind: str = "classify") -> list[dict]:
+def drive(kind: str, srv, concurrency: int, seconds: float, work: Path) -> dict:
+    """One closed-loop window of `kind`: req/s, p99 ms, errors."""
+    if kind == "grpc":
+        r = run_pool("grpc-png", srv.grpc_target, 1, concurrency, seconds, FAST_MODEL, processes=1, channels=4)
+        return {"req_s": r["requests_s"], "p99_ms": round(r["p99_ms"], 2), "errors": r["rejected"]}
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path, headers, body = request_for(kind, pixels)
+    return run_wrk(srv.url, path, headers, body, concurrency, seconds, work)
+
+
+def measure(fronts: int, concurrency: list[int], seconds: float, work: Path, kind: str = "classify") -> list[dict]:
     srv = start_server(work, workers=fronts, access_log="false")  # the tests' store: quicknet-xs
     rows = []
     try:
-        run_wrk(srv.url, path, headers, body, 4, 2, work)  # warm connections, caches, the engine
+        drive(kind, srv, 4, 2, work)  # warm connections, caches, the engine
         for c in concurrency:
             core_before, before = core_cpu_s(srv.url), cpu.snapshot(srv.proc.pid)
-            result = run_wrk(srv.url, path, headers, body, c, seconds, work)
+            result = drive(kind, srv, c, seconds, work)
             after = cpu.snapshot(srv.proc.pid)
             used = cpu.cores(before, after)
             core_cores = (core_cpu_s(srv.url) - core_before) / max(after.at - before.at, 1e-9)
@@ -148,9 +159,10 @@ def main() -> None:
     parser.add_argument("--alone-only", action="store_true", help="only the engine core alone (no server)")
     parser.add_argument(
         "--request",
-        choices=["classify", "kserve"],
+        choices=["classify", "kserve", "grpc"],
         default="classify",
-        help="one PNG to /classify, or one UINT8 tensor to KServe's REST /infer (binary-data extension)",
+        help="one PNG to /classify, one UINT8 tensor to KServe's REST /infer (binary-data extension), "
+        "or one PNG to gRPC ClassifyBatch",
     )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -158,7 +170,7 @@ def main() -> None:
     print(table(alone, list(alone[0])))
     rows: list[dict] = []
     if not args.alone_only:
-        if not shutil.which("wrk"):
+        if args.request != "grpc" and not shutil.which("wrk"):
             raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
         with tempfile.TemporaryDirectory() as tmp:
             rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp), args.request)

@@ -42,9 +42,9 @@ async def _grpc_status(call) -> int:
         return {grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(e.code(), 500)
 
 
-def _grpc_call(stub, pb, pixels: list[bytes]):
+def _grpc_call(stub, pb, blobs: list[bytes], field: str = "pixels"):
     return _grpc_status(
-        stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(pixels=p) for p in pixels], top_k=1))
+        stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[pb.Image(**{field: b}) for b in blobs], top_k=1))
     )
 
 
@@ -88,12 +88,17 @@ async def run_case(
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
         opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
         turn = itertools.cycle(range(len(opened)))
-    if protocol == "grpc":
+    if protocol in ("grpc", "grpc-png"):
         stubs = [pb_grpc.ClassifierStub(c) for c in opened]
-        per_image = [p.tobytes() for p in pixels]
+        if protocol == "grpc-png":  # what the Python client sends for a file: the image as encoded
+            from benchmarks.peers import encode_png
+
+            per_image, field = [encode_png(p) for p in pixels], "encoded"
+        else:
+            per_image, field = [p.tobytes() for p in pixels], "pixels"
 
         def call():
-            return _grpc_call(stubs[next(turn)], pb, per_image)
+            return _grpc_call(stubs[next(turn)], pb, per_image, field)
     elif protocol != "rest":
         from quicknet.api._generated import grpc_predict_v2_pb2 as kpb
         from quicknet.api._generated import grpc_predict_v2_pb2_grpc as kpb_grpc

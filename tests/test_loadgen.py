@@ -1,5 +1,5 @@
-"""The load generators' parsing: `hey`'s CSV (the REST loader of `benchmarks.loadgen` and of the GPU
-serve run, which the CPU dry run never starts) read into a table row."""
+"""The load generators: `hey`'s CSV (the REST loader of `benchmarks.loadgen` and of the GPU serve
+run, which the CPU dry run never starts) read into a table row; the gRPC loader's two bodies."""
 
 from __future__ import annotations
 
@@ -35,3 +35,34 @@ def test_a_hey_run_with_no_answered_request_is_one_clear_error(out):
     error naming it, not a division by zero or a percentile of nothing."""
     with pytest.raises(RuntimeError, match="hey answered no request"):
         parse_hey_csv(out, n_images=1, concurrency=1)
+
+
+def test_the_grpc_loader_sends_encoded_images_as_the_python_client_does(tmp_path, monkeypatch):
+    """`benchmarks.engine_core --request grpc` measures a front on what the Python client sends for a
+    file (the PNG in `Image.encoded`), where the GPU run's `grpc` case sends raw pixels: both answer."""
+    import asyncio
+
+    from benchmarks import loadgen
+    from quicknet.testing import FAST_MODEL, start_server
+
+    sent: list[tuple[str, bytes]] = []
+    real = loadgen._grpc_call
+
+    def spy(stub, pb, blobs, field="pixels"):
+        sent.append((field, blobs[0]))
+        return real(stub, pb, blobs, field)
+
+    monkeypatch.setattr(loadgen, "_grpc_call", spy)
+    srv = start_server(tmp_path, access_log="false")
+    try:
+        for protocol in ("grpc-png", "grpc"):
+            sent.clear()
+            row = asyncio.run(loadgen.run_case(protocol, srv.grpc_target, 1, 2, 0.0, 0.5, FAST_MODEL, channels=2))
+            assert row["ok"] > 0 and row["rejected"] == 0, (protocol, row)
+            field, blob = sent[0]
+            if protocol == "grpc-png":
+                assert field == "encoded" and blob.startswith(b"\x89PNG"), blob[:8]
+            else:
+                assert field == "pixels" and len(blob) == 32 * 32 * 3
+    finally:
+        assert srv.stop() == 0
