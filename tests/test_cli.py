@@ -3,6 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from quicknet.testing import REPO
 
 
@@ -56,18 +58,26 @@ def test_classify_against_no_server_is_clear(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("error: cannot reach")
 
 
-def test_busy_port_is_one_line():
+@pytest.mark.parametrize("workers", ["1", "2"])  # 1: the server binds itself; 2: the supervisor checks first
+@pytest.mark.parametrize("busy", ["http", "grpc"])
+def test_busy_port_is_one_line(busy, workers):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = quicknet("serve", "--http-host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0")
+        ports = {"http": "0", "grpc": "0", busy: str(port)}
+        out = quicknet(
+            "serve", "--http-host", "127.0.0.1", "--grpc-host", "127.0.0.1", "--workers", workers,
+            "--http-port", ports["http"], "--grpc-port", ports["grpc"],
+        )  # fmt: skip
     assert out.returncode == 2
-    assert f"cannot listen on 127.0.0.1:{port} for REST" in out.stderr and "Traceback" not in out.stderr
+    what = {"http": "REST", "grpc": "gRPC"}[busy]
+    assert f"cannot listen on 127.0.0.1:{port} for {what}" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
     # `make serve` takes no flags: the hint names the variable too
-    assert out.stderr.rstrip().endswith("pick another with --http-port or QUICKNET_HTTP_PORT"), out.stderr
+    assert out.stderr.rstrip().endswith(f"pick another with --{busy}-port or QUICKNET_{busy.upper()}_PORT"), out.stderr
 
 
 def test_unknown_variant_is_one_line(tmp_path):

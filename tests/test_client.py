@@ -264,6 +264,8 @@ def test_inputs_are_checked_before_anything_is_sent():
             client.classify_batch("examples/cat.png")
         with pytest.raises(TypeError):
             client.classify(42)
+    with pytest.raises(ValueError, match="whole number"):
+        Client("127.0.0.1:9", version=0)
 
 
 # --- retries, against fake servers that refuse on cue -------------------------------------------

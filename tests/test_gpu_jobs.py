@@ -90,6 +90,7 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert doc["arms"]["quicknet"]["compile_cache"]["artifacts"]["inductor"] > 0
     assert all("bytes" in a["compile_cache"] or "error" in a["compile_cache"] for a in doc["arms"].values())
     assert doc["compile_cache_loaded"] == f"none in {tmp_path / 'no-cache-yet'}: compiling cold"
+    assert f"warm start: none in {tmp_path / 'no-cache-yet'}: compiling cold\n" in done.stdout
     ls02 = doc["arms"]["quicknet-ls02"]["compile_cache"]  # the same model as quicknet: one blob for both
     assert "error" in ls02 or ls02["dropped"] == "the same graphs as quicknet's", ls02
     assert not (handoff / "compile-cache" / "quicknet-ls02.bin").exists()

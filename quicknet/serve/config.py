@@ -59,12 +59,6 @@ def usable_cores() -> int:
     return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
-def pick_another(field: str) -> str:
-    """The hint when a port is taken: the flag and the variable that set Settings.`field` (`make
-    serve` takes no flags, so the flag alone would leave its user nowhere to put it)."""
-    return f"pick another with --{field.replace('_', '-')} or QUICKNET_{field.upper()}"
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKNET_", protected_namespaces=())
 

@@ -29,11 +29,11 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from quicknet.errors import QuickNetError
-from quicknet.serve import metrics, tracing, web
+from quicknet.serve import metrics, ports, tracing, web
 from quicknet.serve.backends import BackendError
 from quicknet.serve.classifier import grpc as classifier_grpc
 from quicknet.serve.classifier import rest as classifier_rest
-from quicknet.serve.config import Settings, pick_another
+from quicknet.serve.config import Settings
 from quicknet.serve.engine import Engine
 from quicknet.serve.gpu import sample_forever
 from quicknet.serve.kserve import grpc as kserve_grpc
@@ -71,9 +71,7 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise QuickNetError(
-            f"cannot listen on {host}:{port} for REST ({e.strerror}); {pick_another('http_port')}"
-        ) from None
+        raise ports.taken(host, port, "REST", "http_port", e.strerror) from None
     sock.set_inheritable(True)
     return sock
 
@@ -177,16 +175,18 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = grpc_transport.credentials(settings)
     try:
+        if not supervised and settings.grpc_port:  # supervised fronts share the port the supervisor checked
+            ports.free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port")
         if credentials is None:
             grpc_port = grpc_server.add_insecure_port(grpc_address)
         else:
             grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+    except QuickNetError:
+        http_socket.close()
+        raise
     except RuntimeError:
         http_socket.close()
-        raise QuickNetError(
-            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} for gRPC (in use?); "
-            + pick_another("grpc_port")
-        ) from None
+        raise ports.taken(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port", "in use?") from None
     app = create_app(runtime, REST_FRONTS)
     http = _HttpServer(
         uvicorn.Config(

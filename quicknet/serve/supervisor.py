@@ -20,15 +20,14 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from quicknet.errors import QuickNetError
-from quicknet.serve.config import Settings, pick_another
+from quicknet.serve.config import Settings
+from quicknet.serve.ports import free_port
 
 log = logging.getLogger("quicknet.supervisor")
 FATAL = 2  # a child's "do not restart me" exit code
@@ -48,20 +47,6 @@ def _child_main(process_name: str, entry: Callable[[Settings, str], int], settin
     (pickled by name, so the child imports `main` itself: this module never imports it)."""
     name_process(process_name)
     raise SystemExit(entry(settings, path))
-
-
-def _free_port(host: str, port: int, what: str, field: str) -> int:
-    """The port, or a free one for 0, checked by binding without SO_REUSEPORT (a listener that
-    shares ports would otherwise be joined silently)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise QuickNetError(
-                f"cannot listen on {host}:{port} for {what} ({e.strerror}); {pick_another(field)}"
-            ) from None
-        return probe.getsockname()[1]
 
 
 class _Child:
@@ -96,8 +81,8 @@ class _Child:
 def supervise(
     settings: Settings, run_engine: Callable[[Settings, str], int], run_front: Callable[[Settings, str], int]
 ) -> int:
-    http_port = _free_port(settings.http_host, settings.http_port, "REST", "http_port")
-    grpc_port = _free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port")
+    http_port = free_port(settings.http_host, settings.http_port, "REST", "http_port")
+    grpc_port = free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port")
     settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port})
     workdir = Path(tempfile.mkdtemp(prefix="quicknet-"))
     metrics_dir = workdir / "metrics"
