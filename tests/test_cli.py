@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from quicknet.errors import QuickNetError
 from quicknet.testing import REPO
 
 
@@ -188,3 +189,25 @@ def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path):
         assert out.returncode == 2, out.stderr
         hint = "needs the build extra (torch is not installed): make venv-dev (README: Offline build)\n"
         assert out.stderr == f"error: `quicknet {command[0]}` {hint}"
+
+
+def test_a_port_its_last_server_just_closed_is_free_again():
+    """A restart finds the port's closed connections in TIME_WAIT: the check before binding must not
+    take them for a listener (the servers themselves bind with SO_REUSEADDR), and must still see one."""
+    import socket
+
+    from quicknet.serve.ports import free_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    with pytest.raises(QuickNetError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
+        free_port("127.0.0.1", port, "gRPC", "grpc_port")  # still listening
+    conn.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    listener.close()
+    assert free_port("127.0.0.1", port, "gRPC", "grpc_port") == port

@@ -21,9 +21,11 @@ def taken(host: str, port: int, what: str, field: str, why: str) -> QuickNetErro
 def free_port(host: str, port: int, what: str, field: str) -> int:
     """The port, or a free one for 0, checked by binding without SO_REUSEPORT (a listener that
     shares ports would otherwise be joined silently; gRPC's own failure to bind is a log line of its
-    C core before ours)."""
+    C core before ours), with SO_REUSEADDR as the servers bind (the last server's connections
+    waiting in TIME_WAIT after a restart are no listener)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:
