@@ -170,20 +170,17 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     tracing.configure(settings)  # before the servers are built: they wrap their handlers if it is on
     runtime = Runtime(settings)
     source = make_source(runtime)
+    if not supervised:  # the supervisor checked them for its fronts; gRPC's own failure logs a line first
+        ports.free_ports(settings)
     http_socket = bind(settings.http_host, settings.http_port, reuse_port=supervised)
     grpc_server, health = grpc_transport.create_server(runtime, GRPC_FRONTS)
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = grpc_transport.credentials(settings)
     try:
-        if not supervised and settings.grpc_port:  # supervised fronts share the port the supervisor checked
-            ports.free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port")
         if credentials is None:
             grpc_port = grpc_server.add_insecure_port(grpc_address)
         else:
             grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
-    except QuickNetError:
-        http_socket.close()
-        raise
     except RuntimeError:
         http_socket.close()
         raise ports.taken(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port", "in use?") from None

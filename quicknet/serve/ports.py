@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 from quicknet.errors import QuickNetError
+from quicknet.serve.config import Settings
 
 
 def pick_another(field: str) -> str:
@@ -31,3 +32,11 @@ def free_port(host: str, port: int, what: str, field: str) -> int:
         except OSError as e:
             raise taken(host, port, what, field, e.strerror) from None
         return probe.getsockname()[1]
+
+
+def free_ports(settings: Settings) -> tuple[int, int]:
+    """The REST and gRPC ports (a free one for 0), both checked before anything binds them."""
+    return (
+        free_port(settings.http_host, settings.http_port, "REST", "http_port"),
+        free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port"),
+    )

@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from quicknet.serve.config import Settings
-from quicknet.serve.ports import free_port
+from quicknet.serve.ports import free_ports
 
 log = logging.getLogger("quicknet.supervisor")
 FATAL = 2  # a child's "do not restart me" exit code
@@ -81,8 +81,7 @@ class _Child:
 def supervise(
     settings: Settings, run_engine: Callable[[Settings, str], int], run_front: Callable[[Settings, str], int]
 ) -> int:
-    http_port = free_port(settings.http_host, settings.http_port, "REST", "http_port")
-    grpc_port = free_port(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port")
+    http_port, grpc_port = free_ports(settings)
     settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port})
     workdir = Path(tempfile.mkdtemp(prefix="quicknet-"))
     metrics_dir = workdir / "metrics"
