@@ -166,6 +166,8 @@ def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path
         return path
 
     assert load(tmp_path / "nothing", here) == f"none in {tmp_path / 'nothing'}: compiling cold"
+    unreadable = tmp_path / ("x" * 300)  # a name the file system refuses: OSError, not "no such file"
+    assert load(unreadable, here) == f"{unreadable} unreadable (OSError): compiling cold"
     other = cache(tmp_path / "torch-compile-cache.1-nvidia-h200.zip", h200, {"quicknet": b"h200 kernels"})
     said = load(other, here)
     assert said.startswith("none built for this machine (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130) among")

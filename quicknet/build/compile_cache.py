@@ -115,14 +115,19 @@ def bundle(folder: Path, out: Path, limit: int = 16 << 20) -> dict | str:
     return {"file": path.name, "bytes": size, "built_for": built_for, "arms": {b.stem: b.stat().st_size for b in blobs}}
 
 
+def describe(counters: dict) -> str:
+    """`counters()` in the words the results use."""
+    return f"{counters['inductor_hits']} graphs from the cache, {counters['inductor_misses']} compiled"
+
+
 def load(source: Path, env: dict) -> dict | str:
     """Load the artifacts in `source` (a zip from `bundle`, or a folder of them: the first built for
     this machine) into this machine's torch.compile caches. What was loaded, or why nothing was: a
     zip that is missing, built for another machine or unreadable means compiling cold."""
-    import torch
-
-    zips = sorted(source.glob(ZIP_GLOB)) if source.is_dir() else [source]
-    zips = [z for z in zips if z.is_file()]
+    try:
+        zips = [z for z in (sorted(source.glob(ZIP_GLOB)) if source.is_dir() else [source]) if z.is_file()]
+    except OSError as e:
+        return f"{source} unreadable ({type(e).__name__}): compiling cold"
     if not zips:
         return f"none in {source}: compiling cold"
     here = identity(env)
@@ -135,17 +140,26 @@ def load(source: Path, env: dict) -> dict | str:
                 if built_for != here:
                     others.append(f"{path.name} ({built_for.get('gpu')}, torch {built_for.get('torch')})")
                     continue
-                loaded: dict[str, dict | str] = {}
-                for name in sorted(n for n in zf.namelist() if n.endswith(".bin")):
-                    arm = name[: -len(".bin")]
-                    try:  # torch logs and returns None for a blob it cannot read
-                        info = torch.compiler.load_cache_artifacts(zf.read(name))
-                        loaded[arm] = {k: len(v) for k, v in info.artifacts.items()} if info else "unreadable"
-                    except Exception as e:  # one arm's blob: the others still load
-                        loaded[arm] = f"{type(e).__name__}: {e}"[:300]
+                loaded = _load_blobs(zf)
         except Exception as e:  # a zip damaged in any way zipfile or zlib can say: compiling cold
             others.append(f"{path.name} (unreadable: {type(e).__name__}: {e})"[:300])
             continue
         return {"file": path.name, "built_for": built_for, "arms": loaded, "seconds": round(time.perf_counter() - t, 2)}
     machine = f"{here['gpu']}, torch {here['torch']}"
     return f"none built for this machine ({machine}) among {'; '.join(others)}: compiling cold"
+
+
+def _load_blobs(zf: zipfile.ZipFile) -> dict[str, dict | str]:
+    """Each arm's blob in `zf` into this machine's caches: the artifacts it held, or why it did not
+    load (the others still do)."""
+    import torch
+
+    loaded: dict[str, dict | str] = {}
+    for name in sorted(n for n in zf.namelist() if n.endswith(".bin")):
+        arm = name[: -len(".bin")]
+        try:  # torch logs and returns None for a blob it cannot read
+            info = torch.compiler.load_cache_artifacts(zf.read(name))
+            loaded[arm] = {k: len(v) for k, v in info.artifacts.items()} if info else "unreadable"
+        except Exception as e:
+            loaded[arm] = f"{type(e).__name__}: {e}"[:300]
+    return loaded

@@ -330,7 +330,7 @@ def arm_main(spec_path: str) -> None:
     _write_json(status_path, status)
     # After the results are written (a slow save must not cost them), and only from a compile that
     # trained the arm to its end (not the eager fallback's, nor a failed arm's).
-    if spec.get("compile_cache") and cfg.compile and status["state"] == "done" and "compile_error" not in status:
+    if spec.get("compile_cache") and cfg.compile and not compile_failed and status["state"] == "done":
         status["compile_cache"] = compile_cache.save(Path(spec["compile_cache"]) / f"{name}.bin")
         _write_json(status_path, status)
 
@@ -435,7 +435,7 @@ def render_markdown(doc: dict) -> str:
         c = arm.get("compile_counters")
         if c:
             lines += [
-                f"torch.compile: {c['inductor_hits']} graphs from the cache, {c['inductor_misses']} compiled "
+                f"torch.compile: {compile_cache.describe(c)} "
                 f"(AOTAutograd: {c['aot_autograd_hits']} from the cache, {c['aot_autograd_misses']} traced); "
                 f"epoch 1 took {history[0]['epoch_seconds']} s.",
                 "",
@@ -502,12 +502,10 @@ def run(
     results.update(environment=env_doc, matmul=gpu_probe.matmul_tflops(0.2 if dry_run else 2.0))
     if warm_from is not None:  # before the arms start: they read what it writes into the caches
         results.update(compile_cache_loaded=compile_cache.load(warm_from, env_doc))
-    saved_into = None
-    if handoff is not None:  # what the arms will save there is for this machine
-        marked = compile_cache.mark(handoff / compile_cache.FOLDER, env_doc)
-        saved_into = handoff / compile_cache.FOLDER if marked is None else None
-        if marked is not None:
-            results.update(compile_cache_saved=marked)
+    saved_into = handoff / compile_cache.FOLDER if handoff is not None else None
+    if saved_into is not None and (why := compile_cache.mark(saved_into, env_doc)):  # nothing saved unmarked
+        results.update(compile_cache_saved=why)
+        saved_into = None
     _release_gpu()
 
     work = Path(tempfile.mkdtemp(prefix="quicknet-gpu-train-"))
@@ -714,10 +712,7 @@ def main(args) -> None:
             print(f"{name}: {arm.get('state')} {arm.get('error', '')}")
         c = arm.get("compile_counters")
         if c and arm.get("epochs"):  # what the warm start saved, in the lines the device tool returns
-            print(
-                f"{name}: torch.compile {c['inductor_hits']} graphs from the cache, {c['inductor_misses']} compiled; "
-                f"epoch 1 {arm['epochs'][0]['epoch_seconds']} s"
-            )
+            print(f"{name}: torch.compile {compile_cache.describe(c)}; epoch 1 {arm['epochs'][0]['epoch_seconds']} s")
     loaded = doc.get("compile_cache_loaded")
     if loaded:
         print(f"warm start: {loaded['file'] if isinstance(loaded, dict) else loaded}")
