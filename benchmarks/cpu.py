@@ -31,7 +31,8 @@ def _stat_fields(path: str) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def _cpu_seconds(path: str) -> float:
+def cpu_seconds(path: str) -> float:
+    """User + system CPU seconds from a /proc stat file: a process's (every thread's) or one thread's."""
     fields = _stat_fields(path)
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime + stime
 
@@ -83,7 +84,7 @@ def snapshot(server_pid: int) -> Snapshot:
     seconds = {}
     for pid in roles:
         try:  # the process's own total includes threads that have exited
-            seconds[pid] = (_cpu_seconds(f"/proc/{pid}/stat"), _cpu_seconds(f"/proc/{pid}/task/{pid}/stat"))
+            seconds[pid] = (cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat"))
         except (OSError, ValueError, IndexError):
             continue
     return Snapshot(time.monotonic(), _machine_ticks(), roles, seconds)

@@ -1,12 +1,14 @@
 """What one request costs the engine process's event loop and the fronts, on this CPU.
 
-    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10] [--request kserve|grpc]
+    python -m benchmarks.engine_core [--fronts 2] [--concurrency 16 64] [--seconds 10]
+                                   [--request classify|kserve|grpc|kserve-grpc]
 
 `quicknet serve --workers N` over the small shipped model (quicknet-xs), one 32x32 PNG per `POST
 /classify` (`--request kserve`: one UINT8 tensor per KServe REST `/infer`), driven by `wrk` (C: it
 costs the server's cores little); `--request grpc`: one PNG per gRPC `ClassifyBatch`, as the
 Python client sends a file, driven by one process of `benchmarks.loadgen` (Python, 4 channels: it
-takes CPU the server then lacks, so compare gRPC rows with each other, not with wrk's). Over each
+takes CPU the server then lacks, so compare gRPC rows with each other, not with wrk's);
+`--request kserve-grpc`: one UINT8 tensor per KServe gRPC `ModelInfer`, the same way. Over each
 window, from /proc (`benchmarks.cpu`): the engine process's main thread (its event loop: since the
 engine core reads requests from shared memory it takes no part in one), its other threads (the
 engine core's runners and the engine's own threads, inference included) and the fronts' CPU;
@@ -96,6 +98,11 @@ def core_alone(batches: list[int], rounds: int = 2000) -> list[dict]:
     return rows
 
 
+# --request: loadgen's case for each gRPC kind (a PNG per ClassifyBatch, as the Python client sends
+# a file; raw UINT8 pixels per KServe ModelInfer, as the GPU run and Triton's clients send them)
+GRPC_CASES = {"grpc": "grpc-png", "kserve-grpc": "kserve-grpc"}
+
+
 def request_for(kind: str, pixels: np.ndarray) -> tuple[str, dict, bytes]:
     """(path, headers, body): one PNG to `/classify`, or one UINT8 tensor to KServe's `/infer` in
     the binary-data extension (as Triton's clients send it)."""
@@ -109,8 +116,8 @@ def request_for(kind: str, pixels: np.ndarray) -> tuple[str, dict, bytes]:
 
 def drive(kind: str, srv, concurrency: int, seconds: float, work: Path) -> dict:
     """One closed-loop window of `kind`: req/s, p99 ms, errors."""
-    if kind == "grpc":
-        r = run_pool("grpc-png", srv.grpc_target, 1, concurrency, seconds, FAST_MODEL, processes=1, channels=4)
+    if kind in GRPC_CASES:
+        r = run_pool(GRPC_CASES[kind], srv.grpc_target, 1, concurrency, seconds, FAST_MODEL, processes=1, channels=4)
         return {"req_s": r["requests_s"], "p99_ms": round(r["p99_ms"], 2), "errors": r["rejected"]}
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path, headers, body = request_for(kind, pixels)
@@ -159,10 +166,10 @@ def main() -> None:
     parser.add_argument("--alone-only", action="store_true", help="only the engine core alone (no server)")
     parser.add_argument(
         "--request",
-        choices=["classify", "kserve", "grpc"],
+        choices=["classify", "kserve", "grpc", "kserve-grpc"],
         default="classify",
         help="one PNG to /classify, one UINT8 tensor to KServe's REST /infer (binary-data extension), "
-        "or one PNG to gRPC ClassifyBatch",
+        "one PNG to gRPC ClassifyBatch, or one UINT8 tensor to KServe gRPC ModelInfer (raw_input_contents)",
     )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -170,7 +177,7 @@ def main() -> None:
     print(table(alone, list(alone[0])))
     rows: list[dict] = []
     if not args.alone_only:
-        if args.request != "grpc" and not shutil.which("wrk"):
+        if args.request not in GRPC_CASES and not shutil.which("wrk"):
             raise SystemExit("wrk is not installed: apt-get install wrk (make bench-peers does)")
         with tempfile.TemporaryDirectory() as tmp:
             rows = measure(args.fronts, args.concurrency, args.seconds, Path(tmp), args.request)

@@ -66,3 +66,18 @@ def test_the_grpc_loader_sends_encoded_images_as_the_python_client_does(tmp_path
                 assert field == "pixels" and len(blob) == 32 * 32 * 3
     finally:
         assert srv.stop() == 0
+
+
+def test_the_grpc_floor_measures_an_echo_server_of_each_kind():
+    """`benchmarks.grpc_floor` (benchmarks/README.md, "gRPC's own floor"): both kinds of server start,
+    answer the client's calls, and their CPU a call is counted; a kind it does not know is one line."""
+    import subprocess
+    import sys
+
+    from benchmarks.grpc_floor import measure
+
+    for kind in ("aio", "sync2"):
+        row = measure(kind, 2, 0.5)
+        assert row["server"] == kind and row["calls_s"] > 0 and row["server_us_per_call"] > 0, row
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--servers", "sync"], capture_output=True)
+    assert bad.returncode != 0 and bad.stderr.decode().strip() == "--servers: aio or syncN (N threads), got sync"

@@ -1,0 +1,154 @@
+"""What gRPC itself costs a server a unary call in Python: the floor under any gRPC front of ours.
+
+    python -m benchmarks.grpc_floor [--servers aio sync16 sync4] [--concurrency 1 4 16 64] [--seconds 6]
+
+A server process with one method that echoes its request's bytes (a generic handler, no protobuf,
+nothing of ours) and a client process sending 3,100-byte requests (about a 32x32 PNG) over 4
+channels, closed loop at each concurrency, as `benchmarks.loadgen` drives our fronts. The server
+process's CPU over the window (/proc, every thread) divided by the calls answered: microseconds a
+call. `aio` is grpc.aio on uvloop, as our fronts run; `syncN` is grpc's thread-pool server with N
+threads, which holds at most N calls at once (a call that waits for a batch holds a thread), so it
+could not carry a batching front: it is here to show what the asyncio layer costs.
+
+Compare a row with `python -m benchmarks.engine_core --request kserve-grpc` (a front's CPU a
+request, raw pixels to KServe's ModelInfer) at about the same calls a second a process: the cost a
+call falls as the rate rises (more completions for each wake-up), so only rows at the same rate
+compare. Prints a table and writes benchmarks/results/grpc_floor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+
+METHOD = "/floor.Echo/Call"
+PAYLOAD = b"x" * 3100
+CHANNELS = 4
+
+
+def _echo_handler(grpc, echo):
+    def same(b: bytes) -> bytes:
+        return b
+
+    handler = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=same, response_serializer=same)
+    return grpc.method_handlers_generic_handler("floor.Echo", {"Call": handler})
+
+
+def serve(kind: str, port: int) -> None:
+    """The server process: prints `ready` once it listens, then serves until killed."""
+    import grpc
+
+    if kind == "aio":
+        import uvloop
+
+        async def echo(request: bytes, context) -> bytes:
+            return request
+
+        async def main() -> None:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((_echo_handler(grpc, echo),))
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            print("ready", flush=True)
+            await server.wait_for_termination()
+
+        uvloop.run(main())
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=int(kind.removeprefix("sync"))))
+    server.add_generic_rpc_handlers((_echo_handler(grpc, lambda request, context: request),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("ready", flush=True)
+    server.wait_for_termination()
+
+
+async def drive(port: int, concurrency: int, seconds: float) -> int:
+    """Calls answered in `seconds`, `concurrency` at once over CHANNELS channels (connections)."""
+    import grpc
+
+    options = [("grpc.use_local_subchannel_pool", 1)]  # else the channels share one connection
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(CHANNELS)]
+    calls = [c.unary_unary(METHOD) for c in channels]
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        call = calls[i % CHANNELS]
+        while time.perf_counter() < end:
+            await call(PAYLOAD)
+            done += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    for channel in channels:
+        await channel.close()
+    return done
+
+
+def measure(kind: str, concurrency: int, seconds: float) -> dict:
+    from benchmarks.cpu import cpu_seconds
+    from quicknet.testing import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {kind} echo server did not start")
+        client = [sys.executable, "-m", "benchmarks.grpc_floor", "--drive", str(port), "--concurrency"]
+        subprocess.run([*client, str(concurrency), "--seconds", "1"], check=True, capture_output=True)  # warm
+        before = cpu_seconds(f"/proc/{server.pid}/stat")
+        out = subprocess.run([*client, str(concurrency), "--seconds", str(seconds)], check=True, capture_output=True)
+        used = cpu_seconds(f"/proc/{server.pid}/stat") - before
+    finally:
+        server.kill()
+        server.wait()
+    calls = int(out.stdout)
+    return {
+        "server": kind,
+        "concurrency": concurrency,
+        "calls_s": round(calls / seconds),
+        "server_us_per_call": round(used / max(calls, 1) * 1e6),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", nargs="+", default=["aio", "sync16", "sync4"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process
+    parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)  # the client process: its port
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.serve, args.port)
+    if args.drive:
+        print(asyncio.run(drive(args.drive, args.concurrency[0], args.seconds)))
+        return
+    bad = [s for s in args.servers if s != "aio" and not (s.startswith("sync") and s[4:].isdigit())]
+    if bad:
+        raise SystemExit(f"--servers: aio or syncN (N threads), got {' '.join(bad)}")
+    from benchmarks.common import save, table
+
+    rows = []
+    for kind in args.servers:
+        for c in args.concurrency:
+            rows.append(measure(kind, c, args.seconds))
+            print(rows[-1], flush=True)
+    print(table(rows, list(rows[0])))
+    if not args.no_save:
+        print("results:", save("grpc_floor", {"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
