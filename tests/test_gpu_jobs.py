@@ -148,6 +148,20 @@ def test_gpu_train_dry_run_trains_every_arm_at_once_and_returns_what_the_build_c
     assert chosen["weights"].startswith(f"published: {FAST_MODEL} v") and args.model == FAST_MODEL
 
 
+def test_results_md_says_when_an_arms_plan_was_shortened():
+    """An arm whose pace since its plan shortened it (quicknet/build/train.py, `replan_epochs`) says
+    so in results.md beside the epochs it ran; one that kept its plan shows the plan alone."""
+    from quicknet.build.gpu_train import render_markdown
+
+    arms = {
+        "quicknet": {"state": "done", "final": {"epochs": 22, "planned_epochs": 22, "first_planned_epochs": 56}},
+        "quicknet-ls02": {"state": "done", "final": {"epochs": 80, "planned_epochs": 80, "first_planned_epochs": 80}},
+    }
+    markdown = render_markdown({"arms": arms})
+    assert "| quicknet |  | done | 22 (22, shortened from 56) |" in markdown, markdown
+    assert "| quicknet-ls02 |  | done | 80 (80) |" in markdown, markdown
+
+
 def test_a_compile_cache_is_loaded_only_on_the_machine_it_was_built_for(tmp_path):
     """torch.compile's artifacts are keyed by GPU model, torch and Triton: a cache from anywhere else
     would only miss, so it is not loaded, and the run says why in one line; from a folder, the zip

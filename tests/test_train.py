@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from quicknet.build.config import TrainConfig
 from quicknet.build.data import Dataset, TensorLoader
-from quicknet.build.train import accuracy, load_checkpoint, plan_epochs, train
+from quicknet.build.train import _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
@@ -214,3 +215,59 @@ def test_the_planner_can_wait_for_a_shared_gpu(cifar: Dataset, tmp_path, monkeyp
     assert second["steady_epoch_seconds"] == 4.0 and second["eval_seconds"] == pytest.approx(0.6)
     left = 400.0 - second["elapsed_s"] - 0.6
     assert second["planned_epochs"] == 2 + int(0.93 * left / (4.0 + 0.6 / eval_every))
+
+
+def test_the_plan_is_shortened_when_the_epochs_grow_slower(cifar: Dataset, tmp_path, monkeypatch):
+    """An arm planned from an epoch 2 it had the GPU to itself for (the others still compiling past
+    the barrier), then shared three ways: 1 s an epoch planned, 3 s run. The plan as made would end
+    at ~210 s; the hard stop at 115 s would cut it with the LR far from zero. At the first evaluation
+    after the plan the pace says so, and the schedule ends inside the budget, at LR zero."""
+    _replay_timings(
+        monkeypatch,
+        step_seconds=lambda i: {0: 30.0}.get(i, 0.5 if i < 4 else 1.5),
+        eval_seconds=lambda i: 3.5 if i == 0 else 0.2,
+    )
+    cfg = TrainConfig(
+        **TINY,
+        epochs=200,
+        train_subset=128,  # 2 steps an epoch
+        time_budget_s=100.0,
+        time_limit_s=115.0,  # as gpu-train sets it: HARD_STOP_MARGIN_S past the budget
+        plan_after_epochs=2,
+        eval_every=2,
+    )
+    result = train(cfg, cifar, tmp_path, progress=False)
+    h = {r["epoch"]: r for r in result.history}
+    assert h[2]["planned_epochs"] == 56, h[2]  # 2 + int(0.93 * (100 - 35.2 - 0.2) / (1 + 0.2 / 2))
+    # epoch 4: 3.1 s an epoch since the plan; (56 - 4) x 3.1 > 100 - 41.4 - 0.2: 4 + int(58.4 / 3.1)
+    assert h[4]["replanned"] and h[4]["planned_epochs"] == 22, h[4]
+    assert result.planned_epochs == 22 and not result.stopped_early
+    assert max(h) == 22 and h[22]["lr"] == 0.0 and result.seconds <= 100.0, (max(h), h[22], result.seconds)
+    # from epoch 4's LR in a straight line to zero at epoch 22: no jump where the plan changed
+    assert h[5]["lr"] == pytest.approx(h[4]["lr"] * (22 - 5) / (22 - 4), abs=1e-6), (h[4]["lr"], h[5]["lr"])
+    lrs = [h[e]["lr"] for e in range(2, 23)]
+    assert all(a > b for a, b in itertools.pairwise(lrs)), f"the LR decays all the way: {lrs}"
+    assert sum("replanned" in r for r in result.history) == 1, "one shortening was enough"
+
+
+def test_replanning_keeps_a_plan_that_fits_and_never_lengthens_one():
+    common = dict(budget_s=100.0, elapsed_s=41.4, done=4, since_elapsed_s=35.2, since_done=2, eval_s=0.2)
+    assert replan_epochs(**common, planned=56) == 22  # 3.1 s an epoch: 4 + int(58.4 / 3.1)
+    assert replan_epochs(**common, planned=22) == 22  # 18 x 3.1 = 55.8 <= 58.4: it fits
+    assert replan_epochs(**common, planned=10) == 10, "faster than planned: the plan stays"
+    assert replan_epochs(**{**common, "elapsed_s": 99.0}, planned=56) == 4, "no epoch fits: stop at what is done"
+    assert replan_epochs(**{**common, "since_done": 4}, planned=56) == 56, "no epoch since the plan: no pace yet"
+
+
+def test_a_shortened_schedule_continues_its_line_and_is_kept_in_the_scheduler_state():
+    schedule = _Schedule(warmup=10, total_steps=110)
+    before = schedule(40)  # 0.7
+    schedule.shorten(40, 60)
+    assert schedule(40) == pytest.approx(before) and schedule(50) == pytest.approx(before / 2)
+    assert schedule(60) == 0.0 and schedule(70) == 0.0 and schedule(5) == pytest.approx(0.55), "warmup unchanged"
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    state = torch.optim.lr_scheduler.LambdaLR(opt, schedule).state_dict()
+    fresh = _Schedule(warmup=10, total_steps=110)  # what a resumed run builds, then loads
+    resumed_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    torch.optim.lr_scheduler.LambdaLR(resumed_opt, fresh).load_state_dict(state)
+    assert [fresh(s) for s in (40, 50, 60)] == [schedule(s) for s in (40, 50, 60)]

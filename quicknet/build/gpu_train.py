@@ -44,7 +44,10 @@ legacy/airbench94.py and airbench96.py, KellerJordan/cifar10-airbench; tysam-cod
   arm that finishes compiling first would otherwise measure its steady epoch on a GPU the others
   do not use yet, plan too many epochs and be cut off by the hard stop before the LR reaches zero.
   After epoch 1 each arm waits (at most BARRIER_S) until every arm has finished its own, so epoch 2
-  is measured with all of them training. The 2 warmup epochs do not depend on the plan.
+  is measured with all of them training. The 2 warmup epochs do not depend on the plan. Should an
+  arm's epochs still grow slower than planned (the barrier timed out, an arm joined late), its next
+  evaluation shortens the plan to what fits (`quicknet/build/train.py`), rather than the hard stop
+  cutting the schedule before the LR reaches zero; results.md then says "shortened from".
 - TTA reported separately from the plain EMA top-1: flip (2 views), and flip + one-pixel translate
   (6 views, weighted as airbench's tta_level 2).
 
@@ -320,6 +323,8 @@ def arm_main(spec_path: str) -> None:
         "top1_raw_weights": history[-1].get("test_acc") if history else None,
         "epochs": summary["epochs_run"],
         "planned_epochs": summary["planned_epochs"],
+        # the plan made after epoch 2, where the pace since then shortened it (quicknet/build/train.py)
+        "first_planned_epochs": next((h["planned_epochs"] for h in history if "planned_epochs" in h), None),
         "stopped_early": summary["stopped_early"],
         "train_seconds": summary["train_seconds"],
         "images_per_s": img_s,
@@ -361,6 +366,12 @@ def sharing(arms: dict[str, dict]) -> dict[str, dict]:
             "share_of_solo_by_arms_training": {n: round(v / solo, 3) for n, v in rows.items()},
         }
     return out
+
+
+def _planned(final: dict) -> str:
+    """The epochs planned, and the first plan where the pace since shortened it."""
+    planned, first = final.get("planned_epochs"), final.get("first_planned_epochs")
+    return f"{planned}, shortened from {first}" if first and planned and first != planned else f"{planned or ''}"
 
 
 def render_markdown(doc: dict) -> str:
@@ -415,7 +426,7 @@ def render_markdown(doc: dict) -> str:
             by_n = "; ".join(f"{n}: {v:,.0f} ({s['share_of_solo_by_arms_training'][n]:.2f})" for n, v in rates.items())
             lines.append(
                 f"| {name} | {arm.get('change', '')} | {arm.get('state', '')} "
-                f"| {f.get('epochs', len(arm.get('epochs', [])))} ({f.get('planned_epochs', '')}) "
+                f"| {f.get('epochs', len(arm.get('epochs', [])))} ({_planned(f)}) "
                 f"| **{f.get('top1', '')}** | {f.get('top1_flip_tta', '')} | {f.get('top1_flip_translate_tta', '')} "
                 f"| {'not reached' if f and t93 is None else t93 or ''} | {f.get('images_per_s', '')} "
                 f"| {by_n} |"
@@ -554,7 +565,7 @@ def run(
                 arms[name] = {"change": arms[name]["change"], **status, **failed.get(name, {})}
             for h in arms[name].get("epochs", [])[printed[name] :]:
                 if "test_acc_ema" in h or "planned_epochs" in h or h["epoch"] == 1:  # the device returns 12k chars
-                    keys = ("epoch", "elapsed_s", "images_per_s", "test_acc_ema", "planned_epochs")
+                    keys = ("epoch", "elapsed_s", "images_per_s", "test_acc_ema", "planned_epochs", "replanned")
                     print(json.dumps({"arm": name} | {k: h[k] for k in keys if k in h}), flush=True)
             printed[name] = len(arms[name].get("epochs", []))
             if name not in running and name not in failed:

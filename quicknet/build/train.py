@@ -21,6 +21,11 @@ evaluation time are measured and the number of epochs is set to what fits (`plan
 LR schedule decays to zero inside the budget instead of being cut off. The first evaluation ever
 is cold (cuDNN autotuning a new batch shape, allocator growth: 3.6 s against 0.2 s warm on an
 H200, 2026-12-04), so it is never the estimate; evaluation is charged per `eval_every` epochs.
+After the plan, every evaluation checks it against the pace since (training, evaluation and saves
+as they came): an epoch that has grown slower than planned, on a GPU that another job has started
+to share say, would take the schedule past the budget and into the hard stop (`time_limit_s`) before
+the LR reached zero, so the plan is shortened to what still fits (`replan_epochs`) and the LR
+decays from its value then to zero at the new end (`_Schedule.shorten`). It is never lengthened.
 """
 
 from __future__ import annotations
@@ -83,6 +88,29 @@ def plan_epochs(
     per_epoch = steady_epoch_s + eval_s / max(1, eval_every)
     fit = done + int(safety * max(0.0, left) / max(per_epoch, 1e-9))
     return max(done, min(max_epochs, fit))
+
+
+def replan_epochs(
+    *,
+    budget_s: float,
+    elapsed_s: float,
+    done: int,
+    planned: int,
+    since_elapsed_s: float,
+    since_done: int,
+    eval_s: float,
+) -> int:
+    """`planned`, or fewer where the epochs left no longer fit what is left of `budget_s` at the pace
+    of the epochs since the plan (`since_done` epochs done at `since_elapsed_s`): what fits then,
+    never fewer than `done`. The plan left a margin (BUDGET_SAFETY), so a pace within it keeps it;
+    one round of evaluation is set aside for the last epoch, as when planning."""
+    if done <= since_done or done >= planned:
+        return planned
+    pace = (elapsed_s - since_elapsed_s) / (done - since_done)
+    left = budget_s - elapsed_s - eval_s
+    if (planned - done) * pace <= left:
+        return planned
+    return max(done, done + int(max(0.0, left) / max(pace, 1e-9)))
 
 
 def _param_groups(model: QuickNet, weight_decay: float) -> list[dict]:
@@ -170,13 +198,26 @@ def load_checkpoint(path: Path, *, use_ema: bool = True) -> tuple[QuickNet, dict
 
 class _Schedule:
     """Linear warmup (from 10%) then linear decay to zero at `total_steps`, which a time budget
-    may set after the first epoch; the warmup never depends on it."""
+    may set after the first epoch; the warmup never depends on it. `shorten` moves the end earlier
+    without a jump. LambdaLR keeps this object's attributes in its state_dict, so a resumed run
+    continues on the same line."""
 
     def __init__(self, warmup: int, total_steps: int):
         self.warmup = warmup
         self.total_steps = total_steps
+        self.shortened_at: int | None = None  # from this step, a straight line from its factor
+        self.factor_then = 1.0
+
+    def shorten(self, step: int, total_steps: int) -> None:
+        """Reach zero at `total_steps` instead, decaying from the factor `step` has now."""
+        self.factor_then = self(step)
+        self.shortened_at = step
+        self.total_steps = total_steps
 
     def __call__(self, step: int) -> float:
+        if self.shortened_at is not None and step >= self.shortened_at:
+            left = max(1, self.total_steps - self.shortened_at)
+            return max(0.0, self.factor_then * (self.total_steps - step) / left)
         if step < self.warmup:
             return 0.1 + 0.9 * step / self.warmup
         return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
@@ -381,6 +422,10 @@ def train(
     if resume and ckpt_path.is_file():
         planned_epochs, position, history, elapsed = _restore(parts, out_dir, ckpt_path, device)
     parts.schedule.total_steps = planned_epochs * steps_per_epoch
+    # (elapsed s, epochs done) when the plan was made, or where a planned run resumed: the pace the
+    # plan is checked against is measured from there (`replan_epochs`)
+    planned = cfg.time_budget_s and any("planned_epochs" in h for h in history)
+    planned_at = (elapsed, position["epoch"]) if planned else None
 
     def save(global_step: int) -> None:
         _save_checkpoint(
@@ -455,6 +500,21 @@ def train(
             record["planned_epochs"] = planned_epochs
             record["steady_epoch_seconds"] = round(steady, 2)
             record["eval_seconds"] = round(warm_eval, 3)
+            planned_at = (time.perf_counter() - t_start, epoch + 1)
+        elif planned_at is not None and warm_eval and not last:
+            shorter = replan_epochs(
+                budget_s=cfg.time_budget_s,
+                elapsed_s=time.perf_counter() - t_start,
+                done=epoch + 1,
+                planned=planned_epochs,
+                since_elapsed_s=planned_at[0],
+                since_done=planned_at[1],
+                eval_s=warm_eval,
+            )
+            if shorter < planned_epochs:
+                parts.schedule.shorten((epoch + 1) * steps_per_epoch, shorter * steps_per_epoch)
+                planned_epochs = record["planned_epochs"] = shorter
+                record["replanned"] = True
         record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         history.append(record)
         line = json.dumps(record)
