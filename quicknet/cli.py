@@ -57,6 +57,19 @@ def _each_knows_its_parser(parser: argparse.ArgumentParser) -> None:
                 _each_knows_its_parser(command)
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """` (did you mean --train-subset?)` for a misspelt flag among `unknown`, or nothing."""
+    import difflib
+
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.partition("=")[0], flags, n=1, cutoff=0.75)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def _missing_serve(error: ImportError) -> None:
     raise QuickNetError(f"the service is not installed ({error.name} missing): pip install -e '.[serve]'")
 
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         given = sys.argv[1:] if argv is None else argv
         before_command = given[: given.index(args.command)]  # `quicknet --json classify`: not classify's fault
         blamed = parser if any(u in before_command for u in unknown) else args.usage_parser
-        blamed.error(f"unrecognized arguments: {' '.join(unknown)}")
+        blamed.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(blamed, unknown)}")
     try:
         args.func(args)
     except QuickNetError as e:

@@ -257,11 +257,26 @@ def verify_files(mv: ModelVersion) -> None:
             )
 
 
+def check_publishable(root: Path) -> None:
+    """That a version can be published under `root`: a folder, or one that can be made (the first
+    part of the path that exists is a folder this process can write). `quicknet build` asks before
+    it trains, so that a mistyped store costs no training run."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise StoreError(f"cannot publish into model store {root}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot publish into model store {root}: {existing} is not writable")
+
+
 def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVersion:
     """Copy `files` into the next version of `name`, with `metadata.json`; all or nothing."""
     check_name(name)
+    check_publishable(root)
     model_dir = root / name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the model's folder goes, a read-only mount
+        raise StoreError(f"cannot publish into model store {root}: {model_dir}: {e.strerror}") from None
     staging = model_dir / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:

@@ -223,6 +223,44 @@ def test_int8_within_half_a_point_publishes_and_the_gates_are_recorded(run_dir, 
     assert meta["accuracy_gates"]["onnx-int8"]["max_loss"] == 0.005
 
 
+def test_publish_refuses_records_that_describe_other_files(run_dir, tmp_path):
+    """build.json's export, compile and eval records name the files they were made from by SHA-256:
+    a run trained again since its export published the old model.onnx under the new training record
+    with the old accuracy; now each stale record names the stages to run again, and nothing is
+    published."""
+    root = tmp_path / "store"
+    retrained = _copy(run_dir, tmp_path / "retrained")
+    with (retrained / "checkpoint.pt").open("ab") as f:
+        f.write(b"another training run")
+    recompiled = _copy(run_dir, tmp_path / "recompiled")
+    (recompiled / "model.int8.onnx").write_bytes(b"not what eval scored")
+    reexported = _copy(run_dir, tmp_path / "reexported")
+    (reexported / "model.onnx").write_bytes((run_dir / "model.onnx").read_bytes() + b"\0")
+    unnamed = _copy(run_dir, tmp_path / "unnamed")
+    rec = json.loads((unnamed / "build.json").read_text())
+    del rec["stages"]["eval"]["scored"]  # a record from before this check
+    (unnamed / "build.json").write_text(json.dumps(rec))
+    for run, says in (
+        (retrained, "model.onnx was exported from an earlier checkpoint.pt (the run trained again since): run "
+         f"`quicknet export`, `compile` and `eval` for {retrained} again"),
+        (reexported, "model.int8.onnx was quantized from an earlier model.onnx: run `quicknet compile` and `eval` "
+         f"for {reexported} again"),
+        (recompiled, "the accuracy in build.json was not measured on the model.int8.onnx there now: run `quicknet "
+         f"eval` for {recompiled} again"),
+        (unnamed, f"the eval record names no files it scored: run `quicknet eval` for {unnamed} again"),
+    ):  # fmt: skip
+        with pytest.raises(BuildError) as refused:
+            build.stage_publish(run, root)
+        assert str(refused.value) == f"refusing to publish: {says}"
+    assert not root.exists() or store.list_models(root) == []
+    # the same folders, their stages run again as the refusals say, publish: here the record of the
+    # files as they are (what eval's re-run would write), without re-scoring them for the test
+    rec = json.loads((recompiled / "build.json").read_text())
+    rec["stages"]["eval"]["scored"]["model.int8.onnx"] = store.sha256_file(recompiled / "model.int8.onnx")
+    (recompiled / "build.json").write_text(json.dumps(rec))
+    assert build.stage_publish(recompiled, root).version == 1
+
+
 def test_stage_without_its_input_says_which_stage_to_run(tmp_path, cifar):
     with pytest.raises(BuildError, match="run `quicknet train`"):
         build.stage_export(tmp_path, cifar)

@@ -40,11 +40,66 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
     out = quicknet("classify", "examples/cat.png", "--formt", "csv")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("usage: quicknet classify ") and "{data,train" not in out.stderr, out.stderr
-    assert out.stderr.endswith("quicknet classify: error: unrecognized arguments: --formt csv\n")
+    assert out.stderr.endswith(
+        "quicknet classify: error: unrecognized arguments: --formt csv (did you mean --format?)\n"
+    )
     before = quicknet("--json", "classify", "examples/cat.png")  # classify's flag, before its name
     assert before.returncode == 2 and before.stderr.endswith("quicknet: error: unrecognized arguments: --json\n")
     nested = quicknet("data", "fetch", "--dset", "x")
     assert nested.returncode == 2 and nested.stderr.startswith("usage: quicknet data fetch "), nested.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["train", "--batch-size", "0"], "argument --batch-size: must be greater than 0, got 0"),
+        (["train", "--train-subset", "0"], "argument --train-subset: must be greater than 0, got 0"),
+        (["build", "--epochs", "-1"], "argument --epochs: must be greater than 0, got -1"),
+        (["train", "--momentum", "1"], "argument --momentum: must be from 0 up to (not including) 1, got 1"),
+        (["train", "--epochs", "1.5"], "argument --epochs: '1.5' is not an int"),
+        (["eval", "--limit", "-5"], "argument --limit: must be greater than 0, got -5"),
+        (["train", "--train-subst", "256"], "unrecognized arguments: --train-subst 256 (did you mean --train-subset?)"),
+    ],
+)
+def test_a_flag_value_that_cannot_work_is_refused_before_anything_runs(args, says):
+    """`--batch-size 0` was a ZeroDivisionError traceback, `--train-subset 0` trained on all 50k
+    images, `--epochs 0` trained nothing and exited 0, `--limit -5` scored 9,995 images."""
+    out = quicknet(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.rstrip().splitlines()[-1] == f"quicknet {args[0]}: error: {says}", out.stderr
+
+
+def test_build_refuses_a_store_it_cannot_publish_into_before_it_trains(tmp_path):
+    """Said before the data is even read (the data path here does not exist), not after the training."""
+    (tmp_path / "store").write_text("a file")
+    out = quicknet(
+        "build", "--model", "quicknet-xs", "--model-store", str(tmp_path / "store" / "sub"),
+        "--data", str(tmp_path / "none.npz"),
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr == (
+        f"error: cannot publish into model store {tmp_path / 'store' / 'sub'}: {tmp_path / 'store'} is a file, "
+        "not a folder\n"
+    )
+
+
+def test_a_stage_refuses_a_model_its_run_folder_did_not_train(tmp_path):
+    """`--model` names the run folder (runs/<model>); with --run-dir, a model the run contradicts is an
+    error, not silently exported or published as the run's own."""
+    (tmp_path / "build.json").write_text('{"stages": {"train": {"config": {"model": "quicknet-xs"}}}}')
+    for stage in ("export", "compile", "eval", "publish"):
+        out = quicknet(stage, "--model", "quicknet", "--run-dir", str(tmp_path))
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (stage, out.stderr)
+        want = f"error: {tmp_path} holds a quicknet-xs run, not quicknet: drop --model, or give --model quicknet-xs\n"
+        assert out.stderr == want, (stage, out.stderr)
+
+
+def test_a_data_folder_is_named_as_one():
+    out = quicknet("eval", "--store-model", "quicknet-xs", "--data", "examples")
+    assert out.returncode == 2
+    assert out.stderr.startswith(
+        "error: examples is a folder: pass --data the .npz or cifar-10-python.tar.gz inside it"
+    )
 
 
 def test_unknown_store_model(tmp_path):

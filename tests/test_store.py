@@ -31,6 +31,21 @@ def test_publish_round_trip_and_versions_increase(tmp_path, artifact):
     assert store.default_model(root) == "quicknet-xs"
 
 
+def test_publishing_where_a_file_stands_is_one_line(tmp_path, artifact):
+    """A store path that is a file, or runs through one, or a file where the model's folder goes:
+    a StoreError naming it (it was a NotADirectoryError traceback), and nothing written."""
+    (tmp_path / "file").write_text("x")
+    for root in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(StoreError, match=f"^cannot publish into model store {root}: {tmp_path / 'file'} is a file"):
+            store.publish(root, "quicknet-xs", [artifact], {"labels": []})
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "quicknet-xs").write_text("x")
+    with pytest.raises(StoreError, match=f"^cannot publish into model store {root}: {root / 'quicknet-xs'}: "):
+        store.publish(root, "quicknet-xs", [artifact], {"labels": []})
+    assert (tmp_path / "file").read_text() == "x" and (root / "quicknet-xs").read_text() == "x"
+
+
 def test_interrupted_publish_leaves_nothing(tmp_path, artifact, monkeypatch):
     root = tmp_path / "store"
     second = tmp_path / "model.int8.onnx"

@@ -9,6 +9,7 @@ import torch
 from quicknet.build.config import TrainConfig
 from quicknet.build.data import Dataset, TensorLoader
 from quicknet.build.train import _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
+from quicknet.errors import BuildError
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
@@ -64,6 +65,32 @@ def test_training_draws_its_bar_only_where_progress_is_wanted(cifar: Dataset, tm
     out, err = capfd.readouterr()
     assert '"epoch": 1' in out, out
     assert ("epoch 1/1" in err) == (setting == "1"), err
+
+
+def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset, tmp_path, capfd):
+    """A mistyped --run-dir with --resume trained from scratch without a word; a run of another model
+    was a state_dict size mismatch. A stop says how to go on; a finished run, that nothing is left."""
+    cfg = TrainConfig(**TINY, epochs=1, train_subset=128)  # 2 steps an epoch
+    with pytest.raises(BuildError, match="^nothing to resume: .*checkpoint.pt not found .leave out --resume"):
+        train(cfg, cifar, tmp_path / "typo", resume=True, progress=False)
+    assert not (tmp_path / "typo" / "checkpoint.pt").exists()
+    run = tmp_path / "xs"
+    stopped = train(cfg, cifar, run, progress=True, stop_at_step=1)
+    assert stopped.stopped_early
+    err = capfd.readouterr().err
+    assert f"stopped at epoch 1, step 1 of 2: --resume continues from {run / 'checkpoint.pt'}" in err, err
+    other = TrainConfig(**{**TINY, "model": "quicknet"}, epochs=1, train_subset=128)
+    with pytest.raises(
+        BuildError, match=f"^{run} holds a quicknet-xs run, not quicknet: resume it with --model quicknet-xs"
+    ):
+        train(other, cifar, run, resume=True, progress=False)
+    finished = train(cfg, cifar, run, resume=True, progress=False)
+    assert not finished.stopped_early and finished.history[-1]["epoch"] == 1
+    capfd.readouterr()
+    again = train(TrainConfig(**TINY, epochs=3, train_subset=128), cifar, run, resume=True, progress=True)
+    assert again.planned_epochs == 1 and len(again.history) == 1
+    err = capfd.readouterr().err
+    assert f"{run} has finished its 1 planned epochs: nothing to resume; --epochs 3 does not lengthen it" in err, err
 
 
 def test_fixed_seed_reproduces(cifar: Dataset, tmp_path):

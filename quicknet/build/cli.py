@@ -4,6 +4,7 @@ build's commands."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,8 +13,26 @@ import types
 import typing
 from pathlib import Path
 
-from quicknet.build.config import TrainConfig
+from quicknet.build.config import VALID, TrainConfig
 from quicknet.errors import QuickNetError, StoreError
+
+
+def number(kind: type, valid: str | None) -> typing.Callable[[str], object]:
+    """An argparse `type`: `kind` (int or float), and where `valid` names a rule of VALID, a value
+    that keeps it, else argparse's one-line refusal naming the flag."""
+    test, words = VALID[valid] if valid else (None, "")
+
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+        if test is not None and not test(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type by it in its own messages
+    return parse
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -27,12 +46,30 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         text = f"{f.metadata.get('help', '')} (default: %(default)s)".strip()
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif kind in (int, float):
+            parse = number(kind, f.metadata.get("valid"))
+            parser.add_argument(flag, type=parse, default=f.default, metavar=kind.__name__.upper(), help=text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=text)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    return Path(args.run_dir) if args.run_dir else Path("runs") / args.model
+    """--run-dir, else runs/<model>. For the stages after training (whose --model only names that
+    folder: the run itself says which model it trained), a --model the run contradicts is refused."""
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (args.model or "quicknet")
+    if args.command in STAGE_COMMANDS and args.model:
+        from quicknet.build.pipeline import trained_model
+
+        theirs = trained_model(run_dir)
+        if theirs and theirs != args.model:
+            raise QuickNetError(
+                f"{run_dir} holds a {theirs} run, not {args.model}: drop --model, or give --model {theirs}"
+            )
+    return run_dir
+
+
+STAGE_COMMANDS = ("export", "compile", "eval", "publish")  # they read a run folder a training run wrote
+STAGE_MODEL_HELP = "the run folder runs/<model> when --run-dir is not given (default quicknet); with --run-dir, a check"
 
 
 def _dataset(args: argparse.Namespace):
@@ -56,7 +93,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     from quicknet.build.pipeline import stage_train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    _print(stage_train(cfg, _dataset(args), _run_dir(args), resume=args.resume))
+    dataset = _dataset(args)
+    with _resumable(_run_dir(args), "train"):
+        _print(stage_train(cfg, dataset, _run_dir(args), resume=args.resume))
+
+
+@contextlib.contextmanager
+def _resumable(run_dir: Path, command: str):
+    """Ctrl-C in training: a line saying what the run folder holds and how to go on (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / "checkpoint.pt").is_file():
+            print(f"interrupted: the same command with --resume continues from {run_dir}'s last save", file=sys.stderr)
+        else:
+            print(f"interrupted before the first save: nothing in {run_dir} to resume", file=sys.stderr)
+        raise
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -161,16 +213,19 @@ def cmd_build(args: argparse.Namespace) -> None:
     from quicknet import store
     from quicknet.build.pipeline import stage_compile, stage_eval, stage_export, stage_publish, stage_train
 
+    root = Path(args.store) if args.store else store.default_root()
+    if args.publish:
+        store.check_publishable(root)  # before the data and training, not after them
     ds = _dataset(args)
     run_dir = _run_dir(args)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    stage_train(cfg, ds, run_dir, resume=args.resume)
+    with _resumable(run_dir, "build"):
+        stage_train(cfg, ds, run_dir, resume=args.resume)
     stage_export(run_dir, ds)
     stage_compile(run_dir, ds, tensorrt=args.tensorrt)
     results = stage_eval(run_dir, ds, threads=args.threads)
     _print({k: v["top1"] for k, v in results["accuracy"].items()})
     if args.publish:
-        root = Path(args.store) if args.store else store.default_root()
         mv = stage_publish(run_dir, root, make_default=args.make_default)
         print(f"published {mv.name} version {mv.version} at {mv.path}")
 
@@ -210,7 +265,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA)")
+    common.add_argument(
+        "--data",
+        help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA; default: ../shared/data/cifar10/"
+        "cifar10_jpeg.npz beside the checkout, else data/cifar10_jpeg.npz in it)",
+    )
     common.add_argument("--run-dir", help="folder for this build's artifacts (default runs/<model>)")
     store_flags = argparse.ArgumentParser(add_help=False)
     store_flags.add_argument(  # `serve` spells it --model-store too; --store is kept for old scripts
@@ -218,7 +277,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--store",
         dest="store",
         metavar="DIR",
-        help="model store root (env QUICKNET_MODEL_STORE, default ./model_store)",
+        help="model store root (env QUICKNET_MODEL_STORE; default: the model_store/ folder of this checkout, "
+        "whatever the current one)",
     )
     default_flag = argparse.ArgumentParser(add_help=False)
     default_flag.add_argument("--make-default", action="store_true", help="serve this model when none is named")
@@ -226,7 +286,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_cmd", required=True)
     fetch = data_sub.add_parser("fetch", help="download the official cifar-10-python.tar.gz and verify its MD5")
-    fetch.add_argument("--dest", default="data/cifar-10-python.tar.gz")
+    fetch.add_argument("--dest", default="data/cifar-10-python.tar.gz", help="where to save it (default: %(default)s)")
     fetch.set_defaults(func=cmd_data_fetch)
 
     train = sub.add_parser("train", parents=[common], help="train a QuickNet variant")
@@ -236,10 +296,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     for name, func, text in (
         ("export", cmd_export, "fold BN/PReLU/normalization, export ONNX, verify against PyTorch"),
-        ("compile", cmd_compile, "ONNX Runtime optimized + INT8 models; TensorRT plan where it is installed"),
+        ("compile", cmd_compile, "ONNX Runtime static INT8 model; TensorRT plan where it is installed"),
     ):
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("--model", default="quicknet")
+        p.add_argument("--model", help=STAGE_MODEL_HELP)
         p.set_defaults(func=func)
     compile_p = sub.choices["compile"]
     compile_p.add_argument(
@@ -249,14 +309,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="require (--tensorrt) or skip (--no-tensorrt) the TensorRT plan; default: build if installed",
     )
     compile_p.add_argument("--trt-int8", action="store_true", help="INT8 plan with an entropy calibrator")
-    compile_p.add_argument("--trt-min-batch", type=int, default=1)
-    compile_p.add_argument("--trt-opt-batch", type=int, default=64)
-    compile_p.add_argument("--trt-max-batch", type=int, default=256)
+    compile_p.add_argument("--trt-min-batch", type=number(int, "positive"), default=1)
+    compile_p.add_argument("--trt-opt-batch", type=number(int, "positive"), default=64)
+    compile_p.add_argument("--trt-max-batch", type=number(int, "positive"), default=256)
 
     ev = sub.add_parser("eval", parents=[common, store_flags], help="top-1 of every artifact on the 10k test split")
-    ev.add_argument("--model", default="quicknet")
-    ev.add_argument("--threads", type=int, default=2, help="CPU threads for ONNX Runtime and PyTorch")
-    ev.add_argument("--limit", type=int, help="score a fixed random subset of N test images")
+    ev.add_argument("--model", help=STAGE_MODEL_HELP)
+    ev.add_argument(
+        "--threads", type=number(int, "positive"), default=2, help="CPU threads for ONNX Runtime and PyTorch"
+    )
+    ev.add_argument("--limit", type=number(int, "positive"), help="score a fixed random subset of N test images")
     ev.add_argument("--store-model", metavar="NAME", help="evaluate a published model instead of a run folder")
     ev.add_argument("--version", type=int, help="with --store-model: this version (default newest)")
     ev.set_defaults(func=cmd_eval)
@@ -264,7 +326,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pub = sub.add_parser(
         "publish", parents=[common, store_flags, default_flag], help="publish a run folder to the model store"
     )
-    pub.add_argument("--model", default="quicknet")
+    pub.add_argument("--model", help=STAGE_MODEL_HELP)
     pub.add_argument(
         "--training-results",
         metavar="FILE",
@@ -306,8 +368,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "folder)",
         default=os.environ.get("QUICKNET_PLAN_DIR"),
     )
-    plan.add_argument("--trt-opt-batch", type=int, default=64)
-    plan.add_argument("--trt-max-batch", type=int, default=256)
+    plan.add_argument("--trt-opt-batch", type=number(int, "positive"), default=64)
+    plan.add_argument("--trt-max-batch", type=number(int, "positive"), default=256)
     plan.set_defaults(func=cmd_plan)
 
     rep = sub.add_parser(
@@ -357,7 +419,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gpu_train.add_argument("--data", help="CIFAR-10 npz copy (default: ../shared copy, else data/cifar10_jpeg.npz)")
     gpu_train.add_argument("--out", default="gpu-results/train", help="results folder (default: %(default)s)")
     gpu_train.add_argument(
-        "--budget-s", type=float, default=420.0, help="wall-clock budget for the whole job (default: %(default)s)"
+        "--budget-s",
+        type=number(float, "positive"),
+        default=420.0,
+        help="wall-clock budget for the whole job (default: %(default)s)",
     )
     gpu_train.add_argument(
         "--handoff",

@@ -83,7 +83,7 @@ def import_tensorrt():
     except ImportError:
         raise BuildError(
             "TensorRT is not installed: install the `gpu` extra on a machine with an NVIDIA GPU "
-            "(pip install -e '.[gpu]'), or skip the TensorRT stage"
+            "(pip install -e '.[gpu]'), or skip the TensorRT stage (--no-tensorrt)"
         ) from None
     return tensorrt
 

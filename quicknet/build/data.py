@@ -79,6 +79,8 @@ def _file_digest(path: Path, algo: str) -> str:
 
 
 def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: pass --data the .npz or cifar-10-python.tar.gz inside it")
     if not path.is_file():
         raise DataError(
             f"dataset not found at {path}: pass --data PATH (or set QUICKNET_DATA), "
@@ -102,7 +104,7 @@ def load(path: Path | None = None, *, expected_digest: str | None = None, test_o
         if not test_only:
             raise DataError(
                 f"{path} holds the test split alone (for a GPU serve run's gate); training and the build "
-                "need the whole copy: data/cifar10_jpeg.npz, or shared/data/cifar10"
+                f"need the whole copy: {NPZ_IN_REPO} or {NPZ_DEFAULT}"
             )
         return _load_test_split(path)
     return load_npz(path, expected_sha256=NPZ_SHA256 if expected_digest is None else expected_digest)
@@ -171,7 +173,7 @@ def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset
     if expected_sha256 and digest != expected_sha256:
         raise DataError(
             f"{path} has SHA-256 {digest[:12]}…, expected {expected_sha256[:12]}…: "
-            "the file is truncated or not the CIFAR-10 JPEG copy; restore it from shared/data/cifar10"
+            f"the file is truncated or not the CIFAR-10 JPEG copy; restore it from {NPZ_DEFAULT}"
         )
     cache = _cache_dir() / f"cifar10-jpeg-{digest[:16]}.npz"
     if cache.is_file():
@@ -187,7 +189,7 @@ def load_npz(path: Path, *, expected_sha256: str | None = NPZ_SHA256) -> Dataset
             train = Split(_decode_jpegs(z["train_jpeg"], z["train_offsets"]), z["train_labels"].astype(np.uint8))
             test = Split(_decode_jpegs(z["test_jpeg"], z["test_offsets"]), z["test_labels"].astype(np.uint8))
     except (OSError, ValueError, KeyError, EOFError) as e:
-        raise DataError(f"{path} is not a readable CIFAR-10 npz ({e}); restore it from shared/data/cifar10") from None
+        raise DataError(f"{path} is not a readable CIFAR-10 npz ({e}); restore it from {NPZ_DEFAULT}") from None
     with atomic_write(cache) as f:
         np.savez(f, train_x=train.images, train_y=train.labels, test_x=test.images, test_y=test.labels)
     return Dataset(train, test, NPZ_DESCRIPTION, digest)

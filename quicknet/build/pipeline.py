@@ -50,6 +50,14 @@ def _save_stage(run_dir: Path, stage: str, seconds: float, **results: object) ->
     write_text_atomic(run_dir / BUILD_RECORD, json.dumps(rec, indent=2) + "\n")
 
 
+def trained_model(run_dir: Path) -> str | None:
+    """The model a run folder's training stage trained, from its build.json (None: no record)."""
+    try:
+        return _record(run_dir)["stages"]["train"]["config"]["model"]
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
 def _require(path: Path, stage: str, otherwise: str = "") -> Path:
     if not path.is_file():
         raise BuildError(f"{path} not found: run `quicknet {stage}` for this run folder first{otherwise}")
@@ -136,7 +144,8 @@ def stage_compile(
     onnx_path = _require(run_dir / ONNX, "export")
     calibration = dataset.train.sample(CALIBRATION_IMAGES, seed=1).images
     quantize_int8(onnx_path, run_dir / ORT_INT8, calibration)
-    results: dict = {"onnxruntime": [ORT_INT8]}
+    # which model.onnx the INT8 model was quantized from: publish refuses one from an earlier export
+    results: dict = {"onnxruntime": [ORT_INT8], "onnx_sha256": store.sha256_file(onnx_path)}
     if tensorrt is not False:
         try:
             plan = build_tensorrt_plan(onnx_path, run_dir, trt_options or TensorRTOptions(), calibration)
@@ -161,7 +170,8 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
 
     t0 = time.perf_counter()
     split = dataset.test.sample(limit) if limit else dataset.test
-    plain, flip_tta = evaluate_checkpoint(require_checkpoint(run_dir), split)
+    checkpoint = require_checkpoint(run_dir)
+    plain, flip_tta = evaluate_checkpoint(checkpoint, split)
     reports = {"checkpoint": plain, "checkpoint+flip-tta": flip_tta}
     artifacts = [("onnx", run_dir / ONNX), ("onnx-int8", run_dir / ORT_INT8)]
     artifacts += [("tensorrt", p) for p in sorted(run_dir.glob("*.plan"))]
@@ -178,6 +188,8 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
         "dataset": dataset.source,
         "dataset_checksum": dataset.checksum,
         "accuracy": {k: r.summary() for k, r in reports.items()},
+        # what was scored, by SHA-256: publish refuses accuracy measured on other files than it publishes
+        "scored": {p.name: store.sha256_file(p) for p in (checkpoint, *(path for _, path in artifacts)) if p.is_file()},
     }
     _save_stage(run_dir, "eval", time.perf_counter() - t0, **results)
     return results
@@ -196,6 +208,7 @@ def stage_publish(
     for needed in ("train", "export", "eval"):
         if needed not in rec["stages"]:
             raise BuildError(f"{run_dir} has no {needed} record: run `quicknet {needed}` first")
+    _check_records_match_files(run_dir, rec["stages"])
     acc = rec["stages"]["eval"]["accuracy"]
     if acc["checkpoint"]["images"] < 10000:
         raise BuildError("publishing needs accuracy on the full 10k test split: run `quicknet eval` without --limit")
@@ -239,6 +252,32 @@ def stage_publish(
         store.set_default(root, model_name)
     _save_stage(run_dir, "publish", time.perf_counter() - t0, version=mv.version, path=str(mv.path))
     return mv
+
+
+def _check_records_match_files(run_dir: Path, stages: dict) -> None:
+    """The records publish copies into metadata.json describe the files in the run folder now: a
+    run trained again since its export, a model.onnx exported again since its INT8 model was
+    quantized or since eval scored it, is refused with the stages to run again (the records hold
+    each file's SHA-256)."""
+    again = "run `quicknet {}` for {} again"
+    now = {p.name: store.sha256_file(p) for p in (run_dir / f for f in (CHECKPOINT, ONNX, ORT_INT8)) if p.is_file()}
+    exported_from = stages["export"].get("checkpoint_sha256")
+    if CHECKPOINT in now and exported_from and exported_from != now[CHECKPOINT]:
+        what = f"{ONNX} was exported from an earlier {CHECKPOINT} (the run trained again since)"
+        raise BuildError(f"refusing to publish: {what}: {again.format('export`, `compile` and `eval', run_dir)}")
+    quantized_from = stages.get("compile", {}).get("onnx_sha256")
+    if ORT_INT8 in now and quantized_from and quantized_from != now[ONNX]:
+        what = f"{ORT_INT8} was quantized from an earlier {ONNX}"
+        raise BuildError(f"refusing to publish: {what}: {again.format('compile` and `eval', run_dir)}")
+    scored = stages["eval"].get("scored")
+    if scored is None:
+        raise BuildError(
+            f"refusing to publish: the eval record names no files it scored: {again.format('eval', run_dir)}"
+        )
+    stale = [name for name, digest in now.items() if scored.get(name) != digest]
+    if stale:
+        what = f"the accuracy in {BUILD_RECORD} was not measured on the {' and '.join(stale)} there now"
+        raise BuildError(f"refusing to publish: {what}: {again.format('eval', run_dir)}")
 
 
 def trained_on(results_path: Path, run_dir: Path, model: str) -> tuple[dict, list[dict]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -267,6 +268,19 @@ def _build(cfg: TrainConfig, data: Dataset, device: str) -> _Parts:
     return _Parts(loader, test_loader, steps_per_epoch, model, step_model, opt, schedule, sched, ema, criterion)
 
 
+def _check_resumable(ckpt_path: Path, cfg: TrainConfig) -> None:
+    """A run to resume is there and trains the model asked for: one line otherwise, not a fresh
+    start in a mistyped folder nor a state_dict size mismatch."""
+    if not ckpt_path.is_file():
+        raise BuildError(f"nothing to resume: {ckpt_path} not found (leave out --resume to start a new run)")
+    theirs = _load(ckpt_path, "cpu").get("train_config", {}).get("model")
+    if theirs and theirs != cfg.model:
+        raise BuildError(
+            f"{ckpt_path.parent} holds a {theirs} run, not {cfg.model}: resume it with --model {theirs} "
+            "(or train a new run in another --run-dir)"
+        )
+
+
 def _restore(parts: _Parts, out_dir: Path, ckpt_path: Path, device: str) -> tuple[int, dict, list[dict], float]:
     """A stopped run's state as its last save left it, into `parts`; returns its planned epochs,
     position, history and seconds spent."""
@@ -413,6 +427,8 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if resume:
+        _check_resumable(ckpt_path, cfg)
     parts = _build(cfg, data, device)
     steps_per_epoch = parts.steps_per_epoch
     planned_epochs = cfg.epochs
@@ -424,6 +440,13 @@ def train(
     parts.schedule.total_steps = planned_epochs * steps_per_epoch
     # (elapsed s, epochs done) when the plan was made, or where a planned run resumed: the pace the
     # plan is checked against is measured from there (`replan_epochs`)
+    if resume and position["epoch"] >= planned_epochs and progress:
+        longer = (
+            f"; --epochs {cfg.epochs} does not lengthen it (its LR has decayed to zero)"
+            if cfg.epochs > planned_epochs
+            else ""
+        )
+        print(f"{out_dir} has finished its {planned_epochs} planned epochs: nothing to resume{longer}", file=sys.stderr)
     planned = cfg.time_budget_s and any("planned_epochs" in h for h in history)
     planned_at = (elapsed, position["epoch"]) if planned else None
 
@@ -534,6 +557,9 @@ def train(
         if on_epoch is not None:
             on_epoch(record)
 
+    if stopped_early and progress:
+        where = f"epoch {position['epoch'] + 1}, step {position['step']} of {steps_per_epoch}"
+        print(f"stopped at {where}: --resume continues from {ckpt_path}", file=sys.stderr)
     if plot:
         plot_curves(history, out_dir / "training_curves.png", title=f"{cfg.model} on {device}")
     return TrainResult(ckpt_path, history, time.perf_counter() - t_start, device, stopped_early, planned_epochs)

@@ -62,11 +62,15 @@ def usable_cores() -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKNET_", protected_namespaces=())
 
-    model_store: Path | None = Field(None, description="model store root (default ./model_store)")
+    model_store: Path | None = Field(
+        None,
+        description="model store root (default: the model_store/ folder of this checkout, whatever the current one)",
+    )
     model: str | None = Field(None, description="default model, for /classify (default: the store's DEFAULT)")
     version: int | None = Field(None, description="version of the default model for /classify (default: newest)")
     models: list[str] = Field(
-        default_factory=list, description="models to load, every version of each (default: all in the store)"
+        default_factory=list,
+        description="models to load, the versions --version-policy names of each (default: all in the store)",
     )
     model_control_mode: Literal["none", "poll", "explicit"] = Field(
         "none",
