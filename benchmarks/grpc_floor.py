@@ -27,6 +27,7 @@ import time
 METHOD = "/floor.Echo/Call"
 PAYLOAD = b"x" * 3100
 CHANNELS = 4
+START_TIMEOUT_S = 30  # a process's start (grpc's import) on a loaded machine, with room to spare
 
 
 def _echo_handler(grpc, echo):
@@ -37,8 +38,9 @@ def _echo_handler(grpc, echo):
     return grpc.method_handlers_generic_handler("floor.Echo", {"Call": handler})
 
 
-def serve(kind: str, port: int) -> None:
-    """The server process: prints `ready` once it listens, then serves until killed."""
+def serve(kind: str) -> None:
+    """The server process: listens on a port the system picks, prints `ready <port>`, then serves
+    until killed (no port to pick beforehand and lose to another process in between)."""
     import grpc
 
     if kind == "aio":
@@ -50,9 +52,9 @@ def serve(kind: str, port: int) -> None:
         async def main() -> None:
             server = grpc.aio.server()
             server.add_generic_rpc_handlers((_echo_handler(grpc, echo),))
-            server.add_insecure_port(f"127.0.0.1:{port}")
+            port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
-            print("ready", flush=True)
+            print(f"ready {port}", flush=True)
             await server.wait_for_termination()
 
         uvloop.run(main())
@@ -61,9 +63,9 @@ def serve(kind: str, port: int) -> None:
 
     server = grpc.server(ThreadPoolExecutor(max_workers=int(kind.removeprefix("sync"))))
     server.add_generic_rpc_handlers((_echo_handler(grpc, lambda request, context: request),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    print("ready", flush=True)
+    print(f"ready {port}", flush=True)
     server.wait_for_termination()
 
 
@@ -91,22 +93,25 @@ async def drive(port: int, concurrency: int, seconds: float) -> int:
 
 
 def measure(kind: str, concurrency: int, seconds: float) -> dict:
-    from benchmarks.cpu import cpu_seconds
-    from quicknet.testing import free_port
+    import selectors
 
-    port = free_port()
+    from benchmarks.cpu import cpu_seconds
+
     server = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind], stdout=subprocess.PIPE, text=True
     )
     try:
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the {kind} echo server did not start")
-        client = [sys.executable, "-m", "benchmarks.grpc_floor", "--drive", str(port), "--concurrency"]
-        subprocess.run([*client, str(concurrency), "--seconds", "1"], check=True, capture_output=True)  # warm
+        with selectors.DefaultSelector() as sel:  # a server that never says ready must not hang the run
+            sel.register(server.stdout, selectors.EVENT_READ)
+            line = server.stdout.readline() if sel.select(timeout=START_TIMEOUT_S) else ""
+        word, _, port = line.strip().partition(" ")
+        if word != "ready" or not port.isdigit():
+            raise RuntimeError(f"the {kind} echo server did not start within {START_TIMEOUT_S} s")
+        client = [sys.executable, "-m", "benchmarks.grpc_floor", "--drive", port, "--concurrency", str(concurrency)]
+        limit = seconds + START_TIMEOUT_S
+        subprocess.run([*client, "--seconds", "1"], check=True, capture_output=True, timeout=limit)  # warm
         before = cpu_seconds(f"/proc/{server.pid}/stat")
-        out = subprocess.run([*client, str(concurrency), "--seconds", str(seconds)], check=True, capture_output=True)
+        out = subprocess.run([*client, "--seconds", str(seconds)], check=True, capture_output=True, timeout=limit)
         used = cpu_seconds(f"/proc/{server.pid}/stat") - before
     finally:
         server.kill()
@@ -128,14 +133,13 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)  # the client process: its port
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        return serve(args.serve, args.port)
+        return serve(args.serve)
     if args.drive:
         print(asyncio.run(drive(args.drive, args.concurrency[0], args.seconds)))
         return
-    bad = [s for s in args.servers if s != "aio" and not (s.startswith("sync") and s[4:].isdigit())]
+    bad = [s for s in args.servers if s != "aio" and not (s.startswith("sync") and s[4:].isdigit() and int(s[4:]))]
     if bad:
         raise SystemExit(f"--servers: aio or syncN (N threads), got {' '.join(bad)}")
     from benchmarks.common import save, table

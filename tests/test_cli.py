@@ -56,7 +56,6 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
         (["train", "--train-subset", "0"], "argument --train-subset: must be greater than 0, got 0"),
         (["build", "--epochs", "-1"], "argument --epochs: must be greater than 0, got -1"),
         (["train", "--momentum", "1"], "argument --momentum: must be from 0 up to (not including) 1, got 1"),
-        (["train", "--epochs", "1.5"], "argument --epochs: '1.5' is not an int"),
         (["eval", "--limit", "-5"], "argument --limit: must be greater than 0, got -5"),
         (["train", "--train-subst", "256"], "unrecognized arguments: --train-subst 256 (did you mean --train-subset?)"),
     ],
@@ -266,3 +265,28 @@ def test_a_port_its_last_server_just_closed_is_free_again():
     client.close()
     listener.close()
     assert free_port("127.0.0.1", port, "gRPC", "grpc_port") == port
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_ctrl_c_in_training_says_how_to_go_on(tmp_path, monkeypatch, capsys, saved):
+    """Ctrl-C was exit 130 and not a word: now a line says whether the run folder holds a save to
+    continue from, and how."""
+    import quicknet.build.cli as build_cli
+    import quicknet.build.pipeline as pipeline
+    from quicknet.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_cli, "_dataset", lambda args: None)  # no data needed to be interrupted
+    monkeypatch.setattr(pipeline, "stage_train", interrupted)
+    if saved:
+        (tmp_path / "checkpoint.pt").write_bytes(b"a save")
+    for command in ("train", "build"):
+        args = [command, "--model", "quicknet-xs", "--run-dir", str(tmp_path)]
+        assert main(args + (["--no-publish"] if command == "build" else [])) == 130
+        said = capsys.readouterr().err
+        if saved:
+            assert said == f"interrupted: the same command with --resume continues from {tmp_path}'s last save\n"
+        else:
+            assert said == f"interrupted before the first save: nothing in {tmp_path} to resume\n"

@@ -79,5 +79,9 @@ def test_the_grpc_floor_measures_an_echo_server_of_each_kind():
     for kind in ("aio", "sync2"):
         row = measure(kind, 2, 0.5)
         assert row["server"] == kind and row["calls_s"] > 0 and row["server_us_per_call"] > 0, row
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--servers", "sync"], capture_output=True)
-    assert bad.returncode != 0 and bad.stderr.decode().strip() == "--servers: aio or syncN (N threads), got sync"
+    for kinds in (["sync"], ["sync0", "aio"]):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--servers", *kinds], capture_output=True)
+        assert (
+            bad.returncode != 0
+            and bad.stderr.decode().strip() == f"--servers: aio or syncN (N threads), got {kinds[0]}"
+        )

@@ -247,7 +247,7 @@ def test_the_planner_can_wait_for_a_shared_gpu(cifar: Dataset, tmp_path, monkeyp
 def test_the_plan_is_shortened_when_the_epochs_grow_slower(cifar: Dataset, tmp_path, monkeypatch):
     """An arm planned from an epoch 2 it had the GPU to itself for (the others still compiling past
     the barrier), then shared three ways: 1 s an epoch planned, 3 s run. The plan as made would end
-    at ~210 s; the hard stop at 115 s would cut it with the LR far from zero. At the first evaluation
+    at ~203 s; the hard stop at 115 s would cut it with the LR far from zero. At the first evaluation
     after the plan the pace says so, and the schedule ends inside the budget, at LR zero."""
     _replay_timings(
         monkeypatch,
@@ -277,11 +277,34 @@ def test_the_plan_is_shortened_when_the_epochs_grow_slower(cifar: Dataset, tmp_p
     assert sum("replanned" in r for r in result.history) == 1, "one shortening was enough"
 
 
+def test_a_resumed_run_measures_its_pace_past_its_start_up(cifar: Dataset, tmp_path, monkeypatch):
+    """The run above stopped at epoch 6 (after its plan was shortened to 22) and resumed in a new
+    process, which compiles again (30 s) and evaluates cold again (3.5 s) before 3 s epochs. Measured
+    from the resume, that start-up made the pace 19 s an epoch and ended the run at epoch 8; measured
+    from the first evaluation after it, the pace is 3.1 s and the plan loses only the epochs the 33 s
+    cost: 12 epochs, ending at LR zero inside the budget."""
+    steps = {"before": lambda i: {0: 30.0}.get(i, 0.5 if i < 4 else 1.5), "after": lambda i: 30.0 if i == 0 else 1.5}
+    cfg = TrainConfig(
+        **TINY, epochs=200, train_subset=128, time_budget_s=100.0, time_limit_s=115.0, plan_after_epochs=2, eval_every=2
+    )
+    _replay_timings(monkeypatch, step_seconds=steps["before"], eval_seconds=lambda i: 3.5 if i == 0 else 0.2)
+    first = train(cfg, cifar, tmp_path, progress=False, stop_at_step=12)
+    assert first.stopped_early and first.planned_epochs == 22 and len(first.history) == 6
+    _replay_timings(monkeypatch, step_seconds=steps["after"], eval_seconds=lambda i: 3.5 if i == 0 else 0.2)
+    resumed = train(cfg, cifar, tmp_path, resume=True, progress=False)
+    h = {r["epoch"]: r for r in resumed.history}
+    assert "replanned" not in h[8], "the first evaluation after the resume starts the pace; it plans nothing"
+    # epoch 10: 3.1 s an epoch since epoch 8 (85.6 s); 12 x 3.1 > 100 - 91.8 - 0.2: 10 + int(8.0 / 3.1)
+    assert h[10]["replanned"] and h[10]["planned_epochs"] == 12, h[10]
+    assert max(h) == 12 and h[12]["lr"] == 0.0 and not resumed.stopped_early and resumed.seconds <= 100.0
+
+
 def test_replanning_keeps_a_plan_that_fits_and_never_lengthens_one():
     common = dict(budget_s=100.0, elapsed_s=41.4, done=4, since_elapsed_s=35.2, since_done=2, eval_s=0.2)
     assert replan_epochs(**common, planned=56) == 22  # 3.1 s an epoch: 4 + int(58.4 / 3.1)
     assert replan_epochs(**common, planned=22) == 22  # 18 x 3.1 = 55.8 <= 58.4: it fits
-    assert replan_epochs(**common, planned=10) == 10, "faster than planned: the plan stays"
+    assert replan_epochs(**common, planned=10) == 10, "a plan that fits is kept, never lengthened to 22"
+    assert replan_epochs(**{**common, "elapsed_s": 101.0}, planned=56) == 4, "past the budget: stop at what is done"
     assert replan_epochs(**{**common, "elapsed_s": 99.0}, planned=56) == 4, "no epoch fits: stop at what is done"
     assert replan_epochs(**{**common, "since_done": 4}, planned=56) == 56, "no epoch since the plan: no pace yet"
 

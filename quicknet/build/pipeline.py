@@ -266,7 +266,7 @@ def _check_records_match_files(run_dir: Path, stages: dict) -> None:
         what = f"{ONNX} was exported from an earlier {CHECKPOINT} (the run trained again since)"
         raise BuildError(f"refusing to publish: {what}: {again.format('export`, `compile` and `eval', run_dir)}")
     quantized_from = stages.get("compile", {}).get("onnx_sha256")
-    if ORT_INT8 in now and quantized_from and quantized_from != now[ONNX]:
+    if ORT_INT8 in now and quantized_from and quantized_from != now.get(ONNX):
         what = f"{ORT_INT8} was quantized from an earlier {ONNX}"
         raise BuildError(f"refusing to publish: {what}: {again.format('compile` and `eval', run_dir)}")
     scored = stages["eval"].get("scored")

@@ -438,8 +438,6 @@ def train(
     if resume and ckpt_path.is_file():
         planned_epochs, position, history, elapsed = _restore(parts, out_dir, ckpt_path, device)
     parts.schedule.total_steps = planned_epochs * steps_per_epoch
-    # (elapsed s, epochs done) when the plan was made, or where a planned run resumed: the pace the
-    # plan is checked against is measured from there (`replan_epochs`)
     if resume and position["epoch"] >= planned_epochs and progress:
         longer = (
             f"; --epochs {cfg.epochs} does not lengthen it (its LR has decayed to zero)"
@@ -447,8 +445,11 @@ def train(
             else ""
         )
         print(f"{out_dir} has finished its {planned_epochs} planned epochs: nothing to resume{longer}", file=sys.stderr)
-    planned = cfg.time_budget_s and any("planned_epochs" in h for h in history)
-    planned_at = (elapsed, position["epoch"]) if planned else None
+    # (elapsed s, epochs done) when the plan was made: the pace it is checked against is measured
+    # from there (`replan_epochs`). A resumed planned run measures from its first evaluation instead,
+    # past its start-up, torch.compile and first (cold) evaluation, which later epochs do not pay.
+    planned_at: tuple[float, int] | None = None
+    rebase_pace = bool(cfg.time_budget_s) and any("planned_epochs" in h for h in history)
 
     def save(global_step: int) -> None:
         _save_checkpoint(
@@ -524,6 +525,8 @@ def train(
             record["steady_epoch_seconds"] = round(steady, 2)
             record["eval_seconds"] = round(warm_eval, 3)
             planned_at = (time.perf_counter() - t_start, epoch + 1)
+        elif rebase_pace and warm_eval:
+            planned_at, rebase_pace = (time.perf_counter() - t_start, epoch + 1), False
         elif planned_at is not None and warm_eval and not last:
             shorter = replan_epochs(
                 budget_s=cfg.time_budget_s,
