@@ -220,14 +220,23 @@ def cmd_build(args: argparse.Namespace) -> None:
     run_dir = _run_dir(args)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     with _resumable(run_dir, "build"):
+        _stage(f"training {cfg.model} into {run_dir}")
         stage_train(cfg, ds, run_dir, resume=args.resume)
+    _stage("exporting: fold, ONNX, checked against PyTorch on 2,000 test images")
     stage_export(run_dir, ds)
+    _stage("compiling: ONNX Runtime INT8" + ("" if args.tensorrt is False else ", TensorRT where installed"))
     stage_compile(run_dir, ds, tensorrt=args.tensorrt)
+    _stage("scoring every artifact on the 10k test split")
     results = stage_eval(run_dir, ds, threads=args.threads)
     _print({k: v["top1"] for k, v in results["accuracy"].items()})
     if args.publish:
         mv = stage_publish(run_dir, root, make_default=args.make_default)
         print(f"published {mv.name} version {mv.version} at {mv.path}")
+
+
+def _stage(what: str) -> None:
+    """Where a build is, on stderr: with no terminal there is no progress bar to say it."""
+    print(f"quicknet build: {what}", file=sys.stderr, flush=True)
 
 
 def cmd_republish(args: argparse.Namespace) -> None:
@@ -264,12 +273,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    data_flag = argparse.ArgumentParser(add_help=False)
+    data_flag.add_argument(
         "--data",
         help="CIFAR-10 npz copy or cifar-10-python.tar.gz (env QUICKNET_DATA; default: ../shared/data/cifar10/"
         "cifar10_jpeg.npz beside the checkout, else data/cifar10_jpeg.npz in it)",
     )
+    common = argparse.ArgumentParser(add_help=False, parents=[data_flag])
     common.add_argument("--run-dir", help="folder for this build's artifacts (default runs/<model>)")
     store_flags = argparse.ArgumentParser(add_help=False)
     store_flags.add_argument(  # `serve` spells it --model-store too; --store is kept for old scripts
@@ -374,7 +384,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     rep = sub.add_parser(
         "republish",
-        parents=[common, store_flags],
+        parents=[data_flag, store_flags],
         help="re-derive a published version's ONNX engines with today's exporter rewrites; publish the next version",
     )
     rep.add_argument("--store-model", required=True, metavar="NAME", help="the published model to re-derive")
