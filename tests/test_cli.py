@@ -57,6 +57,7 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
         (["build", "--epochs", "-1"], "argument --epochs: must be greater than 0, got -1"),
         (["train", "--momentum", "1"], "argument --momentum: must be from 0 up to (not including) 1, got 1"),
         (["eval", "--limit", "-5"], "argument --limit: must be greater than 0, got -5"),
+        (["train", "--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'auto', 'cuda', 'cpu')"),
         (["train", "--train-subst", "256"], "unrecognized arguments: --train-subst 256 (did you mean --train-subset?)"),
     ],
 )

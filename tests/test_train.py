@@ -93,6 +93,16 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
     assert f"{run} has finished its 1 planned epochs: nothing to resume; --epochs 3 does not lengthen it" in err, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: --device cuda is valid")
+def test_device_cuda_without_a_gpu_is_one_line():
+    """It was a torch RuntimeError traceback from deep in the model's .to()."""
+    from quicknet.build.train import resolve_device
+
+    with pytest.raises(BuildError, match=r"^--device cuda: torch .* finds no CUDA GPU here; use --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+
+
 def test_fixed_seed_reproduces(cifar: Dataset, tmp_path):
     cfg = TrainConfig(**RESUME)
     a = train(cfg, cifar, tmp_path / "a", progress=False)

@@ -49,6 +49,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif kind in (int, float):
             parse = number(kind, f.metadata.get("valid"))
             parser.add_argument(flag, type=parse, default=f.default, metavar=kind.__name__.upper(), help=text)
+        elif f.metadata.get("choices"):
+            parser.add_argument(flag, choices=f.metadata["choices"], default=f.default, help=text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=text)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def _opt(default, help: str, valid: str | None = None):
-    """A field with its flag's help and, for numbers, what a value must be (`VALID`), which the
-    CLI checks before anything runs: `--batch-size 0` is one line, not a ZeroDivisionError."""
-    return field(default=default, metadata={"help": help, "valid": valid})
+def _opt(default, help: str, valid: str | None = None, choices: tuple[str, ...] | None = None):
+    """A field with its flag's help and what a value must be: for numbers a rule of VALID, for
+    words its `choices`, which the CLI checks before anything runs (`--batch-size 0` is one line,
+    not a ZeroDivisionError)."""
+    return field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
 
 
 # what a number must be: (test, the words a refusal uses)
@@ -39,10 +40,12 @@ class TrainConfig:
     translate: int = _opt(4, "random translation in pixels, reflect padding (0 disables)", valid="non-negative")
     cutout: int = _opt(8, "side of the random square zeroed per image (0 disables)", valid="non-negative")
     seed: int = _opt(0, "seed for init, shuffling and augmentation; a CPU run reproduces bit for bit")
-    device: str = _opt("auto", "auto (CUDA if available), cuda or cpu")
+    device: str = _opt("auto", "auto (CUDA if available), cuda or cpu", choices=("auto", "cuda", "cpu"))
     compile: bool = _opt(False, "torch.compile the training step (1.5x on this CPU; minutes of compile on a GPU)")
     compile_backend: str = _opt(
-        "inductor", "torch.compile backend: inductor (generates kernels), aot_eager (traces only; dry runs)"
+        "inductor",
+        "torch.compile backend: inductor (generates kernels), aot_eager (traces only; dry runs)",
+        choices=("inductor", "aot_eager"),
     )
     threads: int = _opt(2, "CPU intra-op threads; oversubscription collapses throughput", valid="positive")
     time_limit_s: float | None = _opt(

@@ -65,6 +65,8 @@ class TrainResult:
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BuildError(f"--device cuda: torch {torch.__version__} finds no CUDA GPU here; use --device cpu (or auto)")
     return device
 
 
