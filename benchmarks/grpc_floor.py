@@ -6,9 +6,10 @@ A server process with one method that echoes its request's bytes (a generic hand
 nothing of ours) and a client process sending 3,100-byte requests (about a 32x32 PNG) over 4
 channels, closed loop at each concurrency, as `benchmarks.loadgen` drives our fronts. The server
 process's CPU over the window (/proc, every thread) divided by the calls answered: microseconds a
-call. `aio` is grpc.aio on uvloop, as our fronts run; `syncN` is grpc's thread-pool server with N
-threads, which holds at most N calls at once (a call that waits for a batch holds a thread), so it
-could not carry a batching front: it is here to show what the asyncio layer costs.
+call; and the client's own (what one of `benchmarks.loadgen`'s gRPC client processes spends).
+`aio` is grpc.aio on uvloop, as our fronts run; `syncN` is grpc's thread-pool server with N
+threads, which holds at most N calls at once (a call that waits for a batch holds a thread), so
+it could not carry a batching front: it is here to show what the asyncio layer costs.
 
 Compare a row with `python -m benchmarks.engine_core --request kserve-grpc` (a front's CPU a
 request, raw pixels to KServe's ModelInfer) at about the same calls a second a process: the cost a
@@ -69,14 +70,18 @@ def serve(kind: str) -> None:
     server.wait_for_termination()
 
 
-async def drive(port: int, concurrency: int, seconds: float) -> int:
-    """Calls answered in `seconds`, `concurrency` at once over CHANNELS channels (connections)."""
+async def drive(port: int, concurrency: int, seconds: float) -> tuple[int, float]:
+    """Calls answered in `seconds`, `concurrency` at once over CHANNELS channels (connections), and
+    the CPU seconds this client spent meanwhile (grpc.aio, as benchmarks.loadgen's clients)."""
+    import resource
+
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1)]  # else the channels share one connection
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(CHANNELS)]
     calls = [c.unary_unary(METHOD) for c in channels]
     done = 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     end = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
@@ -87,9 +92,10 @@ async def drive(port: int, concurrency: int, seconds: float) -> int:
             done += 1
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     for channel in channels:
         await channel.close()
-    return done
+    return done, (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
 
 
 def measure(kind: str, concurrency: int, seconds: float) -> dict:
@@ -116,12 +122,13 @@ def measure(kind: str, concurrency: int, seconds: float) -> dict:
     finally:
         server.kill()
         server.wait()
-    calls = int(out.stdout)
+    calls, client_s = int(out.stdout.split()[0]), float(out.stdout.split()[1])
     return {
         "server": kind,
         "concurrency": concurrency,
         "calls_s": round(calls / seconds),
         "server_us_per_call": round(used / max(calls, 1) * 1e6),
+        "client_us_per_call": round(client_s / max(calls, 1) * 1e6),
     }
 
 
@@ -137,7 +144,7 @@ def main() -> None:
     if args.serve:
         return serve(args.serve)
     if args.drive:
-        print(asyncio.run(drive(args.drive, args.concurrency[0], args.seconds)))
+        print(*asyncio.run(drive(args.drive, args.concurrency[0], args.seconds)))
         return
     bad = [s for s in args.servers if s != "aio" and not (s.startswith("sync") and s[4:].isdigit() and int(s[4:]))]
     if bad:

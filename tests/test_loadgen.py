@@ -79,6 +79,7 @@ def test_the_grpc_floor_measures_an_echo_server_of_each_kind():
     for kind in ("aio", "sync2"):
         row = measure(kind, 2, 0.5)
         assert row["server"] == kind and row["calls_s"] > 0 and row["server_us_per_call"] > 0, row
+        assert row["client_us_per_call"] > 0, row
     for kinds in (["sync"], ["sync0", "aio"]):
         bad = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--servers", *kinds], capture_output=True)
         assert (
