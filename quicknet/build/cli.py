@@ -55,6 +55,13 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=text)
 
 
+STAGE_COMMANDS = ("export", "compile", "eval", "publish")  # they read a run folder a training run wrote
+STAGE_MODEL_HELP = (
+    "which run folder, runs/<model> (default quicknet), where --run-dir is not given; with --run-dir, a check "
+    "that the run trained this model"
+)
+
+
 def _run_dir(args: argparse.Namespace) -> Path:
     """--run-dir, else runs/<model>. For the stages after training (whose --model only names that
     folder: the run itself says which model it trained), a --model the run contradicts is refused."""
@@ -68,10 +75,6 @@ def _run_dir(args: argparse.Namespace) -> Path:
                 f"{run_dir} holds a {theirs} run, not {args.model}: drop --model, or give --model {theirs}"
             )
     return run_dir
-
-
-STAGE_COMMANDS = ("export", "compile", "eval", "publish")  # they read a run folder a training run wrote
-STAGE_MODEL_HELP = "the run folder runs/<model> when --run-dir is not given (default quicknet); with --run-dir, a check"
 
 
 def _dataset(args: argparse.Namespace):
@@ -95,9 +98,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from quicknet.build.pipeline import stage_train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    dataset = _dataset(args)
-    with _resumable(_run_dir(args), "train"):
-        _print(stage_train(cfg, dataset, _run_dir(args), resume=args.resume))
+    dataset, run_dir = _dataset(args), _run_dir(args)
+    with _resumable(run_dir, "train"):
+        _print(stage_train(cfg, dataset, run_dir, resume=args.resume))
 
 
 @contextlib.contextmanager
