@@ -84,6 +84,12 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
         BuildError, match=f"^{run} holds a quicknet-xs run, not quicknet: resume it with --model quicknet-xs"
     ):
         train(other, cifar, run, resume=True, progress=False)
+    capfd.readouterr()
+    train(cfg, cifar, tmp_path / "again", progress=True, stop_at_step=1)
+    assert "over the one there" not in capfd.readouterr().err, "a new folder has nothing to replace"
+    train(cfg, cifar, tmp_path / "again", progress=True, stop_at_step=1)
+    err = capfd.readouterr().err
+    assert f"a new run in {tmp_path / 'again'}, over the one there (--resume continues that one instead)" in err, err
     finished = train(cfg, cifar, run, resume=True, progress=False)
     assert not finished.stopped_early and finished.history[-1]["epoch"] == 1
     capfd.readouterr()

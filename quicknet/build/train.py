@@ -431,6 +431,8 @@ def train(
 
     if resume:
         _check_resumable(ckpt_path, cfg)
+    elif ckpt_path.is_file() and progress:
+        print(f"a new run in {out_dir}, over the one there (--resume continues that one instead)", file=sys.stderr)
     parts = _build(cfg, data, device)
     steps_per_epoch = parts.steps_per_epoch
     planned_epochs = cfg.epochs
