@@ -257,11 +257,13 @@ def verify_files(mv: ModelVersion) -> None:
             )
 
 
-def check_publishable(root: Path) -> None:
-    """That a version can be published under `root`: a folder, or one that can be made (the first
-    part of the path that exists is a folder this process can write). `quicknet build` asks before
-    it trains, so that a mistyped store costs no training run."""
-    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+def check_publishable(root: Path, name: str | None = None) -> None:
+    """That a version (of model `name`) can be published under `root`: a folder, or one that can be
+    made (the first part of the path that exists, the model's folder included, is a folder this
+    process can write). `quicknet build` asks before it trains, so that a mistyped store costs no
+    training run."""
+    where = root / name if name else root
+    existing = next((p for p in (where, *where.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise StoreError(f"cannot publish into model store {root}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
@@ -271,7 +273,7 @@ def check_publishable(root: Path) -> None:
 def publish(root: Path, name: str, files: list[Path], metadata: dict) -> ModelVersion:
     """Copy `files` into the next version of `name`, with `metadata.json`; all or nothing."""
     check_name(name)
-    check_publishable(root)
+    check_publishable(root, name)
     model_dir = root / name
     try:
         model_dir.mkdir(parents=True, exist_ok=True)

@@ -261,6 +261,33 @@ def test_publish_refuses_records_that_describe_other_files(run_dir, tmp_path):
     assert build.stage_publish(recompiled, root).version == 1
 
 
+def test_publish_refuses_a_stopped_run_a_missing_export_and_a_run_published_already(run_dir, tmp_path):
+    """A build stopped by its time limit published its half-trained weights; deleting model.onnx was
+    reported as a stale INT8 model; publishing a run twice made two versions of the same weights."""
+    root = tmp_path / "store"
+    stopped = _copy(run_dir, tmp_path / "stopped")
+    rec = json.loads((stopped / "build.json").read_text())
+    rec["stages"]["train"].update(stopped_early=True, epochs_run=3, planned_epochs=8)
+    (stopped / "build.json").write_text(json.dumps(rec))
+    with pytest.raises(BuildError) as refused:
+        build.stage_publish(stopped, root)
+    assert str(refused.value) == (
+        f"refusing to publish: {stopped}'s training stopped after 3 of its 8 planned epochs: `quicknet train "
+        "--resume` with its flags finishes it (then export, compile and eval), or publish it as it is with "
+        "--allow-partial"
+    )
+    assert build.stage_publish(stopped, root, allow_partial=True).version == 1
+    with pytest.raises(BuildError, match=f"^quicknet-xs version 1 in {root} already holds this run's model.onnx"):
+        build.stage_publish(_copy(run_dir, tmp_path / "again"), root)
+    assert store.list_versions(root, "quicknet-xs") == [1]
+    unexported = _copy(run_dir, tmp_path / "unexported")
+    (unexported / "model.onnx").unlink()
+    with pytest.raises(
+        BuildError, match=f"^refusing to publish: {unexported / 'model.onnx'} is missing; run `quicknet export`"
+    ):
+        build.stage_publish(unexported, root)
+
+
 def test_stage_without_its_input_says_which_stage_to_run(tmp_path, cifar):
     with pytest.raises(BuildError, match="run `quicknet train`"):
         build.stage_export(tmp_path, cifar)

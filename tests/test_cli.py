@@ -70,17 +70,43 @@ def test_a_flag_value_that_cannot_work_is_refused_before_anything_runs(args, say
 
 
 def test_build_refuses_a_store_it_cannot_publish_into_before_it_trains(tmp_path):
-    """Said before the data is even read (the data path here does not exist), not after the training."""
+    """Said before the data is even read (the data path here does not exist), not after the training:
+    a store path through a file, and a file where the model's folder goes."""
     (tmp_path / "store").write_text("a file")
-    out = quicknet(
-        "build", "--model", "quicknet-xs", "--model-store", str(tmp_path / "store" / "sub"),
-        "--data", str(tmp_path / "none.npz"),
-    )  # fmt: skip
-    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert out.stderr == (
-        f"error: cannot publish into model store {tmp_path / 'store' / 'sub'}: {tmp_path / 'store'} is a file, "
-        "not a folder\n"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "quicknet-xs").write_text("a file")
+    for store_path, file in ((tmp_path / "store" / "sub", tmp_path / "store"), (tmp_path / "other", None)):
+        out = quicknet(
+            "build", "--model", "quicknet-xs", "--model-store", str(store_path), "--data", str(tmp_path / "none.npz"),
+        )  # fmt: skip
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        file = file or store_path / "quicknet-xs"
+        assert out.stderr == f"error: cannot publish into model store {store_path}: {file} is a file, not a folder\n"
+
+
+def test_a_build_whose_training_stopped_publishes_nothing(tmp_path, monkeypatch, capsys):
+    """A time limit stopped the training: the build stops there (it went on to export and publish the
+    half-trained weights) and says how to finish it."""
+    import quicknet.build.cli as build_cli
+    import quicknet.build.pipeline as pipeline
+    from quicknet.cli import main
+
+    def nothing_after_training(*args, **kwargs):
+        raise AssertionError("a stage ran after a stopped training")
+
+    monkeypatch.setattr(build_cli, "_dataset", lambda args: None)
+    monkeypatch.setattr(
+        pipeline, "stage_train", lambda *a, **k: dict(stopped_early=True, epochs_run=1, planned_epochs=4)
     )
+    for stage in ("stage_export", "stage_compile", "stage_eval", "stage_publish"):
+        monkeypatch.setattr(pipeline, stage, nothing_after_training)
+    args = ["build", "--model", "quicknet-xs", "--run-dir", str(tmp_path), "--model-store", str(tmp_path / "store")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: training stopped after 1 of 4 epochs: the same command with --resume finishes it, then exports, "
+        "compiles, scores and publishes"
+    )
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_stage_refuses_a_model_its_run_folder_did_not_train(tmp_path):

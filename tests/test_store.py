@@ -41,7 +41,7 @@ def test_publishing_where_a_file_stands_is_one_line(tmp_path, artifact):
     root = tmp_path / "store"
     root.mkdir()
     (root / "quicknet-xs").write_text("x")
-    with pytest.raises(StoreError, match=f"^cannot publish into model store {root}: {root / 'quicknet-xs'}: "):
+    with pytest.raises(StoreError, match=f"^cannot publish into model store {root}: {root / 'quicknet-xs'} is a file"):
         store.publish(root, "quicknet-xs", [artifact], {"labels": []})
     assert (tmp_path / "file").read_text() == "x" and (root / "quicknet-xs").read_text() == "x"
 

@@ -73,7 +73,11 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
     cfg = TrainConfig(**TINY, epochs=1, train_subset=128)  # 2 steps an epoch
     with pytest.raises(BuildError, match="^nothing to resume: .*checkpoint.pt not found .leave out --resume"):
         train(cfg, cifar, tmp_path / "typo", resume=True, progress=False)
-    assert not (tmp_path / "typo" / "checkpoint.pt").exists()
+    assert not (tmp_path / "typo").exists(), "a refused resume makes no folder"
+    (tmp_path / "a file").write_text("x")
+    for where in (tmp_path / "a file", tmp_path / "a file" / "run"):
+        with pytest.raises(BuildError, match=f"^cannot make the run folder {where}: "):
+            train(cfg, cifar, where, progress=False)
     run = tmp_path / "xs"
     stopped = train(cfg, cifar, run, progress=True, stop_at_step=1)
     assert stopped.stopped_early
@@ -90,6 +94,9 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
     train(cfg, cifar, tmp_path / "again", progress=True, stop_at_step=1)
     err = capfd.readouterr().err
     assert f"a new run in {tmp_path / 'again'}, over the one there (--resume continues that one instead)" in err, err
+    changed = TrainConfig(**{**TINY, "batch_size": 32}, epochs=1, train_subset=256)
+    with pytest.raises(BuildError, match=r"--resume continues .*'s run as it started, with --batch-size 64 "):
+        train(changed, cifar, run, resume=True, progress=False)  # it trained another run under the record
     finished = train(cfg, cifar, run, resume=True, progress=False)
     assert not finished.stopped_early and finished.history[-1]["epoch"] == 1
     capfd.readouterr()

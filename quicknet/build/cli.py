@@ -172,7 +172,9 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
     root = Path(args.store) if args.store else store.default_root()
     results = Path(args.training_results) if args.training_results else None
-    mv = stage_publish(_run_dir(args), root, make_default=args.make_default, training_results=results)
+    mv = stage_publish(
+        _run_dir(args), root, make_default=args.make_default, training_results=results, allow_partial=args.allow_partial
+    )
     print(f"published {mv.name} version {mv.version} at {mv.path}")
 
 
@@ -220,13 +222,18 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     root = Path(args.store) if args.store else store.default_root()
     if args.publish:
-        store.check_publishable(root)  # before the data and training, not after them
+        store.check_publishable(root, args.model)  # before the data and training, not after them
     ds = _dataset(args)
     run_dir = _run_dir(args)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     with _resumable(run_dir, "build"):
         _stage(f"training {cfg.model} into {run_dir}")
-        stage_train(cfg, ds, run_dir, resume=args.resume)
+        trained = stage_train(cfg, ds, run_dir, resume=args.resume)
+    if trained["stopped_early"]:  # a time limit: what it saved is half a run, not a model to publish
+        raise QuickNetError(
+            f"training stopped after {trained['epochs_run']} of {trained['planned_epochs']} epochs: the same "
+            "command with --resume finishes it, then exports, compiles, scores and publishes"
+        )
     _stage("exporting: fold, ONNX, checked against PyTorch on 2,000 test images")
     stage_export(run_dir, ds)
     _stage("compiling: ONNX Runtime INT8" + ("" if args.tensorrt is False else ", TensorRT where installed"))
@@ -235,6 +242,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     results = stage_eval(run_dir, ds, threads=args.threads)
     _print({k: v["top1"] for k, v in results["accuracy"].items()})
     if args.publish:
+        _stage(f"publishing into {root}")
         mv = stage_publish(run_dir, root, make_default=args.make_default)
         print(f"published {mv.name} version {mv.version} at {mv.path}")
 
@@ -347,6 +355,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="the results.json of the GPU job that trained this run: its GPU, driver, torch, recipe, epochs "
         "and the file's SHA-256 go into metadata.json",
+    )
+    pub.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="publish a run whose training stopped before its planned end (a time limit, a GPU job's hard stop)",
     )
     pub.set_defaults(func=cmd_publish)
 

@@ -196,11 +196,17 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
 
 
 def stage_publish(
-    run_dir: Path, root: Path, *, make_default: bool = False, training_results: Path | None = None
+    run_dir: Path,
+    root: Path,
+    *,
+    make_default: bool = False,
+    training_results: Path | None = None,
+    allow_partial: bool = False,
 ) -> store.ModelVersion:
     """The run's engines into the next version of its model: the FP32 ONNX (the one copy of the
     weights: ONNX Runtime optimizes it at load, the torch engine is derived from it) and the INT8
-    ONNX, each gated; `training_results` is the `results.json` of the GPU job that trained it."""
+    ONNX, each gated; `training_results` is the `results.json` of the GPU job that trained it.
+    A run whose training stopped before its planned end is refused unless `allow_partial`."""
     from quicknet.build.model import QuickNet, count_macs, count_params, get_config
 
     t0 = time.perf_counter()
@@ -208,6 +214,13 @@ def stage_publish(
     for needed in ("train", "export", "eval"):
         if needed not in rec["stages"]:
             raise BuildError(f"{run_dir} has no {needed} record: run `quicknet {needed}` first")
+    if rec["stages"]["train"].get("stopped_early") and not allow_partial:
+        done = rec["stages"]["train"].get("epochs_run")
+        raise BuildError(
+            f"refusing to publish: {run_dir}'s training stopped after {done} of its "
+            f"{rec['stages']['train'].get('planned_epochs')} planned epochs: `quicknet train --resume` with its "
+            "flags finishes it (then export, compile and eval), or publish it as it is with --allow-partial"
+        )
     _check_records_match_files(run_dir, rec["stages"])
     acc = rec["stages"]["eval"]["accuracy"]
     if acc["checkpoint"]["images"] < 10000:
@@ -247,11 +260,27 @@ def stage_publish(
     }
     if "checkpoint_sha256" in rec["stages"]["export"]:
         metadata["exported_from"] = {"file": CHECKPOINT, "sha256": rec["stages"]["export"]["checkpoint_sha256"]}
+    _check_not_published(root, model_name, run_dir / ONNX)
     mv = store.publish(root, model_name, files, metadata)
     if make_default:
         store.set_default(root, model_name)
     _save_stage(run_dir, "publish", time.perf_counter() - t0, version=mv.version, path=str(mv.path))
     return mv
+
+
+def _check_not_published(root: Path, name: str, onnx_path: Path) -> None:
+    """A run published once is not published again as a new version with the same weights (a
+    second `publish`, or `build --resume` of a finished build): one line naming the version."""
+    if not (root / name).is_dir():
+        return
+    digest = store.sha256_file(onnx_path)
+    for version in store.list_versions(root, name):
+        try:
+            files = store.get_version(root, name, version).metadata.get("files", {})
+        except QuickNetError:
+            continue  # a version the store cannot read is not this run's
+        if files.get(ONNX, {}).get("sha256") == digest:
+            raise BuildError(f"{name} version {version} in {root} already holds this run's {ONNX}: nothing to publish")
 
 
 def _check_records_match_files(run_dir: Path, stages: dict) -> None:
@@ -260,6 +289,8 @@ def _check_records_match_files(run_dir: Path, stages: dict) -> None:
     quantized or since eval scored it, is refused with the stages to run again (the records hold
     each file's SHA-256)."""
     again = "run `quicknet {}` for {} again"
+    if not (run_dir / ONNX).is_file():
+        raise BuildError(f"refusing to publish: {run_dir / ONNX} is missing; run `quicknet export`")
     now = {p.name: store.sha256_file(p) for p in (run_dir / f for f in (CHECKPOINT, ONNX, ORT_INT8)) if p.is_file()}
     exported_from = stages["export"].get("checkpoint_sha256")
     if CHECKPOINT in now and exported_from and exported_from != now[CHECKPOINT]:

@@ -49,6 +49,13 @@ from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
+# What a run is: a resume with other values would train a different run under its record (the data
+# and the steps an epoch, the schedule's shape, the augmentation). Time limits, threads, the device,
+# compiling and how often to save or evaluate may change between stops.
+SAME_ON_RESUME = (
+    *("batch_size", "train_subset", "seed", "lr", "momentum", "weight_decay", "warmup_epochs"),
+    *("label_smoothing", "ema_decay", "translate", "cutout"),
+)
 BUDGET_SAFETY = 0.93  # plan to use 93% of the budget left: epochs vary, and the last eval and save must fit
 
 
@@ -275,11 +282,21 @@ def _check_resumable(ckpt_path: Path, cfg: TrainConfig) -> None:
     start in a mistyped folder nor a state_dict size mismatch."""
     if not ckpt_path.is_file():
         raise BuildError(f"nothing to resume: {ckpt_path} not found (leave out --resume to start a new run)")
-    theirs = _load(ckpt_path, "cpu").get("train_config", {}).get("model")
+    started = _load(ckpt_path, "cpu").get("train_config", {})
+    theirs = started.get("model")
     if theirs and theirs != cfg.model:
         raise BuildError(
             f"{ckpt_path.parent} holds a {theirs} run, not {cfg.model}: resume it with --model {theirs} "
             "(or train a new run in another --run-dir)"
+        )
+    now = asdict(cfg)
+    changed = [f for f in SAME_ON_RESUME if f in started and started[f] != now[f]]
+    if changed:
+        was = " ".join(f"--{f.replace('_', '-')} {started[f]}" for f in changed)
+        got = ", ".join(str(now[f]) for f in changed)
+        raise BuildError(
+            f"--resume continues {ckpt_path.parent}'s run as it started, with {was} (got {got}): give the same "
+            "values, or train a new run in another --run-dir"
         )
 
 
@@ -417,8 +434,13 @@ def train(
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
+    if resume:
+        _check_resumable(ckpt_path, cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder goes, or in its path
+        raise BuildError(f"cannot make the run folder {out_dir}: {e.strerror}") from None
     log_path = out_dir / "epochs.jsonl"
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -429,9 +451,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if resume:
-        _check_resumable(ckpt_path, cfg)
-    elif ckpt_path.is_file() and progress:
+    if not resume and ckpt_path.is_file() and progress:
         print(f"a new run in {out_dir}, over the one there (--resume continues that one instead)", file=sys.stderr)
     parts = _build(cfg, data, device)
     steps_per_epoch = parts.steps_per_epoch
