@@ -13,6 +13,8 @@ from quicknet.errors import BuildError
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
+# 2 steps an epoch of 16 images: for runs a fake clock times, where a real step's cost buys nothing
+SHORT_STEPS = dict(TINY, batch_size=16, train_subset=32)
 COMPARED = ("epoch", "train_loss", "train_acc", "lr", "test_acc", "test_loss", "test_acc_ema", "test_loss_ema")
 
 
@@ -278,9 +280,8 @@ def test_the_plan_is_shortened_when_the_epochs_grow_slower(cifar: Dataset, tmp_p
         eval_seconds=lambda i: 3.5 if i == 0 else 0.2,
     )
     cfg = TrainConfig(
-        **TINY,
+        **SHORT_STEPS,
         epochs=200,
-        train_subset=128,  # 2 steps an epoch
         time_budget_s=100.0,
         time_limit_s=115.0,  # as gpu-train sets it: HARD_STOP_MARGIN_S past the budget
         plan_after_epochs=2,
@@ -308,7 +309,7 @@ def test_a_resumed_run_measures_its_pace_past_its_start_up(cifar: Dataset, tmp_p
     cost: 12 epochs, ending at LR zero inside the budget."""
     steps = {"before": lambda i: {0: 30.0}.get(i, 0.5 if i < 4 else 1.5), "after": lambda i: 30.0 if i == 0 else 1.5}
     cfg = TrainConfig(
-        **TINY, epochs=200, train_subset=128, time_budget_s=100.0, time_limit_s=115.0, plan_after_epochs=2, eval_every=2
+        **SHORT_STEPS, epochs=200, time_budget_s=100.0, time_limit_s=115.0, plan_after_epochs=2, eval_every=2
     )
     _replay_timings(monkeypatch, step_seconds=steps["before"], eval_seconds=lambda i: 3.5 if i == 0 else 0.2)
     first = train(cfg, cifar, tmp_path, progress=False, stop_at_step=12)
