@@ -221,7 +221,7 @@ def stage_publish(
             f"{rec['stages']['train'].get('planned_epochs')} planned epochs: `quicknet train --resume` with its "
             "flags finishes it (then export, compile and eval), or publish it as it is with --allow-partial"
         )
-    _check_records_match_files(run_dir, rec["stages"])
+    digests = _check_records_match_files(run_dir, rec["stages"])
     acc = rec["stages"]["eval"]["accuracy"]
     if acc["checkpoint"]["images"] < 10000:
         raise BuildError("publishing needs accuracy on the full 10k test split: run `quicknet eval` without --limit")
@@ -260,7 +260,7 @@ def stage_publish(
     }
     if "checkpoint_sha256" in rec["stages"]["export"]:
         metadata["exported_from"] = {"file": CHECKPOINT, "sha256": rec["stages"]["export"]["checkpoint_sha256"]}
-    _check_not_published(root, model_name, run_dir / ONNX)
+    _check_not_published(root, model_name, digests[ONNX])
     mv = store.publish(root, model_name, files, metadata)
     if make_default:
         store.set_default(root, model_name)
@@ -268,12 +268,12 @@ def stage_publish(
     return mv
 
 
-def _check_not_published(root: Path, name: str, onnx_path: Path) -> None:
-    """A run published once is not published again as a new version with the same weights (a
-    second `publish`, or `build --resume` of a finished build): one line naming the version."""
+def _check_not_published(root: Path, name: str, digest: str) -> None:
+    """A run published once (its model.onnx's SHA-256 `digest`) is not published again as a new
+    version with the same weights (a second `publish`, or `build --resume` of a finished build):
+    one line naming the version."""
     if not (root / name).is_dir():
         return
-    digest = store.sha256_file(onnx_path)
     for version in store.list_versions(root, name):
         try:
             files = store.get_version(root, name, version).metadata.get("files", {})
@@ -283,11 +283,11 @@ def _check_not_published(root: Path, name: str, onnx_path: Path) -> None:
             raise BuildError(f"{name} version {version} in {root} already holds this run's {ONNX}: nothing to publish")
 
 
-def _check_records_match_files(run_dir: Path, stages: dict) -> None:
+def _check_records_match_files(run_dir: Path, stages: dict) -> dict[str, str]:
     """The records publish copies into metadata.json describe the files in the run folder now: a
     run trained again since its export, a model.onnx exported again since its INT8 model was
     quantized or since eval scored it, is refused with the stages to run again (the records hold
-    each file's SHA-256)."""
+    each file's SHA-256). Returns the files' SHA-256 by name."""
     again = "run `quicknet {}` for {} again"
     if not (run_dir / ONNX).is_file():
         raise BuildError(f"refusing to publish: {run_dir / ONNX} is missing; run `quicknet export`")
@@ -309,6 +309,7 @@ def _check_records_match_files(run_dir: Path, stages: dict) -> None:
     if stale:
         what = f"the accuracy in {BUILD_RECORD} was not measured on the {' and '.join(stale)} there now"
         raise BuildError(f"refusing to publish: {what}: {again.format('eval', run_dir)}")
+    return now
 
 
 def trained_on(results_path: Path, run_dir: Path, model: str) -> tuple[dict, list[dict]]:

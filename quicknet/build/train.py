@@ -277,12 +277,14 @@ def _build(cfg: TrainConfig, data: Dataset, device: str) -> _Parts:
     return _Parts(loader, test_loader, steps_per_epoch, model, step_model, opt, schedule, sched, ema, criterion)
 
 
-def _check_resumable(ckpt_path: Path, cfg: TrainConfig) -> None:
-    """A run to resume is there and trains the model asked for: one line otherwise, not a fresh
-    start in a mistyped folder nor a state_dict size mismatch."""
+def _resumable(ckpt_path: Path, cfg: TrainConfig, device: str) -> dict:
+    """The checkpoint of a run to resume, loaded once for `_restore`, if it is there and `cfg` is the
+    run it started as: one line otherwise, not a fresh start in a mistyped folder nor a state_dict
+    size mismatch."""
     if not ckpt_path.is_file():
         raise BuildError(f"nothing to resume: {ckpt_path} not found (leave out --resume to start a new run)")
-    started = _load(ckpt_path, "cpu").get("train_config", {})
+    ckpt = _load(ckpt_path, device)
+    started = ckpt.get("train_config", {})
     theirs = started.get("model")
     if theirs and theirs != cfg.model:
         raise BuildError(
@@ -298,12 +300,12 @@ def _check_resumable(ckpt_path: Path, cfg: TrainConfig) -> None:
             f"--resume continues {ckpt_path.parent}'s run as it started, with {was} (got {got}): give the same "
             "values, or train a new run in another --run-dir"
         )
+    return ckpt
 
 
-def _restore(parts: _Parts, out_dir: Path, ckpt_path: Path, device: str) -> tuple[int, dict, list[dict], float]:
-    """A stopped run's state as its last save left it, into `parts`; returns its planned epochs,
-    position, history and seconds spent."""
-    ckpt = _load(ckpt_path, device)
+def _restore(parts: _Parts, out_dir: Path, ckpt: dict, device: str) -> tuple[int, dict, list[dict], float]:
+    """A stopped run's state as its last save (`ckpt`, its checkpoint.pt) left it, into `parts`;
+    returns its planned epochs, position, history and seconds spent."""
     parts.model.load_state_dict(_load(out_dir / ckpt["files"]["model"], device)["model"])
     parts.opt.load_state_dict(_load(out_dir / ckpt["files"]["optimizer"], device)["optimizer"])
     parts.sched.load_state_dict(ckpt["scheduler"])
@@ -435,14 +437,13 @@ def train(
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if resume:
-        _check_resumable(ckpt_path, cfg)
+    device = resolve_device(cfg.device)
+    resumed = _resumable(ckpt_path, cfg, device) if resume else None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where the folder goes, or in its path
         raise BuildError(f"cannot make the run folder {out_dir}: {e.strerror}") from None
     log_path = out_dir / "epochs.jsonl"
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -459,8 +460,9 @@ def train(
     position = {"epoch": 0, "step": 0, "order": None, "partial": None}
     history: list[dict] = []
     elapsed = 0.0
-    if resume and ckpt_path.is_file():
-        planned_epochs, position, history, elapsed = _restore(parts, out_dir, ckpt_path, device)
+    if resumed is not None:
+        planned_epochs, position, history, elapsed = _restore(parts, out_dir, resumed, device)
+        del resumed  # its tensors are the model's, the optimizer's and the EMA's now
     parts.schedule.total_steps = planned_epochs * steps_per_epoch
     if resume and position["epoch"] >= planned_epochs and progress:
         longer = (
