@@ -150,7 +150,6 @@ BARRIER_S = 90.0  # the longest an arm waits after epoch 1 for the others to fin
 # is PARENT_FINISH_S before the budget's end, and an arm still running HARD_STOP_MARGIN_S + ARM_FINISH_S
 # after it is ended (then the parent writes its last results).
 MAX_OVERRUN_S = HARD_STOP_MARGIN_S + ARM_FINISH_S - PARENT_FINISH_S
-RESULT_FILES = ("checkpoint.pt", "build.json")
 HANDOFF_JSON = "handoff.json"  # written after the checkpoint beside it: its presence says the copy is whole
 
 

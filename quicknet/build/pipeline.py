@@ -20,7 +20,7 @@ from pathlib import Path
 
 from quicknet import store
 from quicknet.build import data as data_mod
-from quicknet.build.compile import ORT_INT8, TensorRTOptions
+from quicknet.build.compile import ORT_INT8, TensorRTOptions, build_tensorrt_plan, quantize_int8
 from quicknet.build.config import TrainConfig
 from quicknet.build.ortrun import INPUT_NAME, OUTPUT_NAME
 from quicknet.errors import BuildError, QuickNetError
@@ -138,8 +138,6 @@ def stage_compile(
     trt_options: TensorRTOptions | None = None,
 ) -> dict:
     """ORT static INT8 always; TensorRT when asked (True), or when it imports (None)."""
-    from quicknet.build.compile import build_tensorrt_plan, quantize_int8
-
     t0 = time.perf_counter()
     onnx_path = _require(run_dir / ONNX, "export")
     calibration = dataset.train.sample(CALIBRATION_IMAGES, seed=1).images
@@ -370,7 +368,6 @@ def republish(root: Path, name: str, version: int | None, dataset: data_mod.Data
 
     import onnx
 
-    from quicknet.build.compile import quantize_int8
     from quicknet.build.evaluate import evaluate_artifact
     from quicknet.build.export import elementwise_prelu
 

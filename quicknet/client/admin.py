@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from quicknet import store
 from quicknet.client.endpoint import Endpoint
 from quicknet.client.results import QuickNetClientError
-from quicknet.errors import QuickNetError
+from quicknet.errors import QuickNetError, StoreError
 
 PLATFORM_ENGINES = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_torchexport": "torch"}
 
@@ -38,9 +39,6 @@ def _segment(value: str) -> str:
 def _model_name(name: str) -> str:
     """`name`, or the server's own one-line refusal (400) before any request: a name holding `/`
     (`../x`) cannot reach the server's routes as one path segment, whatever the encoding."""
-    from quicknet import store
-    from quicknet.errors import StoreError
-
     try:
         return store.check_name(name)
     except StoreError as e:

@@ -12,7 +12,7 @@ Keys are never logged. The file is re-read when it changes (checked at most once
 keys rotate without a restart; a change that does not parse is logged and the old keys stay.
 
 Roles: `--admin-api-keys-file` (same format) is the admin key set. Only its keys may use the
-repository API's load and unload (`repository_refusal`); they are accepted on every other route
+repository API's load and unload (`RepositoryGuard.refusal`); they are accepted on every other route
 too. With API keys in force and no admin file, nobody may load or unload models.
 """
 

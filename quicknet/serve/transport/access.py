@@ -3,8 +3,8 @@ client's address), which model version answered and with how many images, and fo
 
 The REST middleware and the gRPC observer `begin` one record per request (a dict in a context
 variable: every task a request starts shares it, and each request runs in a task of its own); the
-runtime `note`s the model version when it picks one, the model handle the images it runs, the
-error handlers the message they answer with. `describe` writes the line's tail, `fields` the same
+model handle `note_run`s the model, version and images it runs, the error handlers `note` the
+message they answer with. `describe` writes the line's tail, `fields` the same
 for JSON logs. Nothing here is read on a request unless the access log is on."""
 
 from __future__ import annotations
