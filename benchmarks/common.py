@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    from quicknet.build.pipeline import cpu_description
+    from quicknet.build.gpu_probe import cpu_description
 
     return cpu_description()
 

@@ -5,7 +5,7 @@
 Compiles the fused kernels of the model's layer plan for Hopper (sm_90) with Triton's own ptxas,
 each layer with its largest candidate tiles for small batches and for large ones (the configuration
 a GPU build keeps is tuned there; tile shapes change a cubin's size little), into a private Triton
-cache, then writes the engine file exactly as the build does (`fused_engine.write_artifact`: each
+cache, then writes the engine file exactly as the build does (`quicknet.fused.engine.write_artifact`: each
 kernel's metadata and cubin, deflated) and prints its size beside the weights' in the kernels'
 layouts, which the file does not carry (the service packs them from the version's `model.onnx`).
 About 15 s for the full quicknet on 2 cores. Untrained weights: sizes do not depend on them.
@@ -28,7 +28,7 @@ def compile_layer(layer: dict, cfg: dict, capability: int = 90):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from quicknet.build import fused_kernels as k
+    from quicknet.fused import kernels as k
 
     tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
     if layer["kind"] == "stem":
@@ -48,10 +48,10 @@ def compile_layer(layer: dict, cfg: dict, capability: int = 90):
 
 
 def measure(model: str) -> dict:
-    from quicknet.build import fused_engine as fe
     from quicknet.build.export import folded_spec
     from quicknet.build.fold import fold
     from quicknet.build.model import build_model
+    from quicknet.fused import engine as fe
 
     layers, arrays = fe.pack(folded_spec(fold(build_model(model).eval())))
     cache = Path(os.environ["TRITON_CACHE_DIR"])

@@ -130,8 +130,9 @@ def run(args) -> None:
 
     from benchmarks.gpu_serve import _drive
     from quicknet import store
-    from quicknet.build import fused_engine, gpu_engine
+    from quicknet.build import gpu_engine
     from quicknet.fsutil import write_text_atomic
+    from quicknet.fused import engine as fused_engine
     from quicknet.serve.backends import choose
     from quicknet.serve.backends.fused import FusedBackend
     from quicknet.serve.backends.pytorch import TorchBackend, build_folded, load_spec

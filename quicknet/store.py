@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from quicknet import nvml
 from quicknet.errors import StoreError
 from quicknet.fsutil import write_text_atomic
 
@@ -341,14 +342,8 @@ def slug(text: str) -> str:
 def gpu_identity() -> tuple[str, tuple[int, int]]:
     """Name and compute capability of GPU 0, through NVML (no CUDA context needed)."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        cc = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return nvml.gpu0()
     except Exception as e:  # NVML raises its own error family; any of them means no usable GPU
         raise StoreError(
             f"no NVIDIA GPU visible through NVML ({e}); TensorRT plans are built on the GPU they serve"
         ) from None
-    return (name.decode() if isinstance(name, bytes) else name), (int(cc[0]), int(cc[1]))

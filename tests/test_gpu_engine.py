@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from quicknet import store
-from quicknet.build import fused_engine as fe
 from quicknet.build import gpu_engine
 from quicknet.build.export import folded_spec
 from quicknet.build.fold import fold
 from quicknet.build.model import ArchConfig, QuickNet
 from quicknet.errors import BuildError
+from quicknet.fused import engine as fe
 from quicknet.serve.backends.pytorch import build_folded
 from quicknet.testing import REPO
 from tests.trained import trained_looking
@@ -191,7 +191,7 @@ built = {
 # what the engine file keeps of each: the cache folder its cubin sits in (named in base32, not by c.hash)
 import tempfile, zipfile
 from pathlib import Path
-from quicknet.build import fused_engine as fe
+from quicknet.fused import engine as fe
 keys = {k: fe.cache_key(c) for k, c in built.items()}
 packed = fe.write_artifact(Path(tempfile.mkdtemp()) / "e.zip", {}, fe.triton_cache_dir(), set(keys.values()))
 cubins = {n.split("/")[1] for n in zipfile.ZipFile(packed).namelist() if n.endswith(".cubin")}

@@ -14,17 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "quicknet"
 
 # Each layer and the layers it may import (itself included). The base is the package's own
-# modules that every layer shares: the model store, the errors, file helpers, and the ONNX graph
-# rewrite that both the INT8 compile and the CPU engine apply.
-BASE = {"quicknet", "quicknet.errors", "quicknet.fsutil", "quicknet.store", "quicknet.ort_graph"}
+# modules that every layer shares: the model store, the errors, file helpers, the ONNX graph
+# rewrite that both the INT8 compile and the CPU engine apply, and NVML (GPU 0 and its driver).
+BASE = {"quicknet", "quicknet.errors", "quicknet.fsutil", "quicknet.store", "quicknet.ort_graph", "quicknet.nvml"}
 TOP = {"quicknet.cli", "quicknet.__main__", "quicknet.testing"}
 MAY_IMPORT = {
     "base": {"base"},
     "api": {"base", "api"},
-    "build": {"base", "build"},
+    "fused": {"base", "fused"},  # the fused GPU engine's kernels and file: the build writes it, the service loads it
+    "build": {"base", "fused", "build"},
     "client": {"base", "api", "client"},
-    "serve": {"base", "api", "build", "serve"},  # build: the fused GPU engine, loaded lazily on a GPU
-    "top": {"base", "api", "build", "client", "serve", "top"},
+    "serve": {"base", "api", "fused", "serve"},  # no build code: a server imports what it serves, not how it was made
+    "top": {"base", "api", "fused", "build", "client", "serve", "top"},
 }
 
 
@@ -173,9 +174,9 @@ def test_one_top_level_package_and_nothing_outside_tests_imports_tests(graph):
     assert top_level <= {"quicknet", "benchmarks", "tests"}, top_level
 
 
-def test_the_server_imports_the_build_only_lazily():
-    """`quicknet serve` starts without torch: the server reaches into `quicknet.build` (the fused GPU
-    engine) only inside functions, never at a module's top (nor under `try` there)."""
+def test_the_server_imports_the_fused_engine_only_lazily():
+    """`quicknet serve` starts without torch or triton: the server reaches into `quicknet.fused` (the
+    fused GPU engine) only inside functions, never at a module's top (nor under `try` there)."""
     at_top = []
     for path in sorted((PACKAGE / "serve").rglob("*.py")):
         tree = ast.parse(path.read_text())
@@ -185,7 +186,7 @@ def test_the_server_imports_the_build_only_lazily():
         ]
         for node in top:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            at_top += [f"{path.name}: {n}" for n in names if n == "quicknet.build" or n.startswith("quicknet.build.")]
+            at_top += [f"{path.name}: {n}" for n in names if n == "quicknet.fused" or n.startswith("quicknet.fused.")]
     assert at_top == []
 
 

@@ -4,14 +4,14 @@ The role TensorRT plays in the design (its package cannot be installed here): bu
 target GPU, it records what it was built for, and a version publishes it only after it scored on
 the 10k test split within 0.1 point of the checkpoint. Steps, each bounded by `time_limit_s`:
 
-1. pack the folded graph for `fused_kernels` (`fused_engine.pack`);
+1. pack the folded graph for the kernels (`quicknet.fused.engine.pack`);
 2. compile every candidate tile configuration at once, one process per core (Triton compiles in
    one thread and holds the GIL: ~1-3 s a kernel, ~50 kernels; in parallel, ~15 s on 16 cores);
 3. time each layer's candidates at a small batch and a large one and keep the fastest (a layer
    still untimed when the time is up keeps its first candidate: slower, never wrong);
 4. check the engine against the folded model in fp32 on the same device (random images: max
    |Δlogit|, top-1 agreement), and, given the labelled test split, score it (the gate);
-5. write `model.fused.<gpu>.sm<cc>.zip` (`fused_engine`'s format) with the compiled kernels.
+5. write `model.fused.<gpu>.sm<cc>.zip` (`quicknet.fused.engine`'s format) with the compiled kernels.
 
 `attach` publishes a built engine into the next version of the model it was built from, refusing
 one whose gate did not pass. Tied by the name and SHA-256 of the version's model file it was
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from quicknet import store
-from quicknet.build import fused_engine as fe
 from quicknet.errors import BuildError
+from quicknet.fused import engine as fe
 
 KIND = "fused-gpu"  # the artifact kind in metadata.json
 MAX_TOP1_LOSS = 0.001  # FP16: within 0.1 point of the checkpoint, as every FP16/FP32 artifact

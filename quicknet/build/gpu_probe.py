@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+from quicknet import nvml
 
 
 def environment() -> dict:
@@ -39,35 +41,24 @@ def environment() -> dict:
             "compute_capability": f"{props.major}.{props.minor}",
             "sms": props.multi_processor_count,
             "cudnn": torch.backends.cudnn.version(),
-            "driver": driver_version(),
+            "driver": nvml.driver_version(),
         }
     else:
-        from quicknet.build.pipeline import cpu_description
-
         env |= {"device": "cpu", "gpu": None, "cpu": cpu_description()}
     return env
 
 
-def driver_version() -> str | None:
-    """The NVIDIA driver version through NVML, else nvidia-smi; None when neither answers."""
+def cpu_description() -> str:
+    """`AMD EPYC, 2 cores`: the CPU model from /proc/cpuinfo where there is one, and usable cores."""
+    model = platform.processor() or platform.machine()
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # no nvidia-ml-py, or NVML cannot start: ask nvidia-smi
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
         pass
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def matmul_tflops(seconds: float = 2.0, n: int = 8192) -> dict:
@@ -152,11 +143,8 @@ class UtilizationSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self._nvml = pynvml
+            self._nvml = nvml.started()
+            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
         except Exception:  # no nvidia-ml-py or no GPU
             self._nvml = None
 

@@ -8,8 +8,6 @@ Each stage records what it measured in `<run>/build.json`, which `publish` turns
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import subprocess
 import time
@@ -22,6 +20,7 @@ from quicknet import store
 from quicknet.build import data as data_mod
 from quicknet.build.compile import ORT_INT8, TensorRTOptions, build_tensorrt_plan, quantize_int8
 from quicknet.build.config import TrainConfig
+from quicknet.build.gpu_probe import cpu_description
 from quicknet.build.ortrun import INPUT_NAME, OUTPUT_NAME
 from quicknet.errors import BuildError, QuickNetError
 from quicknet.fsutil import write_text_atomic
@@ -449,16 +448,3 @@ def _machine(device: str) -> str:
 
         return torch.cuda.get_device_name()
     return cpu_description()
-
-
-def cpu_description() -> str:
-    """`AMD EPYC, 2 cores`: the CPU model from /proc/cpuinfo where there is one, and usable cores."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"

@@ -8,6 +8,7 @@ import functools
 import glob
 import logging
 
+from quicknet import nvml
 from quicknet.serve import metrics
 
 log = logging.getLogger("quicknet.gpu")
@@ -18,19 +19,14 @@ def gpu_present() -> bool:
     """An NVIDIA GPU is visible: NVML counts one, or (no nvidia-ml-py) a /dev/nvidia<N> device exists.
     Costs microseconds and no torch import, so the backend choice on a CPU machine stays light."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetCount() > 0
+        return nvml.started().nvmlDeviceGetCount() > 0
     except Exception:  # no nvidia-ml-py or no driver: fall back to the device files
         return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 async def sample_forever(interval_s: float = 5.0) -> None:
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
+        pynvml = nvml.started()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:  # no nvidia-ml-py, no driver, or no GPU: nothing to sample
         return

@@ -1,4 +1,4 @@
-"""The fused GPU engine (`quicknet.build.fused_engine`): QuickNet in Triton kernels compiled for this GPU.
+"""The fused GPU engine (`quicknet.fused`): QuickNet in Triton kernels compiled for this GPU.
 
 A version lists it as the artifact `fused-gpu` (hashed like every artifact). It loads only on the
 machine it was built for: same GPU, compute capability, driver, torch, CUDA, Triton and kernel
@@ -8,7 +8,7 @@ and serves the eager torch engine. Loaded, it runs inside the torch engine's mac
 pinned buffers, one CUDA graph per batch bucket): only the module differs, ~10 kernels a batch
 instead of ~31.
 
-torch, triton and `quicknet.build.fused_engine` are imported here only, and only on a GPU machine that has
+torch, triton and `quicknet.fused.engine` are imported here only, and only on a GPU machine that has
 them: the CPU service never imports this module.
 """
 
@@ -33,7 +33,7 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
     path = version.file(fname)
     where = f"{version.name} v{version.version}: fused engine {fname}"
     try:
-        from quicknet.build import fused_engine as fe
+        from quicknet.fused import engine as fe
 
         doc = fe.read_doc(path)
         differs = fe.mismatch(doc.get("built_for", {}), fe.current_identity())
@@ -47,8 +47,8 @@ def engine_fits(version: ModelVersion) -> tuple[Path | None, str | None]:
 
 
 def batch_too_big(settings: Settings) -> str | None:
-    """Why the fused engine cannot serve batches this large, or None (`fused_engine.MAX_BATCH`)."""
-    from quicknet.build.fused_engine import MAX_BATCH
+    """Why the fused engine cannot serve batches this large, or None (`quicknet.fused.engine.MAX_BATCH`)."""
+    from quicknet.fused.engine import MAX_BATCH
 
     if settings.max_batch_size > MAX_BATCH:
         asked = settings.max_batch_size
@@ -64,7 +64,7 @@ class FusedBackend(TorchBackend):
         try:
             import torch
 
-            from quicknet.build import fused_engine as fe
+            from quicknet.fused import engine as fe
         except ImportError as e:
             raise BackendError(f"the fused engine needs torch and triton ({e}); serve with --backend torch") from None
         path, refused = engine_fits(version)

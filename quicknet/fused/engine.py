@@ -1,7 +1,7 @@
-"""The fused GPU engine: QuickNet's folded graph packed for `fused_kernels`, run, and kept as a file.
+"""The fused GPU engine: QuickNet's folded graph packed for `kernels`, run, and kept as a file.
 
-An engine is built once on the GPU it serves, like a TensorRT plan (`gpu_engine.py` is that build
-stage), and is one zip file, `model.fused.<gpu>.sm<cc>.zip`:
+An engine is built once on the GPU it serves, like a TensorRT plan (`quicknet/build/gpu_engine.py` is
+that build stage), and is one zip file, `model.fused.<gpu>.sm<cc>.zip`:
 
 - `engine.json`: the layer plan, the tile configuration chosen on that GPU for each layer (one set
   for small batches, one for large), what it was built for (GPU name, compute capability, driver,
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from quicknet.build.gpu_probe import driver_version
+from quicknet import nvml
 from quicknet.errors import BuildError
 from quicknet.store import slug
 
 FORMAT = "quicknet-fused/2"  # /1 carried a copy of the weights
-KERNELS_SOURCE = Path(__file__).with_name("fused_kernels.py")
+KERNELS_SOURCE = Path(__file__).with_name("kernels.py")
 SMALL_BATCH = 16  # batches up to this use the "small" configs (more, smaller tiles), larger the "large"
 # The kernels' grids put row tiles on CUDA's second axis (at most 65,535 programs: the stem's 1,024
 # rows an image in 64-row tiles reach it at 4,096 images) and index in int32 (past 2**31 elements at
@@ -229,7 +229,7 @@ class FusedNet:
     def run_layer(self, index: int, layer: dict, cfg: dict | None, x, n: int):
         import triton
 
-        from quicknet.build import fused_kernels as k
+        from quicknet.fused import kernels as k
 
         torch = self.torch
         w = self.w
@@ -283,7 +283,11 @@ def current_identity() -> dict:
     ident["kernels_sha256"] = kernels_digest()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        ident |= {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}", "driver": driver_version()}
+        ident |= {
+            "gpu": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "driver": nvml.driver_version(),
+        }
     else:
         ident |= {"gpu": None, "compute_capability": None, "driver": None}
     return ident
