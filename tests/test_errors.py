@@ -10,7 +10,16 @@ import grpc
 import pytest
 
 from quicknet.serve import errors
-from quicknet.serve.errors import REFUSALS, InputError, NotAccepting, QueueFull, Refusal, from_wire, to_wire
+from quicknet.serve.errors import (
+    REFUSALS,
+    InputError,
+    NotAccepting,
+    QueueFull,
+    Refusal,
+    Unauthenticated,
+    from_wire,
+    to_wire,
+)
 from quicknet.serve.transport.grpc import to_rpc_error
 from quicknet.serve.transport.http import refusal_to_http
 
@@ -48,11 +57,14 @@ def test_the_table_holds_the_answers_clients_rely_on():
         "queue_full": (429, "RESOURCE_EXHAUSTED"),
         "deadline": (504, "DEADLINE_EXCEEDED"),
         "not_accepting": (503, "UNAVAILABLE"),
+        "unauthenticated": (401, "UNAUTHENTICATED"),
+        "forbidden": (403, "PERMISSION_DENIED"),
         "not_found": (404, "NOT_FOUND"),
         "repository": (400, "FAILED_PRECONDITION"),
         "engine_error": (500, "INTERNAL"),
     }
     assert refusal_to_http(QueueFull(3.4)).headers == {"Retry-After": "3"}
+    assert refusal_to_http(Unauthenticated("x")).headers == {"WWW-Authenticate": 'Bearer realm="quicknet"'}
     assert (InputError("x", 404).grpc_code, InputError("x", 413).grpc_code) == ("NOT_FOUND", "INVALID_ARGUMENT")
 
 

@@ -241,7 +241,9 @@ def test_the_hand_off_is_the_best_finished_arm_and_never_an_earlier_runs(tmp_pat
     hand_off(tmp_path, arms, dest)
     (dest / "compile-cache").mkdir()
     (dest / "compile-cache" / "quicknet.bin").write_bytes(b"an earlier run's")
-    with pytest.raises(SystemExit, match="--arms"):  # fails before any arm starts
+    with pytest.raises(
+        BuildError, match="--arms"
+    ):  # fails before any arm starts (one line: `error: --arms ...`, exit 2)
         run(tmp_path / "out", None, None, 60.0, ["no-such-arm"], handoff=dest)
     assert not (dest / "handoff.json").exists() and not (dest / "compile-cache").exists()
     (dest / "handoff.json").write_text("{cut short")

@@ -9,6 +9,7 @@ import numpy as np
 
 from quicknet.build.data import LABELS, Split
 from quicknet.build.ortrun import INPUT_NAME, onnx_logits
+from quicknet.errors import BuildError
 from quicknet.fsutil import atomic_write
 
 
@@ -69,7 +70,7 @@ def tensorrt_logits(plan: Path, images: np.ndarray, batch_size: int = 256) -> np
         context.set_tensor_address(output_name, y.data_ptr())
         stream.wait_stream(torch.cuda.current_stream())
         if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise BuildError("TensorRT could not run the plan on this batch (execute_async_v3 returned False)")
         stream.synchronize()
         out.append(y.cpu().numpy())
     return np.concatenate(out)

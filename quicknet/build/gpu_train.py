@@ -106,6 +106,7 @@ from pathlib import Path
 
 from quicknet.build import compile_cache
 from quicknet.build.config import TrainConfig
+from quicknet.errors import BuildError
 
 log = logging.getLogger("quicknet.build.gpu_train")
 
@@ -467,7 +468,7 @@ def render_markdown(doc: dict) -> str:
 def _arm_configs(base: TrainConfig, names: list[str]) -> dict[str, tuple[str, TrainConfig]]:
     unknown = [n for n in names if n not in ARMS]
     if unknown or not names or len(names) > MAX_ARMS or len(set(names)) != len(names):
-        raise SystemExit(f"--arms: 1 to {MAX_ARMS} different names of {', '.join(ARMS)} (got {','.join(names)})")
+        raise BuildError(f"--arms: 1 to {MAX_ARMS} different names of {', '.join(ARMS)} (got {','.join(names)})")
     return {n: (ARMS[n][0], dataclasses.replace(base, **ARMS[n][1])) for n in names}
 
 

@@ -12,7 +12,7 @@ Keys are never logged. The file is re-read when it changes (checked at most once
 keys rotate without a restart; a change that does not parse is logged and the old keys stay.
 
 Roles: `--admin-api-keys-file` (same format) is the admin key set. Only its keys may use the
-repository API's load and unload (`RepositoryGuard.refusal`); they are accepted on every other route
+repository API's load and unload (`RepositoryGuard.check`); they are accepted on every other route
 too. With API keys in force and no admin file, nobody may load or unload models.
 """
 
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from quicknet.errors import QuickNetError
+from quicknet.serve.errors import Forbidden, Unauthenticated
 
 log = logging.getLogger("quicknet.auth")
 
@@ -142,20 +143,22 @@ UNAUTHENTICATED = "missing or invalid admin API key (send Authorization: Bearer 
 
 
 class RepositoryGuard:
-    """Who may load and unload models: `refusal(authorization)` is None (allowed), or
-    `("unauthenticated" | "forbidden", one line)` for the front to answer 401 / 403 (gRPC
-    UNAUTHENTICATED / PERMISSION_DENIED). No key files: everyone (as before roles). API keys
-    without an admin file: nobody. An admin file: its keys only."""
+    """Who may load and unload models: `check(authorization)` returns (allowed) or raises
+    `Unauthenticated` / `Forbidden` (401 / 403, gRPC UNAUTHENTICATED / PERMISSION_DENIED). No key
+    files: everyone (as before roles). API keys without an admin file: nobody. An admin file: its
+    keys only."""
 
     def __init__(self, api_keys_file: Path | None, admin_api_keys_file: Path | None):
         self.keys_in_force = api_keys_file is not None
         self.admin = ApiKeys(admin_api_keys_file) if admin_api_keys_file is not None else None
 
-    def refusal(self, authorization: str | None) -> tuple[str, str] | None:
+    def check(self, authorization: str | None) -> None:
         if self.admin is None:
-            return ("forbidden", NO_ADMIN_KEYS) if self.keys_in_force else None
+            if self.keys_in_force:
+                raise Forbidden(NO_ADMIN_KEYS)
+            return
         if self.admin.allows(authorization):
-            return None
+            return
         if self.keys_in_force:  # the request passed the API key check: a key, but not an admin's
-            return "forbidden", FORBIDDEN
-        return "unauthenticated", UNAUTHENTICATED
+            raise Forbidden(FORBIDDEN)
+        raise Unauthenticated(UNAUTHENTICATED)

@@ -124,6 +124,31 @@ class NotAccepting(Refusal):
         super().__init__(message, reason)
 
 
+API_KEY_MISSING = "missing or invalid API key (send Authorization: Bearer <key>)"
+
+
+class Unauthenticated(Refusal):
+    """No API key, or one the server does not hold (for load and unload: no admin key)."""
+
+    kind = "unauthenticated"
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="quicknet"'}
+
+    def rpc_message(self) -> str:  # gRPC carries the key as lower-case metadata, not a header
+        return str(self).replace("Authorization: Bearer <key>", "authorization: Bearer <key> metadata")
+
+
+class Forbidden(Refusal):
+    """A key the server holds, without the role the request needs (an admin key to load and unload)."""
+
+    kind = "forbidden"
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class ModelNotFound(Refusal):
     """No such model or version is being served (or, for the repository API, stored or loaded)."""
 
@@ -155,7 +180,17 @@ class EngineFailure(Refusal):
 
 REFUSALS: dict[str, type[Refusal]] = {
     cls.kind: cls
-    for cls in (InputError, QueueFull, DeadlineExceeded, NotAccepting, ModelNotFound, RepositoryError, EngineFailure)
+    for cls in (
+        InputError,
+        QueueFull,
+        DeadlineExceeded,
+        NotAccepting,
+        Unauthenticated,
+        Forbidden,
+        ModelNotFound,
+        RepositoryError,
+        EngineFailure,
+    )
 }
 
 

@@ -30,7 +30,6 @@ import uvicorn
 
 from quicknet.errors import QuickNetError
 from quicknet.serve import metrics, ports, tracing, web
-from quicknet.serve.backends import BackendError
 from quicknet.serve.classifier import grpc as classifier_grpc
 from quicknet.serve.classifier import rest as classifier_rest
 from quicknet.serve.config import Settings
@@ -87,7 +86,7 @@ def _tls_options(settings: Settings) -> dict:
 
 def _cannot_serve(e: BaseException) -> None:
     """A failed start: one line for what a user can fix, the traceback for anything else."""
-    if isinstance(e, (QuickNetError, BackendError)):
+    if isinstance(e, QuickNetError):
         log.error("cannot serve: %s", e)
     else:
         log.error("cannot serve", exc_info=e)

@@ -9,9 +9,12 @@ from typing import Protocol
 
 import numpy as np
 
+from quicknet.errors import QuickNetError
 
-class BackendError(Exception):
-    """The engine cannot load or run: a one-line reason and what to do."""
+
+class BackendError(QuickNetError):
+    """The engine cannot load or run: a one-line reason and what to do (a `QuickNetError`: where it
+    stops a command, the command prints it in one line)."""
 
 
 class Backend(Protocol):

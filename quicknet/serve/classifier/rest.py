@@ -50,7 +50,6 @@ from quicknet.serve.images import (
 )
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import (
-    HTTPError,
     deadline_from_header,
     fast_path,
     header,
@@ -331,16 +330,16 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
         return await off_loop(decode_images, blobs, limits, nbytes=sum(map(len, blobs))), True, top
     if ctype in _UNTYPED:
         said = "has no Content-Type" if not ctype else f"says only {ctype} (curl's default for --data-binary)"
-        raise HTTPError(
-            415,
+        raise InputError(
             f"the request {said} and its body is not a PNG, JPEG, GIF, WebP or BMP file: "
             "set Content-Type (multipart/form-data, image/*, application/json or application/octet-stream)",
+            415,
             "bad_content_type",
         )
-    raise HTTPError(
-        415,
+    raise InputError(
         f"unsupported Content-Type {clip(ctype, 100)!r}: send multipart/form-data, image/*, "
         "application/json or application/octet-stream",
+        415,
         "bad_content_type",
     )
 

@@ -32,7 +32,7 @@ from quicknet.serve.kserve import (
 )
 from quicknet.serve.model import ModelHandle
 from quicknet.serve.runtime import Runtime, check_model_name
-from quicknet.serve.transport.grpc import RpcError, deadline_of, to_rpc_error, unary_call
+from quicknet.serve.transport.grpc import deadline_of, to_rpc_error, unary_call
 
 PROTOCOL = "kserve-grpc"
 _DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once, not a request
@@ -88,11 +88,7 @@ def _repository_action(runtime: Runtime, context: grpc.aio.ServicerContext, name
     """Load and unload: an admin key when keys are in force, then a model name (INVALID_ARGUMENT)."""
     metadata = context.invocation_metadata() or ()
     authorization = next((v for k, v in metadata if k == "authorization" and isinstance(v, str)), None)
-    refusal = runtime.repository_guard.refusal(authorization)
-    if refusal is not None:
-        reason, message = refusal
-        code = grpc.StatusCode.UNAUTHENTICATED if reason == "unauthenticated" else grpc.StatusCode.PERMISSION_DENIED
-        raise RpcError(code, message.replace("Authorization: Bearer", "authorization: Bearer"), reason)
+    runtime.repository_guard.check(authorization)
     return check_model_name(name)
 
 

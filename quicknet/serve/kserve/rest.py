@@ -29,7 +29,6 @@ from quicknet.serve.kserve import (
 )
 from quicknet.serve.runtime import Runtime, check_model_name
 from quicknet.serve.transport.http import (
-    HTTPError,
     deadline_from_header,
     fast_path,
     header,
@@ -230,12 +229,7 @@ def _outputs(doc: dict, logits: np.ndarray, labels: list[str]) -> tuple[list[dic
 
 def _repository_action(runtime: Runtime, request: Request, name: str) -> str:
     """Load and unload: an admin key when keys are in force (401 / 403), then a model name (400)."""
-    refusal = runtime.repository_guard.refusal(request.headers.get("authorization"))
-    if refusal is not None:
-        reason, message = refusal
-        if reason == "unauthenticated":
-            raise HTTPError(401, message, reason, {"WWW-Authenticate": 'Bearer realm="quicknet"'})
-        raise HTTPError(403, message, reason)
+    runtime.repository_guard.check(request.headers.get("authorization"))
     return check_model_name(name)
 
 

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from quicknet.serve import metrics, tracing
 from quicknet.serve.auth import ApiKeys
-from quicknet.serve.errors import InputError, Refusal, clip
+from quicknet.serve.errors import API_KEY_MISSING, InputError, Refusal, Unauthenticated, clip
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
@@ -103,7 +103,7 @@ class Health:
             await self.servicer.set(name, status)
 
 
-UNAUTHENTICATED = "missing or invalid API key (send authorization: Bearer <key> metadata)"
+UNAUTHENTICATED = Unauthenticated(API_KEY_MISSING).rpc_message()
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -64,7 +64,7 @@ def header(scope: Scope, name: bytes) -> str | None:
 def check_declared_length(request: Request, limit: int) -> None:
     declared = header(request.scope, b"content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", "too_large")
+        raise InputError(f"request body is {declared} bytes; the limit is {limit}", 413, "too_large")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -74,7 +74,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes", "too_large")
+            raise InputError(f"request body exceeds the limit of {limit} bytes", 413, "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quicknet.serve import metrics, tracing
 from quicknet.serve.auth import ApiKeys
+from quicknet.serve.errors import API_KEY_MISSING
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
 from quicknet.serve.transport.connections import CONNECTION, ConnectionState
@@ -154,7 +155,7 @@ class AccessMiddleware:
                     )
 
 
-_UNAUTHENTICATED = json.dumps({"error": "missing or invalid API key (send Authorization: Bearer <key>)"}).encode()
+_UNAUTHENTICATED = json.dumps({"error": API_KEY_MISSING}).encode()
 
 
 class AuthMiddleware:
