@@ -497,7 +497,7 @@ def test_a_repository_change_is_answered_once_every_front_serves_the_new_state()
         engine = server.engine
         engine.server = server
         caller = Box()
-        call = asyncio.ensure_future(server._repository_call(caller, m.Call(7, "load", ("m",))))
+        call = asyncio.ensure_future(server._repository_call(caller, m.Load(7, "m")))
         await asyncio.sleep(0.02)
         answered_early = bool(caller.sent)
         server._on_seen(a, server.generation)

@@ -432,7 +432,7 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
     before, the engine's task died and the front's request waited forever."""
     from quicknet.serve.engine_core import EngineCore
     from quicknet.serve.engine_server import EngineServer
-    from quicknet.serve.messages import Call, Error
+    from quicknet.serve.messages import Error, Index
 
     class Broken:
         def index(self, ready_only: bool) -> list[dict]:
@@ -446,7 +446,7 @@ def test_a_bug_in_a_repository_call_still_answers_the_front_process():
             self.sent.append(message)
 
     outbox = Outbox()
-    asyncio.run(EngineServer("unused", Broken(), EngineCore())._repository_call(outbox, Call(7, "index", (False,))))
+    asyncio.run(EngineServer("unused", Broken(), EngineCore())._repository_call(outbox, Index(7, False)))
     (error,) = outbox.sent
     assert (type(error), error.id, error.kind) == (Error, 7, "repository")
     message = error.message

@@ -149,7 +149,7 @@ class EngineServer:
                     self._on_seen(outbox, message.generation)
                 elif isinstance(message, m.Stats):
                     await self._stats(outbox, message)
-                elif isinstance(message, m.Call):
+                elif isinstance(message, m.Index | m.Load | m.Unload):
                     task = asyncio.create_task(self._repository_call(outbox, message))
                     self._calls.add(task)
                     task.add_done_callback(self._calls.discard)
@@ -163,22 +163,24 @@ class EngineServer:
             loop.call_later(FD_CLOSE_DELAY_S, _close, fds[1], fds[2])
             writer.close()
 
-    async def _repository_call(self, outbox: Outbox, call: m.Call) -> None:
+    async def _repository_call(self, outbox: Outbox, call: m.RepositoryCall) -> None:
         """index / load / unload on the engine, for a front's repository API."""
         try:
-            if call.method == "index":
-                result = self.engine.index(*call.args)
-            elif call.method == "load":
-                result = await self.engine.load_model(*call.args)
-                await self._fronts_serve_current_state()
-            else:
-                result = await self.engine.unload_model(*call.args)
-                await self._fronts_serve_current_state()
+            match call:
+                case m.Index(ready_only=ready_only):
+                    result = self.engine.index(ready_only)
+                case m.Load(name=name):
+                    result = await self.engine.load_model(name)
+                    await self._fronts_serve_current_state()
+                case m.Unload(name=name):
+                    result = await self.engine.unload_model(name)
+                    await self._fronts_serve_current_state()
         except Refusal as e:
             outbox.send(m.Error(call.id, *to_wire(e)))
         except Exception:  # a bug: the front still gets its answer (one line), never a request left waiting
-            log.exception("repository %s failed in the engine process", call.method)
-            failed = RepositoryError(f"repository {call.method} failed; see the server log")
+            what = type(call).__name__.lower()
+            log.exception("repository %s failed in the engine process", what)
+            failed = RepositoryError(f"repository {what} failed; see the server log")
             outbox.send(m.Error(call.id, *to_wire(failed)))
         else:
             outbox.send(m.Result(call.id, result))

@@ -6,7 +6,8 @@ Requests are not among them: they travel as records in the front's shared memory
 `engine_core.py`). The socket carries what is rare: the engine's state, an engine failure's
 words, statistics and the repository API.
 
-    front -> engine   Hello (once, with the ring's memfd and two eventfds)   Seen   Stats   Call
+    front -> engine   Hello (once, with the ring's memfd and two eventfds)   Seen   Stats
+                      Index   Load   Unload (the repository API)
     engine -> front   State   Stalled   Failed   Error   Result
 """
 
@@ -73,12 +74,30 @@ class Stats:
 
 
 @dataclass(slots=True)
-class Call:
-    """The repository API (index, load, unload), answered by the engine process."""
+class Index:
+    """The repository index (every model version the store holds or serves)."""
 
     id: int
-    method: str
-    args: tuple
+    ready_only: bool
+
+
+@dataclass(slots=True)
+class Load:
+    """Load (or reload) a model's versions, in explicit model-control mode."""
+
+    id: int
+    name: str
+
+
+@dataclass(slots=True)
+class Unload:
+    """Unload a model's versions, in explicit model-control mode."""
+
+    id: int
+    name: str
+
+
+RepositoryCall = Index | Load | Unload
 
 
 @dataclass(slots=True)

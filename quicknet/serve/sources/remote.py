@@ -381,13 +381,13 @@ class EngineClient:
     # The repository API, answered by the engine process (runtime.repository is this client).
 
     async def index(self, ready_only: bool) -> list[dict]:
-        return await self._ask(lambda i: m.Call(i, "index", (ready_only,)))
+        return await self._ask(lambda i: m.Index(i, ready_only))
 
     async def load(self, name: str) -> None:
-        await self._ask(lambda i: m.Call(i, "load", (name,)))
+        await self._ask(lambda i: m.Load(i, name))
 
     async def unload(self, name: str) -> None:
-        await self._ask(lambda i: m.Call(i, "unload", (name,)))
+        await self._ask(lambda i: m.Unload(i, name))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for this front's accepted requests to be answered (the engine keeps running)."""
