@@ -15,8 +15,10 @@ PACKAGE = REPO / "quicknet"
 
 # Each layer and the layers it may import (itself included). The base is the package's own
 # modules that every layer shares: the model store, the errors, file helpers, the ONNX graph
-# rewrite that both the INT8 compile and the CPU engine apply, and NVML (GPU 0 and its driver).
+# rewrite that both the INT8 compile and the CPU engine apply, NVML (GPU 0 and its driver), and how
+# an image becomes the model's pixels (the server's decode and the client's resize).
 BASE = {"quicknet", "quicknet.errors", "quicknet.fsutil", "quicknet.store", "quicknet.ort_graph", "quicknet.nvml"}
+BASE |= {"quicknet.pixels"}
 TOP = {"quicknet.cli", "quicknet.__main__", "quicknet.testing"}
 MAY_IMPORT = {
     "base": {"base"},

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from quicknet.errors import QuickNetError
 
-# What the server decodes (quicknet/serve/images.py FORMATS: PNG, JPEG, WebP, BMP, GIF), by file name.
+# What the server decodes (quicknet/pixels.py FORMATS: PNG, JPEG, WebP, BMP, GIF), by file name.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif"})
 FORMATS = ("table", "jsonl", "csv")
 

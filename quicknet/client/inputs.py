@@ -7,8 +7,8 @@ only for the requests in flight; `size` is an estimate made without reading, for
 
 `resize=True` shrinks every image here, on the client, to the model's 32x32 input and sends raw
 pixels (3,072 bytes an image): a 14 MB photo costs 3 KB on the wire instead of a 413. The pixels
-are the ones the server would compute from the file (`quicknet/serve/images.py`: JPEGs decoded at a
-reduced scale, alpha composited on white, 16-bit scaled, bicubic resize; tests compare them)."""
+are the ones the server would compute from the file: both sides follow `quicknet/pixels.py` (JPEGs
+decoded at a reduced scale, alpha composited on white, 16-bit scaled, bicubic resize)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from quicknet.client.results import QuickNetClientError
+from quicknet.pixels import FORMATS, PIXELS_PER_IMAGE, SIZE, load_first_frame, model_input, to_rgb
 
-SIZE = 32
-PIXELS_PER_IMAGE = SIZE * SIZE * 3
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -82,37 +81,15 @@ class Item:
             raise QuickNetClientError(None, f"{what} is not a PNG, JPEG, WebP, BMP or GIF image") from None
         try:
             with opened as im:
-                if im.format == "JPEG":
-                    im.draft(None, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
                 return to_model_pixels(im).tobytes()
         except Exception:  # damaged or truncated: the library's words are no help to a caller
             raise QuickNetClientError(None, f"{what} is damaged or truncated") from None
 
 
-# As the server (quicknet/serve/images.py): the formats it reads, and JPEG's reduced-scale decode.
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
-DRAFT_MIN_SIDE = 4 * SIZE
-
-
 def to_model_pixels(im) -> np.ndarray:
-    """A PIL image as the model's uint8 32x32x3 input, by the server's rules: the first frame, 16-bit
-    scaled to 8, alpha composited on white, bicubic (antialiased) resize, aspect ratio not kept."""
-    Image = _pil()
-    im.seek(0)
-    im.load()
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.uint32)
-        peak = 65535 if im.mode != "I" or arr.max() > 255 else 255
-        rgb = Image.fromarray((arr * 255 // peak).astype(np.uint8), "L").convert("RGB")
-    elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(background, rgba).convert("RGB")
-    else:
-        rgb = im.convert("RGB")
-    if rgb.size != (SIZE, SIZE):
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    """A PIL image as the model's uint8 32x32x3 input, by the server's rules (`quicknet.pixels`)."""
+    load_first_frame(im)
+    return model_input(to_rgb(im))
 
 
 def _pil():

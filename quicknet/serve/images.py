@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
+from quicknet.pixels import FORMATS, PIXELS_PER_IMAGE, SIZE, load_first_frame, model_input, to_rgb
 from quicknet.serve.errors import InputError, clip
 
 try:
@@ -37,9 +38,6 @@ except ImportError:  # optional: without it every PNG takes the Pillow path
     pyspng = None
 
 log = logging.getLogger("quicknet.images")
-SIZE = 32
-PIXELS_PER_IMAGE = SIZE * SIZE * 3
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # PNG text chunks (zTXt, iTXt) are inflated by Pillow into memory the image never needs: 60 of 1 KiB
@@ -154,13 +152,6 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-# JPEGs are decoded at a reduced scale (1/2, 1/4 or 1/8, in libjpeg's DCT) that still leaves at
-# least this many pixels a side, then resized to 32x32 with the same antialiasing filter: a
-# 4000x3000 photo decodes at 500x375 (~9 ms against ~150 ms in full; benchmarks/README.md), and the
-# final bicubic resize still averages many pixels into each of the 32x32 (accuracy: the same).
-DRAFT_MIN_SIDE = 4 * SIZE
-
-
 def decode_image(data: bytes, limits: Limits, index: int = 0, name: str | None = None) -> np.ndarray:
     """One encoded image as uint8 32x32x3. `index` (0-based) and `name` (a multipart part's file
     name) only say which image an error is about: `image 1`, `image 2 (cat.png)`."""
@@ -203,11 +194,8 @@ def decode_image(data: bytes, limits: Limits, index: int = 0, name: str | None =
                 reason="too_many_pixels",
             )
         try:
-            im.seek(0)
-            if im.format == "JPEG":
-                im.draft(None, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))  # no-op below 2x that a side
-            im.load()
-            rgb = _to_rgb(im)
+            load_first_frame(im)
+            rgb = to_rgb(im)
         except Image.DecompressionBombError:
             raise InputError(
                 f"{where} declares more pixels than the limit of {limits.max_image_pixels:,}", 413, "too_many_pixels"
@@ -215,21 +203,7 @@ def decode_image(data: bytes, limits: Limits, index: int = 0, name: str | None =
         except Exception as e:  # damaged, truncated or hostile data inside a valid header
             log.debug("%s: %s: %s", where, type(e).__name__, e)
             raise InputError(f"{where} is damaged or truncated") from None
-    if rgb.size != (SIZE, SIZE):
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.uint32)
-        peak = 65535 if im.mode != "I" or arr.max() > 255 else 255
-        return Image.fromarray((arr * 255 // peak).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
+    return model_input(rgb)
 
 
 INLINE_DECODE_BYTES = 16 << 10
