@@ -15,7 +15,8 @@ import numpy as np
 from quicknet.api._generated import classifier_pb2 as pb
 from quicknet.api._generated import classifier_pb2_grpc as pb_grpc
 from quicknet.serve import metrics, tracing
-from quicknet.serve.errors import InputError, clip
+from quicknet.serve.classifier import check_top_k, model_choice
+from quicknet.serve.errors import InputError
 from quicknet.serve.images import check_count, decode_image, decode_pixels, image_label
 from quicknet.serve.model import ModelHandle, Prediction
 from quicknet.serve.runtime import Runtime
@@ -37,19 +38,9 @@ def decode_image_msg(image: pb.Image, runtime: Runtime, index: int = 0) -> np.nd
     raise InputError(f"{image_label(index)} is empty: set `encoded` or `pixels`")
 
 
-def _choice(runtime: Runtime, name: str, version: str) -> tuple[str | None, str | None]:
-    """A request's `model` and `version` fields (empty: not set) as `Runtime.serving` takes them."""
-    if version and not (version.isascii() and version.isdigit()):
-        raise InputError(f"version must be a whole number such as 1, got {clip(version, 20)!r}")
-    if version and not name:  # a version alone: the default model's
-        name = runtime.default.name if runtime.default is not None else ""
-    return name or None, version or None
-
-
 def _top_k(requested: int, runtime: Runtime) -> int:
-    if requested > 10:
-        raise InputError(f"top_k must be from 1 to 10, got {requested}")
-    return requested or runtime.settings.default_top_k
+    """The request's `top_k` (a uint32: 0 is not set, the server's default)."""
+    return check_top_k(requested) if requested else runtime.settings.default_top_k
 
 
 def _predictions(rows: list[Prediction]) -> list[pb.Prediction]:
@@ -64,7 +55,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, images: list[pb.Image], top_k: int, context: grpc.aio.ServicerContext, name: str = "", version: str = ""
     ) -> tuple[ModelHandle, list[list[Prediction]]]:
         runtime = self.runtime
-        model = runtime.serving(*_choice(runtime, name, version))
+        model = runtime.serving(*model_choice(runtime, name, version))
         check_count(len(images), runtime.limits)
         t0 = time.perf_counter()
 

@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from quicknet.serve import metrics, tracing
+from quicknet.serve.classifier import check_top_k, model_choice
 from quicknet.serve.classifier.schemas import ClassifyResponse, ModelsResponse, PredictionsResponse
 from quicknet.serve.errors import InputError, clip
 from quicknet.serve.images import (
@@ -189,9 +190,7 @@ def _parse_top_k(raw: object) -> int | None:
         k = int(raw)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"top_k must be an integer from 1 to 10, got {str(raw)[:40]!r}") from None
-    if not 1 <= k <= 10:
-        raise InputError(f"top_k must be from 1 to 10, got {k}")
-    return k
+    return check_top_k(k)
 
 
 IMAGE_FIELDS = ("image", "images", "file")
@@ -361,11 +360,7 @@ def router(runtime: Runtime) -> APIRouter:
     api = APIRouter()
 
     async def answer(request: Request, name: str | None, version: str | None, stable: bool) -> Response:
-        if version is not None and not (version.isascii() and version.isdigit()):
-            raise InputError(f"version must be a whole number such as 1, got {clip(version, 20)!r}")
-        if version is not None and name is None:  # `?version=` alone: the default model's
-            name = runtime.default.name if runtime.default is not None else None
-        model = runtime.serving(name, version)
+        model = runtime.serving(*model_choice(runtime, name, version))
         deadline = deadline_from_header(request, runtime)
         t0 = time.perf_counter()
         with tracing.span("decode"):
