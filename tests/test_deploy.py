@@ -122,7 +122,7 @@ def test_the_process_count_fits_the_cpus_asked_for_and_the_autoscaler_owns_the_r
     assert {e["name"]: e["value"] for e in container["env"]}["QUICKNET_WORKERS"] == "1"
 
 
-def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
+def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered, tmp_path):
     docs = rendered["cpu-secure"]
     spec = _deployment(docs)["spec"]["template"]["spec"]
     container = spec["containers"][0]
@@ -135,8 +135,22 @@ def test_the_secure_overlay_serves_tls_and_keys_from_its_secrets(rendered):
     assert all(
         container[p]["httpGet"]["scheme"] == "HTTPS" for p in ("readinessProbe", "livenessProbe", "startupProbe")
     )
-    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert _deployment(docs)["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    (monitor,) = [
+        d for d in _with_component(tmp_path, "cpu-secure", "service-monitor-tls") if d["kind"] == "ServiceMonitor"
+    ]
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == secrets["tls"]
+
+
+def test_a_service_monitor_is_opt_in(rendered):
+    """A plain cluster (kind, minikube) has no Prometheus Operator: an overlay holding a
+    ServiceMonitor stops `kubectl apply` there ("no matches for kind"). The overlays scrape by pod
+    annotation; the service-monitor components add one (rendered in the tests that read them)."""
+    for overlay, docs in rendered.items():
+        assert not [d for d in docs if d["kind"] == "ServiceMonitor"], overlay
+        annotations = _deployment(docs)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
 
 
 def _image_store() -> str:
@@ -352,7 +366,8 @@ def test_grace_period_exceeds_the_drain(rendered):
         assert spec["securityContext"]["runAsNonRoot"] is True
 
 
-def test_probes_ports_and_paths_are_served(server, rendered, compose):
+def test_probes_ports_and_paths_are_served(server, rendered, compose, tmp_path):
+    monitor = next(d for d in _with_component(tmp_path, "cpu", "service-monitor") if d["kind"] == "ServiceMonitor")
     for docs in rendered.values():
         container = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -364,10 +379,12 @@ def test_probes_ports_and_paths_are_served(server, rendered, compose):
         for svc in services:
             for port in svc["spec"]["ports"]:
                 assert port["targetPort"] in ports
-        monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
         endpoint = monitor["spec"]["endpoints"][0]
         assert any(p["name"] == endpoint["port"] for s in services for p in s["spec"]["ports"])
         assert "quicknet_images_total" in httpx.get(f"{server.url}{endpoint['path']}").text
+        annotations = _deployment(docs)["spec"]["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == ports["http"]
+        assert "quicknet_images_total" in httpx.get(f"{server.url}{annotations['prometheus.io/path']}").text
     checks = [
         svc["healthcheck"]["test"][1:] for name, svc in compose["services"].items() if name.startswith("quicknet")
     ]
