@@ -15,7 +15,7 @@ $(BIN)/python:
 # lock or pyproject.toml changed since (otherwise every start re-ran it, seconds of pip's output).
 venv-serve: $(VENV)/.installed-serve
 $(VENV)/.installed-serve: requirements/serve.lock pyproject.toml | $(BIN)/python
-	$(PIP) -c requirements/serve.lock -e '.[serve]'
+	$(PIP) -c requirements/serve.lock -e '.[serve,client]'
 	touch $@
 
 venv-dev: $(VENV)/.installed-dev
@@ -25,7 +25,7 @@ $(VENV)/.installed-dev: requirements/dev.lock pyproject.toml | $(BIN)/python
 
 LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url
 lock: venv-dev
-	$(LOCK) --extra serve -o requirements/serve.lock pyproject.toml
+	$(LOCK) --extra serve --extra client -o requirements/serve.lock pyproject.toml
 	$(LOCK) --extra serve --extra client --extra build --extra dev -o requirements/dev.lock pyproject.toml
 
 ## Serve the published models in model_store/ (the default, quicknet, at /classify) on CPU with ONNX Runtime (REST :8000, gRPC :8001).

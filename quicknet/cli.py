@@ -23,8 +23,23 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, answering a misspelt command (or choice) with the one it resembles:
+    `quicknet clasify` says "(did you mean 'classify'?)". Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        if m := re.match(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)$", message):
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            if close := difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.75):
+                message += f" (did you mean {close[0]!r}?)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quicknet", description="QuickNet Serving: offline build and online service")
+    parser = _Parser(prog="quicknet", description="QuickNet Serving: offline build and online service")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     from quicknet.build.cli import add_commands as add_build_commands

@@ -49,6 +49,28 @@ def test_a_misspelt_flag_is_answered_with_its_commands_usage():
     assert nested.returncode == 2 and nested.stderr.startswith("usage: quicknet data fetch "), nested.stderr
 
 
+def test_the_batch_tools_mistakes_are_one_line_and_leave_no_half_output(tmp_path):
+    """What a newcomer gets wrong first: a misspelt command, two formats at once, a folder with no
+    images, probing the gRPC port; and a CSV whose server is not there writes nothing to stdout
+    (before: the header alone, a one-line labels.csv)."""
+    from quicknet.testing import free_port
+
+    out = quicknet("clasify", "examples/cat.png")
+    assert out.returncode == 2 and out.stderr.rstrip().endswith("(did you mean 'classify'?)"), out.stderr
+    out = quicknet("classify", "examples/cat.png", "--json", "--format", "csv")
+    assert (out.returncode, out.stderr) == (2, "error: --json is --format jsonl: give one of --json and --format csv\n")
+    (tmp_path / "notes.txt").write_text("no image here")
+    out = quicknet("classify", str(tmp_path))
+    assert out.returncode == 1 and out.stderr.endswith(
+        f"{tmp_path}: this folder holds no image files (.bmp, .dib, .gif, .jfif, .jpe, .jpeg, .jpg, .png, .webp)\n"
+    )
+    out = quicknet("probe", "--url", "grpc://127.0.0.1:8001")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "grpc_health_probe" in out.stderr, out.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"
+    out = quicknet("classify", "examples/cat.png", "--format", "csv", "--url", nobody, "--retries", "0")
+    assert out.returncode == 2 and out.stdout == "" and "cannot reach" in out.stderr, (out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

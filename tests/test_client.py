@@ -226,7 +226,10 @@ def test_an_unreachable_server_is_retried_then_one_error(monkeypatch):
 
     from quicknet.testing import free_port
 
-    hint = "is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"
+    hint = (
+        "is `quicknet serve` running there? Another address: the client's url (--url or --grpc on the command line), "
+        "or QUICKNET_URL"
+    )
     port = free_port()
     for url in (f"127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
         with Client(url, retry=Retry(attempts=3, backoff_s=0.05)) as client, pytest.raises(QuickNetClientError) as err:

@@ -211,6 +211,27 @@ def test_an_untyped_or_generic_body_holding_an_image_is_sniffed(server):
     assert answer.status_code == 415 and "no Content-Type" in answer.json()["error"]
 
 
+def test_a_body_that_is_neither_pixels_nor_json_says_what_it_is_not(server):
+    """A BMP sent as application/octet-stream is classified (no raw pixel body has its length);
+    a text file sent so, or an image sent as JSON, is a 400 that says so in the service's words."""
+    bmp = io.BytesIO()
+    Image.open(io.BytesIO(CAT)).convert("RGB").save(bmp, "BMP")
+    answer = post(server, content=bmp.getvalue(), headers={"Content-Type": "application/octet-stream"})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "cat", answer.text
+    text = (REPO / "README.md").read_bytes()[:5000]
+    answer = post(server, content=text, headers={"Content-Type": "application/octet-stream"})
+    assert answer.status_code == 400 and answer.json()["error"] == (
+        "the application/octet-stream body is 5000 bytes: neither raw pixels (a multiple of 3072: "
+        "N x 32 x 32 x 3 uint8) nor a PNG, JPEG, GIF, WebP or BMP file"
+    )
+    for path in ("/classify", "/v2/models/quicknet-xs/infer"):
+        answer = post(server, path, content=CAT, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and "codec" not in answer.text, answer.text
+        assert answer.json()["error"].endswith(
+            "is not valid JSON: it is not UTF-8 text (an image? send it as image/* or multipart)"
+        )
+
+
 def test_curl_data_binary_with_no_type_is_classified(server):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")

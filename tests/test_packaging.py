@@ -37,7 +37,7 @@ def _pins(groups: list[str]) -> dict[str, str]:
     return pins
 
 
-LOCKS = [("serve.lock", ["serve"]), ("dev.lock", ["serve", "client", "build", "dev"])]
+LOCKS = [("serve.lock", ["serve", "client"]), ("dev.lock", ["serve", "client", "build", "dev"])]
 
 
 @pytest.mark.parametrize(("lock", "groups"), LOCKS)

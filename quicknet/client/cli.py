@@ -67,8 +67,11 @@ def collect(args: Iterable[str], stdin: Iterable[str]) -> tuple[list[str], list[
             continue
         path = Path(name)
         if path.is_dir():
-            for found in _folder(path):
-                add(found)
+            found = _folder(path)
+            if not found:
+                failures.append((name, f"this folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            for image in found:
+                add(image)
         elif path.exists():
             add(name)
         elif glob.has_magic(name):
@@ -199,7 +202,9 @@ async def _classify(
 def cmd_classify(args: argparse.Namespace) -> None:
     from quicknet.client import AsyncClient, QuickNetClientError, Retry
 
-    fmt = "jsonl" if args.json else args.format
+    if args.json and args.format not in (None, "jsonl"):
+        raise QuickNetError(f"--json is --format jsonl: give one of --json and --format {args.format}")
+    fmt = "jsonl" if args.json else args.format or "table"
     paths, missing = collect(args.images, sys.stdin)
     if not paths and not missing:
         raise QuickNetError("no images to classify (give files, folders, globs, or - for paths on stdin)")
@@ -228,12 +233,19 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise QuickNetError(str(e)) from None
     header, line = _formatter(fmt, paths)
     bar, out = _progress(len(paths))
+    if header is not None:  # with the first result: a run that reaches no server leaves no half a file
+        write, headed = out, []
+
+        def out(text: str) -> None:
+            if not headed:
+                headed.append(header)
+                write(header)
+            write(text)
+
     failures = list(missing)
     # small runs still use every slot: the server batches across requests anyway
     chunk = min(args.batch_size, max(1, math.ceil(len(paths) / args.concurrency)))
     try:
-        if header is not None:
-            print(header)
         if paths:
             failures += asyncio.run(
                 _classify(client, paths, chunk, args.concurrency, lambda p, r: out(line(p, r)), bar)
@@ -296,7 +308,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per request, retries included (default: %(default)s)"
     )
-    p.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: %(default)s)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="output on stdout (default: table)")
     p.add_argument("--json", action="store_true", help="the same as --format jsonl")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
     p.add_argument(

@@ -21,8 +21,12 @@ def default_url() -> str:
     return os.environ.get("QUICKNET_URL") or f"http://127.0.0.1:{os.environ.get('QUICKNET_HTTP_PORT') or 8000}"
 
 
-# What "nothing listens there" means to do, for both transports' refused connections.
-NOBODY_LISTENS = "is `quicknet serve` running there? Another address: --url, or QUICKNET_URL"
+# What "nothing listens there" means to do, for both transports' refused connections (the same
+# words from the library and the commands: each way of giving an address is named).
+NOBODY_LISTENS = (
+    "is `quicknet serve` running there? Another address: the client's url (--url or --grpc on the command line), "
+    "or QUICKNET_URL"
+)
 
 
 # The server's own paths: a URL ending in one names an endpoint, not the server (the client adds

@@ -10,6 +10,7 @@ import sys
 import typing
 
 from quicknet.errors import QuickNetError
+from quicknet.serve.errors import clip
 
 
 def _default_text(field) -> str:
@@ -93,6 +94,11 @@ def cmd_probe(args: argparse.Namespace) -> None:
     if args.url:
         base = args.url.strip().rstrip("/")
         base = base if "://" in base else "http://" + base
+        if not base.startswith(("http://", "https://")):  # grpc://: health over gRPC is grpc_health_probe's
+            raise QuickNetError(
+                f"probe asks REST's /healthz over http(s)://, not {clip(base.partition('://')[0], 20)}://: "
+                "give the REST port (8000 unless --http-port), or use grpc_health_probe for gRPC"
+            )
         url = base if base.endswith(("/healthz", "/readyz")) else base + path
         if url.startswith("https://"):
             context = ssl._create_unverified_context()

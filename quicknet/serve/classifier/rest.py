@@ -304,13 +304,19 @@ async def parse_classify(request: Request, runtime: Runtime) -> tuple[np.ndarray
     if ctype.startswith("image/"):
         return await _one_image(body, limits), False, None
     if ctype == _PIXELS:
-        if sniff(body) in _STRONG_MAGIC:
+        kind, whole = sniff(body), not len(body) % PIXELS_PER_IMAGE
+        if kind in _STRONG_MAGIC or (kind and not whole):  # a length raw pixels cannot have: a BMP too
             try:
                 return await _one_image(body, limits), False, None
             except InputError:
-                if len(body) % PIXELS_PER_IMAGE:
+                if not whole:
                     raise
                 # raw pixels whose first pixel happens to read like a file signature (ff d8 ff)
+        if not whole:
+            raise InputError(
+                f"the application/octet-stream body is {len(body)} bytes: neither raw pixels (a multiple of "
+                f"{PIXELS_PER_IMAGE}: N x 32 x 32 x 3 uint8) nor a PNG, JPEG, GIF, WebP or BMP file"
+            )
         return decode_pixels(body, limits), True, None
     if ctype in _UNTYPED and sniff(body):
         return await _one_image(body, limits), False, None
