@@ -633,3 +633,25 @@ def test_the_kserve_predictor_probes_the_v2_health_the_server_serves(server):
     grace = isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
     drain = next(float(e["value"]) for e in container["env"] if e["name"] == "QUICKNET_DRAIN_SECONDS")
     assert grace > drain + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+
+
+def test_what_the_readmes_say_a_cluster_and_tracing_need_is_what_the_files_ask(rendered, compose):
+    """deploy/README's cluster needs follow from the manifests (the preStop hook's built-in sleep
+    is GA in Kubernetes 1.30; (minReplicas + maxSurge) pods of the CPU request), and the README's
+    tracing command is what compose needs: tracing off unless QUICKNET_OTLP_ENDPOINT names a
+    collector, Jaeger (the OTLP receiver the command names) only in the tracing profile."""
+    deploy_readme = " ".join((DEPLOY / "README.md").read_text().split())
+    deployment = _deployment(rendered["cpu"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "sleep" in container["lifecycle"]["preStop"] and "Kubernetes 1.30 or later" in deploy_readme
+    (hpa,) = [d for d in rendered["cpu"] if d["kind"] == "HorizontalPodAutoscaler"]
+    pods = hpa["spec"]["minReplicas"] + deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    assert f"so {pods * int(container['resources']['requests']['cpu'])} free CPUs" in deploy_readme
+
+    command = "QUICKNET_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile tracing up -d"
+    assert command in " ".join((REPO / "README.md").read_text().split()) and command in deploy_readme
+    for name, service in compose["services"].items():
+        if name.startswith("quicknet"):
+            assert service["environment"]["QUICKNET_OTLP_ENDPOINT"] == "${QUICKNET_OTLP_ENDPOINT:-}", name
+    assert compose["services"]["jaeger"]["profiles"] == ["tracing"]
+    assert compose["services"]["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")  # OTLP/HTTP on 4318

@@ -71,3 +71,12 @@ def test_the_environment_is_the_locked_one():
 def test_the_declared_licence_is_shipped():
     assert PYPROJECT["license"] == "MIT"
     assert (REPO / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_make_serve_sets_up_what_the_readmes_first_commands_run():
+    """`make serve`'s venv runs the service and the README's client commands (`quicknet classify`
+    with its progress bar: the client extra), under the serve lock; PYTHON picks another interpreter."""
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^\$\(VENV\)/\.installed-serve:.*\n\t(.+)$", makefile, re.MULTILINE)
+    assert recipe and "-c requirements/serve.lock -e '.[serve,client]'" in recipe.group(1), recipe
+    assert re.search(r"^PYTHON \?= python3\.11$", makefile, re.MULTILINE), "make serve PYTHON=python3.12 overrides it"

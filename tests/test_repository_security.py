@@ -306,6 +306,8 @@ def test_only_admin_keys_load_and_unload(tmp_path, keys, admin, key, status):
             _one_line(r.json()["error"] if status != 200 else "")
             if status == 403:
                 assert "admin" in r.json()["error"]
+            if status == 401:  # RFC 9110: a 401 says how to authenticate
+                assert r.headers["www-authenticate"] == 'Bearer realm="quicknet"', r.headers
     assert repository.calls == ([("load", "twin"), ("unload", "twin")] if status == 200 else [])
 
 
