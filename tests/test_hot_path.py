@@ -28,6 +28,7 @@ class Front:
     scope, and only the full stack passes through it."""
 
     PROTOCOL = "rest"
+    OPENAPI_SCHEMAS = ()
 
     @staticmethod
     def router(runtime: Runtime) -> APIRouter:

@@ -209,3 +209,16 @@ def test_the_checks_see_a_circle_and_an_upward_import(tmp_path):
     assert circles(edges) == [["quicknet.serve.a", "quicknet.serve.b"]]
     assert "quicknet.serve.a" in edges["quicknet.build.c"] and "quicknet.build.d" not in edges
     assert layer_of("quicknet.serve.a") not in MAY_IMPORT[layer_of("quicknet.build.c")]
+
+
+def test_every_front_declares_what_its_transport_reads():
+    """A front is a module declaring the names of `transport.base.RestFront` / `GrpcFront` (the
+    servers read nothing else of it, and no longer guess a default for a name left out)."""
+    from quicknet.serve import main
+    from quicknet.serve.transport.base import GrpcFront, RestFront
+
+    for fronts, face in ((main.REST_FRONTS, RestFront), (main.GRPC_FRONTS, GrpcFront)):
+        names = set(face.__annotations__) | {n for n in vars(face) if not n.startswith("_")}
+        assert {"PROTOCOL"} < names
+        for front in fronts:
+            assert not [n for n in sorted(names) if not hasattr(front, n)], front.__name__

@@ -62,6 +62,7 @@ from quicknet.serve.transport.http import (
 from quicknet.serve.transport.schemas import EXAMPLE_PNG_B64, TIMEOUT_HEADER, answers
 
 PROTOCOL = "rest"
+OPENAPI_SCHEMAS = ()  # its bodies are documented inline (openapi_extra)
 _DECODE_SECONDS = metrics.DECODE_SECONDS.labels(PROTOCOL)  # looked up once
 
 TOP_K_PARAM = {

@@ -9,7 +9,6 @@ A front is a module with `PROTOCOL` (its metrics tag) and `router(runtime) -> AP
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,7 @@ from quicknet.serve import metrics, tracing
 from quicknet.serve.auth import ApiKeys
 from quicknet.serve.errors import Refusal
 from quicknet.serve.runtime import Runtime
+from quicknet.serve.transport.base import RestFront
 from quicknet.serve.transport.hot import App
 from quicknet.serve.transport.http import HTTPError, error_response, protocol_of, public, refusal_to_http
 from quicknet.serve.transport.middleware import PROBES, AccessMiddleware, AuthMiddleware
@@ -130,7 +130,7 @@ def _telemetry() -> dict:
     }
 
 
-def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
+def create_app(runtime: Runtime, fronts: Sequence[RestFront]) -> FastAPI:
     """The REST app: operational routes, then each front's router, its routes marked with its protocol."""
     app = App(
         title="QuickNet Serving",
@@ -167,7 +167,7 @@ def create_app(runtime: Runtime, fronts: Sequence[ModuleType]) -> FastAPI:
         keys = ApiKeys(settings.api_keys_file, settings.admin_api_keys_file)  # admin keys work everywhere
         unlocked = frozenset(open_paths - {None})
         app.add_middleware(AuthMiddleware, keys=keys, open_paths=unlocked, routes=routes)
-    _finish_openapi(app, [m for front in fronts for m in getattr(front, "OPENAPI_SCHEMAS", ())], unlocked)
+    _finish_openapi(app, [m for front in fronts for m in front.OPENAPI_SCHEMAS], unlocked)
     if settings.cors_origins:  # outside auth: a browser's preflight carries no key
         app.add_middleware(
             CORSMiddleware,

@@ -1,9 +1,8 @@
 """gRPC plumbing for every gRPC front: the grpc.aio server (message limits, health, reflection,
 API keys, TLS), refusals as status codes, deadlines from the call, and call metrics.
 
-A front is a module with `PROTOCOL` (its metrics tag), `SERVICE_NAMES`, `PROTO_FILE` (its .proto's
-file descriptor, for reflection), `add_to_server(server, runtime) -> [service names]`, and
-optionally `PUBLIC_METHODS` (health methods that answer without an API key). The standard health
+A front is a module that declares what `transport.base.GrpcFront` names (its protocol tag, service
+names, .proto file, public methods, and `add_to_server(server, runtime) -> [service names]`). The standard health
 service answers for every one of those names (and for "", the whole server): SERVING only while
 the runtime takes work.
 """
@@ -15,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -28,6 +26,7 @@ from quicknet.serve.errors import API_KEY_MISSING, InputError, Refusal, Unauthen
 from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport import access
 from quicknet.serve.transport import request_id as new_request_id
+from quicknet.serve.transport.base import GrpcFront
 
 log = logging.getLogger("quicknet.grpc")
 INTERNAL_ERROR = "internal error; the server log has the details"  # REST's 500 says the same
@@ -334,7 +333,7 @@ class Registrar:
             self.server.add_generic_rpc_handlers(tuple(self._generic))
 
 
-def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.aio.ServerInterceptor]:
+def _interceptors(runtime: Runtime, fronts: Sequence[GrpcFront]) -> list[grpc.aio.ServerInterceptor]:
     settings = runtime.settings
     if settings.api_keys_file is None:
         return []
@@ -342,13 +341,13 @@ def _interceptors(runtime: Runtime, fronts: Sequence[ModuleType]) -> list[grpc.a
     if settings.open_health_endpoints:
         health_methods = health_pb2.DESCRIPTOR.services_by_name["Health"].methods
         open_methods |= {f"/{health.SERVICE_NAME}/{m.name}" for m in health_methods}
-        open_methods |= {m for front in fronts for m in getattr(front, "PUBLIC_METHODS", ())}
+        open_methods |= {m for front in fronts for m in front.PUBLIC_METHODS}
     protocols = {name: front.PROTOCOL for front in fronts for name in front.SERVICE_NAMES}
     keys = ApiKeys(settings.api_keys_file, settings.admin_api_keys_file)  # admin keys work everywhere
     return [AuthInterceptor(keys, frozenset(open_methods), protocols, log_requests=settings.access_log)]
 
 
-def _reflection_pool(fronts: Sequence[ModuleType]) -> descriptor_pool.DescriptorPool:
+def _reflection_pool(fronts: Sequence[GrpcFront]) -> descriptor_pool.DescriptorPool:
     """Every service's .proto file in one pool, for reflection (grpcurl, Postman): the KServe stubs
     keep a pool of their own (quicknet/api/protos.py says why), so protobuf's default one lacks them."""
     pool = descriptor_pool.DescriptorPool()
@@ -389,11 +388,11 @@ def server_options(settings) -> list[tuple[str, int]]:
     return options
 
 
-def create_server(runtime: Runtime, fronts: Sequence[ModuleType]) -> tuple[grpc.aio.Server, Health]:
+def create_server(runtime: Runtime, fronts: Sequence[GrpcFront]) -> tuple[grpc.aio.Server, Health]:
     server = grpc.aio.server(interceptors=_interceptors(runtime, fronts), options=server_options(runtime.settings))
     names = []
     for front in fronts:
-        quiet = frozenset(getattr(front, "PUBLIC_METHODS", ()))
+        quiet = frozenset(front.PUBLIC_METHODS)
         registrar = Registrar(server, front.PROTOCOL, log_requests=runtime.settings.access_log, quiet=quiet)
         names += front.add_to_server(registrar, runtime)
         registrar.finish()

@@ -23,6 +23,7 @@ from quicknet.serve.runtime import Runtime
 from quicknet.serve.transport.http import open_path
 
 PROTOCOL = "web"
+OPENAPI_SCHEMAS = ()
 STATIC = Path(__file__).parent / "static"
 PREFIX = "/static/"
 
