@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Callable, Generator
 
+import grpc
 import uvicorn
 
 from quicknet.errors import QuickNetError
@@ -164,6 +165,45 @@ def ready_line(settings: Settings, grpc_port: int, runtime: Runtime) -> str:
     return line
 
 
+def _grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, grpc_transport.Health, int]:
+    """The gRPC fronts' server, bound to its port (TLS where set); a port in use is one line."""
+    settings = runtime.settings
+    server, health = grpc_transport.create_server(runtime, GRPC_FRONTS)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = grpc_transport.credentials(settings)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        raise ports.taken(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port", "in use?") from None
+    return server, health, port
+
+
+def _http_server(runtime: Runtime) -> _HttpServer:
+    """uvicorn over the REST fronts' app, with our HTTP protocol's limits and timeouts."""
+    settings = runtime.settings
+    config = uvicorn.Config(
+        create_app(runtime, REST_FRONTS),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
+        timeout_keep_alive=settings.http_idle_timeout_s,
+        http=protocol_for(
+            settings.header_timeout_s,
+            settings.http_idle_timeout_s,
+            settings.body_read_timeout_s,
+            settings.max_header_bytes,
+        ),
+        **_tls_options(settings),
+    )
+    return _HttpServer(config)
+
+
 async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource], *, supervised: bool = False) -> int:
     """REST + gRPC over one runtime, its models from `make_source` (this process, or the engine process)."""
     tracing.configure(settings)  # before the servers are built: they wrap their handlers if it is on
@@ -172,37 +212,12 @@ async def serve(settings: Settings, make_source: Callable[[Runtime], ModelSource
     if not supervised:  # the supervisor checked them for its fronts; gRPC's own failure logs a line first
         ports.free_ports(settings)
     http_socket = bind(settings.http_host, settings.http_port, reuse_port=supervised)
-    grpc_server, health = grpc_transport.create_server(runtime, GRPC_FRONTS)
-    grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
-    credentials = grpc_transport.credentials(settings)
     try:
-        if credentials is None:
-            grpc_port = grpc_server.add_insecure_port(grpc_address)
-        else:
-            grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
-    except RuntimeError:
+        grpc_server, health, grpc_port = _grpc_server(runtime)
+    except BaseException:
         http_socket.close()
-        raise ports.taken(settings.grpc_host, settings.grpc_port, "gRPC", "grpc_port", "in use?") from None
-    app = create_app(runtime, REST_FRONTS)
-    http = _HttpServer(
-        uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-            timeout_keep_alive=settings.http_idle_timeout_s,
-            http=protocol_for(
-                settings.header_timeout_s,
-                settings.http_idle_timeout_s,
-                settings.body_read_timeout_s,
-                settings.max_header_bytes,
-            ),
-            **_tls_options(settings),
-        )
-    )
+        raise
+    http = _http_server(runtime)
     loop = asyncio.get_running_loop()
     stop = _stop_event(ignore_sigint=supervised)
     parent_watch = _watch_parent(stop)
