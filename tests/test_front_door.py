@@ -26,7 +26,7 @@ from PIL import Image
 
 from quicknet.cli import main as cli_main
 from quicknet.client import AsyncClient, Client, QuickNetClientError
-from quicknet.client.rest import _transport_error
+from quicknet.client.rest import transport_error
 from quicknet.serve.images import Limits, decode_image
 from quicknet.testing import FAST_MODEL, FAST_VERSION, REPO, STORE, publish_shipped, start_server
 
@@ -382,8 +382,8 @@ def test_the_client_at_the_grpc_port_says_so(server, capsys):
     assert cli_main(["classify", str(REPO / "examples" / "cat.png"), "--url", url]) == 2
     says_so(capsys.readouterr().err)
     for error in (httpx.ReadError(""), httpx.RemoteProtocolError("illegal request line")):
-        says_so(str(_transport_error(url, error, 5.0)))
-    assert "gRPC port" not in str(_transport_error(url, httpx.ReadError("connection reset by peer"), 5.0))
+        says_so(str(transport_error(url, error, 5.0)))
+    assert "gRPC port" not in str(transport_error(url, httpx.ReadError("connection reset by peer"), 5.0))
 
 
 def test_the_grpc_client_at_the_rest_port_says_so(server, capsys):

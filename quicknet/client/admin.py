@@ -104,12 +104,12 @@ class RestAdmin:
         )
 
     def _call(self, method: str, path: str, ok=(200,), **kwargs):
-        from quicknet.client.rest import _transport_error
+        from quicknet.client.rest import transport_error
 
         try:
             response = self._http.request(method, path, **kwargs)
         except self._httpx.TransportError as e:
-            raise _transport_error(self.url, e, self.timeout) from None
+            raise transport_error(self.url, e, self.timeout) from None
         if response.status_code not in ok:
             raise self._refused(response, path)
         return response
@@ -176,12 +176,12 @@ class GrpcAdmin:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     def _call(self, method: str, request):
-        from quicknet.client.rpc import _error
+        from quicknet.client.rpc import rpc_error
 
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
         except self._grpc.RpcError as e:
-            raise _error(self.target, e, self.tls) from None
+            raise rpc_error(self.target, e, self.tls) from None
 
     @staticmethod
     def _dict(message) -> dict:

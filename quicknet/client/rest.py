@@ -124,7 +124,7 @@ def _no_answer_hint(url: str) -> str:
     )
 
 
-def _transport_error(url: str, error: httpx.TransportError, timeout: float) -> QuickNetClientError:
+def transport_error(url: str, error: httpx.TransportError, timeout: float) -> QuickNetClientError:
     if isinstance(error, httpx.TimeoutException):
         return QuickNetClientError(
             504, f"no answer from {url} within the deadline of {timeout:.3g}s", from_server=False
@@ -184,7 +184,7 @@ class RestTransport:
         try:
             response = self._http.post("/classify", timeout=step.timeout, **_request(step))
         except httpx.TransportError as e:
-            raise _transport_error(self.url, e, step.timeout) from None
+            raise transport_error(self.url, e, step.timeout) from None
         return _results(response, self.url, step)
 
     def close(self) -> None:
@@ -203,9 +203,9 @@ class AsyncRestTransport:
             async with asyncio.timeout(step.timeout):  # the whole exchange, not each read
                 response = await self._http.post("/classify", timeout=step.timeout, **_request(step))
         except TimeoutError:
-            raise _transport_error(self.url, httpx.TimeoutException("deadline"), step.timeout) from None
+            raise transport_error(self.url, httpx.TimeoutException("deadline"), step.timeout) from None
         except httpx.TransportError as e:
-            raise _transport_error(self.url, e, step.timeout) from None
+            raise transport_error(self.url, e, step.timeout) from None
         return _results(response, self.url, step)
 
     async def close(self) -> None:

@@ -57,7 +57,7 @@ def _results(reply: pb.ClassifyBatchResponse, step: Send) -> list[Result]:
     ]
 
 
-def _error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClientError:
+def rpc_error(target: str, error: grpc.RpcError, tls: bool = False) -> QuickNetClientError:
     code = error.code()
     details = " ".join((error.details() or "").split())
     retry_after = None
@@ -108,7 +108,7 @@ class GrpcTransport:
         try:
             reply = self._stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(self.target, e, self.tls) from None
+            raise rpc_error(self.target, e, self.tls) from None
         return _results(reply, step)
 
     def close(self) -> None:
@@ -141,7 +141,7 @@ class AsyncGrpcTransport:
         try:
             reply = await stub.ClassifyBatch(_request(step), timeout=step.timeout, metadata=self.endpoint.metadata())
         except grpc.RpcError as e:
-            raise _error(self.target, e, self.endpoint.tls) from None
+            raise rpc_error(self.target, e, self.endpoint.tls) from None
         return _results(reply, step)
 
     async def close(self) -> None:
