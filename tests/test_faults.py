@@ -59,6 +59,7 @@ def test_an_unexpected_error_is_a_one_line_500_and_the_connection_survives(tmp_p
 
     class Buggy:
         PROTOCOL = "rest"
+        OPENAPI_SCHEMAS = ()
 
         @staticmethod
         def router(runtime: Runtime) -> APIRouter:
