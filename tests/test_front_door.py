@@ -228,8 +228,13 @@ def test_a_body_that_is_neither_pixels_nor_json_says_what_it_is_not(server):
         answer = post(server, path, content=CAT, headers={"Content-Type": "application/json"})
         assert answer.status_code == 400 and "codec" not in answer.text, answer.text
         assert answer.json()["error"].endswith(
-            "is not valid JSON: it is not UTF-8 text (an image? send it as image/* or multipart)"
+            "is not valid JSON: it is not UTF-8 text (binary data, such as an image?)"
         )
+    answer = post(server, "/v2/models/quicknet-xs/infer", content=CAT, headers={"Content-Type": "image/png"})
+    assert answer.status_code == 415 and answer.json()["error"] == (
+        "infer takes a JSON body (application/json) or the binary-data extension, not image/png: "
+        "send an image as a BYTES tensor, or to /classify"
+    )
 
 
 def test_curl_data_binary_with_no_type_is_classified(server):

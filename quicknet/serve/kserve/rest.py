@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from quicknet.serve import metrics, tracing
-from quicknet.serve.errors import InputError
+from quicknet.serve.errors import InputError, clip
 from quicknet.serve.images import PIXELS_PER_IMAGE, Limits
 from quicknet.serve.kserve import (
     EXTENSIONS,
@@ -233,6 +233,19 @@ def _repository_action(runtime: Runtime, request: Request, name: str) -> str:
     return check_model_name(name)
 
 
+def _check_infer_type(content_type: str | None) -> None:
+    """An image or a form sent to `/infer` as it is to `/classify`: 415 saying what infer takes
+    (any other type, or none, is read as JSON or the binary-data extension, as Triton's clients send)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind.startswith(("image/", "multipart/")):
+        raise InputError(
+            f"infer takes a JSON body (application/json) or the binary-data extension, not {clip(kind, 60)}: "
+            "send an image as a BYTES tensor, or to /classify",
+            415,
+            "bad_content_type",
+        )
+
+
 def router(runtime: Runtime) -> APIRouter:
     """The Open Inference Protocol's routes: the server's, the repository's, each model's."""
     app = APIRouter()
@@ -423,6 +436,7 @@ def _model_routes(app: APIRouter, runtime: Runtime) -> None:
                 version = request.query_params.get("version")
             mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
+            _check_infer_type(header(request.scope, b"content-type"))
             t0 = time.perf_counter()
             with tracing.span("decode"):
                 body = await read_body(request, runtime.settings.max_request_bytes)

@@ -167,9 +167,7 @@ def parse_json(body: bytes, what: str, max_values: int | None = None) -> object:
     try:
         return json.loads(body)
     except UnicodeDecodeError:  # json's words would be the codec's: say what the bytes probably are
-        raise InputError(
-            f"{what} is not valid JSON: it is not UTF-8 text (an image? send it as image/* or multipart)"
-        ) from None
+        raise InputError(f"{what} is not valid JSON: it is not UTF-8 text (binary data, such as an image?)") from None
     except ValueError as e:
         raise InputError(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
