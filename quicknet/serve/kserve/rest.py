@@ -234,8 +234,9 @@ def _repository_action(runtime: Runtime, request: Request, name: str) -> str:
 
 
 def _check_infer_type(content_type: str | None) -> None:
-    """An image or a form sent to `/infer` as it is to `/classify`: 415 saying what infer takes
-    (any other type, or none, is read as JSON or the binary-data extension, as Triton's clients send)."""
+    """A body that did not parse, sent as an image or a form (as to `/classify`): 415 saying what
+    infer takes (any other type, or none, is read as JSON or the binary-data extension, as Triton's
+    clients send it)."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind.startswith(("image/", "multipart/")):
         raise InputError(
@@ -436,11 +437,15 @@ def _model_routes(app: APIRouter, runtime: Runtime) -> None:
                 version = request.query_params.get("version")
             mr = runtime.serving(name, version)
             deadline = deadline_from_header(request, runtime)
-            _check_infer_type(header(request.scope, b"content-type"))
             t0 = time.perf_counter()
             with tracing.span("decode"):
                 body = await read_body(request, runtime.settings.max_request_bytes)
-                doc, binary = _parse_body(body, header(request.scope, HEADER_LENGTH), max_json_values(runtime.limits))
+                length = header(request.scope, HEADER_LENGTH)
+                try:
+                    doc, binary = _parse_body(body, length, max_json_values(runtime.limits))
+                except InputError:  # read the type only then: the request path pays nothing for it
+                    _check_infer_type(header(request.scope, b"content-type"))
+                    raise
                 images = (
                     await asyncio.to_thread(_images, doc, binary, runtime)
                     if _encoded(doc)
