@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
         import re
 
         if m := re.match(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)$", message):
-            choices = re.findall(r"'([^']*)'", m.group(2))
+            choices = [c.strip().strip("'") for c in m.group(2).split(",")]  # quoted up to 3.12.3, bare after
             if close := difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.75):
                 message += f" (did you mean {close[0]!r}?)"
         super().error(message)

@@ -99,12 +99,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     dataset, run_dir = _dataset(args), _run_dir(args)
-    with _resumable(run_dir, "train"):
+    with _says_how_to_resume(run_dir):
         _print(stage_train(cfg, dataset, run_dir, resume=args.resume))
 
 
 @contextlib.contextmanager
-def _resumable(run_dir: Path, command: str):
+def _says_how_to_resume(run_dir: Path):
     """Ctrl-C in training: a line saying what the run folder holds and how to go on (exit 130)."""
     try:
         yield
@@ -226,7 +226,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     ds = _dataset(args)
     run_dir = _run_dir(args)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    with _resumable(run_dir, "build"):
+    with _says_how_to_resume(run_dir):
         _stage(f"training {cfg.model} into {run_dir}")
         trained = stage_train(cfg, ds, run_dir, resume=args.resume)
     if trained["stopped_early"]:  # a time limit: what it saved is half a run, not a model to publish

@@ -149,7 +149,7 @@ class EngineServer:
                     self._on_seen(outbox, message.generation)
                 elif isinstance(message, m.Stats):
                     await self._stats(outbox, message)
-                elif isinstance(message, m.Index | m.Load | m.Unload):
+                elif isinstance(message, m.RepositoryCall):
                     task = asyncio.create_task(self._repository_call(outbox, message))
                     self._calls.add(task)
                     task.add_done_callback(self._calls.discard)
