@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from quicknet.build.config import TrainConfig
 from quicknet.build.data import Dataset, TensorLoader
-from quicknet.build.train import _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
+from quicknet.build.train import _resumable, _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
 from quicknet.errors import BuildError
 
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
@@ -106,6 +107,20 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
     assert again.planned_epochs == 1 and len(again.history) == 1
     err = capfd.readouterr().err
     assert f"{run} has finished its 1 planned epochs: nothing to resume; --epochs 3 does not lengthen it" in err, err
+
+
+def test_a_resume_reads_its_checkpoint_on_the_host(tmp_path, monkeypatch):
+    """A CUDA run's --resume would have died at torch.set_rng_state ("RNG state must be a
+    torch.ByteTensor"): checkpoint.pt was read onto the run's device, and the RNG states it holds must
+    stay CPU tensors. It is read on the host; the model and optimizer files go to the device."""
+    cfg = TrainConfig(**TINY, epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"train_config": asdict(cfg), "rng": {"cpu": torch.get_rng_state(), "cuda": None}}, path)
+    read_as, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: read_as.append(k.get("map_location")) or load(*a, **k))
+    ckpt = _resumable(path, cfg)
+    assert read_as == ["cpu"] and ckpt["rng"]["cpu"].device.type == "cpu"
+    torch.set_rng_state(ckpt["rng"]["cpu"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: --device cuda is valid")

@@ -277,13 +277,16 @@ def _build(cfg: TrainConfig, data: Dataset, device: str) -> _Parts:
     return _Parts(loader, test_loader, steps_per_epoch, model, step_model, opt, schedule, sched, ema, criterion)
 
 
-def _resumable(ckpt_path: Path, cfg: TrainConfig, device: str) -> dict:
+def _resumable(ckpt_path: Path, cfg: TrainConfig) -> dict:
     """The checkpoint of a run to resume, loaded once for `_restore`, if it is there and `cfg` is the
     run it started as: one line otherwise, not a fresh start in a mistyped folder nor a state_dict
     size mismatch."""
     if not ckpt_path.is_file():
         raise BuildError(f"nothing to resume: {ckpt_path} not found (leave out --resume to start a new run)")
-    ckpt = _load(ckpt_path, device)
+    # On the host whatever `device` is: its RNG states must stay CPU ByteTensors (torch.set_rng_state,
+    # the loader's Generator.set_state refuse a CUDA tensor); load_state_dict copies the EMA weights
+    # into the device's own tensors. The model and optimizer files are read onto the device (_restore).
+    ckpt = _load(ckpt_path)
     started = ckpt.get("train_config", {})
     theirs = started.get("model")
     if theirs and theirs != cfg.model:
@@ -438,7 +441,7 @@ def train(
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     device = resolve_device(cfg.device)
-    resumed = _resumable(ckpt_path, cfg, device) if resume else None
+    resumed = _resumable(ckpt_path, cfg) if resume else None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where the folder goes, or in its path
