@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from quicknet.serve.config import Settings
@@ -67,6 +69,43 @@ def test_a_gpu_is_found_without_torch(monkeypatch):
         monkeypatch.setattr(gpu.glob, "glob", lambda _pattern, d=devices: d)
         assert gpu.gpu_present() is expected
     gpu.gpu_present.cache_clear()
+
+
+def test_a_counter_nvml_does_not_give_leaves_the_others_sampled(monkeypatch, caplog):
+    """Utilization is not supported on a MIG slice: that NVML error ended the sampling task, and the
+    memory gauge went silent with it. It is said once, and the other counters go on."""
+    import asyncio
+    import types
+
+    from quicknet.serve import gpu, metrics
+
+    class NotSupported(Exception):
+        pass
+
+    def unsupported(_handle):
+        raise NotSupported("Not Supported")
+
+    reads = []
+    fake = types.SimpleNamespace(
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetUtilizationRates=unsupported,
+        nvmlDeviceGetMemoryInfo=lambda h: reads.append(h) or types.SimpleNamespace(used=123 * len(reads)),
+    )
+    monkeypatch.setattr(gpu.nvml, "started", lambda: fake)
+
+    async def three_rounds():
+        task = asyncio.create_task(gpu.sample_forever(interval_s=0))
+        while len(reads) < 3 and not task.done():
+            await asyncio.sleep(0)
+        assert not task.done(), "the sampler ended"
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="quicknet.gpu"):
+        asyncio.run(three_rounds())
+    assert metrics.GPU_MEMORY_USED.labels("0")._value.get() == 369
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "quicknet.gpu"]
+    assert line == "GPU 0: NVML gives no utilization (Not Supported); its gauge stays unset"
 
 
 def test_list_and_dict_settings_take_json_in_the_environment(monkeypatch):

@@ -31,10 +31,20 @@ async def sample_forever(interval_s: float = 5.0) -> None:
     except Exception:  # no nvidia-ml-py, no driver, or no GPU: nothing to sample
         return
     log.info("sampling %d GPU(s) through NVML every %.0fs", len(handles), interval_s)
+    counters = (
+        ("utilization", metrics.GPU_UTILIZATION, lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100),
+        ("memory", metrics.GPU_MEMORY_USED, lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).used),
+    )
+    said: set[tuple[int, str]] = set()
     while True:
         for i, handle in enumerate(handles):
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            metrics.GPU_UTILIZATION.labels(str(i)).set(util.gpu / 100)
-            metrics.GPU_MEMORY_USED.labels(str(i)).set(memory.used)
+            for what, gauge, read in counters:
+                # One counter NVML does not give (utilization on a MIG slice, a GPU fallen off the
+                # bus) is said once and passed over; it must not end the sampling of the others.
+                try:
+                    gauge.labels(str(i)).set(read(handle))
+                except Exception as e:
+                    if (i, what) not in said:
+                        said.add((i, what))
+                        log.warning("GPU %d: NVML gives no %s (%s); its gauge stays unset", i, what, e)
         await asyncio.sleep(interval_s)
