@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: lock bench-peers image serve test test-tools test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve gpu-rehearse
+.PHONY: lock bench-peers image serve test test-tools test-audit lint venv-serve venv-dev protos bench clean gpu-data gpu-train gpu-wheels gpu-serve gpu-rehearse gpu-adopt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -123,3 +123,9 @@ gpu-rehearse: gpu-data gpu-wheels
 gpu-serve:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 	PYTHONPATH=/tmp/site $(GPU_PYTHON) -m benchmarks.gpu_serve --data $(TEST_NPZ) --out gpu-results/serve --from-train .gpu-handoff
+
+## Back here after a draw, with what the GPU runs returned copied into gpu-results/ (train/, serve/):
+## the compile cache into gpu-cache/, the handed-off arm exported, scored and published, its fused
+## engine attached (quicknet/build/adopt.py; run it again after a refusal to finish what is left).
+gpu-adopt: venv-dev
+	$(BIN)/python -m quicknet adopt-gpu-run gpu-results

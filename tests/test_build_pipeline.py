@@ -352,3 +352,143 @@ def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(run_d
     assert v2.metadata["artifacts"] == {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
     assert store.default_model(root) == "quicknet-xs"
     store.verify_files(v2)
+
+
+def _gpu_results(run_dir, where, *, handoff=True, engine_top1=None):
+    """What the README's two GPU runs return, copied into `where` as `gpu-results/`: the train run's
+    results.json and two arms (the run folder above as `quicknet-ls02`, handed off, beside one that
+    left nothing), the serve run's compile cache and, with `engine_top1`, a fused engine built from
+    the handed-off checkpoint and gated at that top-1 on the 10k split."""
+    from quicknet.fused import engine as fe
+
+    train, serve = where / "train", where / "serve"
+    arm = _copy(run_dir, train / "quicknet-ls02")
+    digest = store.sha256_file(arm / "checkpoint.pt")
+    recipe = {"model": "quicknet-xs", "label_smoothing": 0.2}
+    results = {
+        "job": "gpu-train",
+        "started": "2026-12-06T10:00:00+00:00",
+        "environment": {"gpu": "NVIDIA H200", "driver": "580.159.04", "torch": "2.11.0+cu130", "cuda_runtime": "13.0"},
+        "arms": {
+            "quicknet": {"state": "failed", "recipe": {"model": "quicknet"}},
+            "quicknet-ls02": {
+                "state": "done",
+                "recipe": recipe,
+                "final": {"epochs": 3, "train_seconds": 9.0, "top1": 0.3},
+            },
+        },
+        "handoff": {"arm": "quicknet-ls02", "checkpoint_sha256": digest}
+        if handoff
+        else "no arm finished with a checkpoint and a score",
+    }
+    (train / "results.json").write_text(json.dumps(results))
+    serve.mkdir()
+    (serve / "torch-compile-cache.nvidia-h200.zip").write_bytes(b"what torch.compile built in each arm")
+    if engine_top1 is not None:
+        gate = {"images": 10000, "top1": engine_top1, "max_loss": 0.001, "passed": True}
+        doc = {
+            "built_for": {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
+            "source": {"file": "model.folded.pt", "sha256": "f" * 64, "checkpoint_sha256": digest},
+            "gate": gate,
+        }
+        fe.write_artifact(serve / "model.fused.nvidia-h200.sm90.zip", doc, None, set())
+    return where
+
+
+def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_the_compile_cache(run_dir, tmp_path):
+    """`quicknet adopt-gpu-run`: the steps the README listed by hand after a draw, in one command that
+    runs again to finish what a refusal left. An arm below the version it would replace is refused
+    until --even-if-worse; the default model stays the better one; the engine attaches to the
+    version exported from the checkpoint it was built from; done steps are passed over."""
+    from quicknet.build.adopt import adopt
+    from quicknet.testing import REPO
+
+    top1 = json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]["checkpoint"]["top1"]
+    results = _gpu_results(run_dir, tmp_path / "gpu-results", engine_top1=top1)
+    root, cache = shutil.copytree(REPO / "model_store", tmp_path / "store"), tmp_path / "gpu-cache"
+    before = {m: store.list_versions(root, m) for m in store.list_models(root)}
+    xs, default = store.get_version(root, "quicknet-xs"), store.get_version(root, store.default_model(root))
+    assert default.name != "quicknet-xs", "the shipped default is the full model"
+    said: list[str] = []
+
+    def no_data():
+        raise AssertionError("the run folder was scored already: no stage runs again")
+
+    def again(**flags):
+        adopt(results, root, no_data, cache_dir=cache, say=said.append, **flags)
+
+    below = f"below quicknet-xs v{xs.version}'s {xs.metadata['accuracy']['checkpoint']['top1']:.2%}"
+    with pytest.raises(BuildError, match=f"^quicknet-ls02 scores {top1:.2%}, {below}: .* --even-if-worse"):
+        again()
+    assert {m: store.list_versions(root, m) for m in store.list_models(root)} == before, "nothing published"
+    assert (cache / "torch-compile-cache.nvidia-h200.zip").read_bytes() == b"what torch.compile built in each arm"
+
+    said.clear()
+    again(even_if_worse=True)
+    arm, engine = xs.version + 1, xs.version + 2
+    assert said == [
+        f"compile cache: {cache}/torch-compile-cache.nvidia-h200.zip is there already",
+        "quicknet-ls02: exported, compiled and scored already",
+        f"quicknet-ls02: published quicknet-xs v{arm} ({top1:.2%} on the 10k test split); the default stays "
+        f"{default.name} (v{default.version}, {default.metadata['accuracy']['checkpoint']['top1']:.2%})",
+        f"model.fused.nvidia-h200.sm90.zip: gated and published as quicknet-xs v{engine} (v{arm}'s files and the "
+        "engine)",
+    ]
+    published = store.get_version(root, "quicknet-xs", arm).metadata
+    assert published["training"]["trained_on"]["arm"] == "quicknet-ls02"
+    assert published["exported_from"]["sha256"] == store.sha256_file(results / "train/quicknet-ls02/checkpoint.pt")
+    served = store.get_version(root, "quicknet-xs")
+    assert served.version == engine and served.metadata["artifacts"]["fused-gpu"] == "model.fused.nvidia-h200.sm90.zip"
+    assert store.default_model(root) == default.name
+
+    said.clear()
+    again(even_if_worse=True)
+    assert said[1:] == [
+        "quicknet-ls02: exported, compiled and scored already",
+        f"quicknet-ls02: published already, as quicknet-xs v{arm}",
+        f"model.fused.nvidia-h200.sm90.zip: published already, in quicknet-xs v{engine}",
+    ]
+    assert store.list_versions(root, "quicknet-xs")[-1] == engine
+
+
+def test_adopt_gpu_run_refuses_what_it_cannot_publish_in_one_line(run_dir, tmp_path, capsys):
+    """No hand-off, an arm the job did not train, a checkpoint other than the one handed off, an arm
+    its hard stop ended: each a line and exit 2, the store untouched. Into a store with no model, the
+    arm becomes the default."""
+    from quicknet.cli import main
+
+    root, cache = tmp_path / "store", ["--compile-cache", str(tmp_path / "gpu-cache")]
+
+    def refused(results, *flags) -> str:
+        assert main(["adopt-gpu-run", str(results), "--store", str(root), *cache, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not root.exists(), err
+        return err
+
+    none = _gpu_results(run_dir, tmp_path / "none", handoff=False)
+    assert "hands off no arm (no arm finished with a checkpoint and a score): name one with --arm (quicknet, " in (
+        refused(none)
+    )
+    assert "--arm quicknet-s0: the job trained quicknet, quicknet-ls02" in refused(none, "--arm", "quicknet-s0")
+    assert "quicknet/checkpoint.pt is missing: the arm quicknet left no weights (failed)" in refused(
+        none, "--arm", "quicknet"
+    )
+
+    other = _gpu_results(run_dir, tmp_path / "other")
+    (other / "train/quicknet-ls02/checkpoint.pt").write_bytes(b"another run's weights")
+    assert "is not the checkpoint the job handed off" in refused(other)
+
+    stopped = _gpu_results(run_dir, tmp_path / "stopped")
+    record = stopped / "train/quicknet-ls02/build.json"
+    rec = json.loads(record.read_text())
+    rec["stages"]["train"] |= {"stopped_early": True, "epochs_run": 40, "planned_epochs": 90}
+    record.write_text(json.dumps(rec))
+    hard_stop = (
+        "quicknet-ls02 was ended by its hard stop after 40 of its 90 planned epochs: --allow-partial publishes it"
+    )
+    assert hard_stop in refused(stopped)
+
+    assert main(["adopt-gpu-run", str(none), "--store", str(root), *cache, "--arm", "quicknet-ls02"]) == 0
+    out = capsys.readouterr().out
+    assert "published quicknet-xs v1" in out and "the default model now (the store had none)" in out
+    assert store.default_model(root) == "quicknet-xs"

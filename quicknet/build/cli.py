@@ -1,5 +1,5 @@
-"""`quicknet data|train|export|compile|eval|publish|build|plan|republish|attach-engine|gpu-train|info`: the offline
-build's commands."""
+"""`quicknet data|train|export|compile|eval|publish|build|plan|republish|attach-engine|gpu-train|adopt-gpu-run|info`:
+the offline build's commands."""
 
 from __future__ import annotations
 
@@ -279,6 +279,23 @@ def cmd_gpu_train(args: argparse.Namespace) -> None:
     main(args)
 
 
+def cmd_adopt_gpu_run(args: argparse.Namespace) -> None:
+    from quicknet import store
+    from quicknet.build.adopt import adopt
+
+    root = Path(args.store) if args.store else store.default_root()
+    adopt(
+        Path(args.results),
+        root,
+        lambda: _dataset(args),
+        cache_dir=Path(args.compile_cache),
+        arm=args.arm,
+        allow_partial=args.allow_partial,
+        even_if_worse=args.even_if_worse,
+        threads=args.threads,
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from quicknet.build.sizes import table  # a table checked against torch by a test: no torch here
 
@@ -464,6 +481,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "for this GPU, torch and Triton is loaded before the arms compile; none is a line in the results",
     )
     gpu_train.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny and fast")
+
+    adopt = sub.add_parser(
+        "adopt-gpu-run",
+        parents=[data_flag, store_flags],
+        help="publish what a GPU draw brought back: its best arm, its fused engine, its compile cache",
+        description="After the README's GPU runs, with their folders copied into RESULTS (train/ and serve/): the "
+        "compile cache into gpu-cache/; the arm the train run handed off exported, compiled, scored on the 10k test "
+        "split and published (refused below the version it would replace; the default model when it beats it); the "
+        "fused engine gated and attached to the version holding its weights. Done steps are passed over: after a "
+        "refusal, the same command finishes what is left.",
+    )
+    adopt.add_argument("results", nargs="?", default="gpu-results", help="the returned folders (default: %(default)s)")
+    adopt.add_argument("--arm", help="publish this arm instead of the one the train run handed off")
+    adopt.add_argument(
+        "--allow-partial", action="store_true", help="publish an arm its hard stop ended before its planned end"
+    )
+    adopt.add_argument(
+        "--even-if-worse",
+        action="store_true",
+        help="publish an arm that scores below the version of its model it would replace",
+    )
+    adopt.add_argument(
+        "--compile-cache", default="gpu-cache", metavar="DIR", help="the next draw reads it here (default: %(default)s)"
+    )
+    adopt.add_argument("--threads", type=number(int, "positive"), default=2, help="CPU threads for scoring")
+    adopt.set_defaults(func=cmd_adopt_gpu_run)
 
     info = sub.add_parser("info", help="parameters and multiply-adds of every variant (no torch needed)")
     info.set_defaults(func=cmd_info)

@@ -38,13 +38,13 @@ CALIBRATION_IMAGES = 1024
 EXPORT_CHECK_IMAGES = 2000
 
 
-def _record(run_dir: Path) -> dict:
+def load_record(run_dir: Path) -> dict:
     path = run_dir / BUILD_RECORD
     return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
 
 def _save_stage(run_dir: Path, stage: str, seconds: float, **results: object) -> None:
-    rec = _record(run_dir)
+    rec = load_record(run_dir)
     rec["stages"][stage] = {"seconds": round(seconds, 2), **results}
     write_text_atomic(run_dir / BUILD_RECORD, json.dumps(rec, indent=2) + "\n")
 
@@ -52,7 +52,7 @@ def _save_stage(run_dir: Path, stage: str, seconds: float, **results: object) ->
 def trained_model(run_dir: Path) -> str | None:
     """The model a run folder's training stage trained, from its build.json (None: no record)."""
     try:
-        return _record(run_dir)["stages"]["train"]["config"]["model"]
+        return load_record(run_dir)["stages"]["train"]["config"]["model"]
     except (KeyError, TypeError, ValueError, OSError):
         return None
 
@@ -177,7 +177,7 @@ def stage_eval(run_dir: Path, dataset: data_mod.Dataset, *, limit: int | None = 
             reports[kind if kind != "tensorrt" else path.name] = evaluate_artifact(kind, path, split, threads=threads)
     if "onnx" in reports:
         # titled with the name the store will publish it under (the training config's), not the folder's
-        name = _record(run_dir).get("stages", {}).get("train", {}).get("config", {}).get("model", run_dir.name)
+        name = load_record(run_dir).get("stages", {}).get("train", {}).get("config", {}).get("model", run_dir.name)
         top1 = reports["onnx"].summary()["top1"]
         title = f"{name}: model.onnx, top-1 {top1:.2%} on {len(split.labels):,} test images"
         plot_confusion(reports["onnx"], run_dir / "confusion_matrix.png", title)
@@ -207,7 +207,7 @@ def stage_publish(
     from quicknet.build.model import QuickNet, count_macs, count_params, get_config
 
     t0 = time.perf_counter()
-    rec = _record(run_dir)
+    rec = load_record(run_dir)
     for needed in ("train", "export", "eval"):
         if needed not in rec["stages"]:
             raise BuildError(f"{run_dir} has no {needed} record: run `quicknet {needed}` first")
@@ -269,15 +269,34 @@ def _check_not_published(root: Path, name: str, digest: str) -> None:
     """A run published once (its model.onnx's SHA-256 `digest`) is not published again as a new
     version with the same weights (a second `publish`, or `build --resume` of a finished build):
     one line naming the version."""
-    if not (root / name).is_dir():
-        return
+    version = published_version(root, name, digest)
+    if version is not None:
+        raise BuildError(f"{name} version {version} in {root} already holds this run's {ONNX}: nothing to publish")
+
+
+def published_version(root: Path, name: str, digest: str) -> int | None:
+    """The first version of `name` whose model.onnx has the SHA-256 `digest`, if one does."""
     for version in store.list_versions(root, name):
         try:
             files = store.get_version(root, name, version).metadata.get("files", {})
         except QuickNetError:
             continue  # a version the store cannot read is not this run's
         if files.get(ONNX, {}).get("sha256") == digest:
-            raise BuildError(f"{name} version {version} in {root} already holds this run's {ONNX}: nothing to publish")
+            return version
+    return None
+
+
+def scored_as_it_stands(run_dir: Path) -> bool:
+    """The run folder was exported, compiled and scored on the full 10k split, and the records say so
+    of the files there now: publish would take it as it is, with no stage to run again."""
+    stages = load_record(run_dir)["stages"]
+    if not {"train", "export", "compile", "eval"} <= set(stages):
+        return False
+    try:
+        _check_records_match_files(run_dir, stages)
+    except BuildError:
+        return False
+    return stages["eval"]["accuracy"].get("checkpoint", {}).get("images", 0) >= 10000
 
 
 def _check_records_match_files(run_dir: Path, stages: dict) -> dict[str, str]:
