@@ -354,11 +354,11 @@ def test_republish_rewrites_a_published_prelu_graph_and_keeps_its_accuracy(run_d
     store.verify_files(v2)
 
 
-def _gpu_results(run_dir, where, *, handoff=True, engine_top1=None):
+def _gpu_results(run_dir, where, *, handoff=True, engines=()):
     """What the README's two GPU runs return, copied into `where` as `gpu-results/`: the train run's
     results.json and two arms (the run folder above as `quicknet-ls02`, handed off, beside one that
-    left nothing), the serve run's compile cache and, with `engine_top1`, a fused engine built from
-    the handed-off checkpoint and gated at that top-1 on the 10k split."""
+    left nothing), the serve run's compile cache and the fused engines `engines` names as (file name,
+    its source, its top-1 on the 10k split); `_ARM` in a source is the handed-off checkpoint."""
     from quicknet.fused import engine as fe
 
     train, serve = where / "train", where / "serve"
@@ -374,7 +374,7 @@ def _gpu_results(run_dir, where, *, handoff=True, engine_top1=None):
             "quicknet-ls02": {
                 "state": "done",
                 "recipe": recipe,
-                "final": {"epochs": 3, "train_seconds": 9.0, "top1": 0.3},
+                "final": {"epochs": 3, "train_seconds": 9, "top1": 0.3},
             },
         },
         "handoff": {"arm": "quicknet-ls02", "checkpoint_sha256": digest}
@@ -384,31 +384,55 @@ def _gpu_results(run_dir, where, *, handoff=True, engine_top1=None):
     (train / "results.json").write_text(json.dumps(results))
     serve.mkdir()
     (serve / "torch-compile-cache.nvidia-h200.zip").write_bytes(b"what torch.compile built in each arm")
-    if engine_top1 is not None:
-        gate = {"images": 10000, "top1": engine_top1, "max_loss": 0.001, "passed": True}
-        doc = {
-            "built_for": {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
-            "source": {"file": "model.folded.pt", "sha256": "f" * 64, "checkpoint_sha256": digest},
-            "gate": gate,
-        }
-        fe.write_artifact(serve / "model.fused.nvidia-h200.sm90.zip", doc, None, set())
+    for name, source, top1 in engines:
+        source = (
+            {"file": "model.folded.pt", "sha256": "f" * 64, "checkpoint_sha256": digest} if source is _ARM else source
+        )
+        gate = {"images": 10000, "top1": top1, "max_loss": 0.001, "passed": True}
+        doc = {"built_for": {"gpu": name.split(".")[2], "compute_capability": "9.0"}, "source": source, "gate": gate}
+        fe.write_artifact(serve / name, doc, None, set())
     return where
+
+
+_ARM = object()
+
+
+def _store(root, **top1):
+    """A store of stand-in versions (one each, `model.onnx` of its own bytes) with these checkpoint
+    top-1s, the first model the default."""
+    for name, value in top1.items():
+        folder = root.parent / "stand-ins" / name
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(f"stands in for {name}'s weights".encode())
+        meta = {"labels": ["a"], "artifacts": {"onnx": "model.onnx"}}
+        meta["accuracy"] = {"checkpoint": {"top1": value, "images": 10000}}
+        store.publish(root, name, [folder / "model.onnx"], meta)
+    store.set_default(root, next(iter(top1)))
+    return root
+
+
+def _run_top1(run_dir) -> float:
+    return json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]["checkpoint"]["top1"]
 
 
 def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_the_compile_cache(run_dir, tmp_path):
     """`quicknet adopt-gpu-run`: the steps the README listed by hand after a draw, in one command that
     runs again to finish what a refusal left. An arm below the version it would replace is refused
-    until --even-if-worse; the default model stays the better one; the engine attaches to the
-    version exported from the checkpoint it was built from; done steps are passed over."""
+    until --even-if-worse; the default model stays the better one; each engine attaches to the
+    version holding its weights (the arm's checkpoint, or a published model.onnx where the serve run
+    had no hand-off); done steps are passed over."""
     from quicknet.build.adopt import adopt
     from quicknet.testing import REPO
 
-    top1 = json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]["checkpoint"]["top1"]
-    results = _gpu_results(run_dir, tmp_path / "gpu-results", engine_top1=top1)
-    root, cache = shutil.copytree(REPO / "model_store", tmp_path / "store"), tmp_path / "gpu-cache"
-    before = {m: store.list_versions(root, m) for m in store.list_models(root)}
-    xs, default = store.get_version(root, "quicknet-xs"), store.get_version(root, store.default_model(root))
-    assert default.name != "quicknet-xs", "the shipped default is the full model"
+    top1 = _run_top1(run_dir)
+    root = _store(tmp_path / "store", quicknet=0.95, **{"quicknet-xs": 0.99})
+    published_onnx = store.get_version(root, "quicknet").metadata["files"]["model.onnx"]["sha256"]
+    engines = [
+        ("model.fused.nvidia-h200.sm90.zip", _ARM, top1),
+        ("model.fused.nvidia-h100.sm90.zip", {"file": "model.onnx", "sha256": published_onnx}, 0.9495),
+    ]
+    results = _gpu_results(run_dir, tmp_path / "gpu-results", engines=engines)
+    cache = tmp_path / "gpu-cache"
     said: list[str] = []
 
     def no_data():
@@ -417,78 +441,133 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
     def again(**flags):
         adopt(results, root, no_data, cache_dir=cache, say=said.append, **flags)
 
-    below = f"below quicknet-xs v{xs.version}'s {xs.metadata['accuracy']['checkpoint']['top1']:.2%}"
-    with pytest.raises(BuildError, match=f"^quicknet-ls02 scores {top1:.2%}, {below}: .* --even-if-worse"):
+    below = "below quicknet-xs v1's 99.00%: published, it would be served in that version's place; --even-if-worse"
+    with pytest.raises(BuildError, match=f"^quicknet-ls02 scores {top1:.2%}, {below}"):
         again()
-    assert {m: store.list_versions(root, m) for m in store.list_models(root)} == before, "nothing published"
+    assert store.list_versions(root, "quicknet-xs") == [1] and store.list_versions(root, "quicknet") == [1]
     assert (cache / "torch-compile-cache.nvidia-h200.zip").read_bytes() == b"what torch.compile built in each arm"
 
     said.clear()
     again(even_if_worse=True)
-    arm, engine = xs.version + 1, xs.version + 2
     assert said == [
         f"compile cache: {cache}/torch-compile-cache.nvidia-h200.zip is there already",
         "quicknet-ls02: exported, compiled and scored already",
-        f"quicknet-ls02: published quicknet-xs v{arm} ({top1:.2%} on the 10k test split); the default stays "
-        f"{default.name} (v{default.version}, {default.metadata['accuracy']['checkpoint']['top1']:.2%})",
-        f"model.fused.nvidia-h200.sm90.zip: gated and published as quicknet-xs v{engine} (v{arm}'s files and the "
-        "engine)",
+        f"quicknet-ls02: published quicknet-xs v2 ({top1:.2%} on the 10k test split); the default stays quicknet "
+        "(v1, 95.00%)",
+        "model.fused.nvidia-h100.sm90.zip: gated and published as quicknet v2 (v1's files and the engine)",
+        "model.fused.nvidia-h200.sm90.zip: gated and published as quicknet-xs v3 (v2's files and the engine)",
     ]
-    published = store.get_version(root, "quicknet-xs", arm).metadata
+    published = store.get_version(root, "quicknet-xs", 2).metadata
     assert published["training"]["trained_on"]["arm"] == "quicknet-ls02"
     assert published["exported_from"]["sha256"] == store.sha256_file(results / "train/quicknet-ls02/checkpoint.pt")
-    served = store.get_version(root, "quicknet-xs")
-    assert served.version == engine and served.metadata["artifacts"]["fused-gpu"] == "model.fused.nvidia-h200.sm90.zip"
-    assert store.default_model(root) == default.name
+    for name, version, engine in (("quicknet-xs", 3, engines[0][0]), ("quicknet", 2, engines[1][0])):
+        served = store.get_version(root, name)
+        assert served.version == version and served.metadata["artifacts"]["fused-gpu"] == engine
+    assert store.default_model(root) == "quicknet"
 
     said.clear()
     again(even_if_worse=True)
     assert said[1:] == [
         "quicknet-ls02: exported, compiled and scored already",
-        f"quicknet-ls02: published already, as quicknet-xs v{arm}",
-        f"model.fused.nvidia-h200.sm90.zip: published already, in quicknet-xs v{engine}",
+        "quicknet-ls02: published already, as quicknet-xs v2",
+        "model.fused.nvidia-h100.sm90.zip: published already, in quicknet v2",
+        "model.fused.nvidia-h200.sm90.zip: published already, in quicknet-xs v3",
     ]
-    assert store.list_versions(root, "quicknet-xs")[-1] == engine
+    assert store.list_versions(root, "quicknet-xs") == [1, 2, 3] and store.list_versions(root, "quicknet") == [1, 2]
+    # what `make gpu-adopt` runs, from the folder the README copies the runs into
+    assert (
+        "\ngpu-adopt: venv-dev\n\t$(BIN)/python -m quicknet adopt-gpu-run gpu-results\n"
+        in (REPO / "Makefile").read_text()
+    )
+
+
+def test_adopt_gpu_run_runs_the_stages_an_arm_has_not_been_through(run_dir, tmp_path, monkeypatch):
+    """An arm as it comes back (a checkpoint and its training record) goes through export, compile
+    and eval on the data, loaded once, before anything is published."""
+    from quicknet.build import adopt
+
+    results = _gpu_results(run_dir, tmp_path / "gpu-results")
+    record = results / "train/quicknet-ls02/build.json"
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({"stages": {"train": rec["stages"]["train"]}}))
+    calls, data = [], object()
+
+    class Scored(Exception):
+        pass
+
+    def stage(name):
+        def run(run_dir, ds, **kwargs):
+            calls.append((name, run_dir.name, ds, kwargs))
+            if name == "eval":
+                raise Scored
+
+        return run
+
+    for name in ("export", "compile", "eval"):
+        monkeypatch.setattr(build, f"stage_{name}", stage(name))
+    loads = []
+    with pytest.raises(Scored):
+        adopt.adopt(results, tmp_path / "store", lambda: loads.append(1) or data, cache_dir=tmp_path / "c", threads=3)
+    assert loads == [1]
+    assert calls == [
+        ("export", "quicknet-ls02", data, {}),
+        ("compile", "quicknet-ls02", data, {"tensorrt": False}),
+        ("eval", "quicknet-ls02", data, {"threads": 3}),
+    ]
 
 
 def test_adopt_gpu_run_refuses_what_it_cannot_publish_in_one_line(run_dir, tmp_path, capsys):
-    """No hand-off, an arm the job did not train, a checkpoint other than the one handed off, an arm
-    its hard stop ended: each a line and exit 2, the store untouched. Into a store with no model, the
-    arm becomes the default."""
+    """An arm the job did not train, a checkpoint other than the one handed off, an arm its hard stop
+    ended (until --allow-partial), an engine built from weights the store does not hold: each a line
+    and exit 2, the store untouched. No hand-off publishes nothing, said. An arm that beats the
+    default model becomes the default; into a store with no model, the arm is the default."""
     from quicknet.cli import main
 
     root, cache = tmp_path / "store", ["--compile-cache", str(tmp_path / "gpu-cache")]
 
+    def adopt(results, *flags, into=root) -> tuple[int, str, str]:
+        code = main(["adopt-gpu-run", str(results), "--store", str(into), *cache, *flags])
+        out, err = capsys.readouterr()
+        return code, out, err
+
     def refused(results, *flags) -> str:
-        assert main(["adopt-gpu-run", str(results), "--store", str(root), *cache, *flags]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and not root.exists(), err
+        code, _, err = adopt(results, *flags)
+        assert code == 2 and err.count("\n") == 1 and not root.exists(), err
         return err
 
     none = _gpu_results(run_dir, tmp_path / "none", handoff=False)
-    assert "hands off no arm (no arm finished with a checkpoint and a score): name one with --arm (quicknet, " in (
-        refused(none)
-    )
+    code, out, _ = adopt(none)
+    assert code == 0 and not root.exists()
+    assert "hands off no arm (no arm finished with a checkpoint and a score): nothing published; --arm NAME" in out
     assert "--arm quicknet-s0: the job trained quicknet, quicknet-ls02" in refused(none, "--arm", "quicknet-s0")
-    assert "quicknet/checkpoint.pt is missing: the arm quicknet left no weights (failed)" in refused(
-        none, "--arm", "quicknet"
-    )
+    missing = "quicknet/checkpoint.pt is missing: the arm quicknet left no weights (failed)"
+    assert missing in refused(none, "--arm", "quicknet")
+    (none / "train/results.json").write_text('{"job": "gpu-train", "arms": ["quicknet"]}')
+    assert "results.json is not a gpu-train job's results (TypeError: arms)" in refused(none)
 
     other = _gpu_results(run_dir, tmp_path / "other")
     (other / "train/quicknet-ls02/checkpoint.pt").write_bytes(b"another run's weights")
     assert "is not the checkpoint the job handed off" in refused(other)
+    assert "is not the checkpoint the job handed off" in refused(other, "--arm", "quicknet-ls02")
+
+    stranger = {"file": "model.onnx", "sha256": "0" * 64}
+    unknown = _gpu_results(
+        run_dir, tmp_path / "unknown", handoff=False, engines=[("model.fused.x.sm90.zip", stranger, 0.9)]
+    )
+    assert "model.fused.x.sm90.zip was built from weights no version in" in refused(unknown)
 
     stopped = _gpu_results(run_dir, tmp_path / "stopped")
     record = stopped / "train/quicknet-ls02/build.json"
     rec = json.loads(record.read_text())
     rec["stages"]["train"] |= {"stopped_early": True, "epochs_run": 40, "planned_epochs": 90}
     record.write_text(json.dumps(rec))
-    hard_stop = (
-        "quicknet-ls02 was ended by its hard stop after 40 of its 90 planned epochs: --allow-partial publishes it"
-    )
+    hard_stop = "quicknet-ls02 was ended by its hard stop after 40 of its 90 planned epochs: --allow-partial publishes"
     assert hard_stop in refused(stopped)
-
-    assert main(["adopt-gpu-run", str(none), "--store", str(root), *cache, "--arm", "quicknet-ls02"]) == 0
-    out = capsys.readouterr().out
-    assert "published quicknet-xs v1" in out and "the default model now (the store had none)" in out
+    code, out, _ = adopt(stopped, "--allow-partial")
+    assert code == 0 and "published quicknet-xs v1" in out and "the default model now (the store had no model)" in out
     assert store.default_model(root) == "quicknet-xs"
+
+    worse = _store(tmp_path / "worse", quicknet=0.05)
+    code, out, _ = adopt(stopped, "--allow-partial", into=worse)
+    assert code == 0 and "the default model now (was quicknet v1, 5.00%)" in out
+    assert store.default_model(worse) == "quicknet-xs"

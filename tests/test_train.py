@@ -9,9 +9,10 @@ import torch
 
 from quicknet.build.config import TrainConfig
 from quicknet.build.data import Dataset, TensorLoader
-from quicknet.build.train import _resumable, _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
+from quicknet.build.train import _Schedule, accuracy, load_checkpoint, plan_epochs, replan_epochs, train
 from quicknet.errors import BuildError
 
+CKPT = "checkpoint.pt"
 TINY = dict(model="quicknet-xs", batch_size=64, eval_subset=256, ema_decay=0.0)
 RESUME = dict(TINY, epochs=2, train_subset=256, ema_decay=0.9)  # 4 steps an epoch, EMA on
 # 2 steps an epoch of 16 images: for runs a fake clock times, where a real step's cost buys nothing
@@ -109,18 +110,34 @@ def test_resuming_what_is_not_there_or_another_model_is_one_line(cifar: Dataset,
     assert f"{run} has finished its 1 planned epochs: nothing to resume; --epochs 3 does not lengthen it" in err, err
 
 
-def test_a_resume_reads_its_checkpoint_on_the_host(tmp_path, monkeypatch):
+def test_a_resume_on_cuda_reads_its_checkpoint_on_the_host(tmp_path, monkeypatch):
     """A CUDA run's --resume would have died at torch.set_rng_state ("RNG state must be a
     torch.ByteTensor"): checkpoint.pt was read onto the run's device, and the RNG states it holds must
-    stay CPU tensors. It is read on the host; the model and optimizer files go to the device."""
+    stay CPU tensors. It is read on the host; the model and optimizer files go to the device. Here,
+    with no GPU, reading onto "cuda" fails at once, so the run is stopped where it builds its model."""
+    from quicknet.build import train as train_module
+
     cfg = TrainConfig(**TINY, epochs=1)
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"train_config": asdict(cfg), "rng": {"cpu": torch.get_rng_state(), "cuda": None}}, path)
+    torch.save({"train_config": asdict(cfg), "rng": {"cpu": torch.get_rng_state(), "cuda": None}}, tmp_path / CKPT)
     read_as, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: read_as.append(k.get("map_location")) or load(*a, **k))
-    ckpt = _resumable(path, cfg)
-    assert read_as == ["cpu"] and ckpt["rng"]["cpu"].device.type == "cpu"
-    torch.set_rng_state(ckpt["rng"]["cpu"])
+
+    class Built(Exception):
+        pass
+
+    def build(*args):
+        raise Built
+
+    monkeypatch.setattr(train_module, "resolve_device", lambda _: "cuda")
+    monkeypatch.setattr(train_module, "_build", build)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32  # train() sets them for CUDA
+    try:
+        with pytest.raises(Built):
+            train(cfg, None, tmp_path, resume=True, progress=False)
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+    assert read_as == ["cpu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: --device cuda is valid")

@@ -12,7 +12,8 @@ The README's "GPU runs" return two folders, copied here as `gpu-results/train/` 
    version's place), made the default when it beats the default model;
 3. the fused engine attached to the version whose weights it was built from (`attach`, which gates
    it), found by the SHA-256 the engine names: the arm's checkpoint, or the model file of the version
-   the serve run served when it found no hand-off.
+   the serve run served when it found no hand-off. A train run that handed off no arm publishes
+   nothing (said in a line) unless `--arm` names one; its engine step still runs.
 
 Each step is passed over where it is done already (a published run, an attached engine, a cache
 file there), so after a refusal the same command, run again, finishes what is left. Every step
@@ -56,7 +57,9 @@ def adopt(
     if serve.is_dir():
         _keep_compile_cache(serve, cache_dir, say)
     if train.is_dir():
-        _publish_arm(train, root, dataset, arm, allow_partial, even_if_worse, threads, say)
+        picked = _arm_to_publish(train, arm, say)
+        if picked:
+            _publish_arm(*picked, root, dataset, allow_partial, even_if_worse, threads, say)
     elif arm is not None:
         raise BuildError(f"--arm {arm}: {results} has no train/ folder")
     if serve.is_dir():
@@ -70,60 +73,68 @@ def _keep_compile_cache(serve: Path, cache_dir: Path, say: Callable[[str], None]
         if kept.is_file() and store.sha256_file(kept) == store.sha256_file(blob):
             say(f"compile cache: {kept} is there already")
             continue
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(blob, kept)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(blob, kept)
+        except OSError as e:
+            raise BuildError(f"cannot keep {blob.name} in {cache_dir}: {e.strerror or e}") from None
         say(f"compile cache: {blob.name} into {cache_dir}/ (commit it: the next draw's train run starts warm)")
 
 
-def _handed_off(train: Path, arm: str | None) -> tuple[Path, Path]:
-    """(the run folder of the arm to publish, the job's results.json): the arm the job handed to the
-    serve run, or `arm`."""
+def _arm_to_publish(train: Path, arm: str | None, say: Callable[[str], None]) -> tuple[Path, Path] | None:
+    """(the run folder of the arm to publish, the job's results.json): `arm`, else the arm the job
+    handed to the serve run; None, said in a line, when it handed off none (the serve run then
+    built its engine from the published model, which the engine step still attaches)."""
     path = train / "results.json"
     try:
         doc = json.loads(path.read_text())
         arms = doc["arms"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        why = f"{path} is not a gpu-train job's results ({type(e).__name__})"
+        handoff = doc.get("handoff")
+        if not isinstance(arms, dict) or not all(isinstance(a, dict) for a in arms.values()):
+            raise TypeError("arms")
+        if isinstance(handoff, dict) and not (
+            isinstance(handoff.get("arm"), str) and isinstance(handoff.get("checkpoint_sha256"), str)
+        ):
+            raise TypeError("handoff")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"{path} is not a gpu-train job's results ({type(e).__name__}: {e})"
         raise BuildError(f"{why}: copy the train run's folder again") from None
-    handoff = doc.get("handoff")
-    digest = None
-    if arm is None:
-        if not isinstance(handoff, dict):
-            why = handoff or "the job was run without --handoff"
-            raise BuildError(f"{path} hands off no arm ({why}): name one with --arm ({', '.join(arms)})")
-        arm, digest = handoff["arm"], handoff.get("checkpoint_sha256")
+    if arm is None and not isinstance(handoff, dict):
+        why = handoff or "the job was run without --handoff"
+        say(f"train: {path} hands off no arm ({why}): nothing published; --arm NAME publishes one of {', '.join(arms)}")
+        return None
+    arm = arm or handoff["arm"]
     if arm not in arms:
         raise BuildError(f"--arm {arm}: the job trained {', '.join(arms)}")
     run_dir = train / arm
     checkpoint = run_dir / pipeline.CHECKPOINT
     if not checkpoint.is_file():
         raise BuildError(f"{checkpoint} is missing: the arm {arm} left no weights ({arms[arm].get('state')})")
+    digest = handoff["checkpoint_sha256"] if isinstance(handoff, dict) and handoff["arm"] == arm else None
     if digest and store.sha256_file(checkpoint) != digest:
         raise BuildError(f"{checkpoint} is not the checkpoint the job handed off (SHA-256 {digest[:12]}): copy it")
     return run_dir, path
 
 
 def _publish_arm(
-    train: Path,
+    run_dir: Path,
+    results_json: Path,
     root: Path,
     dataset: Callable[[], object],
-    arm: str | None,
     allow_partial: bool,
     even_if_worse: bool,
     threads: int,
     say: Callable[[str], None],
 ) -> None:
-    run_dir, results_json = _handed_off(train, arm)
-    trained = pipeline.load_record(run_dir)["stages"].get("train", {})
-    model = trained.get("config", {}).get("model")
+    model = pipeline.trained_model(run_dir)
     if not model:
         raise BuildError(f"{run_dir} has no training record naming its model (build.json): copy the arm's folder again")
-    if trained.get("stopped_early") and not allow_partial:
+    trained = pipeline.load_record(run_dir)["stages"]["train"]
+    if trained.get("stopped_early") and not allow_partial:  # before the stages: they cost minutes
         raise BuildError(
             f"{run_dir.name} was ended by its hard stop after {trained.get('epochs_run')} of its "
             f"{trained.get('planned_epochs')} planned epochs: --allow-partial publishes it as it is"
         )
-    onnx = run_dir / pipeline.ONNX
     if pipeline.scored_as_it_stands(run_dir):
         say(f"{run_dir.name}: exported, compiled and scored already")
     else:
@@ -134,7 +145,7 @@ def _publish_arm(
         pipeline.stage_compile(run_dir, ds, tensorrt=False)
         say(f"{run_dir.name}: scoring every artifact on the 10k test split")
         pipeline.stage_eval(run_dir, ds, threads=threads)
-    done = pipeline.published_version(root, model, store.sha256_file(onnx))
+    done = pipeline.published_version(root, model, store.sha256_file(run_dir / pipeline.ONNX))
     if done is not None:
         say(f"{run_dir.name}: published already, as {model} v{done}")
         return
@@ -159,15 +170,17 @@ def _newest_top1(root: Path, model: str) -> tuple[int, float] | None:
     except QuickNetError:
         return None
     top1 = mv.metadata.get("accuracy", {}).get("checkpoint", {}).get("top1")
-    return (mv.version, top1) if top1 is not None else None
+    return (mv.version, top1) if isinstance(top1, float | int) else None
 
 
 def _beats_default(root: Path, model: str, top1: float) -> tuple[bool, str]:
     """Whether the published arm becomes the store's default, and the words saying so."""
+    if not store.list_models(root):
+        return True, "the default model now (the store had no model)"
     try:
         default = store.default_model(root)
     except QuickNetError:
-        return True, "the default model now (the store had none)"
+        return True, f"the default model now (the store named none among {', '.join(store.list_models(root))})"
     if default == model:
         return False, "the default model's newest version, so the one served by default"
     theirs = _newest_top1(root, default)
@@ -177,29 +190,39 @@ def _beats_default(root: Path, model: str, top1: float) -> tuple[bool, str]:
     return False, f"the default stays {default} (v{theirs[0]}, {theirs[1]:.2%})"
 
 
+def _versions(root: Path) -> list[tuple[str, int, dict]]:
+    """Every readable version in the store as (model, version, metadata), each model's newest first;
+    one the store cannot read is passed over, as `pipeline.published_version` does."""
+    found = []
+    for name in store.list_models(root):
+        for version in sorted(store.list_versions(root, name), reverse=True):
+            try:
+                found.append((name, version, store.get_version(root, name, version).metadata))
+            except QuickNetError:
+                continue
+    return found
+
+
 def _attach_engine(engine: Path, root: Path, say: Callable[[str], None]) -> None:
-    from quicknet.build.gpu_engine import attach
+    from quicknet.build.gpu_engine import attach, holds_weights
     from quicknet.fused import engine as fe
 
     doc = fe.read_doc(engine)
-    source = doc.get("source", {})
-    versions = [
-        (name, version, store.get_version(root, name, version).metadata)
-        for name in store.list_models(root)
-        for version in sorted(store.list_versions(root, name), reverse=True)
-    ]
+    source, built_for = doc.get("source"), doc.get("built_for")
+    if not isinstance(source, dict) or not isinstance(built_for, dict):
+        raise BuildError(f"{engine.name} does not say what it was built from and for: rebuild it on the GPU")
+    versions = _versions(root)
     for name, version, meta in versions:
         kept = meta.get("gpu_engine", {})
-        if kept.get("built_from") == source and kept.get("built_for") == doc.get("built_for"):
+        if kept.get("built_from") == source and kept.get("built_for") == built_for:
             say(f"{engine.name}: published already, in {name} v{version}")
             return
     for name, version, meta in versions:  # newest first: the version published from it, not an older twin
-        checkpoint = meta.get("exported_from", {}).get("sha256")
-        if not fe.not_built_from(doc, meta["files"]) or (checkpoint and checkpoint == source.get("checkpoint_sha256")):
+        if holds_weights(meta, doc):
             mv = attach(root, name, version, engine)
             say(f"{engine.name}: gated and published as {name} v{mv.version} (v{version}'s files and the engine)")
             return
     raise BuildError(
         f"{engine.name} was built from weights no version in {root} holds ({source.get('file')!r}, SHA-256 "
-        f"{str(source.get('sha256') or source.get('checkpoint_sha256'))[:12]}): publish its arm first"
+        f"{str(source.get('checkpoint_sha256') or source.get('sha256'))[:12]}): publish its arm first"
     )

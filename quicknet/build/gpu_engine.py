@@ -284,6 +284,15 @@ def engine_source(mv: store.ModelVersion) -> dict:
     return source
 
 
+def holds_weights(meta: dict, doc: dict) -> bool:
+    """The engine `doc` was built from the weights of the version whose metadata is `meta`: its model
+    file (by name and SHA-256), or the checkpoint that file was exported from (`exported_from`)."""
+    if not fe.not_built_from(doc, meta.get("files", {})):
+        return True
+    exported_from = meta.get("exported_from", {}).get("sha256")
+    return bool(exported_from) and doc.get("source", {}).get("checkpoint_sha256") == exported_from
+
+
 def attach(root: Path, name: str, version: int | None, engine: Path) -> store.ModelVersion:
     """The next version of `name`: `version`'s files and metadata plus `engine`, as artifact `fused-gpu`.
     Refused (one line) unless the engine was built from that version's model file (the one it names,
@@ -295,17 +304,15 @@ def attach(root: Path, name: str, version: int | None, engine: Path) -> store.Mo
     meta = source.metadata
     doc = fe.read_doc(engine)
     weights_from = doc.get("source", {})
-    rebind = None  # the version's own model file, when the engine was built from the checkpoint behind it
-    if fe.not_built_from(doc, meta["files"]):
-        exported_from = meta.get("exported_from", {}).get("sha256")
-        if not exported_from or weights_from.get("checkpoint_sha256") != exported_from:
-            raise BuildError(
-                f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
-                f"(it names {weights_from.get('file')!r}); build it on the GPU with `python -m "
-                "benchmarks.gpu_engine --store <a store whose default is that version>`, or from the "
-                "checkpoint that version was exported from"
-            )
-        rebind = engine_source(source)
+    if not holds_weights(meta, doc):
+        raise BuildError(
+            f"refusing to publish {engine.name}: it was not built from {name} v{source.version} "
+            f"(it names {weights_from.get('file')!r}); build it on the GPU with `python -m "
+            "benchmarks.gpu_engine --store <a store whose default is that version>`, or from the "
+            "checkpoint that version was exported from"
+        )
+    # the version's own model file, when the engine was built from the checkpoint behind it
+    rebind = engine_source(source) if fe.not_built_from(doc, meta["files"]) else None
     g = doc.get("gate") or {}
     ckpt = meta.get("accuracy", {}).get("checkpoint", {}).get("top1")
     if not g.get("passed") or g.get("images", 0) < 10000 or ckpt is None or g["top1"] < ckpt - MAX_TOP1_LOSS:

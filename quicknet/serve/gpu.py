@@ -42,9 +42,11 @@ async def sample_forever(interval_s: float = 5.0) -> None:
                 # One counter NVML does not give (utilization on a MIG slice, a GPU fallen off the
                 # bus) is said once and passed over; it must not end the sampling of the others.
                 try:
-                    gauge.labels(str(i)).set(read(handle))
+                    value = read(handle)  # before labels(): a child once made is exported, at 0
                 except Exception as e:
                     if (i, what) not in said:
                         said.add((i, what))
                         log.warning("GPU %d: NVML gives no %s (%s); its gauge stays unset", i, what, e)
+                else:
+                    gauge.labels(str(i)).set(value)
         await asyncio.sleep(interval_s)
