@@ -425,6 +425,7 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
     from quicknet.testing import REPO
 
     top1 = _run_top1(run_dir)
+    scored = json.loads((run_dir / "build.json").read_text())["stages"]["eval"]["accuracy"]
     root = _store(tmp_path / "store", quicknet=0.95, **{"quicknet-xs": 0.99})
     published_onnx = store.get_version(root, "quicknet").metadata["files"]["model.onnx"]["sha256"]
     engines = [
@@ -456,6 +457,12 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
         "(v1, 95.00%)",
         "model.fused.nvidia-h100.sm90.zip: gated and published as quicknet v2 (v1's files and the engine)",
         "model.fused.nvidia-h200.sm90.zip: gated and published as quicknet-xs v3 (v2's files and the engine)",
+        # the README table's rows for what is served now (the speed columns are the benchmarks')
+        'README, "The published models": | `quicknet` (default) | 2 | - | - | 95.00% | - | - | - | (the speed '
+        "columns: benchmarks/README.md)",
+        f'README, "The published models": | `quicknet-xs` | 3 | 0.231 M | 0.034 G | {top1:.2%} | '
+        + " | ".join(f"{scored[kind]['top1']:.2%}" for kind in ("onnx", "onnx-int8", "checkpoint+flip-tta"))
+        + " | (the speed columns: benchmarks/README.md)",
     ]
     published = store.get_version(root, "quicknet-xs", 2).metadata
     assert published["training"]["trained_on"]["arm"] == "quicknet-ls02"

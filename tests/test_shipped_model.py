@@ -32,3 +32,22 @@ def test_the_shipped_int8_models_are_quantized_from_orts_fast_prelu_form():
         mv = store.get_version(SHIPPED_STORE, name)
         ops = Counter(n.op_type for n in onnx.load(mv.file(mv.metadata["artifacts"]["onnx-int8"])).graph.node)
         assert ops["Min"] == 0 and ops["Conv"] == 17 + 18, (name, ops)
+
+
+def test_the_readme_model_table_states_what_the_shipped_versions_record():
+    """The README's table of published models, up to its speed columns, is each shipped model's
+    newest version as its metadata.json records it (`quicknet adopt-gpu-run` prints the row for a
+    version it publishes): a store changed without the table fails here, naming the cells."""
+    from quicknet.build.adopt import model_table_cells
+    from quicknet.testing import REPO
+
+    section = (REPO / "README.md").read_text().split("\n## The published models\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.removeprefix("| ").split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    readme = {row[0].split("`")[1]: row for row in rows}
+    models = store.list_models(SHIPPED_STORE)
+    assert sorted(readme) == models, "one row per shipped model"
+    default = store.default_model(SHIPPED_STORE)
+    for name in models:
+        cells = model_table_cells(store.get_version(SHIPPED_STORE, name), default=default)
+        assert readme[name][: len(cells)] == cells, (name, readme[name][: len(cells)], cells)
+    assert f"`DEFAULT` names `{default}`" in section

@@ -54,6 +54,7 @@ def adopt(
     train, serve = results / "train", results / "serve"
     if not train.is_dir() and not serve.is_dir():
         raise BuildError(f"{results} holds neither train/ nor serve/: the folders the GPU runs returned")
+    newest = _newest_versions(root)
     if serve.is_dir():
         _keep_compile_cache(serve, cache_dir, say)
     if train.is_dir():
@@ -65,6 +66,37 @@ def adopt(
     if serve.is_dir():
         for engine in sorted(serve.glob(ENGINE_GLOB)):
             _attach_engine(engine, root, say)
+    try:
+        default = store.default_model(root)
+    except QuickNetError:
+        default = None
+    for name, version in _newest_versions(root).items():
+        if newest.get(name) != version:
+            row = model_table_cells(store.get_version(root, name, version), default=default)
+            say(f'README, "The published models": | {" | ".join(row)} | (the speed columns: benchmarks/README.md)')
+
+
+def model_table_cells(mv: store.ModelVersion, *, default: str | None) -> list[str]:
+    """The README model table's cells for a published version, up to its speed columns (those come
+    from the benchmarks): name, version, parameters, multiply-adds, and top-1 of the checkpoint,
+    `model.onnx`, `model.int8.onnx` and the checkpoint with flip TTA (`tests/test_shipped_model.py`
+    holds the README to them)."""
+    meta, accuracy = mv.metadata, mv.metadata.get("accuracy", {})
+
+    def top1(kind: str) -> str:
+        return f"{accuracy[kind]['top1']:.2%}" if kind in accuracy else "-"
+
+    return [
+        f"`{mv.name}`" + (" (default)" if mv.name == default else ""),
+        str(mv.version),
+        f"{meta['params'] / 1e6:.3f} M" if "params" in meta else "-",
+        f"{meta['macs_per_image'] / 1e9:.3f} G" if "macs_per_image" in meta else "-",
+        *(top1(kind) for kind in ("checkpoint", "onnx", "onnx-int8", "checkpoint+flip-tta")),
+    ]
+
+
+def _newest_versions(root: Path) -> dict[str, int]:
+    return {name: max(store.list_versions(root, name)) for name in store.list_models(root)}
 
 
 def _keep_compile_cache(serve: Path, cache_dir: Path, say: Callable[[str], None]) -> None:
