@@ -448,6 +448,14 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
     assert store.list_versions(root, "quicknet-xs") == [1] and store.list_versions(root, "quicknet") == [1]
     assert (cache / "torch-compile-cache.nvidia-h200.zip").read_bytes() == b"what torch.compile built in each arm"
 
+    # the README table's rows for the store as it is now, the speed columns to be measured
+    table = [
+        'README, "The published models" (the speed columns from benchmarks/README.md):',
+        "| `quicknet` (default) | 2 | - | - | 95.00% | - | - | - | ? | ? |",
+        f"| `quicknet-xs` | 3 | 0.231 M | 0.034 G | {top1:.2%} | "
+        + " | ".join(f"{scored[kind]['top1']:.2%}" for kind in ("onnx", "onnx-int8", "checkpoint+flip-tta"))
+        + " | ? | ? |",
+    ]
     said.clear()
     again(even_if_worse=True)
     assert said == [
@@ -457,12 +465,7 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
         "(v1, 95.00%)",
         "model.fused.nvidia-h100.sm90.zip: gated and published as quicknet v2 (v1's files and the engine)",
         "model.fused.nvidia-h200.sm90.zip: gated and published as quicknet-xs v3 (v2's files and the engine)",
-        # the README table's rows for what is served now (the speed columns are the benchmarks')
-        'README, "The published models": | `quicknet` (default) | 2 | - | - | 95.00% | - | - | - | (the speed '
-        "columns: benchmarks/README.md)",
-        f'README, "The published models": | `quicknet-xs` | 3 | 0.231 M | 0.034 G | {top1:.2%} | '
-        + " | ".join(f"{scored[kind]['top1']:.2%}" for kind in ("onnx", "onnx-int8", "checkpoint+flip-tta"))
-        + " | (the speed columns: benchmarks/README.md)",
+        *table,
     ]
     published = store.get_version(root, "quicknet-xs", 2).metadata
     assert published["training"]["trained_on"]["arm"] == "quicknet-ls02"
@@ -479,6 +482,7 @@ def test_adopt_gpu_run_publishes_the_handed_off_arm_then_its_engine_and_keeps_th
         "quicknet-ls02: published already, as quicknet-xs v2",
         "model.fused.nvidia-h100.sm90.zip: published already, in quicknet v2",
         "model.fused.nvidia-h200.sm90.zip: published already, in quicknet-xs v3",
+        *table,
     ]
     assert store.list_versions(root, "quicknet-xs") == [1, 2, 3] and store.list_versions(root, "quicknet") == [1, 2]
     # what `make gpu-adopt` runs, from the folder the README copies the runs into
@@ -573,6 +577,12 @@ def test_adopt_gpu_run_refuses_what_it_cannot_publish_in_one_line(run_dir, tmp_p
     code, out, _ = adopt(stopped, "--allow-partial")
     assert code == 0 and "published quicknet-xs v1" in out and "the default model now (the store had no model)" in out
     assert store.default_model(root) == "quicknet-xs"
+
+    # a refusal after something was published still gives the table's rows for the store as it is
+    late = _gpu_results(run_dir, tmp_path / "late", engines=[("model.fused.x.sm90.zip", stranger, 0.9)])
+    code, out, err = adopt(late, into=tmp_path / "late-store")
+    assert code == 2 and "model.fused.x.sm90.zip was built from weights no version in" in err
+    assert "published quicknet-xs v1" in out and "\n| `quicknet-xs` (default) | 1 | 0.231 M | 0.034 G |" in out
 
     worse = _store(tmp_path / "worse", quicknet=0.05)
     code, out, _ = adopt(stopped, "--allow-partial", into=worse)

@@ -42,10 +42,14 @@ def test_the_readme_model_table_states_what_the_shipped_versions_record():
     from quicknet.testing import REPO
 
     section = (REPO / "README.md").read_text().split("\n## The published models\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line.removeprefix("| ").split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    lines = section.splitlines()
+    header = next(line for line in lines if line.startswith("| model |")).strip(" |").split(" | ")
+    rows = [line.strip(" |").split(" | ") for line in lines if line.startswith("| `")]
     readme = {row[0].split("`")[1]: row for row in rows}
     models = store.list_models(SHIPPED_STORE)
-    assert sorted(readme) == models, "one row per shipped model"
+    assert sorted(readme) == models and len(rows) == len(models), "one row per shipped model"
+    for row in rows:  # adopt prints `?` where the speed columns are still to be measured
+        assert len(row) == len(header) and "?" not in row, row
     default = store.default_model(SHIPPED_STORE)
     for name in models:
         cells = model_table_cells(store.get_version(SHIPPED_STORE, name), default=default)

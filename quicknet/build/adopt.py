@@ -54,26 +54,48 @@ def adopt(
     train, serve = results / "train", results / "serve"
     if not train.is_dir() and not serve.is_dir():
         raise BuildError(f"{results} holds neither train/ nor serve/: the folders the GPU runs returned")
-    newest = _newest_versions(root)
-    if serve.is_dir():
-        _keep_compile_cache(serve, cache_dir, say)
-    if train.is_dir():
-        picked = _arm_to_publish(train, arm, say)
-        if picked:
-            _publish_arm(*picked, root, dataset, allow_partial, even_if_worse, threads, say)
-    elif arm is not None:
-        raise BuildError(f"--arm {arm}: {results} has no train/ folder")
-    if serve.is_dir():
-        for engine in sorted(serve.glob(ENGINE_GLOB)):
-            _attach_engine(engine, root, say)
+    before = _newest_versions(root)
+    try:
+        if serve.is_dir():
+            _keep_compile_cache(serve, cache_dir, say)
+        if train.is_dir():
+            picked = _arm_to_publish(train, arm, say)
+            if picked:
+                _publish_arm(*picked, root, dataset, allow_partial, even_if_worse, threads, say)
+        elif arm is not None:
+            raise BuildError(f"--arm {arm}: {results} has no train/ folder")
+        if serve.is_dir():
+            for engine in sorted(serve.glob(ENGINE_GLOB)):
+                _attach_engine(engine, root, say)
+    except BaseException:
+        if _newest_versions(root) != before:  # published something, then refused: the table has changed
+            _say_model_table(root, say)
+        raise
+    _say_model_table(root, say)
+
+
+SPEED_COLUMNS = 2  # the model table's last columns, measured by the benchmarks (`?` until filled in)
+
+
+def _say_model_table(root: Path, say: Callable[[str], None]) -> None:
+    """The README's "The published models" rows for the store as it is now, every model (a new
+    default takes the old one's marker too), the speed cells `?` for whoever fills them in."""
     try:
         default = store.default_model(root)
     except QuickNetError:
         default = None
+    rows = []
     for name, version in _newest_versions(root).items():
-        if newest.get(name) != version:
-            row = model_table_cells(store.get_version(root, name, version), default=default)
-            say(f'README, "The published models": | {" | ".join(row)} | (the speed columns: benchmarks/README.md)')
+        try:
+            cells = model_table_cells(store.get_version(root, name, version), default=default)
+        except QuickNetError as e:
+            say(f"{name} v{version}: no table row ({e})")
+            continue
+        rows.append(f"| {' | '.join([*cells, *['?'] * SPEED_COLUMNS])} |")
+    if rows:
+        say('README, "The published models" (the speed columns from benchmarks/README.md):')
+        for row in rows:
+            say(row)
 
 
 def model_table_cells(mv: store.ModelVersion, *, default: str | None) -> list[str]:
