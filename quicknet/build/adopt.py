@@ -13,7 +13,9 @@ The README's "GPU runs" return two folders, copied here as `gpu-results/train/` 
 3. the fused engine attached to the version whose weights it was built from (`attach`, which gates
    it), found by the SHA-256 the engine names: the arm's checkpoint, or the model file of the version
    the serve run served when it found no hand-off. A train run that handed off no arm publishes
-   nothing (said in a line) unless `--arm` names one; its engine step still runs.
+   nothing (said in a line) unless `--arm` names one; its engine step still runs;
+4. the README's "The published models" rows for the store as it then is, from the versions'
+   metadata, the two speed cells left `?` for the benchmarks to fill.
 
 Each step is passed over where it is done already (a published run, an attached engine, a cache
 file there), so after a refusal the same command, run again, finishes what is left. Every step
