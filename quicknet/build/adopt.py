@@ -35,6 +35,7 @@ from quicknet.build.compile_cache import ZIP_GLOB
 from quicknet.errors import BuildError, QuickNetError
 
 ENGINE_GLOB = "model.fused.*.zip"
+SPEED_COLUMNS = 2  # the README model table's last columns, measured by the benchmarks (`?` until filled in)
 
 
 def adopt(
@@ -74,9 +75,6 @@ def adopt(
             _say_model_table(root, say)
         raise
     _say_model_table(root, say)
-
-
-SPEED_COLUMNS = 2  # the model table's last columns, measured by the benchmarks (`?` until filled in)
 
 
 def _say_model_table(root: Path, say: Callable[[str], None]) -> None:
